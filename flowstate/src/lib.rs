@@ -1,0 +1,1 @@
+//! Flowstate facade (work in progress).
