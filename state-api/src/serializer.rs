@@ -1,0 +1,321 @@
+//! Serializers for keys, namespaces and values, with snapshots for schema evolution.
+//!
+//! The default is [`PostcardSerializer`] (serde + postcard). A custom format implements
+//! [`StateSerializer`]. Every checkpoint stores a [`SerializerSnapshot`] per serializer; on
+//! restore the new serializer judges the old snapshot with [`StateSerializer::compatibility`].
+
+use std::fmt;
+use std::marker::PhantomData;
+use std::sync::Arc;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+/// A serializer's message when it cannot write or read a value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SerdeError(pub String);
+
+impl fmt::Display for SerdeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for SerdeError {}
+
+/// What a checkpoint remembers of the serializer that wrote a state.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SerializerSnapshot {
+    /// Identifies the serializer family (e.g. `"postcard"`).
+    pub id: String,
+    /// The format version within the family.
+    pub version: u32,
+    /// Free-form schema information (for postcard: the Rust type name, or what the user set).
+    pub schema: Vec<u8>,
+}
+
+impl fmt::Display for SerializerSnapshot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} v{} ({})",
+            self.id,
+            self.version,
+            String::from_utf8_lossy(&self.schema)
+        )
+    }
+}
+
+/// Reads bytes written by an older serializer into the current type.
+pub type Migration<T> = Arc<dyn Fn(&[u8]) -> Result<T, SerdeError> + Send + Sync>;
+
+/// The verdict of a new serializer on the snapshot of an old one.
+pub enum Compatibility<T> {
+    /// The bytes can be read as they are.
+    CompatibleAsIs,
+    /// The bytes must be read with this migration function.
+    CompatibleAfterMigration(Migration<T>),
+    /// The bytes cannot be read; the string says why.
+    Incompatible(String),
+}
+
+impl<T> fmt::Debug for Compatibility<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Compatibility::CompatibleAsIs => f.write_str("CompatibleAsIs"),
+            Compatibility::CompatibleAfterMigration(_) => f.write_str("CompatibleAfterMigration"),
+            Compatibility::Incompatible(r) => write!(f, "Incompatible({r:?})"),
+        }
+    }
+}
+
+/// Turns values of `T` into bytes and back, and judges older formats.
+pub trait StateSerializer<T>: Send + Sync + 'static {
+    /// Appends the bytes of `value` to `out`.
+    fn serialize(&self, value: &T, out: &mut Vec<u8>) -> Result<(), SerdeError>;
+    /// Reads a value from exactly `bytes`.
+    fn deserialize(&self, bytes: &[u8]) -> Result<T, SerdeError>;
+    /// What a checkpoint stores about this serializer.
+    fn snapshot(&self) -> SerializerSnapshot;
+    /// Can bytes written by `previous` be read by this serializer?
+    ///
+    /// The default accepts an identical snapshot and rejects everything else.
+    fn compatibility(&self, previous: &SerializerSnapshot) -> Compatibility<T> {
+        let current = self.snapshot();
+        if &current == previous {
+            Compatibility::CompatibleAsIs
+        } else {
+            Compatibility::Incompatible(format!("written by {previous}, now {current}"))
+        }
+    }
+}
+
+/// The default serializer: serde + postcard, with a version and optional migrations.
+///
+/// The schema stored in checkpoints defaults to the Rust type name, so restoring a state with a
+/// different type is reported as incompatible instead of producing garbage. Set a schema of your
+/// own with [`PostcardSerializer::with_schema`] when you rename a type.
+pub struct PostcardSerializer<T> {
+    version: u32,
+    schema: Vec<u8>,
+    migrations: Vec<(u32, Migration<T>)>,
+    _marker: PhantomData<fn() -> T>,
+}
+
+/// The serializer id postcard serializers write into snapshots.
+pub const POSTCARD_SERIALIZER_ID: &str = "postcard";
+
+impl<T: Serialize + DeserializeOwned + 'static> PostcardSerializer<T> {
+    /// Version 1, schema = the type name of `T`.
+    pub fn new() -> Self {
+        PostcardSerializer {
+            version: 1,
+            schema: std::any::type_name::<T>().as_bytes().to_vec(),
+            migrations: Vec::new(),
+            _marker: PhantomData,
+        }
+    }
+
+    /// Sets the format version written to snapshots.
+    pub fn with_version(mut self, version: u32) -> Self {
+        self.version = version;
+        self
+    }
+
+    /// Sets the schema bytes written to snapshots (instead of the type name).
+    pub fn with_schema(mut self, schema: impl Into<Vec<u8>>) -> Self {
+        self.schema = schema.into();
+        self
+    }
+
+    /// Registers a function that reads bytes written by `from_version` of this serializer.
+    pub fn with_migration(
+        mut self,
+        from_version: u32,
+        migrate: impl Fn(&[u8]) -> Result<T, SerdeError> + Send + Sync + 'static,
+    ) -> Self {
+        self.migrations.push((from_version, Arc::new(migrate)));
+        self
+    }
+}
+
+impl<T: Serialize + DeserializeOwned + 'static> Default for PostcardSerializer<T> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<T> fmt::Debug for PostcardSerializer<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PostcardSerializer")
+            .field("version", &self.version)
+            .field("schema", &String::from_utf8_lossy(&self.schema))
+            .field("migrations", &self.migrations.len())
+            .finish()
+    }
+}
+
+impl<T: Serialize + DeserializeOwned + 'static> StateSerializer<T> for PostcardSerializer<T> {
+    #[inline]
+    fn serialize(&self, value: &T, out: &mut Vec<u8>) -> Result<(), SerdeError> {
+        let buf = std::mem::take(out);
+        match postcard::to_extend(value, buf) {
+            Ok(buf) => {
+                *out = buf;
+                Ok(())
+            }
+            Err(e) => Err(SerdeError(e.to_string())),
+        }
+    }
+
+    #[inline]
+    fn deserialize(&self, bytes: &[u8]) -> Result<T, SerdeError> {
+        match postcard::take_from_bytes::<T>(bytes) {
+            Ok((v, [])) => Ok(v),
+            Ok((_, rest)) => Err(SerdeError(format!(
+                "{} trailing bytes after the value",
+                rest.len()
+            ))),
+            Err(e) => Err(SerdeError(e.to_string())),
+        }
+    }
+
+    fn snapshot(&self) -> SerializerSnapshot {
+        SerializerSnapshot {
+            id: POSTCARD_SERIALIZER_ID.to_string(),
+            version: self.version,
+            schema: self.schema.clone(),
+        }
+    }
+
+    fn compatibility(&self, previous: &SerializerSnapshot) -> Compatibility<T> {
+        if previous.id != POSTCARD_SERIALIZER_ID {
+            return Compatibility::Incompatible(format!(
+                "written by serializer '{}', now '{POSTCARD_SERIALIZER_ID}'",
+                previous.id
+            ));
+        }
+        if previous.version == self.version {
+            if previous.schema == self.schema {
+                return Compatibility::CompatibleAsIs;
+            }
+            return Compatibility::Incompatible(format!(
+                "schema changed from '{}' to '{}' without a version bump and migration",
+                String::from_utf8_lossy(&previous.schema),
+                String::from_utf8_lossy(&self.schema)
+            ));
+        }
+        match self.migrations.iter().find(|(v, _)| *v == previous.version) {
+            Some((_, m)) => Compatibility::CompatibleAfterMigration(Arc::clone(m)),
+            None => Compatibility::Incompatible(format!(
+                "written by version {}, now version {} and no migration from version {} is registered",
+                previous.version, self.version, previous.version
+            )),
+        }
+    }
+}
+
+/// How to read bytes of one serializer role after a restore: as is, or through a migration.
+pub(crate) enum Reader<T> {
+    Direct(Arc<dyn StateSerializer<T>>),
+    Migrate(Migration<T>),
+}
+
+impl<T: 'static> Reader<T> {
+    pub(crate) fn read(&self, bytes: &[u8]) -> Result<T, SerdeError> {
+        match self {
+            Reader::Direct(s) => s.deserialize(bytes),
+            Reader::Migrate(m) => m(bytes),
+        }
+    }
+}
+
+/// Decides how to read bytes written under `previous` with `current`, or says why not.
+pub fn resolve_reader<T: 'static>(
+    current: &Arc<dyn StateSerializer<T>>,
+    previous: &SerializerSnapshot,
+) -> Result<ResolvedReader<T>, String> {
+    match current.compatibility(previous) {
+        Compatibility::CompatibleAsIs => Ok(ResolvedReader(Reader::Direct(Arc::clone(current)))),
+        Compatibility::CompatibleAfterMigration(m) => Ok(ResolvedReader(Reader::Migrate(m))),
+        Compatibility::Incompatible(reason) => Err(reason),
+    }
+}
+
+/// Reads the bytes of a restored snapshot with the serializer (or migration) that fits them.
+pub struct ResolvedReader<T>(pub(crate) Reader<T>);
+
+impl<T: 'static> ResolvedReader<T> {
+    /// Reads one value.
+    pub fn read(&self, bytes: &[u8]) -> Result<T, SerdeError> {
+        self.0.read(bytes)
+    }
+
+    /// True when the bytes go through a user migration function.
+    pub fn is_migration(&self) -> bool {
+        matches!(self.0, Reader::Migrate(_))
+    }
+}
+
+impl<T: 'static> fmt::Debug for ResolvedReader<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.is_migration() {
+            "ResolvedReader(migration)"
+        } else {
+            "ResolvedReader(as is)"
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn postcard_round_trip_and_trailing_bytes() {
+        let s = PostcardSerializer::<(u64, String)>::new();
+        let mut out = Vec::new();
+        s.serialize(&(7, "x".into()), &mut out).unwrap();
+        assert_eq!(s.deserialize(&out).unwrap(), (7, "x".to_string()));
+        out.push(0);
+        assert!(s.deserialize(&out).unwrap_err().0.contains("trailing"));
+        assert!(s.deserialize(&[]).is_err());
+    }
+
+    #[test]
+    fn compatibility_outcomes() {
+        let v1 = PostcardSerializer::<u32>::new().with_schema("n");
+        let v2 = PostcardSerializer::<u64>::new()
+            .with_schema("n")
+            .with_version(2)
+            .with_migration(1, |b| {
+                PostcardSerializer::<u32>::new()
+                    .deserialize(b)
+                    .map(|v| u64::from(v) * 10)
+            });
+        assert!(matches!(
+            v1.compatibility(&v1.snapshot()),
+            Compatibility::CompatibleAsIs
+        ));
+        let mut bytes = Vec::new();
+        v1.serialize(&4, &mut bytes).unwrap();
+        match v2.compatibility(&v1.snapshot()) {
+            Compatibility::CompatibleAfterMigration(m) => assert_eq!(m(&bytes).unwrap(), 40),
+            other => panic!("expected migration, got {other:?}"),
+        }
+        let other_type = PostcardSerializer::<String>::new();
+        assert!(matches!(
+            other_type.compatibility(&PostcardSerializer::<u64>::new().snapshot()),
+            Compatibility::Incompatible(_)
+        ));
+        let foreign = SerializerSnapshot {
+            id: "avro".into(),
+            version: 1,
+            schema: vec![],
+        };
+        match v1.compatibility(&foreign) {
+            Compatibility::Incompatible(r) => assert!(r.contains("avro")),
+            other => panic!("{other:?}"),
+        }
+    }
+}

@@ -1,0 +1,1 @@
+//! In-memory keyed state backend (being written).
