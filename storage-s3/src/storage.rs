@@ -1,0 +1,504 @@
+//! [`Storage`]: an `Arc<dyn ObjectStore>` plus its root prefix, built from a URL or config.
+
+use std::fmt;
+use std::sync::Arc;
+
+use object_store::memory::InMemory;
+use object_store::path::Path;
+use object_store::prefix::PrefixStore;
+use object_store::ObjectStore;
+use url::Url;
+
+use crate::config::StorageConfig;
+use crate::error::{Error, Result};
+use crate::paths::{join_segments, relative_path};
+
+/// Which kind of object store a [`Storage`] talks to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum StoreKind {
+    /// A directory on the local filesystem (`file://`).
+    Local,
+    /// An in-memory store (`memory://`), for tests and examples.
+    Memory,
+    /// S3 or an S3-compatible server (`s3://`).
+    S3,
+    /// Google Cloud Storage (`gs://`).
+    Gcs,
+    /// Azure Blob Storage (`az://`, `abfs://`, ...).
+    Azure,
+    /// A store handed to [`Storage::from_store`].
+    Other,
+}
+
+impl StoreKind {
+    /// Whether the store keeps user metadata on objects (used to store [`Checksum`](crate::Checksum)s).
+    pub fn keeps_user_metadata(self) -> bool {
+        matches!(
+            self,
+            StoreKind::Memory | StoreKind::S3 | StoreKind::Gcs | StoreKind::Azure
+        )
+    }
+}
+
+/// An object store with a root prefix and the transfer settings it was configured with.
+///
+/// It is cheap to clone. The store itself is reachable with [`Storage::store`] (paths include the
+/// root) or [`Storage::scoped_store`] (paths relative to the root), so code that only needs
+/// `object_store` keeps using `Arc<dyn ObjectStore>`; the helpers on `Storage` add what
+/// object_store does not give directly (file transfers, checksums, create-only puts with a clear
+/// error, prefix listing and deletion).
+///
+/// Every helper takes a full object path and refuses paths outside the root; build paths from
+/// names with [`Storage::path`] / [`Storage::child`], which validate them.
+#[derive(Clone)]
+pub struct Storage {
+    pub(crate) store: Arc<dyn ObjectStore>,
+    pub(crate) root: Path,
+    pub(crate) url: String,
+    pub(crate) kind: StoreKind,
+    pub(crate) config: Arc<StorageConfig>,
+}
+
+impl fmt::Debug for Storage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Storage")
+            .field("url", &self.url)
+            .field("kind", &self.kind)
+            .field("root", &self.root.as_ref())
+            .field("transfer", &self.config.transfer)
+            .finish_non_exhaustive()
+    }
+}
+
+impl fmt::Display for Storage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.url)
+    }
+}
+
+impl Storage {
+    /// Builds a store from a URL with default settings (for `s3://`, credentials, region and
+    /// endpoint come from the `AWS_*` environment variables).
+    ///
+    /// ```
+    /// # fn main() -> storage_s3::Result<()> {
+    /// let storage = storage_s3::Storage::from_url("memory:///checkpoints")?;
+    /// assert_eq!(storage.root().as_ref(), "checkpoints");
+    /// # Ok(()) }
+    /// ```
+    pub fn from_url(url: &str) -> Result<Self> {
+        Self::from_config(&StorageConfig::new(url))
+    }
+
+    /// Builds a store from a configuration.
+    pub fn from_config(config: &StorageConfig) -> Result<Self> {
+        let shown = redact_url(&config.url);
+        let url = parse_url(&config.url, &shown)?;
+        check_transfer(config, &shown)?;
+        let (store, root, kind): (Arc<dyn ObjectStore>, Path, StoreKind) = match url.scheme() {
+            "file" => (
+                build_local(&url, config, &shown)?,
+                Path::default(),
+                StoreKind::Local,
+            ),
+            "memory" => {
+                if url.host_str().is_some_and(|h| !h.is_empty()) {
+                    return Err(Error::InvalidUrl {
+                        url: shown,
+                        reason: "memory URLs have no host: use memory:// or memory:///prefix"
+                            .into(),
+                    });
+                }
+                let root = root_from_url_path(url.path(), &shown)?;
+                (Arc::new(InMemory::new()), root, StoreKind::Memory)
+            }
+            "s3" | "s3a" => {
+                #[cfg(feature = "s3")]
+                {
+                    let root = root_from_url_path(url.path(), &shown)?;
+                    (
+                        crate::cloud::build_s3(&url, config, &shown)?,
+                        root,
+                        StoreKind::S3,
+                    )
+                }
+                #[cfg(not(feature = "s3"))]
+                return Err(Error::FeatureDisabled {
+                    url: shown,
+                    feature: "s3",
+                });
+            }
+            "gs" => {
+                #[cfg(feature = "gcp")]
+                {
+                    let root = root_from_url_path(url.path(), &shown)?;
+                    (
+                        crate::cloud::build_gcs(&url, config, &shown)?,
+                        root,
+                        StoreKind::Gcs,
+                    )
+                }
+                #[cfg(not(feature = "gcp"))]
+                return Err(Error::FeatureDisabled {
+                    url: shown,
+                    feature: "gcp",
+                });
+            }
+            "az" | "adl" | "azure" | "abfs" | "abfss" => {
+                #[cfg(feature = "azure")]
+                {
+                    let (store, root) = crate::cloud::build_azure(&url, config, &shown)?;
+                    (store, root, StoreKind::Azure)
+                }
+                #[cfg(not(feature = "azure"))]
+                return Err(Error::FeatureDisabled {
+                    url: shown,
+                    feature: "azure",
+                });
+            }
+            other => return Err(Error::InvalidUrl {
+                url: shown,
+                reason: format!(
+                    "unsupported scheme `{other}` (use file://, memory://, s3://, gs:// or az://)"
+                ),
+            }),
+        };
+        Ok(Self {
+            store,
+            root,
+            url: shown,
+            kind,
+            config: Arc::new(config.clone()),
+        })
+    }
+
+    /// Wraps a store built elsewhere. `label` names it in errors (it must not contain secrets);
+    /// `root` is the prefix every helper stays inside.
+    pub fn from_store(store: Arc<dyn ObjectStore>, root: Path, label: impl Into<String>) -> Self {
+        let label = label.into();
+        Self {
+            store,
+            root,
+            url: redact_url(&label),
+            kind: StoreKind::Other,
+            config: Arc::new(StorageConfig::new(label)),
+        }
+    }
+
+    /// Returns a copy whose transfers use `transfer` instead of the configured options.
+    #[must_use]
+    pub fn with_transfer_options(mut self, transfer: crate::config::TransferOptions) -> Self {
+        let mut config = (*self.config).clone();
+        config.transfer = transfer;
+        self.config = Arc::new(config);
+        self
+    }
+
+    /// The object store; its paths include [`Storage::root`].
+    pub fn store(&self) -> &Arc<dyn ObjectStore> {
+        &self.store
+    }
+
+    /// The store seen from the root: paths are relative to [`Storage::root`].
+    pub fn scoped_store(&self) -> Arc<dyn ObjectStore> {
+        if self.root.as_ref().is_empty() {
+            Arc::clone(&self.store)
+        } else {
+            Arc::new(PrefixStore::new(Arc::clone(&self.store), self.root.clone()))
+        }
+    }
+
+    /// The root prefix inside the store (empty for `file://` URLs, whose directory is the root).
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The URL this store was built from, with any credentials removed; used in errors.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The kind of store.
+    pub fn kind(&self) -> StoreKind {
+        self.kind
+    }
+
+    /// The configuration this store was built from.
+    pub fn config(&self) -> &StorageConfig {
+        &self.config
+    }
+
+    /// The full path of `relative` (e.g. `"job-1/chk-7/_metadata"`) under the root, after
+    /// validating it with [`relative_path`](crate::relative_path).
+    pub fn path(&self, relative: &str) -> Result<Path> {
+        let rel = relative_path(relative)?;
+        Ok(self.root.parts().chain(rel.parts()).collect())
+    }
+
+    /// The full path of `segments` (each a name such as a job or state name) under the root,
+    /// after validating every segment with [`validate_segment`](crate::validate_segment).
+    pub fn child(&self, segments: &[&str]) -> Result<Path> {
+        join_segments(&self.root, segments)
+    }
+
+    /// Checks that `path` lies inside the root prefix.
+    pub fn check_inside(&self, path: &Path) -> Result<()> {
+        if path.prefix_matches(&self.root) {
+            Ok(())
+        } else {
+            Err(Error::OutsideRoot {
+                url: self.url.clone(),
+                path: path.to_string(),
+                root: self.root.to_string(),
+            })
+        }
+    }
+
+    /// Like [`Storage::check_inside`], and the path must not be the root itself.
+    pub(crate) fn check_strictly_inside(&self, path: &Path) -> Result<()> {
+        self.check_inside(path)?;
+        if path.parts_count() == self.root.parts_count() {
+            return Err(Error::InvalidPath {
+                path: path.to_string(),
+                reason: "this operation needs a path below the storage root, not the root itself"
+                    .into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+fn parse_url(raw: &str, shown: &str) -> Result<Url> {
+    let raw = raw.trim();
+    // URL parsing silently resolves `.` and `..`; refuse them instead of guessing what was meant.
+    let dot_segment = raw.split(['/', '\\']).any(|segment| {
+        let decoded = segment.to_ascii_lowercase().replace("%2e", ".");
+        decoded == "." || decoded == ".."
+    });
+    if dot_segment {
+        return Err(Error::InvalidUrl {
+            url: shown.to_owned(),
+            reason: "`.` and `..` segments are not allowed".into(),
+        });
+    }
+    match Url::parse(raw) {
+        Ok(url) => {
+            if url.query().is_some() || url.fragment().is_some() {
+                return Err(Error::InvalidUrl {
+                    url: shown.to_owned(),
+                    reason: "query strings and fragments are not supported; set options in StorageConfig".into(),
+                });
+            }
+            if !url.username().is_empty() || url.password().is_some() {
+                return Err(Error::InvalidUrl {
+                    url: shown.to_owned(),
+                    reason: "credentials in the URL are not supported; set them in StorageConfig or the environment".into(),
+                });
+            }
+            Ok(url)
+        }
+        Err(url::ParseError::RelativeUrlWithoutBase) if raw.starts_with('/') => {
+            Url::from_file_path(raw).map_err(|()| Error::InvalidUrl {
+                url: shown.to_owned(),
+                reason: "not a valid absolute path".into(),
+            })
+        }
+        Err(e) => Err(Error::InvalidUrl {
+            url: shown.to_owned(),
+            reason: e.to_string(),
+        }),
+    }
+}
+
+/// Validates the path part of a URL as a root prefix.
+fn root_from_url_path(url_path: &str, shown: &str) -> Result<Path> {
+    let decoded = percent_decode(url_path);
+    let trimmed = decoded.trim_matches('/');
+    if trimmed.is_empty() {
+        return Ok(Path::default());
+    }
+    relative_path(trimmed).map_err(|e| Error::InvalidUrl {
+        url: shown.to_owned(),
+        reason: format!("invalid prefix: {e}"),
+    })
+}
+
+fn percent_decode(s: &str) -> String {
+    url::form_urlencoded::parse(format!("x={}", s.replace('+', "%2B")).as_bytes())
+        .next()
+        .map(|(_, v)| v.into_owned())
+        .unwrap_or_default()
+}
+
+fn build_local(url: &Url, config: &StorageConfig, shown: &str) -> Result<Arc<dyn ObjectStore>> {
+    if url
+        .host_str()
+        .is_some_and(|h| !h.is_empty() && h != "localhost")
+    {
+        return Err(Error::InvalidUrl {
+            url: shown.to_owned(),
+            reason: "file URLs need an absolute path: file:///abs/dir".into(),
+        });
+    }
+    let dir = url.to_file_path().map_err(|()| Error::InvalidUrl {
+        url: shown.to_owned(),
+        reason: "not a valid absolute file path".into(),
+    })?;
+    if dir
+        .components()
+        .any(|c| matches!(c, std::path::Component::ParentDir))
+    {
+        return Err(Error::InvalidUrl {
+            url: shown.to_owned(),
+            reason: "`..` is not allowed in the directory".into(),
+        });
+    }
+    if config.local.create_root {
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| crate::error::io_error("create directory", &dir, e))?;
+    }
+    let fs = object_store::local::LocalFileSystem::new_with_prefix(&dir)
+        .map_err(|source| Error::Build {
+            url: shown.to_owned(),
+            source: Box::new(source),
+        })?
+        .with_automatic_cleanup(true)
+        .with_fsync(config.local.fsync);
+    Ok(Arc::new(fs))
+}
+
+fn check_transfer(config: &StorageConfig, shown: &str) -> Result<()> {
+    let t = &config.transfer;
+    let invalid = |field, reason: String| Error::InvalidConfig {
+        url: shown.to_owned(),
+        field,
+        reason,
+    };
+    if t.part_size == 0 {
+        return Err(invalid("transfer.part_size", "must be positive".into()));
+    }
+    if t.max_concurrency == 0 {
+        return Err(invalid(
+            "transfer.max_concurrency",
+            "must be positive".into(),
+        ));
+    }
+    let scheme = config.url.split("://").next().unwrap_or_default();
+    if matches!(scheme, "s3" | "s3a") && t.part_size < crate::config::MIN_S3_PART_SIZE {
+        return Err(invalid(
+            "transfer.part_size",
+            format!(
+                "is {} bytes; S3 needs at least {} (5 MiB)",
+                t.part_size,
+                crate::config::MIN_S3_PART_SIZE
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Removes credentials, query and fragment from a URL-like string, for messages.
+pub(crate) fn redact_url(raw: &str) -> String {
+    match Url::parse(raw.trim()) {
+        Ok(mut url) => {
+            if !url.username().is_empty() || url.password().is_some() {
+                // Both only fail for URLs that cannot have credentials, which then have none.
+                let _ = url.set_username("***");
+                let _ = url.set_password(None);
+            }
+            let had_query = url.query().is_some() || url.fragment().is_some();
+            url.set_query(None);
+            url.set_fragment(None);
+            let mut s = url.to_string();
+            if had_query {
+                s.push_str("?<redacted>");
+            }
+            s
+        }
+        // Not a URL (e.g. a plain path): keep everything up to a possible query.
+        Err(_) => match raw.split_once(['?', '#']) {
+            Some((head, _)) => format!("{head}?<redacted>"),
+            None => raw.to_owned(),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redaction() {
+        assert_eq!(
+            redact_url("s3://AKIA:supersecret@bucket/p?x-amz-signature=abc"),
+            "s3://***@bucket/p?<redacted>"
+        );
+        assert_eq!(redact_url("http://user:pw@host:1/"), "http://***@host:1/");
+        assert_eq!(redact_url("s3://bucket/prefix"), "s3://bucket/prefix");
+        assert_eq!(redact_url("/tmp/x?secret"), "/tmp/x?<redacted>");
+    }
+
+    #[test]
+    fn memory_urls() {
+        let s = Storage::from_url("memory://").unwrap();
+        assert_eq!(s.root().as_ref(), "");
+        assert_eq!(s.kind(), StoreKind::Memory);
+        let s = Storage::from_url("memory:///a/b/").unwrap();
+        assert_eq!(s.root().as_ref(), "a/b");
+        assert!(Storage::from_url("memory:///a/../b").is_err());
+        assert!(Storage::from_url("memory:///a/%2E%2e/b").is_err());
+        assert!(Storage::from_url("/tmp/x/../y").is_err());
+        assert!(Storage::from_url("memory://host/x").is_err());
+    }
+
+    #[test]
+    fn rejected_urls_name_the_problem() {
+        let err = Storage::from_url("ftp://x/y").unwrap_err().to_string();
+        assert!(err.contains("unsupported scheme `ftp`"), "{err}");
+        let err = Storage::from_url("relative/dir").unwrap_err().to_string();
+        assert!(err.contains("relative/dir"), "{err}");
+        let err = Storage::from_url("s3://key:topsecret@bucket/x")
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("topsecret") && !err.contains("key:"), "{err}");
+        let err = Storage::from_url("file://host/x").unwrap_err().to_string();
+        assert!(err.contains("absolute path"), "{err}");
+        let err = Storage::from_url("memory://?a=b").unwrap_err().to_string();
+        assert!(err.contains("query"), "{err}");
+    }
+
+    #[test]
+    fn paths_stay_inside_the_root() {
+        let s = Storage::from_url("memory:///root").unwrap();
+        assert_eq!(s.path("job/chk-1").unwrap().as_ref(), "root/job/chk-1");
+        assert_eq!(
+            s.child(&["job", "chk-1"]).unwrap().as_ref(),
+            "root/job/chk-1"
+        );
+        assert!(s.path("../x").is_err());
+        assert!(s.child(&["job", ".."]).is_err());
+        assert!(s.check_inside(&Path::from("root/a")).is_ok());
+        assert!(s.check_inside(&Path::from("rootx/a")).is_err());
+        assert!(s.check_inside(&Path::from("other")).is_err());
+        assert!(s.check_strictly_inside(&Path::from("root")).is_err());
+    }
+
+    #[test]
+    fn transfer_options_are_checked() {
+        let mut c = StorageConfig::new("memory://");
+        c.transfer.part_size = 0;
+        assert!(Storage::from_config(&c).is_err());
+        let mut c = StorageConfig::new("memory://");
+        c.transfer.max_concurrency = 0;
+        let err = Storage::from_config(&c).unwrap_err().to_string();
+        assert!(err.contains("max_concurrency"), "{err}");
+    }
+
+    #[cfg(not(feature = "s3"))]
+    #[test]
+    fn s3_needs_the_feature() {
+        let err = Storage::from_url("s3://bucket/x").unwrap_err();
+        assert!(matches!(err, Error::FeatureDisabled { feature: "s3", .. }));
+    }
+}
