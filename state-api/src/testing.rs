@@ -1,1 +1,1074 @@
-//! The backend conformance suite.
+//! The backend conformance suite (feature `test-util`).
+//!
+//! Every keyed state backend runs the same behaviour tests from its own test files, so all
+//! backends agree on Flink's semantics, on snapshots and on rescaling:
+//!
+//! ```ignore
+//! struct MyFactory;
+//! impl state_api::testing::BackendFactory for MyFactory { /* ... */ }
+//! state_api::conformance_tests!(MyFactory);
+//! ```
+//!
+//! The macro expands to one `#[test]` per case. Each case is also a public function taking the
+//! factory, for backends that want to run them some other way.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use proptest::prelude::*;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::*;
+
+/// What a backend needs to be created for a test.
+#[derive(Clone, Debug)]
+pub struct BackendConfig {
+    /// Number of key groups.
+    pub max_parallelism: u32,
+    /// Key groups owned.
+    pub range: KeyGroupRange,
+    /// Clock for TTL.
+    pub clock: Arc<dyn Clock>,
+}
+
+impl BackendConfig {
+    /// All key groups of `max_parallelism`, with a manual clock at 1000 ms.
+    pub fn full(max_parallelism: u32) -> Self {
+        BackendConfig {
+            max_parallelism,
+            range: KeyGroupRange::all(max_parallelism),
+            clock: Arc::new(ManualClock::new(1000)),
+        }
+    }
+
+    /// Subtask `index` of `parallelism`.
+    pub fn subtask(
+        max_parallelism: u32,
+        parallelism: u32,
+        index: u32,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
+        BackendConfig {
+            max_parallelism,
+            range: KeyGroupRange::for_operator(max_parallelism, parallelism, index).unwrap(),
+            clock,
+        }
+    }
+}
+
+/// Creates fresh backends for the suite.
+pub trait BackendFactory {
+    /// The backend type for keys `K`.
+    type Backend<K: StateKey + Serialize + DeserializeOwned>: KeyedStateBackend<Key = K>;
+    /// A new, empty backend.
+    fn create<K: StateKey + Serialize + DeserializeOwned>(
+        &self,
+        config: BackendConfig,
+    ) -> Result<Self::Backend<K>>;
+}
+
+fn snapshot_bytes<B: KeyedStateBackend>(b: &mut B) -> Vec<u8> {
+    let snap = b.snapshot().unwrap();
+    let mut out = Vec::new();
+    snap.write_to(&mut out).unwrap();
+    out
+}
+
+fn restore_from<B: KeyedStateBackend>(b: &mut B, snapshots: &[&Vec<u8>]) -> Result<()> {
+    b.restore(
+        snapshots
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (format!("snapshot-{i}"), &s[..]))
+            .collect(),
+    )
+}
+
+pub fn value_state_semantics<F: BackendFactory>(f: &F) {
+    let mut b = f.create::<u64>(BackendConfig::full(128)).unwrap();
+    let h = b
+        .register_value(ValueStateDescriptor::<String>::new("v").unwrap())
+        .unwrap();
+    let err = b.value(&h).get().unwrap_err();
+    assert!(matches!(err, Error::NoCurrentKey { .. }), "{err}");
+    b.set_current_key(1).unwrap();
+    assert_eq!(b.current_key(), Some(&1));
+    assert_eq!(b.value(&h).get().unwrap(), None);
+    b.value(&h).update("a".into()).unwrap();
+    assert_eq!(b.value(&h).get().unwrap().as_deref(), Some("a"));
+    b.value(&h).update("b".into()).unwrap();
+    assert_eq!(b.value(&h).get().unwrap().as_deref(), Some("b"));
+    b.set_current_key(2).unwrap();
+    assert_eq!(b.value(&h).get().unwrap(), None, "keys are isolated");
+    b.set_current_key(1).unwrap();
+    b.value(&h).clear().unwrap();
+    assert_eq!(b.value(&h).get().unwrap(), None);
+    b.value(&h).clear().unwrap();
+
+    let d = ValueStateDescriptor::<u32>::new("with-default")
+        .unwrap()
+        .with_default(7);
+    let hd = b.register_value(d).unwrap();
+    assert_eq!(b.value(&hd).get().unwrap(), Some(7));
+    b.value(&hd).update(8).unwrap();
+    assert_eq!(b.value(&hd).get().unwrap(), Some(8));
+
+    let hn = b
+        .register_value(ValueStateDescriptor::<u32, String>::new("windowed").unwrap())
+        .unwrap();
+    b.value_in(&hn, &"w1".to_string()).update(1).unwrap();
+    b.value_in(&hn, &"w2".to_string()).update(2).unwrap();
+    assert_eq!(b.value_in(&hn, &"w1".to_string()).get().unwrap(), Some(1));
+    assert_eq!(b.value_in(&hn, &"w2".to_string()).get().unwrap(), Some(2));
+    b.value_in(&hn, &"w1".to_string()).clear().unwrap();
+    assert_eq!(b.value_in(&hn, &"w1".to_string()).get().unwrap(), None);
+    assert_eq!(b.value_in(&hn, &"w2".to_string()).get().unwrap(), Some(2));
+    b.set_current_key(3).unwrap();
+    b.value_in(&hn, &"w2".to_string()).update(3).unwrap();
+    let mut keys = b.keys(&hn, &"w2".to_string()).unwrap();
+    keys.sort();
+    assert_eq!(keys, vec![1, 3]);
+}
+
+pub fn list_state_semantics<F: BackendFactory>(f: &F) {
+    let mut b = f.create::<String>(BackendConfig::full(128)).unwrap();
+    let h = b
+        .register_list(ListStateDescriptor::<u32>::new("l").unwrap())
+        .unwrap();
+    b.set_current_key("k".into()).unwrap();
+    assert_eq!(b.list(&h).get().unwrap(), None);
+    b.list(&h).add(1).unwrap();
+    b.list(&h).add(2).unwrap();
+    b.list(&h).add_all(vec![3, 4]).unwrap();
+    b.list(&h).add_all(vec![]).unwrap();
+    assert_eq!(b.list(&h).get().unwrap(), Some(vec![1, 2, 3, 4]));
+    b.list(&h).update(vec![9]).unwrap();
+    assert_eq!(b.list(&h).get().unwrap(), Some(vec![9]));
+    b.list(&h).update(vec![]).unwrap();
+    assert_eq!(b.list(&h).get().unwrap(), None, "update with [] clears");
+    b.list(&h).add_all(vec![5, 6]).unwrap();
+    b.list(&h).clear().unwrap();
+    assert_eq!(b.list(&h).get().unwrap(), None);
+    assert!(b.keys(&h, &()).unwrap().is_empty());
+}
+
+pub fn map_state_semantics<F: BackendFactory>(f: &F) {
+    let mut b = f.create::<u64>(BackendConfig::full(128)).unwrap();
+    let h = b
+        .register_map(MapStateDescriptor::<String, i64>::new("m").unwrap())
+        .unwrap();
+    b.set_current_key(5).unwrap();
+    assert!(b.map(&h).is_empty().unwrap());
+    assert_eq!(b.map(&h).get(&"a".into()).unwrap(), None);
+    b.map(&h).put("a".into(), 1).unwrap();
+    b.map(&h)
+        .put_all(vec![("b".into(), 2), ("c".into(), 3)])
+        .unwrap();
+    b.map(&h).put("a".into(), 10).unwrap();
+    assert_eq!(b.map(&h).get(&"a".into()).unwrap(), Some(10));
+    assert!(b.map(&h).contains(&"b".into()).unwrap());
+    assert!(!b.map(&h).contains(&"z".into()).unwrap());
+    let mut entries = b.map(&h).iter().unwrap();
+    entries.sort();
+    assert_eq!(
+        entries,
+        vec![("a".into(), 10), ("b".into(), 2), ("c".into(), 3)]
+    );
+    let keys: BTreeSet<String> = b.map(&h).keys().unwrap().into_iter().collect();
+    assert_eq!(keys.len(), 3);
+    let mut values = b.map(&h).values().unwrap();
+    values.sort();
+    assert_eq!(values, vec![2, 3, 10]);
+    b.map(&h).remove(&"a".into()).unwrap();
+    b.map(&h).remove(&"nothing".into()).unwrap();
+    assert!(!b.map(&h).contains(&"a".into()).unwrap());
+    assert!(!b.map(&h).is_empty().unwrap());
+    b.map(&h).remove(&"b".into()).unwrap();
+    b.map(&h).remove(&"c".into()).unwrap();
+    assert!(b.map(&h).is_empty().unwrap());
+    assert!(
+        b.keys(&h, &()).unwrap().is_empty(),
+        "an empty map is absent"
+    );
+    b.map(&h).put("x".into(), 1).unwrap();
+    b.map(&h).clear().unwrap();
+    assert!(b.map(&h).is_empty().unwrap());
+}
+
+/// Average of u64 inputs: accumulator (sum, count).
+pub struct Avg;
+impl AggregateFunction<u64, (u64, u64), f64> for Avg {
+    fn create_accumulator(&self) -> (u64, u64) {
+        (0, 0)
+    }
+    fn add(&self, v: u64, (s, c): (u64, u64)) -> (u64, u64) {
+        (s + v, c + 1)
+    }
+    fn get_result(&self, (s, c): &(u64, u64)) -> f64 {
+        *s as f64 / *c as f64
+    }
+    fn merge(&self, a: (u64, u64), b: (u64, u64)) -> (u64, u64) {
+        (a.0 + b.0, a.1 + b.1)
+    }
+}
+
+pub fn reducing_and_aggregating_semantics<F: BackendFactory>(f: &F) {
+    let mut b = f.create::<u64>(BackendConfig::full(128)).unwrap();
+    let r = b
+        .register_reducing(ReducingStateDescriptor::<u64>::new("sum", |a, b| a + b).unwrap())
+        .unwrap();
+    let a = b
+        .register_aggregating(
+            AggregatingStateDescriptor::<u64, (u64, u64), f64>::new("avg", Avg).unwrap(),
+        )
+        .unwrap();
+    b.set_current_key(1).unwrap();
+    assert_eq!(b.reducing(&r).get().unwrap(), None);
+    assert_eq!(b.aggregating(&a).get().unwrap(), None);
+    for v in [1, 2, 3, 6] {
+        b.reducing(&r).add(v).unwrap();
+        b.aggregating(&a).add(v).unwrap();
+    }
+    assert_eq!(b.reducing(&r).get().unwrap(), Some(12));
+    assert_eq!(b.aggregating(&a).get().unwrap(), Some(3.0));
+    b.set_current_key(2).unwrap();
+    assert_eq!(b.reducing(&r).get().unwrap(), None);
+    b.set_current_key(1).unwrap();
+    b.reducing(&r).clear().unwrap();
+    b.aggregating(&a).clear().unwrap();
+    assert_eq!(b.reducing(&r).get().unwrap(), None);
+    assert_eq!(b.aggregating(&a).get().unwrap(), None);
+}
+
+pub fn merging_namespaces<F: BackendFactory>(f: &F) {
+    let mut b = f.create::<u64>(BackendConfig::full(128)).unwrap();
+    let l = b
+        .register_list(ListStateDescriptor::<u32, u32>::new("l").unwrap())
+        .unwrap();
+    let r = b
+        .register_reducing(ReducingStateDescriptor::<u32, u32>::new("r", |a, b| a.max(b)).unwrap())
+        .unwrap();
+    let a = b
+        .register_aggregating(
+            AggregatingStateDescriptor::<u64, (u64, u64), f64, u32>::new("a", Avg).unwrap(),
+        )
+        .unwrap();
+    b.set_current_key(9).unwrap();
+    for (ns, v) in [(1u32, 10u32), (2, 20), (3, 30), (3, 31)] {
+        b.list_in(&l, &ns).add(v).unwrap();
+        b.reducing_in(&r, &ns).add(v).unwrap();
+        b.aggregating_in(&a, &ns).add(u64::from(v)).unwrap();
+    }
+    b.list_in(&l, &10).merge_namespaces(&[1, 3, 4]).unwrap();
+    let mut merged = b.list_in(&l, &10).get().unwrap().unwrap();
+    merged.sort();
+    assert_eq!(merged, vec![10, 30, 31]);
+    assert_eq!(
+        b.list_in(&l, &1).get().unwrap(),
+        None,
+        "sources are cleared"
+    );
+    assert_eq!(b.list_in(&l, &2).get().unwrap(), Some(vec![20]));
+    b.reducing_in(&r, &2).merge_namespaces(&[1, 3]).unwrap();
+    assert_eq!(b.reducing_in(&r, &2).get().unwrap(), Some(31));
+    assert_eq!(b.reducing_in(&r, &3).get().unwrap(), None);
+    b.aggregating_in(&a, &1).merge_namespaces(&[2, 3]).unwrap();
+    assert_eq!(b.aggregating_in(&a, &1).get().unwrap(), Some(22.75));
+    // Merging nothing into an empty target leaves it empty.
+    b.list_in(&l, &77).merge_namespaces(&[55]).unwrap();
+    assert_eq!(b.list_in(&l, &77).get().unwrap(), None);
+}
+
+pub fn registration_errors<F: BackendFactory>(f: &F) {
+    let mut b = f
+        .create::<u64>(BackendConfig::subtask(
+            128,
+            2,
+            0,
+            Arc::new(ManualClock::new(0)),
+        ))
+        .unwrap();
+    b.register_value(ValueStateDescriptor::<u64>::new("s").unwrap())
+        .unwrap();
+    let err = b
+        .register_list(ListStateDescriptor::<u64>::new("s").unwrap())
+        .unwrap_err();
+    assert!(matches!(err, Error::StateKindMismatch { .. }), "{err}");
+    assert!(err.to_string().contains("'s'"), "{err}");
+    let err = b
+        .register_value(ValueStateDescriptor::<String>::new("s").unwrap())
+        .unwrap_err();
+    assert!(matches!(err, Error::StateTypeMismatch { .. }), "{err}");
+    // Registering again with the same types gives a working handle to the same state.
+    let h1 = b
+        .register_value(ValueStateDescriptor::<u64>::new("s").unwrap())
+        .unwrap();
+    let key = (0u64..).find(|k| b.set_current_key(*k).is_ok()).unwrap();
+    b.value(&h1).update(4).unwrap();
+    let h2 = b
+        .register_value(ValueStateDescriptor::<u64>::new("s").unwrap())
+        .unwrap();
+    b.set_current_key(key).unwrap();
+    assert_eq!(b.value(&h2).get().unwrap(), Some(4));
+    // A key of another subtask's key group is rejected.
+    let foreign = (0u64..).find(|k| b.set_current_key(*k).is_err()).unwrap();
+    let err = b.set_current_key(foreign).unwrap_err();
+    assert!(matches!(err, Error::KeyGroupOutOfRange { .. }), "{err}");
+    assert!(matches!(
+        ValueStateDescriptor::<u64>::new("../etc"),
+        Err(Error::InvalidStateName { .. })
+    ));
+}
+
+struct AllKinds {
+    v: ValueStateHandle<String, ()>,
+    vn: ValueStateHandle<u64, u32>,
+    l: ListStateHandle<u64, ()>,
+    m: MapStateHandle<u32, String, ()>,
+    r: ReducingStateHandle<u64, ()>,
+    a: AggregatingStateHandle<u64, f64, ()>,
+}
+
+fn register_all<B: KeyedStateBackend>(b: &mut B) -> AllKinds {
+    AllKinds {
+        v: b.register_value(ValueStateDescriptor::new("v").unwrap())
+            .unwrap(),
+        vn: b
+            .register_value(ValueStateDescriptor::new("vn").unwrap())
+            .unwrap(),
+        l: b.register_list(ListStateDescriptor::new("l").unwrap())
+            .unwrap(),
+        m: b.register_map(MapStateDescriptor::new("m").unwrap())
+            .unwrap(),
+        r: b.register_reducing(ReducingStateDescriptor::new("r", |a: u64, b| a + b).unwrap())
+            .unwrap(),
+        a: b.register_aggregating(
+            AggregatingStateDescriptor::<u64, (u64, u64), f64>::new("a", Avg).unwrap(),
+        )
+        .unwrap(),
+    }
+}
+
+fn fill<B: KeyedStateBackend<Key = u64>>(b: &mut B, h: &AllKinds, keys: impl Iterator<Item = u64>) {
+    for k in keys {
+        if b.set_current_key(k).is_err() {
+            continue;
+        }
+        b.value(&h.v).update(format!("v{k}")).unwrap();
+        b.value_in(&h.vn, &((k % 3) as u32)).update(k * 2).unwrap();
+        b.list(&h.l).add_all(vec![k, k + 1]).unwrap();
+        b.map(&h.m)
+            .put_all(vec![(1, format!("a{k}")), (2, format!("b{k}"))])
+            .unwrap();
+        b.reducing(&h.r).add(k).unwrap();
+        b.reducing(&h.r).add(1).unwrap();
+        b.aggregating(&h.a).add(k).unwrap();
+        b.aggregating(&h.a).add(k + 2).unwrap();
+    }
+}
+
+/// Checks the state of `k` as written by `fill`; returns false if the backend has no trace of it.
+fn check<B: KeyedStateBackend<Key = u64>>(b: &mut B, h: &AllKinds, k: u64) -> bool {
+    b.set_current_key(k).unwrap();
+    let Some(v) = b.value(&h.v).get().unwrap() else {
+        assert_eq!(b.list(&h.l).get().unwrap(), None);
+        assert!(b.map(&h.m).is_empty().unwrap());
+        assert_eq!(b.reducing(&h.r).get().unwrap(), None);
+        return false;
+    };
+    assert_eq!(v, format!("v{k}"));
+    assert_eq!(
+        b.value_in(&h.vn, &((k % 3) as u32)).get().unwrap(),
+        Some(k * 2)
+    );
+    assert_eq!(
+        b.value_in(&h.vn, &((k % 3 + 1) as u32)).get().unwrap(),
+        None
+    );
+    assert_eq!(b.list(&h.l).get().unwrap(), Some(vec![k, k + 1]));
+    assert_eq!(b.map(&h.m).get(&2).unwrap(), Some(format!("b{k}")));
+    assert_eq!(b.map(&h.m).iter().unwrap().len(), 2);
+    assert_eq!(b.reducing(&h.r).get().unwrap(), Some(k + 1));
+    assert_eq!(b.aggregating(&h.a).get().unwrap(), Some(k as f64 + 1.0));
+    true
+}
+
+pub fn snapshot_restore_round_trip<F: BackendFactory>(f: &F) {
+    let mut b = f.create::<u64>(BackendConfig::full(128)).unwrap();
+    let h = register_all(&mut b);
+    fill(&mut b, &h, 0..500);
+    let bytes = snapshot_bytes(&mut b);
+
+    // Restore, then register.
+    let mut r1 = f.create::<u64>(BackendConfig::full(128)).unwrap();
+    restore_from(&mut r1, &[&bytes]).unwrap();
+    let h1 = register_all(&mut r1);
+    // Register, then restore.
+    let mut r2 = f.create::<u64>(BackendConfig::full(128)).unwrap();
+    let h2 = register_all(&mut r2);
+    restore_from(&mut r2, &[&bytes]).unwrap();
+    for k in 0..500 {
+        assert!(
+            check(&mut r1, &h1, k),
+            "key {k} missing after restore-then-register"
+        );
+        assert!(
+            check(&mut r2, &h2, k),
+            "key {k} missing after register-then-restore"
+        );
+    }
+    assert!(!check(&mut r1, &h1, 10_000));
+    // A snapshot of the restored backend is again a full copy.
+    let again = snapshot_bytes(&mut r1);
+    let mut r3 = f.create::<u64>(BackendConfig::full(128)).unwrap();
+    restore_from(&mut r3, &[&again]).unwrap();
+    let h3 = register_all(&mut r3);
+    for k in (0..500).step_by(7) {
+        assert!(check(&mut r3, &h3, k));
+    }
+}
+
+pub fn rescale_one_to_two_and_back<F: BackendFactory>(f: &F) {
+    let clock: Arc<dyn Clock> = Arc::new(ManualClock::new(0));
+    let mut one = f.create::<u64>(BackendConfig::full(128)).unwrap();
+    let h = register_all(&mut one);
+    fill(&mut one, &h, 0..1000);
+    let full = snapshot_bytes(&mut one);
+
+    let mut halves = Vec::new();
+    let mut seen = BTreeMap::<u64, usize>::new();
+    for i in 0..2 {
+        let mut b = f
+            .create::<u64>(BackendConfig::subtask(128, 2, i, Arc::clone(&clock)))
+            .unwrap();
+        restore_from(&mut b, &[&full]).unwrap();
+        let hb = register_all(&mut b);
+        for k in 0..1000 {
+            if b.set_current_key(k).is_ok() && check(&mut b, &hb, k) {
+                *seen.entry(k).or_default() += 1;
+            }
+        }
+        halves.push(snapshot_bytes(&mut b));
+    }
+    assert_eq!(seen.len(), 1000, "every key lands in one of the two halves");
+    assert!(seen.values().all(|n| *n == 1), "no key is in both halves");
+
+    // 2 -> 1: both halves restored into one backend.
+    let mut merged = f.create::<u64>(BackendConfig::full(128)).unwrap();
+    restore_from(&mut merged, &[&halves[0], &halves[1]]).unwrap();
+    let hm = register_all(&mut merged);
+    for k in 0..1000 {
+        assert!(check(&mut merged, &hm, k), "key {k} lost in 2 -> 1");
+    }
+    // 2 -> 3 from the halves: each key exactly once again.
+    let mut count = BTreeMap::<u64, usize>::new();
+    for i in 0..3 {
+        let mut b = f
+            .create::<u64>(BackendConfig::subtask(128, 3, i, Arc::clone(&clock)))
+            .unwrap();
+        restore_from(&mut b, &[&halves[0], &halves[1]]).unwrap();
+        let hb = register_all(&mut b);
+        for k in 0..1000 {
+            if b.set_current_key(k).is_ok() && check(&mut b, &hb, k) {
+                *count.entry(k).or_default() += 1;
+            }
+        }
+    }
+    assert_eq!(count.len(), 1000);
+    assert!(count.values().all(|n| *n == 1));
+    // Max parallelism cannot change.
+    let mut other = f.create::<u64>(BackendConfig::full(256)).unwrap();
+    let err = restore_from(&mut other, &[&full]).unwrap_err();
+    assert!(err.to_string().contains("max parallelism"), "{err}");
+}
+
+pub fn snapshot_is_isolated_from_later_writes<F: BackendFactory>(f: &F) {
+    let mut b = f.create::<u64>(BackendConfig::full(128)).unwrap();
+    let h = b
+        .register_value(ValueStateDescriptor::<u64>::new("v").unwrap())
+        .unwrap();
+    let l = b
+        .register_list(ListStateDescriptor::<u64>::new("l").unwrap())
+        .unwrap();
+    for k in 0..200 {
+        b.set_current_key(k).unwrap();
+        b.value(&h).update(k).unwrap();
+        b.list(&l).add(k).unwrap();
+    }
+    let snap = b.snapshot().unwrap();
+    // Writes after the snapshot started: overwrite, add, delete.
+    for k in 0..200 {
+        b.set_current_key(k).unwrap();
+        if k % 2 == 0 {
+            b.value(&h).update(k + 1_000_000).unwrap();
+            b.list(&l).add(99).unwrap();
+        } else {
+            b.value(&h).clear().unwrap();
+            b.list(&l).clear().unwrap();
+        }
+    }
+    for k in 200..300 {
+        b.set_current_key(k).unwrap();
+        b.value(&h).update(k).unwrap();
+    }
+    // The snapshot is written on another thread while the live state keeps changing.
+    let bytes = std::thread::spawn(move || {
+        let mut out = Vec::new();
+        snap.write_to(&mut out).unwrap();
+        out
+    })
+    .join()
+    .unwrap();
+    let mut r = f.create::<u64>(BackendConfig::full(128)).unwrap();
+    restore_from(&mut r, &[&bytes]).unwrap();
+    let rh = r
+        .register_value(ValueStateDescriptor::<u64>::new("v").unwrap())
+        .unwrap();
+    let rl = r
+        .register_list(ListStateDescriptor::<u64>::new("l").unwrap())
+        .unwrap();
+    for k in 0..300 {
+        r.set_current_key(k).unwrap();
+        let expect = (k < 200).then_some(k);
+        assert_eq!(r.value(&rh).get().unwrap(), expect, "key {k}");
+        assert_eq!(
+            r.list(&rl).get().unwrap(),
+            expect.map(|k| vec![k]),
+            "key {k}"
+        );
+    }
+    // And the live state has the later writes.
+    b.set_current_key(2).unwrap();
+    assert_eq!(b.value(&h).get().unwrap(), Some(1_000_002));
+    b.set_current_key(3).unwrap();
+    assert_eq!(b.value(&h).get().unwrap(), None);
+}
+
+fn ttl_backend<F: BackendFactory>(f: &F, clock: &ManualClock) -> F::Backend<u64> {
+    f.create::<u64>(BackendConfig {
+        max_parallelism: 128,
+        range: KeyGroupRange::all(128),
+        clock: Arc::new(clock.clone()),
+    })
+    .unwrap()
+}
+
+pub fn ttl_semantics<F: BackendFactory>(f: &F) {
+    let clock = ManualClock::new(10_000);
+    let mut b = ttl_backend(f, &clock);
+    let ttl = StateTtlConfig::new(Duration::from_millis(100));
+    let v = b
+        .register_value(ValueStateDescriptor::<u64>::new("v").unwrap().with_ttl(ttl))
+        .unwrap();
+    let rw = b
+        .register_value(
+            ValueStateDescriptor::<u64>::new("rw")
+                .unwrap()
+                .with_ttl(ttl.update_type(TtlUpdateType::OnReadAndWrite)),
+        )
+        .unwrap();
+    let ret = b
+        .register_value(
+            ValueStateDescriptor::<u64>::new("ret")
+                .unwrap()
+                .with_ttl(ttl.visibility(TtlVisibility::ReturnExpiredIfNotCleanedUp)),
+        )
+        .unwrap();
+    let l = b
+        .register_list(ListStateDescriptor::<u64>::new("l").unwrap().with_ttl(ttl))
+        .unwrap();
+    let m = b
+        .register_map(
+            MapStateDescriptor::<u64, u64>::new("m")
+                .unwrap()
+                .with_ttl(ttl),
+        )
+        .unwrap();
+    b.set_current_key(1).unwrap();
+    b.value(&v).update(1).unwrap();
+    b.value(&rw).update(2).unwrap();
+    b.value(&ret).update(3).unwrap();
+    b.list(&l).add(10).unwrap();
+    b.map(&m).put(1, 100).unwrap();
+    clock.advance(60);
+    assert_eq!(b.value(&v).get().unwrap(), Some(1));
+    assert_eq!(b.value(&rw).get().unwrap(), Some(2)); // refreshes to t+60
+    b.list(&l).add(11).unwrap(); // element written at t+60
+    b.map(&m).put(2, 200).unwrap();
+    clock.advance(50); // t+110: first writes expired, refreshed/newer ones alive
+    assert_eq!(
+        b.value(&v).get().unwrap(),
+        None,
+        "expired value is not returned"
+    );
+    assert_eq!(
+        b.value(&rw).get().unwrap(),
+        Some(2),
+        "read refreshed the timestamp"
+    );
+    assert_eq!(
+        b.value(&ret).get().unwrap(),
+        Some(3),
+        "expired but not cleaned up is returned once"
+    );
+    assert_eq!(
+        b.value(&ret).get().unwrap(),
+        None,
+        "and it was cleaned up by that read"
+    );
+    assert_eq!(b.list(&l).get().unwrap(), Some(vec![11]), "per element TTL");
+    assert_eq!(b.map(&m).get(&1).unwrap(), None, "per entry TTL");
+    assert_eq!(b.map(&m).iter().unwrap(), vec![(2, 200)]);
+    clock.advance(1000);
+    assert_eq!(b.list(&l).get().unwrap(), None);
+    assert!(b.map(&m).is_empty().unwrap());
+    assert_eq!(b.value(&rw).get().unwrap(), None);
+    // A write resets the clock of a value.
+    b.value(&v).update(5).unwrap();
+    clock.advance(99);
+    assert_eq!(b.value(&v).get().unwrap(), Some(5));
+}
+
+pub fn ttl_cleanup_on_snapshot_and_incrementally<F: BackendFactory>(f: &F) {
+    let clock = ManualClock::new(0);
+    let mut b = ttl_backend(f, &clock);
+    let ttl = StateTtlConfig::new(Duration::from_millis(100))
+        .visibility(TtlVisibility::ReturnExpiredIfNotCleanedUp);
+    let full = b
+        .register_value(
+            ValueStateDescriptor::<u64>::new("full")
+                .unwrap()
+                .with_ttl(ttl.cleanup_full_snapshot()),
+        )
+        .unwrap();
+    let inc = b
+        .register_value(
+            ValueStateDescriptor::<u64>::new("inc")
+                .unwrap()
+                .with_ttl(ttl.cleanup_incrementally(10, false)),
+        )
+        .unwrap();
+    let none = b
+        .register_value(
+            ValueStateDescriptor::<u64>::new("none")
+                .unwrap()
+                .with_ttl(ttl),
+        )
+        .unwrap();
+    for k in 0..100 {
+        b.set_current_key(k).unwrap();
+        b.value(&full).update(k).unwrap();
+        b.value(&inc).update(k).unwrap();
+        b.value(&none).update(k).unwrap();
+    }
+    clock.advance(500);
+    let bytes = snapshot_bytes(&mut b);
+    let mut r = ttl_backend(f, &clock);
+    restore_from(&mut r, &[&bytes]).unwrap();
+    let rf = r
+        .register_value(
+            ValueStateDescriptor::<u64>::new("full")
+                .unwrap()
+                .with_ttl(ttl.cleanup_full_snapshot()),
+        )
+        .unwrap();
+    let rn = r
+        .register_value(
+            ValueStateDescriptor::<u64>::new("none")
+                .unwrap()
+                .with_ttl(ttl),
+        )
+        .unwrap();
+    assert!(
+        r.keys(&rf, &()).unwrap().is_empty(),
+        "full-snapshot cleanup dropped expired entries"
+    );
+    assert_eq!(
+        r.keys(&rn, &()).unwrap().len(),
+        100,
+        "without cleanup they survive the snapshot"
+    );
+
+    // Incremental cleanup: accessing one key checks 10 other entries each time.
+    b.set_current_key(0).unwrap();
+    assert_eq!(b.keys(&inc, &()).unwrap().len(), 100);
+    for _ in 0..30 {
+        b.value(&inc).update(1).unwrap();
+    }
+    let left = b.keys(&inc, &()).unwrap().len();
+    assert!(
+        left <= 1,
+        "incremental cleanup removed expired entries ({left} left)"
+    );
+    assert_eq!(
+        b.keys(&none, &()).unwrap().len(),
+        100,
+        "states without it keep theirs"
+    );
+}
+
+pub fn schema_evolution<F: BackendFactory>(f: &F) {
+    let mut b = f.create::<u64>(BackendConfig::full(128)).unwrap();
+    let v1 = ValueStateDescriptor::<u32>::new("count")
+        .unwrap()
+        .with_value_serializer(PostcardSerializer::<u32>::new().with_schema("count"));
+    let h = b.register_value(v1).unwrap();
+    for k in 0..50 {
+        b.set_current_key(k).unwrap();
+        b.value(&h).update(k as u32).unwrap();
+    }
+    let bytes = snapshot_bytes(&mut b);
+
+    // Compatible as is.
+    let mut same = f.create::<u64>(BackendConfig::full(128)).unwrap();
+    restore_from(&mut same, &[&bytes]).unwrap();
+    let hs = same
+        .register_value(
+            ValueStateDescriptor::<u32>::new("count")
+                .unwrap()
+                .with_value_serializer(PostcardSerializer::<u32>::new().with_schema("count")),
+        )
+        .unwrap();
+    same.set_current_key(7).unwrap();
+    assert_eq!(same.value(&hs).get().unwrap(), Some(7));
+
+    // Incompatible: a clear error naming the state; the restored data is kept for a retry.
+    let mut r = f.create::<u64>(BackendConfig::full(128)).unwrap();
+    restore_from(&mut r, &[&bytes]).unwrap();
+    let err = r
+        .register_value(ValueStateDescriptor::<String>::new("count").unwrap())
+        .unwrap_err();
+    assert!(matches!(err, Error::IncompatibleSerializer { .. }), "{err}");
+    assert!(err.to_string().contains("'count'"), "{err}");
+
+    // Compatible after migration: u32 v1 -> u64 v2 (x 1000).
+    let v2 = ValueStateDescriptor::<u64>::new("count")
+        .unwrap()
+        .with_value_serializer(
+            PostcardSerializer::<u64>::new()
+                .with_schema("count")
+                .with_version(2)
+                .with_migration(1, |bytes| {
+                    PostcardSerializer::<u32>::new()
+                        .deserialize(bytes)
+                        .map(|v| u64::from(v) * 1000)
+                }),
+        );
+    let hm = r.register_value(v2).unwrap();
+    r.set_current_key(7).unwrap();
+    assert_eq!(r.value(&hm).get().unwrap(), Some(7000));
+    r.set_current_key(49).unwrap();
+    assert_eq!(r.value(&hm).get().unwrap(), Some(49_000));
+
+    // A state restored as another kind is refused.
+    let mut k = f.create::<u64>(BackendConfig::full(128)).unwrap();
+    restore_from(&mut k, &[&bytes]).unwrap();
+    let err = k
+        .register_list(ListStateDescriptor::<u32>::new("count").unwrap())
+        .unwrap_err();
+    assert!(matches!(err, Error::StateKindMismatch { .. }), "{err}");
+    // Keys of another type are refused.
+    let mut s = f.create::<String>(BackendConfig::full(128)).unwrap();
+    restore_from(&mut s, &[&bytes]).unwrap();
+    let err = s
+        .register_value(
+            ValueStateDescriptor::<u32>::new("count")
+                .unwrap()
+                .with_value_serializer(PostcardSerializer::<u32>::new().with_schema("count")),
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("key"), "{err}");
+}
+
+pub fn corrupt_snapshots_are_errors<F: BackendFactory>(f: &F) {
+    let mut b = f.create::<u64>(BackendConfig::full(16)).unwrap();
+    let h = register_all(&mut b);
+    fill(&mut b, &h, 0..20);
+    let bytes = snapshot_bytes(&mut b);
+    let step = (bytes.len() / 200).max(1);
+    for i in (0..bytes.len()).step_by(step) {
+        let mut bad = bytes.clone();
+        bad[i] ^= 0x5a;
+        let mut r = f.create::<u64>(BackendConfig::full(16)).unwrap();
+        assert!(
+            restore_from(&mut r, &[&bad]).is_err(),
+            "flipped byte {i} not detected"
+        );
+        let mut r = f.create::<u64>(BackendConfig::full(16)).unwrap();
+        assert!(
+            restore_from(&mut r, &[&bytes[..i].to_vec()]).is_err(),
+            "truncation at {i}"
+        );
+    }
+    let mut r = f.create::<u64>(BackendConfig::full(16)).unwrap();
+    let err = restore_from(&mut r, &[&b"not a snapshot at all".to_vec()]).unwrap_err();
+    assert!(
+        err.to_string().contains("snapshot-0"),
+        "error names the stream: {err}"
+    );
+}
+
+pub fn operator_state_round_trip<F: BackendFactory>(_f: &F) {
+    let offsets =
+        OperatorListStateDescriptor::<u64>::new("offsets", RedistributionMode::EvenSplit).unwrap();
+    let rules = BroadcastStateDescriptor::<String, String>::new("rules").unwrap();
+    let mut stores = Vec::new();
+    for i in 0..3u64 {
+        let mut s = OperatorStateStore::new();
+        s.list_state(&offsets)
+            .unwrap()
+            .update(&[i * 10, i * 10 + 1])
+            .unwrap();
+        s.broadcast_state(&rules)
+            .unwrap()
+            .put(&"r".into(), &"x".into())
+            .unwrap();
+        let bytes = s.encode().unwrap();
+        stores.push(OperatorStateStore::decode(&bytes, "op").unwrap());
+    }
+    let mut all = Vec::new();
+    for mut s in redistribute(&stores, 2) {
+        all.extend(s.list_state(&offsets).unwrap().get().unwrap());
+        assert_eq!(
+            s.broadcast_state(&rules)
+                .unwrap()
+                .get(&"r".into())
+                .unwrap()
+                .as_deref(),
+            Some("x")
+        );
+    }
+    assert_eq!(all, vec![0, 1, 10, 11, 20, 21]);
+}
+
+#[derive(Clone, Debug)]
+enum Op {
+    Key(u8),
+    ValuePut(u8, u16),
+    ValueClear(u8),
+    ListAdd(u8, u16),
+    ListAddAll(u8, Vec<u16>),
+    ListUpdate(u8, Vec<u16>),
+    ListClear(u8),
+    MapPut(u8, u8, u16),
+    MapRemove(u8, u8),
+    MapClear(u8),
+    SnapshotRestore,
+}
+
+fn op_strategy() -> impl Strategy<Value = Op> {
+    let ns = 0u8..3;
+    prop_oneof![
+        3 => (0u8..8).prop_map(Op::Key),
+        3 => (ns.clone(), any::<u16>()).prop_map(|(n, v)| Op::ValuePut(n, v)),
+        1 => ns.clone().prop_map(Op::ValueClear),
+        3 => (ns.clone(), any::<u16>()).prop_map(|(n, v)| Op::ListAdd(n, v)),
+        1 => (ns.clone(), prop::collection::vec(any::<u16>(), 0..4)).prop_map(|(n, v)| Op::ListAddAll(n, v)),
+        1 => (ns.clone(), prop::collection::vec(any::<u16>(), 0..3)).prop_map(|(n, v)| Op::ListUpdate(n, v)),
+        1 => ns.clone().prop_map(Op::ListClear),
+        3 => (ns.clone(), 0u8..4, any::<u16>()).prop_map(|(n, k, v)| Op::MapPut(n, k, v)),
+        2 => (ns.clone(), 0u8..4).prop_map(|(n, k)| Op::MapRemove(n, k)),
+        1 => ns.prop_map(Op::MapClear),
+        1 => Just(Op::SnapshotRestore),
+    ]
+}
+
+#[derive(Default, Clone, Debug, PartialEq)]
+struct Model {
+    values: BTreeMap<(u8, u8), u16>,
+    lists: BTreeMap<(u8, u8), Vec<u16>>,
+    maps: BTreeMap<(u8, u8), BTreeMap<u8, u16>>,
+}
+
+type Handles = (
+    ValueStateHandle<u16, u8>,
+    ListStateHandle<u16, u8>,
+    MapStateHandle<u8, u16, u8>,
+);
+
+fn model_handles<B: KeyedStateBackend>(b: &mut B) -> Handles {
+    (
+        b.register_value(ValueStateDescriptor::new("v").unwrap())
+            .unwrap(),
+        b.register_list(ListStateDescriptor::new("l").unwrap())
+            .unwrap(),
+        b.register_map(MapStateDescriptor::new("m").unwrap())
+            .unwrap(),
+    )
+}
+
+fn compare<B: KeyedStateBackend<Key = u8>>(
+    b: &mut B,
+    h: &Handles,
+    model: &Model,
+) -> Result<(), TestCaseError> {
+    for k in 0u8..8 {
+        b.set_current_key(k).unwrap();
+        for ns in 0u8..3 {
+            prop_assert_eq!(
+                b.value_in(&h.0, &ns).get().unwrap(),
+                model.values.get(&(k, ns)).copied()
+            );
+            prop_assert_eq!(
+                b.list_in(&h.1, &ns).get().unwrap(),
+                model.lists.get(&(k, ns)).cloned()
+            );
+            let got: BTreeMap<u8, u16> = b.map_in(&h.2, &ns).iter().unwrap().into_iter().collect();
+            prop_assert_eq!(&got, &model.maps.get(&(k, ns)).cloned().unwrap_or_default());
+            prop_assert_eq!(b.map_in(&h.2, &ns).is_empty().unwrap(), got.is_empty());
+        }
+    }
+    Ok(())
+}
+
+/// Random operation sequences on value, list and map state against a `BTreeMap` model, compared
+/// after every step, and after snapshot + restore (into one backend and into two halves).
+pub fn model_based_property_test<F: BackendFactory>(f: &F) {
+    let mut runner = proptest::test_runner::TestRunner::new(proptest::test_runner::Config {
+        cases: 48,
+        failure_persistence: None,
+        ..Default::default()
+    });
+    runner
+        .run(&prop::collection::vec(op_strategy(), 1..80), |ops| {
+            let mut b = f.create::<u8>(BackendConfig::full(8)).unwrap();
+            let mut h = model_handles(&mut b);
+            let mut m = Model::default();
+            let mut key = 0u8;
+            b.set_current_key(0).unwrap();
+            for op in ops {
+                match op {
+                    Op::Key(k) => {
+                        key = k;
+                    }
+                    Op::ValuePut(n, v) => {
+                        b.value_in(&h.0, &n).update(v).unwrap();
+                        m.values.insert((key, n), v);
+                    }
+                    Op::ValueClear(n) => {
+                        b.value_in(&h.0, &n).clear().unwrap();
+                        m.values.remove(&(key, n));
+                    }
+                    Op::ListAdd(n, v) => {
+                        b.list_in(&h.1, &n).add(v).unwrap();
+                        m.lists.entry((key, n)).or_default().push(v);
+                    }
+                    Op::ListAddAll(n, vs) => {
+                        b.list_in(&h.1, &n).add_all(vs.clone()).unwrap();
+                        if !vs.is_empty() {
+                            m.lists.entry((key, n)).or_default().extend(vs);
+                        }
+                    }
+                    Op::ListUpdate(n, vs) => {
+                        b.list_in(&h.1, &n).update(vs.clone()).unwrap();
+                        if vs.is_empty() {
+                            m.lists.remove(&(key, n));
+                        } else {
+                            m.lists.insert((key, n), vs);
+                        }
+                    }
+                    Op::ListClear(n) => {
+                        b.list_in(&h.1, &n).clear().unwrap();
+                        m.lists.remove(&(key, n));
+                    }
+                    Op::MapPut(n, uk, v) => {
+                        b.map_in(&h.2, &n).put(uk, v).unwrap();
+                        m.maps.entry((key, n)).or_default().insert(uk, v);
+                    }
+                    Op::MapRemove(n, uk) => {
+                        b.map_in(&h.2, &n).remove(&uk).unwrap();
+                        if let Some(map) = m.maps.get_mut(&(key, n)) {
+                            map.remove(&uk);
+                            if map.is_empty() {
+                                m.maps.remove(&(key, n));
+                            }
+                        }
+                    }
+                    Op::MapClear(n) => {
+                        b.map_in(&h.2, &n).clear().unwrap();
+                        m.maps.remove(&(key, n));
+                    }
+                    Op::SnapshotRestore => {
+                        let bytes = snapshot_bytes(&mut b);
+                        b = f.create::<u8>(BackendConfig::full(8)).unwrap();
+                        restore_from(&mut b, &[&bytes]).unwrap();
+                        h = model_handles(&mut b);
+                    }
+                }
+                b.set_current_key(key).unwrap();
+                compare(&mut b, &h, &m)?;
+                b.set_current_key(key).unwrap();
+            }
+            // Rescale: two halves together hold exactly the model.
+            let bytes = snapshot_bytes(&mut b);
+            let clock: Arc<dyn Clock> = Arc::new(ManualClock::new(0));
+            let mut union = Model::default();
+            for i in 0..2 {
+                let mut half = f
+                    .create::<u8>(BackendConfig::subtask(8, 2, i, Arc::clone(&clock)))
+                    .unwrap();
+                restore_from(&mut half, &[&bytes]).unwrap();
+                let hh = model_handles(&mut half);
+                for k in 0u8..8 {
+                    if half.set_current_key(k).is_err() {
+                        continue;
+                    }
+                    for ns in 0u8..3 {
+                        if let Some(v) = half.value_in(&hh.0, &ns).get().unwrap() {
+                            prop_assert!(union.values.insert((k, ns), v).is_none());
+                        }
+                        if let Some(l) = half.list_in(&hh.1, &ns).get().unwrap() {
+                            union.lists.insert((k, ns), l);
+                        }
+                        let map: BTreeMap<u8, u16> = half
+                            .map_in(&hh.2, &ns)
+                            .iter()
+                            .unwrap()
+                            .into_iter()
+                            .collect();
+                        if !map.is_empty() {
+                            union.maps.insert((k, ns), map);
+                        }
+                    }
+                }
+            }
+            prop_assert_eq!(union, m);
+            Ok(())
+        })
+        .unwrap();
+}
+
+/// Expands to one `#[test]` per conformance case for the factory expression given.
+#[macro_export]
+macro_rules! conformance_tests {
+    ($factory:expr) => {
+        $crate::conformance_tests!(@cases $factory;
+            value_state_semantics,
+            list_state_semantics,
+            map_state_semantics,
+            reducing_and_aggregating_semantics,
+            merging_namespaces,
+            registration_errors,
+            snapshot_restore_round_trip,
+            rescale_one_to_two_and_back,
+            snapshot_is_isolated_from_later_writes,
+            ttl_semantics,
+            ttl_cleanup_on_snapshot_and_incrementally,
+            schema_evolution,
+            corrupt_snapshots_are_errors,
+            operator_state_round_trip,
+            model_based_property_test
+        );
+    };
+    (@cases $factory:expr; $($case:ident),* $(,)?) => {
+        $(
+            #[test]
+            fn $case() {
+                $crate::testing::$case(&$factory);
+            }
+        )*
+    };
+}

@@ -1,1 +1,1030 @@
-//! In-memory keyed state backend (being written).
+//! The in-memory keyed state backend of Flowstate (Flink's `HashMapStateBackend`).
+//!
+//! State lives as typed Rust values in hash tables, one table per key group of the backend's
+//! [`KeyGroupRange`]: reads and writes do no serialization. A snapshot captures every key group
+//! by reference in microseconds (copy-on-write per key group); the returned
+//! [`KeyedStateSnapshot`] writes the canonical snapshot stream on any thread while processing
+//! continues, and a key group is copied only if it is written while a snapshot still reads it.
+//!
+//! ```
+//! use state_api::{KeyedStateBackend, KeyedStateBackendExt, KeyedStateSnapshot, ValueStateDescriptor};
+//! use state_heap::HeapKeyedStateBackend;
+//!
+//! # fn main() -> state_api::Result<()> {
+//! let mut backend = HeapKeyedStateBackend::<String>::builder().build()?;
+//! let count = backend.register_value(ValueStateDescriptor::<u64>::new("count")?)?;
+//! for user in ["ann", "bob", "ann"] {
+//!     backend.set_current_key(user.to_string())?;
+//!     let n = backend.value(&count).get()?.unwrap_or(0);
+//!     backend.value(&count).update(n + 1)?;
+//! }
+//!
+//! // Snapshot (fast), write it (could be on another thread), restore into a fresh backend.
+//! let snapshot = backend.snapshot()?;
+//! let mut bytes = Vec::new();
+//! snapshot.write_to(&mut bytes)?;
+//! let mut restored = HeapKeyedStateBackend::<String>::builder().build()?;
+//! restored.restore(vec![("chk-1".to_string(), &bytes[..])])?;
+//! let count = restored.register_value(ValueStateDescriptor::<u64>::new("count")?)?;
+//! restored.set_current_key("ann".to_string())?;
+//! assert_eq!(restored.value(&count).get()?, Some(2));
+//! # Ok(()) }
+//! ```
+
+#![warn(missing_docs)]
+
+mod table;
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::fmt;
+use std::io::{Read, Write};
+use std::sync::Arc;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use state_api::snapshot::{
+    restore_streams, RawRecord, RestoreVisitor, SnapshotHeader, SnapshotSummary, SnapshotWriter,
+};
+use state_api::*;
+
+use table::{
+    after_access, read_single, write_ts, AggregatingKind, CurrentKey, ErasedTable, Kind, ListKind,
+    MapKind, MapStore, ReducingKind, SharedTable, Table, ValueKind,
+};
+
+/// Builds a [`HeapKeyedStateBackend`].
+pub struct HeapBackendBuilder<K> {
+    max_parallelism: u32,
+    range: Option<KeyGroupRange>,
+    key_serializer: Arc<dyn StateSerializer<K>>,
+    clock: Arc<dyn Clock>,
+}
+
+impl<K: StateKey> HeapBackendBuilder<K> {
+    /// Sets the number of key groups (default 128).
+    pub fn max_parallelism(mut self, max_parallelism: u32) -> Self {
+        self.max_parallelism = max_parallelism;
+        self
+    }
+
+    /// Sets the key groups this backend owns (default: all of them).
+    pub fn key_group_range(mut self, range: KeyGroupRange) -> Self {
+        self.range = Some(range);
+        self
+    }
+
+    /// Uses `serializer` for keys (default: postcard).
+    pub fn key_serializer(mut self, serializer: impl StateSerializer<K> + 'static) -> Self {
+        self.key_serializer = Arc::new(serializer);
+        self
+    }
+
+    /// Uses `clock` for TTL (default: the system clock).
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Checks the settings and builds the backend.
+    pub fn build(self) -> Result<HeapKeyedStateBackend<K>> {
+        validate_max_parallelism(self.max_parallelism)?;
+        let range = self
+            .range
+            .unwrap_or_else(|| KeyGroupRange::all(self.max_parallelism));
+        if range.end() > self.max_parallelism {
+            return Err(Error::InvalidParallelism {
+                reason: format!(
+                    "key group range {range} exceeds max parallelism {}",
+                    self.max_parallelism
+                ),
+            });
+        }
+        Ok(HeapKeyedStateBackend {
+            max_parallelism: self.max_parallelism,
+            range,
+            key_serializer: self.key_serializer,
+            clock: self.clock,
+            key_buf: Vec::with_capacity(64),
+            current: None,
+            tables: Vec::new(),
+            ids: HashMap::new(),
+            pending: HashMap::new(),
+            per_record_cleanup: Vec::new(),
+        })
+    }
+}
+
+/// Restored records of a state that is not registered yet.
+struct PendingChunk {
+    stream: String,
+    meta: StateMeta,
+    key_serializer: SerializerSnapshot,
+    records: Vec<OwnedRecord>,
+}
+
+struct OwnedRecord {
+    key_group: u32,
+    key: Vec<u8>,
+    namespace: Vec<u8>,
+    payload: Vec<u8>,
+    payload_offset: u64,
+}
+
+/// Keyed state in memory for one subtask. See the [crate docs](crate).
+pub struct HeapKeyedStateBackend<K> {
+    max_parallelism: u32,
+    range: KeyGroupRange,
+    key_serializer: Arc<dyn StateSerializer<K>>,
+    clock: Arc<dyn Clock>,
+    key_buf: Vec<u8>,
+    current: Option<CurrentKey<K>>,
+    tables: Vec<Box<dyn ErasedTable<K>>>,
+    ids: HashMap<StateName, StateId>,
+    pending: HashMap<StateName, Vec<PendingChunk>>,
+    per_record_cleanup: Vec<usize>,
+}
+
+impl<K> fmt::Debug for HeapKeyedStateBackend<K> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HeapKeyedStateBackend")
+            .field("max_parallelism", &self.max_parallelism)
+            .field("range", &self.range)
+            .field("states", &self.ids.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl<K: StateKey + Serialize + DeserializeOwned> HeapKeyedStateBackend<K> {
+    /// A builder with postcard keys, 128 key groups, all of them owned, and the system clock.
+    pub fn builder() -> HeapBackendBuilder<K> {
+        HeapBackendBuilder {
+            max_parallelism: DEFAULT_LOWER_BOUND_MAX_PARALLELISM,
+            range: None,
+            key_serializer: Arc::new(PostcardSerializer::<K>::new()),
+            clock: Arc::new(SystemClock),
+        }
+    }
+}
+
+fn unknown(name: &StateName) -> Error {
+    Error::UnknownState {
+        state: name.to_string(),
+    }
+}
+
+/// Finds the typed table of a handle, and the current key.
+#[inline]
+fn access<'a, K: StateKey, N: Namespace, KD: Kind>(
+    tables: &'a mut [Box<dyn ErasedTable<K>>],
+    current: &'a Option<CurrentKey<K>>,
+    id: StateId,
+    name: &StateName,
+) -> Result<(&'a CurrentKey<K>, &'a mut Table<K, N, KD>)> {
+    let cur = current.as_ref().ok_or_else(|| Error::NoCurrentKey {
+        state: name.to_string(),
+    })?;
+    let table = tables
+        .get_mut(id.0 as usize)
+        .and_then(|t| t.as_any_mut().downcast_mut::<Table<K, N, KD>>())
+        .ok_or_else(|| unknown(name))?;
+    Ok((cur, table))
+}
+
+impl<K: StateKey> HeapKeyedStateBackend<K> {
+    /// Names of the registered states.
+    pub fn state_names(&self) -> Vec<StateName> {
+        self.tables.iter().map(|t| t.name().clone()).collect()
+    }
+
+    /// Number of (key, namespace) entries over all states.
+    pub fn num_entries(&self) -> usize {
+        self.tables.iter().map(|t| t.len()).sum()
+    }
+
+    /// Names of restored states not registered yet (their data waits for registration).
+    pub fn pending_restored_states(&self) -> Vec<StateName> {
+        self.pending.keys().cloned().collect()
+    }
+
+    /// The key groups written since the previous call, over all states, in key-group order
+    /// (used for incremental checkpoints).
+    pub fn take_changed_key_groups(&mut self) -> Vec<u32> {
+        let mut changed = vec![false; self.range.len() as usize];
+        for t in &mut self.tables {
+            for (i, d) in t.take_dirty().into_iter().enumerate() {
+                changed[i] |= d;
+            }
+        }
+        changed
+            .into_iter()
+            .enumerate()
+            .filter(|(_, c)| *c)
+            .map(|(i, _)| self.range.start() + i as u32)
+            .collect()
+    }
+
+    fn register<N: Namespace, KD: Kind>(
+        &mut self,
+        name: &StateName,
+        make: impl FnOnce() -> Table<K, N, KD>,
+    ) -> Result<StateId> {
+        if let Some(&id) = self.ids.get(name) {
+            let t = &mut self.tables[id.0 as usize];
+            let table = make();
+            if t.state_kind() != table.kind.kind() {
+                return Err(Error::StateKindMismatch {
+                    state: name.to_string(),
+                    existing: t.state_kind(),
+                    requested: table.kind.kind(),
+                });
+            }
+            return match t.as_any_mut().downcast_mut::<Table<K, N, KD>>() {
+                Some(existing) => {
+                    // Re-registration may change the functions or TTL: take the new ones.
+                    existing.kind = table.kind;
+                    existing.ttl = table.ttl;
+                    Ok(id)
+                }
+                None => Err(Error::StateTypeMismatch {
+                    state: name.to_string(),
+                    reason: "the value or namespace types differ from the first registration"
+                        .into(),
+                }),
+            };
+        }
+        let mut table = make();
+        if let Some(ttl) = &table.ttl {
+            if ttl.ttl().is_zero() {
+                return Err(Error::InvalidTtl {
+                    state: name.to_string(),
+                    reason: "the time to live must be positive".into(),
+                });
+            }
+        }
+        if let Some(chunks) = self.pending.get(name) {
+            // Restored data waits here; it stays pending if it does not fit this descriptor.
+            let now = self.clock.now_millis();
+            for chunk in chunks {
+                Self::apply_chunk(&mut table, chunk, &self.key_serializer, self.range, now)?;
+            }
+            self.pending.remove(name);
+        }
+        let id = StateId(self.tables.len() as u32);
+        if table
+            .ttl
+            .and_then(|t| t.incremental_cleanup())
+            .is_some_and(|c| c.run_for_every_record)
+        {
+            self.per_record_cleanup.push(self.tables.len());
+        }
+        self.tables.push(Box::new(table));
+        self.ids.insert(name.clone(), id);
+        Ok(id)
+    }
+
+    fn apply_chunk(
+        table: &mut dyn ErasedTable<K>,
+        chunk: &PendingChunk,
+        key_serializer: &Arc<dyn StateSerializer<K>>,
+        range: KeyGroupRange,
+        now: i64,
+    ) -> Result<()> {
+        let name = chunk.meta.name.to_string();
+        match key_serializer.compatibility(&chunk.key_serializer) {
+            Compatibility::CompatibleAsIs => {}
+            Compatibility::CompatibleAfterMigration(_) => {
+                return Err(Error::IncompatibleSerializer {
+                    state: name,
+                    what: "key",
+                    reason: "keys cannot be migrated: their bytes decide their key group".into(),
+                })
+            }
+            Compatibility::Incompatible(reason) => {
+                return Err(Error::IncompatibleSerializer {
+                    state: name,
+                    what: "key",
+                    reason,
+                })
+            }
+        }
+        table.prepare_restore(&chunk.meta)?;
+        let mut keyed = Vec::with_capacity(chunk.records.len());
+        for r in &chunk.records {
+            let key = key_serializer
+                .deserialize(&r.key)
+                .map_err(|e| Error::Deserialize {
+                    state: name.clone(),
+                    what: "key",
+                    reason: e.0,
+                })?;
+            keyed.push((
+                (r.key_group - range.start()) as usize,
+                key,
+                RawRecord {
+                    state_index: 0,
+                    key: &r.key,
+                    namespace: &r.namespace,
+                    payload: &r.payload,
+                    payload_offset: r.payload_offset,
+                },
+            ));
+        }
+        table.restore_records(&mut keyed.into_iter(), &chunk.stream, now)
+    }
+}
+
+struct Collect {
+    range: KeyGroupRange,
+    chunks: Vec<(StateName, PendingChunk)>,
+    current: HashMap<StateName, usize>,
+}
+
+impl RestoreVisitor for Collect {
+    fn on_header(&mut self, stream: &str, header: &SnapshotHeader) -> Result<()> {
+        self.current.clear();
+        for meta in &header.states {
+            self.current.insert(meta.name.clone(), self.chunks.len());
+            self.chunks.push((
+                meta.name.clone(),
+                PendingChunk {
+                    stream: stream.to_string(),
+                    meta: meta.clone(),
+                    key_serializer: header.key_serializer.clone(),
+                    records: Vec::new(),
+                },
+            ));
+        }
+        Ok(())
+    }
+
+    fn on_record(
+        &mut self,
+        _stream: &str,
+        state: &StateMeta,
+        key_group: u32,
+        record: RawRecord<'_>,
+    ) -> Result<()> {
+        debug_assert!(self.range.contains(key_group));
+        if let Some(&i) = self.current.get(&state.name) {
+            self.chunks[i].1.records.push(OwnedRecord {
+                key_group,
+                key: record.key.to_vec(),
+                namespace: record.namespace.to_vec(),
+                payload: record.payload.to_vec(),
+                payload_offset: record.payload_offset,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// A consistent view of a heap backend's state, taken by [`KeyedStateBackend::snapshot`].
+pub struct HeapSnapshot<K> {
+    header: SnapshotHeader,
+    tables: Vec<Box<dyn SharedTable>>,
+    key_serializer: Arc<dyn StateSerializer<K>>,
+    now: i64,
+    only: Option<Vec<u32>>,
+}
+
+impl<K: StateKey> HeapSnapshot<K> {
+    /// Limits the snapshot to the given key groups (for incremental checkpoints); the stream
+    /// still has a complete header.
+    pub fn restrict_to(mut self, key_groups: Vec<u32>) -> Self {
+        self.only = Some(key_groups);
+        self
+    }
+}
+
+impl<K: StateKey> KeyedStateSnapshot for HeapSnapshot<K> {
+    fn write_to(&self, out: &mut dyn Write) -> Result<SnapshotSummary> {
+        let mut w = SnapshotWriter::new(out, &self.header)?;
+        let mut key_buf = Vec::new();
+        let range = self.header.key_group_range;
+        for (part, kg) in range.iter().enumerate() {
+            if let Some(only) = &self.only {
+                if only.binary_search(&kg).is_err() {
+                    continue;
+                }
+            }
+            w.begin_key_group(kg)?;
+            for (i, t) in self.tables.iter().enumerate() {
+                let name = &self.header.states[i].name;
+                t.write_part(
+                    part,
+                    self.now,
+                    &mut |key: &dyn Any, ns: &[u8], payload: &[u8]| {
+                        let key = key.downcast_ref::<K>().ok_or_else(|| unknown(name))?;
+                        key_buf.clear();
+                        self.key_serializer
+                            .serialize(key, &mut key_buf)
+                            .map_err(|e| Error::Serialize {
+                                state: name.to_string(),
+                                what: "key",
+                                reason: e.0,
+                            })?;
+                        w.write_record(i as u32, &key_buf, ns, payload)
+                    },
+                )?;
+            }
+        }
+        Ok(w.finish()?.0)
+    }
+
+    fn key_group_range(&self) -> KeyGroupRange {
+        self.header.key_group_range
+    }
+}
+
+impl<K: StateKey> HeapKeyedStateBackend<K> {
+    /// Like [`KeyedStateBackend::snapshot`], with the concrete type (for
+    /// [`HeapSnapshot::restrict_to`]).
+    pub fn snapshot_heap(&mut self) -> HeapSnapshot<K> {
+        let tables: Vec<Box<dyn SharedTable>> = self.tables.iter_mut().map(|t| t.share()).collect();
+        HeapSnapshot {
+            header: SnapshotHeader {
+                max_parallelism: self.max_parallelism,
+                key_group_range: self.range,
+                key_serializer: self.key_serializer.snapshot(),
+                states: tables.iter().map(|t| t.meta()).collect(),
+            },
+            tables,
+            key_serializer: Arc::clone(&self.key_serializer),
+            now: self.clock.now_millis(),
+            only: None,
+        }
+    }
+}
+
+impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
+    type Key = K;
+
+    fn max_parallelism(&self) -> u32 {
+        self.max_parallelism
+    }
+
+    fn key_group_range(&self) -> KeyGroupRange {
+        self.range
+    }
+
+    #[inline]
+    fn set_current_key(&mut self, key: K) -> Result<()> {
+        self.key_buf.clear();
+        self.key_serializer
+            .serialize(&key, &mut self.key_buf)
+            .map_err(|e| Error::Serialize {
+                state: "<current key>".into(),
+                what: "key",
+                reason: e.0,
+            })?;
+        let hash = stable_key_hash(&self.key_buf);
+        let kg = key_group_for_hash(hash, self.max_parallelism);
+        if !self.range.contains(kg) {
+            return Err(Error::KeyGroupOutOfRange {
+                key_group: kg,
+                range: self.range,
+            });
+        }
+        self.current = Some(CurrentKey {
+            key,
+            hash,
+            part: (kg - self.range.start()) as usize,
+        });
+        if !self.per_record_cleanup.is_empty() {
+            let now = self.clock.now_millis();
+            for &i in &self.per_record_cleanup {
+                self.tables[i].incremental_cleanup(now, true);
+            }
+        }
+        Ok(())
+    }
+
+    fn current_key(&self) -> Option<&K> {
+        self.current.as_ref().map(|c| &c.key)
+    }
+
+    fn current_key_group(&self) -> Option<u32> {
+        self.current
+            .as_ref()
+            .map(|c| self.range.start() + c.part as u32)
+    }
+
+    fn register_value<V: StateType, N: Namespace>(
+        &mut self,
+        d: ValueStateDescriptor<V, N>,
+    ) -> Result<ValueStateHandle<V, N>> {
+        let parts = self.range.len() as usize;
+        let name = d.name().clone();
+        let id = self.register(&name, || {
+            Table::new(
+                name.clone(),
+                ValueKind {
+                    ser: Arc::clone(d.value_serializer()),
+                    default: d.default_value().cloned(),
+                },
+                d.ttl().copied(),
+                Arc::clone(d.namespace_serializer()),
+                parts,
+            )
+        })?;
+        Ok(ValueStateHandle::new(id, name))
+    }
+
+    fn register_list<T: StateType, N: Namespace>(
+        &mut self,
+        d: ListStateDescriptor<T, N>,
+    ) -> Result<ListStateHandle<T, N>> {
+        let parts = self.range.len() as usize;
+        let name = d.name().clone();
+        let id = self.register(&name, || {
+            Table::new(
+                name.clone(),
+                ListKind {
+                    ser: Arc::clone(d.element_serializer()),
+                },
+                d.ttl().copied(),
+                Arc::clone(d.namespace_serializer()),
+                parts,
+            )
+        })?;
+        Ok(ListStateHandle::new(id, name))
+    }
+
+    fn register_map<UK: MapKey, UV: StateType, N: Namespace>(
+        &mut self,
+        d: MapStateDescriptor<UK, UV, N>,
+    ) -> Result<MapStateHandle<UK, UV, N>> {
+        let parts = self.range.len() as usize;
+        let name = d.name().clone();
+        let id = self.register(&name, || {
+            Table::new(
+                name.clone(),
+                MapKind {
+                    key_ser: Arc::clone(d.user_key_serializer()),
+                    value_ser: Arc::clone(d.user_value_serializer()),
+                },
+                d.ttl().copied(),
+                Arc::clone(d.namespace_serializer()),
+                parts,
+            )
+        })?;
+        Ok(MapStateHandle::new(id, name))
+    }
+
+    fn register_reducing<T: StateType, N: Namespace>(
+        &mut self,
+        d: ReducingStateDescriptor<T, N>,
+    ) -> Result<ReducingStateHandle<T, N>> {
+        let parts = self.range.len() as usize;
+        let name = d.name().clone();
+        let id = self.register(&name, || {
+            Table::new(
+                name.clone(),
+                ReducingKind {
+                    ser: Arc::clone(d.value_serializer()),
+                    reduce: Arc::clone(d.reduce_fn()),
+                },
+                d.ttl().copied(),
+                Arc::clone(d.namespace_serializer()),
+                parts,
+            )
+        })?;
+        Ok(ReducingStateHandle::new(id, name))
+    }
+
+    fn register_aggregating<IN: 'static, ACC: StateType, OUT: 'static, N: Namespace>(
+        &mut self,
+        d: AggregatingStateDescriptor<IN, ACC, OUT, N>,
+    ) -> Result<AggregatingStateHandle<IN, OUT, N>> {
+        let parts = self.range.len() as usize;
+        let name = d.name().clone();
+        let id = self.register(&name, || {
+            Table::<K, N, AggregatingKind<IN, ACC, OUT>>::new(
+                name.clone(),
+                AggregatingKind {
+                    ser: Arc::clone(d.accumulator_serializer()),
+                    func: Arc::clone(d.function()),
+                },
+                d.ttl().copied(),
+                Arc::clone(d.namespace_serializer()),
+                parts,
+            )
+        })?;
+        Ok(AggregatingStateHandle::new(id, name))
+    }
+
+    #[inline]
+    fn value_get<V: StateType, N: Namespace>(
+        &mut self,
+        h: &ValueStateHandle<V, N>,
+        ns: &N,
+    ) -> Result<Option<V>> {
+        let (cur, t) =
+            access::<K, N, ValueKind<V>>(&mut self.tables, &self.current, h.id(), h.name())?;
+        match read_single(t, cur, ns, &*self.clock, false) {
+            Some(v) => Ok(Some(v)),
+            None => Ok(t.kind.default.clone()),
+        }
+    }
+
+    #[inline]
+    fn value_update<V: StateType, N: Namespace>(
+        &mut self,
+        h: &ValueStateHandle<V, N>,
+        ns: &N,
+        value: V,
+    ) -> Result<()> {
+        let (cur, t) =
+            access::<K, N, ValueKind<V>>(&mut self.tables, &self.current, h.id(), h.name())?;
+        let ts = write_ts(t, &*self.clock);
+        t.put(cur, ns, ts, value);
+        Ok(())
+    }
+
+    fn list_get<T: StateType, N: Namespace>(
+        &mut self,
+        h: &ListStateHandle<T, N>,
+        ns: &N,
+    ) -> Result<Option<Vec<T>>> {
+        let (cur, t) =
+            access::<K, N, ListKind<T>>(&mut self.tables, &self.current, h.id(), h.name())?;
+        let Some(ttl) = t.ttl else {
+            return Ok(t
+                .find(cur, ns)
+                .map(|e| e.value.iter().map(|(v, _)| v.clone()).collect()));
+        };
+        let now = self.clock.now_millis();
+        after_access(t, now);
+        let Some(e) = t.find(cur, ns) else {
+            return Ok(None);
+        };
+        let any_expired = e.value.iter().any(|(_, ts)| ttl.is_expired(*ts, now));
+        let out: Vec<T> = e
+            .value
+            .iter()
+            .filter(|(_, ts)| ttl.returns_expired() || !ttl.is_expired(*ts, now))
+            .map(|(v, _)| v.clone())
+            .collect();
+        if any_expired || ttl.refresh_on_read() {
+            if let Some(e) = t.find_mut(cur, ns) {
+                e.value.retain(|(_, ts)| !ttl.is_expired(*ts, now));
+                if ttl.refresh_on_read() {
+                    e.value.iter_mut().for_each(|(_, ts)| *ts = now);
+                }
+                if e.value.is_empty() {
+                    t.remove(cur, ns);
+                }
+            }
+        }
+        Ok((!out.is_empty()).then_some(out))
+    }
+
+    #[inline]
+    fn list_add<T: StateType, N: Namespace>(
+        &mut self,
+        h: &ListStateHandle<T, N>,
+        ns: &N,
+        value: T,
+    ) -> Result<()> {
+        let (cur, t) =
+            access::<K, N, ListKind<T>>(&mut self.tables, &self.current, h.id(), h.name())?;
+        let ts = write_ts(t, &*self.clock);
+        match t.find_mut(cur, ns) {
+            Some(e) => e.value.push((value, ts)),
+            None => t.put(cur, ns, 0, vec![(value, ts)]),
+        }
+        Ok(())
+    }
+
+    fn list_add_all<T: StateType, N: Namespace>(
+        &mut self,
+        h: &ListStateHandle<T, N>,
+        ns: &N,
+        values: Vec<T>,
+    ) -> Result<()> {
+        if values.is_empty() {
+            return Ok(());
+        }
+        let (cur, t) =
+            access::<K, N, ListKind<T>>(&mut self.tables, &self.current, h.id(), h.name())?;
+        let ts = write_ts(t, &*self.clock);
+        let items = values.into_iter().map(|v| (v, ts));
+        match t.find_mut(cur, ns) {
+            Some(e) => e.value.extend(items),
+            None => t.put(cur, ns, 0, items.collect()),
+        }
+        Ok(())
+    }
+
+    fn list_update<T: StateType, N: Namespace>(
+        &mut self,
+        h: &ListStateHandle<T, N>,
+        ns: &N,
+        values: Vec<T>,
+    ) -> Result<()> {
+        let (cur, t) =
+            access::<K, N, ListKind<T>>(&mut self.tables, &self.current, h.id(), h.name())?;
+        if values.is_empty() {
+            t.remove(cur, ns);
+            return Ok(());
+        }
+        let ts = write_ts(t, &*self.clock);
+        t.put(cur, ns, 0, values.into_iter().map(|v| (v, ts)).collect());
+        Ok(())
+    }
+
+    fn map_get<UK: MapKey, UV: StateType, N: Namespace>(
+        &mut self,
+        h: &MapStateHandle<UK, UV, N>,
+        ns: &N,
+        user_key: &UK,
+    ) -> Result<Option<UV>> {
+        let (cur, t) =
+            access::<K, N, MapKind<UK, UV>>(&mut self.tables, &self.current, h.id(), h.name())?;
+        let Some(ttl) = t.ttl else {
+            return Ok(t
+                .find(cur, ns)
+                .and_then(|e| e.value.get(user_key))
+                .map(|(v, _)| v.clone()));
+        };
+        let now = self.clock.now_millis();
+        after_access(t, now);
+        let Some((v, ts)) = t.find(cur, ns).and_then(|e| e.value.get(user_key)).cloned() else {
+            return Ok(None);
+        };
+        if ttl.is_expired(ts, now) {
+            remove_user_key(t, cur, ns, user_key);
+            return Ok(ttl.returns_expired().then_some(v));
+        }
+        if ttl.refresh_on_read() {
+            if let Some(e) = t.find_mut(cur, ns) {
+                if let Some(entry) = e.value.get_mut(user_key) {
+                    entry.1 = now;
+                }
+            }
+        }
+        Ok(Some(v))
+    }
+
+    fn map_put<UK: MapKey, UV: StateType, N: Namespace>(
+        &mut self,
+        h: &MapStateHandle<UK, UV, N>,
+        ns: &N,
+        user_key: UK,
+        value: UV,
+    ) -> Result<()> {
+        self.map_put_all(h, ns, vec![(user_key, value)])
+    }
+
+    fn map_put_all<UK: MapKey, UV: StateType, N: Namespace>(
+        &mut self,
+        h: &MapStateHandle<UK, UV, N>,
+        ns: &N,
+        entries: Vec<(UK, UV)>,
+    ) -> Result<()> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let (cur, t) =
+            access::<K, N, MapKind<UK, UV>>(&mut self.tables, &self.current, h.id(), h.name())?;
+        let ts = write_ts(t, &*self.clock);
+        let items = entries.into_iter().map(|(k, v)| (k, (v, ts)));
+        match t.find_mut(cur, ns) {
+            Some(e) => e.value.extend(items),
+            None => t.put(cur, ns, 0, items.collect::<MapStore<UK, UV>>()),
+        }
+        Ok(())
+    }
+
+    fn map_remove<UK: MapKey, UV: StateType, N: Namespace>(
+        &mut self,
+        h: &MapStateHandle<UK, UV, N>,
+        ns: &N,
+        user_key: &UK,
+    ) -> Result<()> {
+        let (cur, t) =
+            access::<K, N, MapKind<UK, UV>>(&mut self.tables, &self.current, h.id(), h.name())?;
+        if t.ttl.is_some() {
+            let now = self.clock.now_millis();
+            after_access(t, now);
+        }
+        remove_user_key(t, cur, ns, user_key);
+        Ok(())
+    }
+
+    fn map_contains<UK: MapKey, UV: StateType, N: Namespace>(
+        &mut self,
+        h: &MapStateHandle<UK, UV, N>,
+        ns: &N,
+        user_key: &UK,
+    ) -> Result<bool> {
+        Ok(self.map_get(h, ns, user_key)?.is_some())
+    }
+
+    fn map_entries<UK: MapKey, UV: StateType, N: Namespace>(
+        &mut self,
+        h: &MapStateHandle<UK, UV, N>,
+        ns: &N,
+    ) -> Result<Vec<(UK, UV)>> {
+        let (cur, t) =
+            access::<K, N, MapKind<UK, UV>>(&mut self.tables, &self.current, h.id(), h.name())?;
+        let Some(ttl) = t.ttl else {
+            return Ok(t
+                .find(cur, ns)
+                .map(|e| {
+                    e.value
+                        .iter()
+                        .map(|(k, (v, _))| (k.clone(), v.clone()))
+                        .collect()
+                })
+                .unwrap_or_default());
+        };
+        let now = self.clock.now_millis();
+        after_access(t, now);
+        let Some(e) = t.find(cur, ns) else {
+            return Ok(Vec::new());
+        };
+        let any_expired = e.value.values().any(|(_, ts)| ttl.is_expired(*ts, now));
+        let out: Vec<(UK, UV)> = e
+            .value
+            .iter()
+            .filter(|(_, (_, ts))| ttl.returns_expired() || !ttl.is_expired(*ts, now))
+            .map(|(k, (v, _))| (k.clone(), v.clone()))
+            .collect();
+        if any_expired || ttl.refresh_on_read() {
+            if let Some(e) = t.find_mut(cur, ns) {
+                e.value.retain(|_, (_, ts)| !ttl.is_expired(*ts, now));
+                if ttl.refresh_on_read() {
+                    e.value.values_mut().for_each(|(_, ts)| *ts = now);
+                }
+                if e.value.is_empty() {
+                    t.remove(cur, ns);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn map_is_empty<UK: MapKey, UV: StateType, N: Namespace>(
+        &mut self,
+        h: &MapStateHandle<UK, UV, N>,
+        ns: &N,
+    ) -> Result<bool> {
+        let (cur, t) =
+            access::<K, N, MapKind<UK, UV>>(&mut self.tables, &self.current, h.id(), h.name())?;
+        let Some(ttl) = t.ttl else {
+            return Ok(t.find(cur, ns).is_none_or(|e| e.value.is_empty()));
+        };
+        let now = self.clock.now_millis();
+        Ok(t.find(cur, ns).is_none_or(|e| {
+            !e.value
+                .values()
+                .any(|(_, ts)| ttl.returns_expired() || !ttl.is_expired(*ts, now))
+        }))
+    }
+
+    fn reducing_get<T: StateType, N: Namespace>(
+        &mut self,
+        h: &ReducingStateHandle<T, N>,
+        ns: &N,
+    ) -> Result<Option<T>> {
+        let (cur, t) =
+            access::<K, N, ReducingKind<T>>(&mut self.tables, &self.current, h.id(), h.name())?;
+        Ok(read_single(t, cur, ns, &*self.clock, false))
+    }
+
+    fn reducing_add<T: StateType, N: Namespace>(
+        &mut self,
+        h: &ReducingStateHandle<T, N>,
+        ns: &N,
+        value: T,
+    ) -> Result<()> {
+        let (cur, t) =
+            access::<K, N, ReducingKind<T>>(&mut self.tables, &self.current, h.id(), h.name())?;
+        let old = read_single(t, cur, ns, &*self.clock, true);
+        let new = match old {
+            Some(a) => (t.kind.reduce)(a, value),
+            None => value,
+        };
+        let ts = write_ts(t, &*self.clock);
+        t.put(cur, ns, ts, new);
+        Ok(())
+    }
+
+    fn aggregating_get<IN: 'static, OUT: 'static, N: Namespace>(
+        &mut self,
+        h: &AggregatingStateHandle<IN, OUT, N>,
+        ns: &N,
+    ) -> Result<Option<OUT>> {
+        let (cur, t) = erased(&mut self.tables, &self.current, h.id(), h.name())?;
+        // The handle does not name the accumulator type: the table fills `out` through `Any`.
+        let mut out: Option<OUT> = None;
+        t.aggregate_get(cur, ns, &mut out, &*self.clock)?;
+        Ok(out)
+    }
+
+    fn aggregating_add<IN: 'static, OUT: 'static, N: Namespace>(
+        &mut self,
+        h: &AggregatingStateHandle<IN, OUT, N>,
+        ns: &N,
+        value: IN,
+    ) -> Result<()> {
+        let (cur, t) = erased(&mut self.tables, &self.current, h.id(), h.name())?;
+        let mut value = Some(value);
+        t.aggregate_add(cur, ns, &mut value, &*self.clock)
+    }
+
+    fn clear<N: Namespace>(&mut self, h: &dyn StateHandle<N>, ns: &N) -> Result<()> {
+        let name = h.state_name().clone();
+        let (cur, t) = erased(&mut self.tables, &self.current, h.state_id(), &name)?;
+        t.clear(cur, ns)
+    }
+
+    fn merge_namespaces<N: Namespace>(
+        &mut self,
+        h: &dyn MergeableHandle<N>,
+        target: &N,
+        sources: &[N],
+    ) -> Result<()> {
+        let name = h.state_name().clone();
+        let now = self.clock.now_millis();
+        let (cur, t) = erased(&mut self.tables, &self.current, h.state_id(), &name)?;
+        t.merge(cur, target, &sources.to_vec(), now)
+    }
+
+    fn keys<N: Namespace>(&mut self, h: &dyn StateHandle<N>, ns: &N) -> Result<Vec<K>> {
+        let name = h.state_name().clone();
+        self.tables
+            .get(h.state_id().0 as usize)
+            .filter(|t| *t.name() == name)
+            .ok_or_else(|| unknown(&name))?
+            .keys(ns)
+    }
+
+    fn snapshot(&mut self) -> Result<Box<dyn KeyedStateSnapshot>> {
+        Ok(Box::new(self.snapshot_heap()))
+    }
+
+    fn restore<R: Read>(&mut self, streams: Vec<(String, R)>) -> Result<()> {
+        let mut collect = Collect {
+            range: self.range,
+            chunks: Vec::new(),
+            current: HashMap::new(),
+        };
+        restore_streams(streams, self.max_parallelism, self.range, &mut collect)?;
+        let now = self.clock.now_millis();
+        for (name, chunk) in collect.chunks {
+            match self.ids.get(&name) {
+                Some(&id) => Self::apply_chunk(
+                    &mut *self.tables[id.0 as usize],
+                    &chunk,
+                    &self.key_serializer,
+                    self.range,
+                    now,
+                )?,
+                None => self.pending.entry(name).or_default().push(chunk),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Finds the type-erased table of a handle, and the current key.
+fn erased<'a, K: StateKey>(
+    tables: &'a mut [Box<dyn ErasedTable<K>>],
+    current: &'a Option<CurrentKey<K>>,
+    id: StateId,
+    name: &StateName,
+) -> Result<(&'a CurrentKey<K>, &'a mut dyn ErasedTable<K>)> {
+    let cur = current.as_ref().ok_or_else(|| Error::NoCurrentKey {
+        state: name.to_string(),
+    })?;
+    let table = tables
+        .get_mut(id.0 as usize)
+        .filter(|t| t.name() == name)
+        .ok_or_else(|| unknown(name))?;
+    Ok((cur, &mut **table))
+}
+
+/// Removes one user key of a map; drops the map when it becomes empty.
+fn remove_user_key<K: StateKey, N: Namespace, UK: MapKey, UV: StateType>(
+    t: &mut Table<K, N, MapKind<UK, UV>>,
+    cur: &CurrentKey<K>,
+    ns: &N,
+    user_key: &UK,
+) {
+    if !t
+        .find(cur, ns)
+        .is_some_and(|e| e.value.contains_key(user_key))
+    {
+        return;
+    }
+    let now_empty = t.find_mut(cur, ns).is_some_and(|e| {
+        e.value.remove(user_key);
+        e.value.is_empty()
+    });
+    if now_empty {
+        t.remove(cur, ns);
+    }
+}

@@ -1,0 +1,210 @@
+//! Flink's ValueState benchmark on the heap backend, next to a plain `hashbrown::HashMap`.
+//!
+//! 500,000 u64 keys are pre-filled; then `get`, `update` and `add` (a key never seen before)
+//! run over a shuffled key order. Each heap operation includes `set_current_key` (serializing
+//! the key, hashing it into its key group) exactly as Flink's benchmark calls `setCurrentKey`.
+//! Criterion prints its statistics per case; a summary at the end prints ops/s of both sides
+//! measured in the same process and the ratio heap / hashbrown.
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, BatchSize, Criterion, Throughput};
+use state_api::{KeyedStateBackend, KeyedStateBackendExt, ValueStateDescriptor, ValueStateHandle};
+use state_heap::HeapKeyedStateBackend;
+
+const SETUP_KEYS: u64 = 500_000;
+const BATCH: u64 = 10_000;
+
+/// A shuffled order of the setup keys (splitmix64 with a fixed seed).
+fn key_order() -> Vec<u64> {
+    let mut keys: Vec<u64> = (0..SETUP_KEYS).collect();
+    let mut state = 0x1234_5678_9abc_def0u64;
+    for i in (1..keys.len()).rev() {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        keys.swap(i, (z % (i as u64 + 1)) as usize);
+    }
+    keys
+}
+
+type Heap = HeapKeyedStateBackend<u64>;
+
+fn heap_setup() -> (Heap, ValueStateHandle<u64, ()>) {
+    let mut b = Heap::builder().build().expect("backend");
+    let h = b
+        .register_value(ValueStateDescriptor::<u64>::new("value").expect("descriptor"))
+        .expect("register");
+    for k in 0..SETUP_KEYS {
+        b.set_current_key(k).expect("key");
+        b.value(&h).update(k).expect("update");
+    }
+    (b, h)
+}
+
+fn map_setup() -> hashbrown::HashMap<u64, u64> {
+    (0..SETUP_KEYS).map(|k| (k, k)).collect()
+}
+
+fn heap_get(b: &mut Heap, h: &ValueStateHandle<u64, ()>, keys: &[u64]) -> u64 {
+    let mut sum = 0;
+    for &k in keys {
+        b.set_current_key(k).expect("key");
+        sum += b.value(h).get().expect("get").unwrap_or(0);
+    }
+    sum
+}
+
+fn heap_update(b: &mut Heap, h: &ValueStateHandle<u64, ()>, keys: &[u64]) {
+    for &k in keys {
+        b.set_current_key(k).expect("key");
+        b.value(h).update(k + 1).expect("update");
+    }
+}
+
+fn map_get(m: &hashbrown::HashMap<u64, u64>, keys: &[u64]) -> u64 {
+    keys.iter().map(|k| m.get(k).copied().unwrap_or(0)).sum()
+}
+
+fn map_update(m: &mut hashbrown::HashMap<u64, u64>, keys: &[u64]) {
+    for &k in keys {
+        m.insert(k, k + 1);
+    }
+}
+
+fn bench(c: &mut Criterion) {
+    let order = key_order();
+    let (mut b, h) = heap_setup();
+    let mut m = map_setup();
+    let mut g = c.benchmark_group("value_state_500k");
+    g.throughput(Throughput::Elements(BATCH));
+    g.measurement_time(Duration::from_secs(3));
+    let mut at = 0usize;
+    let mut next_batch = move || {
+        at = (at + BATCH as usize) % (order.len() - BATCH as usize);
+        order[at..at + BATCH as usize].to_vec()
+    };
+    g.bench_function("heap/get", |bn| {
+        bn.iter_batched(
+            &mut next_batch,
+            |keys| black_box(heap_get(&mut b, &h, &keys)),
+            BatchSize::SmallInput,
+        )
+    });
+    g.bench_function("hashbrown/get", |bn| {
+        bn.iter_batched(
+            &mut next_batch,
+            |keys| black_box(map_get(&m, &keys)),
+            BatchSize::SmallInput,
+        )
+    });
+    g.bench_function("heap/update", |bn| {
+        bn.iter_batched(
+            &mut next_batch,
+            |keys| heap_update(&mut b, &h, &keys),
+            BatchSize::SmallInput,
+        )
+    });
+    g.bench_function("hashbrown/update", |bn| {
+        bn.iter_batched(
+            &mut next_batch,
+            |keys| map_update(&mut m, &keys),
+            BatchSize::SmallInput,
+        )
+    });
+    let mut new_key = SETUP_KEYS;
+    let mut new_batch = move || {
+        let keys: Vec<u64> = (new_key..new_key + BATCH).collect();
+        new_key += BATCH;
+        keys
+    };
+    g.bench_function("heap/add", |bn| {
+        bn.iter_batched(
+            &mut new_batch,
+            |keys| heap_update(&mut b, &h, &keys),
+            BatchSize::SmallInput,
+        )
+    });
+    g.bench_function("hashbrown/add", |bn| {
+        bn.iter_batched(
+            &mut new_batch,
+            |keys| map_update(&mut m, &keys),
+            BatchSize::SmallInput,
+        )
+    });
+    g.finish();
+}
+
+/// Median ops/s of `runs` timed passes of `op` over `n` operations.
+fn ops_per_sec(runs: usize, n: usize, mut op: impl FnMut()) -> f64 {
+    let mut rates: Vec<f64> = (0..runs)
+        .map(|_| {
+            let t = Instant::now();
+            op();
+            n as f64 / t.elapsed().as_secs_f64()
+        })
+        .collect();
+    rates.sort_by(f64::total_cmp);
+    rates[runs / 2]
+}
+
+/// The same three workloads, timed side by side, with ratios.
+fn summary() {
+    let order = key_order();
+    let n = order.len();
+    let (mut b, h) = heap_setup();
+    let mut m = map_setup();
+    let heap_get_rate = ops_per_sec(5, n, || {
+        black_box(heap_get(&mut b, &h, &order));
+    });
+    let map_get_rate = ops_per_sec(5, n, || {
+        black_box(map_get(&m, &order));
+    });
+    let heap_upd_rate = ops_per_sec(5, n, || heap_update(&mut b, &h, &order));
+    let map_upd_rate = ops_per_sec(5, n, || map_update(&mut m, &order));
+    // Add: a fresh pre-filled structure per run, then 500,000 keys it has never seen.
+    let new_keys: Vec<u64> = order.iter().map(|k| k + SETUP_KEYS).collect();
+    let mut heap_add = Vec::new();
+    let mut map_add = Vec::new();
+    for _ in 0..3 {
+        let (mut b, h) = heap_setup();
+        let t = Instant::now();
+        heap_update(&mut b, &h, &new_keys);
+        heap_add.push(n as f64 / t.elapsed().as_secs_f64());
+        let mut m = map_setup();
+        let t = Instant::now();
+        map_update(&mut m, &new_keys);
+        map_add.push(n as f64 / t.elapsed().as_secs_f64());
+    }
+    heap_add.sort_by(f64::total_cmp);
+    map_add.sort_by(f64::total_cmp);
+    println!();
+    println!("ValueState, 500,000 keys (median ops/s, same process)");
+    println!(
+        "{:<10} {:>14} {:>14} {:>8}",
+        "workload", "heap backend", "hashbrown", "ratio"
+    );
+    for (name, heap, map) in [
+        ("get", heap_get_rate, map_get_rate),
+        ("update", heap_upd_rate, map_upd_rate),
+        ("add", heap_add[1], map_add[1]),
+    ] {
+        println!(
+            "{name:<10} {:>12.2}M {:>12.2}M {:>7.2}x",
+            heap / 1e6,
+            map / 1e6,
+            heap / map
+        );
+    }
+}
+
+criterion_group!(benches, bench);
+
+fn main() {
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+    summary();
+}

@@ -1,0 +1,1132 @@
+//! State tables: live typed entries in one hash table per key group, copy-on-write per key group.
+
+use std::any::Any;
+use std::hash::{BuildHasher, Hash};
+use std::sync::Arc;
+
+use hashbrown::HashTable;
+use state_api::snapshot::{payload, Decoder, RawRecord};
+use state_api::{
+    resolve_reader, AggregateFunction, Clock, Error, MapKey, Namespace, ReduceFn, ResolvedReader,
+    Result, SerializerRole, StateKey, StateKind, StateMeta, StateName, StateSerializer,
+    StateTtlConfig, StateType,
+};
+
+/// The current key as the backend keeps it: the key, its stable hash and its partition.
+pub(crate) struct CurrentKey<K> {
+    pub key: K,
+    pub hash: u64,
+    pub part: usize,
+}
+
+/// One entry: a (key, namespace) and what the kind stores for it.
+#[derive(Clone)]
+pub(crate) struct Entry<K, N, S> {
+    hash: u64,
+    pub key: K,
+    pub ns: N,
+    /// TTL timestamp of single values (value, reducing, aggregating); 0 without TTL.
+    pub ts: i64,
+    pub value: S,
+}
+
+/// A key group's entries, either owned by the backend or shared with running snapshots.
+pub(crate) enum Part<E> {
+    Owned(HashTable<E>),
+    Shared(Arc<HashTable<E>>),
+}
+
+impl<E: Clone> Part<E> {
+    #[inline]
+    fn get(&self) -> &HashTable<E> {
+        match self {
+            Part::Owned(t) => t,
+            Part::Shared(t) => t,
+        }
+    }
+
+    /// Mutable access; copies the key group only if a snapshot still reads it.
+    #[inline]
+    fn get_mut(&mut self) -> &mut HashTable<E> {
+        if let Part::Shared(shared) = self {
+            let shared = std::mem::take(shared);
+            *self = Part::Owned(Arc::unwrap_or_clone(shared));
+        }
+        match self {
+            Part::Owned(t) => t,
+            Part::Shared(_) => unreachable!("made owned just above"),
+        }
+    }
+
+    /// Shares the key group with a snapshot (no copy).
+    fn share(&mut self) -> Arc<HashTable<E>> {
+        if let Part::Owned(t) = self {
+            *self = Part::Shared(Arc::new(std::mem::take(t)));
+        }
+        match self {
+            Part::Shared(t) => Arc::clone(t),
+            Part::Owned(_) => unreachable!("made shared just above"),
+        }
+    }
+}
+
+#[inline]
+fn ns_hash<N: Hash>(ns: &N) -> u64 {
+    if std::mem::size_of::<N>() == 0 {
+        0
+    } else {
+        foldhash::fast::FixedState::with_seed(0x5eed).hash_one(ns)
+    }
+}
+
+/// The hash used inside a key group's table. The key group comes from the upper 32 bits of the
+/// key hash, so the multiply-and-rotate moves well-mixed bits into the low bits hashbrown uses.
+#[inline]
+fn table_hash(key_hash: u64, ns_hash: u64) -> u64 {
+    (key_hash ^ ns_hash.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+        .wrapping_mul(0xBF58_476D_1CE4_E5B9)
+        .rotate_left(29)
+}
+
+/// What differs between state kinds: the stored type, its snapshot encoding and merging.
+pub(crate) trait Kind: Send + Sync + 'static {
+    type Stored: Clone + Send + Sync + 'static;
+    type Readers: Send + Sync + 'static;
+
+    fn kind(&self) -> StateKind;
+    fn meta(&self, name: &StateName, ttl: Option<&StateTtlConfig>) -> StateMeta;
+    /// Appends the payload of `s`; returns false (writing nothing useful) when TTL left nothing.
+    fn encode(
+        &self,
+        name: &StateName,
+        s: &Self::Stored,
+        ts: i64,
+        expired: &dyn Fn(i64) -> bool,
+        out: &mut Vec<u8>,
+    ) -> Result<bool>;
+    fn resolve(&self, name: &StateName, meta: &StateMeta) -> Result<Self::Readers>;
+    /// Reads a payload into `(stored, ts)`; `fix_ts` adjusts restored timestamps.
+    fn decode(
+        &self,
+        name: &StateName,
+        readers: &Self::Readers,
+        d: &mut Decoder<'_>,
+        fix_ts: &dyn Fn(i64) -> i64,
+    ) -> Result<(Self::Stored, i64)>;
+    /// Aggregating state only: the result of an accumulator, written into `out` (an `Option<OUT>`).
+    fn aggregate_result(
+        &self,
+        name: &StateName,
+        _acc: Option<&Self::Stored>,
+        _out: &mut dyn Any,
+    ) -> Result<()> {
+        Err(Error::StateKindMismatch {
+            state: name.to_string(),
+            existing: self.kind(),
+            requested: StateKind::Aggregating,
+        })
+    }
+    /// Aggregating state only: adds the input taken from `value` (an `Option<IN>`) to `acc`.
+    fn aggregate_add(
+        &self,
+        name: &StateName,
+        _acc: Option<Self::Stored>,
+        _value: &mut dyn Any,
+    ) -> Result<Self::Stored> {
+        Err(Error::StateKindMismatch {
+            state: name.to_string(),
+            existing: self.kind(),
+            requested: StateKind::Aggregating,
+        })
+    }
+    /// True when something stored has expired (the value, or any element).
+    fn any_expired(&self, _s: &Self::Stored, ts: i64, expired: &dyn Fn(i64) -> bool) -> bool {
+        expired(ts)
+    }
+    /// Drops expired elements; returns true when the whole entry is dead.
+    fn drop_expired(&self, _s: &mut Self::Stored, ts: i64, expired: &dyn Fn(i64) -> bool) -> bool {
+        expired(ts)
+    }
+    /// Combines two stored values when namespaces are merged.
+    fn merge(&self, name: &StateName, _a: Self::Stored, _b: Self::Stored) -> Result<Self::Stored> {
+        Err(Error::Unsupported {
+            state: name.to_string(),
+            reason: format!("{} state cannot merge namespaces", self.kind()),
+        })
+    }
+}
+
+fn resolve_role<T: 'static>(
+    name: &StateName,
+    meta: &StateMeta,
+    role: SerializerRole,
+    current: &Arc<dyn StateSerializer<T>>,
+) -> Result<ResolvedReader<T>> {
+    let previous = meta
+        .serializer(role)
+        .ok_or_else(|| Error::IncompatibleSerializer {
+            state: name.to_string(),
+            what: role.name(),
+            reason: "the snapshot records no serializer for it".into(),
+        })?;
+    resolve_reader(current, previous).map_err(|reason| Error::IncompatibleSerializer {
+        state: name.to_string(),
+        what: role.name(),
+        reason,
+    })
+}
+
+fn ser_err<'a>(
+    name: &'a StateName,
+    what: &'static str,
+) -> impl Fn(state_api::SerdeError) -> Error + 'a {
+    move |e| Error::Serialize {
+        state: name.to_string(),
+        what,
+        reason: e.0,
+    }
+}
+
+fn de_err<'a>(
+    name: &'a StateName,
+    what: &'static str,
+) -> impl Fn(state_api::SerdeError) -> Error + 'a {
+    move |e| Error::Deserialize {
+        state: name.to_string(),
+        what,
+        reason: e.0,
+    }
+}
+
+fn meta_of(
+    name: &StateName,
+    kind: StateKind,
+    ttl: Option<&StateTtlConfig>,
+    serializers: Vec<(SerializerRole, state_api::SerializerSnapshot)>,
+) -> StateMeta {
+    StateMeta {
+        name: name.clone(),
+        kind,
+        ttl_millis: ttl.map(|t| t.ttl_millis()),
+        serializers,
+    }
+}
+
+/// Encoding shared by value, reducing and aggregating state: one value and its timestamp.
+fn encode_single<T: 'static>(
+    name: &StateName,
+    ser: &Arc<dyn StateSerializer<T>>,
+    v: &T,
+    ts: i64,
+    expired: &dyn Fn(i64) -> bool,
+    out: &mut Vec<u8>,
+) -> Result<bool> {
+    if expired(ts) {
+        return Ok(false);
+    }
+    payload::single(out, ts, |o| {
+        ser.serialize(v, o).map_err(ser_err(name, "value"))
+    })?;
+    Ok(true)
+}
+
+fn decode_single<T: 'static>(
+    name: &StateName,
+    reader: &ResolvedReader<T>,
+    d: &mut Decoder<'_>,
+    fix_ts: &dyn Fn(i64) -> i64,
+) -> Result<(T, i64)> {
+    let (ts, bytes) = payload::decode_single(d)?;
+    let v = reader.read(bytes).map_err(de_err(name, "value"))?;
+    Ok((v, fix_ts(ts)))
+}
+
+pub(crate) struct ValueKind<V> {
+    pub ser: Arc<dyn StateSerializer<V>>,
+    pub default: Option<V>,
+}
+
+impl<V: StateType> Kind for ValueKind<V> {
+    type Stored = V;
+    type Readers = ResolvedReader<V>;
+    fn kind(&self) -> StateKind {
+        StateKind::Value
+    }
+    fn meta(&self, name: &StateName, ttl: Option<&StateTtlConfig>) -> StateMeta {
+        meta_of(
+            name,
+            self.kind(),
+            ttl,
+            vec![(SerializerRole::Value, self.ser.snapshot())],
+        )
+    }
+    fn encode(
+        &self,
+        name: &StateName,
+        s: &V,
+        ts: i64,
+        expired: &dyn Fn(i64) -> bool,
+        out: &mut Vec<u8>,
+    ) -> Result<bool> {
+        encode_single(name, &self.ser, s, ts, expired, out)
+    }
+    fn resolve(&self, name: &StateName, meta: &StateMeta) -> Result<Self::Readers> {
+        resolve_role(name, meta, SerializerRole::Value, &self.ser)
+    }
+    fn decode(
+        &self,
+        name: &StateName,
+        r: &Self::Readers,
+        d: &mut Decoder<'_>,
+        fix_ts: &dyn Fn(i64) -> i64,
+    ) -> Result<(V, i64)> {
+        decode_single(name, r, d, fix_ts)
+    }
+}
+
+pub(crate) struct ReducingKind<T> {
+    pub ser: Arc<dyn StateSerializer<T>>,
+    pub reduce: ReduceFn<T>,
+}
+
+impl<T: StateType> Kind for ReducingKind<T> {
+    type Stored = T;
+    type Readers = ResolvedReader<T>;
+    fn kind(&self) -> StateKind {
+        StateKind::Reducing
+    }
+    fn meta(&self, name: &StateName, ttl: Option<&StateTtlConfig>) -> StateMeta {
+        meta_of(
+            name,
+            self.kind(),
+            ttl,
+            vec![(SerializerRole::Value, self.ser.snapshot())],
+        )
+    }
+    fn encode(
+        &self,
+        name: &StateName,
+        s: &T,
+        ts: i64,
+        expired: &dyn Fn(i64) -> bool,
+        out: &mut Vec<u8>,
+    ) -> Result<bool> {
+        encode_single(name, &self.ser, s, ts, expired, out)
+    }
+    fn resolve(&self, name: &StateName, meta: &StateMeta) -> Result<Self::Readers> {
+        resolve_role(name, meta, SerializerRole::Value, &self.ser)
+    }
+    fn decode(
+        &self,
+        name: &StateName,
+        r: &Self::Readers,
+        d: &mut Decoder<'_>,
+        fix_ts: &dyn Fn(i64) -> i64,
+    ) -> Result<(T, i64)> {
+        decode_single(name, r, d, fix_ts)
+    }
+    fn merge(&self, _: &StateName, a: T, b: T) -> Result<T> {
+        Ok((self.reduce)(a, b))
+    }
+}
+
+pub(crate) struct AggregatingKind<IN, ACC, OUT> {
+    pub ser: Arc<dyn StateSerializer<ACC>>,
+    pub func: Arc<dyn AggregateFunction<IN, ACC, OUT>>,
+}
+
+impl<IN: 'static, ACC: StateType, OUT: 'static> Kind for AggregatingKind<IN, ACC, OUT> {
+    type Stored = ACC;
+    type Readers = ResolvedReader<ACC>;
+    fn kind(&self) -> StateKind {
+        StateKind::Aggregating
+    }
+    fn meta(&self, name: &StateName, ttl: Option<&StateTtlConfig>) -> StateMeta {
+        meta_of(
+            name,
+            self.kind(),
+            ttl,
+            vec![(SerializerRole::Value, self.ser.snapshot())],
+        )
+    }
+    fn encode(
+        &self,
+        name: &StateName,
+        s: &ACC,
+        ts: i64,
+        expired: &dyn Fn(i64) -> bool,
+        out: &mut Vec<u8>,
+    ) -> Result<bool> {
+        encode_single(name, &self.ser, s, ts, expired, out)
+    }
+    fn resolve(&self, name: &StateName, meta: &StateMeta) -> Result<Self::Readers> {
+        resolve_role(name, meta, SerializerRole::Value, &self.ser)
+    }
+    fn decode(
+        &self,
+        name: &StateName,
+        r: &Self::Readers,
+        d: &mut Decoder<'_>,
+        fix_ts: &dyn Fn(i64) -> i64,
+    ) -> Result<(ACC, i64)> {
+        decode_single(name, r, d, fix_ts)
+    }
+    fn merge(&self, _: &StateName, a: ACC, b: ACC) -> Result<ACC> {
+        Ok(self.func.merge(a, b))
+    }
+    fn aggregate_result(
+        &self,
+        name: &StateName,
+        acc: Option<&ACC>,
+        out: &mut dyn Any,
+    ) -> Result<()> {
+        let out = out
+            .downcast_mut::<Option<OUT>>()
+            .ok_or_else(|| Error::StateTypeMismatch {
+                state: name.to_string(),
+                reason: "the output type differs from the registered one".into(),
+            })?;
+        *out = acc.map(|a| self.func.get_result(a));
+        Ok(())
+    }
+    fn aggregate_add(
+        &self,
+        name: &StateName,
+        acc: Option<ACC>,
+        value: &mut dyn Any,
+    ) -> Result<ACC> {
+        let value = value
+            .downcast_mut::<Option<IN>>()
+            .and_then(Option::take)
+            .ok_or_else(|| Error::StateTypeMismatch {
+                state: name.to_string(),
+                reason: "the input type differs from the registered one".into(),
+            })?;
+        let acc = acc.unwrap_or_else(|| self.func.create_accumulator());
+        Ok(self.func.add(value, acc))
+    }
+}
+
+pub(crate) struct ListKind<T> {
+    pub ser: Arc<dyn StateSerializer<T>>,
+}
+
+impl<T: StateType> Kind for ListKind<T> {
+    /// Elements with their TTL timestamps.
+    type Stored = Vec<(T, i64)>;
+    type Readers = ResolvedReader<T>;
+    fn kind(&self) -> StateKind {
+        StateKind::List
+    }
+    fn meta(&self, name: &StateName, ttl: Option<&StateTtlConfig>) -> StateMeta {
+        meta_of(
+            name,
+            self.kind(),
+            ttl,
+            vec![(SerializerRole::Value, self.ser.snapshot())],
+        )
+    }
+    fn encode(
+        &self,
+        name: &StateName,
+        s: &Self::Stored,
+        _ts: i64,
+        expired: &dyn Fn(i64) -> bool,
+        out: &mut Vec<u8>,
+    ) -> Result<bool> {
+        let live = s.iter().filter(|(_, ts)| !expired(*ts)).count();
+        if live == 0 {
+            return Ok(false);
+        }
+        payload::count(out, live as u32);
+        for (v, ts) in s.iter().filter(|(_, ts)| !expired(*ts)) {
+            payload::list_element(out, *ts, |o| {
+                self.ser
+                    .serialize(v, o)
+                    .map_err(ser_err(name, "list element"))
+            })?;
+        }
+        Ok(true)
+    }
+    fn resolve(&self, name: &StateName, meta: &StateMeta) -> Result<Self::Readers> {
+        resolve_role(name, meta, SerializerRole::Value, &self.ser)
+    }
+    fn decode(
+        &self,
+        name: &StateName,
+        r: &Self::Readers,
+        d: &mut Decoder<'_>,
+        fix_ts: &dyn Fn(i64) -> i64,
+    ) -> Result<(Self::Stored, i64)> {
+        let items = payload::decode_list(d)?;
+        let mut out = Vec::with_capacity(items.len());
+        for (ts, b) in items {
+            out.push((r.read(b).map_err(de_err(name, "list element"))?, fix_ts(ts)));
+        }
+        Ok((out, 0))
+    }
+    fn merge(&self, _: &StateName, mut a: Self::Stored, b: Self::Stored) -> Result<Self::Stored> {
+        a.extend(b);
+        Ok(a)
+    }
+    fn any_expired(&self, s: &Self::Stored, _: i64, expired: &dyn Fn(i64) -> bool) -> bool {
+        s.iter().any(|(_, ts)| expired(*ts))
+    }
+    fn drop_expired(&self, s: &mut Self::Stored, _: i64, expired: &dyn Fn(i64) -> bool) -> bool {
+        s.retain(|(_, ts)| !expired(*ts));
+        s.is_empty()
+    }
+}
+
+pub(crate) type MapStore<UK, UV> = hashbrown::HashMap<UK, (UV, i64)>;
+
+pub(crate) struct MapKind<UK, UV> {
+    pub key_ser: Arc<dyn StateSerializer<UK>>,
+    pub value_ser: Arc<dyn StateSerializer<UV>>,
+}
+
+impl<UK: MapKey, UV: StateType> Kind for MapKind<UK, UV> {
+    type Stored = MapStore<UK, UV>;
+    type Readers = (ResolvedReader<UK>, ResolvedReader<UV>);
+    fn kind(&self) -> StateKind {
+        StateKind::Map
+    }
+    fn meta(&self, name: &StateName, ttl: Option<&StateTtlConfig>) -> StateMeta {
+        meta_of(
+            name,
+            self.kind(),
+            ttl,
+            vec![
+                (SerializerRole::UserKey, self.key_ser.snapshot()),
+                (SerializerRole::UserValue, self.value_ser.snapshot()),
+            ],
+        )
+    }
+    fn encode(
+        &self,
+        name: &StateName,
+        s: &Self::Stored,
+        _ts: i64,
+        expired: &dyn Fn(i64) -> bool,
+        out: &mut Vec<u8>,
+    ) -> Result<bool> {
+        let live = s.values().filter(|(_, ts)| !expired(*ts)).count();
+        if live == 0 {
+            return Ok(false);
+        }
+        payload::count(out, live as u32);
+        for (k, (v, ts)) in s.iter().filter(|(_, (_, ts))| !expired(*ts)) {
+            payload::map_entry(
+                out,
+                *ts,
+                |o| {
+                    self.key_ser
+                        .serialize(k, o)
+                        .map_err(ser_err(name, "map user key"))
+                },
+                |o| {
+                    self.value_ser
+                        .serialize(v, o)
+                        .map_err(ser_err(name, "map user value"))
+                },
+            )?;
+        }
+        Ok(true)
+    }
+    fn resolve(&self, name: &StateName, meta: &StateMeta) -> Result<Self::Readers> {
+        Ok((
+            resolve_role(name, meta, SerializerRole::UserKey, &self.key_ser)?,
+            resolve_role(name, meta, SerializerRole::UserValue, &self.value_ser)?,
+        ))
+    }
+    fn decode(
+        &self,
+        name: &StateName,
+        (kr, vr): &Self::Readers,
+        d: &mut Decoder<'_>,
+        fix_ts: &dyn Fn(i64) -> i64,
+    ) -> Result<(Self::Stored, i64)> {
+        let items = payload::decode_map(d)?;
+        let mut out = MapStore::with_capacity(items.len());
+        for (ts, k, v) in items {
+            let k = kr.read(k).map_err(de_err(name, "map user key"))?;
+            let v = vr.read(v).map_err(de_err(name, "map user value"))?;
+            out.insert(k, (v, fix_ts(ts)));
+        }
+        Ok((out, 0))
+    }
+    fn any_expired(&self, s: &Self::Stored, _: i64, expired: &dyn Fn(i64) -> bool) -> bool {
+        s.values().any(|(_, ts)| expired(*ts))
+    }
+    fn drop_expired(&self, s: &mut Self::Stored, _: i64, expired: &dyn Fn(i64) -> bool) -> bool {
+        s.retain(|_, (_, ts)| !expired(*ts));
+        s.is_empty()
+    }
+}
+
+/// Readers resolved for one restored stream of a state.
+pub(crate) struct RestoreReaders<N, R> {
+    ns: ResolvedReader<N>,
+    kind: R,
+    /// True when the snapshot had no TTL but the state has one now: stamp restored entries.
+    stamp_now: bool,
+}
+
+/// One state: a hash table of entries per key group of the backend's range.
+pub(crate) struct Table<K, N, KD: Kind> {
+    pub name: StateName,
+    pub kind: Arc<KD>,
+    pub ttl: Option<StateTtlConfig>,
+    pub ns_ser: Arc<dyn StateSerializer<N>>,
+    parts: Vec<Part<Entry<K, N, KD::Stored>>>,
+    /// Key groups written since the last call to `take_dirty` (for incremental snapshots).
+    dirty: Vec<bool>,
+    readers: Option<RestoreReaders<N, KD::Readers>>,
+    /// Incremental TTL cleanup: entries still to check, and the next partition to scan.
+    cleanup_queue: Vec<(usize, u64, K, N)>,
+    cleanup_next_part: usize,
+}
+
+impl<K: StateKey, N: Namespace, KD: Kind> Table<K, N, KD> {
+    pub fn new(
+        name: StateName,
+        kind: KD,
+        ttl: Option<StateTtlConfig>,
+        ns_ser: Arc<dyn StateSerializer<N>>,
+        parts: usize,
+    ) -> Self {
+        Table {
+            name,
+            kind: Arc::new(kind),
+            ttl,
+            ns_ser,
+            parts: (0..parts).map(|_| Part::Owned(HashTable::new())).collect(),
+            dirty: vec![false; parts],
+            readers: None,
+            cleanup_queue: Vec::new(),
+            cleanup_next_part: 0,
+        }
+    }
+
+    pub fn meta(&self) -> StateMeta {
+        let mut m = self.kind.meta(&self.name, self.ttl.as_ref());
+        m.serializers
+            .insert(0, (SerializerRole::Namespace, self.ns_ser.snapshot()));
+        m
+    }
+
+    #[inline]
+    pub fn find(&self, cur: &CurrentKey<K>, ns: &N) -> Option<&Entry<K, N, KD::Stored>> {
+        let h = table_hash(cur.hash, ns_hash(ns));
+        self.parts[cur.part]
+            .get()
+            .find(h, |e| e.hash == h && e.key == cur.key && e.ns == *ns)
+    }
+
+    #[inline]
+    pub fn find_mut(
+        &mut self,
+        cur: &CurrentKey<K>,
+        ns: &N,
+    ) -> Option<&mut Entry<K, N, KD::Stored>> {
+        let h = table_hash(cur.hash, ns_hash(ns));
+        self.dirty[cur.part] = true;
+        self.parts[cur.part]
+            .get_mut()
+            .find_mut(h, |e| e.hash == h && e.key == cur.key && e.ns == *ns)
+    }
+
+    /// Inserts or replaces the entry of (current key, ns).
+    #[inline]
+    pub fn put(&mut self, cur: &CurrentKey<K>, ns: &N, ts: i64, value: KD::Stored) {
+        let h = table_hash(cur.hash, ns_hash(ns));
+        self.dirty[cur.part] = true;
+        let t = self.parts[cur.part].get_mut();
+        match t.find_mut(h, |e| e.hash == h && e.key == cur.key && e.ns == *ns) {
+            Some(e) => {
+                e.value = value;
+                e.ts = ts;
+            }
+            None => {
+                t.insert_unique(
+                    h,
+                    Entry {
+                        hash: h,
+                        key: cur.key.clone(),
+                        ns: ns.clone(),
+                        ts,
+                        value,
+                    },
+                    |e| e.hash,
+                );
+            }
+        }
+    }
+
+    /// Removes and returns the entry of (current key, ns).
+    pub fn remove(&mut self, cur: &CurrentKey<K>, ns: &N) -> Option<Entry<K, N, KD::Stored>> {
+        let h = table_hash(cur.hash, ns_hash(ns));
+        // Avoid copying a shared key group when there is nothing to remove.
+        self.parts[cur.part]
+            .get()
+            .find(h, |e| e.hash == h && e.key == cur.key && e.ns == *ns)?;
+        self.dirty[cur.part] = true;
+        self.parts[cur.part]
+            .get_mut()
+            .find_entry(h, |e| e.hash == h && e.key == cur.key && e.ns == *ns)
+            .ok()
+            .map(|o| o.remove().0)
+    }
+
+    /// Keys with an entry in `ns`.
+    pub fn keys_in(&self, ns: &N) -> Vec<K> {
+        self.parts
+            .iter()
+            .flat_map(|p| p.get().iter())
+            .filter(|e| e.ns == *ns)
+            .map(|e| e.key.clone())
+            .collect()
+    }
+
+    /// Number of (key, namespace) entries.
+    pub fn len(&self) -> usize {
+        self.parts.iter().map(|p| p.get().len()).sum()
+    }
+
+    /// Shares every key group with a snapshot.
+    pub fn share_all(&mut self) -> Vec<Arc<HashTable<Entry<K, N, KD::Stored>>>> {
+        self.parts.iter_mut().map(Part::share).collect()
+    }
+
+    /// Returns and resets the per-partition "written since last time" flags.
+    pub fn take_dirty(&mut self) -> Vec<bool> {
+        let n = self.dirty.len();
+        std::mem::replace(&mut self.dirty, vec![false; n])
+    }
+
+    /// Runs incremental TTL cleanup on up to `n` entries.
+    pub fn incremental_cleanup(&mut self, n: usize, now: i64) {
+        let Some(ttl) = self.ttl else { return };
+        for _ in 0..n {
+            if self.cleanup_queue.is_empty() {
+                let p = self.cleanup_next_part % self.parts.len().max(1);
+                self.cleanup_next_part = p + 1;
+                let Some(part) = self.parts.get(p) else {
+                    return;
+                };
+                self.cleanup_queue.extend(
+                    part.get()
+                        .iter()
+                        .map(|e| (p, e.hash, e.key.clone(), e.ns.clone())),
+                );
+                if self.cleanup_queue.is_empty() {
+                    continue;
+                }
+            }
+            let Some((p, h, key, ns)) = self.cleanup_queue.pop() else {
+                return;
+            };
+            let eq = |e: &Entry<K, N, KD::Stored>| e.hash == h && e.key == key && e.ns == ns;
+            let Some(e) = self.parts[p].get().find(h, eq) else {
+                continue;
+            };
+            let expired = |ts: i64| ttl.is_expired(ts, now);
+            if !self.kind.any_expired(&e.value, e.ts, &expired) {
+                continue;
+            }
+            self.dirty[p] = true;
+            let t = self.parts[p].get_mut();
+            if let Ok(occ) = t.find_entry(h, eq) {
+                let entry = occ.into_mut();
+                if self.kind.drop_expired(&mut entry.value, entry.ts, &expired) {
+                    if let Ok(occ) = t.find_entry(h, eq) {
+                        occ.remove();
+                    }
+                }
+            }
+        }
+    }
+
+    fn downcast_ns(&self, ns: &dyn Any) -> Result<N> {
+        ns.downcast_ref::<N>()
+            .cloned()
+            .ok_or_else(|| Error::StateTypeMismatch {
+                state: self.name.to_string(),
+                reason: "namespace type differs from the registered one".into(),
+            })
+    }
+
+    pub fn set_readers(&mut self, meta: &StateMeta, ns_reader: ResolvedReader<N>) -> Result<()> {
+        let kind = self.kind.resolve(&self.name, meta)?;
+        self.readers = Some(RestoreReaders {
+            ns: ns_reader,
+            kind,
+            stamp_now: meta.ttl_millis.is_none() && self.ttl.is_some(),
+        });
+        Ok(())
+    }
+
+    /// Decodes a restored record (without inserting it).
+    pub fn decode_record(
+        &self,
+        key: K,
+        record: &RawRecord<'_>,
+        stream: &str,
+        now: i64,
+    ) -> Result<(u64, Entry<K, N, KD::Stored>)> {
+        let readers = self
+            .readers
+            .as_ref()
+            .ok_or_else(|| Error::RestoreMismatch {
+                reason: format!("state '{}' has no restore serializers prepared", self.name),
+            })?;
+        let ns = readers
+            .ns
+            .read(record.namespace)
+            .map_err(de_err(&self.name, "namespace"))?;
+        let stamp = readers.stamp_now;
+        let fix = move |ts: i64| if stamp { now } else { ts };
+        let mut d = Decoder::new(record.payload, record.payload_offset, stream);
+        let (value, ts) = self.kind.decode(&self.name, &readers.kind, &mut d, &fix)?;
+        let key_hash = state_api::stable_key_hash(record.key);
+        let h = table_hash(key_hash, ns_hash(&ns));
+        Ok((
+            key_hash,
+            Entry {
+                hash: h,
+                key,
+                ns,
+                ts,
+                value,
+            },
+        ))
+    }
+
+    /// Inserts a restored entry into partition `part` (replacing an equal key and namespace).
+    pub fn insert_restored(&mut self, part: usize, e: Entry<K, N, KD::Stored>) {
+        self.dirty[part] = true;
+        let t = self.parts[part].get_mut();
+        match t.find_mut(e.hash, |x| {
+            x.hash == e.hash && x.key == e.key && x.ns == e.ns
+        }) {
+            Some(x) => *x = e,
+            None => {
+                t.insert_unique(e.hash, e, |x| x.hash);
+            }
+        }
+    }
+}
+
+/// Reads a single value (value, reducing, aggregating) with TTL semantics.
+/// `for_update` treats expired values as absent whatever the visibility (Flink's TTL states do).
+#[inline]
+pub(crate) fn read_single<K: StateKey, N: Namespace, KD: Kind>(
+    t: &mut Table<K, N, KD>,
+    cur: &CurrentKey<K>,
+    ns: &N,
+    clock: &dyn Clock,
+    for_update: bool,
+) -> Option<KD::Stored> {
+    let Some(ttl) = t.ttl else {
+        return t.find(cur, ns).map(|e| e.value.clone());
+    };
+    let now = clock.now_millis();
+    after_access(t, now);
+    let e = t.find(cur, ns)?;
+    if ttl.is_expired(e.ts, now) {
+        let e = t.remove(cur, ns)?;
+        return (ttl.returns_expired() && !for_update).then_some(e.value);
+    }
+    if ttl.refresh_on_read() && !for_update {
+        let e = t.find_mut(cur, ns)?;
+        e.ts = now;
+        return Some(e.value.clone());
+    }
+    Some(e.value.clone())
+}
+
+#[inline]
+pub(crate) fn after_access<K: StateKey, N: Namespace, KD: Kind>(t: &mut Table<K, N, KD>, now: i64) {
+    if let Some(inc) = t.ttl.and_then(|c| c.incremental_cleanup()) {
+        t.incremental_cleanup(inc.cleanup_size, now);
+    }
+}
+
+/// The timestamp written with a value: now with TTL, 0 without.
+#[inline]
+pub(crate) fn write_ts<K: StateKey, N: Namespace, KD: Kind>(
+    t: &mut Table<K, N, KD>,
+    clock: &dyn Clock,
+) -> i64 {
+    match t.ttl {
+        Some(_) => {
+            let now = clock.now_millis();
+            after_access(t, now);
+            now
+        }
+        None => 0,
+    }
+}
+
+/// The type-erased face of a table, for operations that do not know the value types.
+pub(crate) trait ErasedTable<K>: Send {
+    fn name(&self) -> &StateName;
+    fn state_kind(&self) -> StateKind;
+    fn as_any_mut(&mut self) -> &mut dyn Any;
+    fn len(&self) -> usize;
+    fn clear(&mut self, cur: &CurrentKey<K>, ns: &dyn Any) -> Result<()>;
+    fn keys(&self, ns: &dyn Any) -> Result<Vec<K>>;
+    fn merge(
+        &mut self,
+        cur: &CurrentKey<K>,
+        target: &dyn Any,
+        sources: &dyn Any,
+        now: i64,
+    ) -> Result<()>;
+    fn share(&mut self) -> Box<dyn SharedTable>;
+    fn aggregate_get(
+        &mut self,
+        cur: &CurrentKey<K>,
+        ns: &dyn Any,
+        out: &mut dyn Any,
+        clock: &dyn Clock,
+    ) -> Result<()>;
+    fn aggregate_add(
+        &mut self,
+        cur: &CurrentKey<K>,
+        ns: &dyn Any,
+        value: &mut dyn Any,
+        clock: &dyn Clock,
+    ) -> Result<()>;
+    fn take_dirty(&mut self) -> Vec<bool>;
+    fn incremental_cleanup(&mut self, now: i64, per_record: bool);
+    fn prepare_restore(&mut self, meta: &StateMeta) -> Result<()>;
+    fn restore_records(
+        &mut self,
+        records: &mut dyn Iterator<Item = (usize, K, RawRecord<'_>)>,
+        stream: &str,
+        now: i64,
+    ) -> Result<()>;
+}
+
+/// A table's key groups as captured by a snapshot; written on any thread.
+pub(crate) trait SharedTable: Send + Sync {
+    fn meta(&self) -> StateMeta;
+    /// Writes the records of partition `part` (key serializer given as a closure).
+    fn write_part(
+        &self,
+        part: usize,
+        now: i64,
+        write: &mut dyn FnMut(&dyn Any, &[u8], &[u8]) -> Result<()>,
+    ) -> Result<()>;
+}
+
+struct Shared<K, N, KD: Kind> {
+    meta: StateMeta,
+    name: StateName,
+    kind: Arc<KD>,
+    ttl: Option<StateTtlConfig>,
+    ns_ser: Arc<dyn StateSerializer<N>>,
+    parts: Vec<Arc<HashTable<Entry<K, N, KD::Stored>>>>,
+}
+
+impl<K: StateKey, N: Namespace, KD: Kind> SharedTable for Shared<K, N, KD> {
+    fn meta(&self) -> StateMeta {
+        self.meta.clone()
+    }
+
+    fn write_part(
+        &self,
+        part: usize,
+        now: i64,
+        write: &mut dyn FnMut(&dyn Any, &[u8], &[u8]) -> Result<()>,
+    ) -> Result<()> {
+        let Some(entries) = self.parts.get(part) else {
+            return Ok(());
+        };
+        let ttl = self.ttl.filter(|t| t.is_cleanup_full_snapshot());
+        let expired = move |ts: i64| ttl.is_some_and(|t| t.is_expired(ts, now));
+        let mut ns_buf = Vec::new();
+        let mut payload = Vec::new();
+        for e in entries.iter() {
+            payload.clear();
+            if !self
+                .kind
+                .encode(&self.name, &e.value, e.ts, &expired, &mut payload)?
+            {
+                continue;
+            }
+            ns_buf.clear();
+            self.ns_ser
+                .serialize(&e.ns, &mut ns_buf)
+                .map_err(ser_err(&self.name, "namespace"))?;
+            write(&e.key, &ns_buf, &payload)?;
+        }
+        Ok(())
+    }
+}
+
+impl<K: StateKey, N: Namespace, KD: Kind> ErasedTable<K> for Table<K, N, KD> {
+    fn name(&self) -> &StateName {
+        &self.name
+    }
+    fn state_kind(&self) -> StateKind {
+        self.kind.kind()
+    }
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+    fn len(&self) -> usize {
+        Table::len(self)
+    }
+
+    fn clear(&mut self, cur: &CurrentKey<K>, ns: &dyn Any) -> Result<()> {
+        let ns = ns
+            .downcast_ref::<N>()
+            .ok_or_else(|| Error::StateTypeMismatch {
+                state: self.name.to_string(),
+                reason: "namespace type differs from the registered one".into(),
+            })?;
+        self.remove(cur, ns);
+        Ok(())
+    }
+
+    fn keys(&self, ns: &dyn Any) -> Result<Vec<K>> {
+        let ns = ns
+            .downcast_ref::<N>()
+            .ok_or_else(|| Error::StateTypeMismatch {
+                state: self.name.to_string(),
+                reason: "namespace type differs from the registered one".into(),
+            })?;
+        Ok(self.keys_in(ns))
+    }
+
+    fn merge(
+        &mut self,
+        cur: &CurrentKey<K>,
+        target: &dyn Any,
+        sources: &dyn Any,
+        now: i64,
+    ) -> Result<()> {
+        let mismatch = || Error::StateTypeMismatch {
+            state: self.name.to_string(),
+            reason: "namespace type differs from the registered one".into(),
+        };
+        let target = target.downcast_ref::<N>().ok_or_else(mismatch)?;
+        let sources = sources.downcast_ref::<Vec<N>>().ok_or_else(mismatch)?;
+        if !self.kind.kind().is_mergeable() {
+            return Err(Error::Unsupported {
+                state: self.name.to_string(),
+                reason: format!("{} state cannot merge namespaces", self.kind.kind()),
+            });
+        }
+        let ttl = self.ttl;
+        let expired = |ts: i64| ttl.is_some_and(|t| t.is_expired(ts, now));
+        let mut acc: Option<KD::Stored> = None;
+        for ns in sources.iter().filter(|n| *n != target) {
+            if let Some(mut e) = self.remove(cur, ns) {
+                if self.kind.drop_expired(&mut e.value, e.ts, &expired) {
+                    continue;
+                }
+                acc = Some(match acc {
+                    None => e.value,
+                    Some(a) => self.kind.merge(&self.name, a, e.value)?,
+                });
+            }
+        }
+        let Some(merged) = acc else { return Ok(()) };
+        let merged = match self.remove(cur, target) {
+            Some(mut t) => {
+                if self.kind.drop_expired(&mut t.value, t.ts, &expired) {
+                    merged
+                } else {
+                    self.kind.merge(&self.name, t.value, merged)?
+                }
+            }
+            None => merged,
+        };
+        let ts = if ttl.is_some() { now } else { 0 };
+        self.put(cur, target, ts, merged);
+        Ok(())
+    }
+
+    fn aggregate_get(
+        &mut self,
+        cur: &CurrentKey<K>,
+        ns: &dyn Any,
+        out: &mut dyn Any,
+        clock: &dyn Clock,
+    ) -> Result<()> {
+        let ns = self.downcast_ns(ns)?;
+        let acc = read_single(self, cur, &ns, clock, false);
+        self.kind.aggregate_result(&self.name, acc.as_ref(), out)
+    }
+
+    fn aggregate_add(
+        &mut self,
+        cur: &CurrentKey<K>,
+        ns: &dyn Any,
+        value: &mut dyn Any,
+        clock: &dyn Clock,
+    ) -> Result<()> {
+        let ns = self.downcast_ns(ns)?;
+        let old = read_single(self, cur, &ns, clock, true);
+        let new = self.kind.aggregate_add(&self.name, old, value)?;
+        let ts = write_ts(self, clock);
+        self.put(cur, &ns, ts, new);
+        Ok(())
+    }
+
+    fn share(&mut self) -> Box<dyn SharedTable> {
+        Box::new(Shared {
+            meta: Table::meta(self),
+            name: self.name.clone(),
+            kind: Arc::clone(&self.kind),
+            ttl: self.ttl,
+            ns_ser: Arc::clone(&self.ns_ser),
+            parts: self.share_all(),
+        })
+    }
+
+    fn take_dirty(&mut self) -> Vec<bool> {
+        Table::take_dirty(self)
+    }
+
+    fn incremental_cleanup(&mut self, now: i64, per_record: bool) {
+        if let Some(inc) = self.ttl.and_then(|t| t.incremental_cleanup()) {
+            if !per_record || inc.run_for_every_record {
+                Table::incremental_cleanup(self, inc.cleanup_size, now);
+            }
+        }
+    }
+
+    fn prepare_restore(&mut self, meta: &StateMeta) -> Result<()> {
+        if meta.kind != self.kind.kind() {
+            return Err(Error::StateKindMismatch {
+                state: self.name.to_string(),
+                existing: meta.kind,
+                requested: self.kind.kind(),
+            });
+        }
+        let ns = resolve_role(&self.name, meta, SerializerRole::Namespace, &self.ns_ser)?;
+        self.set_readers(meta, ns)
+    }
+
+    fn restore_records(
+        &mut self,
+        records: &mut dyn Iterator<Item = (usize, K, RawRecord<'_>)>,
+        stream: &str,
+        now: i64,
+    ) -> Result<()> {
+        // Decode everything first: a record that fails leaves the table as it was.
+        let mut decoded = Vec::new();
+        for (part, key, rec) in records {
+            let (_, e) = self.decode_record(key, &rec, stream, now)?;
+            decoded.push((part, e));
+        }
+        for (part, e) in decoded {
+            self.insert_restored(part, e);
+        }
+        Ok(())
+    }
+}
