@@ -157,12 +157,14 @@ impl Storage {
                     feature: "azure",
                 });
             }
-            other => return Err(Error::InvalidUrl {
-                url: shown,
-                reason: format!(
+            other => {
+                return Err(Error::InvalidUrl {
+                    url: shown,
+                    reason: format!(
                     "unsupported scheme `{other}` (use file://, memory://, s3://, gs:// or az://)"
                 ),
-            }),
+                })
+            }
         };
         Ok(Self {
             store,
