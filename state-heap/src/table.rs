@@ -79,13 +79,12 @@ fn ns_hash<N: Hash>(ns: &N) -> u64 {
     }
 }
 
-/// The hash used inside a key group's table. The key group comes from the upper 32 bits of the
-/// key hash, so the multiply-and-rotate moves well-mixed bits into the low bits hashbrown uses.
+/// The hash used inside a key group's table: the key's XXH3 hash itself (already well mixed;
+/// the key group comes from bits 32.. so the low bits hashbrown uses still vary), combined with
+/// the namespace's hash when there is a namespace.
 #[inline]
 fn table_hash(key_hash: u64, ns_hash: u64) -> u64 {
-    (key_hash ^ ns_hash.wrapping_mul(0x9E37_79B9_7F4A_7C15))
-        .wrapping_mul(0xBF58_476D_1CE4_E5B9)
-        .rotate_left(29)
+    key_hash ^ ns_hash.wrapping_mul(0x9E37_79B9_7F4A_7C15)
 }
 
 /// What differs between state kinds: the stored type, its snapshot encoding and merging.
