@@ -10,7 +10,10 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, BatchSize, Criterion, Throughput};
-use state_api::{KeyedStateBackend, KeyedStateBackendExt, ValueStateDescriptor, ValueStateHandle};
+use state_api::{
+    FixedWidthSerializer, KeyedStateBackend, KeyedStateBackendExt, ValueStateDescriptor,
+    ValueStateHandle,
+};
 use state_heap::HeapKeyedStateBackend;
 
 const SETUP_KEYS: u64 = 500_000;
@@ -34,7 +37,11 @@ fn key_order() -> Vec<u64> {
 type Heap = HeapKeyedStateBackend<u64>;
 
 fn heap_setup() -> (Heap, ValueStateHandle<u64, ()>) {
-    let mut b = Heap::builder().build().expect("backend");
+    // Keys as 8 big-endian bytes, as Flink's LongSerializer writes them.
+    let mut b = Heap::builder()
+        .key_serializer(FixedWidthSerializer::<u64>::new())
+        .build()
+        .expect("backend");
     let h = b
         .register_value(ValueStateDescriptor::<u64>::new("value").expect("descriptor"))
         .expect("register");
