@@ -11,7 +11,7 @@
 //!
 //! The macro expands to one `#[test]` per case. Each case is also a public function taking the
 //! factory, for backends that want to run them some other way.
-#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -87,6 +87,7 @@ fn restore_from<B: KeyedStateBackend>(b: &mut B, snapshots: &[&Vec<u8>]) -> Resu
     )
 }
 
+/// Value state: absent reads, update, clear, defaults, namespaces, `keys`.
 pub fn value_state_semantics<F: BackendFactory>(f: &F) {
     let mut b = f.create::<u64>(BackendConfig::full(128)).unwrap();
     let h = b
@@ -133,6 +134,7 @@ pub fn value_state_semantics<F: BackendFactory>(f: &F) {
     assert_eq!(keys, vec![1, 3]);
 }
 
+/// List state: add, add_all, update (with `[]` clearing), clear.
 pub fn list_state_semantics<F: BackendFactory>(f: &F) {
     let mut b = f.create::<String>(BackendConfig::full(128)).unwrap();
     let h = b
@@ -155,6 +157,7 @@ pub fn list_state_semantics<F: BackendFactory>(f: &F) {
     assert!(b.keys(&h, &()).unwrap().is_empty());
 }
 
+/// Map state: put, put_all, get, contains, remove, iteration, emptiness.
 pub fn map_state_semantics<F: BackendFactory>(f: &F) {
     let mut b = f.create::<u64>(BackendConfig::full(128)).unwrap();
     let h = b
@@ -199,6 +202,7 @@ pub fn map_state_semantics<F: BackendFactory>(f: &F) {
 }
 
 /// Average of u64 inputs: accumulator (sum, count).
+#[derive(Debug, Clone, Copy)]
 pub struct Avg;
 impl AggregateFunction<u64, (u64, u64), f64> for Avg {
     fn create_accumulator(&self) -> (u64, u64) {
@@ -215,6 +219,7 @@ impl AggregateFunction<u64, (u64, u64), f64> for Avg {
     }
 }
 
+/// Reducing and aggregating state with their functions.
 pub fn reducing_and_aggregating_semantics<F: BackendFactory>(f: &F) {
     let mut b = f.create::<u64>(BackendConfig::full(128)).unwrap();
     let r = b
@@ -243,6 +248,7 @@ pub fn reducing_and_aggregating_semantics<F: BackendFactory>(f: &F) {
     assert_eq!(b.aggregating(&a).get().unwrap(), None);
 }
 
+/// Merging namespaces of list, reducing and aggregating state.
 pub fn merging_namespaces<F: BackendFactory>(f: &F) {
     let mut b = f.create::<u64>(BackendConfig::full(128)).unwrap();
     let l = b
@@ -282,6 +288,7 @@ pub fn merging_namespaces<F: BackendFactory>(f: &F) {
     assert_eq!(b.list_in(&l, &77).get().unwrap(), None);
 }
 
+/// Kind and type mismatches, foreign key groups, bad names.
 pub fn registration_errors<F: BackendFactory>(f: &F) {
     let mut b = f
         .create::<u64>(BackendConfig::subtask(
@@ -396,6 +403,7 @@ fn check<B: KeyedStateBackend<Key = u64>>(b: &mut B, h: &AllKinds, k: u64) -> bo
     true
 }
 
+/// Every kind survives snapshot + restore (restore before and after registration).
 pub fn snapshot_restore_round_trip<F: BackendFactory>(f: &F) {
     let mut b = f.create::<u64>(BackendConfig::full(128)).unwrap();
     let h = register_all(&mut b);
@@ -431,6 +439,7 @@ pub fn snapshot_restore_round_trip<F: BackendFactory>(f: &F) {
     }
 }
 
+/// Rescaling 1 -> 2 -> 1 and 2 -> 3 keeps every key exactly once.
 pub fn rescale_one_to_two_and_back<F: BackendFactory>(f: &F) {
     let clock: Arc<dyn Clock> = Arc::new(ManualClock::new(0));
     let mut one = f.create::<u64>(BackendConfig::full(128)).unwrap();
@@ -485,6 +494,7 @@ pub fn rescale_one_to_two_and_back<F: BackendFactory>(f: &F) {
     assert!(err.to_string().contains("max parallelism"), "{err}");
 }
 
+/// A snapshot holds the writes before it and none after it, written on another thread.
 pub fn snapshot_is_isolated_from_later_writes<F: BackendFactory>(f: &F) {
     let mut b = f.create::<u64>(BackendConfig::full(128)).unwrap();
     let h = b
@@ -556,6 +566,7 @@ fn ttl_backend<F: BackendFactory>(f: &F, clock: &ManualClock) -> F::Backend<u64>
     .unwrap()
 }
 
+/// TTL update types, visibility, per element and per entry expiry, with a manual clock.
 pub fn ttl_semantics<F: BackendFactory>(f: &F) {
     let clock = ManualClock::new(10_000);
     let mut b = ttl_backend(f, &clock);
@@ -632,6 +643,7 @@ pub fn ttl_semantics<F: BackendFactory>(f: &F) {
     assert_eq!(b.value(&v).get().unwrap(), Some(5));
 }
 
+/// TTL cleanup in full snapshots and incrementally on access.
 pub fn ttl_cleanup_on_snapshot_and_incrementally<F: BackendFactory>(f: &F) {
     let clock = ManualClock::new(0);
     let mut b = ttl_backend(f, &clock);
@@ -710,6 +722,7 @@ pub fn ttl_cleanup_on_snapshot_and_incrementally<F: BackendFactory>(f: &F) {
     );
 }
 
+/// Restore outcomes: compatible as is, after migration, incompatible (data kept), wrong kind or key type.
 pub fn schema_evolution<F: BackendFactory>(f: &F) {
     let mut b = f.create::<u64>(BackendConfig::full(128)).unwrap();
     let v1 = ValueStateDescriptor::<u32>::new("count")
@@ -783,6 +796,7 @@ pub fn schema_evolution<F: BackendFactory>(f: &F) {
     assert!(err.to_string().contains("key"), "{err}");
 }
 
+/// Flipped bytes and truncations are errors naming the stream, never panics.
 pub fn corrupt_snapshots_are_errors<F: BackendFactory>(f: &F) {
     let mut b = f.create::<u64>(BackendConfig::full(16)).unwrap();
     let h = register_all(&mut b);
@@ -811,6 +825,7 @@ pub fn corrupt_snapshots_are_errors<F: BackendFactory>(f: &F) {
     );
 }
 
+/// Operator list and broadcast state through encode, decode and redistribution.
 pub fn operator_state_round_trip<F: BackendFactory>(_f: &F) {
     let offsets =
         OperatorListStateDescriptor::<u64>::new("offsets", RedistributionMode::EvenSplit).unwrap();
