@@ -1,9 +1,91 @@
-//! Checkpoints and savepoints for Flowstate (work in progress).
+//! Checkpoints and savepoints for Flowstate: the coordinator, the on-store format, restore and
+//! rescaling.
 //!
-//! This crate will hold the checkpoint coordinator (triggers, barriers, acknowledgements,
-//! `_metadata` written last), the checkpoint and savepoint layout on an `object_store` store,
-//! restore, and rescaling by key-group ranges. Nothing is implemented yet.
+//! - [`storage`]: the layout under a checkpoint root on any `Arc<dyn ObjectStore>`
+//!   (`<job>/chk-<n>/_metadata`, `<job>/chk-<n>/…`, `<job>/shared/…`, `savepoints/savepoint-<id>/`).
+//! - [`format`]: the `_metadata` file (magic, version, ids, per operator and subtask: state
+//!   handles with per-key-group offsets, serializer snapshots, operator state; CRC32C over
+//!   everything; every length bounded on read). Byte layout in `docs/checkpoint-format.md`.
+//! - [`write`]: the asynchronous part of a snapshot (full or incremental keyed streams).
+//! - [`commit`]: the commit log that fences stale coordinators with create-only puts.
+//! - [`restore`]: restore at the same or another parallelism, reading only the owned key
+//!   groups by range reads; operator state redistributed.
+//!
+//! # Example
+//!
+//! Checkpoint two subtasks of a keyed operator to an in-memory store and restore at
+//! parallelism 1:
 //!
 //! ```
-//! // The crate currently exposes no items; depending on it compiles.
+//! use std::sync::Arc;
+//! use checkpoint::*;
+//! use state_api::{KeyGroupRange, KeyedStateBackend, KeyedStateBackendExt, ValueStateDescriptor};
+//! use state_api::{assign_to_key_group, PostcardSerializer, StateSerializer};
+//! use state_heap::HeapKeyedStateBackend;
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let store = Arc::new(object_store::memory::InMemory::new());
+//! let storage = CheckpointStorage::new(store, "checkpoints", "job-1")?;
+//! let mut log = CommitLog::claim(&storage)?;
+//! let target = SnapshotTarget {
+//!     dir: storage.checkpoint_dir(1),
+//!     shared_dir: storage.shared_dir(),
+//!     checkpoint_id: 1,
+//!     epoch: log.epoch(),
+//! };
+//! let mut acks = Vec::new();
+//! for i in 0..2 {
+//!     let range = KeyGroupRange::for_operator(128, 2, i)?;
+//!     let mut b = HeapKeyedStateBackend::<u64>::builder().key_group_range(range).build()?;
+//!     let sum = b.register_value(ValueStateDescriptor::<u64>::new("sum")?)?;
+//!     for key in (0..100u64).filter(|k| range.contains(key_group_of(*k))) {
+//!         b.set_current_key(key)?;
+//!         b.value(&sum).update(key * 10)?;
+//!     }
+//!     let snapshot = SubtaskSnapshot {
+//!         operator_id: "sums".into(),
+//!         subtask: i,
+//!         keyed: Some(KeyedSnapshot::Full(b.snapshot()?)),
+//!         operator_state: None,
+//!     };
+//!     let state = write_subtask_snapshot(&storage, &target, snapshot)?;
+//!     acks.push(SubtaskAck { operator_id: "sums".into(), parallelism: 2, max_parallelism: 128, state });
+//! }
+//! commit_checkpoint(&storage, &mut log, 1, 0, assemble_operators(acks)?)?;
+//!
+//! let latest = CompletedCheckpoint::latest(&storage)?.expect("one checkpoint");
+//! let mut restored = HeapKeyedStateBackend::<u64>::builder().build()?;
+//! latest.restore_keyed(&storage, "sums", 0, &mut restored)?;
+//! let sum = restored.register_value(ValueStateDescriptor::<u64>::new("sum")?)?;
+//! restored.set_current_key(7)?;
+//! assert_eq!(restored.value(&sum).get()?, Some(70));
+//! # Ok(()) }
+//! # fn key_group_of(k: u64) -> u32 {
+//! #     let mut b = Vec::new();
+//! #     PostcardSerializer::<u64>::new().serialize(&k, &mut b).unwrap();
+//! #     assign_to_key_group(&b, 128)
+//! # }
 //! ```
+
+#![warn(missing_docs)]
+
+pub mod commit;
+pub mod complete;
+pub mod error;
+pub mod format;
+pub mod restore;
+pub mod storage;
+pub mod write;
+
+pub use commit::{CommitLog, LogEntry};
+pub use complete::{
+    assemble_operators, commit_checkpoint, commit_savepoint, discard_checkpoint_dir, SubtaskAck,
+};
+pub use error::{Error, Result};
+pub use format::{
+    CheckpointMetadata, FileLocation, FileRef, KeyedStateFile, KeyedStateHandle, OperatorSnapshot,
+    SnapshotKind, SubtaskState,
+};
+pub use restore::{CompletedCheckpoint, RestoreOptions};
+pub use storage::{validate_name, CheckpointStorage};
+pub use write::{write_subtask_snapshot, KeyedSnapshot, SnapshotTarget, SubtaskSnapshot};

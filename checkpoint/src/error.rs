@@ -1,0 +1,223 @@
+//! The error type of the checkpoint crate.
+
+/// Result alias used throughout the crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong when taking, committing, reading or restoring a checkpoint.
+///
+/// Every variant names what failed and where (file, operator, state, checkpoint), so the
+/// message alone tells a user what to fix.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A request to the object store failed.
+    #[error("storage error while {context} '{path}': {source}")]
+    Storage {
+        /// What was being done (`reading`, `writing`, `listing`, `deleting`).
+        context: &'static str,
+        /// The object or prefix.
+        path: String,
+        /// The store's error.
+        #[source]
+        source: object_store::Error,
+    },
+    /// A file the checkpoint refers to does not exist.
+    #[error("missing file '{file}' (referenced by {referenced_by})")]
+    MissingFile {
+        /// The file that is missing.
+        file: String,
+        /// What refers to it (a metadata file, or "restore").
+        referenced_by: String,
+    },
+    /// A file is damaged or is not what it claims to be.
+    #[error("corrupt file '{file}' at byte {offset}: {reason}")]
+    Corrupt {
+        /// The file.
+        file: String,
+        /// Byte offset where the damage was found.
+        offset: u64,
+        /// What was wrong.
+        reason: String,
+    },
+    /// A file is shorter than what refers to it says.
+    #[error("truncated file '{file}': expected {expected} bytes, found {found}")]
+    Truncated {
+        /// The file.
+        file: String,
+        /// Bytes expected (or the end of the range that was read).
+        expected: u64,
+        /// Bytes found.
+        found: u64,
+    },
+    /// A checksum did not match the bytes read.
+    #[error("checksum mismatch in '{file}': expected {expected:#010x}, computed {actual:#010x}")]
+    ChecksumMismatch {
+        /// The file.
+        file: String,
+        /// The recorded checksum.
+        expected: u32,
+        /// The checksum of the bytes read.
+        actual: u32,
+    },
+    /// A metadata file written by an unknown format version.
+    #[error("'{file}' has format version {found}; this build reads version {supported}")]
+    UnsupportedVersion {
+        /// The file.
+        file: String,
+        /// Version found.
+        found: u16,
+        /// Version this build reads.
+        supported: u16,
+    },
+    /// The state of an operator or subtask could not be restored or snapshotted.
+    #[error("state of operator '{operator}' (subtask {subtask}): {source}")]
+    State {
+        /// The operator id.
+        operator: String,
+        /// The subtask index.
+        subtask: u32,
+        /// What the state API reported (names the state, stream and key group).
+        #[source]
+        source: state_api::Error,
+    },
+    /// A restored state's serializer cannot read what the checkpoint holds.
+    #[error("incompatible serializer for the {what} of state '{state}' of operator '{operator}': {reason}")]
+    IncompatibleSerializer {
+        /// The operator id.
+        operator: String,
+        /// The state.
+        state: String,
+        /// Which serializer (key, value, namespace, ...).
+        what: String,
+        /// Why.
+        reason: String,
+    },
+    /// The checkpoint holds state of an operator the job does not have.
+    #[error(
+        "checkpoint '{checkpoint}' holds state of operator '{operator}', which the job does not \
+         have; set allow_non_restored_state to skip it"
+    )]
+    UnknownOperator {
+        /// The operator id found in the checkpoint.
+        operator: String,
+        /// The metadata file.
+        checkpoint: String,
+    },
+    /// The checkpoint and the job disagree (max parallelism, key groups, ...).
+    #[error("cannot restore operator '{operator}' from '{checkpoint}': {reason}")]
+    RestoreMismatch {
+        /// The operator id.
+        operator: String,
+        /// The metadata file.
+        checkpoint: String,
+        /// What does not match.
+        reason: String,
+    },
+    /// Another coordinator took over the job: this one must stop.
+    #[error(
+        "fenced: coordinator epoch {epoch} of job '{job}' was superseded by epoch {newer_epoch}; \
+         checkpoint {checkpoint_id} was not committed"
+    )]
+    Fenced {
+        /// The job.
+        job: String,
+        /// This coordinator's epoch.
+        epoch: u64,
+        /// The epoch that fenced it.
+        newer_epoch: u64,
+        /// The checkpoint whose commit failed.
+        checkpoint_id: u64,
+    },
+    /// A name (job id, operator id) that cannot be used in a path.
+    #[error("invalid {what} {name:?}: {reason}")]
+    InvalidName {
+        /// Which kind of name.
+        what: &'static str,
+        /// The name.
+        name: String,
+        /// Why it was rejected.
+        reason: &'static str,
+    },
+    /// Invalid configuration or arguments.
+    #[error("invalid configuration: {reason}")]
+    InvalidConfig {
+        /// What is wrong.
+        reason: String,
+    },
+    /// A checkpoint was aborted (declined, expired, subsumed, fenced or shut down).
+    #[error("checkpoint {checkpoint_id} failed: {reason}")]
+    CheckpointFailed {
+        /// The checkpoint.
+        checkpoint_id: u64,
+        /// Why.
+        reason: String,
+    },
+    /// There is no completed checkpoint to restore.
+    #[error("job '{job}' has no completed checkpoint")]
+    NoCheckpoint {
+        /// The job.
+        job: String,
+    },
+    /// The coordinator has stopped (shut down, fenced, or failed the job).
+    #[error("the checkpoint coordinator has stopped: {reason}")]
+    Stopped {
+        /// Why.
+        reason: String,
+    },
+    /// Local I/O failed (runtime start, worker threads).
+    #[error("I/O error while {context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Error {
+    /// Wraps a state API error, lifting serializer incompatibilities into
+    /// [`Error::IncompatibleSerializer`].
+    pub fn state(operator: &str, subtask: u32, source: state_api::Error) -> Self {
+        match source {
+            state_api::Error::IncompatibleSerializer {
+                state,
+                what,
+                reason,
+            } => Error::IncompatibleSerializer {
+                operator: operator.to_string(),
+                state,
+                what: what.to_string(),
+                reason,
+            },
+            source => Error::State {
+                operator: operator.to_string(),
+                subtask,
+                source,
+            },
+        }
+    }
+
+    /// True for [`Error::Fenced`].
+    pub fn is_fenced(&self) -> bool {
+        matches!(self, Error::Fenced { .. })
+    }
+
+    pub(crate) fn storage(
+        context: &'static str,
+        path: &object_store::path::Path,
+        source: object_store::Error,
+    ) -> Self {
+        match source {
+            object_store::Error::NotFound { .. } => Error::MissingFile {
+                file: path.to_string(),
+                referenced_by: context.to_string(),
+            },
+            source => Error::Storage {
+                context,
+                path: path.to_string(),
+                source,
+            },
+        }
+    }
+}

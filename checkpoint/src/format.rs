@@ -1,0 +1,551 @@
+//! The `_metadata` file of a checkpoint or savepoint, byte by byte (see
+//! `docs/checkpoint-format.md`). All integers are big-endian.
+//!
+//! ```text
+//! "FLWC" | version u16 | body_len u64 | body | crc32c(magic .. body) u32
+//! ```
+//!
+//! Every length read is checked against what remains of the file before anything is allocated,
+//! and every structure is validated (key-group ranges, offsets inside their files, embedded
+//! snapshot headers and operator state with their own checksums).
+
+use state_api::snapshot::{Decoder, KeyGroupOffset, SnapshotHeader, SnapshotReader};
+use state_api::{validate_parallelism, KeyGroupRange, OperatorStateStore, StateMeta};
+
+use crate::error::{Error, Result};
+use crate::storage::validate_name;
+
+/// The magic bytes that open every metadata file.
+pub const METADATA_MAGIC: [u8; 4] = *b"FLWC";
+/// The metadata format version this build writes and reads.
+pub const METADATA_VERSION: u16 = 1;
+/// Largest metadata file accepted (256 MiB).
+pub const MAX_METADATA_LEN: u64 = 256 << 20;
+
+/// Whether a metadata file describes a checkpoint or a savepoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SnapshotKind {
+    /// A checkpoint: owned by the coordinator, may share files with other checkpoints.
+    Checkpoint,
+    /// A savepoint: owned by the user, self-contained, canonical format.
+    Savepoint,
+}
+
+impl SnapshotKind {
+    fn code(self) -> u8 {
+        match self {
+            SnapshotKind::Checkpoint => 1,
+            SnapshotKind::Savepoint => 2,
+        }
+    }
+}
+
+/// Where a state file lives, relative to the metadata that refers to it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum FileLocation {
+    /// In the directory of the `_metadata` file (`chk-<n>/` or `savepoint-<id>/`).
+    Exclusive(String),
+    /// In the job's `shared/` directory (incremental checkpoints).
+    Shared(String),
+}
+
+impl FileLocation {
+    /// The file name.
+    pub fn name(&self) -> &str {
+        match self {
+            FileLocation::Exclusive(n) | FileLocation::Shared(n) => n,
+        }
+    }
+}
+
+/// A file a checkpoint refers to, with its size and CRC32C as written.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FileRef {
+    /// Where the file is.
+    pub location: FileLocation,
+    /// Its size in bytes.
+    pub size: u64,
+    /// CRC32C of the whole file.
+    pub crc32c: u32,
+}
+
+/// The part of a keyed state handle that lives in one file: a canonical snapshot stream of which
+/// the handle uses the listed key-group blocks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyedStateFile {
+    /// The file.
+    pub file: FileRef,
+    /// The stream's header bytes exactly as in the file (magic, version, body, CRC): the
+    /// serializer snapshots of every state.
+    pub header_bytes: Vec<u8>,
+    /// The decoded header.
+    pub header: SnapshotHeader,
+    /// The key-group blocks this handle takes from the file, in key-group order.
+    pub key_groups: Vec<KeyGroupOffset>,
+}
+
+/// The keyed state of one subtask: key-group blocks in one file (full snapshots) or spread over
+/// several (incremental snapshots: every key group is taken from exactly one file).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyedStateHandle {
+    /// The key groups the subtask owned.
+    pub key_group_range: KeyGroupRange,
+    /// The files.
+    pub files: Vec<KeyedStateFile>,
+}
+
+impl KeyedStateHandle {
+    /// Bytes of key-group blocks the handle uses.
+    pub fn state_size(&self) -> u64 {
+        self.files
+            .iter()
+            .flat_map(|f| f.key_groups.iter())
+            .map(|k| k.length)
+            .sum()
+    }
+
+    /// The metadata of every state in any of the handle's files (first occurrence wins).
+    pub fn states(&self) -> Vec<StateMeta> {
+        let mut out: Vec<StateMeta> = Vec::new();
+        for f in &self.files {
+            for s in &f.header.states {
+                if !out.iter().any(|o| o.name == s.name) {
+                    out.push(s.clone());
+                }
+            }
+        }
+        out
+    }
+}
+
+/// What one subtask of an operator contributed to a checkpoint.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SubtaskState {
+    /// The subtask index.
+    pub subtask: u32,
+    /// Keyed state, if the operator is keyed.
+    pub keyed: Option<KeyedStateHandle>,
+    /// Operator state (list and broadcast), stored inline.
+    pub operator_state: Option<OperatorStateStore>,
+}
+
+/// The state of one operator (by stable id) in a checkpoint.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OperatorSnapshot {
+    /// The operator's stable id.
+    pub operator_id: String,
+    /// Number of key groups.
+    pub max_parallelism: u32,
+    /// Parallelism when the checkpoint was taken.
+    pub parallelism: u32,
+    /// One entry per subtask, in subtask order.
+    pub subtasks: Vec<SubtaskState>,
+}
+
+/// The contents of a `_metadata` file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CheckpointMetadata {
+    /// Checkpoint or savepoint.
+    pub kind: SnapshotKind,
+    /// The checkpoint id.
+    pub checkpoint_id: u64,
+    /// The job.
+    pub job_id: String,
+    /// When the checkpoint was triggered (milliseconds since the epoch, from the coordinator's
+    /// clock).
+    pub timestamp_millis: i64,
+    /// The coordinator epoch that wrote it.
+    pub epoch: u64,
+    /// The operators, by id.
+    pub operators: Vec<OperatorSnapshot>,
+}
+
+impl CheckpointMetadata {
+    /// The operator with id `id`.
+    pub fn operator(&self, id: &str) -> Option<&OperatorSnapshot> {
+        self.operators.iter().find(|o| o.operator_id == id)
+    }
+
+    /// Every file the checkpoint refers to.
+    pub fn files(&self) -> impl Iterator<Item = &FileRef> {
+        self.operators
+            .iter()
+            .flat_map(|o| o.subtasks.iter())
+            .filter_map(|s| s.keyed.as_ref())
+            .flat_map(|k| k.files.iter().map(|f| &f.file))
+    }
+
+    /// Encodes the metadata file.
+    pub fn encode(&self) -> Result<Vec<u8>> {
+        let mut b = Vec::new();
+        b.push(self.kind.code());
+        put_u64(&mut b, self.checkpoint_id);
+        put_str16(&mut b, &self.job_id)?;
+        b.extend_from_slice(&self.timestamp_millis.to_be_bytes());
+        put_u64(&mut b, self.epoch);
+        put_u32(&mut b, len32(self.operators.len())?);
+        for op in &self.operators {
+            put_str16(&mut b, &op.operator_id)?;
+            put_u32(&mut b, op.max_parallelism);
+            put_u32(&mut b, op.parallelism);
+            put_u32(&mut b, len32(op.subtasks.len())?);
+            for st in &op.subtasks {
+                put_u32(&mut b, st.subtask);
+                match &st.keyed {
+                    None => b.push(0),
+                    Some(k) => {
+                        b.push(1);
+                        put_u32(&mut b, k.key_group_range.start());
+                        put_u32(&mut b, k.key_group_range.end());
+                        put_u32(&mut b, len32(k.files.len())?);
+                        for f in &k.files {
+                            let (tag, name) = match &f.file.location {
+                                FileLocation::Exclusive(n) => (1u8, n),
+                                FileLocation::Shared(n) => (2u8, n),
+                            };
+                            b.push(tag);
+                            put_str16(&mut b, name)?;
+                            put_u64(&mut b, f.file.size);
+                            put_u32(&mut b, f.file.crc32c);
+                            put_u32(&mut b, len32(f.header_bytes.len())?);
+                            b.extend_from_slice(&f.header_bytes);
+                            put_u32(&mut b, len32(f.key_groups.len())?);
+                            for kg in &f.key_groups {
+                                put_u32(&mut b, kg.key_group);
+                                put_u64(&mut b, kg.offset);
+                                put_u64(&mut b, kg.length);
+                            }
+                        }
+                    }
+                }
+                match &st.operator_state {
+                    None => b.push(0),
+                    Some(s) => {
+                        b.push(1);
+                        let bytes = s
+                            .encode()
+                            .map_err(|e| Error::state(&op.operator_id, st.subtask, e))?;
+                        put_u32(&mut b, len32(bytes.len())?);
+                        b.extend_from_slice(&bytes);
+                    }
+                }
+            }
+        }
+        let mut out = Vec::with_capacity(b.len() + 18);
+        out.extend_from_slice(&METADATA_MAGIC);
+        out.extend_from_slice(&METADATA_VERSION.to_be_bytes());
+        put_u64(&mut out, b.len() as u64);
+        out.extend_from_slice(&b);
+        let crc = crc32c::crc32c(&out);
+        put_u32(&mut out, crc);
+        Ok(out)
+    }
+
+    /// Decodes and validates a metadata file; `file` names it in errors.
+    pub fn decode(bytes: &[u8], file: &str) -> Result<Self> {
+        if bytes.len() < 4 || bytes[0..4] != METADATA_MAGIC {
+            return Err(Error::Corrupt {
+                file: file.to_string(),
+                offset: 0,
+                reason: format!(
+                    "bad magic {:02x?}: not a Flowstate checkpoint metadata file (expected \"FLWC\")",
+                    &bytes[..bytes.len().min(4)]
+                ),
+            });
+        }
+        if bytes.len() < 6 {
+            return Err(truncated(file, 6, bytes.len()));
+        }
+        let version = u16::from_be_bytes([bytes[4], bytes[5]]);
+        if version != METADATA_VERSION {
+            return Err(Error::UnsupportedVersion {
+                file: file.to_string(),
+                found: version,
+                supported: METADATA_VERSION,
+            });
+        }
+        if bytes.len() < 14 {
+            return Err(truncated(file, 14, bytes.len()));
+        }
+        let mut l = [0u8; 8];
+        l.copy_from_slice(&bytes[6..14]);
+        let body_len = u64::from_be_bytes(l);
+        if body_len > MAX_METADATA_LEN {
+            return Err(Error::Corrupt {
+                file: file.to_string(),
+                offset: 6,
+                reason: format!("body length {body_len} exceeds the limit of {MAX_METADATA_LEN}"),
+            });
+        }
+        let total = 14 + body_len as usize + 4;
+        if bytes.len() < total {
+            return Err(truncated(file, total, bytes.len()));
+        }
+        if bytes.len() > total {
+            return Err(Error::Corrupt {
+                file: file.to_string(),
+                offset: total as u64,
+                reason: format!("{} bytes after the checksum", bytes.len() - total),
+            });
+        }
+        let mut c = [0u8; 4];
+        c.copy_from_slice(&bytes[total - 4..]);
+        let expected = u32::from_be_bytes(c);
+        let actual = crc32c::crc32c(&bytes[..total - 4]);
+        if expected != actual {
+            return Err(Error::ChecksumMismatch {
+                file: file.to_string(),
+                expected,
+                actual,
+            });
+        }
+        decode_body(&bytes[14..total - 4], file).map_err(|e| corrupt_from(e, file))
+    }
+}
+
+fn truncated(file: &str, expected: usize, found: usize) -> Error {
+    Error::Truncated {
+        file: file.to_string(),
+        expected: expected as u64,
+        found: found as u64,
+    }
+}
+
+/// Turns the state API's corruption report into ours, keeping the file name.
+fn corrupt_from(e: state_api::Error, file: &str) -> Error {
+    match e {
+        state_api::Error::Corrupt { offset, reason, .. } => Error::Corrupt {
+            file: file.to_string(),
+            offset,
+            reason,
+        },
+        state_api::Error::UnsupportedVersion {
+            found, supported, ..
+        } => Error::UnsupportedVersion {
+            file: file.to_string(),
+            found,
+            supported,
+        },
+        other => Error::Corrupt {
+            file: file.to_string(),
+            offset: 0,
+            reason: other.to_string(),
+        },
+    }
+}
+
+fn decode_body(body: &[u8], file: &str) -> state_api::Result<CheckpointMetadata> {
+    let mut d = Decoder::new(body, 14, file);
+    let kind = match d.u8("snapshot kind")? {
+        1 => SnapshotKind::Checkpoint,
+        2 => SnapshotKind::Savepoint,
+        k => return Err(d.corrupt(format!("unknown snapshot kind {k}"))),
+    };
+    let checkpoint_id = d.u64("checkpoint id")?;
+    let job_id = d.str16("job id")?.to_string();
+    validate_name("job id", &job_id).map_err(|e| d.corrupt(e.to_string()))?;
+    let timestamp_millis = d.i64("timestamp")?;
+    let epoch = d.u64("epoch")?;
+    let n_ops = d.u32("operator count")?;
+    let mut operators: Vec<OperatorSnapshot> = Vec::new();
+    for _ in 0..n_ops {
+        let operator_id = d.str16("operator id")?.to_string();
+        validate_name("operator id", &operator_id).map_err(|e| d.corrupt(e.to_string()))?;
+        if operators.iter().any(|o| o.operator_id == operator_id) {
+            return Err(d.corrupt(format!("operator '{operator_id}' appears twice")));
+        }
+        let max_parallelism = d.u32("max parallelism")?;
+        let parallelism = d.u32("parallelism")?;
+        validate_parallelism(max_parallelism, parallelism)
+            .map_err(|e| d.corrupt(format!("operator '{operator_id}': {e}")))?;
+        let n_sub = d.u32("subtask count")?;
+        if n_sub != parallelism {
+            return Err(d.corrupt(format!(
+                "operator '{operator_id}' has {n_sub} subtasks but parallelism {parallelism}"
+            )));
+        }
+        let mut subtasks = Vec::new();
+        for i in 0..n_sub {
+            let subtask = d.u32("subtask index")?;
+            if subtask != i {
+                return Err(d.corrupt(format!(
+                    "operator '{operator_id}': subtask {subtask} where {i} was expected"
+                )));
+            }
+            let keyed = match d.u8("keyed state tag")? {
+                0 => None,
+                1 => Some(decode_keyed(
+                    &mut d,
+                    &operator_id,
+                    max_parallelism,
+                    parallelism,
+                    subtask,
+                    file,
+                )?),
+                t => return Err(d.corrupt(format!("unknown keyed state tag {t}"))),
+            };
+            let operator_state = match d.u8("operator state tag")? {
+                0 => None,
+                1 => {
+                    let raw = d.bytes("operator state")?;
+                    let name = format!("{file} (operator state of '{operator_id}' subtask {i})");
+                    Some(OperatorStateStore::decode(raw, &name)?)
+                }
+                t => return Err(d.corrupt(format!("unknown operator state tag {t}"))),
+            };
+            subtasks.push(SubtaskState {
+                subtask,
+                keyed,
+                operator_state,
+            });
+        }
+        operators.push(OperatorSnapshot {
+            operator_id,
+            max_parallelism,
+            parallelism,
+            subtasks,
+        });
+    }
+    if !d.is_empty() {
+        return Err(d.corrupt("bytes after the last operator"));
+    }
+    Ok(CheckpointMetadata {
+        kind,
+        checkpoint_id,
+        job_id,
+        timestamp_millis,
+        epoch,
+        operators,
+    })
+}
+
+fn decode_keyed(
+    d: &mut Decoder<'_>,
+    operator: &str,
+    max_parallelism: u32,
+    parallelism: u32,
+    subtask: u32,
+    file: &str,
+) -> state_api::Result<KeyedStateHandle> {
+    let start = d.u32("key group range start")?;
+    let end = d.u32("key group range end")?;
+    let range = KeyGroupRange::new(start, end);
+    let expected = KeyGroupRange::for_operator(max_parallelism, parallelism, subtask)?;
+    if range != expected || end < start {
+        return Err(d.corrupt(format!(
+            "operator '{operator}' subtask {subtask}: key groups [{start}, {end}) but the \
+             subtask owns {expected}"
+        )));
+    }
+    let n_files = d.u32("file count")?;
+    let mut files = Vec::new();
+    let mut seen = vec![false; range.len() as usize];
+    for _ in 0..n_files {
+        let location = match d.u8("file location")? {
+            1 => FileLocation::Exclusive(d.str16("file name")?.to_string()),
+            2 => FileLocation::Shared(d.str16("file name")?.to_string()),
+            t => return Err(d.corrupt(format!("unknown file location tag {t}"))),
+        };
+        validate_file_name(location.name()).map_err(|r| d.corrupt(r))?;
+        let size = d.u64("file size")?;
+        let crc = d.u32("file checksum")?;
+        let header_bytes = d.bytes("snapshot header")?.to_vec();
+        let stream = format!("{file} (header of '{}')", location.name());
+        let header = SnapshotReader::open(&header_bytes[..], stream)?
+            .header()
+            .clone();
+        if header.max_parallelism != max_parallelism {
+            return Err(d.corrupt(format!(
+                "file '{}' has max parallelism {}, operator '{operator}' has {max_parallelism}",
+                location.name(),
+                header.max_parallelism
+            )));
+        }
+        let n_kg = d.u32("key group count")?;
+        if n_kg > range.len() {
+            return Err(d.corrupt(format!("{n_kg} key groups in a range of {}", range.len())));
+        }
+        let mut key_groups = Vec::new();
+        for _ in 0..n_kg {
+            let key_group = d.u32("key group")?;
+            let offset = d.u64("key group offset")?;
+            let length = d.u64("key group length")?;
+            if !range.contains(key_group) || !header.key_group_range.contains(key_group) {
+                return Err(d.corrupt(format!(
+                    "key group {key_group} outside the subtask's range {range}"
+                )));
+            }
+            let slot = &mut seen[(key_group - range.start()) as usize];
+            if *slot {
+                return Err(d.corrupt(format!("key group {key_group} listed twice")));
+            }
+            *slot = true;
+            if offset < header_bytes.len() as u64
+                || offset.checked_add(length).is_none_or(|e| e > size)
+                || length < 17
+            {
+                return Err(d.corrupt(format!(
+                    "key group {key_group}: block at {offset}+{length} does not fit in '{}' \
+                     of {size} bytes",
+                    location.name()
+                )));
+            }
+            key_groups.push(KeyGroupOffset {
+                key_group,
+                offset,
+                length,
+            });
+        }
+        files.push(KeyedStateFile {
+            file: FileRef {
+                location,
+                size,
+                crc32c: crc,
+            },
+            header_bytes,
+            header,
+            key_groups,
+        });
+    }
+    Ok(KeyedStateHandle {
+        key_group_range: range,
+        files,
+    })
+}
+
+/// File names are one path segment: `[A-Za-z0-9._-]`, 1..=200 bytes, not starting with a dot.
+pub(crate) fn validate_file_name(name: &str) -> std::result::Result<(), String> {
+    if name.is_empty()
+        || name.len() > 200
+        || name.starts_with('.')
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    {
+        return Err(format!("invalid file name {name:?}"));
+    }
+    Ok(())
+}
+
+fn len32(n: usize) -> Result<u32> {
+    u32::try_from(n).map_err(|_| Error::InvalidConfig {
+        reason: format!("{n} entries do not fit in a metadata file"),
+    })
+}
+
+fn put_u32(out: &mut Vec<u8>, v: u32) {
+    out.extend_from_slice(&v.to_be_bytes());
+}
+
+fn put_u64(out: &mut Vec<u8>, v: u64) {
+    out.extend_from_slice(&v.to_be_bytes());
+}
+
+fn put_str16(out: &mut Vec<u8>, s: &str) -> Result<()> {
+    let n = u16::try_from(s.len()).map_err(|_| Error::InvalidConfig {
+        reason: format!("name of {} bytes is too long for a metadata file", s.len()),
+    })?;
+    out.extend_from_slice(&n.to_be_bytes());
+    out.extend_from_slice(s.as_bytes());
+    Ok(())
+}

@@ -1,0 +1,426 @@
+//! The checkpoint layout on an object store and the blocking edge around `object_store`.
+//!
+//! Everything the crate stores goes through [`CheckpointStorage`], a thin synchronous wrapper
+//! over an `Arc<dyn ObjectStore>` that owns a small tokio runtime. The layout under the root is:
+//!
+//! ```text
+//! <root>/<job>/chk-<n>/_metadata            the checkpoint's metadata, written last (create-only)
+//! <root>/<job>/chk-<n>/<files>              files only checkpoint n uses
+//! <root>/<job>/shared/<files>               incremental files several checkpoints use
+//! <root>/<job>/_commits/<seq, 20 digits>    the commit log: epoch claims and completions
+//! <root>/savepoints/savepoint-<id>/...      self-contained savepoints
+//! ```
+
+use std::io::Write;
+use std::ops::Range;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::TryStreamExt;
+use object_store::path::Path;
+use object_store::{
+    ObjectMeta, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, WriteMultipart,
+};
+
+use crate::error::{Error, Result};
+
+/// Part size of streaming uploads (and the size below which a file is sent in one put).
+pub const UPLOAD_PART_SIZE: usize = 8 << 20;
+/// Parts of one upload in flight at once.
+const UPLOAD_CONCURRENCY: usize = 4;
+
+/// Checks a job id, operator id or savepoint name: 1 to 128 bytes of `[A-Za-z0-9._-]`, not
+/// starting with a dot.
+pub fn validate_name(what: &'static str, name: &str) -> Result<()> {
+    let reason = if name.is_empty() {
+        Some("must not be empty")
+    } else if name.len() > 128 {
+        Some("must be at most 128 bytes")
+    } else if name.starts_with('.') {
+        Some("must not start with a dot")
+    } else if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    {
+        Some("may only contain ASCII letters, digits, '.', '_' and '-'")
+    } else {
+        None
+    };
+    match reason {
+        Some(reason) => Err(Error::InvalidName {
+            what,
+            name: name.to_string(),
+            reason,
+        }),
+        None => Ok(()),
+    }
+}
+
+/// The checkpoints of one job on an object store, and the blocking calls the crate makes.
+///
+/// Cloning is cheap (the store and the runtime are shared). The blocking methods must not be
+/// called from inside an async runtime.
+#[derive(Clone)]
+pub struct CheckpointStorage {
+    store: Arc<dyn ObjectStore>,
+    root: Path,
+    job: String,
+    rt: Arc<tokio::runtime::Runtime>,
+}
+
+impl std::fmt::Debug for CheckpointStorage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CheckpointStorage")
+            .field("store", &self.store.to_string())
+            .field("root", &self.root.as_ref())
+            .field("job", &self.job)
+            .finish()
+    }
+}
+
+impl CheckpointStorage {
+    /// The checkpoints of job `job` under `root` (an object path prefix, `""` for the store's
+    /// root) of `store`.
+    pub fn new(store: Arc<dyn ObjectStore>, root: &str, job: &str) -> Result<Self> {
+        validate_name("job id", job)?;
+        let root = Path::parse(root).map_err(|e| Error::InvalidConfig {
+            reason: format!("checkpoint root {root:?}: {e}"),
+        })?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("flowstate-checkpoint-io")
+            .enable_all()
+            .build()
+            .map_err(|e| Error::Io {
+                context: "starting the checkpoint I/O runtime".into(),
+                source: e,
+            })?;
+        Ok(CheckpointStorage {
+            store,
+            root,
+            job: job.to_string(),
+            rt: Arc::new(rt),
+        })
+    }
+
+    /// The same store and runtime for another job.
+    pub fn for_job(&self, job: &str) -> Result<Self> {
+        validate_name("job id", job)?;
+        Ok(CheckpointStorage {
+            job: job.to_string(),
+            ..self.clone()
+        })
+    }
+
+    /// The job id.
+    pub fn job(&self) -> &str {
+        &self.job
+    }
+
+    /// The object store.
+    pub fn store(&self) -> &Arc<dyn ObjectStore> {
+        &self.store
+    }
+
+    /// The root prefix.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// `<root>/<job>`.
+    pub fn job_dir(&self) -> Path {
+        self.root.clone().join(self.job.as_str())
+    }
+
+    /// `<root>/<job>/chk-<id>`.
+    pub fn checkpoint_dir(&self, id: u64) -> Path {
+        self.job_dir().join(format!("chk-{id}"))
+    }
+
+    /// `<root>/<job>/chk-<id>/_metadata`.
+    pub fn metadata_path(&self, id: u64) -> Path {
+        self.checkpoint_dir(id).join(METADATA_FILE)
+    }
+
+    /// `<root>/<job>/shared`.
+    pub fn shared_dir(&self) -> Path {
+        self.job_dir().join("shared")
+    }
+
+    /// `<root>/<job>/_commits`.
+    pub fn commit_log_dir(&self) -> Path {
+        self.job_dir().join("_commits")
+    }
+
+    /// `<root>/savepoints`.
+    pub fn savepoints_dir(&self) -> Path {
+        self.root.clone().join("savepoints")
+    }
+
+    /// `<root>/savepoints/savepoint-<name>`.
+    pub fn savepoint_dir(&self, name: &str) -> Result<Path> {
+        validate_name("savepoint name", name)?;
+        Ok(self.savepoints_dir().join(format!("savepoint-{name}")))
+    }
+
+    /// The ids of the `chk-<n>` directories of the job (complete or not), sorted.
+    pub fn checkpoint_dir_ids(&self) -> Result<Vec<u64>> {
+        let mut ids: Vec<u64> = self
+            .list_dirs(&self.job_dir())?
+            .iter()
+            .filter_map(|p| p.filename())
+            .filter_map(|f| f.strip_prefix("chk-"))
+            .filter_map(|n| n.parse().ok())
+            .collect();
+        ids.sort_unstable();
+        Ok(ids)
+    }
+
+    pub(crate) fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
+        self.rt.block_on(f)
+    }
+
+    /// Writes `bytes` at `path`, replacing what is there.
+    pub(crate) fn put(&self, path: &Path, bytes: Vec<u8>) -> Result<()> {
+        self.block_on(self.store.put(path, PutPayload::from(bytes)))
+            .map_err(|e| Error::storage("writing", path, e))?;
+        Ok(())
+    }
+
+    /// Writes `bytes` at `path` only if nothing is there; `Ok(false)` when something is.
+    pub(crate) fn put_if_absent(&self, path: &Path, bytes: Vec<u8>) -> Result<bool> {
+        let opts = PutOptions {
+            mode: PutMode::Create,
+            ..Default::default()
+        };
+        match self.block_on(self.store.put_opts(path, PutPayload::from(bytes), opts)) {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
+            Err(e) => Err(Error::storage("writing", path, e)),
+        }
+    }
+
+    /// Reads a whole object of at most `max_len` bytes (checked before reading).
+    pub(crate) fn get(&self, path: &Path, max_len: u64) -> Result<Bytes> {
+        self.block_on(async {
+            let r = self
+                .store
+                .get(path)
+                .await
+                .map_err(|e| Error::storage("reading", path, e))?;
+            let size = r.meta.size;
+            if size > max_len {
+                return Err(Error::Corrupt {
+                    file: path.to_string(),
+                    offset: 0,
+                    reason: format!("{size} bytes is more than the limit of {max_len}"),
+                });
+            }
+            let bytes = r
+                .bytes()
+                .await
+                .map_err(|e| Error::storage("reading", path, e))?;
+            if bytes.len() as u64 != size {
+                return Err(Error::Truncated {
+                    file: path.to_string(),
+                    expected: size,
+                    found: bytes.len() as u64,
+                });
+            }
+            Ok(bytes)
+        })
+    }
+
+    /// The size of an object.
+    pub(crate) fn size(&self, path: &Path) -> Result<u64> {
+        let meta = self
+            .block_on(self.store.head(path))
+            .map_err(|e| Error::storage("reading", path, e))?;
+        Ok(meta.size)
+    }
+
+    /// Reads byte ranges of an object; a range past the end is [`Error::Truncated`].
+    pub(crate) fn get_ranges(&self, path: &Path, ranges: &[Range<u64>]) -> Result<Vec<Bytes>> {
+        if ranges.is_empty() {
+            return Ok(Vec::new());
+        }
+        let end = ranges.iter().map(|r| r.end).max().unwrap_or(0);
+        let res = self.block_on(self.store.get_ranges(path, ranges));
+        let parts = match res {
+            Ok(p) => p,
+            Err(object_store::Error::NotFound { .. }) => {
+                return Err(Error::MissingFile {
+                    file: path.to_string(),
+                    referenced_by: "a state handle".into(),
+                })
+            }
+            Err(e) => {
+                // Stores report a range past the end in different ways: ask for the size.
+                let size = self.size(path)?;
+                if size < end {
+                    return Err(Error::Truncated {
+                        file: path.to_string(),
+                        expected: end,
+                        found: size,
+                    });
+                }
+                return Err(Error::storage("reading", path, e));
+            }
+        };
+        for (r, b) in ranges.iter().zip(&parts) {
+            if b.len() as u64 != r.end - r.start {
+                return Err(Error::Truncated {
+                    file: path.to_string(),
+                    expected: r.end,
+                    found: r.start + b.len() as u64,
+                });
+            }
+        }
+        Ok(parts)
+    }
+
+    /// Every object under `prefix`.
+    pub(crate) fn list(&self, prefix: &Path) -> Result<Vec<ObjectMeta>> {
+        self.block_on(self.store.list(Some(prefix)).try_collect::<Vec<_>>())
+            .map_err(|e| Error::storage("listing", prefix, e))
+    }
+
+    /// The immediate "directories" under `prefix`.
+    pub(crate) fn list_dirs(&self, prefix: &Path) -> Result<Vec<Path>> {
+        let r = self
+            .block_on(self.store.list_with_delimiter(Some(prefix)))
+            .map_err(|e| Error::storage("listing", prefix, e))?;
+        Ok(r.common_prefixes)
+    }
+
+    /// Deletes an object; a missing object is not an error.
+    pub(crate) fn delete(&self, path: &Path) -> Result<()> {
+        match self.block_on(self.store.delete(path)) {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(Error::storage("deleting", path, e)),
+        }
+    }
+
+    /// Deletes every object under `prefix`; returns how many.
+    pub(crate) fn delete_prefix(&self, prefix: &Path) -> Result<usize> {
+        let objects = self.list(prefix)?;
+        for o in &objects {
+            self.delete(&o.location)?;
+        }
+        Ok(objects.len())
+    }
+
+    /// A streaming writer of a new object at `path`.
+    pub(crate) fn writer(&self, path: Path) -> ObjectWriter<'_> {
+        ObjectWriter {
+            storage: self,
+            path,
+            buf: Vec::new(),
+            upload: None,
+            crc: 0,
+            len: 0,
+            failed: None,
+        }
+    }
+}
+
+/// The name of the metadata file of a checkpoint or savepoint.
+pub const METADATA_FILE: &str = "_metadata";
+
+/// A streaming upload behind `std::io::Write`: small objects go in one put, large ones as a
+/// multipart upload of [`UPLOAD_PART_SIZE`] parts. Computes the CRC32C and length of what it
+/// sends.
+pub(crate) struct ObjectWriter<'a> {
+    storage: &'a CheckpointStorage,
+    path: Path,
+    buf: Vec<u8>,
+    upload: Option<WriteMultipart>,
+    crc: u32,
+    len: u64,
+    failed: Option<object_store::Error>,
+}
+
+impl ObjectWriter<'_> {
+    fn flush_parts(&mut self) -> std::io::Result<()> {
+        let storage = self.storage;
+        if self.upload.is_none() {
+            let upload = storage
+                .block_on(storage.store.put_multipart(&self.path))
+                .map_err(|e| self.fail(e))?;
+            self.upload = Some(WriteMultipart::new_with_chunk_size(
+                upload,
+                UPLOAD_PART_SIZE,
+            ));
+        }
+        let buf = std::mem::take(&mut self.buf);
+        let res = match self.upload.as_mut() {
+            Some(up) => {
+                let _enter = storage.rt.enter();
+                up.put(Bytes::from(buf));
+                storage.block_on(up.wait_for_capacity(UPLOAD_CONCURRENCY))
+            }
+            None => Ok(()),
+        };
+        res.map_err(|e| self.fail(e))
+    }
+
+    fn fail(&mut self, e: object_store::Error) -> std::io::Error {
+        let msg = e.to_string();
+        self.failed = Some(e);
+        std::io::Error::other(msg)
+    }
+
+    /// Completes the upload; returns `(length, crc32c)` of the object.
+    pub(crate) fn finish(mut self) -> Result<(u64, u32)> {
+        if let Some(e) = self.failed.take() {
+            let path = self.path.clone();
+            self.abort();
+            return Err(Error::storage("writing", &path, e));
+        }
+        let storage = self.storage;
+        match self.upload.take() {
+            None => {
+                let buf = std::mem::take(&mut self.buf);
+                storage.put(&self.path, buf)?;
+            }
+            Some(mut up) => {
+                let buf = std::mem::take(&mut self.buf);
+                let res = {
+                    let _enter = storage.rt.enter();
+                    up.put(Bytes::from(buf));
+                    storage.block_on(up.finish())
+                };
+                res.map_err(|e| Error::storage("writing", &self.path, e))?;
+            }
+        }
+        Ok((self.len, self.crc))
+    }
+
+    /// Abandons the upload (best effort).
+    pub(crate) fn abort(mut self) {
+        if let Some(up) = self.upload.take() {
+            let storage = self.storage;
+            let _enter = storage.rt.enter();
+            let _ = storage.block_on(up.abort());
+        }
+    }
+}
+
+impl Write for ObjectWriter<'_> {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        if self.failed.is_some() {
+            return Err(std::io::Error::other("the upload already failed"));
+        }
+        self.crc = crc32c::crc32c_append(self.crc, data);
+        self.len += data.len() as u64;
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= UPLOAD_PART_SIZE {
+            self.flush_parts()?;
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
