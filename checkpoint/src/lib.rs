@@ -73,6 +73,7 @@ pub mod commit;
 pub mod complete;
 pub mod error;
 pub mod format;
+pub mod protocol;
 pub mod restore;
 pub mod storage;
 pub mod write;
@@ -85,6 +86,9 @@ pub use error::{Error, Result};
 pub use format::{
     CheckpointMetadata, FileLocation, FileRef, KeyedStateFile, KeyedStateHandle, OperatorSnapshot,
     SnapshotKind, SubtaskState,
+};
+pub use protocol::{
+    AbortReason, Action, CheckpointConfig, CheckpointKind, Protocol, RetentionOnShutdown,
 };
 pub use restore::{CompletedCheckpoint, RestoreOptions};
 pub use storage::{validate_name, CheckpointStorage};
