@@ -71,9 +71,11 @@
 
 pub mod commit;
 pub mod complete;
+pub mod coordinator;
 pub mod error;
 pub mod format;
 pub mod protocol;
+pub mod registry;
 pub mod restore;
 pub mod storage;
 pub mod write;
@@ -81,6 +83,10 @@ pub mod write;
 pub use commit::{CommitLog, LogEntry};
 pub use complete::{
     assemble_operators, commit_checkpoint, commit_savepoint, discard_checkpoint_dir, SubtaskAck,
+};
+pub use coordinator::{
+    Barrier, CheckpointCoordinator, CheckpointEvent, CoordinatorBuilder, PendingCheckpoint,
+    SubtaskCommand, SubtaskEndpoint,
 };
 pub use error::{Error, Result};
 pub use format::{
@@ -90,6 +96,7 @@ pub use format::{
 pub use protocol::{
     AbortReason, Action, CheckpointConfig, CheckpointKind, Protocol, RetentionOnShutdown,
 };
+pub use registry::SharedStateRegistry;
 pub use restore::{CompletedCheckpoint, RestoreOptions};
 pub use storage::{validate_name, CheckpointStorage};
 pub use write::{write_subtask_snapshot, KeyedSnapshot, SnapshotTarget, SubtaskSnapshot};

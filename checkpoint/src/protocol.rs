@@ -276,6 +276,11 @@ impl<H> Protocol<H> {
         &self.config
     }
 
+    /// The id the next triggered checkpoint gets.
+    pub fn next_id(&self) -> u64 {
+        self.next_id
+    }
+
     /// Ids of the pending checkpoints.
     pub fn pending(&self) -> Vec<u64> {
         self.pending.keys().copied().collect()

@@ -1,0 +1,1115 @@
+//! The checkpoint coordinator of one job whose subtasks live in this process.
+//!
+//! [`CheckpointCoordinator::builder`] registers every subtask and hands each a
+//! [`SubtaskEndpoint`]. The coordinator thread triggers checkpoints (periodically and on
+//! request), sends [`Barrier`]s down crossbeam channels, and feeds acknowledgements into the
+//! sans-IO [`Protocol`]; it carries out the protocol's actions: writing `_metadata` (then the
+//! checkpoint is complete), notifying subtasks, discarding subsumed and aborted checkpoints.
+//!
+//! A subtask handles a barrier on its own thread: [`SubtaskEndpoint::snapshot_heap`] (or
+//! [`SubtaskEndpoint::snapshot`]) takes the short synchronous snapshot and queues the upload on
+//! the coordinator's writer threads, which acknowledge when the files are written.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{bounded, unbounded, Receiver, RecvTimeoutError, Sender};
+use object_store::path::Path;
+use state_api::{
+    Clock, KeyGroupRange, KeyedStateBackend, OperatorStateStore, StateKey, SystemClock,
+};
+use state_heap::HeapKeyedStateBackend;
+
+use crate::commit::{CommitLog, LogEntry};
+use crate::complete::{
+    assemble_operators, commit_checkpoint, commit_savepoint, discard_checkpoint_dir, SubtaskAck,
+};
+use crate::error::{Error, Result};
+use crate::format::{FileLocation, KeyedStateHandle};
+use crate::protocol::{Action, CheckpointConfig, CheckpointKind, Protocol, RetentionOnShutdown};
+use crate::registry::{shared_files, SharedStateRegistry};
+use crate::restore::CompletedCheckpoint;
+use crate::storage::{validate_name, CheckpointStorage};
+use crate::write::{write_subtask_snapshot, KeyedSnapshot, SnapshotTarget, SubtaskSnapshot};
+
+/// A checkpoint barrier as a subtask receives it.
+#[derive(Clone, Debug)]
+pub struct Barrier {
+    /// The checkpoint.
+    pub checkpoint_id: u64,
+    /// Checkpoint or savepoint.
+    pub kind: CheckpointKind,
+    /// The trigger time (milliseconds, from the coordinator's clock).
+    pub timestamp_millis: i64,
+    target: SnapshotTarget,
+}
+
+/// What the coordinator tells a subtask.
+#[derive(Clone, Debug)]
+pub enum SubtaskCommand {
+    /// Snapshot now (between two records), then continue.
+    Barrier(Barrier),
+    /// The checkpoint is complete: side effects up to its barrier may be committed.
+    CheckpointComplete {
+        /// The checkpoint.
+        checkpoint_id: u64,
+    },
+    /// The checkpoint was aborted.
+    CheckpointAborted {
+        /// The checkpoint.
+        checkpoint_id: u64,
+    },
+}
+
+/// What listeners of [`CheckpointCoordinator::subscribe`] receive.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CheckpointEvent {
+    /// A checkpoint or savepoint completed.
+    Completed {
+        /// The checkpoint.
+        checkpoint_id: u64,
+        /// Checkpoint or savepoint.
+        kind: CheckpointKind,
+        /// Its `_metadata` file.
+        path: String,
+    },
+    /// A checkpoint was aborted.
+    Aborted {
+        /// The checkpoint.
+        checkpoint_id: u64,
+        /// Why.
+        reason: String,
+    },
+    /// The job failed (too many checkpoint failures, or fenced).
+    JobFailed {
+        /// Why.
+        reason: String,
+    },
+}
+
+enum Msg {
+    Ack {
+        checkpoint_id: u64,
+        task: usize,
+        ack: Box<SubtaskAck>,
+    },
+    Decline {
+        checkpoint_id: u64,
+        task: usize,
+        reason: String,
+    },
+    Trigger {
+        kind: CheckpointKind,
+        savepoint_name: Option<String>,
+        reply: Sender<Result<(u64, Receiver<Result<CompletedCheckpoint>>)>>,
+    },
+    Shutdown {
+        reply: Sender<Result<()>>,
+    },
+    /// Stop at once, as a crash would (nothing is aborted or deleted).
+    Stop,
+}
+
+struct WriteJob {
+    checkpoint_id: u64,
+    task: usize,
+    target: SnapshotTarget,
+    snapshot: SubtaskSnapshot,
+    parallelism: u32,
+    max_parallelism: u32,
+    incremental: Option<Arc<Mutex<IncrementalState>>>,
+    to_coordinator: Sender<Msg>,
+}
+
+/// What a subtask remembers for incremental snapshots.
+#[derive(Debug, Default)]
+struct IncrementalState {
+    /// The handle of the last checkpoint this subtask heard completed.
+    base: Option<(u64, KeyedStateHandle)>,
+    /// Key groups reported changed at each checkpoint after the base.
+    changes: BTreeMap<u64, Vec<u32>>,
+    /// Handles written for checkpoints not yet known complete.
+    written: BTreeMap<u64, KeyedStateHandle>,
+}
+
+struct TaskInfo {
+    operator_id: String,
+    subtask: u32,
+    parallelism: u32,
+    max_parallelism: u32,
+    commands: Sender<SubtaskCommand>,
+}
+
+/// The subtask's side of the coordinator: barriers and notifications in, snapshots out.
+pub struct SubtaskEndpoint {
+    task: usize,
+    operator_id: String,
+    subtask: u32,
+    parallelism: u32,
+    max_parallelism: u32,
+    commands: Receiver<SubtaskCommand>,
+    to_coordinator: Sender<Msg>,
+    writes: Sender<WriteJob>,
+    incremental: bool,
+    inc: Arc<Mutex<IncrementalState>>,
+}
+
+impl std::fmt::Debug for SubtaskEndpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SubtaskEndpoint")
+            .field("operator_id", &self.operator_id)
+            .field("subtask", &self.subtask)
+            .field("parallelism", &self.parallelism)
+            .finish()
+    }
+}
+
+impl SubtaskEndpoint {
+    /// The operator id.
+    pub fn operator_id(&self) -> &str {
+        &self.operator_id
+    }
+    /// The subtask index.
+    pub fn subtask(&self) -> u32 {
+        self.subtask
+    }
+    /// The operator's parallelism.
+    pub fn parallelism(&self) -> u32 {
+        self.parallelism
+    }
+    /// The operator's max parallelism.
+    pub fn max_parallelism(&self) -> u32 {
+        self.max_parallelism
+    }
+    /// The key groups this subtask owns.
+    pub fn key_group_range(&self) -> Result<KeyGroupRange> {
+        KeyGroupRange::for_operator(self.max_parallelism, self.parallelism, self.subtask)
+            .map_err(|e| Error::state(&self.operator_id, self.subtask, e))
+    }
+
+    /// The next command, if one is waiting. Completion and abort notifications are also used
+    /// internally (incremental snapshots build on the last completed checkpoint).
+    pub fn try_recv(&mut self) -> Option<SubtaskCommand> {
+        let c = self.commands.try_recv().ok()?;
+        self.observe(&c);
+        Some(c)
+    }
+
+    /// The next command, waiting at most `timeout`.
+    pub fn recv_timeout(&mut self, timeout: Duration) -> Option<SubtaskCommand> {
+        let c = self.commands.recv_timeout(timeout).ok()?;
+        self.observe(&c);
+        Some(c)
+    }
+
+    fn observe(&mut self, c: &SubtaskCommand) {
+        let Ok(mut inc) = self.inc.lock() else { return };
+        match *c {
+            SubtaskCommand::CheckpointComplete { checkpoint_id } => {
+                if let Some(h) = inc.written.remove(&checkpoint_id) {
+                    inc.base = Some((checkpoint_id, h));
+                }
+                inc.written.retain(|id, _| *id > checkpoint_id);
+                if inc.base.as_ref().is_some_and(|(b, _)| *b == checkpoint_id) {
+                    inc.changes.retain(|id, _| *id > checkpoint_id);
+                }
+            }
+            SubtaskCommand::CheckpointAborted { checkpoint_id } => {
+                inc.written.remove(&checkpoint_id);
+            }
+            SubtaskCommand::Barrier(_) => {}
+        }
+    }
+
+    /// Snapshots a heap backend (incrementally if configured: only the key groups written
+    /// since the last completed checkpoint) and the operator state, then queues the upload.
+    pub fn snapshot_heap<K: StateKey>(
+        &mut self,
+        barrier: &Barrier,
+        backend: &mut HeapKeyedStateBackend<K>,
+        operator_state: Option<&OperatorStateStore>,
+    ) -> Result<()> {
+        let keyed = if self.incremental && barrier.kind == CheckpointKind::Checkpoint {
+            let changed_now = backend.take_changed_key_groups();
+            let Ok(mut inc) = self.inc.lock() else {
+                return self.fail(barrier, "the incremental state lock is poisoned".into());
+            };
+            inc.changes.insert(barrier.checkpoint_id, changed_now);
+            match inc.base.clone() {
+                None => {
+                    let range = backend.key_group_range();
+                    KeyedSnapshot::Incremental {
+                        snapshot: Box::new(backend.snapshot_heap()),
+                        changed: range.iter().collect(),
+                        base: None,
+                    }
+                }
+                Some((_, base)) => {
+                    let changed: BTreeSet<u32> = inc.changes.values().flatten().copied().collect();
+                    let changed: Vec<u32> = changed.into_iter().collect();
+                    KeyedSnapshot::Incremental {
+                        snapshot: Box::new(backend.snapshot_heap().restrict_to(changed.clone())),
+                        changed,
+                        base: Some(base),
+                    }
+                }
+            }
+        } else {
+            KeyedSnapshot::Full(Box::new(backend.snapshot_heap()))
+        };
+        self.submit(barrier, Some(keyed), operator_state.cloned())
+    }
+
+    /// Snapshots any keyed backend in full (and the operator state), then queues the upload.
+    pub fn snapshot<B: KeyedStateBackend>(
+        &mut self,
+        barrier: &Barrier,
+        backend: Option<&mut B>,
+        operator_state: Option<&OperatorStateStore>,
+    ) -> Result<()> {
+        let keyed = match backend {
+            None => None,
+            Some(b) => match b.snapshot() {
+                Ok(s) => Some(KeyedSnapshot::Full(s)),
+                Err(e) => {
+                    let err = Error::state(&self.operator_id, self.subtask, e);
+                    return self.fail(barrier, err.to_string());
+                }
+            },
+        };
+        self.submit(barrier, keyed, operator_state.cloned())
+    }
+
+    /// Declines the checkpoint of `barrier` (it is aborted).
+    pub fn decline(&self, barrier: &Barrier, reason: impl Into<String>) {
+        let _ = self.to_coordinator.send(Msg::Decline {
+            checkpoint_id: barrier.checkpoint_id,
+            task: self.task,
+            reason: reason.into(),
+        });
+    }
+
+    fn fail(&self, barrier: &Barrier, reason: String) -> Result<()> {
+        self.decline(barrier, reason.clone());
+        Err(Error::CheckpointFailed {
+            checkpoint_id: barrier.checkpoint_id,
+            reason,
+        })
+    }
+
+    fn submit(
+        &mut self,
+        barrier: &Barrier,
+        keyed: Option<KeyedSnapshot>,
+        operator_state: Option<OperatorStateStore>,
+    ) -> Result<()> {
+        let incremental =
+            matches!(keyed, Some(KeyedSnapshot::Incremental { .. })).then(|| Arc::clone(&self.inc));
+        let job = WriteJob {
+            checkpoint_id: barrier.checkpoint_id,
+            task: self.task,
+            target: barrier.target.clone(),
+            snapshot: SubtaskSnapshot {
+                operator_id: self.operator_id.clone(),
+                subtask: self.subtask,
+                keyed,
+                operator_state,
+            },
+            parallelism: self.parallelism,
+            max_parallelism: self.max_parallelism,
+            incremental,
+            to_coordinator: self.to_coordinator.clone(),
+        };
+        if self.writes.send(job).is_err() {
+            return self.fail(barrier, "the coordinator's writer threads stopped".into());
+        }
+        Ok(())
+    }
+}
+
+/// Builds a [`CheckpointCoordinator`].
+pub struct CoordinatorBuilder {
+    storage: CheckpointStorage,
+    config: CheckpointConfig,
+    clock: Arc<dyn Clock>,
+    write_threads: usize,
+    tasks: Vec<TaskInfo>,
+    to_coordinator: (Sender<Msg>, Receiver<Msg>),
+    writes: (Sender<WriteJob>, Receiver<WriteJob>),
+}
+
+impl std::fmt::Debug for CoordinatorBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CoordinatorBuilder")
+            .field("storage", &self.storage)
+            .field("config", &self.config)
+            .field("tasks", &self.tasks.len())
+            .finish()
+    }
+}
+
+impl CoordinatorBuilder {
+    /// Uses `clock` for checkpoint timestamps (default: the system clock).
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Number of threads that upload snapshots (default 2).
+    pub fn write_threads(mut self, n: usize) -> Self {
+        self.write_threads = n.max(1);
+        self
+    }
+
+    /// Registers subtask `subtask` of `operator_id` and returns its endpoint.
+    pub fn register_subtask(
+        &mut self,
+        operator_id: &str,
+        subtask: u32,
+        parallelism: u32,
+        max_parallelism: u32,
+    ) -> Result<SubtaskEndpoint> {
+        validate_name("operator id", operator_id)?;
+        KeyGroupRange::for_operator(max_parallelism, parallelism, subtask)
+            .map_err(|e| Error::state(operator_id, subtask, e))?;
+        if self
+            .tasks
+            .iter()
+            .any(|t| t.operator_id == operator_id && t.subtask == subtask)
+        {
+            return Err(Error::InvalidConfig {
+                reason: format!("subtask {subtask} of '{operator_id}' registered twice"),
+            });
+        }
+        let (tx, rx) = unbounded();
+        let task = self.tasks.len();
+        self.tasks.push(TaskInfo {
+            operator_id: operator_id.to_string(),
+            subtask,
+            parallelism,
+            max_parallelism,
+            commands: tx,
+        });
+        let inc = Arc::new(Mutex::new(IncrementalState::default()));
+        Ok(SubtaskEndpoint {
+            task,
+            operator_id: operator_id.to_string(),
+            subtask,
+            parallelism,
+            max_parallelism,
+            commands: rx,
+            to_coordinator: self.to_coordinator.0.clone(),
+            writes: self.writes.0.clone(),
+            incremental: self.config.incremental,
+            inc,
+        })
+    }
+
+    /// Claims the job (fencing any older coordinator), cleans up what earlier runs left
+    /// unfinished, and starts the coordinator and writer threads.
+    pub fn start(self) -> Result<CheckpointCoordinator> {
+        self.config.validate()?;
+        let mut ops: BTreeMap<&str, (u32, u32, BTreeSet<u32>)> = BTreeMap::new();
+        for t in &self.tasks {
+            let e = ops.entry(t.operator_id.as_str()).or_insert((
+                t.parallelism,
+                t.max_parallelism,
+                BTreeSet::new(),
+            ));
+            if e.0 != t.parallelism || e.1 != t.max_parallelism {
+                return Err(Error::InvalidConfig {
+                    reason: format!("subtasks of '{}' disagree on parallelism", t.operator_id),
+                });
+            }
+            e.2.insert(t.subtask);
+        }
+        for (op, (p, _, subs)) in &ops {
+            if subs.len() != *p as usize {
+                return Err(Error::InvalidConfig {
+                    reason: format!("{} of {p} subtasks of '{op}' registered", subs.len()),
+                });
+            }
+        }
+        let storage = self.storage.clone();
+        let log = CommitLog::claim(&storage)?;
+        let entries = CommitLog::read(&storage)?;
+        let completed_in_log: BTreeSet<u64> =
+            entries.iter().filter_map(LogEntry::checkpoint_id).collect();
+        let retained = CompletedCheckpoint::retained(&storage, self.config.retained)?;
+        let dir_ids = storage.checkpoint_dir_ids()?;
+        let next_id = completed_in_log
+            .iter()
+            .chain(dir_ids.iter())
+            .max()
+            .map_or(1, |m| m + 1);
+        let mut registry = SharedStateRegistry::new();
+        for c in &retained {
+            registry.register(&c.metadata);
+        }
+        // Clean up what no completed checkpoint uses: unfinished checkpoint directories and
+        // shared files of earlier runs (an older coordinator is fenced by now).
+        for id in dir_ids {
+            if !completed_in_log.contains(&id) {
+                storage.delete_prefix(&storage.checkpoint_dir(id))?;
+            }
+        }
+        for o in storage.list(&storage.shared_dir())? {
+            if let Some(name) = o.location.filename() {
+                if registry.references(name) == 0 {
+                    storage.delete(&o.location)?;
+                }
+            }
+        }
+        let protocol = Protocol::new(
+            self.config.clone(),
+            self.tasks.len(),
+            next_id,
+            retained.iter().map(|c| c.metadata.checkpoint_id).collect(),
+        )?;
+        let listeners: Arc<Mutex<Vec<Sender<CheckpointEvent>>>> = Arc::default();
+        let mut workers = Vec::new();
+        for i in 0..self.write_threads {
+            let rx = self.writes.1.clone();
+            let st = storage.clone();
+            let h = std::thread::Builder::new()
+                .name(format!("flowstate-checkpoint-writer-{i}"))
+                .spawn(move || writer_loop(&st, &rx))
+                .map_err(|e| Error::Io {
+                    context: "starting a checkpoint writer thread".into(),
+                    source: e,
+                })?;
+            workers.push(h);
+        }
+        let epoch = log.epoch();
+        let core = Core {
+            storage: storage.clone(),
+            config: self.config,
+            protocol,
+            log,
+            registry,
+            tasks: self.tasks,
+            completed: retained
+                .into_iter()
+                .map(|c| (c.metadata.checkpoint_id, c))
+                .collect(),
+            savepoint_dirs: HashMap::new(),
+            timestamps: HashMap::new(),
+            waiters: HashMap::new(),
+            finished: HashMap::new(),
+            listeners: Arc::clone(&listeners),
+            failure: None,
+            fenced: None,
+            clock: self.clock,
+            start: Instant::now(),
+        };
+        let rx = self.to_coordinator.1;
+        let thread = std::thread::Builder::new()
+            .name("flowstate-checkpoint-coordinator".into())
+            .spawn(move || core.run(&rx))
+            .map_err(|e| Error::Io {
+                context: "starting the checkpoint coordinator thread".into(),
+                source: e,
+            })?;
+        Ok(CheckpointCoordinator {
+            to_coordinator: self.to_coordinator.0,
+            thread: Some(thread),
+            workers,
+            listeners,
+            storage,
+            epoch,
+        })
+    }
+}
+
+fn writer_loop(storage: &CheckpointStorage, rx: &Receiver<WriteJob>) {
+    while let Ok(job) = rx.recv() {
+        let operator_id = job.snapshot.operator_id.clone();
+        let msg = match write_subtask_snapshot(storage, &job.target, job.snapshot) {
+            Ok(state) => {
+                if let (Some(inc), Some(k)) = (&job.incremental, &state.keyed) {
+                    if let Ok(mut inc) = inc.lock() {
+                        inc.written.insert(job.checkpoint_id, k.clone());
+                    }
+                }
+                Msg::Ack {
+                    checkpoint_id: job.checkpoint_id,
+                    task: job.task,
+                    ack: Box::new(SubtaskAck {
+                        operator_id,
+                        parallelism: job.parallelism,
+                        max_parallelism: job.max_parallelism,
+                        state,
+                    }),
+                }
+            }
+            Err(e) => Msg::Decline {
+                checkpoint_id: job.checkpoint_id,
+                task: job.task,
+                reason: e.to_string(),
+            },
+        };
+        let _ = job.to_coordinator.send(msg);
+    }
+}
+
+/// Waits for a triggered checkpoint or savepoint.
+#[derive(Debug)]
+pub struct PendingCheckpoint {
+    id: u64,
+    done: Receiver<Result<CompletedCheckpoint>>,
+}
+
+impl PendingCheckpoint {
+    /// The checkpoint id.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Waits until the checkpoint completes or fails, at most `timeout`.
+    pub fn wait(self, timeout: Duration) -> Result<CompletedCheckpoint> {
+        match self.done.recv_timeout(timeout) {
+            Ok(r) => r,
+            Err(RecvTimeoutError::Timeout) => Err(Error::CheckpointFailed {
+                checkpoint_id: self.id,
+                reason: format!("not complete after {timeout:?}"),
+            }),
+            Err(RecvTimeoutError::Disconnected) => Err(Error::Stopped {
+                reason: "the coordinator stopped".into(),
+            }),
+        }
+    }
+}
+
+/// The checkpoint coordinator of one job. See the [module docs](self).
+pub struct CheckpointCoordinator {
+    to_coordinator: Sender<Msg>,
+    thread: Option<JoinHandle<()>>,
+    workers: Vec<JoinHandle<()>>,
+    listeners: Arc<Mutex<Vec<Sender<CheckpointEvent>>>>,
+    storage: CheckpointStorage,
+    epoch: u64,
+}
+
+impl std::fmt::Debug for CheckpointCoordinator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CheckpointCoordinator")
+            .field("storage", &self.storage)
+            .field("epoch", &self.epoch)
+            .finish()
+    }
+}
+
+impl CheckpointCoordinator {
+    /// A builder for the job stored in `storage`.
+    pub fn builder(storage: CheckpointStorage, config: CheckpointConfig) -> CoordinatorBuilder {
+        let (wtx, wrx) = unbounded();
+        CoordinatorBuilder {
+            storage,
+            config,
+            clock: Arc::new(SystemClock),
+            write_threads: 2,
+            tasks: Vec::new(),
+            to_coordinator: unbounded(),
+            writes: (wtx, wrx),
+        }
+    }
+
+    /// This coordinator's epoch.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// The storage.
+    pub fn storage(&self) -> &CheckpointStorage {
+        &self.storage
+    }
+
+    /// Events from now on (completions, aborts, job failure).
+    pub fn subscribe(&self) -> Receiver<CheckpointEvent> {
+        let (tx, rx) = unbounded();
+        if let Ok(mut l) = self.listeners.lock() {
+            l.push(tx);
+        }
+        rx
+    }
+
+    fn trigger(&self, kind: CheckpointKind, name: Option<String>) -> Result<PendingCheckpoint> {
+        let (tx, rx) = bounded(1);
+        self.to_coordinator
+            .send(Msg::Trigger {
+                kind,
+                savepoint_name: name,
+                reply: tx,
+            })
+            .map_err(|_| stopped())?;
+        let (id, done) = rx.recv().map_err(|_| stopped())??;
+        Ok(PendingCheckpoint { id, done })
+    }
+
+    /// Triggers a checkpoint now.
+    pub fn trigger_checkpoint(&self) -> Result<PendingCheckpoint> {
+        self.trigger(CheckpointKind::Checkpoint, None)
+    }
+
+    /// Triggers a savepoint into `savepoints/savepoint-<name>/` (default name:
+    /// `<job>-<checkpoint id>`).
+    pub fn trigger_savepoint(&self, name: Option<&str>) -> Result<PendingCheckpoint> {
+        if let Some(n) = name {
+            validate_name("savepoint name", n)?;
+        }
+        self.trigger(CheckpointKind::Savepoint, name.map(str::to_string))
+    }
+
+    /// Aborts pending checkpoints, applies the retention policy (deletes every checkpoint of
+    /// this run unless `RetentionOnShutdown::Retain`) and stops the threads.
+    pub fn shutdown(mut self) -> Result<()> {
+        let (tx, rx) = bounded(1);
+        let res = match self.to_coordinator.send(Msg::Shutdown { reply: tx }) {
+            Ok(()) => rx.recv().unwrap_or(Ok(())),
+            Err(_) => Ok(()),
+        };
+        self.stop_threads();
+        res
+    }
+
+    fn stop_threads(&mut self) {
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        // Writers stop when every endpoint is gone; they are detached rather than joined.
+        self.workers.clear();
+    }
+}
+
+impl Drop for CheckpointCoordinator {
+    /// Stops the coordinator like a crash would: pending checkpoints are abandoned and nothing
+    /// is deleted. Use [`CheckpointCoordinator::shutdown`] for an orderly stop.
+    fn drop(&mut self) {
+        if self.thread.is_some() {
+            let _ = self.to_coordinator.send(Msg::Stop);
+            if let Some(t) = self.thread.take() {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+fn stopped() -> Error {
+    Error::Stopped {
+        reason: "the coordinator thread has stopped".into(),
+    }
+}
+
+struct Core {
+    storage: CheckpointStorage,
+    config: CheckpointConfig,
+    protocol: Protocol<SubtaskAck>,
+    log: CommitLog,
+    registry: SharedStateRegistry,
+    tasks: Vec<TaskInfo>,
+    completed: BTreeMap<u64, CompletedCheckpoint>,
+    savepoint_dirs: HashMap<u64, Path>,
+    timestamps: HashMap<u64, i64>,
+    waiters: HashMap<u64, Sender<Result<CompletedCheckpoint>>>,
+    finished: HashMap<u64, CompletedCheckpoint>,
+    listeners: Arc<Mutex<Vec<Sender<CheckpointEvent>>>>,
+    failure: Option<String>,
+    fenced: Option<(u64, u64)>,
+    clock: Arc<dyn Clock>,
+    start: Instant,
+}
+
+impl Core {
+    fn now(&self) -> Duration {
+        self.start.elapsed()
+    }
+
+    fn run(mut self, rx: &Receiver<Msg>) {
+        loop {
+            let wait = self
+                .protocol
+                .next_wakeup()
+                .map(|at| at.saturating_sub(self.now()))
+                .unwrap_or(Duration::from_secs(3600));
+            let mut actions = Vec::new();
+            match rx.recv_timeout(wait) {
+                Ok(Msg::Ack {
+                    checkpoint_id,
+                    task,
+                    ack,
+                }) => actions.extend(self.protocol.ack(checkpoint_id, task, *ack)),
+                Ok(Msg::Decline {
+                    checkpoint_id,
+                    task,
+                    reason,
+                }) => actions.extend(self.protocol.decline(checkpoint_id, task, reason)),
+                Ok(Msg::Trigger {
+                    kind,
+                    savepoint_name,
+                    reply,
+                }) => {
+                    let now = self.now();
+                    match self.protocol.trigger(now, kind) {
+                        Ok((id, a)) => {
+                            if let Some(name) = savepoint_name {
+                                self.set_savepoint_dir(id, &name);
+                            }
+                            let (dtx, drx) = bounded(1);
+                            self.waiters.insert(id, dtx);
+                            let _ = reply.send(Ok((id, drx)));
+                            actions.extend(a);
+                        }
+                        Err(e) => {
+                            let _ = reply.send(Err(self.stopped_error().unwrap_or(e)));
+                        }
+                    }
+                }
+                Ok(Msg::Stop) => return,
+                Ok(Msg::Shutdown { reply }) => {
+                    let r = self.shutdown();
+                    let _ = reply.send(r);
+                    return;
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+            let now = self.now();
+            actions.extend(self.protocol.tick(now));
+            self.execute(actions);
+        }
+    }
+
+    fn stopped_error(&self) -> Option<Error> {
+        if let Some((epoch, newer)) = self.fenced {
+            return Some(Error::Fenced {
+                job: self.storage.job().to_string(),
+                epoch,
+                newer_epoch: newer,
+                checkpoint_id: 0,
+            });
+        }
+        self.failure
+            .as_ref()
+            .map(|r| Error::Stopped { reason: r.clone() })
+    }
+
+    fn set_savepoint_dir(&mut self, id: u64, name: &str) {
+        if let Ok(dir) = self.storage.savepoint_dir(name) {
+            self.savepoint_dirs.insert(id, dir);
+        }
+    }
+
+    fn emit(&self, e: CheckpointEvent) {
+        if let Ok(mut l) = self.listeners.lock() {
+            l.retain(|tx| tx.send(e.clone()).is_ok());
+        }
+    }
+
+    fn notify_tasks(&self, c: SubtaskCommand) {
+        for t in &self.tasks {
+            let _ = t.commands.send(c.clone());
+        }
+    }
+
+    fn execute(&mut self, actions: Vec<Action<SubtaskAck>>) {
+        let mut queue: std::collections::VecDeque<_> = actions.into();
+        while let Some(a) = queue.pop_front() {
+            match a {
+                Action::SendBarrier {
+                    checkpoint_id,
+                    kind,
+                } => self.send_barrier(checkpoint_id, kind),
+                Action::Finalize {
+                    checkpoint_id,
+                    kind,
+                    states,
+                } => {
+                    let result = self.finalize(checkpoint_id, kind, states);
+                    let now = self.now();
+                    let r = match result {
+                        Ok(c) => {
+                            self.finished.insert(checkpoint_id, c);
+                            Ok(())
+                        }
+                        Err(e) => {
+                            if let Error::Fenced {
+                                epoch, newer_epoch, ..
+                            } = e
+                            {
+                                self.fenced = Some((epoch, newer_epoch));
+                            }
+                            let fatal = e.is_fenced();
+                            Err((e.to_string(), fatal))
+                        }
+                    };
+                    queue.extend(self.protocol.finalized(now, checkpoint_id, r));
+                }
+                Action::Completed {
+                    checkpoint_id,
+                    kind,
+                    subsumed,
+                } => self.completed(checkpoint_id, kind, subsumed),
+                Action::Aborted {
+                    checkpoint_id,
+                    reason,
+                    states,
+                } => {
+                    self.timestamps.remove(&checkpoint_id);
+                    self.notify_tasks(SubtaskCommand::CheckpointAborted { checkpoint_id });
+                    self.discard(checkpoint_id, &states);
+                    let reason = reason.to_string();
+                    if let Some(w) = self.waiters.remove(&checkpoint_id) {
+                        let err = match self.fenced {
+                            Some((epoch, newer_epoch)) => Error::Fenced {
+                                job: self.storage.job().to_string(),
+                                epoch,
+                                newer_epoch,
+                                checkpoint_id,
+                            },
+                            None => Error::CheckpointFailed {
+                                checkpoint_id,
+                                reason: reason.clone(),
+                            },
+                        };
+                        let _ = w.send(Err(err));
+                    }
+                    self.emit(CheckpointEvent::Aborted {
+                        checkpoint_id,
+                        reason,
+                    });
+                }
+                Action::DiscardLate {
+                    checkpoint_id,
+                    state,
+                } => {
+                    let known = self.completed.contains_key(&checkpoint_id)
+                        || self.protocol.pending().contains(&checkpoint_id)
+                        || self.finished.contains_key(&checkpoint_id);
+                    if !known {
+                        self.discard(checkpoint_id, std::slice::from_ref(&state));
+                    }
+                }
+                Action::FailJob { reason } => {
+                    self.failure = Some(reason.clone());
+                    for (id, w) in self.waiters.drain() {
+                        let _ = w.send(Err(Error::CheckpointFailed {
+                            checkpoint_id: id,
+                            reason: reason.clone(),
+                        }));
+                    }
+                    self.emit(CheckpointEvent::JobFailed { reason });
+                }
+            }
+        }
+        self.delete_parked();
+    }
+
+    fn send_barrier(&mut self, checkpoint_id: u64, kind: CheckpointKind) {
+        let timestamp_millis = self.clock.now_millis();
+        self.timestamps.insert(checkpoint_id, timestamp_millis);
+        let dir = match kind {
+            CheckpointKind::Checkpoint => self.storage.checkpoint_dir(checkpoint_id),
+            CheckpointKind::Savepoint => {
+                if !self.savepoint_dirs.contains_key(&checkpoint_id) {
+                    let name = format!("{}-{checkpoint_id}", self.storage.job());
+                    self.set_savepoint_dir(checkpoint_id, &name);
+                }
+                match self.savepoint_dirs.get(&checkpoint_id) {
+                    Some(d) => d.clone(),
+                    None => self.storage.checkpoint_dir(checkpoint_id),
+                }
+            }
+        };
+        let barrier = Barrier {
+            checkpoint_id,
+            kind,
+            timestamp_millis,
+            target: SnapshotTarget {
+                dir,
+                shared_dir: self.storage.shared_dir(),
+                checkpoint_id,
+                epoch: self.log.epoch(),
+            },
+        };
+        let mut gone = Vec::new();
+        for (i, t) in self.tasks.iter().enumerate() {
+            if t.commands
+                .send(SubtaskCommand::Barrier(barrier.clone()))
+                .is_err()
+            {
+                gone.push(i);
+            }
+        }
+        let mut actions = Vec::new();
+        for i in gone {
+            actions.extend(self.protocol.decline(
+                checkpoint_id,
+                i,
+                "the subtask is gone (its endpoint was dropped)".into(),
+            ));
+        }
+        self.execute(actions);
+    }
+
+    fn finalize(
+        &mut self,
+        checkpoint_id: u64,
+        kind: CheckpointKind,
+        states: Vec<SubtaskAck>,
+    ) -> Result<CompletedCheckpoint> {
+        let ts = self.timestamps.remove(&checkpoint_id).unwrap_or(0);
+        let operators = assemble_operators(states)?;
+        match kind {
+            CheckpointKind::Checkpoint => {
+                // Every shared file must be alive: written for this checkpoint, or known.
+                let suffix = format!("-e{}-c{checkpoint_id}.kst", self.log.epoch());
+                for op in &operators {
+                    for st in &op.subtasks {
+                        for f in st.keyed.iter().flat_map(|k| k.files.iter()) {
+                            if let FileLocation::Shared(n) = &f.file.location {
+                                if !n.ends_with(&suffix) && !self.registry.is_known(n) {
+                                    return Err(Error::MissingFile {
+                                        file: n.clone(),
+                                        referenced_by: format!(
+                                            "checkpoint {checkpoint_id} (no longer retained)"
+                                        ),
+                                    });
+                                }
+                            }
+                        }
+                    }
+                }
+                let c =
+                    commit_checkpoint(&self.storage, &mut self.log, checkpoint_id, ts, operators)?;
+                self.registry.register(&c.metadata);
+                self.completed.insert(checkpoint_id, c.clone());
+                Ok(c)
+            }
+            CheckpointKind::Savepoint => {
+                let dir = self
+                    .savepoint_dirs
+                    .get(&checkpoint_id)
+                    .cloned()
+                    .ok_or_else(|| Error::InvalidConfig {
+                        reason: format!("no directory for savepoint {checkpoint_id}"),
+                    })?;
+                commit_savepoint(
+                    &self.storage,
+                    &dir,
+                    checkpoint_id,
+                    ts,
+                    self.log.epoch(),
+                    operators,
+                )
+            }
+        }
+    }
+
+    fn completed(&mut self, checkpoint_id: u64, kind: CheckpointKind, subsumed: Vec<u64>) {
+        self.savepoint_dirs.remove(&checkpoint_id);
+        let done = self.finished.remove(&checkpoint_id);
+        // Notify first: barriers sent after this point build on this checkpoint.
+        self.notify_tasks(SubtaskCommand::CheckpointComplete { checkpoint_id });
+        let next_id = self.protocol.next_id();
+        for old in subsumed {
+            if let Some(c) = self.completed.remove(&old) {
+                self.registry.unregister(&c.metadata, next_id);
+            }
+            let _ = discard_checkpoint_dir(&self.storage, old);
+        }
+        if kind == CheckpointKind::Checkpoint {
+            if let Some(oldest) = self.completed.keys().next() {
+                let _ = self.log.prune(*oldest);
+            }
+        }
+        if let Some(c) = done {
+            self.emit(CheckpointEvent::Completed {
+                checkpoint_id,
+                kind,
+                path: c.path.to_string(),
+            });
+            if let Some(w) = self.waiters.remove(&checkpoint_id) {
+                let _ = w.send(Ok(c));
+            }
+        }
+    }
+
+    fn discard(&mut self, checkpoint_id: u64, states: &[SubtaskAck]) {
+        match self.savepoint_dirs.remove(&checkpoint_id) {
+            Some(dir) => {
+                let _ = self.storage.delete_prefix(&dir);
+            }
+            None => {
+                if !self.completed.contains_key(&checkpoint_id) {
+                    self.discard_own_files(checkpoint_id);
+                }
+            }
+        }
+        let mut shared = Vec::new();
+        for s in states {
+            for f in s.state.keyed.iter().flat_map(|k| k.files.iter()) {
+                if let FileLocation::Shared(n) = &f.file.location {
+                    shared.push(n.clone());
+                }
+            }
+        }
+        let next_id = self.protocol.next_id();
+        self.registry.park_unreferenced(shared, next_id);
+    }
+
+    /// Deletes the files this coordinator wrote into `chk-<id>/` (a newer coordinator may use
+    /// the same id after fencing this one: its files are left alone).
+    fn discard_own_files(&self, checkpoint_id: u64) {
+        let dir = self.storage.checkpoint_dir(checkpoint_id);
+        let mark = format!("-e{}-c{checkpoint_id}.", self.log.epoch());
+        let Ok(objects) = self.storage.list(&dir) else {
+            return;
+        };
+        for o in objects {
+            let Some(name) = o.location.filename() else {
+                continue;
+            };
+            let ours = if name == crate::storage::METADATA_FILE {
+                CompletedCheckpoint::load(&self.storage, &o.location)
+                    .map(|c| c.metadata.epoch == self.log.epoch())
+                    .unwrap_or(false)
+            } else {
+                name.contains(&mark)
+            };
+            if ours {
+                let _ = self.storage.delete(&o.location);
+            }
+        }
+    }
+
+    fn delete_parked(&mut self) {
+        let lowest = self.protocol.pending().into_iter().min();
+        for f in self.registry.take_deletable(lowest) {
+            let _ = self
+                .storage
+                .delete(&self.storage.shared_dir().join(f.as_str()));
+        }
+    }
+
+    fn shutdown(&mut self) -> Result<()> {
+        let actions = self.protocol.shutdown();
+        self.execute(actions);
+        if self.config.retention_on_shutdown == RetentionOnShutdown::Delete && self.fenced.is_none()
+        {
+            let ids: Vec<u64> = self.completed.keys().copied().collect();
+            for id in ids {
+                if let Some(c) = self.completed.remove(&id) {
+                    for f in shared_files(&c.metadata) {
+                        let _ = self
+                            .storage
+                            .delete(&self.storage.shared_dir().join(f.as_str()));
+                    }
+                }
+                discard_checkpoint_dir(&self.storage, id)?;
+            }
+        }
+        Ok(())
+    }
+}
