@@ -750,6 +750,23 @@ impl Core {
                     savepoint_name,
                     reply,
                 }) => {
+                    if let Some(name) = &savepoint_name {
+                        match self.storage.savepoint_dir(name) {
+                            Ok(dir) => {
+                                let meta = dir.join(crate::storage::METADATA_FILE);
+                                if self.storage.size(&meta).is_ok() {
+                                    let _ = reply.send(Err(Error::InvalidConfig {
+                                        reason: format!("savepoint '{meta}' already exists"),
+                                    }));
+                                    continue;
+                                }
+                            }
+                            Err(e) => {
+                                let _ = reply.send(Err(e));
+                                continue;
+                            }
+                        }
+                    }
                     let now = self.now();
                     match self.protocol.trigger(now, kind) {
                         Ok((id, a)) => {
@@ -1038,12 +1055,11 @@ impl Core {
 
     fn discard(&mut self, checkpoint_id: u64, states: &[SubtaskAck]) {
         match self.savepoint_dirs.remove(&checkpoint_id) {
-            Some(dir) => {
-                let _ = self.storage.delete_prefix(&dir);
-            }
+            Some(dir) => self.discard_own_files(&dir, checkpoint_id),
             None => {
                 if !self.completed.contains_key(&checkpoint_id) {
-                    self.discard_own_files(checkpoint_id);
+                    let dir = self.storage.checkpoint_dir(checkpoint_id);
+                    self.discard_own_files(&dir, checkpoint_id);
                 }
             }
         }
@@ -1059,12 +1075,12 @@ impl Core {
         self.registry.park_unreferenced(shared, next_id);
     }
 
-    /// Deletes the files this coordinator wrote into `chk-<id>/` (a newer coordinator may use
-    /// the same id after fencing this one: its files are left alone).
-    fn discard_own_files(&self, checkpoint_id: u64) {
-        let dir = self.storage.checkpoint_dir(checkpoint_id);
+    /// Deletes the files this coordinator wrote for checkpoint `checkpoint_id` into `dir` (a
+    /// newer coordinator may use the same id after fencing this one, and a savepoint directory
+    /// may hold an earlier savepoint: their files are left alone).
+    fn discard_own_files(&self, dir: &Path, checkpoint_id: u64) {
         let mark = format!("-e{}-c{checkpoint_id}.", self.log.epoch());
-        let Ok(objects) = self.storage.list(&dir) else {
+        let Ok(objects) = self.storage.list(dir) else {
             return;
         };
         for o in objects {
@@ -1073,7 +1089,10 @@ impl Core {
             };
             let ours = if name == crate::storage::METADATA_FILE {
                 CompletedCheckpoint::load(&self.storage, &o.location)
-                    .map(|c| c.metadata.epoch == self.log.epoch())
+                    .map(|c| {
+                        c.metadata.epoch == self.log.epoch()
+                            && c.metadata.checkpoint_id == checkpoint_id
+                    })
                     .unwrap_or(false)
             } else {
                 name.contains(&mark)
