@@ -1,0 +1,966 @@
+//! The log-structured merge engine: a memtable with a byte budget, immutable memtables flushed
+//! to sorted runs by a background worker, size-triggered compaction on the same worker, and a
+//! manifest naming the live files.
+//!
+//! There is no write-ahead log (Flink runs RocksDB without one too): what was not flushed is
+//! lost by a crash, and durability comes from [`Db::flush`] / checkpoints.
+
+use std::collections::HashSet;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use crossbeam_channel::{Receiver, Sender};
+
+use crate::error::{Error, Result};
+use crate::iter::{Cursor, MemCursor, MergeIter, Resolve, RunCursor};
+use crate::manifest::{sync_dir, Manifest};
+use crate::memtable::{Memtable, Op, OpKind};
+use crate::run::{RunFile, RunWriter};
+
+/// Options of the engine.
+#[derive(Clone, Debug)]
+pub struct EngineOptions {
+    /// The memory budget for the engine's own buffers: the active write buffer gets a quarter,
+    /// up to two immutable write buffers waiting for their flush another half, and the rest is
+    /// headroom for compaction's block and bloom buffers. Data pages of sorted runs are mapped
+    /// and belong to the OS page cache, outside the budget. Default 256 MiB.
+    pub memory_budget: usize,
+    /// Compaction starts when this many sorted runs exist (bounds read amplification). Default 6.
+    pub max_sorted_runs: usize,
+    /// Compaction output files are cut at key-group boundaries once this large. Default 64 MiB.
+    pub target_file_bytes: u64,
+    /// Check every data block's checksum when a file is opened (default true).
+    pub verify_on_open: bool,
+    /// Check a data block's checksum on every read of it (default false: files are verified at
+    /// open, and pages then come from the OS page cache).
+    pub verify_blocks_on_read: bool,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions {
+            memory_budget: 256 << 20,
+            max_sorted_runs: 6,
+            target_file_bytes: 64 << 20,
+            verify_on_open: true,
+            verify_blocks_on_read: false,
+        }
+    }
+}
+
+impl EngineOptions {
+    fn write_buffer_bytes(&self) -> usize {
+        (self.memory_budget / 4).max(4096)
+    }
+    const MAX_IMMUTABLE: usize = 2;
+}
+
+/// What a compaction filter decides for one value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FilterDecision {
+    /// Keep the value as it is.
+    Keep,
+    /// Drop the entry.
+    Remove,
+    /// Replace the value with the bytes the filter wrote into its output buffer.
+    Change,
+}
+
+/// Decides, during compaction, whether values survive (drops TTL-expired state).
+pub trait CompactionFilter: Send + Sync {
+    /// Judges the resolved value of `key`; for [`FilterDecision::Change`] writes the new value
+    /// into `out` (empty on entry).
+    fn filter(&self, key: &[u8], value: &[u8], out: &mut Vec<u8>) -> FilterDecision;
+}
+
+/// One sorted run: non-overlapping files in key order.
+pub type SortedRun = Arc<Vec<Arc<RunFile>>>;
+
+enum Job {
+    Flush {
+        mem: Arc<Memtable>,
+        number: u64,
+    },
+    Compact {
+        inputs: Vec<SortedRun>,
+        bottommost: bool,
+        filter: Option<Arc<dyn CompactionFilter>>,
+        keep: Option<(Vec<u8>, Vec<u8>)>,
+    },
+}
+
+enum Done {
+    Flushed(Result<Option<Arc<RunFile>>>),
+    Compacted {
+        inputs: usize,
+        result: Result<Vec<Arc<RunFile>>>,
+    },
+}
+
+struct WorkerCtx {
+    dir: PathBuf,
+    next_file: Arc<AtomicU64>,
+    opts: EngineOptions,
+    boundary: Option<Arc<dyn Fn(&[u8], &[u8]) -> bool + Send + Sync>>,
+}
+
+/// The file name of sorted run `number`.
+pub fn run_file_name(number: u64) -> String {
+    format!("{number:012}.run")
+}
+
+fn parse_run_name(name: &str) -> Option<u64> {
+    name.strip_suffix(".run")?.parse().ok()
+}
+
+impl WorkerCtx {
+    fn open_run(&self, path: &Path, number: u64) -> Result<Arc<RunFile>> {
+        Ok(Arc::new(RunFile::open(
+            path,
+            number,
+            false, // just written and fsynced by us
+            self.opts.verify_blocks_on_read,
+        )?))
+    }
+
+    fn flush(&self, mem: &Memtable, number: u64) -> Result<Option<Arc<RunFile>>> {
+        let path = self.dir.join(run_file_name(number));
+        let mut w = RunWriter::create(&path)?;
+        for (k, op) in mem.map() {
+            w.add(k, op.kind(), op.value())?;
+        }
+        match w.finish()? {
+            Some(p) => {
+                sync_dir(&self.dir)?;
+                Ok(Some(self.open_run(&p, number)?))
+            }
+            None => Ok(None),
+        }
+    }
+
+    fn compact(
+        &self,
+        inputs: &[SortedRun],
+        bottommost: bool,
+        filter: Option<&Arc<dyn CompactionFilter>>,
+        keep: Option<&(Vec<u8>, Vec<u8>)>,
+    ) -> Result<Vec<Arc<RunFile>>> {
+        let (start, end) = match keep {
+            Some((s, e)) => (s.clone(), Some(e.clone())),
+            None => (Vec::new(), None),
+        };
+        let mut sources: Vec<Box<dyn Cursor>> = Vec::new();
+        for r in inputs {
+            sources.push(Box::new(RunCursor::new(
+                Arc::clone(r),
+                &start,
+                end.as_deref(),
+            )?));
+        }
+        let resolve = if bottommost {
+            Resolve::Bottommost
+        } else {
+            Resolve::Partial
+        };
+        let mut it = MergeIter::new(sources, resolve);
+        let mut out = Vec::new();
+        let mut writer: Option<(RunWriter, u64)> = None;
+        let mut prev_key: Vec<u8> = Vec::new();
+        let mut changed = Vec::new();
+        while let Some((kind, key, value)) = it.next()? {
+            let mut kind = kind;
+            let mut value = value;
+            if kind == OpKind::Put {
+                if let Some(f) = filter {
+                    changed.clear();
+                    match f.filter(key, value, &mut changed) {
+                        FilterDecision::Keep => {}
+                        FilterDecision::Remove if bottommost => continue,
+                        FilterDecision::Remove => {
+                            kind = OpKind::Delete;
+                            value = &[];
+                        }
+                        FilterDecision::Change => value = &changed,
+                    }
+                }
+            }
+            // Cut the output at a boundary the owner accepts (key groups) once it is large.
+            if let Some((w, _)) = &writer {
+                let cut = w.size() >= self.opts.target_file_bytes
+                    && self.boundary.as_ref().is_none_or(|b| b(&prev_key, key));
+                if cut {
+                    if let Some((w, n)) = writer.take() {
+                        if let Some(p) = w.finish()? {
+                            out.push(self.open_run(&p, n)?);
+                        }
+                    }
+                }
+            }
+            if writer.is_none() {
+                let n = self.next_file.fetch_add(1, Ordering::SeqCst);
+                writer = Some((RunWriter::create(&self.dir.join(run_file_name(n)))?, n));
+            }
+            if let Some((w, _)) = writer.as_mut() {
+                w.add(key, kind, value)?;
+            }
+            prev_key.clear();
+            prev_key.extend_from_slice(key);
+        }
+        if let Some((w, n)) = writer.take() {
+            if let Some(p) = w.finish()? {
+                out.push(self.open_run(&p, n)?);
+            }
+        }
+        sync_dir(&self.dir)?;
+        Ok(out)
+    }
+}
+
+fn worker_loop(ctx: WorkerCtx, jobs: Receiver<Job>, done: Sender<Done>) {
+    while let Ok(job) = jobs.recv() {
+        let d = match job {
+            Job::Flush { mem, number } => Done::Flushed(ctx.flush(&mem, number)),
+            Job::Compact {
+                inputs,
+                bottommost,
+                filter,
+                keep,
+            } => Done::Compacted {
+                inputs: inputs.len(),
+                result: ctx.compact(&inputs, bottommost, filter.as_ref(), keep.as_ref()),
+            },
+        };
+        if done.send(d).is_err() {
+            return;
+        }
+    }
+}
+
+/// An embedded ordered key-value store of byte strings over memory-mapped sorted runs, with a
+/// concatenating merge operator (list appends). Single writer (`&mut self`).
+pub struct Db {
+    dir: PathBuf,
+    opts: EngineOptions,
+    mem: Arc<Memtable>,
+    imm: Vec<Arc<Memtable>>,
+    runs: Vec<SortedRun>,
+    next_file: Arc<AtomicU64>,
+    user_meta: Vec<u8>,
+    jobs: Option<Sender<Job>>,
+    done: Receiver<Done>,
+    worker: Option<JoinHandle<()>>,
+    compacting: bool,
+    filter: Option<Arc<dyn CompactionFilter>>,
+    keep: Option<(Vec<u8>, Vec<u8>)>,
+    failed: Option<String>,
+    flushes: u64,
+    compactions: u64,
+}
+
+impl std::fmt::Debug for Db {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Db")
+            .field("dir", &self.dir)
+            .field("memtable_bytes", &self.mem.bytes())
+            .field("immutable", &self.imm.len())
+            .field("sorted_runs", &self.runs.len())
+            .finish()
+    }
+}
+
+/// A consistent, owned view of the store; iterate it on any thread.
+#[derive(Clone)]
+pub struct DbSnapshot {
+    mems: Vec<Arc<Memtable>>,
+    runs: Vec<SortedRun>,
+}
+
+impl DbSnapshot {
+    /// Resolved entries with keys in `[start, end)` (`end = None`: to the end).
+    pub fn iter(&self, start: &[u8], end: Option<&[u8]>) -> Result<DbIter> {
+        let mut sources: Vec<Box<dyn Cursor>> = Vec::new();
+        for m in &self.mems {
+            sources.push(Box::new(MemCursor::new(Arc::clone(m), start, end)));
+        }
+        for r in &self.runs {
+            sources.push(Box::new(RunCursor::new(Arc::clone(r), start, end)?));
+        }
+        Ok(DbIter(MergeIter::new(sources, Resolve::Read)))
+    }
+}
+
+/// An iterator over resolved `(key, value)` pairs in key order.
+pub struct DbIter(MergeIter);
+
+impl DbIter {
+    /// The next pair.
+    #[allow(clippy::should_implement_trait)]
+    pub fn next(&mut self) -> Result<Option<(&[u8], &[u8])>> {
+        Ok(self.0.next()?.map(|(_, k, v)| (k, v)))
+    }
+}
+
+impl Db {
+    /// Opens (or creates) the store in `dir`: reads the manifest, maps its files, deletes files
+    /// the manifest does not name (left by a crash during a flush or compaction).
+    pub fn open(dir: impl AsRef<Path>, opts: EngineOptions) -> Result<Db> {
+        let dir = dir.as_ref().to_path_buf();
+        if opts.max_sorted_runs < 2 {
+            return Err(Error::Config {
+                reason: "max_sorted_runs must be at least 2".into(),
+            });
+        }
+        fs::create_dir_all(&dir).map_err(|e| Error::io("creating the directory", &dir, e))?;
+        let manifest = Manifest::load(&dir)?.unwrap_or_default();
+        let live: HashSet<u64> = manifest.runs.iter().flatten().copied().collect();
+        let mut max_seen = 0u64;
+        let entries =
+            fs::read_dir(&dir).map_err(|e| Error::io("listing the directory", &dir, e))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| Error::io("listing the directory", &dir, e))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.ends_with(".tmp") {
+                let _ = fs::remove_file(entry.path());
+            } else if let Some(n) = parse_run_name(&name) {
+                max_seen = max_seen.max(n + 1);
+                if !live.contains(&n) {
+                    let _ = fs::remove_file(entry.path());
+                }
+            }
+        }
+        let mut runs = Vec::new();
+        for r in &manifest.runs {
+            let mut files = Vec::new();
+            for &n in r {
+                let path = dir.join(run_file_name(n));
+                files.push(Arc::new(RunFile::open(
+                    &path,
+                    n,
+                    opts.verify_on_open,
+                    opts.verify_blocks_on_read,
+                )?));
+            }
+            runs.push(Arc::new(files));
+        }
+        let next_file = Arc::new(AtomicU64::new(manifest.next_file.max(max_seen).max(1)));
+        let (jobs_tx, jobs_rx) = crossbeam_channel::unbounded();
+        let (done_tx, done_rx) = crossbeam_channel::unbounded();
+        Ok(Db {
+            dir,
+            opts,
+            mem: Arc::new(Memtable::new()),
+            imm: Vec::new(),
+            runs,
+            next_file,
+            user_meta: manifest.user_meta,
+            jobs: Some(jobs_tx),
+            done: done_rx,
+            worker: None,
+            compacting: false,
+            filter: None,
+            keep: None,
+            failed: None,
+            flushes: 0,
+            compactions: 0,
+        }
+        .start_worker(jobs_rx, done_tx, None))
+    }
+
+    fn start_worker(
+        mut self,
+        jobs: Receiver<Job>,
+        done: Sender<Done>,
+        boundary: Option<Arc<dyn Fn(&[u8], &[u8]) -> bool + Send + Sync>>,
+    ) -> Db {
+        let ctx = WorkerCtx {
+            dir: self.dir.clone(),
+            next_file: Arc::clone(&self.next_file),
+            opts: self.opts.clone(),
+            boundary,
+        };
+        self.worker = Some(
+            std::thread::Builder::new()
+                .name("state-mmap-worker".into())
+                .spawn(move || worker_loop(ctx, jobs, done))
+                .ok(),
+        )
+        .flatten();
+        if self.worker.is_none() {
+            self.failed = Some("could not spawn the worker thread".into());
+        }
+        self
+    }
+
+    /// Restarts the worker with a function that says whether an output file may be cut between
+    /// two keys (the backend cuts only between key groups).
+    pub fn set_file_boundary(
+        &mut self,
+        boundary: Arc<dyn Fn(&[u8], &[u8]) -> bool + Send + Sync>,
+    ) -> Result<()> {
+        self.drain()?;
+        self.stop_worker();
+        let (jobs_tx, jobs_rx) = crossbeam_channel::unbounded();
+        let (done_tx, done_rx) = crossbeam_channel::unbounded();
+        self.jobs = Some(jobs_tx);
+        self.done = done_rx;
+        let this = std::mem::replace(self, Db::placeholder());
+        *self = this.start_worker(jobs_rx, done_tx, Some(boundary));
+        self.check()
+    }
+
+    fn placeholder() -> Db {
+        let (_, done) = crossbeam_channel::unbounded();
+        Db {
+            dir: PathBuf::new(),
+            opts: EngineOptions::default(),
+            mem: Arc::new(Memtable::new()),
+            imm: Vec::new(),
+            runs: Vec::new(),
+            next_file: Arc::new(AtomicU64::new(0)),
+            user_meta: Vec::new(),
+            jobs: None,
+            done,
+            worker: None,
+            compacting: false,
+            filter: None,
+            keep: None,
+            failed: None,
+            flushes: 0,
+            compactions: 0,
+        }
+    }
+
+    /// Sets the compaction filter (e.g. TTL cleanup).
+    pub fn set_compaction_filter(&mut self, filter: Option<Arc<dyn CompactionFilter>>) {
+        self.filter = filter;
+    }
+
+    /// Compaction drops keys outside `[start, end)` (state of key groups this owner gave up).
+    pub fn set_keep_range(&mut self, range: Option<(Vec<u8>, Vec<u8>)>) {
+        self.keep = range;
+    }
+
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The owner's metadata stored in the manifest.
+    pub fn user_meta(&self) -> &[u8] {
+        &self.user_meta
+    }
+
+    /// Sets the owner's metadata (written with the next manifest update).
+    pub fn set_user_meta(&mut self, meta: Vec<u8>) {
+        self.user_meta = meta;
+    }
+
+    fn check(&self) -> Result<()> {
+        match &self.failed {
+            Some(r) => Err(Error::Worker { reason: r.clone() }),
+            None => Ok(()),
+        }
+    }
+
+    /// The resolved value of `key`, appended to `out`; false when absent.
+    #[inline]
+    pub fn get(&self, key: &[u8], out: &mut Vec<u8>) -> Result<bool> {
+        // Merge operands seen so far, newest first.
+        let mut ops: Vec<&[u8]> = Vec::new();
+        let finish = |base: Option<&[u8]>, ops: &[&[u8]], out: &mut Vec<u8>| {
+            if let Some(b) = base {
+                out.extend_from_slice(b);
+            }
+            for op in ops.iter().rev() {
+                out.extend_from_slice(op);
+            }
+        };
+        for m in std::iter::once(&self.mem).chain(self.imm.iter()) {
+            match m.get(key) {
+                Some(Op::Put(v)) => {
+                    finish(Some(v), &ops, out);
+                    return Ok(true);
+                }
+                Some(Op::Delete) => {
+                    finish(None, &ops, out);
+                    return Ok(!ops.is_empty());
+                }
+                Some(Op::Merge(v)) => ops.push(v),
+                None => {}
+            }
+        }
+        for r in &self.runs {
+            let i = r.partition_point(|f| f.last_key() < key);
+            let Some(f) = r.get(i) else { continue };
+            if let Some(e) = f.get(key)? {
+                match e.kind {
+                    OpKind::Put => {
+                        finish(Some(e.value), &ops, out);
+                        return Ok(true);
+                    }
+                    OpKind::Delete => {
+                        finish(None, &ops, out);
+                        return Ok(!ops.is_empty());
+                    }
+                    OpKind::Merge => ops.push(e.value),
+                }
+            }
+        }
+        finish(None, &ops, out);
+        Ok(!ops.is_empty())
+    }
+
+    /// Sets `key` to `value`.
+    #[inline]
+    pub fn put(&mut self, key: &[u8], value: &[u8]) -> Result<()> {
+        Arc::make_mut(&mut self.mem).put(key, value);
+        self.after_write()
+    }
+
+    /// Appends `operand` to the value of `key` (no read).
+    #[inline]
+    pub fn merge(&mut self, key: &[u8], operand: &[u8]) -> Result<()> {
+        Arc::make_mut(&mut self.mem).merge(key, operand);
+        self.after_write()
+    }
+
+    /// Deletes `key` (writes a tombstone).
+    #[inline]
+    pub fn delete(&mut self, key: &[u8]) -> Result<()> {
+        Arc::make_mut(&mut self.mem).delete(key);
+        self.after_write()
+    }
+
+    #[inline]
+    fn after_write(&mut self) -> Result<()> {
+        if self.mem.bytes() >= self.opts.write_buffer_bytes() {
+            self.rotate()?;
+        }
+        Ok(())
+    }
+
+    /// A consistent view of everything written so far.
+    pub fn snapshot(&self) -> DbSnapshot {
+        let mut mems = Vec::with_capacity(1 + self.imm.len());
+        if !self.mem.is_empty() {
+            mems.push(Arc::clone(&self.mem));
+        }
+        mems.extend(self.imm.iter().cloned());
+        DbSnapshot {
+            mems,
+            runs: self.runs.clone(),
+        }
+    }
+
+    /// A consistent view for a long-lived reader (another thread): moves the write buffer to
+    /// the immutable list first, so later writes do not copy it.
+    pub fn snapshot_detached(&mut self) -> Result<DbSnapshot> {
+        self.rotate()?;
+        Ok(self.snapshot())
+    }
+
+    /// Resolved entries in `[start, end)`. Drop the iterator before the next write, or that
+    /// write copies the write buffer.
+    pub fn iter(&self, start: &[u8], end: Option<&[u8]>) -> Result<DbIter> {
+        self.snapshot().iter(start, end)
+    }
+
+    /// Moves the write buffer to the immutable list and schedules its flush.
+    fn rotate(&mut self) -> Result<()> {
+        self.check()?;
+        self.poll()?;
+        if self.mem.is_empty() {
+            return Ok(());
+        }
+        while self.imm.len() >= EngineOptions::MAX_IMMUTABLE {
+            self.wait_one()?;
+        }
+        let mem = std::mem::replace(&mut self.mem, Arc::new(Memtable::new()));
+        self.imm.insert(0, Arc::clone(&mem));
+        let number = self.next_file.fetch_add(1, Ordering::SeqCst);
+        self.send(Job::Flush { mem, number })
+    }
+
+    fn send(&mut self, job: Job) -> Result<()> {
+        let sent = self.jobs.as_ref().is_some_and(|j| j.send(job).is_ok());
+        if !sent {
+            self.failed = Some("the worker thread is gone".into());
+            return self.check();
+        }
+        Ok(())
+    }
+
+    /// Installs finished background work without waiting.
+    fn poll(&mut self) -> Result<()> {
+        while let Ok(d) = self.done.try_recv() {
+            self.install(d)?;
+        }
+        Ok(())
+    }
+
+    fn wait_one(&mut self) -> Result<()> {
+        match self.done.recv() {
+            Ok(d) => self.install(d),
+            Err(_) => {
+                self.failed = Some("the worker thread stopped".into());
+                self.check()
+            }
+        }
+    }
+
+    fn install(&mut self, d: Done) -> Result<()> {
+        let r = self.install_inner(d);
+        if let Err(e) = &r {
+            self.failed = Some(e.to_string());
+        }
+        r
+    }
+
+    fn install_inner(&mut self, d: Done) -> Result<()> {
+        match d {
+            Done::Flushed(result) => {
+                let file = result?;
+                self.imm.pop();
+                if let Some(f) = file {
+                    self.runs.insert(0, Arc::new(vec![f]));
+                }
+                self.flushes += 1;
+                self.store_manifest()?;
+                self.maybe_compact()
+            }
+            Done::Compacted { inputs, result } => {
+                let files = result?;
+                self.compacting = false;
+                self.compactions += 1;
+                let at = self.runs.len().saturating_sub(inputs);
+                let old = self.runs.split_off(at);
+                if !files.is_empty() {
+                    self.runs.push(Arc::new(files));
+                }
+                self.store_manifest()?;
+                for f in old.iter().flat_map(|r| r.iter()) {
+                    f.mark_obsolete();
+                }
+                self.maybe_compact()
+            }
+        }
+    }
+
+    fn maybe_compact(&mut self) -> Result<()> {
+        if !self.compacting && self.runs.len() >= self.opts.max_sorted_runs {
+            self.start_compaction()?;
+        }
+        Ok(())
+    }
+
+    fn start_compaction(&mut self) -> Result<()> {
+        self.compacting = true;
+        let job = Job::Compact {
+            inputs: self.runs.clone(),
+            bottommost: true,
+            filter: self.filter.clone(),
+            keep: self.keep.clone(),
+        };
+        self.send(job)
+    }
+
+    fn store_manifest(&self) -> Result<()> {
+        Manifest {
+            next_file: self.next_file.load(Ordering::SeqCst),
+            runs: self
+                .runs
+                .iter()
+                .map(|r| r.iter().map(|f| f.number()).collect())
+                .collect(),
+            user_meta: self.user_meta.clone(),
+        }
+        .store(&self.dir)
+    }
+
+    /// Flushes the write buffer and waits until every flush is installed and the manifest that
+    /// names the new files is durable. Everything written before the call survives a crash.
+    pub fn flush(&mut self) -> Result<()> {
+        self.rotate()?;
+        while !self.imm.is_empty() {
+            self.wait_one()?;
+        }
+        // The owner's metadata may have changed without a flush.
+        self.store_manifest()
+    }
+
+    /// Waits for background work (flushes and a running compaction).
+    pub fn drain(&mut self) -> Result<()> {
+        while !self.imm.is_empty() || self.compacting {
+            self.wait_one()?;
+        }
+        Ok(())
+    }
+
+    /// Flushes, then compacts every sorted run into one (applying the filter and keep range).
+    pub fn compact(&mut self) -> Result<()> {
+        self.flush()?;
+        self.drain()?;
+        if !self.runs.is_empty() {
+            self.start_compaction()?;
+            self.drain()?;
+        }
+        Ok(())
+    }
+
+    /// The live sorted runs, newest first (flush first to include recent writes).
+    pub fn sorted_runs(&self) -> Vec<SortedRun> {
+        self.runs.clone()
+    }
+
+    /// Adds sorted runs (paths of files, newest run first) as the *oldest* data: each file is
+    /// hard-linked (or copied) into the directory under a new number, verified and mapped.
+    pub fn ingest(&mut self, runs: Vec<Vec<PathBuf>>) -> Result<()> {
+        self.drain()?;
+        for r in runs {
+            let mut files = Vec::new();
+            for src in r {
+                let n = self.next_file.fetch_add(1, Ordering::SeqCst);
+                let dst = self.dir.join(run_file_name(n));
+                if fs::hard_link(&src, &dst).is_err() {
+                    fs::copy(&src, &dst)
+                        .map_err(|e| Error::io("copying a sorted run in", &src, e))?;
+                }
+                files.push(Arc::new(RunFile::open(
+                    &dst,
+                    n,
+                    self.opts.verify_on_open,
+                    self.opts.verify_blocks_on_read,
+                )?));
+            }
+            files.sort_by(|a, b| a.first_key().cmp(b.first_key()));
+            if files
+                .windows(2)
+                .any(|w| w[0].last_key() >= w[1].first_key())
+            {
+                return Err(Error::Config {
+                    reason: "files of one sorted run overlap".into(),
+                });
+            }
+            if !files.is_empty() {
+                self.runs.push(Arc::new(files));
+            }
+        }
+        sync_dir(&self.dir)?;
+        self.store_manifest()?;
+        self.maybe_compact()
+    }
+
+    /// Counters: (flushes installed, compactions installed, sorted runs, write buffer bytes).
+    pub fn stats(&self) -> (u64, u64, usize, usize) {
+        (
+            self.flushes,
+            self.compactions,
+            self.runs.len(),
+            self.mem.bytes(),
+        )
+    }
+
+    fn stop_worker(&mut self) {
+        self.jobs = None;
+        if let Some(w) = self.worker.take() {
+            let _ = w.join();
+        }
+    }
+}
+
+impl Drop for Db {
+    fn drop(&mut self) {
+        // Finish installing what the worker completed, so no finished file is orphaned
+        // needlessly; unflushed writes are dropped (no write-ahead log).
+        let _ = self.drain();
+        self.stop_worker();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn small() -> EngineOptions {
+        EngineOptions {
+            memory_budget: 64 << 10,
+            max_sorted_runs: 3,
+            target_file_bytes: 32 << 10,
+            ..EngineOptions::default()
+        }
+    }
+
+    fn all(db: &Db) -> BTreeMap<Vec<u8>, Vec<u8>> {
+        let mut it = db.iter(&[], None).unwrap();
+        let mut out = BTreeMap::new();
+        while let Some((k, v)) = it.next().unwrap() {
+            out.insert(k.to_vec(), v.to_vec());
+        }
+        out
+    }
+
+    #[test]
+    fn puts_merges_deletes_across_flushes_compaction_and_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut model = BTreeMap::<Vec<u8>, Vec<u8>>::new();
+        {
+            let mut db = Db::open(dir.path(), small()).unwrap();
+            for i in 0u32..20_000 {
+                let k = (i % 3000).to_be_bytes().to_vec();
+                match i % 5 {
+                    0 | 1 => {
+                        db.put(&k, &i.to_be_bytes()).unwrap();
+                        model.insert(k, i.to_be_bytes().to_vec());
+                    }
+                    2 | 3 => {
+                        db.merge(&k, &[i as u8]).unwrap();
+                        model.entry(k).or_default().push(i as u8);
+                    }
+                    _ => {
+                        db.delete(&k).unwrap();
+                        model.remove(&k);
+                    }
+                }
+                if i % 997 == 0 {
+                    let k = (i % 3000).to_be_bytes();
+                    let mut out = Vec::new();
+                    let found = db.get(&k, &mut out).unwrap();
+                    assert_eq!(found.then_some(out), model.get(&k[..]).cloned());
+                }
+            }
+            let (flushes, _, _, _) = db.stats();
+            assert!(flushes > 3, "the small budget forces flushes");
+            assert_eq!(all(&db), model);
+            db.flush().unwrap();
+            assert_eq!(all(&db), model);
+            db.compact().unwrap();
+            assert_eq!(db.stats().2, 1);
+            assert_eq!(all(&db), model);
+        }
+        let db = Db::open(dir.path(), small()).unwrap();
+        assert_eq!(all(&db), model);
+        for (k, v) in &model {
+            let mut out = Vec::new();
+            assert!(db.get(k, &mut out).unwrap());
+            assert_eq!(&out, v);
+        }
+        let mut out = Vec::new();
+        assert!(!db.get(b"absent", &mut out).unwrap());
+        // Only live files remain in the directory.
+        let runs: usize = db.sorted_runs().iter().map(|r| r.len()).sum();
+        let on_disk = fs::read_dir(dir.path())
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .ends_with(".run")
+            })
+            .count();
+        assert_eq!(runs, on_disk);
+    }
+
+    #[test]
+    fn unflushed_writes_are_lost_flushed_ones_survive() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut db = Db::open(dir.path(), EngineOptions::default()).unwrap();
+            db.put(b"a", b"1").unwrap();
+            db.flush().unwrap();
+            db.put(b"b", b"2").unwrap();
+        }
+        let db = Db::open(dir.path(), EngineOptions::default()).unwrap();
+        let mut out = Vec::new();
+        assert!(db.get(b"a", &mut out).unwrap());
+        assert!(!db.get(b"b", &mut Vec::new()).unwrap());
+    }
+
+    #[test]
+    fn flipped_bytes_in_a_run_are_reported_with_the_file_name() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut db = Db::open(dir.path(), EngineOptions::default()).unwrap();
+            for i in 0u32..2000 {
+                db.put(&i.to_be_bytes(), &[7u8; 20]).unwrap();
+            }
+            db.flush().unwrap();
+        }
+        let run = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.extension().is_some_and(|e| e == "run"))
+            .unwrap();
+        let good = fs::read(&run).unwrap();
+        let step = (good.len() / 300).max(1);
+        for i in (0..good.len()).step_by(step) {
+            let mut bad = good.clone();
+            bad[i] ^= 0x41;
+            fs::write(&run, &bad).unwrap();
+            let err = Db::open(dir.path(), EngineOptions::default()).unwrap_err();
+            let msg = err.to_string();
+            assert!(
+                msg.contains(&run.file_name().unwrap().to_string_lossy().to_string()),
+                "byte {i}: {msg}"
+            );
+        }
+        // Truncation too.
+        fs::write(&run, &good[..good.len() - 10]).unwrap();
+        assert!(Db::open(dir.path(), EngineOptions::default()).is_err());
+        fs::write(&run, &good).unwrap();
+        assert!(Db::open(dir.path(), EngineOptions::default()).is_ok());
+    }
+
+    #[test]
+    fn snapshot_is_isolated_and_outlives_compaction() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut db = Db::open(dir.path(), small()).unwrap();
+        for i in 0u32..3000 {
+            db.put(&i.to_be_bytes(), b"old").unwrap();
+        }
+        let snap = db.snapshot_detached().unwrap();
+        for i in 0u32..3000 {
+            db.put(&i.to_be_bytes(), b"new").unwrap();
+        }
+        db.compact().unwrap();
+        let t = std::thread::spawn(move || {
+            let mut it = snap.iter(&[], None).unwrap();
+            let mut n = 0;
+            while let Some((_, v)) = it.next().unwrap() {
+                assert_eq!(v, b"old");
+                n += 1;
+            }
+            n
+        });
+        assert_eq!(t.join().unwrap(), 3000);
+    }
+
+    #[test]
+    fn filter_and_keep_range_apply_in_compaction() {
+        struct DropOdd;
+        impl CompactionFilter for DropOdd {
+            fn filter(&self, _: &[u8], v: &[u8], _: &mut Vec<u8>) -> FilterDecision {
+                if v[0] % 2 == 1 {
+                    FilterDecision::Remove
+                } else {
+                    FilterDecision::Keep
+                }
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let mut db = Db::open(dir.path(), small()).unwrap();
+        for i in 0u8..200 {
+            db.put(&[i], &[i]).unwrap();
+        }
+        db.set_compaction_filter(Some(Arc::new(DropOdd)));
+        db.set_keep_range(Some((vec![10], vec![100])));
+        db.compact().unwrap();
+        let got: Vec<u8> = all(&db).keys().map(|k| k[0]).collect();
+        let want: Vec<u8> = (10u8..100).filter(|i| i % 2 == 0).collect();
+        assert_eq!(got, want);
+    }
+}

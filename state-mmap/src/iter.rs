@@ -1,0 +1,285 @@
+//! Cursors over memtables and sorted runs, and the merging iterator that resolves them.
+
+use std::collections::VecDeque;
+use std::ops::Bound;
+use std::sync::Arc;
+
+use crate::error::Result;
+use crate::memtable::{Memtable, Op, OpKind};
+use crate::run::RunFile;
+
+/// A forward cursor over one source, positioned on an entry or exhausted.
+pub(crate) trait Cursor: Send {
+    /// The current entry.
+    fn current(&self) -> Option<(OpKind, &[u8], &[u8])>;
+    /// Moves to the next entry.
+    fn advance(&mut self) -> Result<()>;
+}
+
+/// Entries of a shared memtable in `[start, end)`, fetched in batches.
+pub(crate) struct MemCursor {
+    mem: Arc<Memtable>,
+    buf: VecDeque<(Vec<u8>, Op)>,
+    end: Option<Vec<u8>>,
+    last: Option<Vec<u8>>,
+    done: bool,
+}
+
+const MEM_BATCH: usize = 64;
+
+impl MemCursor {
+    pub(crate) fn new(mem: Arc<Memtable>, start: &[u8], end: Option<&[u8]>) -> MemCursor {
+        let mut c = MemCursor {
+            mem,
+            buf: VecDeque::new(),
+            end: end.map(<[u8]>::to_vec),
+            last: None,
+            done: false,
+        };
+        c.fill(Bound::Included(start.to_vec()));
+        c
+    }
+
+    fn fill(&mut self, from: Bound<Vec<u8>>) {
+        let end = match &self.end {
+            Some(e) => Bound::Excluded(e.clone()),
+            None => Bound::Unbounded,
+        };
+        if let (Bound::Included(s) | Bound::Excluded(s), Bound::Excluded(e)) = (&from, &end) {
+            if s >= e {
+                self.done = true;
+                return;
+            }
+        }
+        let mut n = 0;
+        for (k, v) in self.mem.map().range((from, end)).take(MEM_BATCH) {
+            self.buf.push_back((k.clone(), v.clone()));
+            n += 1;
+        }
+        if n < MEM_BATCH {
+            self.done = true;
+        }
+    }
+}
+
+impl Cursor for MemCursor {
+    fn current(&self) -> Option<(OpKind, &[u8], &[u8])> {
+        self.buf.front().map(|(k, v)| (v.kind(), &k[..], v.value()))
+    }
+
+    fn advance(&mut self) -> Result<()> {
+        if let Some((k, _)) = self.buf.pop_front() {
+            self.last = Some(k);
+        }
+        if self.buf.is_empty() && !self.done {
+            if let Some(last) = self.last.take() {
+                self.fill(Bound::Excluded(last));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Entries of a sorted run (non-overlapping files in key order) in `[start, end)`.
+pub(crate) struct RunCursor {
+    files: Arc<Vec<Arc<RunFile>>>,
+    file: usize,
+    block: usize,
+    entry: usize,
+    block_len: usize,
+    end: Option<Vec<u8>>,
+    valid: bool,
+}
+
+impl RunCursor {
+    pub(crate) fn new(
+        files: Arc<Vec<Arc<RunFile>>>,
+        start: &[u8],
+        end: Option<&[u8]>,
+    ) -> Result<RunCursor> {
+        let file = files.partition_point(|f| f.last_key() < start);
+        let mut c = RunCursor {
+            files,
+            file,
+            block: 0,
+            entry: 0,
+            block_len: 0,
+            end: end.map(<[u8]>::to_vec),
+            valid: false,
+        };
+        if let Some(f) = c.files.get(c.file).cloned() {
+            if let Some(b) = f.find_block(start)? {
+                let blk = f.block(b)?;
+                c.block = b;
+                c.block_len = blk.len();
+                c.entry = blk.lower_bound(start, &f)?;
+                c.valid = true;
+                c.settle()?;
+            }
+        }
+        Ok(c)
+    }
+
+    /// Moves past exhausted blocks and files; checks the end bound.
+    fn settle(&mut self) -> Result<()> {
+        loop {
+            let Some(f) = self.files.get(self.file) else {
+                self.valid = false;
+                return Ok(());
+            };
+            if self.entry < self.block_len {
+                break;
+            }
+            self.entry = 0;
+            self.block += 1;
+            if self.block >= f.block_count() {
+                self.file += 1;
+                self.block = 0;
+                match self.files.get(self.file) {
+                    Some(nf) => self.block_len = nf.block(0)?.len(),
+                    None => {
+                        self.valid = false;
+                        return Ok(());
+                    }
+                }
+            } else {
+                self.block_len = f.block(self.block)?.len();
+            }
+        }
+        if let (Some(end), Some((_, k, _))) = (&self.end, self.current_checked()?) {
+            if k >= &end[..] {
+                self.valid = false;
+            }
+        }
+        Ok(())
+    }
+
+    fn current_checked(&self) -> Result<Option<(OpKind, &[u8], &[u8])>> {
+        if !self.valid {
+            return Ok(None);
+        }
+        let Some(f) = self.files.get(self.file) else {
+            return Ok(None);
+        };
+        let e = f.block(self.block)?.entry(self.entry, f)?;
+        Ok(Some((e.kind, e.key, e.value)))
+    }
+}
+
+impl Cursor for RunCursor {
+    fn current(&self) -> Option<(OpKind, &[u8], &[u8])> {
+        // Blocks were checked when the cursor reached them; a failure here means the map
+        // changed underneath, which `settle` would have reported: treat as exhausted.
+        self.current_checked().ok().flatten()
+    }
+
+    fn advance(&mut self) -> Result<()> {
+        if self.valid {
+            self.entry += 1;
+            self.settle()?;
+        }
+        Ok(())
+    }
+}
+
+/// How the merging iterator resolves what it finds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Resolve {
+    /// Reads: tombstones hide keys, merge operands without a base are the value.
+    Read,
+    /// Compaction of the oldest data (nothing older exists): like `Read`.
+    Bottommost,
+    /// Compaction above older data: tombstones and unresolved merges are kept.
+    Partial,
+}
+
+/// Merges cursors (newest first) into one resolved, ordered stream.
+pub(crate) struct MergeIter {
+    sources: Vec<Box<dyn Cursor>>,
+    resolve: Resolve,
+    key: Vec<u8>,
+    value: Vec<u8>,
+    kind: OpKind,
+    ops: Vec<Vec<u8>>,
+}
+
+impl MergeIter {
+    pub(crate) fn new(sources: Vec<Box<dyn Cursor>>, resolve: Resolve) -> MergeIter {
+        MergeIter {
+            sources,
+            resolve,
+            key: Vec::new(),
+            value: Vec::new(),
+            kind: OpKind::Put,
+            ops: Vec::new(),
+        }
+    }
+
+    /// The next resolved entry: `(kind, key, value)`; kinds other than `Put` only with
+    /// [`Resolve::Partial`].
+    #[allow(clippy::should_implement_trait)]
+    pub(crate) fn next(&mut self) -> Result<Option<(OpKind, &[u8], &[u8])>> {
+        loop {
+            let mut min: Option<usize> = None;
+            for (i, s) in self.sources.iter().enumerate() {
+                if let Some((_, k, _)) = s.current() {
+                    match min {
+                        Some(m) => {
+                            if let Some((_, mk, _)) = self.sources[m].current() {
+                                if k < mk {
+                                    min = Some(i);
+                                }
+                            }
+                        }
+                        None => min = Some(i),
+                    }
+                }
+            }
+            let Some(m) = min else { return Ok(None) };
+            self.key.clear();
+            if let Some((_, k, _)) = self.sources[m].current() {
+                self.key.extend_from_slice(k);
+            }
+            self.ops.clear();
+            let mut base: Option<OpKind> = None;
+            self.value.clear();
+            for i in m..self.sources.len() {
+                let s = &mut self.sources[i];
+                let Some((kind, k, v)) = s.current() else {
+                    continue;
+                };
+                if k != &self.key[..] {
+                    continue;
+                }
+                if base.is_none() {
+                    match kind {
+                        OpKind::Put => {
+                            base = Some(OpKind::Put);
+                            self.value.extend_from_slice(v);
+                        }
+                        OpKind::Delete => base = Some(OpKind::Delete),
+                        OpKind::Merge => self.ops.push(v.to_vec()),
+                    }
+                }
+                s.advance()?;
+            }
+            for op in self.ops.iter().rev() {
+                self.value.extend_from_slice(op);
+            }
+            self.kind = match base {
+                Some(OpKind::Put) => OpKind::Put,
+                Some(OpKind::Delete) if self.ops.is_empty() => OpKind::Delete,
+                Some(_) => OpKind::Put,
+                None => OpKind::Merge,
+            };
+            if self.resolve != Resolve::Partial {
+                match self.kind {
+                    OpKind::Delete => continue,
+                    OpKind::Merge => self.kind = OpKind::Put,
+                    OpKind::Put => {}
+                }
+            }
+            return Ok(Some((self.kind, &self.key, &self.value)));
+        }
+    }
+}

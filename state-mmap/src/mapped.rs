@@ -1,0 +1,65 @@
+//! The only module with `unsafe` code: read-only memory maps of immutable sorted-run files.
+//!
+//! # Truncation underneath a mapping
+//!
+//! Reading a mapped page whose file offset lies beyond the file's current end raises `SIGBUS`
+//! and kills the process. Sorted-run files are written completely, `fsync`ed and renamed into
+//! place *before* they are mapped, and this crate never writes, truncates or reopens a
+//! published file for writing: it only maps it read-only and eventually unlinks it (unlinking
+//! keeps the mapping valid until it is dropped). So truncation cannot happen through this crate's
+//! API. Another process truncating or rewriting a file in the database directory can crash this
+//! one; the directory must be private to the backend, as RocksDB's and LMDB's are.
+#![allow(unsafe_code)]
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+
+/// A read-only memory map of a whole file.
+#[derive(Debug)]
+pub(crate) struct MappedFile {
+    map: Option<memmap2::Mmap>,
+    path: PathBuf,
+}
+
+impl MappedFile {
+    /// Maps `path` read-only. An empty file gives an empty slice (mapping zero bytes fails on
+    /// some platforms, so it is not mapped at all).
+    pub(crate) fn open(path: &Path) -> Result<MappedFile> {
+        let file = File::open(path).map_err(|e| Error::io("opening a sorted run", path, e))?;
+        let len = file
+            .metadata()
+            .map_err(|e| Error::io("reading the size of a sorted run", path, e))?
+            .len();
+        if len == 0 {
+            return Ok(MappedFile {
+                map: None,
+                path: path.to_path_buf(),
+            });
+        }
+        // SAFETY: the file is an immutable, fully written and fsynced sorted run that this crate
+        // never modifies or truncates while it is mapped (see the module docs); the map is
+        // read-only, so no `&mut` alias to its bytes can exist.
+        let map = unsafe { memmap2::MmapOptions::new().map(&file) }
+            .map_err(|e| Error::io("memory-mapping a sorted run", path, e))?;
+        Ok(MappedFile {
+            map: Some(map),
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// The file's bytes.
+    #[inline]
+    pub(crate) fn bytes(&self) -> &[u8] {
+        match &self.map {
+            Some(m) => m,
+            None => &[],
+        }
+    }
+
+    /// The file's path.
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+}

@@ -1,0 +1,577 @@
+//! Immutable sorted-run files: writing (buffered, fsynced, renamed into place) and reading
+//! (memory-mapped, bounds-checked, checksummed). The byte layout is in `docs/mmap-format.md`.
+
+use std::fs::{self, File};
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crate::error::{Error, Result};
+use crate::mapped::MappedFile;
+use crate::memtable::OpKind;
+
+/// Magic bytes at the start and at the end of every sorted-run file.
+pub const RUN_MAGIC: [u8; 4] = *b"FLSR";
+/// The sorted-run format version this build writes and reads.
+pub const RUN_VERSION: u16 = 1;
+/// Size of the fixed footer.
+pub const FOOTER_LEN: usize = 48;
+const HEADER_LEN: usize = 8;
+const BLOCK_TARGET: usize = 4096;
+const BLOOM_BITS_PER_KEY: usize = 10;
+const BLOOM_K: u8 = 7;
+
+fn be32(b: &[u8]) -> u32 {
+    let mut a = [0u8; 4];
+    a.copy_from_slice(&b[..4]);
+    u32::from_be_bytes(a)
+}
+fn be64(b: &[u8]) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[..8]);
+    u64::from_be_bytes(a)
+}
+
+#[inline]
+fn bloom_hash(key: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64_with_seed(key, 0x0b10_0f11)
+}
+
+/// Writes one sorted-run file. Keys must be added in strictly increasing order.
+pub(crate) struct RunWriter {
+    out: BufWriter<File>,
+    tmp: PathBuf,
+    path: PathBuf,
+    written: u64,
+    block: Vec<u8>,
+    offsets: Vec<u32>,
+    last_key: Vec<u8>,
+    first_key: Option<Vec<u8>>,
+    index: Vec<u8>,
+    index_offsets: Vec<u32>,
+    index_count: u32,
+    hashes: Vec<u64>,
+    entries: u64,
+}
+
+impl RunWriter {
+    /// Starts `path` (written as `path.tmp` until [`RunWriter::finish`]).
+    pub(crate) fn create(path: &Path) -> Result<RunWriter> {
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(".tmp");
+        let tmp = PathBuf::from(tmp);
+        let file = File::create(&tmp).map_err(|e| Error::io("creating a sorted run", &tmp, e))?;
+        let mut out = BufWriter::with_capacity(256 << 10, file);
+        let mut head = [0u8; HEADER_LEN];
+        head[..4].copy_from_slice(&RUN_MAGIC);
+        head[4..6].copy_from_slice(&RUN_VERSION.to_be_bytes());
+        out.write_all(&head)
+            .map_err(|e| Error::io("writing a sorted run", &tmp, e))?;
+        Ok(RunWriter {
+            out,
+            tmp,
+            path: path.to_path_buf(),
+            written: HEADER_LEN as u64,
+            block: Vec::with_capacity(BLOCK_TARGET * 2),
+            offsets: Vec::new(),
+            last_key: Vec::new(),
+            first_key: None,
+            index: Vec::new(),
+            index_offsets: Vec::new(),
+            index_count: 0,
+            hashes: Vec::new(),
+            entries: 0,
+        })
+    }
+
+    /// Bytes written so far (approximately the file size).
+    pub(crate) fn size(&self) -> u64 {
+        self.written + self.block.len() as u64
+    }
+
+    /// Appends an entry.
+    pub(crate) fn add(&mut self, key: &[u8], kind: OpKind, value: &[u8]) -> Result<()> {
+        if self.first_key.is_some() && key <= &self.last_key[..] {
+            return Err(Error::Config {
+                reason: "sorted run keys must be added in increasing order".into(),
+            });
+        }
+        if self.first_key.is_none() {
+            self.first_key = Some(key.to_vec());
+        }
+        let (klen, vlen) = (u32::try_from(key.len()), u32::try_from(value.len()));
+        let (Ok(klen), Ok(vlen)) = (klen, vlen) else {
+            return Err(Error::Config {
+                reason: "keys and values are limited to 4 GiB".into(),
+            });
+        };
+        self.offsets.push(self.block.len() as u32);
+        self.block.push(kind as u8);
+        self.block.extend_from_slice(&klen.to_be_bytes());
+        self.block.extend_from_slice(&vlen.to_be_bytes());
+        self.block.extend_from_slice(key);
+        self.block.extend_from_slice(value);
+        self.last_key.clear();
+        self.last_key.extend_from_slice(key);
+        self.hashes.push(bloom_hash(key));
+        self.entries += 1;
+        if self.block.len() >= BLOCK_TARGET {
+            self.finish_block()?;
+        }
+        Ok(())
+    }
+
+    fn finish_block(&mut self) -> Result<()> {
+        if self.offsets.is_empty() {
+            return Ok(());
+        }
+        for o in &self.offsets {
+            self.block.extend_from_slice(&o.to_be_bytes());
+        }
+        self.block
+            .extend_from_slice(&(self.offsets.len() as u32).to_be_bytes());
+        let crc = crc32c::crc32c(&self.block);
+        self.block.extend_from_slice(&crc.to_be_bytes());
+        let off = self.written;
+        let len = self.block.len() as u32;
+        self.out
+            .write_all(&self.block)
+            .map_err(|e| Error::io("writing a sorted run", &self.tmp, e))?;
+        self.written += u64::from(len);
+        self.index_offsets.push(self.index.len() as u32);
+        self.index
+            .extend_from_slice(&(self.last_key.len() as u32).to_be_bytes());
+        self.index.extend_from_slice(&self.last_key);
+        self.index.extend_from_slice(&off.to_be_bytes());
+        self.index.extend_from_slice(&len.to_be_bytes());
+        self.index_count += 1;
+        self.block.clear();
+        self.offsets.clear();
+        Ok(())
+    }
+
+    fn write_section(&mut self, mut body: Vec<u8>) -> Result<(u64, u32)> {
+        let crc = crc32c::crc32c(&body);
+        body.extend_from_slice(&crc.to_be_bytes());
+        let off = self.written;
+        self.out
+            .write_all(&body)
+            .map_err(|e| Error::io("writing a sorted run", &self.tmp, e))?;
+        self.written += body.len() as u64;
+        Ok((off, body.len() as u32))
+    }
+
+    /// Writes index, bloom filter, properties and footer, fsyncs and renames the file into place.
+    /// Returns `None` (and removes the file) when no entry was added.
+    pub(crate) fn finish(mut self) -> Result<Option<PathBuf>> {
+        let Some(first_key) = self.first_key.take() else {
+            drop(self.out);
+            let _ = fs::remove_file(&self.tmp);
+            return Ok(None);
+        };
+        self.finish_block()?;
+        // Index block.
+        let mut index = std::mem::take(&mut self.index);
+        for o in &self.index_offsets {
+            index.extend_from_slice(&o.to_be_bytes());
+        }
+        index.extend_from_slice(&self.index_count.to_be_bytes());
+        let (index_off, index_len) = self.write_section(index)?;
+        // Bloom filter.
+        let nbits = (self.hashes.len() * BLOOM_BITS_PER_KEY).max(64);
+        let mut bits = vec![0u8; nbits.div_ceil(8)];
+        let nbits = (bits.len() * 8) as u64;
+        for h in &self.hashes {
+            let (mut h1, h2) = (*h & 0xffff_ffff, (*h >> 32) | 1);
+            for _ in 0..BLOOM_K {
+                let bit = h1 % nbits;
+                bits[(bit / 8) as usize] |= 1 << (bit % 8);
+                h1 = h1.wrapping_add(h2);
+            }
+        }
+        let mut bloom = Vec::with_capacity(bits.len() + 1);
+        bloom.push(BLOOM_K);
+        bloom.extend_from_slice(&bits);
+        let (bloom_off, bloom_len) = self.write_section(bloom)?;
+        // Properties.
+        let mut props = Vec::new();
+        props.extend_from_slice(&self.entries.to_be_bytes());
+        props.extend_from_slice(&(first_key.len() as u32).to_be_bytes());
+        props.extend_from_slice(&first_key);
+        props.extend_from_slice(&(self.last_key.len() as u32).to_be_bytes());
+        props.extend_from_slice(&self.last_key);
+        let (props_off, props_len) = self.write_section(props)?;
+        // Footer.
+        let mut footer = Vec::with_capacity(FOOTER_LEN);
+        footer.extend_from_slice(&index_off.to_be_bytes());
+        footer.extend_from_slice(&index_len.to_be_bytes());
+        footer.extend_from_slice(&bloom_off.to_be_bytes());
+        footer.extend_from_slice(&bloom_len.to_be_bytes());
+        footer.extend_from_slice(&props_off.to_be_bytes());
+        footer.extend_from_slice(&props_len.to_be_bytes());
+        footer.extend_from_slice(&RUN_VERSION.to_be_bytes());
+        footer.extend_from_slice(&[0, 0]);
+        let crc = crc32c::crc32c(&footer);
+        footer.extend_from_slice(&crc.to_be_bytes());
+        footer.extend_from_slice(&RUN_MAGIC);
+        self.out
+            .write_all(&footer)
+            .map_err(|e| Error::io("writing a sorted run", &self.tmp, e))?;
+        let file = self
+            .out
+            .into_inner()
+            .map_err(|e| Error::io("writing a sorted run", &self.tmp, e.into_error()))?;
+        file.sync_all()
+            .map_err(|e| Error::io("fsyncing a sorted run", &self.tmp, e))?;
+        drop(file);
+        fs::rename(&self.tmp, &self.path)
+            .map_err(|e| Error::io("publishing a sorted run", &self.path, e))?;
+        Ok(Some(self.path))
+    }
+}
+
+/// A published, memory-mapped sorted-run file.
+#[derive(Debug)]
+pub struct RunFile {
+    number: u64,
+    map: MappedFile,
+    index_off: usize,
+    index_end: usize,
+    index_count: usize,
+    bloom_off: usize,
+    bloom_end: usize,
+    bloom_k: u8,
+    first_key: Vec<u8>,
+    last_key: Vec<u8>,
+    entries: u64,
+    verify_blocks: bool,
+    obsolete: AtomicBool,
+}
+
+/// One entry of a block, borrowed from the map.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct RawEntry<'a> {
+    pub kind: OpKind,
+    pub key: &'a [u8],
+    pub value: &'a [u8],
+}
+
+/// A checked view of a data block.
+#[derive(Clone, Copy)]
+pub(crate) struct Block<'a> {
+    data: &'a [u8],
+    offsets_at: usize,
+    count: usize,
+    base: u64,
+}
+
+impl RunFile {
+    /// Opens and maps `path`; checks magic, version, footer, index, bloom and properties
+    /// checksums, and (with `verify_all`) every data block's checksum.
+    pub(crate) fn open(
+        path: &Path,
+        number: u64,
+        verify_all: bool,
+        verify_blocks: bool,
+    ) -> Result<RunFile> {
+        let map = MappedFile::open(path)?;
+        let b = map.bytes();
+        let corrupt = |off: u64, r: &str| Error::corrupt(path, off, r.to_string());
+        if b.len() < HEADER_LEN + FOOTER_LEN {
+            return Err(corrupt(0, "file too short for a sorted run"));
+        }
+        if b[..4] != RUN_MAGIC {
+            return Err(corrupt(0, "bad magic: not a Flowstate sorted run"));
+        }
+        let version = u16::from_be_bytes([b[4], b[5]]);
+        if version != RUN_VERSION {
+            return Err(Error::UnsupportedVersion {
+                file: path.to_path_buf(),
+                found: version,
+                supported: RUN_VERSION,
+            });
+        }
+        let fo = b.len() - FOOTER_LEN;
+        let f = &b[fo..];
+        if f[44..48] != RUN_MAGIC {
+            return Err(corrupt(
+                fo as u64 + 44,
+                "bad trailing magic (truncated file?)",
+            ));
+        }
+        if be32(&f[40..44]) != crc32c::crc32c(&f[..40]) {
+            return Err(corrupt(fo as u64, "footer checksum mismatch"));
+        }
+        let section = |off: u64, len: u32, what: &str| -> Result<(usize, usize)> {
+            let end = off.checked_add(u64::from(len));
+            match end {
+                Some(end) if off >= HEADER_LEN as u64 && end <= fo as u64 && len >= 4 => {
+                    let (s, e) = (off as usize, end as usize);
+                    if be32(&b[e - 4..e]) != crc32c::crc32c(&b[s..e - 4]) {
+                        return Err(corrupt(off, &format!("{what} checksum mismatch")));
+                    }
+                    Ok((s, e - 4))
+                }
+                _ => Err(corrupt(fo as u64, &format!("{what} lies outside the file"))),
+            }
+        };
+        let (index_off, index_end) = section(be64(&f[0..8]), be32(&f[8..12]), "index block")?;
+        let (bloom_off, bloom_end) = section(be64(&f[12..20]), be32(&f[20..24]), "bloom filter")?;
+        let (props_off, props_end) = section(be64(&f[24..32]), be32(&f[32..36]), "properties")?;
+        if index_end - index_off < 4 || bloom_end <= bloom_off + 1 {
+            return Err(corrupt(index_off as u64, "index or bloom filter too short"));
+        }
+        let index_count = be32(&b[index_end - 4..index_end]) as usize;
+        if index_count.saturating_mul(4) > index_end - index_off - 4 {
+            return Err(corrupt(
+                index_off as u64,
+                "index count larger than the index",
+            ));
+        }
+        let bloom_k = b[bloom_off];
+        let bloom_off = bloom_off + 1;
+        let props = &b[props_off..props_end];
+        let mut p = 0usize;
+        let mut take = |n: usize| -> Result<&[u8]> {
+            let s = props
+                .get(p..p + n)
+                .ok_or_else(|| corrupt(props_off as u64 + p as u64, "properties truncated"))?;
+            p += n;
+            Ok(s)
+        };
+        let entries = be64(take(8)?);
+        let n = be32(take(4)?) as usize;
+        let first_key = take(n)?.to_vec();
+        let n = be32(take(4)?) as usize;
+        let last_key = take(n)?.to_vec();
+        let run = RunFile {
+            number,
+            map,
+            index_off,
+            index_end,
+            index_count,
+            bloom_off,
+            bloom_end,
+            bloom_k,
+            first_key,
+            last_key,
+            entries,
+            verify_blocks,
+            obsolete: AtomicBool::new(false),
+        };
+        for i in 0..run.index_count {
+            let (_, off, len) = run.index_entry(i)?;
+            if verify_all {
+                let blk = run
+                    .bytes()
+                    .get(off..off + len)
+                    .ok_or_else(|| corrupt(off as u64, "data block lies outside the file"))?;
+                if len < 8 || be32(&blk[len - 4..]) != crc32c::crc32c(&blk[..len - 4]) {
+                    return Err(corrupt(
+                        off as u64,
+                        &format!("checksum mismatch in data block {i}"),
+                    ));
+                }
+            }
+        }
+        Ok(run)
+    }
+
+    #[inline]
+    fn bytes(&self) -> &[u8] {
+        self.map.bytes()
+    }
+
+    fn corrupt(&self, off: usize, reason: impl Into<String>) -> Error {
+        Error::corrupt(self.map.path(), off as u64, reason)
+    }
+
+    /// The file number (its name in the database directory).
+    pub fn number(&self) -> u64 {
+        self.number
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        self.map.path()
+    }
+
+    /// Size of the file in bytes.
+    pub fn size(&self) -> u64 {
+        self.bytes().len() as u64
+    }
+
+    /// Smallest key in the file.
+    pub fn first_key(&self) -> &[u8] {
+        &self.first_key
+    }
+
+    /// Largest key in the file.
+    pub fn last_key(&self) -> &[u8] {
+        &self.last_key
+    }
+
+    /// Number of entries.
+    pub fn entries(&self) -> u64 {
+        self.entries
+    }
+
+    /// Marks the file to be deleted when the last reference to it goes.
+    pub(crate) fn mark_obsolete(&self) {
+        self.obsolete.store(true, Ordering::SeqCst);
+    }
+
+    /// `(last key, block offset, block length)` of index entry `i`.
+    fn index_entry(&self, i: usize) -> Result<(&[u8], usize, usize)> {
+        let b = self.bytes();
+        let offs_at = self.index_end - 4 - self.index_count * 4;
+        let o = be32(&b[offs_at + i * 4..]) as usize;
+        let at = self.index_off + o;
+        let bad = || self.corrupt(at, "index entry out of bounds");
+        if at + 4 > offs_at {
+            return Err(bad());
+        }
+        let klen = be32(&b[at..]) as usize;
+        let end = at + 4 + klen + 12;
+        if end > offs_at {
+            return Err(bad());
+        }
+        let key = &b[at + 4..at + 4 + klen];
+        let off = be64(&b[at + 4 + klen..]);
+        let len = be32(&b[at + 12 + klen..]) as usize;
+        if off.saturating_add(len as u64) > (self.bytes().len() - FOOTER_LEN) as u64 || len < 8 {
+            return Err(self.corrupt(at, "index points outside the file"));
+        }
+        Ok((key, off as usize, len))
+    }
+
+    /// Number of data blocks.
+    pub(crate) fn block_count(&self) -> usize {
+        self.index_count
+    }
+
+    /// Data block `i`, checked.
+    pub(crate) fn block(&self, i: usize) -> Result<Block<'_>> {
+        let (_, off, len) = self.index_entry(i)?;
+        let b = &self.bytes()[off..off + len];
+        if self.verify_blocks && be32(&b[len - 4..]) != crc32c::crc32c(&b[..len - 4]) {
+            return Err(self.corrupt(off, format!("checksum mismatch in data block {i}")));
+        }
+        let count = be32(&b[len - 8..]) as usize;
+        let data = &b[..len - 8];
+        if count == 0 || count.saturating_mul(4) > data.len() {
+            return Err(self.corrupt(off, "bad entry count in data block"));
+        }
+        Ok(Block {
+            data,
+            offsets_at: data.len() - count * 4,
+            count,
+            base: off as u64,
+        })
+    }
+
+    /// The first block whose last key is `>= key`.
+    pub(crate) fn find_block(&self, key: &[u8]) -> Result<Option<usize>> {
+        let (mut lo, mut hi) = (0usize, self.index_count);
+        while lo < hi {
+            let mid = (lo + hi) / 2;
+            if self.index_entry(mid)?.0 < key {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        Ok((lo < self.index_count).then_some(lo))
+    }
+
+    /// False when the bloom filter proves `key` is absent.
+    #[inline]
+    pub(crate) fn may_contain(&self, key: &[u8]) -> bool {
+        let bits = &self.bytes()[self.bloom_off..self.bloom_end];
+        let nbits = (bits.len() * 8) as u64;
+        let h = bloom_hash(key);
+        let (mut h1, h2) = (h & 0xffff_ffff, (h >> 32) | 1);
+        for _ in 0..self.bloom_k {
+            let bit = h1 % nbits;
+            if bits[(bit / 8) as usize] & (1 << (bit % 8)) == 0 {
+                return false;
+            }
+            h1 = h1.wrapping_add(h2);
+        }
+        true
+    }
+
+    /// The entry stored for exactly `key`.
+    #[inline]
+    pub(crate) fn get(&self, key: &[u8]) -> Result<Option<RawEntry<'_>>> {
+        if key < &self.first_key[..] || key > &self.last_key[..] || !self.may_contain(key) {
+            return Ok(None);
+        }
+        let Some(bi) = self.find_block(key)? else {
+            return Ok(None);
+        };
+        let blk = self.block(bi)?;
+        let i = blk.lower_bound(key, self)?;
+        if i < blk.count {
+            let e = blk.entry(i, self)?;
+            if e.key == key {
+                return Ok(Some(e));
+            }
+        }
+        Ok(None)
+    }
+}
+
+impl<'a> Block<'a> {
+    pub(crate) fn len(&self) -> usize {
+        self.count
+    }
+
+    /// Entry `i` of the block.
+    #[inline]
+    pub(crate) fn entry(&self, i: usize, run: &RunFile) -> Result<RawEntry<'a>> {
+        let o = be32(&self.data[self.offsets_at + i * 4..]) as usize;
+        let bad = || run.corrupt(self.base as usize + o, "entry out of bounds in data block");
+        if o + 9 > self.offsets_at {
+            return Err(bad());
+        }
+        let kind = OpKind::from_u8(self.data[o])
+            .ok_or_else(|| run.corrupt(self.base as usize + o, "unknown entry kind"))?;
+        let klen = be32(&self.data[o + 1..]) as usize;
+        let vlen = be32(&self.data[o + 5..]) as usize;
+        let ks = o + 9;
+        let vs = ks.checked_add(klen).ok_or_else(bad)?;
+        let ve = vs.checked_add(vlen).ok_or_else(bad)?;
+        if ve > self.offsets_at {
+            return Err(bad());
+        }
+        Ok(RawEntry {
+            kind,
+            key: &self.data[ks..vs],
+            value: &self.data[vs..ve],
+        })
+    }
+
+    /// Index of the first entry with key `>= key`.
+    pub(crate) fn lower_bound(&self, key: &[u8], run: &RunFile) -> Result<usize> {
+        let (mut lo, mut hi) = (0usize, self.count);
+        while lo < hi {
+            let mid = (lo + hi) / 2;
+            if self.entry(mid, run)?.key < key {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        Ok(lo)
+    }
+}
+
+impl Drop for RunFile {
+    fn drop(&mut self) {
+        if self.obsolete.load(Ordering::SeqCst) {
+            // Unlinking a mapped file is safe: the mapping stays valid until it is dropped.
+            let _ = fs::remove_file(self.map.path());
+        }
+    }
+}
