@@ -163,15 +163,23 @@ impl CheckpointStorage {
         Ok(self.savepoints_dir().join(format!("savepoint-{name}")))
     }
 
-    /// The ids of the `chk-<n>` directories of the job (complete or not), sorted.
+    /// The ids of the `chk-<n>` directories of the job that hold at least one object
+    /// (complete or not), sorted. (Some stores, SeaweedFS among them, keep listing a directory
+    /// after its last object is deleted.)
     pub fn checkpoint_dir_ids(&self) -> Result<Vec<u64>> {
-        let mut ids: Vec<u64> = self
-            .list_dirs(&self.job_dir())?
-            .iter()
-            .filter_map(|p| p.filename())
-            .filter_map(|f| f.strip_prefix("chk-"))
-            .filter_map(|n| n.parse().ok())
-            .collect();
+        let mut ids = Vec::new();
+        for dir in self.list_dirs(&self.job_dir())? {
+            let Some(id) = dir
+                .filename()
+                .and_then(|f| f.strip_prefix("chk-"))
+                .and_then(|n| n.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            if !self.list(&dir)?.is_empty() {
+                ids.push(id);
+            }
+        }
         ids.sort_unstable();
         Ok(ids)
     }
