@@ -268,7 +268,15 @@ impl Storage {
         let size = result.meta.size;
         let tmp = temp_sibling(&dest)?;
 
-        let copied = self.copy_to_file(path, result, &tmp).await;
+        let parallel = cfg!(unix)
+            && matches!(result.payload, GetResultPayload::Stream(_))
+            && self.config.transfer.max_concurrency > 1
+            && size > self.config.transfer.part_size as u64;
+        let copied = if parallel {
+            self.copy_ranges_to_file(path, result, &tmp).await
+        } else {
+            self.copy_to_file(path, result, &tmp).await
+        };
         let checked = copied.and_then(|actual| {
             self.check_checksum(path, size, expected, actual)?;
             Ok(actual)
@@ -323,35 +331,48 @@ impl Storage {
                 .await
             }
             GetResultPayload::Stream(mut stream) => {
-                // Network chunks go to a blocking writer; receiving and writing overlap.
-                let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(64);
+                // Network chunks are small; they are gathered into batches of about
+                // COPY_BUFFER bytes for a blocking writer, so receiving and writing overlap
+                // without a thread wake-up per chunk.
+                let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<Bytes>>(2);
                 let writer = tokio::task::spawn_blocking(move || -> Result<Checksum> {
-                    let out = create_file(&tmp)?;
-                    let mut out = std::io::BufWriter::with_capacity(COPY_BUFFER, out);
+                    let mut out = create_file(&tmp)?;
                     let mut sum = Checksum::EMPTY;
-                    while let Some(chunk) = rx.blocking_recv() {
-                        sum = sum.append(&chunk);
-                        out.write_all(&chunk)
-                            .map_err(|e| io_error("write", &tmp, e))?;
+                    while let Some(batch) = rx.blocking_recv() {
+                        for chunk in batch {
+                            sum = sum.append(&chunk);
+                            out.write_all(&chunk)
+                                .map_err(|e| io_error("write", &tmp, e))?;
+                        }
                     }
-                    let out = out
-                        .into_inner()
-                        .map_err(|e| io_error("write", &tmp, e.into_error()))?;
                     finish_file(out, &tmp)?;
                     Ok(sum)
                 });
                 let mut failure = None;
-                while let Some(chunk) = stream.next().await {
-                    match chunk {
-                        Ok(chunk) => {
-                            if tx.send(chunk).await.is_err() {
-                                break; // the writer failed; its error is reported below
-                            }
+                let mut batch = Vec::new();
+                let mut batched = 0;
+                loop {
+                    let next = stream.next().await;
+                    let done = match next {
+                        Some(Ok(chunk)) => {
+                            batched += chunk.len();
+                            batch.push(chunk);
+                            false
                         }
-                        Err(e) => {
+                        Some(Err(e)) => {
                             failure = Some(e);
-                            break;
+                            true
                         }
+                        None => true,
+                    };
+                    if (done || batched >= COPY_BUFFER) && !batch.is_empty() {
+                        batched = 0;
+                        if tx.send(std::mem::take(&mut batch)).await.is_err() {
+                            break; // the writer failed; its error is reported below
+                        }
+                    }
+                    if done {
+                        break;
                     }
                 }
                 drop(tx);
@@ -363,6 +384,153 @@ impl Storage {
                 }
                 written
             }
+        }
+    }
+
+    /// Downloads a large object with parallel range requests: the first part comes from the
+    /// response already open, the others from up to `max_concurrency` ranged GETs pinned to the
+    /// same object version with `If-Match` on its entity tag, each written at its offset. The
+    /// parts' CRCs are combined in order, so the result is the checksum of the whole object.
+    #[cfg(unix)]
+    async fn copy_ranges_to_file(
+        &self,
+        path: &Path,
+        first: GetResult,
+        tmp: &FsPath,
+    ) -> Result<Checksum> {
+        use std::sync::Arc;
+
+        let part = self.config.transfer.part_size as u64;
+        let concurrency = self.config.transfer.max_concurrency;
+        let size = first.meta.size;
+        let e_tag = first.meta.e_tag.clone();
+        let file = {
+            let tmp = tmp.to_owned();
+            Arc::new(blocking(&self.url, "create", path, move || create_file(&tmp)).await?)
+        };
+
+        // Part 0: the beginning of the response already open; the rest of it is not read.
+        let mut head = Vec::with_capacity(part as usize);
+        let mut stream = first.into_stream();
+        while (head.len() as u64) < part {
+            match stream.next().await {
+                Some(Ok(chunk)) => {
+                    let want = (part as usize - head.len()).min(chunk.len());
+                    head.extend_from_slice(&chunk[..want]);
+                }
+                Some(Err(e)) => return Err(store_error(&self.url, "download", path, e)),
+                None => break,
+            }
+        }
+        drop(stream);
+
+        let mut tasks: JoinSet<Result<(usize, Checksum)>> = JoinSet::new();
+        let spawn_write = |tasks: &mut JoinSet<Result<(usize, Checksum)>>,
+                           index: usize,
+                           offset: u64,
+                           fetch: Option<std::ops::Range<u64>>,
+                           data: Option<Bytes>| {
+            let store = Arc::clone(&self.store);
+            let file = Arc::clone(&file);
+            let (url, path, tmp) = (self.url.clone(), path.clone(), tmp.to_owned());
+            let e_tag = e_tag.clone();
+            tasks.spawn(async move {
+                let bytes = match (data, fetch) {
+                    (Some(data), _) => data,
+                    (None, Some(range)) => {
+                        let options = object_store::GetOptions::new()
+                            .with_range(Some(range))
+                            .with_if_match(e_tag);
+                        store
+                            .get_opts(&path, options)
+                            .await
+                            .map_err(|e| store_error(&url, "download", &path, e))?
+                            .bytes()
+                            .await
+                            .map_err(|e| store_error(&url, "download", &path, e))?
+                    }
+                    (None, None) => Bytes::new(),
+                };
+                let sum = tokio::task::spawn_blocking(move || {
+                    use std::os::unix::fs::FileExt;
+                    file.write_all_at(&bytes, offset)
+                        .map_err(|e| io_error("write", &tmp, e))?;
+                    Ok(Checksum::of(&bytes))
+                })
+                .await
+                .map_err(|e| Error::Task {
+                    url: url.clone(),
+                    operation: "download",
+                    path: path.to_string(),
+                    reason: e.to_string(),
+                })??;
+                Ok((index, sum))
+            });
+        };
+
+        let parts = size.div_ceil(part) as usize;
+        let mut sums = vec![Checksum::EMPTY; parts];
+        spawn_write(&mut tasks, 0, 0, None, Some(Bytes::from(head)));
+        let mut outcome = Ok(());
+        for index in 1..parts {
+            while tasks.len() >= concurrency {
+                outcome = self.join_range(&mut tasks, &mut sums, path).await;
+                if outcome.is_err() {
+                    break;
+                }
+            }
+            if outcome.is_err() {
+                break;
+            }
+            let start = index as u64 * part;
+            let end = (start + part).min(size);
+            spawn_write(&mut tasks, index, start, Some(start..end), None);
+        }
+        while outcome.is_ok() && !tasks.is_empty() {
+            outcome = self.join_range(&mut tasks, &mut sums, path).await;
+        }
+        tasks.shutdown().await;
+        outcome?;
+
+        let file = Arc::try_unwrap(file).map_err(|_| Error::Task {
+            url: self.url.clone(),
+            operation: "download",
+            path: path.to_string(),
+            reason: "file still shared after all parts finished".into(),
+        })?;
+        let tmp = tmp.to_owned();
+        blocking(&self.url, "fsync", path, move || finish_file(file, &tmp)).await?;
+        Ok(sums.iter().fold(Checksum::EMPTY, |acc, s| Checksum {
+            crc32c: crc32c::crc32c_combine(acc.crc32c, s.crc32c, s.len as usize),
+            len: acc.len + s.len,
+        }))
+    }
+
+    #[cfg(not(unix))]
+    async fn copy_ranges_to_file(
+        &self,
+        path: &Path,
+        first: GetResult,
+        tmp: &FsPath,
+    ) -> Result<Checksum> {
+        self.copy_to_file(path, first, tmp).await
+    }
+
+    #[cfg(unix)]
+    async fn join_range(
+        &self,
+        tasks: &mut JoinSet<Result<(usize, Checksum)>>,
+        sums: &mut [Checksum],
+        path: &Path,
+    ) -> Result<()> {
+        match tasks.join_next().await {
+            None => Ok(()),
+            Some(Ok(Ok((index, sum)))) => {
+                sums[index] = sum;
+                Ok(())
+            }
+            Some(Ok(Err(e))) => Err(e),
+            Some(Err(e)) => Err(self.task_error("download", path, &e)),
         }
     }
 
