@@ -69,7 +69,12 @@ pub fn validate_segment(segment: &str) -> Result<()> {
 }
 
 /// Parses and checks a relative path such as `"job-1/chk-7/_metadata"` and returns it as an
-/// object_store [`Path`]. See the [module docs](self) for the rules.
+/// object_store [`Path`].
+///
+/// Rules: no empty path, no leading `/` (absolute path), no empty, `.` or `..` segment, no
+/// control characters, no `\` and none of the characters object_store would percent-encode
+/// (`%`, `#`, `?`, `*`, `<`, `>`, `|`, `"`, `{`, `}`, `[`, `]`, `^`, `` ` ``, `~`); at most
+/// [`MAX_SEGMENT_BYTES`] per segment and [`MAX_PATH_BYTES`] in all.
 ///
 /// ```
 /// use storage_s3::relative_path;

@@ -95,9 +95,29 @@ impl Storage {
     /// Writes `bytes` to `path` only if no object exists there (`PutMode::Create`): of several
     /// writers racing for the same path exactly one succeeds; the others get
     /// [`Error::AlreadyExists`]. This is how a checkpoint's `_metadata` is committed.
+    ///
+    /// S3 answers `409 Conflict` to a conditional write racing another one still in progress,
+    /// which object_store reports as "already exists" although the other write may yet fail.
+    /// So a loss is confirmed by checking that the object exists; if it does not, the put is
+    /// tried again (up to three times).
     pub async fn put_if_absent(&self, path: &Path, bytes: impl Into<Bytes>) -> Result<Uploaded> {
-        self.put_with_mode(path, bytes.into(), PutMode::Create)
-            .await
+        let bytes = bytes.into();
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self
+                .put_with_mode(path, bytes.clone(), PutMode::Create)
+                .await
+            {
+                Err(Error::AlreadyExists { url, path: p }) => match self.store.head(path).await {
+                    Err(object_store::Error::NotFound { .. }) if attempt < 3 => {
+                        tokio::time::sleep(std::time::Duration::from_millis(50 * attempt)).await;
+                    }
+                    _ => return Err(Error::AlreadyExists { url, path: p }),
+                },
+                other => return other,
+            }
+        }
     }
 
     /// Uploads the local file `file` to `path`, replacing any object there.
