@@ -1,0 +1,447 @@
+//! Exactly-once, proven by killing processes.
+//!
+//! A job runs in a child process (this test binary re-invoked with `FLOWSTATE_EO_DIR` set, which
+//! makes [`exactly_once_child`] run the job): a deterministic source of 8 partitions whose
+//! offsets are operator list state (even split), and a keyed aggregation of per-key totals and
+//! per-key sums in tumbling windows, checkpointed every 100 ms to a local directory. The parent
+//! kills the child with SIGKILL at random moments (seeded), restarts it from the latest
+//! completed checkpoint, and finally compares what the job computed with a run that never
+//! failed. The rescaling variant restarts at parallelism 1, 2, 4, 3, 1, ... in turn and uses
+//! incremental checkpoints.
+//!
+//! `FLOWSTATE_KILL_CYCLES` raises the number of kills (default 20) for a longer run.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::path::{Path as FsPath, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use checkpoint::*;
+use state_api::*;
+use state_heap::HeapKeyedStateBackend;
+
+const PARTITIONS: u64 = 8;
+const KEYS: u64 = 500;
+const WINDOW: u64 = 100_000;
+const MAX_P: u32 = 128;
+/// Events per loop iteration (over all source subtasks); each iteration sleeps 1 ms, so the
+/// job takes at least EVENTS / PACE ms however fast the machine is.
+const PACE: u64 = 100;
+const JOB: &str = "eo-job";
+
+fn events() -> u64 {
+    std::env::var("FLOWSTATE_EO_EVENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(600_000)
+}
+
+fn key_of(i: u64) -> u64 {
+    (i.wrapping_mul(2_654_435_761) >> 7) % KEYS
+}
+
+fn value_of(i: u64) -> u64 {
+    i % 13 + 1
+}
+
+fn window_of(i: u64) -> u64 {
+    i / WINDOW
+}
+
+/// The result a never-failed run computes: `(key, window) -> sum` and `key -> total`.
+type Output = BTreeMap<String, u64>;
+
+fn reference(n: u64) -> Output {
+    let mut out = Output::new();
+    for i in 0..n {
+        *out.entry(format!("total {}", key_of(i))).or_insert(0) += value_of(i);
+        *out.entry(format!("window {} {}", key_of(i), window_of(i)))
+            .or_insert(0) += value_of(i);
+    }
+    for q in 0..PARTITIONS {
+        out.insert(
+            format!("offset {q}"),
+            n.saturating_sub(q).div_ceil(PARTITIONS),
+        );
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// The job (child process)
+
+fn offsets_desc() -> OperatorListStateDescriptor<(u64, u64)> {
+    OperatorListStateDescriptor::new("partition-offsets", RedistributionMode::EvenSplit).unwrap()
+}
+
+struct Keyed {
+    backend: HeapKeyedStateBackend<u64>,
+    total: ValueStateHandle<u64, ()>,
+    window: ValueStateHandle<u64, u64>,
+}
+
+impl Keyed {
+    fn add(&mut self, i: u64) -> state_api::Result<()> {
+        self.backend.set_current_key(key_of(i))?;
+        let t = self.backend.value(&self.total).get()?.unwrap_or(0);
+        self.backend.value(&self.total).update(t + value_of(i))?;
+        let w = window_of(i);
+        let s = self.backend.value_in(&self.window, &w).get()?.unwrap_or(0);
+        self.backend
+            .value_in(&self.window, &w)
+            .update(s + value_of(i))
+    }
+}
+
+fn fail(msg: impl std::fmt::Display) -> ! {
+    eprintln!("job failed: {msg}");
+    std::process::exit(2)
+}
+
+fn env_u64(name: &str) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| fail(format!("{name} missing")))
+}
+
+/// Runs the job when the parent test starts this binary as a child; does nothing otherwise.
+#[test]
+fn exactly_once_child() {
+    let Ok(dir) = std::env::var("FLOWSTATE_EO_DIR") else {
+        return;
+    };
+    if let Err(e) = run_job(FsPath::new(&dir)) {
+        fail(e);
+    }
+    std::process::exit(0);
+}
+
+fn run_job(dir: &FsPath) -> std::result::Result<(), Box<dyn std::error::Error>> {
+    let p = env_u64("FLOWSTATE_EO_PARALLELISM") as u32;
+    let n = env_u64("FLOWSTATE_EO_EVENTS");
+    let incremental = env_u64("FLOWSTATE_EO_INCREMENTAL") == 1;
+    std::fs::create_dir_all(dir.join("store"))?;
+    let store = Arc::new(object_store::local::LocalFileSystem::new_with_prefix(
+        dir.join("store"),
+    )?);
+    let storage = CheckpointStorage::new(store, "", JOB)?;
+    let latest = CompletedCheckpoint::latest(&storage)?;
+    if let Some(c) = &latest {
+        c.check_operators(&["source", "sum"], RestoreOptions::default())?;
+        eprintln!(
+            "restoring checkpoint {} at parallelism {p}",
+            c.metadata.checkpoint_id
+        );
+    }
+    let config = CheckpointConfig {
+        interval: Some(Duration::from_millis(100)),
+        retained: 2,
+        retention_on_shutdown: RetentionOnShutdown::Retain,
+        incremental,
+        ..Default::default()
+    };
+    let mut builder = CheckpointCoordinator::builder(storage.clone(), config);
+    let mut eps = Vec::new();
+    for op in ["source", "sum"] {
+        for i in 0..p {
+            eps.push(builder.register_subtask(op, i, p, MAX_P)?);
+        }
+    }
+    // Restore: operator state of the sources, keyed state of the aggregation.
+    let mut sources: Vec<(OperatorStateStore, Vec<(u64, u64)>)> = Vec::new();
+    for j in 0..p {
+        let (ops, parts) = match &latest {
+            Some(c) => {
+                let mut ops = c.operator_state("source", j, p)?;
+                let parts = ops.list_state(&offsets_desc())?.get()?;
+                (ops, parts)
+            }
+            None => (
+                OperatorStateStore::new(),
+                (0..PARTITIONS)
+                    .filter(|q| q % u64::from(p) == u64::from(j))
+                    .map(|q| (q, 0))
+                    .collect(),
+            ),
+        };
+        sources.push((ops, parts));
+    }
+    let mut keyed = Vec::new();
+    for i in 0..p {
+        let mut backend = HeapKeyedStateBackend::<u64>::builder()
+            .max_parallelism(MAX_P)
+            .key_group_range(KeyGroupRange::for_operator(MAX_P, p, i)?)
+            .build()?;
+        if let Some(c) = &latest {
+            c.restore_keyed(&storage, "sum", i, &mut backend)?;
+        }
+        let total = backend.register_value(ValueStateDescriptor::<u64>::new("total")?)?;
+        let window = backend.register_value(ValueStateDescriptor::<u64, u64>::new("window")?)?;
+        keyed.push(Keyed {
+            backend,
+            total,
+            window,
+        });
+    }
+    let coordinator = builder.start()?;
+
+    let mut exhausted_at: Option<u64> = None;
+    let mut last_barrier = 0u64;
+    loop {
+        // Process a paced batch.
+        let per_source = PACE.div_ceil(u64::from(p));
+        let mut any = false;
+        for (_, parts) in sources.iter_mut() {
+            for _ in 0..per_source {
+                let mut emitted = false;
+                for (q, off) in parts.iter_mut() {
+                    let i = *q + PARTITIONS * *off;
+                    if i >= n {
+                        continue;
+                    }
+                    let kg = assign_to_key_group(&postcard_key(key_of(i)), MAX_P);
+                    let owner = operator_index_for_key_group(MAX_P, p, kg) as usize;
+                    keyed[owner].add(i)?;
+                    *off += 1;
+                    emitted = true;
+                }
+                any |= emitted;
+                if !emitted {
+                    break;
+                }
+            }
+        }
+        if !any && exhausted_at.is_none() {
+            exhausted_at = Some(last_barrier);
+        }
+        std::thread::sleep(Duration::from_millis(1));
+        // Barriers: every subtask snapshots before processing resumes (a consistent cut).
+        let mut barrier: Option<(usize, Barrier)> = None;
+        let mut completed = Vec::new();
+        for (t, ep) in eps.iter_mut().enumerate() {
+            while let Some(c) = ep.try_recv() {
+                match c {
+                    SubtaskCommand::Barrier(b) => {
+                        barrier = Some((t, b));
+                        break;
+                    }
+                    SubtaskCommand::CheckpointComplete { checkpoint_id } => {
+                        completed.push(checkpoint_id)
+                    }
+                    SubtaskCommand::CheckpointAborted { .. } => {}
+                }
+            }
+            if barrier.is_some() {
+                break;
+            }
+        }
+        if let Some((first, b)) = barrier {
+            last_barrier = b.checkpoint_id;
+            for (t, ep) in eps.iter_mut().enumerate() {
+                let mine = if t == first {
+                    b.clone()
+                } else {
+                    wait_for_barrier(ep, b.checkpoint_id, &mut completed)?
+                };
+                if t < p as usize {
+                    let (ops, parts) = &mut sources[t];
+                    ops.list_state(&offsets_desc())?.update(parts)?;
+                    ep.snapshot::<HeapKeyedStateBackend<u64>>(&mine, None, Some(ops))?;
+                } else {
+                    ep.snapshot_heap(&mine, &mut keyed[t - p as usize].backend, None)?;
+                }
+            }
+        }
+        if let Some(after) = exhausted_at {
+            if completed.iter().any(|c| *c > after) {
+                break;
+            }
+        }
+    }
+    // Every input is processed and checkpointed: write the result.
+    let mut out = Output::new();
+    for k in keyed.iter_mut() {
+        for key in k.backend.keys(&k.total, &())? {
+            k.backend.set_current_key(key)?;
+            let t = k.backend.value(&k.total).get()?.unwrap_or(0);
+            out.insert(format!("total {key}"), t);
+            for w in 0..=window_of(n.saturating_sub(1)) {
+                if let Some(s) = k.backend.value_in(&k.window, &w).get()? {
+                    out.insert(format!("window {key} {w}"), s);
+                }
+            }
+        }
+    }
+    for (_, parts) in &sources {
+        for (q, off) in parts {
+            out.insert(format!("offset {q}"), *off);
+        }
+    }
+    let text: String = out.iter().map(|(k, v)| format!("{k} {v}\n")).collect();
+    let tmp = dir.join("result.tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, dir.join("result"))?;
+    drop(coordinator);
+    Ok(())
+}
+
+/// Reads commands of `ep` until the barrier of `id` (already received or coming).
+fn wait_for_barrier(
+    ep: &mut SubtaskEndpoint,
+    id: u64,
+    completed: &mut Vec<u64>,
+) -> std::result::Result<Barrier, Box<dyn std::error::Error>> {
+    // The coordinator sends every barrier to every endpoint at once.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        match ep.recv_timeout(Duration::from_secs(1)) {
+            Some(SubtaskCommand::Barrier(b)) if b.checkpoint_id == id => return Ok(b),
+            Some(SubtaskCommand::Barrier(b)) => {
+                return Err(format!("barrier {} while aligning {id}", b.checkpoint_id).into())
+            }
+            Some(SubtaskCommand::CheckpointComplete { checkpoint_id }) => {
+                completed.push(checkpoint_id)
+            }
+            _ => {}
+        }
+    }
+    Err(format!("no barrier {id}").into())
+}
+
+fn postcard_key(k: u64) -> Vec<u8> {
+    let mut b = Vec::new();
+    PostcardSerializer::<u64>::new()
+        .serialize(&k, &mut b)
+        .unwrap();
+    b
+}
+
+// ---------------------------------------------------------------------------------------------
+// The parent
+
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+fn kill_cycles() -> usize {
+    std::env::var("FLOWSTATE_KILL_CYCLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20)
+}
+
+fn read_result(path: &FsPath) -> Output {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let (k, v) = l.rsplit_once(' ').unwrap();
+            (k.to_string(), v.parse().unwrap())
+        })
+        .collect()
+}
+
+fn run_with_kills(parallelisms: &[u32], incremental: bool, seed: u64) {
+    let dir = tempfile::tempdir().unwrap();
+    let n = events();
+    let expected = reference(n);
+    let mut rng = Rng(seed);
+    let target_kills = kill_cycles();
+    let mut kills = 0;
+    let exe = std::env::current_exe().unwrap();
+    for cycle in 0.. {
+        let p = parallelisms[cycle % parallelisms.len()];
+        let log: PathBuf = dir.path().join(format!("child-{cycle}.log"));
+        let mut child = Command::new(&exe)
+            .args([
+                "--exact",
+                "exactly_once_child",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env("FLOWSTATE_EO_DIR", dir.path())
+            .env("FLOWSTATE_EO_PARALLELISM", p.to_string())
+            .env("FLOWSTATE_EO_EVENTS", n.to_string())
+            .env(
+                "FLOWSTATE_EO_INCREMENTAL",
+                u64::from(incremental).to_string(),
+            )
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        if kills < target_kills {
+            std::thread::sleep(Duration::from_millis(50 + rng.below(200)));
+            match child.try_wait().unwrap() {
+                None => {
+                    child.kill().unwrap(); // SIGKILL
+                    child.wait().unwrap();
+                    kills += 1;
+                    continue;
+                }
+                Some(status) => assert!(
+                    status.success(),
+                    "cycle {cycle}: the job failed: {}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                ),
+            }
+        } else {
+            let status = child.wait().unwrap();
+            assert!(
+                status.success(),
+                "cycle {cycle}: the job failed: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        break;
+    }
+    assert!(
+        kills >= target_kills.min(20),
+        "only {kills} kills: the job finished too early"
+    );
+    let got = read_result(&dir.path().join("result"));
+    assert_eq!(got.len(), expected.len());
+    let diff: Vec<_> = expected
+        .iter()
+        .filter(|(k, v)| got.get(*k) != Some(v))
+        .take(10)
+        .map(|(k, v)| format!("{k}: expected {v}, got {:?}", got.get(k)))
+        .collect();
+    assert!(diff.is_empty(), "after {kills} kills: {diff:?}");
+    if std::env::var("FLOWSTATE_EO_KEEP").is_ok() {
+        eprintln!("kill test directory kept: {}", dir.keep().display());
+    }
+}
+
+#[test]
+fn the_reference_run_matches_the_job_logic() {
+    let r = reference(1000);
+    let sum: u64 = r
+        .iter()
+        .filter(|(k, _)| k.starts_with("total "))
+        .map(|(_, v)| v)
+        .sum();
+    assert_eq!(sum, (0..1000).map(value_of).sum::<u64>());
+    assert_eq!(r.get("offset 0"), Some(&125));
+    assert_eq!(r.get("offset 7"), Some(&125));
+}
+
+#[test]
+fn exactly_once_under_sigkill() {
+    run_with_kills(&[2], false, 0x9e37_79b9_7f4a_7c15);
+}
+
+#[test]
+fn exactly_once_under_sigkill_with_rescaling() {
+    run_with_kills(&[1, 2, 4, 3], true, 0x2545_f491_4f6c_dd1d);
+}
