@@ -9,7 +9,7 @@ use object_store::prefix::PrefixStore;
 use object_store::ObjectStore;
 use url::Url;
 
-use crate::config::StorageConfig;
+use crate::config::{StorageConfig, TransferOptions};
 use crate::error::{Error, Result};
 use crate::paths::{join_segments, relative_path};
 
@@ -95,7 +95,11 @@ impl Storage {
     pub fn from_config(config: &StorageConfig) -> Result<Self> {
         let shown = redact_url(&config.url);
         let url = parse_url(&config.url, &shown)?;
-        check_transfer(config, &shown)?;
+        check_transfer(
+            &config.transfer,
+            matches!(url.scheme(), "s3" | "s3a"),
+            &shown,
+        )?;
         let (store, root, kind): (Arc<dyn ObjectStore>, Path, StoreKind) = match url.scheme() {
             "file" => (
                 build_local(&url, config, &shown)?,
@@ -188,13 +192,14 @@ impl Storage {
         }
     }
 
-    /// Returns a copy whose transfers use `transfer` instead of the configured options.
-    #[must_use]
-    pub fn with_transfer_options(mut self, transfer: crate::config::TransferOptions) -> Self {
+    /// Returns a copy whose transfers use `transfer` instead of the configured options, after
+    /// checking them like [`Storage::from_config`] does.
+    pub fn with_transfer_options(mut self, transfer: TransferOptions) -> Result<Self> {
+        check_transfer(&transfer, self.kind == StoreKind::S3, &self.url)?;
         let mut config = (*self.config).clone();
         config.transfer = transfer;
         self.config = Arc::new(config);
-        self
+        Ok(self)
     }
 
     /// The object store; its paths include [`Storage::root`].
@@ -370,8 +375,7 @@ fn build_local(url: &Url, config: &StorageConfig, shown: &str) -> Result<Arc<dyn
     Ok(Arc::new(fs))
 }
 
-fn check_transfer(config: &StorageConfig, shown: &str) -> Result<()> {
-    let t = &config.transfer;
+fn check_transfer(t: &TransferOptions, is_s3: bool, shown: &str) -> Result<()> {
     let invalid = |field, reason: String| Error::InvalidConfig {
         url: shown.to_owned(),
         field,
@@ -386,8 +390,7 @@ fn check_transfer(config: &StorageConfig, shown: &str) -> Result<()> {
             "must be positive".into(),
         ));
     }
-    let scheme = config.url.split("://").next().unwrap_or_default();
-    if matches!(scheme, "s3" | "s3a") && t.part_size < crate::config::MIN_S3_PART_SIZE {
+    if is_s3 && t.part_size < crate::config::MIN_S3_PART_SIZE {
         return Err(invalid(
             "transfer.part_size",
             format!(
@@ -495,6 +498,22 @@ mod tests {
         c.transfer.max_concurrency = 0;
         let err = Storage::from_config(&c).unwrap_err().to_string();
         assert!(err.contains("max_concurrency"), "{err}");
+        let s = Storage::from_url("memory://").unwrap();
+        let t = TransferOptions {
+            part_size: 0,
+            ..TransferOptions::default()
+        };
+        assert!(s.clone().with_transfer_options(t).is_err());
+        let mut c = StorageConfig::new("s3://bucket");
+        c.transfer.part_size = 1024;
+        let err = Storage::from_config(&c).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::InvalidConfig { .. } | Error::FeatureDisabled { .. }
+            ),
+            "{err}"
+        );
     }
 
     #[cfg(not(feature = "s3"))]

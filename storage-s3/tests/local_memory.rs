@@ -24,7 +24,7 @@ fn small_parts(storage: Storage) -> Storage {
     let mut t = TransferOptions::default();
     t.part_size = 1024 * 1024;
     t.max_concurrency = 3;
-    storage.with_transfer_options(t)
+    storage.with_transfer_options(t).unwrap()
 }
 
 #[tokio::test]
