@@ -1,26 +1,38 @@
 //! Off-heap keyed state for Flowstate: an embedded log-structured merge store over
 //! memory-mapped files (the role Flink gives its RocksDB backend).
 //!
-//! The [`engine`] keeps recent writes in a bounded write buffer, flushes it to immutable sorted
-//! runs ([`run`]) on a background thread, reads them through `mmap`, and compacts them on the
-//! same thread. List appends are blind merges (no read-modify-write).
+//! [`MmapKeyedStateBackend`] implements `state_api::KeyedStateBackend` with the semantics of the
+//! heap backend (it passes the same conformance suite). Underneath, the [`engine`] keeps recent
+//! writes in a bounded write buffer, flushes it to immutable sorted runs ([`run`]) on a
+//! background thread, reads them through `mmap`, and compacts them on the same thread
+//! (dropping tombstones and TTL-expired state). List appends are blind merges.
 //!
 //! ```
-//! use state_mmap::engine::{Db, EngineOptions};
+//! use state_api::{KeyedStateBackend, KeyedStateBackendExt, KeyedStateSnapshot, ValueStateDescriptor};
+//! use state_mmap::MmapKeyedStateBackend;
 //!
-//! # fn main() -> state_mmap::Result<()> {
-//! let dir = tempfile::tempdir().expect("temp dir");
-//! let mut db = Db::open(dir.path(), EngineOptions::default())?;
-//! db.put(b"k", b"v1")?;
-//! db.merge(b"k", b"+v2")?; // appended without reading
-//! db.flush()?;
-//! let mut out = Vec::new();
-//! assert!(db.get(b"k", &mut out)?);
-//! assert_eq!(out, b"v1+v2");
+//! # fn main() -> state_api::Result<()> {
+//! let mut backend = MmapKeyedStateBackend::<String>::builder().build()?; // temporary directory
+//! let count = backend.register_value(ValueStateDescriptor::<u64>::new("count")?)?;
+//! for user in ["ann", "bob", "ann"] {
+//!     backend.set_current_key(user.to_string())?;
+//!     let n = backend.value(&count).get()?.unwrap_or(0);
+//!     backend.value(&count).update(n + 1)?;
+//! }
+//! // A canonical snapshot restores into any backend (heap or mmap).
+//! let mut bytes = Vec::new();
+//! backend.snapshot()?.write_to(&mut bytes)?;
+//! let mut restored = MmapKeyedStateBackend::<String>::builder().build()?;
+//! restored.restore(vec![("chk-1".to_string(), &bytes[..])])?;
+//! let count = restored.register_value(ValueStateDescriptor::<u64>::new("count")?)?;
+//! restored.set_current_key("ann".to_string())?;
+//! assert_eq!(restored.value(&count).get()?, Some(2));
 //! # Ok(()) }
 //! ```
 #![warn(missing_docs)]
 
+mod backend;
+mod codec;
 pub mod engine;
 pub mod error;
 mod iter;
@@ -28,5 +40,7 @@ mod manifest;
 mod mapped;
 mod memtable;
 pub mod run;
+mod typed;
 
+pub use backend::{MmapBackendBuilder, MmapKeyedStateBackend, MmapSnapshot};
 pub use error::{Error, Result};

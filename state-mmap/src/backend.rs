@@ -1,0 +1,1885 @@
+//! [`MmapKeyedStateBackend`]: the `state-api` keyed state backend on the mmap engine.
+
+use std::any::{Any, TypeId};
+use std::collections::HashMap;
+use std::fmt;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use state_api::snapshot::{
+    payload, restore_streams, Decoder, RawRecord, RestoreVisitor, SnapshotHeader, SnapshotReader,
+    SnapshotSummary, SnapshotWriter,
+};
+use state_api::*;
+
+use crate::codec::*;
+use crate::engine::{CompactionFilter, Db, DbSnapshot, EngineOptions, FilterDecision};
+use crate::typed::*;
+
+/// Builds a [`MmapKeyedStateBackend`].
+pub struct MmapBackendBuilder<K> {
+    max_parallelism: u32,
+    range: Option<KeyGroupRange>,
+    key_serializer: Arc<dyn StateSerializer<K>>,
+    clock: Arc<dyn Clock>,
+    dir: Option<PathBuf>,
+    options: EngineOptions,
+}
+
+impl<K: StateKey> MmapBackendBuilder<K> {
+    /// Sets the number of key groups (default 128).
+    pub fn max_parallelism(mut self, max_parallelism: u32) -> Self {
+        self.max_parallelism = max_parallelism;
+        self
+    }
+
+    /// Sets the key groups this backend owns (default: all of them).
+    pub fn key_group_range(mut self, range: KeyGroupRange) -> Self {
+        self.range = Some(range);
+        self
+    }
+
+    /// Uses `serializer` for keys (default: postcard).
+    pub fn key_serializer(mut self, serializer: impl StateSerializer<K> + 'static) -> Self {
+        self.key_serializer = Arc::new(serializer);
+        self
+    }
+
+    /// Uses `clock` for TTL (default: the system clock).
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Keeps the files in `dir` (created if needed). An existing store there is reopened: its
+    /// states come back as restored state, bound when they are registered. Without a directory
+    /// the backend uses a fresh temporary directory that is deleted when it is dropped.
+    pub fn directory(mut self, dir: impl AsRef<Path>) -> Self {
+        self.dir = Some(dir.as_ref().to_path_buf());
+        self
+    }
+
+    /// Sets the memory budget of the engine's own buffers (see [`EngineOptions::memory_budget`]).
+    pub fn memory_budget(mut self, bytes: usize) -> Self {
+        self.options.memory_budget = bytes;
+        self
+    }
+
+    /// Sets every engine option.
+    pub fn engine_options(mut self, options: EngineOptions) -> Self {
+        self.options = options;
+        self
+    }
+
+    /// Checks the settings, opens the store and builds the backend.
+    pub fn build(self) -> Result<MmapKeyedStateBackend<K>> {
+        validate_max_parallelism(self.max_parallelism)?;
+        let range = self
+            .range
+            .unwrap_or_else(|| KeyGroupRange::all(self.max_parallelism));
+        if range.end() > self.max_parallelism {
+            return Err(Error::InvalidParallelism {
+                reason: format!(
+                    "key group range {range} exceeds max parallelism {}",
+                    self.max_parallelism
+                ),
+            });
+        }
+        let (dir, temp) = match self.dir {
+            Some(d) => (d, None),
+            None => {
+                let t = TempDir::new()?;
+                (t.0.clone(), Some(t))
+            }
+        };
+        let mut db = Db::open(&dir, self.options)?;
+        let ttl_table: TtlTable = Arc::new(RwLock::new(HashMap::new()));
+        db.set_compaction_filter(Some(Arc::new(TtlFilter {
+            table: Arc::clone(&ttl_table),
+            clock: Arc::clone(&self.clock),
+        })));
+        db.set_keep_range(Some(keep_range(range)));
+        db.set_file_boundary(Arc::new(|a: &[u8], b: &[u8]| a.get(..2) != b.get(..2)))?;
+        let mut backend = MmapKeyedStateBackend {
+            db,
+            max_parallelism: self.max_parallelism,
+            range,
+            key_serializer: self.key_serializer,
+            clock: self.clock,
+            current: None,
+            states: Vec::new(),
+            ids: HashMap::new(),
+            pending: HashMap::new(),
+            next_id: 0,
+            kbuf: Vec::with_capacity(64),
+            vbuf: Vec::with_capacity(64),
+            tbuf: Vec::new(),
+            per_record_cleanup: Vec::new(),
+            ttl_table,
+            _temp: temp,
+        };
+        let meta = backend.db.user_meta().to_vec();
+        if !meta.is_empty() {
+            let (max_parallelism, groups) = decode_registry(&meta, &dir)?;
+            if max_parallelism != backend.max_parallelism {
+                return Err(Error::RestoreMismatch {
+                    reason: format!(
+                        "the store in {} was written with max parallelism {max_parallelism}, \
+                         the backend has {}",
+                        dir.display(),
+                        backend.max_parallelism
+                    ),
+                });
+            }
+            for (name, p) in groups {
+                backend.next_id = backend.next_id.max(u32::from(p.id) + 1);
+                backend.pending.entry(name).or_default().push(p);
+            }
+        }
+        Ok(backend)
+    }
+}
+
+/// A directory under the system temporary directory, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> Result<TempDir> {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let salt = {
+            use std::hash::{BuildHasher, Hasher};
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_u64(n);
+            h.finish()
+        };
+        let path = std::env::temp_dir().join(format!(
+            "flowstate-mmap-{}-{n}-{salt:016x}",
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&path).map_err(|e| Error::Io {
+            context: format!("creating the temporary directory {}", path.display()),
+            source: e,
+        })?;
+        Ok(TempDir(path))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn keep_range(range: KeyGroupRange) -> (Vec<u8>, Vec<u8>) {
+    (
+        kg_prefix(range.start()).to_vec(),
+        kg_prefix(range.end()).to_vec(),
+    )
+}
+
+type TtlTable = Arc<RwLock<HashMap<u16, (StateKind, StateTtlConfig)>>>;
+
+/// Drops expired TTL state during compaction (Flink's RocksDB compaction filter).
+struct TtlFilter {
+    table: TtlTable,
+    clock: Arc<dyn Clock>,
+}
+
+impl CompactionFilter for TtlFilter {
+    fn filter(&self, key: &[u8], value: &[u8], out: &mut Vec<u8>) -> FilterDecision {
+        let Some(id) = key.get(2..4).map(|b| u16::from_be_bytes([b[0], b[1]])) else {
+            return FilterDecision::Keep;
+        };
+        let found = match self.table.read() {
+            Ok(t) => t.get(&id).copied(),
+            Err(p) => p.into_inner().get(&id).copied(),
+        };
+        let Some((kind, ttl)) = found else {
+            return FilterDecision::Keep;
+        };
+        if !ttl.is_cleanup_in_compaction() {
+            return FilterDecision::Keep;
+        }
+        let now = self.clock.now_millis();
+        if kind == StateKind::List {
+            let name = StateName::new("list").ok();
+            let Some(Ok(items)) = name.map(|n| parse_list(value, &n).map(|v| v.to_vec())) else {
+                return FilterDecision::Keep;
+            };
+            let live: Vec<_> = items
+                .iter()
+                .filter(|(ts, _)| !ttl.is_expired(*ts, now))
+                .collect();
+            if live.is_empty() {
+                return FilterDecision::Remove;
+            }
+            if live.len() == items.len() {
+                return FilterDecision::Keep;
+            }
+            for (ts, e) in live {
+                let at = begin_element(out, *ts);
+                out.extend_from_slice(e);
+                end_element(out, at);
+            }
+            return FilterDecision::Change;
+        }
+        match ts_of(value) {
+            Some(ts) if ttl.is_expired(ts, now) => FilterDecision::Remove,
+            _ => FilterDecision::Keep,
+        }
+    }
+}
+
+/// The current key: the key, its serialized bytes and its key group.
+struct Cur<K> {
+    key: K,
+    bytes: Vec<u8>,
+    kg: u32,
+}
+
+/// A registered state.
+struct StateEntry {
+    name: StateName,
+    id: u16,
+    kind: StateKind,
+    ttl: Option<StateTtlConfig>,
+    typed: Box<dyn TypedState>,
+    cleanup_pos: Option<Vec<u8>>,
+}
+
+/// Restored data of a state that is not registered yet, stored under its own state id.
+#[derive(Clone, Debug)]
+pub(crate) struct Pending {
+    pub id: u16,
+    pub meta: StateMeta,
+    pub key_ser: SerializerSnapshot,
+}
+
+/// Keyed state for one subtask in a log-structured merge store on memory-mapped files. See the
+/// [crate docs](crate).
+pub struct MmapKeyedStateBackend<K> {
+    db: Db,
+    max_parallelism: u32,
+    range: KeyGroupRange,
+    key_serializer: Arc<dyn StateSerializer<K>>,
+    clock: Arc<dyn Clock>,
+    current: Option<Cur<K>>,
+    states: Vec<StateEntry>,
+    ids: HashMap<StateName, usize>,
+    pending: HashMap<StateName, Vec<Pending>>,
+    next_id: u32,
+    kbuf: Vec<u8>,
+    vbuf: Vec<u8>,
+    tbuf: Vec<u8>,
+    per_record_cleanup: Vec<usize>,
+    ttl_table: TtlTable,
+    // Dropped after `db`: removes the temporary directory once the files are closed.
+    _temp: Option<TempDir>,
+}
+
+impl<K> fmt::Debug for MmapKeyedStateBackend<K> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MmapKeyedStateBackend")
+            .field("max_parallelism", &self.max_parallelism)
+            .field("range", &self.range)
+            .field("db", &self.db)
+            .field(
+                "states",
+                &self.states.iter().map(|s| &s.name).collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+impl<K: StateKey + Serialize + DeserializeOwned> MmapKeyedStateBackend<K> {
+    /// A builder with postcard keys, 128 key groups, all of them owned, the system clock, a
+    /// temporary directory and a 256 MiB memory budget.
+    pub fn builder() -> MmapBackendBuilder<K> {
+        MmapBackendBuilder {
+            max_parallelism: DEFAULT_LOWER_BOUND_MAX_PARALLELISM,
+            range: None,
+            key_serializer: Arc::new(PostcardSerializer::<K>::new()),
+            clock: Arc::new(SystemClock),
+            dir: None,
+            options: EngineOptions::default(),
+        }
+    }
+}
+
+fn unknown(name: &StateName) -> Error {
+    Error::UnknownState {
+        state: name.to_string(),
+    }
+}
+
+fn type_mismatch(name: &StateName) -> Error {
+    Error::StateTypeMismatch {
+        state: name.to_string(),
+        reason: "the value or namespace types differ from the registered ones".into(),
+    }
+}
+
+/// Borrows (slot, entry, typed state, current key) for a handle, as disjoint field borrows.
+macro_rules! typed {
+    ($self:ident, $id:expr, $name:expr, $ty:ty) => {{
+        let name: &StateName = $name;
+        let cur = $self.current.as_ref().ok_or_else(|| Error::NoCurrentKey {
+            state: name.to_string(),
+        })?;
+        let slot = $id.0 as usize;
+        let e = $self
+            .states
+            .get(slot)
+            .filter(|e| e.name == *name)
+            .ok_or_else(|| unknown(name))?;
+        let t = e
+            .typed
+            .as_any()
+            .downcast_ref::<$ty>()
+            .ok_or_else(|| type_mismatch(name))?;
+        (e, t, cur)
+    }};
+}
+
+/// Writes `kg | id | key | ns_len | ns` into `buf`.
+#[inline]
+fn state_key<N: 'static>(
+    buf: &mut Vec<u8>,
+    cur_kg: u32,
+    id: u16,
+    key: &[u8],
+    ns_ser: &Arc<dyn StateSerializer<N>>,
+    ns: &N,
+    name: &StateName,
+) -> Result<()> {
+    push_prefix(buf, cur_kg, id, key);
+    let at = buf.len();
+    buf.extend_from_slice(&[0; 4]);
+    ns_ser
+        .serialize(ns, buf)
+        .map_err(ser_err(name, "namespace"))?;
+    let len = (buf.len() - at - 4) as u32;
+    buf[at..at + 4].copy_from_slice(&len.to_be_bytes());
+    Ok(())
+}
+
+#[inline]
+fn now_if(ttl: Option<StateTtlConfig>, clock: &dyn Clock) -> i64 {
+    match ttl {
+        Some(_) => clock.now_millis(),
+        None => 0,
+    }
+}
+
+/// Reads a single value (value, reducing, aggregating) with TTL semantics: `vbuf` gets
+/// `ts | value`; returns whether there is a value to return. `for_update` treats expired values
+/// as absent whatever the visibility (as the heap backend does).
+#[inline]
+fn read_single(
+    db: &mut Db,
+    clock: &dyn Clock,
+    ttl: Option<StateTtlConfig>,
+    key: &[u8],
+    vbuf: &mut Vec<u8>,
+    for_update: bool,
+    name: &StateName,
+) -> Result<bool> {
+    vbuf.clear();
+    if !db.get(key, vbuf)? {
+        return Ok(false);
+    }
+    let ts = ts_of(vbuf).ok_or_else(|| corrupt_value(name, "value"))?;
+    let Some(ttl) = ttl else { return Ok(true) };
+    let now = clock.now_millis();
+    if ttl.is_expired(ts, now) {
+        db.delete(key)?;
+        return Ok(ttl.returns_expired() && !for_update);
+    }
+    if ttl.refresh_on_read() && !for_update {
+        vbuf[..8].copy_from_slice(&now.to_be_bytes());
+        db.put(key, vbuf)?;
+    }
+    Ok(true)
+}
+
+/// Resolved `(key, value)` pairs in `[start, end)`, at most `limit`.
+fn scan(db: &Db, start: &[u8], end: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    let mut it = db.iter(start, Some(end))?;
+    let mut out = Vec::new();
+    while out.len() < limit {
+        match it.next()? {
+            Some((k, v)) => out.push((k.to_vec(), v.to_vec())),
+            None => break,
+        }
+    }
+    Ok(out)
+}
+
+fn end_of(prefix: &[u8]) -> Vec<u8> {
+    successor(prefix).unwrap_or_else(|| vec![0xff; prefix.len() + 1])
+}
+
+impl<K: StateKey> MmapKeyedStateBackend<K> {
+    /// Names of the registered states.
+    pub fn state_names(&self) -> Vec<StateName> {
+        self.states.iter().map(|s| s.name.clone()).collect()
+    }
+
+    /// Names of restored states not registered yet (their data waits for registration).
+    pub fn pending_restored_states(&self) -> Vec<StateName> {
+        self.pending.keys().cloned().collect()
+    }
+
+    /// The engine underneath (for statistics and tests).
+    pub fn engine(&self) -> &Db {
+        &self.db
+    }
+
+    /// Flushes the write buffer to a sorted run and makes it durable with the state registry:
+    /// reopening the directory finds everything written before the call.
+    pub fn flush(&mut self) -> Result<()> {
+        self.save_registry();
+        Ok(self.db.flush()?)
+    }
+
+    /// Flushes and compacts every sorted run into one (drops tombstones, expired TTL state,
+    /// merges list appends, drops key groups outside the backend's range).
+    pub fn compact(&mut self) -> Result<()> {
+        self.save_registry();
+        Ok(self.db.compact()?)
+    }
+
+    fn alloc_id(&mut self) -> Result<u16> {
+        let id = u16::try_from(self.next_id).map_err(|_| Error::Unsupported {
+            state: String::new(),
+            reason: "more than 65536 states (registered or restored) in one backend".into(),
+        })?;
+        self.next_id += 1;
+        Ok(id)
+    }
+
+    pub(crate) fn save_registry(&mut self) {
+        let mut groups: Vec<(u16, bool, StateMeta, SerializerSnapshot)> = self
+            .states
+            .iter()
+            .map(|s| {
+                (
+                    s.id,
+                    false,
+                    s.typed.meta(&s.name, s.ttl.as_ref()),
+                    self.key_serializer.snapshot(),
+                )
+            })
+            .collect();
+        for ps in self.pending.values() {
+            for p in ps {
+                groups.push((p.id, true, p.meta.clone(), p.key_ser.clone()));
+            }
+        }
+        if let Ok(bytes) = encode_registry(self.max_parallelism, self.range, &groups) {
+            self.db.set_user_meta(bytes);
+        }
+    }
+
+    fn update_ttl_table(&self) {
+        let mut t = match self.ttl_table.write() {
+            Ok(t) => t,
+            Err(p) => p.into_inner(),
+        };
+        t.clear();
+        for s in &self.states {
+            if let Some(ttl) = s.ttl {
+                t.insert(s.id, (s.kind, ttl));
+            }
+        }
+    }
+
+    fn register_typed<T: TypedState + 'static>(
+        &mut self,
+        name: &StateName,
+        ttl: Option<StateTtlConfig>,
+        typed: T,
+    ) -> Result<StateId> {
+        if let Some(&slot) = self.ids.get(name) {
+            let e = &mut self.states[slot];
+            if e.kind != typed.kind() {
+                return Err(Error::StateKindMismatch {
+                    state: name.to_string(),
+                    existing: e.kind,
+                    requested: typed.kind(),
+                });
+            }
+            if e.typed.as_any().type_id() != TypeId::of::<T>() {
+                return Err(type_mismatch(name));
+            }
+            // Re-registration may change the functions or TTL: take the new ones.
+            e.typed = Box::new(typed);
+            e.ttl = ttl;
+            self.after_registration(slot);
+            return Ok(StateId(slot as u32));
+        }
+        if ttl.is_some_and(|t| t.ttl().is_zero()) {
+            return Err(Error::InvalidTtl {
+                state: name.to_string(),
+                reason: "the time to live must be positive".into(),
+            });
+        }
+        let id = self.alloc_id()?;
+        let mut entry = StateEntry {
+            name: name.clone(),
+            id,
+            kind: typed.kind(),
+            ttl,
+            typed: Box::new(typed),
+            cleanup_pos: None,
+        };
+        if let Some(groups) = self.pending.get(name).cloned() {
+            // Restored data waits here; it stays pending if it does not fit this descriptor.
+            self.bind(&mut entry, &groups, true)?;
+            self.pending.remove(name);
+        }
+        let slot = self.states.len();
+        self.states.push(entry);
+        self.ids.insert(name.clone(), slot);
+        self.after_registration(slot);
+        Ok(StateId(slot as u32))
+    }
+
+    fn after_registration(&mut self, slot: usize) {
+        self.per_record_cleanup.retain(|s| *s != slot);
+        if self.states[slot]
+            .ttl
+            .and_then(|t| t.incremental_cleanup())
+            .is_some_and(|c| c.run_for_every_record)
+        {
+            self.per_record_cleanup.push(slot);
+        }
+        self.update_ttl_table();
+        self.save_registry();
+    }
+
+    /// Moves restored groups into a state: checks keys, kind and serializers first (nothing
+    /// changes on error), then adopts the data in place or rewrites it.
+    fn bind(&mut self, entry: &mut StateEntry, groups: &[Pending], fresh: bool) -> Result<()> {
+        let now = self.clock.now_millis();
+        let mut plans = Vec::with_capacity(groups.len());
+        for g in groups {
+            match self.key_serializer.compatibility(&g.key_ser) {
+                Compatibility::CompatibleAsIs => {}
+                Compatibility::CompatibleAfterMigration(_) => {
+                    return Err(Error::IncompatibleSerializer {
+                        state: entry.name.to_string(),
+                        what: "key",
+                        reason: "keys cannot be migrated: their bytes decide their key group"
+                            .into(),
+                    })
+                }
+                Compatibility::Incompatible(reason) => {
+                    return Err(Error::IncompatibleSerializer {
+                        state: entry.name.to_string(),
+                        what: "key",
+                        reason,
+                    })
+                }
+            }
+            if g.meta.kind != entry.kind {
+                return Err(Error::StateKindMismatch {
+                    state: entry.name.to_string(),
+                    existing: g.meta.kind,
+                    requested: entry.kind,
+                });
+            }
+            let stamp = (g.meta.ttl_millis.is_none() && entry.ttl.is_some()).then_some(now);
+            plans.push(entry.typed.transcoder(&entry.name, &g.meta, stamp)?);
+        }
+        if fresh && groups.len() == 1 && plans[0].is_none() {
+            entry.id = groups[0].id;
+            return Ok(());
+        }
+        for (g, plan) in groups.iter().zip(plans) {
+            self.copy_state(g.id, entry.id, plan.as_deref(), &entry.name)?;
+        }
+        Ok(())
+    }
+
+    /// Rewrites every entry of state id `from` under `to` (through `t` when given).
+    fn copy_state(
+        &mut self,
+        from: u16,
+        to: u16,
+        t: Option<&dyn Transcoder>,
+        name: &StateName,
+    ) -> Result<()> {
+        const BATCH: usize = 4096;
+        for kg in self.range.iter() {
+            let prefix = kg_state(kg, from);
+            let end = end_of(&prefix);
+            let mut start = prefix.to_vec();
+            loop {
+                let batch = scan(&self.db, &start, &end, BATCH)?;
+                for (k, v) in &batch {
+                    let p = parse_key(k, name.as_str())?;
+                    let mut nk = Vec::with_capacity(k.len());
+                    push_prefix(&mut nk, p.kg, to, p.key);
+                    let at = nk.len();
+                    nk.extend_from_slice(&[0; 4]);
+                    match t {
+                        Some(t) => t.ns(p.ns, &mut nk)?,
+                        None => nk.extend_from_slice(p.ns),
+                    }
+                    let len = (nk.len() - at - 4) as u32;
+                    nk[at..at + 4].copy_from_slice(&len.to_be_bytes());
+                    let mut nv = Vec::with_capacity(v.len());
+                    match t {
+                        Some(t) => {
+                            t.user_key(p.user_key, &mut nk)?;
+                            t.value(v, &mut nv)?;
+                        }
+                        None => {
+                            nk.extend_from_slice(p.user_key);
+                            nv.extend_from_slice(v);
+                        }
+                    }
+                    self.db.put(&nk, &nv)?;
+                    self.db.delete(k)?;
+                }
+                match batch.last() {
+                    Some((k, _)) if batch.len() == BATCH => {
+                        start = k.clone();
+                        start.push(0);
+                    }
+                    _ => break,
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Incremental TTL cleanup: checks up to `n` stored entries of the state at `slot`,
+    /// continuing where the previous run stopped.
+    fn incremental_cleanup(&mut self, slot: usize, n: usize, now: i64) -> Result<()> {
+        let (id, kind, ttl, name) = {
+            let e = &self.states[slot];
+            let Some(ttl) = e.ttl else { return Ok(()) };
+            (e.id, e.kind, ttl, e.name.clone())
+        };
+        let first = kg_state(self.range.start(), id).to_vec();
+        let mut pos = self.states[slot]
+            .cleanup_pos
+            .take()
+            .unwrap_or_else(|| first.clone());
+        let mut checked = 0;
+        let mut wrapped = false;
+        while checked < n {
+            let kg = pos
+                .get(..2)
+                .map(|b| u32::from(u16::from_be_bytes([b[0], b[1]])))
+                .unwrap_or(self.range.end());
+            if kg >= self.range.end() {
+                if wrapped {
+                    break;
+                }
+                wrapped = true;
+                pos = first.clone();
+                continue;
+            }
+            let end = end_of(&kg_state(kg, id));
+            let batch = scan(&self.db, &pos, &end, n - checked)?;
+            pos = match batch.last() {
+                Some((k, _)) if checked + batch.len() >= n => {
+                    let mut p = k.clone();
+                    p.push(0);
+                    p
+                }
+                _ => kg_state(kg + 1, id).to_vec(),
+            };
+            for (k, v) in batch {
+                checked += 1;
+                if kind == StateKind::List {
+                    let items = parse_list(&v, &name)?;
+                    let live: Vec<_> = items
+                        .iter()
+                        .filter(|(ts, _)| !ttl.is_expired(*ts, now))
+                        .collect();
+                    if live.is_empty() {
+                        self.db.delete(&k)?;
+                    } else if live.len() < items.len() {
+                        let mut out = Vec::new();
+                        for (ts, e) in live {
+                            let at = begin_element(&mut out, *ts);
+                            out.extend_from_slice(e);
+                            end_element(&mut out, at);
+                        }
+                        self.db.put(&k, &out)?;
+                    }
+                } else if ts_of(&v).is_some_and(|ts| ttl.is_expired(ts, now)) {
+                    self.db.delete(&k)?;
+                }
+            }
+        }
+        self.states[slot].cleanup_pos = Some(pos);
+        Ok(())
+    }
+
+    /// Runs incremental cleanup for the state of `slot` when it has it (on state access).
+    #[inline]
+    fn after_access(&mut self, slot: usize) -> Result<()> {
+        let Some(inc) = self
+            .states
+            .get(slot)
+            .and_then(|e| e.ttl)
+            .and_then(|t| t.incremental_cleanup())
+        else {
+            return Ok(());
+        };
+        let now = self.clock.now_millis();
+        self.incremental_cleanup(slot, inc.cleanup_size, now)
+    }
+
+    fn erased(&self, id: StateId, name: &StateName) -> Result<(usize, &StateEntry)> {
+        let slot = id.0 as usize;
+        let e = self
+            .states
+            .get(slot)
+            .filter(|e| e.name == *name)
+            .ok_or_else(|| unknown(name))?;
+        Ok((slot, e))
+    }
+
+    /// Builds the key of the current key in `ns` for an erased handle into `kbuf`.
+    fn erased_key(&mut self, id: StateId, name: &StateName, ns: &dyn Any) -> Result<usize> {
+        let cur = self.current.as_ref().ok_or_else(|| Error::NoCurrentKey {
+            state: name.to_string(),
+        })?;
+        let slot = id.0 as usize;
+        let e = self
+            .states
+            .get(slot)
+            .filter(|e| e.name == *name)
+            .ok_or_else(|| unknown(name))?;
+        push_prefix(&mut self.kbuf, cur.kg, e.id, &cur.bytes);
+        let at = self.kbuf.len();
+        self.kbuf.extend_from_slice(&[0; 4]);
+        e.typed.ns_bytes(name, ns, &mut self.kbuf)?;
+        let len = (self.kbuf.len() - at - 4) as u32;
+        self.kbuf[at..at + 4].copy_from_slice(&len.to_be_bytes());
+        Ok(slot)
+    }
+
+    /// Reads the single value of the erased key in `kbuf`; `Some((ts, value))`.
+    fn erased_single(&mut self, slot: usize, for_update: bool) -> Result<Option<Vec<u8>>> {
+        let e = &self.states[slot];
+        let key = std::mem::take(&mut self.kbuf);
+        let r = read_single(
+            &mut self.db,
+            &*self.clock,
+            e.ttl,
+            &key,
+            &mut self.vbuf,
+            for_update,
+            &e.name,
+        );
+        self.kbuf = key;
+        Ok(r?.then(|| self.vbuf[8..].to_vec()))
+    }
+}
+
+impl<K: StateKey> KeyedStateBackend for MmapKeyedStateBackend<K> {
+    type Key = K;
+
+    fn max_parallelism(&self) -> u32 {
+        self.max_parallelism
+    }
+
+    fn key_group_range(&self) -> KeyGroupRange {
+        self.range
+    }
+
+    #[inline]
+    fn set_current_key(&mut self, key: K) -> Result<()> {
+        let mut bytes = self
+            .current
+            .take()
+            .map(|c| c.bytes)
+            .unwrap_or_else(|| Vec::with_capacity(32));
+        bytes.clear();
+        self.key_serializer
+            .serialize(&key, &mut bytes)
+            .map_err(|e| Error::Serialize {
+                state: "<current key>".into(),
+                what: "key",
+                reason: e.0,
+            })?;
+        let kg = key_group_for_hash(stable_key_hash(&bytes), self.max_parallelism);
+        if !self.range.contains(kg) {
+            return Err(Error::KeyGroupOutOfRange {
+                key_group: kg,
+                range: self.range,
+            });
+        }
+        self.current = Some(Cur { key, bytes, kg });
+        if !self.per_record_cleanup.is_empty() {
+            let now = self.clock.now_millis();
+            for i in self.per_record_cleanup.clone() {
+                if let Some(inc) = self.states[i].ttl.and_then(|t| t.incremental_cleanup()) {
+                    self.incremental_cleanup(i, inc.cleanup_size, now)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn current_key(&self) -> Option<&K> {
+        self.current.as_ref().map(|c| &c.key)
+    }
+
+    fn current_key_group(&self) -> Option<u32> {
+        self.current.as_ref().map(|c| c.kg)
+    }
+
+    fn register_value<V: StateType, N: Namespace>(
+        &mut self,
+        d: ValueStateDescriptor<V, N>,
+    ) -> Result<ValueStateHandle<V, N>> {
+        let name = d.name().clone();
+        let id = self.register_typed(
+            &name,
+            d.ttl().copied(),
+            ValueT {
+                ser: Arc::clone(d.value_serializer()),
+                ns: Arc::clone(d.namespace_serializer()),
+                default: d.default_value().cloned(),
+            },
+        )?;
+        Ok(ValueStateHandle::new(id, name))
+    }
+
+    fn register_list<T: StateType, N: Namespace>(
+        &mut self,
+        d: ListStateDescriptor<T, N>,
+    ) -> Result<ListStateHandle<T, N>> {
+        let name = d.name().clone();
+        let id = self.register_typed(
+            &name,
+            d.ttl().copied(),
+            ListT {
+                ser: Arc::clone(d.element_serializer()),
+                ns: Arc::clone(d.namespace_serializer()),
+            },
+        )?;
+        Ok(ListStateHandle::new(id, name))
+    }
+
+    fn register_map<UK: MapKey, UV: StateType, N: Namespace>(
+        &mut self,
+        d: MapStateDescriptor<UK, UV, N>,
+    ) -> Result<MapStateHandle<UK, UV, N>> {
+        let name = d.name().clone();
+        let id = self.register_typed(
+            &name,
+            d.ttl().copied(),
+            MapT {
+                key_ser: Arc::clone(d.user_key_serializer()),
+                value_ser: Arc::clone(d.user_value_serializer()),
+                ns: Arc::clone(d.namespace_serializer()),
+            },
+        )?;
+        Ok(MapStateHandle::new(id, name))
+    }
+
+    fn register_reducing<T: StateType, N: Namespace>(
+        &mut self,
+        d: ReducingStateDescriptor<T, N>,
+    ) -> Result<ReducingStateHandle<T, N>> {
+        let name = d.name().clone();
+        let id = self.register_typed(
+            &name,
+            d.ttl().copied(),
+            ReducingT {
+                ser: Arc::clone(d.value_serializer()),
+                ns: Arc::clone(d.namespace_serializer()),
+                reduce: Arc::clone(d.reduce_fn()),
+            },
+        )?;
+        Ok(ReducingStateHandle::new(id, name))
+    }
+
+    fn register_aggregating<IN: 'static, ACC: StateType, OUT: 'static, N: Namespace>(
+        &mut self,
+        d: AggregatingStateDescriptor<IN, ACC, OUT, N>,
+    ) -> Result<AggregatingStateHandle<IN, OUT, N>> {
+        let name = d.name().clone();
+        let id = self.register_typed(
+            &name,
+            d.ttl().copied(),
+            AggregatingT::<IN, ACC, OUT, N> {
+                ser: Arc::clone(d.accumulator_serializer()),
+                ns: Arc::clone(d.namespace_serializer()),
+                func: Arc::clone(d.function()),
+            },
+        )?;
+        Ok(AggregatingStateHandle::new(id, name))
+    }
+
+    #[inline]
+    fn value_get<V: StateType, N: Namespace>(
+        &mut self,
+        h: &ValueStateHandle<V, N>,
+        ns: &N,
+    ) -> Result<Option<V>> {
+        self.after_access(h.id().0 as usize)?;
+        let (e, t, cur) = typed!(self, h.id(), h.name(), ValueT<V, N>);
+        state_key(&mut self.kbuf, cur.kg, e.id, &cur.bytes, &t.ns, ns, &e.name)?;
+        let found = read_single(
+            &mut self.db,
+            &*self.clock,
+            e.ttl,
+            &self.kbuf,
+            &mut self.vbuf,
+            false,
+            &e.name,
+        )?;
+        if !found {
+            return Ok(t.default.clone());
+        }
+        t.ser
+            .deserialize(&self.vbuf[8..])
+            .map(Some)
+            .map_err(de_err(&e.name, "value"))
+    }
+
+    #[inline]
+    fn value_update<V: StateType, N: Namespace>(
+        &mut self,
+        h: &ValueStateHandle<V, N>,
+        ns: &N,
+        value: V,
+    ) -> Result<()> {
+        self.after_access(h.id().0 as usize)?;
+        let (e, t, cur) = typed!(self, h.id(), h.name(), ValueT<V, N>);
+        state_key(&mut self.kbuf, cur.kg, e.id, &cur.bytes, &t.ns, ns, &e.name)?;
+        self.vbuf.clear();
+        self.vbuf
+            .extend_from_slice(&now_if(e.ttl, &*self.clock).to_be_bytes());
+        t.ser
+            .serialize(&value, &mut self.vbuf)
+            .map_err(ser_err(&e.name, "value"))?;
+        Ok(self.db.put(&self.kbuf, &self.vbuf)?)
+    }
+
+    fn list_get<T: StateType, N: Namespace>(
+        &mut self,
+        h: &ListStateHandle<T, N>,
+        ns: &N,
+    ) -> Result<Option<Vec<T>>> {
+        self.after_access(h.id().0 as usize)?;
+        let (e, t, cur) = typed!(self, h.id(), h.name(), ListT<T, N>);
+        state_key(&mut self.kbuf, cur.kg, e.id, &cur.bytes, &t.ns, ns, &e.name)?;
+        self.vbuf.clear();
+        if !self.db.get(&self.kbuf, &mut self.vbuf)? {
+            return Ok(None);
+        }
+        let items = parse_list(&self.vbuf, &e.name)?;
+        let de = de_err(&e.name, "list element");
+        let Some(ttl) = e.ttl else {
+            let mut out = Vec::with_capacity(items.len());
+            for (_, b) in items {
+                out.push(t.ser.deserialize(b).map_err(&de)?);
+            }
+            return Ok((!out.is_empty()).then_some(out));
+        };
+        let now = self.clock.now_millis();
+        let any_expired = items.iter().any(|(ts, _)| ttl.is_expired(*ts, now));
+        let mut out = Vec::new();
+        for (ts, b) in &items {
+            if ttl.returns_expired() || !ttl.is_expired(*ts, now) {
+                out.push(t.ser.deserialize(b).map_err(&de)?);
+            }
+        }
+        if any_expired || ttl.refresh_on_read() {
+            self.tbuf.clear();
+            for (ts, b) in items.iter().filter(|(ts, _)| !ttl.is_expired(*ts, now)) {
+                let ts = if ttl.refresh_on_read() { now } else { *ts };
+                let at = begin_element(&mut self.tbuf, ts);
+                self.tbuf.extend_from_slice(b);
+                end_element(&mut self.tbuf, at);
+            }
+            if self.tbuf.is_empty() {
+                self.db.delete(&self.kbuf)?;
+            } else {
+                self.db.put(&self.kbuf, &self.tbuf)?;
+            }
+        }
+        Ok((!out.is_empty()).then_some(out))
+    }
+
+    #[inline]
+    fn list_add<T: StateType, N: Namespace>(
+        &mut self,
+        h: &ListStateHandle<T, N>,
+        ns: &N,
+        value: T,
+    ) -> Result<()> {
+        self.after_access(h.id().0 as usize)?;
+        let (e, t, cur) = typed!(self, h.id(), h.name(), ListT<T, N>);
+        state_key(&mut self.kbuf, cur.kg, e.id, &cur.bytes, &t.ns, ns, &e.name)?;
+        self.vbuf.clear();
+        let at = begin_element(&mut self.vbuf, now_if(e.ttl, &*self.clock));
+        t.ser
+            .serialize(&value, &mut self.vbuf)
+            .map_err(ser_err(&e.name, "list element"))?;
+        end_element(&mut self.vbuf, at);
+        Ok(self.db.merge(&self.kbuf, &self.vbuf)?)
+    }
+
+    fn list_add_all<T: StateType, N: Namespace>(
+        &mut self,
+        h: &ListStateHandle<T, N>,
+        ns: &N,
+        values: Vec<T>,
+    ) -> Result<()> {
+        if values.is_empty() {
+            return Ok(());
+        }
+        self.after_access(h.id().0 as usize)?;
+        let (e, t, cur) = typed!(self, h.id(), h.name(), ListT<T, N>);
+        state_key(&mut self.kbuf, cur.kg, e.id, &cur.bytes, &t.ns, ns, &e.name)?;
+        self.vbuf.clear();
+        let ts = now_if(e.ttl, &*self.clock);
+        for v in &values {
+            let at = begin_element(&mut self.vbuf, ts);
+            t.ser
+                .serialize(v, &mut self.vbuf)
+                .map_err(ser_err(&e.name, "list element"))?;
+            end_element(&mut self.vbuf, at);
+        }
+        Ok(self.db.merge(&self.kbuf, &self.vbuf)?)
+    }
+
+    fn list_update<T: StateType, N: Namespace>(
+        &mut self,
+        h: &ListStateHandle<T, N>,
+        ns: &N,
+        values: Vec<T>,
+    ) -> Result<()> {
+        self.after_access(h.id().0 as usize)?;
+        let (e, t, cur) = typed!(self, h.id(), h.name(), ListT<T, N>);
+        state_key(&mut self.kbuf, cur.kg, e.id, &cur.bytes, &t.ns, ns, &e.name)?;
+        if values.is_empty() {
+            return Ok(self.db.delete(&self.kbuf)?);
+        }
+        self.vbuf.clear();
+        let ts = now_if(e.ttl, &*self.clock);
+        for v in &values {
+            let at = begin_element(&mut self.vbuf, ts);
+            t.ser
+                .serialize(v, &mut self.vbuf)
+                .map_err(ser_err(&e.name, "list element"))?;
+            end_element(&mut self.vbuf, at);
+        }
+        Ok(self.db.put(&self.kbuf, &self.vbuf)?)
+    }
+
+    fn map_get<UK: MapKey, UV: StateType, N: Namespace>(
+        &mut self,
+        h: &MapStateHandle<UK, UV, N>,
+        ns: &N,
+        user_key: &UK,
+    ) -> Result<Option<UV>> {
+        self.after_access(h.id().0 as usize)?;
+        let (e, t, cur) = typed!(self, h.id(), h.name(), MapT<UK, UV, N>);
+        state_key(&mut self.kbuf, cur.kg, e.id, &cur.bytes, &t.ns, ns, &e.name)?;
+        t.key_ser
+            .serialize(user_key, &mut self.kbuf)
+            .map_err(ser_err(&e.name, "map user key"))?;
+        let found = read_single(
+            &mut self.db,
+            &*self.clock,
+            e.ttl,
+            &self.kbuf,
+            &mut self.vbuf,
+            false,
+            &e.name,
+        )?;
+        if !found {
+            return Ok(None);
+        }
+        t.value_ser
+            .deserialize(&self.vbuf[8..])
+            .map(Some)
+            .map_err(de_err(&e.name, "map user value"))
+    }
+
+    fn map_put<UK: MapKey, UV: StateType, N: Namespace>(
+        &mut self,
+        h: &MapStateHandle<UK, UV, N>,
+        ns: &N,
+        user_key: UK,
+        value: UV,
+    ) -> Result<()> {
+        self.after_access(h.id().0 as usize)?;
+        let (e, t, cur) = typed!(self, h.id(), h.name(), MapT<UK, UV, N>);
+        state_key(&mut self.kbuf, cur.kg, e.id, &cur.bytes, &t.ns, ns, &e.name)?;
+        t.key_ser
+            .serialize(&user_key, &mut self.kbuf)
+            .map_err(ser_err(&e.name, "map user key"))?;
+        self.vbuf.clear();
+        self.vbuf
+            .extend_from_slice(&now_if(e.ttl, &*self.clock).to_be_bytes());
+        t.value_ser
+            .serialize(&value, &mut self.vbuf)
+            .map_err(ser_err(&e.name, "map user value"))?;
+        Ok(self.db.put(&self.kbuf, &self.vbuf)?)
+    }
+
+    fn map_put_all<UK: MapKey, UV: StateType, N: Namespace>(
+        &mut self,
+        h: &MapStateHandle<UK, UV, N>,
+        ns: &N,
+        entries: Vec<(UK, UV)>,
+    ) -> Result<()> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        self.after_access(h.id().0 as usize)?;
+        let (e, t, cur) = typed!(self, h.id(), h.name(), MapT<UK, UV, N>);
+        state_key(&mut self.kbuf, cur.kg, e.id, &cur.bytes, &t.ns, ns, &e.name)?;
+        let prefix = self.kbuf.len();
+        let ts = now_if(e.ttl, &*self.clock);
+        for (k, v) in &entries {
+            self.kbuf.truncate(prefix);
+            t.key_ser
+                .serialize(k, &mut self.kbuf)
+                .map_err(ser_err(&e.name, "map user key"))?;
+            self.vbuf.clear();
+            self.vbuf.extend_from_slice(&ts.to_be_bytes());
+            t.value_ser
+                .serialize(v, &mut self.vbuf)
+                .map_err(ser_err(&e.name, "map user value"))?;
+            self.db.put(&self.kbuf, &self.vbuf)?;
+        }
+        Ok(())
+    }
+
+    fn map_remove<UK: MapKey, UV: StateType, N: Namespace>(
+        &mut self,
+        h: &MapStateHandle<UK, UV, N>,
+        ns: &N,
+        user_key: &UK,
+    ) -> Result<()> {
+        self.after_access(h.id().0 as usize)?;
+        let (e, t, cur) = typed!(self, h.id(), h.name(), MapT<UK, UV, N>);
+        state_key(&mut self.kbuf, cur.kg, e.id, &cur.bytes, &t.ns, ns, &e.name)?;
+        t.key_ser
+            .serialize(user_key, &mut self.kbuf)
+            .map_err(ser_err(&e.name, "map user key"))?;
+        Ok(self.db.delete(&self.kbuf)?)
+    }
+
+    fn map_contains<UK: MapKey, UV: StateType, N: Namespace>(
+        &mut self,
+        h: &MapStateHandle<UK, UV, N>,
+        ns: &N,
+        user_key: &UK,
+    ) -> Result<bool> {
+        Ok(self.map_get(h, ns, user_key)?.is_some())
+    }
+
+    fn map_entries<UK: MapKey, UV: StateType, N: Namespace>(
+        &mut self,
+        h: &MapStateHandle<UK, UV, N>,
+        ns: &N,
+    ) -> Result<Vec<(UK, UV)>> {
+        self.after_access(h.id().0 as usize)?;
+        let (e, t, cur) = typed!(self, h.id(), h.name(), MapT<UK, UV, N>);
+        state_key(&mut self.kbuf, cur.kg, e.id, &cur.bytes, &t.ns, ns, &e.name)?;
+        let prefix = self.kbuf.len();
+        let end = end_of(&self.kbuf);
+        let mut out = Vec::new();
+        let now = self.clock.now_millis();
+        let mut dead: Vec<Vec<u8>> = Vec::new();
+        let mut refresh: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+        {
+            let mut it = self.db.iter(&self.kbuf, Some(&end))?;
+            while let Some((k, v)) = it.next()? {
+                let ts = ts_of(v).ok_or_else(|| corrupt_value(&e.name, "map entry"))?;
+                if let Some(ttl) = e.ttl {
+                    let expired = ttl.is_expired(ts, now);
+                    if expired {
+                        dead.push(k.to_vec());
+                        if !ttl.returns_expired() {
+                            continue;
+                        }
+                    } else if ttl.refresh_on_read() {
+                        let mut nv = v.to_vec();
+                        nv[..8].copy_from_slice(&now.to_be_bytes());
+                        refresh.push((k.to_vec(), nv));
+                    }
+                }
+                let uk = t
+                    .key_ser
+                    .deserialize(&k[prefix..])
+                    .map_err(de_err(&e.name, "map user key"))?;
+                let uv = t
+                    .value_ser
+                    .deserialize(&v[8..])
+                    .map_err(de_err(&e.name, "map user value"))?;
+                out.push((uk, uv));
+            }
+        }
+        for k in dead {
+            self.db.delete(&k)?;
+        }
+        for (k, v) in refresh {
+            self.db.put(&k, &v)?;
+        }
+        Ok(out)
+    }
+
+    fn map_is_empty<UK: MapKey, UV: StateType, N: Namespace>(
+        &mut self,
+        h: &MapStateHandle<UK, UV, N>,
+        ns: &N,
+    ) -> Result<bool> {
+        let (e, t, cur) = typed!(self, h.id(), h.name(), MapT<UK, UV, N>);
+        state_key(&mut self.kbuf, cur.kg, e.id, &cur.bytes, &t.ns, ns, &e.name)?;
+        let end = end_of(&self.kbuf);
+        let now = self.clock.now_millis();
+        let mut it = self.db.iter(&self.kbuf, Some(&end))?;
+        while let Some((_, v)) = it.next()? {
+            let Some(ttl) = e.ttl else { return Ok(false) };
+            let ts = ts_of(v).ok_or_else(|| corrupt_value(&e.name, "map entry"))?;
+            if ttl.returns_expired() || !ttl.is_expired(ts, now) {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    fn reducing_get<T: StateType, N: Namespace>(
+        &mut self,
+        h: &ReducingStateHandle<T, N>,
+        ns: &N,
+    ) -> Result<Option<T>> {
+        self.after_access(h.id().0 as usize)?;
+        let (e, t, cur) = typed!(self, h.id(), h.name(), ReducingT<T, N>);
+        state_key(&mut self.kbuf, cur.kg, e.id, &cur.bytes, &t.ns, ns, &e.name)?;
+        let found = read_single(
+            &mut self.db,
+            &*self.clock,
+            e.ttl,
+            &self.kbuf,
+            &mut self.vbuf,
+            false,
+            &e.name,
+        )?;
+        if !found {
+            return Ok(None);
+        }
+        t.ser
+            .deserialize(&self.vbuf[8..])
+            .map(Some)
+            .map_err(de_err(&e.name, "value"))
+    }
+
+    fn reducing_add<T: StateType, N: Namespace>(
+        &mut self,
+        h: &ReducingStateHandle<T, N>,
+        ns: &N,
+        value: T,
+    ) -> Result<()> {
+        self.after_access(h.id().0 as usize)?;
+        let (e, t, cur) = typed!(self, h.id(), h.name(), ReducingT<T, N>);
+        state_key(&mut self.kbuf, cur.kg, e.id, &cur.bytes, &t.ns, ns, &e.name)?;
+        let found = read_single(
+            &mut self.db,
+            &*self.clock,
+            e.ttl,
+            &self.kbuf,
+            &mut self.vbuf,
+            true,
+            &e.name,
+        )?;
+        let new = if found {
+            let old = t
+                .ser
+                .deserialize(&self.vbuf[8..])
+                .map_err(de_err(&e.name, "value"))?;
+            (t.reduce)(old, value)
+        } else {
+            value
+        };
+        self.vbuf.clear();
+        self.vbuf
+            .extend_from_slice(&now_if(e.ttl, &*self.clock).to_be_bytes());
+        t.ser
+            .serialize(&new, &mut self.vbuf)
+            .map_err(ser_err(&e.name, "value"))?;
+        Ok(self.db.put(&self.kbuf, &self.vbuf)?)
+    }
+
+    fn aggregating_get<IN: 'static, OUT: 'static, N: Namespace>(
+        &mut self,
+        h: &AggregatingStateHandle<IN, OUT, N>,
+        ns: &N,
+    ) -> Result<Option<OUT>> {
+        self.after_access(h.id().0 as usize)?;
+        let slot = self.erased_key(h.id(), h.name(), ns)?;
+        let acc = self.erased_single(slot, false)?;
+        let e = &self.states[slot];
+        let mut out: Option<OUT> = None;
+        e.typed
+            .aggregate_result(&e.name, acc.as_deref(), &mut out)?;
+        Ok(out)
+    }
+
+    fn aggregating_add<IN: 'static, OUT: 'static, N: Namespace>(
+        &mut self,
+        h: &AggregatingStateHandle<IN, OUT, N>,
+        ns: &N,
+        value: IN,
+    ) -> Result<()> {
+        self.after_access(h.id().0 as usize)?;
+        let slot = self.erased_key(h.id(), h.name(), ns)?;
+        let acc = self.erased_single(slot, true)?;
+        let e = &self.states[slot];
+        self.vbuf.clear();
+        self.vbuf
+            .extend_from_slice(&now_if(e.ttl, &*self.clock).to_be_bytes());
+        let mut value = Some(value);
+        e.typed
+            .aggregate_add(&e.name, acc.as_deref(), &mut value, &mut self.vbuf)?;
+        Ok(self.db.put(&self.kbuf, &self.vbuf)?)
+    }
+
+    fn clear<N: Namespace>(&mut self, h: &dyn StateHandle<N>, ns: &N) -> Result<()> {
+        let name = h.state_name().clone();
+        let slot = self.erased_key(h.state_id(), &name, ns)?;
+        if self.states[slot].kind == StateKind::Map {
+            let end = end_of(&self.kbuf);
+            let keys: Vec<Vec<u8>> = scan(&self.db, &self.kbuf, &end, usize::MAX)?
+                .into_iter()
+                .map(|(k, _)| k)
+                .collect();
+            for k in keys {
+                self.db.delete(&k)?;
+            }
+            return Ok(());
+        }
+        Ok(self.db.delete(&self.kbuf)?)
+    }
+
+    fn merge_namespaces<N: Namespace>(
+        &mut self,
+        h: &dyn MergeableHandle<N>,
+        target: &N,
+        sources: &[N],
+    ) -> Result<()> {
+        let name = h.state_name().clone();
+        let (slot, e) = self.erased(h.state_id(), &name)?;
+        let (kind, ttl) = (e.kind, e.ttl);
+        if !kind.is_mergeable() {
+            return Err(Error::Unsupported {
+                state: name.to_string(),
+                reason: format!("{kind} state cannot merge namespaces"),
+            });
+        }
+        let now = self.clock.now_millis();
+        let expired = |ts: i64| ttl.is_some_and(|t| t.is_expired(ts, now));
+        self.erased_key(h.state_id(), &name, target)?;
+        let target_key = self.kbuf.clone();
+        let mut acc: Option<Vec<u8>> = None;
+        for ns in sources {
+            self.erased_key(h.state_id(), &name, ns)?;
+            if self.kbuf == target_key {
+                continue;
+            }
+            let key = self.kbuf.clone();
+            self.vbuf.clear();
+            if !self.db.get(&key, &mut self.vbuf)? {
+                continue;
+            }
+            self.db.delete(&key)?;
+            acc = self.fold(slot, kind, acc, &expired)?;
+        }
+        let Some(merged) = acc else { return Ok(()) };
+        self.vbuf.clear();
+        let merged = if self.db.get(&target_key, &mut self.vbuf)? {
+            match self.fold(slot, kind, None, &expired)? {
+                Some(t) => self.fold_pair(slot, kind, t, merged)?,
+                None => merged,
+            }
+        } else {
+            merged
+        };
+        let out = if kind == StateKind::List {
+            merged
+        } else {
+            let mut out = now_if(ttl, &*self.clock).to_be_bytes().to_vec();
+            out.extend_from_slice(&merged);
+            out
+        };
+        Ok(self.db.put(&target_key, &out)?)
+    }
+
+    fn keys<N: Namespace>(&mut self, h: &dyn StateHandle<N>, ns: &N) -> Result<Vec<K>> {
+        let name = h.state_name().clone();
+        let (_, e) = self.erased(h.state_id(), &name)?;
+        let id = e.id;
+        let mut ns_bytes = Vec::new();
+        e.typed.ns_bytes(&name, ns, &mut ns_bytes)?;
+        let mut out = Vec::new();
+        let mut last: Option<Vec<u8>> = None;
+        for kg in self.range.iter() {
+            let prefix = kg_state(kg, id);
+            let end = end_of(&prefix);
+            let mut it = self.db.iter(&prefix, Some(&end))?;
+            while let Some((k, _)) = it.next()? {
+                let p = parse_key(k, name.as_str())?;
+                if p.ns != &ns_bytes[..] || last.as_deref() == Some(p.key) {
+                    continue;
+                }
+                last = Some(p.key.to_vec());
+                out.push(
+                    self.key_serializer
+                        .deserialize(p.key)
+                        .map_err(de_err(&name, "key"))?,
+                );
+            }
+        }
+        Ok(out)
+    }
+
+    fn snapshot(&mut self) -> Result<Box<dyn KeyedStateSnapshot>> {
+        Ok(Box::new(self.snapshot_mmap()?))
+    }
+
+    fn restore<R: Read>(&mut self, streams: Vec<(String, R)>) -> Result<()> {
+        let existing: Vec<(StateName, Pending)> = self
+            .pending
+            .iter()
+            .flat_map(|(n, ps)| ps.iter().map(move |p| (n.clone(), p.clone())))
+            .collect();
+        let mut sink = RestoreSink {
+            db: &mut self.db,
+            next_id: &mut self.next_id,
+            existing,
+            added: Vec::new(),
+            current: Vec::new(),
+            kbuf: Vec::new(),
+            vbuf: Vec::new(),
+        };
+        restore_streams(streams, self.max_parallelism, self.range, &mut sink)?;
+        let added = std::mem::take(&mut sink.added);
+        for (name, p) in added {
+            self.pending.entry(name).or_default().push(p);
+        }
+        // States registered already take their data now.
+        let names: Vec<StateName> = self
+            .pending
+            .keys()
+            .filter(|n| self.ids.contains_key(*n))
+            .cloned()
+            .collect();
+        for name in names {
+            let slot = self.ids[&name];
+            let groups = self.pending.get(&name).cloned().unwrap_or_default();
+            let mut entry = std::mem::replace(&mut self.states[slot], placeholder_entry(&name));
+            let r = self.bind(&mut entry, &groups, false);
+            self.states[slot] = entry;
+            r?;
+            self.pending.remove(&name);
+        }
+        self.save_registry();
+        Ok(())
+    }
+}
+
+fn placeholder_entry(name: &StateName) -> StateEntry {
+    StateEntry {
+        name: name.clone(),
+        id: 0,
+        kind: StateKind::Value,
+        ttl: None,
+        typed: Box::new(ValueT::<(), ()> {
+            ser: Arc::new(PostcardSerializer::<()>::new()),
+            ns: Arc::new(PostcardSerializer::<()>::new()),
+            default: None,
+        }),
+        cleanup_pos: None,
+    }
+}
+
+impl<K: StateKey> MmapKeyedStateBackend<K> {
+    /// Folds the stored value in `vbuf` into `acc` (merging namespaces); expired parts are
+    /// dropped.
+    fn fold(
+        &mut self,
+        slot: usize,
+        kind: StateKind,
+        acc: Option<Vec<u8>>,
+        expired: &dyn Fn(i64) -> bool,
+    ) -> Result<Option<Vec<u8>>> {
+        let e = &self.states[slot];
+        if kind == StateKind::List {
+            let mut live = Vec::new();
+            for (ts, b) in parse_list(&self.vbuf, &e.name)? {
+                if !expired(ts) {
+                    let at = begin_element(&mut live, ts);
+                    live.extend_from_slice(b);
+                    end_element(&mut live, at);
+                }
+            }
+            if live.is_empty() {
+                return Ok(acc);
+            }
+            return Ok(Some(match acc {
+                Some(mut a) => {
+                    a.extend_from_slice(&live);
+                    a
+                }
+                None => live,
+            }));
+        }
+        let ts = ts_of(&self.vbuf).ok_or_else(|| corrupt_value(&e.name, "value"))?;
+        if expired(ts) {
+            return Ok(acc);
+        }
+        let v = self.vbuf[8..].to_vec();
+        match acc {
+            None => Ok(Some(v)),
+            Some(a) => self.fold_pair(slot, kind, a, v).map(Some),
+        }
+    }
+
+    fn fold_pair(&self, slot: usize, kind: StateKind, a: Vec<u8>, b: Vec<u8>) -> Result<Vec<u8>> {
+        if kind == StateKind::List {
+            let mut a = a;
+            a.extend_from_slice(&b);
+            return Ok(a);
+        }
+        let e = &self.states[slot];
+        let mut out = Vec::new();
+        e.typed.merge_values(&e.name, &a, &b, &mut out)?;
+        Ok(out)
+    }
+
+    /// Like [`KeyedStateBackend::snapshot`], with the concrete type.
+    pub fn snapshot_mmap(&mut self) -> Result<MmapSnapshot> {
+        let view = self.db.snapshot_detached()?;
+        let mut ids = HashMap::new();
+        let mut states = Vec::new();
+        for (i, s) in self.states.iter().enumerate() {
+            ids.insert(
+                s.id,
+                (
+                    i as u32,
+                    s.kind,
+                    s.ttl.filter(|t| t.is_cleanup_full_snapshot()),
+                ),
+            );
+            states.push(s.typed.meta(&s.name, s.ttl.as_ref()));
+        }
+        Ok(MmapSnapshot {
+            header: SnapshotHeader {
+                max_parallelism: self.max_parallelism,
+                key_group_range: self.range,
+                key_serializer: self.key_serializer.snapshot(),
+                states,
+            },
+            view,
+            ids,
+            now: self.clock.now_millis(),
+        })
+    }
+}
+
+/// A consistent view of an mmap backend's state, taken by [`KeyedStateBackend::snapshot`]: the
+/// write buffers and sorted runs of that moment, held by reference (files stay on disk while
+/// the view lives).
+pub struct MmapSnapshot {
+    header: SnapshotHeader,
+    view: DbSnapshot,
+    ids: HashMap<u16, (u32, StateKind, Option<StateTtlConfig>)>,
+    now: i64,
+}
+
+impl fmt::Debug for MmapSnapshot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MmapSnapshot")
+            .field("range", &self.header.key_group_range)
+            .field("states", &self.header.states.len())
+            .finish()
+    }
+}
+
+impl KeyedStateSnapshot for MmapSnapshot {
+    fn write_to(&self, out: &mut dyn Write) -> Result<SnapshotSummary> {
+        let mut w = SnapshotWriter::new(out, &self.header)?;
+        let mut payload = Vec::new();
+        // A map being gathered: (state index, key, ns, ttl) and its entries.
+        let mut map: Option<(u32, Vec<u8>, Vec<u8>, usize)> = None;
+        let mut map_count = 0u32;
+        let mut map_body = Vec::new();
+        let flush_map = |w: &mut SnapshotWriter<&mut dyn Write>,
+                         map: &mut Option<(u32, Vec<u8>, Vec<u8>, usize)>,
+                         count: &mut u32,
+                         body: &mut Vec<u8>|
+         -> Result<()> {
+            if let Some((idx, key, ns, _)) = map.take() {
+                if *count > 0 {
+                    let mut p = Vec::with_capacity(body.len() + 4);
+                    payload::count(&mut p, *count);
+                    p.extend_from_slice(body);
+                    w.write_record(idx, &key, &ns, &p)?;
+                }
+            }
+            *count = 0;
+            body.clear();
+            Ok(())
+        };
+        for kg in self.header.key_group_range.iter() {
+            w.begin_key_group(kg)?;
+            let start = kg_prefix(kg);
+            let end = kg_prefix(kg + 1);
+            let mut it = self.view.iter(&start, Some(&end))?;
+            while let Some((k, v)) = it.next()? {
+                let p = parse_key(k, "snapshot")?;
+                let Some(&(idx, kind, ttl)) = self.ids.get(&p.id) else {
+                    continue;
+                };
+                let name = &self.header.states[idx as usize].name;
+                let expired = |ts: i64| ttl.is_some_and(|t| t.is_expired(ts, self.now));
+                match kind {
+                    StateKind::Map => {
+                        let same = map
+                            .as_ref()
+                            .is_some_and(|(i, key, ns, _)| *i == idx && key == p.key && ns == p.ns);
+                        if !same {
+                            flush_map(&mut w, &mut map, &mut map_count, &mut map_body)?;
+                            map = Some((idx, p.key.to_vec(), p.ns.to_vec(), p.prefix_len));
+                        }
+                        let ts = ts_of(v).ok_or_else(|| corrupt_value(name, "map entry"))?;
+                        if expired(ts) {
+                            continue;
+                        }
+                        payload::map_entry::<Error>(
+                            &mut map_body,
+                            ts,
+                            |o| {
+                                o.extend_from_slice(p.user_key);
+                                Ok(())
+                            },
+                            |o| {
+                                o.extend_from_slice(&v[8..]);
+                                Ok(())
+                            },
+                        )?;
+                        map_count += 1;
+                    }
+                    StateKind::List => {
+                        flush_map(&mut w, &mut map, &mut map_count, &mut map_body)?;
+                        let items = parse_list(v, name)?;
+                        let live: Vec<_> = items.iter().filter(|(ts, _)| !expired(*ts)).collect();
+                        if live.is_empty() {
+                            continue;
+                        }
+                        payload.clear();
+                        payload::count(&mut payload, live.len() as u32);
+                        for (ts, b) in live {
+                            payload::list_element::<Error>(&mut payload, *ts, |o| {
+                                o.extend_from_slice(b);
+                                Ok(())
+                            })?;
+                        }
+                        w.write_record(idx, p.key, p.ns, &payload)?;
+                    }
+                    _ => {
+                        flush_map(&mut w, &mut map, &mut map_count, &mut map_body)?;
+                        let ts = ts_of(v).ok_or_else(|| corrupt_value(name, "value"))?;
+                        if expired(ts) {
+                            continue;
+                        }
+                        w.write_record(idx, p.key, p.ns, v)?;
+                    }
+                }
+            }
+            flush_map(&mut w, &mut map, &mut map_count, &mut map_body)?;
+        }
+        Ok(w.finish()?.0)
+    }
+
+    fn key_group_range(&self) -> KeyGroupRange {
+        self.header.key_group_range
+    }
+}
+
+/// Writes restored records into the engine under pending state ids.
+struct RestoreSink<'a> {
+    db: &'a mut Db,
+    next_id: &'a mut u32,
+    existing: Vec<(StateName, Pending)>,
+    added: Vec<(StateName, Pending)>,
+    /// Per state index of the current stream: its pending id.
+    current: Vec<u16>,
+    kbuf: Vec<u8>,
+    vbuf: Vec<u8>,
+}
+
+impl RestoreVisitor for RestoreSink<'_> {
+    fn on_header(&mut self, _stream: &str, header: &SnapshotHeader) -> Result<()> {
+        self.current.clear();
+        for meta in &header.states {
+            let same = |(n, p): &&(StateName, Pending)| {
+                *n == meta.name && p.meta == *meta && p.key_ser == header.key_serializer
+            };
+            let id = match self
+                .existing
+                .iter()
+                .find(same)
+                .or_else(|| self.added.iter().find(same))
+            {
+                Some((_, p)) => p.id,
+                None => {
+                    let id = u16::try_from(*self.next_id).map_err(|_| Error::Unsupported {
+                        state: meta.name.to_string(),
+                        reason: "more than 65536 states in one backend".into(),
+                    })?;
+                    *self.next_id += 1;
+                    self.added.push((
+                        meta.name.clone(),
+                        Pending {
+                            id,
+                            meta: meta.clone(),
+                            key_ser: header.key_serializer.clone(),
+                        },
+                    ));
+                    id
+                }
+            };
+            self.current.push(id);
+        }
+        Ok(())
+    }
+
+    fn on_record(
+        &mut self,
+        stream: &str,
+        state: &StateMeta,
+        key_group: u32,
+        r: RawRecord<'_>,
+    ) -> Result<()> {
+        let Some(&id) = self.current.get(r.state_index as usize) else {
+            return Ok(());
+        };
+        push_prefix(&mut self.kbuf, key_group, id, r.key);
+        self.kbuf
+            .extend_from_slice(&(r.namespace.len() as u32).to_be_bytes());
+        self.kbuf.extend_from_slice(r.namespace);
+        let mut d = Decoder::new(r.payload, r.payload_offset, stream);
+        match state.kind {
+            StateKind::List => {
+                self.vbuf.clear();
+                for (ts, b) in payload::decode_list(&mut d)? {
+                    let at = begin_element(&mut self.vbuf, ts);
+                    self.vbuf.extend_from_slice(b);
+                    end_element(&mut self.vbuf, at);
+                }
+                self.db.put(&self.kbuf, &self.vbuf)?;
+            }
+            StateKind::Map => {
+                let prefix = self.kbuf.len();
+                for (ts, k, v) in payload::decode_map(&mut d)? {
+                    self.kbuf.truncate(prefix);
+                    self.kbuf.extend_from_slice(k);
+                    self.vbuf.clear();
+                    self.vbuf.extend_from_slice(&ts.to_be_bytes());
+                    self.vbuf.extend_from_slice(v);
+                    self.db.put(&self.kbuf, &self.vbuf)?;
+                }
+            }
+            _ => {
+                payload::decode_single(&mut d)?;
+                self.db.put(&self.kbuf, r.payload)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+const REGISTRY_MAGIC: [u8; 4] = *b"FLRG";
+
+/// Encodes the state registry: per state its id, whether it is pending, and a one-state
+/// canonical snapshot header holding its metadata and key serializer.
+pub(crate) fn encode_registry(
+    max_parallelism: u32,
+    range: KeyGroupRange,
+    groups: &[(u16, bool, StateMeta, SerializerSnapshot)],
+) -> Result<Vec<u8>> {
+    let mut out = REGISTRY_MAGIC.to_vec();
+    out.push(1);
+    out.extend_from_slice(&(groups.len() as u32).to_be_bytes());
+    for (id, pending, meta, key_ser) in groups {
+        let header = SnapshotHeader {
+            max_parallelism,
+            key_group_range: range,
+            key_serializer: key_ser.clone(),
+            states: vec![meta.clone()],
+        };
+        let (_, stream) = SnapshotWriter::new(Vec::new(), &header)?.finish()?;
+        out.extend_from_slice(&id.to_be_bytes());
+        out.push(u8::from(*pending));
+        out.extend_from_slice(&(stream.len() as u32).to_be_bytes());
+        out.extend_from_slice(&stream);
+    }
+    Ok(out)
+}
+
+/// Decodes a registry into `(max parallelism, [(name, group)])`; every entry comes back as
+/// pending (registration binds it again).
+pub(crate) fn decode_registry(b: &[u8], dir: &Path) -> Result<(u32, Vec<(StateName, Pending)>)> {
+    let what = format!("state registry in {}", dir.display());
+    let bad = |off: usize, reason: &str| Error::Corrupt {
+        stream: what.clone(),
+        offset: off as u64,
+        reason: reason.to_string(),
+    };
+    if b.len() < 9 || b[..4] != REGISTRY_MAGIC || b[4] != 1 {
+        return Err(bad(0, "bad magic or version"));
+    }
+    let n = u32::from_be_bytes([b[5], b[6], b[7], b[8]]) as usize;
+    let mut p = 9;
+    let mut out = Vec::new();
+    let mut max_parallelism = 0;
+    for _ in 0..n {
+        let h = b.get(p..p + 7).ok_or_else(|| bad(p, "truncated"))?;
+        let id = u16::from_be_bytes([h[0], h[1]]);
+        let len = u32::from_be_bytes([h[3], h[4], h[5], h[6]]) as usize;
+        let s = b
+            .get(p + 7..p + 7 + len)
+            .ok_or_else(|| bad(p, "truncated"))?;
+        let r = SnapshotReader::open(s, what.clone())?;
+        let header = r.header();
+        max_parallelism = header.max_parallelism;
+        let meta = header
+            .states
+            .first()
+            .cloned()
+            .ok_or_else(|| bad(p, "entry without a state"))?;
+        out.push((
+            meta.name.clone(),
+            Pending {
+                id,
+                meta,
+                key_ser: header.key_serializer.clone(),
+            },
+        ));
+        p += 7 + len;
+    }
+    Ok((max_parallelism, out))
+}
