@@ -23,6 +23,7 @@ use crate::descriptor::*;
 use crate::error::Result;
 use crate::key_group::KeyGroupRange;
 use crate::snapshot::SnapshotSummary;
+use crate::timer::{TimeDomain, Timer, TimerAccess, TimerServiceDescriptor, TimerServiceHandle};
 
 /// A backend-assigned state number, unique within one backend.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -310,6 +311,64 @@ pub trait KeyedStateBackend: Send {
     /// Every key with state in `ns` for this state (Flink's `getKeys`), in no particular order.
     fn keys<N: Namespace>(&mut self, h: &dyn StateHandle<N>, ns: &N) -> Result<Vec<Self::Key>>;
 
+    /// Registers (or re-obtains) a timer service; restored timers of that name are checked and
+    /// loaded here. Backends without timers answer [`crate::Error::Unsupported`].
+    fn register_timer_service<N: Namespace>(
+        &mut self,
+        descriptor: TimerServiceDescriptor<N>,
+    ) -> Result<TimerServiceHandle<N>> {
+        Err(crate::Error::Unsupported {
+            state: descriptor.name().to_string(),
+            reason: "this backend has no timer service".into(),
+        })
+    }
+
+    /// Registers a timer for the current key in `ns` (a no-op if the same timer exists).
+    fn register_timer<N: Namespace>(
+        &mut self,
+        h: &TimerServiceHandle<N>,
+        domain: TimeDomain,
+        ns: &N,
+        timestamp: i64,
+    ) -> Result<()> {
+        let _ = (domain, ns, timestamp);
+        Err(crate::Error::Unsupported {
+            state: h.name().to_string(),
+            reason: "this backend has no timer service".into(),
+        })
+    }
+
+    /// Deletes a timer of the current key in `ns` (a no-op if there is none).
+    fn delete_timer<N: Namespace>(
+        &mut self,
+        h: &TimerServiceHandle<N>,
+        domain: TimeDomain,
+        ns: &N,
+        timestamp: i64,
+    ) -> Result<()> {
+        let _ = (domain, ns, timestamp);
+        Err(crate::Error::Unsupported {
+            state: h.name().to_string(),
+            reason: "this backend has no timer service".into(),
+        })
+    }
+
+    /// Advances the watermark (event time) or the processing time to `time`: removes and returns
+    /// every timer of that domain with a timestamp at or before `time`, in timestamp order, for
+    /// all keys of this backend.
+    fn advance_time<N: Namespace>(
+        &mut self,
+        h: &TimerServiceHandle<N>,
+        domain: TimeDomain,
+        time: i64,
+    ) -> Result<Vec<Timer<Self::Key, N>>> {
+        let _ = (domain, time);
+        Err(crate::Error::Unsupported {
+            state: h.name().to_string(),
+            reason: "this backend has no timer service".into(),
+        })
+    }
+
     /// Captures a consistent view of every state. This is the short synchronous part of a
     /// checkpoint; write the returned snapshot with [`KeyedStateSnapshot::write_to`], possibly on
     /// another thread, while processing continues.
@@ -417,6 +476,32 @@ pub trait KeyedStateBackendExt: KeyedStateBackend + Sized {
         ns: &'a N,
     ) -> AggregatingState<'a, Self, IN, OUT, N> {
         AggregatingState { b: self, h, ns }
+    }
+
+    /// The timers of the current key for a timer service.
+    fn timers<'a, N: Namespace>(
+        &'a mut self,
+        h: &'a TimerServiceHandle<N>,
+    ) -> TimerAccess<'a, Self, N> {
+        TimerAccess { b: self, h }
+    }
+
+    /// Advances the watermark to `watermark`: the due event-time timers, in timestamp order.
+    fn advance_watermark<N: Namespace>(
+        &mut self,
+        h: &TimerServiceHandle<N>,
+        watermark: i64,
+    ) -> Result<Vec<Timer<Self::Key, N>>> {
+        self.advance_time(h, TimeDomain::EventTime, watermark)
+    }
+
+    /// Advances the processing time to `now`: the due processing-time timers, in timestamp order.
+    fn advance_processing_time<N: Namespace>(
+        &mut self,
+        h: &TimerServiceHandle<N>,
+        now: i64,
+    ) -> Result<Vec<Timer<Self::Key, N>>> {
+        self.advance_time(h, TimeDomain::ProcessingTime, now)
     }
 }
 

@@ -94,6 +94,8 @@ pub enum StateKind {
     Reducing,
     /// An accumulator fed by an aggregate function.
     Aggregating,
+    /// The timers of a timer service (see [`crate::timer`]).
+    Timers,
 }
 
 impl StateKind {
@@ -105,6 +107,7 @@ impl StateKind {
             StateKind::Map => 3,
             StateKind::Reducing => 4,
             StateKind::Aggregating => 5,
+            StateKind::Timers => 6,
         }
     }
 
@@ -116,6 +119,7 @@ impl StateKind {
             3 => StateKind::Map,
             4 => StateKind::Reducing,
             5 => StateKind::Aggregating,
+            6 => StateKind::Timers,
             _ => return None,
         })
     }
@@ -137,6 +141,7 @@ impl fmt::Display for StateKind {
             StateKind::Map => "map",
             StateKind::Reducing => "reducing",
             StateKind::Aggregating => "aggregating",
+            StateKind::Timers => "timers",
         })
     }
 }
@@ -643,6 +648,7 @@ mod tests {
             StateKind::Map,
             StateKind::Reducing,
             StateKind::Aggregating,
+            StateKind::Timers,
         ] {
             assert_eq!(StateKind::from_code(k.code()), Some(k));
         }

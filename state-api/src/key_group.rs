@@ -29,7 +29,15 @@ pub fn stable_key_hash(key_bytes: &[u8]) -> u64 {
 /// free for hash tables inside a key group.
 #[inline]
 pub fn key_group_for_hash(hash: u64, max_parallelism: u32) -> u32 {
-    ((hash >> 32) % u64::from(max_parallelism.max(1))) as u32
+    let h = (hash >> 32) as u32;
+    let m = max_parallelism.max(1);
+    // Same result as `h % m`; the mask avoids a division on every record for the usual
+    // power-of-two max parallelism.
+    if m.is_power_of_two() {
+        h & (m - 1)
+    } else {
+        h % m
+    }
 }
 
 /// The key group of a serialized key.
@@ -218,6 +226,11 @@ mod tests {
         assert_eq!(kg, assign_to_key_group(b"user-42", 128));
         for i in 0u32..1000 {
             assert!(assign_to_key_group(&i.to_be_bytes(), 7) < 7);
+        }
+        for h in [0u64, 1 << 32, u64::MAX, 0xdead_beef_0000_1234] {
+            for m in [1u32, 2, 7, 128, 1000, 32_768] {
+                assert_eq!(key_group_for_hash(h, m), ((h >> 32) % u64::from(m)) as u32);
+            }
         }
         let r = KeyGroupRange::new(3, 5);
         assert!(r.contains(3) && r.contains(4) && !r.contains(5));

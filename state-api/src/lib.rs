@@ -8,6 +8,7 @@
 //!   accessors users call ([`KeyedStateBackendExt`]).
 //! - [`operator`]: operator list state (even-split or union redistribution) and broadcast state.
 //! - [`ttl`]: Flink's `StateTtlConfig` options and an injectable [`Clock`].
+//! - [`timer`]: event-time and processing-time timers kept in the backend.
 //! - [`serializer`]: serde + postcard by default, custom formats through [`StateSerializer`], and
 //!   schema evolution (as is / after migration / incompatible).
 //! - [`snapshot`]: the canonical, backend-independent snapshot stream, grouped by key group with
@@ -46,6 +47,7 @@ pub mod serializer;
 pub mod snapshot;
 #[cfg(feature = "test-util")]
 pub mod testing;
+pub mod timer;
 pub mod ttl;
 
 pub use backend::*;
@@ -58,4 +60,7 @@ pub use operator::{
 };
 pub use serializer::*;
 pub use snapshot::{SnapshotHeader, SnapshotSummary};
+pub use timer::{
+    KeyGroupTimers, TimeDomain, Timer, TimerAccess, TimerServiceDescriptor, TimerServiceHandle,
+};
 pub use ttl::*;

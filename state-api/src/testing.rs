@@ -3,7 +3,7 @@
 //! Every keyed state backend runs the same behaviour tests from its own test files, so all
 //! backends agree on Flink's semantics, on snapshots and on rescaling:
 //!
-//! ```ignore
+//! ```text
 //! struct MyFactory;
 //! impl state_api::testing::BackendFactory for MyFactory { /* ... */ }
 //! state_api::conformance_tests!(MyFactory);
@@ -1054,6 +1054,264 @@ pub fn model_based_property_test<F: BackendFactory>(f: &F) {
             Ok(())
         })
         .unwrap();
+}
+
+/// Timers: timestamp order, one timer per (key, namespace, timestamp), deletes, domains.
+pub fn timers_order_dedup_delete<F: BackendFactory>(f: &F) {
+    let mut b = f.create::<u64>(BackendConfig::full(128)).unwrap();
+    let h = b
+        .register_timer_service(TimerServiceDescriptor::<u32>::new("t").unwrap())
+        .unwrap();
+    for (k, ns, ts) in [
+        (1u64, 0u32, 30i64),
+        (2, 0, 10),
+        (3, 1, 20),
+        (1, 1, 30),
+        (1, 0, 30),
+    ] {
+        b.set_current_key(k).unwrap();
+        b.timers(&h).register_event_time_timer(&ns, ts).unwrap();
+    }
+    b.set_current_key(4).unwrap();
+    b.timers(&h).register_event_time_timer(&0, 15).unwrap();
+    b.timers(&h).delete_event_time_timer(&0, 15).unwrap();
+    b.timers(&h).delete_event_time_timer(&0, 99).unwrap();
+    b.timers(&h).register_processing_time_timer(&0, 5).unwrap();
+    assert!(b.advance_watermark(&h, 9).unwrap().is_empty());
+    let fired = b.advance_watermark(&h, 30).unwrap();
+    let got: Vec<(u64, u32, i64)> = fired
+        .iter()
+        .map(|t| (t.key, t.namespace, t.timestamp))
+        .collect();
+    assert_eq!(
+        got.len(),
+        4,
+        "the duplicate registration and the deleted timer do not fire: {got:?}"
+    );
+    assert_eq!(&got[..2], &[(2, 0, 10), (3, 1, 20)]);
+    let mut at_30: Vec<_> = got[2..].to_vec();
+    at_30.sort();
+    assert_eq!(at_30, vec![(1, 0, 30), (1, 1, 30)]);
+    assert!(fired.iter().all(|t| t.domain == TimeDomain::EventTime));
+    assert!(
+        b.advance_watermark(&h, i64::MAX).unwrap().is_empty(),
+        "fired timers are gone"
+    );
+    let p = b.advance_processing_time(&h, 5).unwrap();
+    assert_eq!(p.len(), 1);
+    assert_eq!((p[0].key, p[0].domain), (4, TimeDomain::ProcessingTime));
+    let err = b
+        .register_value(ValueStateDescriptor::<u64>::new("t").unwrap())
+        .unwrap_err();
+    assert!(matches!(err, Error::StateKindMismatch { .. }), "{err}");
+    let err = b
+        .register_timer_service(TimerServiceDescriptor::<String>::new("t").unwrap())
+        .unwrap_err();
+    assert!(matches!(err, Error::StateTypeMismatch { .. }), "{err}");
+}
+
+/// Timers survive snapshots and go to the subtask owning their key group on rescale; processing
+/// timers that came due while the job was down fire on the first advance after the restore.
+pub fn timers_snapshot_restore_and_rescale<F: BackendFactory>(f: &F) {
+    let mut b = f.create::<u64>(BackendConfig::full(128)).unwrap();
+    let h = b
+        .register_timer_service(TimerServiceDescriptor::<u32>::new("t").unwrap())
+        .unwrap();
+    for k in 0..1000u64 {
+        b.set_current_key(k).unwrap();
+        b.timers(&h)
+            .register_event_time_timer(&((k % 3) as u32), (k % 50) as i64)
+            .unwrap();
+        b.timers(&h)
+            .register_processing_time_timer(&0, 100)
+            .unwrap();
+    }
+    let bytes = snapshot_bytes(&mut b);
+    b.set_current_key(5000).unwrap();
+    b.timers(&h).register_event_time_timer(&0, 1).unwrap(); // after the snapshot: not in it
+    let clock: Arc<dyn Clock> = Arc::new(ManualClock::new(0));
+    let mut seen = BTreeMap::<u64, usize>::new();
+    let mut halves = Vec::new();
+    for i in 0..2 {
+        let mut half = f
+            .create::<u64>(BackendConfig::subtask(128, 2, i, Arc::clone(&clock)))
+            .unwrap();
+        restore_from(&mut half, &[&bytes]).unwrap();
+        let hh = half
+            .register_timer_service(TimerServiceDescriptor::<u32>::new("t").unwrap())
+            .unwrap();
+        halves.push(snapshot_bytes(&mut half));
+        let fired = half.advance_watermark(&hh, i64::MAX).unwrap();
+        assert!(fired.windows(2).all(|w| w[0].timestamp <= w[1].timestamp));
+        for t in fired {
+            assert_eq!(t.namespace, (t.key % 3) as u32);
+            assert_eq!(t.timestamp, (t.key % 50) as i64);
+            assert!(
+                half.set_current_key(t.key).is_ok(),
+                "timer of a foreign key group"
+            );
+            *seen.entry(t.key).or_default() += 1;
+        }
+        let processing = half.advance_processing_time(&hh, 1_000).unwrap();
+        assert!(processing.iter().all(|t| t.timestamp == 100));
+        for t in processing {
+            *seen.entry(t.key).or_default() += 10;
+        }
+    }
+    assert_eq!(seen.len(), 1000);
+    assert!(
+        seen.values().all(|n| *n == 11),
+        "every timer fires exactly once"
+    );
+    // 2 -> 1, with the service registered before the restore.
+    let mut one = f.create::<u64>(BackendConfig::full(128)).unwrap();
+    let h1 = one
+        .register_timer_service(TimerServiceDescriptor::<u32>::new("t").unwrap())
+        .unwrap();
+    restore_from(&mut one, &[&halves[0], &halves[1]]).unwrap();
+    assert_eq!(one.advance_watermark(&h1, 24).unwrap().len(), 500);
+    assert_eq!(one.advance_processing_time(&h1, 100).unwrap().len(), 1000);
+    assert_eq!(one.advance_watermark(&h1, 49).unwrap().len(), 500);
+}
+
+/// A tumbling-window sum built on reducing state and event-time timers, checked against a plain
+/// computation over the same events.
+pub fn tumbling_window_example<F: BackendFactory>(f: &F) {
+    const SIZE: i64 = 100;
+    let events: Vec<(u64, i64, u64)> = (0..3000u64)
+        .map(|i| (i * 7 % 13, (i * 3) as i64, i % 10))
+        .collect();
+    let mut expected = BTreeMap::<(u64, i64), u64>::new();
+    for &(k, ts, v) in &events {
+        *expected.entry((k, ts - ts % SIZE)).or_default() += v;
+    }
+    let mut b = f.create::<u64>(BackendConfig::full(128)).unwrap();
+    let sum = b
+        .register_reducing(ReducingStateDescriptor::<u64, i64>::new("sum", |a, b| a + b).unwrap())
+        .unwrap();
+    let timers = b
+        .register_timer_service(TimerServiceDescriptor::<i64>::new("windows").unwrap())
+        .unwrap();
+    let mut results = BTreeMap::new();
+    let fire = |b: &mut F::Backend<u64>, wm: i64, results: &mut BTreeMap<(u64, i64), u64>| {
+        for t in b.advance_watermark(&timers, wm).unwrap() {
+            b.set_current_key(t.key).unwrap();
+            let v = b.reducing_in(&sum, &t.namespace).get().unwrap().unwrap();
+            b.reducing_in(&sum, &t.namespace).clear().unwrap();
+            assert!(
+                results.insert((t.key, t.namespace), v).is_none(),
+                "a window fired twice"
+            );
+        }
+    };
+    for (i, &(k, ts, v)) in events.iter().enumerate() {
+        b.set_current_key(k).unwrap();
+        let window = ts - ts % SIZE;
+        b.reducing_in(&sum, &window).add(v).unwrap();
+        b.timers(&timers)
+            .register_event_time_timer(&window, window + SIZE - 1)
+            .unwrap();
+        if i % 50 == 0 {
+            fire(&mut b, ts - 1, &mut results);
+        }
+    }
+    fire(&mut b, i64::MAX, &mut results);
+    assert_eq!(results, expected);
+}
+
+/// Session windows (gap-based) built on value and reducing state and event-time timers that
+/// are moved as sessions grow, checked against a plain computation.
+pub fn session_window_example<F: BackendFactory>(f: &F) {
+    const GAP: i64 = 100;
+    let events: Vec<(u64, i64)> = (0..2000u64)
+        .map(|i| (i * 5 % 11, (i * 7 + (i / 37) * 60) as i64))
+        .collect();
+    // Plain computation: per key, consecutive events closer than GAP share a session.
+    let mut by_key = BTreeMap::<u64, Vec<i64>>::new();
+    for &(k, ts) in &events {
+        by_key.entry(k).or_default().push(ts);
+    }
+    let mut expected = BTreeMap::<(u64, i64), (i64, u64)>::new();
+    for (k, tss) in by_key {
+        let (mut start, mut end, mut n) = (tss[0], tss[0], 0u64);
+        for ts in tss {
+            if ts - end >= GAP {
+                expected.insert((k, start), (end, n));
+                start = ts;
+                n = 0;
+            }
+            end = ts;
+            n += 1;
+        }
+        expected.insert((k, start), (end, n));
+    }
+    let mut b = f.create::<u64>(BackendConfig::full(128)).unwrap();
+    let session = b
+        .register_value(ValueStateDescriptor::<(i64, i64)>::new("session").unwrap())
+        .unwrap();
+    let count = b
+        .register_reducing(ReducingStateDescriptor::<u64, i64>::new("count", |a, b| a + b).unwrap())
+        .unwrap();
+    let timers = b
+        .register_timer_service(TimerServiceDescriptor::<i64>::new("sessions").unwrap())
+        .unwrap();
+    let mut results = BTreeMap::new();
+    let fire =
+        |b: &mut F::Backend<u64>, wm: i64, results: &mut BTreeMap<(u64, i64), (i64, u64)>| {
+            for t in b.advance_watermark(&timers, wm).unwrap() {
+                b.set_current_key(t.key).unwrap();
+                let (start, end) = b.value(&session).get().unwrap().unwrap();
+                assert_eq!(
+                    (start, end + GAP),
+                    (t.namespace, t.timestamp),
+                    "a stale timer fired"
+                );
+                let n = b.reducing_in(&count, &start).get().unwrap().unwrap();
+                b.reducing_in(&count, &start).clear().unwrap();
+                b.value(&session).clear().unwrap();
+                assert!(results.insert((t.key, start), (end, n)).is_none());
+            }
+        };
+    for &(k, ts) in &events {
+        // The watermark (ts - 1) passes before the element: due sessions close first.
+        fire(&mut b, ts - 1, &mut results);
+        b.set_current_key(k).unwrap();
+        let (start, end) = match b.value(&session).get().unwrap() {
+            Some((start, end)) if ts - end < GAP => {
+                b.timers(&timers)
+                    .delete_event_time_timer(&start, end + GAP)
+                    .unwrap();
+                (start, ts)
+            }
+            _ => (ts, ts),
+        };
+        b.value(&session).update((start, end)).unwrap();
+        b.reducing_in(&count, &start).add(1).unwrap();
+        b.timers(&timers)
+            .register_event_time_timer(&start, end + GAP)
+            .unwrap();
+    }
+    fire(&mut b, i64::MAX, &mut results);
+    assert!(
+        expected.len() < events.len() / 2,
+        "sessions do grow in this data: {} sessions for {} events",
+        expected.len(),
+        events.len()
+    );
+    assert_eq!(results, expected);
+}
+
+/// Expands to one `#[test]` per timer conformance case for the factory expression given.
+#[macro_export]
+macro_rules! timer_conformance_tests {
+    ($factory:expr) => {
+        $crate::conformance_tests!(@cases $factory;
+            timers_order_dedup_delete,
+            timers_snapshot_restore_and_rescale,
+            tumbling_window_example,
+            session_window_example
+        );
+    };
 }
 
 /// Expands to one `#[test]` per conformance case for the factory expression given.

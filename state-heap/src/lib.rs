@@ -34,6 +34,7 @@
 #![warn(missing_docs)]
 
 mod table;
+mod timers;
 
 use std::any::Any;
 use std::collections::HashMap;
@@ -52,6 +53,7 @@ use table::{
     after_access, read_single, write_ts, AggregatingKind, CurrentKey, ErasedTable, Kind, ListKind,
     MapKind, MapStore, ReducingKind, SharedTable, Table, ValueKind,
 };
+use timers::TimerService;
 
 /// Builds a [`HeapKeyedStateBackend`].
 pub struct HeapBackendBuilder<K> {
@@ -111,6 +113,9 @@ impl<K: StateKey> HeapBackendBuilder<K> {
             ids: HashMap::new(),
             pending: HashMap::new(),
             per_record_cleanup: Vec::new(),
+            timer_services: Vec::new(),
+            timer_ids: HashMap::new(),
+            timers_dirty: vec![false; range.len() as usize],
         })
     }
 }
@@ -123,7 +128,7 @@ struct PendingChunk {
     records: Vec<OwnedRecord>,
 }
 
-struct OwnedRecord {
+pub(crate) struct OwnedRecord {
     key_group: u32,
     key: Vec<u8>,
     namespace: Vec<u8>,
@@ -143,6 +148,10 @@ pub struct HeapKeyedStateBackend<K> {
     ids: HashMap<StateName, StateId>,
     pending: HashMap<StateName, Vec<PendingChunk>>,
     per_record_cleanup: Vec<usize>,
+    timer_services: Vec<TimerService>,
+    timer_ids: HashMap<StateName, usize>,
+    /// Key groups whose timers changed since the last `take_changed_key_groups`.
+    timers_dirty: Vec<bool>,
 }
 
 impl<K> fmt::Debug for HeapKeyedStateBackend<K> {
@@ -210,7 +219,8 @@ impl<K: StateKey> HeapKeyedStateBackend<K> {
     /// The key groups written since the previous call, over all states, in key-group order
     /// (used for incremental checkpoints).
     pub fn take_changed_key_groups(&mut self) -> Vec<u32> {
-        let mut changed = vec![false; self.range.len() as usize];
+        let n = self.range.len() as usize;
+        let mut changed = std::mem::replace(&mut self.timers_dirty, vec![false; n]);
         for t in &mut self.tables {
             for (i, d) in t.take_dirty().into_iter().enumerate() {
                 changed[i] |= d;
@@ -254,6 +264,13 @@ impl<K: StateKey> HeapKeyedStateBackend<K> {
             };
         }
         let mut table = make();
+        if self.timer_ids.contains_key(name) {
+            return Err(Error::StateKindMismatch {
+                state: name.to_string(),
+                existing: StateKind::Timers,
+                requested: table.kind.kind(),
+            });
+        }
         if let Some(ttl) = &table.ttl {
             if ttl.ttl().is_zero() {
                 return Err(Error::InvalidTtl {
@@ -283,6 +300,52 @@ impl<K: StateKey> HeapKeyedStateBackend<K> {
         Ok(id)
     }
 
+    fn timer_service<N: Namespace>(&self, h: &TimerServiceHandle<N>) -> Result<&TimerService> {
+        self.timer_services
+            .get(h.id().0 as usize)
+            .filter(|t| t.name == *h.name())
+            .ok_or_else(|| unknown(h.name()))
+    }
+
+    /// The key group and serialized timer of the current key.
+    fn timer_for<N: Namespace>(
+        &self,
+        h: &TimerServiceHandle<N>,
+        ns: &N,
+        timestamp: i64,
+    ) -> Result<(u32, state_api::timer::TimerBytes)> {
+        let service = self.timer_service(h)?;
+        let cur = self.current.as_ref().ok_or_else(|| Error::NoCurrentKey {
+            state: h.name().to_string(),
+        })?;
+        let mut ns_bytes = Vec::new();
+        service
+            .serializer::<N>()?
+            .serialize(ns, &mut ns_bytes)
+            .map_err(|e| Error::Serialize {
+                state: h.name().to_string(),
+                what: "namespace",
+                reason: e.0,
+            })?;
+        let kg = self.range.start() + cur.part as u32;
+        // `key_buf` holds the current key's bytes (set_current_key clears `current` otherwise).
+        Ok((kg, (timestamp, self.key_buf.clone(), ns_bytes)))
+    }
+
+    fn apply_timer_chunk(&mut self, i: usize, chunk: &PendingChunk) -> Result<()> {
+        if chunk.meta.kind != StateKind::Timers {
+            return Err(Error::StateKindMismatch {
+                state: chunk.meta.name.to_string(),
+                existing: chunk.meta.kind,
+                requested: StateKind::Timers,
+            });
+        }
+        check_key_serializer(&self.key_serializer, chunk)?;
+        self.timer_services[i].restore(&chunk.stream, &chunk.meta, &chunk.records)?;
+        self.timers_dirty.iter_mut().for_each(|d| *d = true);
+        Ok(())
+    }
+
     fn apply_chunk(
         table: &mut dyn ErasedTable<K>,
         chunk: &PendingChunk,
@@ -291,23 +354,7 @@ impl<K: StateKey> HeapKeyedStateBackend<K> {
         now: i64,
     ) -> Result<()> {
         let name = chunk.meta.name.to_string();
-        match key_serializer.compatibility(&chunk.key_serializer) {
-            Compatibility::CompatibleAsIs => {}
-            Compatibility::CompatibleAfterMigration(_) => {
-                return Err(Error::IncompatibleSerializer {
-                    state: name,
-                    what: "key",
-                    reason: "keys cannot be migrated: their bytes decide their key group".into(),
-                })
-            }
-            Compatibility::Incompatible(reason) => {
-                return Err(Error::IncompatibleSerializer {
-                    state: name,
-                    what: "key",
-                    reason,
-                })
-            }
-        }
+        check_key_serializer(key_serializer, chunk)?;
         table.prepare_restore(&chunk.meta)?;
         let mut keyed = Vec::with_capacity(chunk.records.len());
         for r in &chunk.records {
@@ -383,6 +430,7 @@ impl RestoreVisitor for Collect {
 pub struct HeapSnapshot<K> {
     header: SnapshotHeader,
     tables: Vec<Box<dyn SharedTable>>,
+    timers: Vec<KeyGroupTimers>,
     key_serializer: Arc<dyn StateSerializer<K>>,
     now: i64,
     only: Option<Vec<u32>>,
@@ -428,6 +476,13 @@ impl<K: StateKey> KeyedStateSnapshot for HeapSnapshot<K> {
                     },
                 )?;
             }
+            let base = self.tables.len();
+            for (i, timers) in self.timers.iter().enumerate() {
+                for (domain, (ts, key, ns)) in timers.timers_of(part) {
+                    let payload = state_api::timer::encode_timer_payload(*ts, domain);
+                    w.write_record((base + i) as u32, key, ns, &payload)?;
+                }
+            }
         }
         Ok(w.finish()?.0)
     }
@@ -442,14 +497,24 @@ impl<K: StateKey> HeapKeyedStateBackend<K> {
     /// [`HeapSnapshot::restrict_to`]).
     pub fn snapshot_heap(&mut self) -> HeapSnapshot<K> {
         let tables: Vec<Box<dyn SharedTable>> = self.tables.iter_mut().map(|t| t.share()).collect();
+        let states = tables
+            .iter()
+            .map(|t| t.meta())
+            .chain(self.timer_services.iter().map(|t| t.meta.clone()))
+            .collect();
         HeapSnapshot {
             header: SnapshotHeader {
                 max_parallelism: self.max_parallelism,
                 key_group_range: self.range,
                 key_serializer: self.key_serializer.snapshot(),
-                states: tables.iter().map(|t| t.meta()).collect(),
+                states,
             },
             tables,
+            timers: self
+                .timer_services
+                .iter()
+                .map(|t| t.timers.share())
+                .collect(),
             key_serializer: Arc::clone(&self.key_serializer),
             now: self.clock.now_millis(),
             only: None,
@@ -481,6 +546,8 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
         let hash = stable_key_hash(&self.key_buf);
         let kg = key_group_for_hash(hash, self.max_parallelism);
         if !self.range.contains(kg) {
+            // The key buffer no longer holds the current key's bytes: no key is current.
+            self.current = None;
             return Err(Error::KeyGroupOutOfRange {
                 key_group: kg,
                 range: self.range,
@@ -962,6 +1029,121 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
             .keys(ns)
     }
 
+    fn register_timer_service<N: Namespace>(
+        &mut self,
+        d: TimerServiceDescriptor<N>,
+    ) -> Result<TimerServiceHandle<N>> {
+        let name = d.name().clone();
+        if let Some(&id) = self.ids.get(&name) {
+            return Err(Error::StateKindMismatch {
+                state: name.to_string(),
+                existing: self.tables[id.0 as usize].state_kind(),
+                requested: StateKind::Timers,
+            });
+        }
+        if let Some(&i) = self.timer_ids.get(&name) {
+            if self.timer_services[i].ns_type != std::any::TypeId::of::<N>() {
+                return Err(Error::StateTypeMismatch {
+                    state: name.to_string(),
+                    reason: "the namespace type differs from the first registration".into(),
+                });
+            }
+            return Ok(TimerServiceHandle::new(StateId(i as u32), name));
+        }
+        let mut service = TimerService::new(&d, self.range);
+        if let Some(chunks) = self.pending.get(&name) {
+            for chunk in chunks {
+                if chunk.meta.kind != StateKind::Timers {
+                    return Err(Error::StateKindMismatch {
+                        state: name.to_string(),
+                        existing: chunk.meta.kind,
+                        requested: StateKind::Timers,
+                    });
+                }
+                check_key_serializer(&self.key_serializer, chunk)?;
+                service.restore(&chunk.stream, &chunk.meta, &chunk.records)?;
+            }
+            self.pending.remove(&name);
+        }
+        let i = self.timer_services.len();
+        self.timer_services.push(service);
+        self.timer_ids.insert(name.clone(), i);
+        self.timers_dirty.iter_mut().for_each(|d| *d = true);
+        Ok(TimerServiceHandle::new(StateId(i as u32), name))
+    }
+
+    fn register_timer<N: Namespace>(
+        &mut self,
+        h: &TimerServiceHandle<N>,
+        domain: TimeDomain,
+        ns: &N,
+        timestamp: i64,
+    ) -> Result<()> {
+        let (kg, timer) = self.timer_for(h, ns, timestamp)?;
+        let service = &mut self.timer_services[h.id().0 as usize];
+        if service.timers.register(domain, kg, timer)? {
+            self.timers_dirty[(kg - self.range.start()) as usize] = true;
+        }
+        Ok(())
+    }
+
+    fn delete_timer<N: Namespace>(
+        &mut self,
+        h: &TimerServiceHandle<N>,
+        domain: TimeDomain,
+        ns: &N,
+        timestamp: i64,
+    ) -> Result<()> {
+        let (kg, timer) = self.timer_for(h, ns, timestamp)?;
+        let service = &mut self.timer_services[h.id().0 as usize];
+        if service.timers.delete(domain, kg, &timer)? {
+            self.timers_dirty[(kg - self.range.start()) as usize] = true;
+        }
+        Ok(())
+    }
+
+    fn advance_time<N: Namespace>(
+        &mut self,
+        h: &TimerServiceHandle<N>,
+        domain: TimeDomain,
+        time: i64,
+    ) -> Result<Vec<Timer<K, N>>> {
+        let ns_ser = Arc::clone(self.timer_service(h)?.serializer::<N>()?);
+        let due = self.timer_services[h.id().0 as usize]
+            .timers
+            .pop_due(domain, time);
+        if due.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut fired = Vec::with_capacity(due.len());
+        for (timestamp, key, ns) in due {
+            let kg = assign_to_key_group(&key, self.max_parallelism);
+            if let Some(d) = self
+                .timers_dirty
+                .get_mut(kg.wrapping_sub(self.range.start()) as usize)
+            {
+                *d = true;
+            }
+            let de = |what, e: SerdeError| Error::Deserialize {
+                state: h.name().to_string(),
+                what,
+                reason: e.0,
+            };
+            fired.push(Timer {
+                key: self
+                    .key_serializer
+                    .deserialize(&key)
+                    .map_err(|e| de("timer key", e))?,
+                namespace: ns_ser
+                    .deserialize(&ns)
+                    .map_err(|e| de("timer namespace", e))?,
+                timestamp,
+                domain,
+            });
+        }
+        Ok(fired)
+    }
+
     fn snapshot(&mut self) -> Result<Box<dyn KeyedStateSnapshot>> {
         Ok(Box::new(self.snapshot_heap()))
     }
@@ -975,6 +1157,10 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
         restore_streams(streams, self.max_parallelism, self.range, &mut collect)?;
         let now = self.clock.now_millis();
         for (name, chunk) in collect.chunks {
+            if let Some(&i) = self.timer_ids.get(&name) {
+                self.apply_timer_chunk(i, &chunk)?;
+                continue;
+            }
             match self.ids.get(&name) {
                 Some(&id) => Self::apply_chunk(
                     &mut *self.tables[id.0 as usize],
@@ -987,6 +1173,27 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
             }
         }
         Ok(())
+    }
+}
+
+/// Restored keys must be readable as they are: their bytes decide their key group.
+fn check_key_serializer<K: 'static>(
+    key_serializer: &Arc<dyn StateSerializer<K>>,
+    chunk: &PendingChunk,
+) -> Result<()> {
+    let state = chunk.meta.name.to_string();
+    match key_serializer.compatibility(&chunk.key_serializer) {
+        Compatibility::CompatibleAsIs => Ok(()),
+        Compatibility::CompatibleAfterMigration(_) => Err(Error::IncompatibleSerializer {
+            state,
+            what: "key",
+            reason: "keys cannot be migrated: their bytes decide their key group".into(),
+        }),
+        Compatibility::Incompatible(reason) => Err(Error::IncompatibleSerializer {
+            state,
+            what: "key",
+            reason,
+        }),
     }
 }
 

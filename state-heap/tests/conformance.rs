@@ -24,3 +24,4 @@ impl BackendFactory for Heap {
 }
 
 state_api::conformance_tests!(Heap);
+state_api::timer_conformance_tests!(Heap);
