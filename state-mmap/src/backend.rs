@@ -20,6 +20,9 @@ use crate::codec::*;
 use crate::engine::{CompactionFilter, Db, DbSnapshot, EngineOptions, FilterDecision};
 use crate::typed::*;
 
+#[path = "native.rs"]
+pub(crate) mod native;
+
 /// Builds a [`MmapKeyedStateBackend`].
 pub struct MmapBackendBuilder<K> {
     max_parallelism: u32,

@@ -16,7 +16,7 @@ use crossbeam_channel::{Receiver, Sender};
 
 use crate::error::{Error, Result};
 use crate::iter::{Cursor, MemCursor, MergeIter, Resolve, RunCursor};
-use crate::manifest::{sync_dir, Manifest};
+use crate::manifest::{sync_dir, FileEntry, Manifest};
 use crate::memtable::{Memtable, Op, OpKind};
 use crate::run::{RunFile, RunWriter};
 
@@ -76,6 +76,24 @@ pub trait CompactionFilter: Send + Sync {
     fn filter(&self, key: &[u8], value: &[u8], out: &mut Vec<u8>) -> FilterDecision;
 }
 
+/// A file handed to [`Db::ingest`].
+#[derive(Clone, Debug)]
+pub struct IngestFile {
+    /// Where the file is now.
+    pub path: PathBuf,
+    /// Its checkpoint name (kept).
+    pub name: String,
+    /// Only keys in `[lo, hi)` are visible (`None`: all).
+    pub clip: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+fn random_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    h.finish() | 1
+}
+
 /// One sorted run: non-overlapping files in key order.
 pub type SortedRun = Arc<Vec<Arc<RunFile>>>;
 
@@ -102,6 +120,7 @@ enum Done {
 
 struct WorkerCtx {
     dir: PathBuf,
+    db_id: u64,
     next_file: Arc<AtomicU64>,
     opts: EngineOptions,
     boundary: Option<Arc<dyn Fn(&[u8], &[u8]) -> bool + Send + Sync>>,
@@ -112,18 +131,26 @@ pub fn run_file_name(number: u64) -> String {
     format!("{number:012}.run")
 }
 
+/// The checkpoint name of file `number` of store `db_id`.
+fn shared_name(db_id: u64, number: u64) -> String {
+    format!("{db_id:016x}-{number:012}.run")
+}
+
 fn parse_run_name(name: &str) -> Option<u64> {
     name.strip_suffix(".run")?.parse().ok()
 }
 
 impl WorkerCtx {
     fn open_run(&self, path: &Path, number: u64) -> Result<Arc<RunFile>> {
-        Ok(Arc::new(RunFile::open(
-            path,
-            number,
-            false, // just written and fsynced by us
-            self.opts.verify_blocks_on_read,
-        )?))
+        Ok(Arc::new(
+            RunFile::open(
+                path,
+                number,
+                false, // just written and fsynced by us
+                self.opts.verify_blocks_on_read,
+            )?
+            .with_origin(shared_name(self.db_id, number), None),
+        ))
     }
 
     fn flush(&self, mem: &Memtable, number: u64) -> Result<Option<Arc<RunFile>>> {
@@ -243,6 +270,7 @@ fn worker_loop(ctx: WorkerCtx, jobs: Receiver<Job>, done: Sender<Done>) {
 /// concatenating merge operator (list appends). Single writer (`&mut self`).
 pub struct Db {
     dir: PathBuf,
+    db_id: u64,
     opts: EngineOptions,
     mem: Arc<Memtable>,
     imm: Vec<Arc<Memtable>>,
@@ -315,7 +343,7 @@ impl Db {
         }
         fs::create_dir_all(&dir).map_err(|e| Error::io("creating the directory", &dir, e))?;
         let manifest = Manifest::load(&dir)?.unwrap_or_default();
-        let live: HashSet<u64> = manifest.runs.iter().flatten().copied().collect();
+        let live: HashSet<u64> = manifest.runs.iter().flatten().map(|f| f.number).collect();
         let mut max_seen = 0u64;
         let entries =
             fs::read_dir(&dir).map_err(|e| Error::io("listing the directory", &dir, e))?;
@@ -334,22 +362,30 @@ impl Db {
         let mut runs = Vec::new();
         for r in &manifest.runs {
             let mut files = Vec::new();
-            for &n in r {
-                let path = dir.join(run_file_name(n));
-                files.push(Arc::new(RunFile::open(
-                    &path,
-                    n,
-                    opts.verify_on_open,
-                    opts.verify_blocks_on_read,
-                )?));
+            for f in r {
+                let path = dir.join(run_file_name(f.number));
+                files.push(Arc::new(
+                    RunFile::open(
+                        &path,
+                        f.number,
+                        opts.verify_on_open,
+                        opts.verify_blocks_on_read,
+                    )?
+                    .with_origin(f.name.clone(), f.clip.clone()),
+                ));
             }
             runs.push(Arc::new(files));
         }
         let next_file = Arc::new(AtomicU64::new(manifest.next_file.max(max_seen).max(1)));
+        let db_id = match manifest.db_id {
+            0 => random_id(),
+            id => id,
+        };
         let (jobs_tx, jobs_rx) = crossbeam_channel::unbounded();
         let (done_tx, done_rx) = crossbeam_channel::unbounded();
         Ok(Db {
             dir,
+            db_id,
             opts,
             mem: Arc::new(Memtable::new()),
             imm: Vec::new(),
@@ -377,6 +413,7 @@ impl Db {
     ) -> Db {
         let ctx = WorkerCtx {
             dir: self.dir.clone(),
+            db_id: self.db_id,
             next_file: Arc::clone(&self.next_file),
             opts: self.opts.clone(),
             boundary,
@@ -415,6 +452,7 @@ impl Db {
         let (_, done) = crossbeam_channel::unbounded();
         Db {
             dir: PathBuf::new(),
+            db_id: 0,
             opts: EngineOptions::default(),
             mem: Arc::new(Memtable::new()),
             imm: Vec::new(),
@@ -669,11 +707,20 @@ impl Db {
 
     fn store_manifest(&self) -> Result<()> {
         Manifest {
+            db_id: self.db_id,
             next_file: self.next_file.load(Ordering::SeqCst),
             runs: self
                 .runs
                 .iter()
-                .map(|r| r.iter().map(|f| f.number()).collect())
+                .map(|r| {
+                    r.iter()
+                        .map(|f| FileEntry {
+                            number: f.number(),
+                            name: f.name().to_string(),
+                            clip: f.clip().cloned(),
+                        })
+                        .collect()
+                })
                 .collect(),
             user_meta: self.user_meta.clone(),
         }
@@ -715,25 +762,29 @@ impl Db {
         self.runs.clone()
     }
 
-    /// Adds sorted runs (paths of files, newest run first) as the *oldest* data: each file is
-    /// hard-linked (or copied) into the directory under a new number, verified and mapped.
-    pub fn ingest(&mut self, runs: Vec<Vec<PathBuf>>) -> Result<()> {
+    /// Adds sorted runs (newest run first) as the *oldest* data: each file is hard-linked (or
+    /// copied) into the directory under a new number, verified and mapped; it keeps its
+    /// checkpoint name, and only keys in its clip range are visible.
+    pub fn ingest(&mut self, runs: Vec<Vec<IngestFile>>) -> Result<()> {
         self.drain()?;
         for r in runs {
             let mut files = Vec::new();
             for src in r {
                 let n = self.next_file.fetch_add(1, Ordering::SeqCst);
                 let dst = self.dir.join(run_file_name(n));
-                if fs::hard_link(&src, &dst).is_err() {
-                    fs::copy(&src, &dst)
-                        .map_err(|e| Error::io("copying a sorted run in", &src, e))?;
+                if fs::hard_link(&src.path, &dst).is_err() {
+                    fs::copy(&src.path, &dst)
+                        .map_err(|e| Error::io("copying a sorted run in", &src.path, e))?;
                 }
-                files.push(Arc::new(RunFile::open(
-                    &dst,
-                    n,
-                    self.opts.verify_on_open,
-                    self.opts.verify_blocks_on_read,
-                )?));
+                files.push(Arc::new(
+                    RunFile::open(
+                        &dst,
+                        n,
+                        self.opts.verify_on_open,
+                        self.opts.verify_blocks_on_read,
+                    )?
+                    .with_origin(src.name, src.clip),
+                ));
             }
             files.sort_by(|a, b| a.first_key().cmp(b.first_key()));
             if files

@@ -120,38 +120,45 @@ impl RunCursor {
         Ok(c)
     }
 
-    /// Moves past exhausted blocks and files; checks the end bound.
+    /// Moves past exhausted blocks and files and hidden (clipped) entries; checks the end bound.
     fn settle(&mut self) -> Result<()> {
         loop {
             let Some(f) = self.files.get(self.file) else {
                 self.valid = false;
                 return Ok(());
             };
-            if self.entry < self.block_len {
-                break;
-            }
-            self.entry = 0;
-            self.block += 1;
-            if self.block >= f.block_count() {
-                self.file += 1;
-                self.block = 0;
-                match self.files.get(self.file) {
-                    Some(nf) => self.block_len = nf.block(0)?.len(),
-                    None => {
-                        self.valid = false;
-                        return Ok(());
+            if self.entry >= self.block_len {
+                self.entry = 0;
+                self.block += 1;
+                if self.block >= f.block_count() {
+                    self.file += 1;
+                    self.block = 0;
+                    match self.files.get(self.file) {
+                        Some(nf) => self.block_len = nf.block(0)?.len(),
+                        None => {
+                            self.valid = false;
+                            return Ok(());
+                        }
                     }
+                } else {
+                    self.block_len = f.block(self.block)?.len();
                 }
-            } else {
-                self.block_len = f.block(self.block)?.len();
+                continue;
             }
-        }
-        if let (Some(end), Some((_, k, _))) = (&self.end, self.current_checked()?) {
-            if k >= &end[..] {
+            let Some((_, k, _)) = self.current_checked()? else {
+                return Ok(());
+            };
+            if self.end.as_ref().is_some_and(|end| k >= &end[..]) {
                 self.valid = false;
+                return Ok(());
             }
+            // Entries outside a restored file's visible range are skipped.
+            if self.files.get(self.file).is_some_and(|f| !f.visible(k)) {
+                self.entry += 1;
+                continue;
+            }
+            return Ok(());
         }
-        Ok(())
     }
 
     fn current_checked(&self) -> Result<Option<(OpKind, &[u8], &[u8])>> {

@@ -42,5 +42,8 @@ mod memtable;
 pub mod run;
 mod typed;
 
+pub use backend::native::{
+    CheckpointFile, FileRef, NativeCheckpoint, NativeCheckpointMeta, NativeRestore,
+};
 pub use backend::{MmapBackendBuilder, MmapKeyedStateBackend, MmapSnapshot};
 pub use error::{Error, Result};

@@ -14,13 +14,26 @@ pub const MANIFEST_VERSION: u16 = 1;
 pub const MANIFEST_NAME: &str = "MANIFEST";
 const MAX_MANIFEST: u64 = 1 << 30;
 
+/// One live file as the manifest records it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct FileEntry {
+    /// Local file number (`<number>.run`).
+    pub number: u64,
+    /// The file's globally unique name for checkpoints (kept when a file is restored).
+    pub name: String,
+    /// Only keys in `[lo, hi)` of the file are visible (files restored at another parallelism).
+    pub clip: Option<(Vec<u8>, Vec<u8>)>,
+}
+
 /// What the manifest records.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub(crate) struct Manifest {
+    /// A random identity of the store, part of its files' checkpoint names.
+    pub db_id: u64,
     /// The next file number to use.
     pub next_file: u64,
-    /// Sorted runs, newest first; each a list of file numbers in key order.
-    pub runs: Vec<Vec<u64>>,
+    /// Sorted runs, newest first; each a list of files in key order.
+    pub runs: Vec<Vec<FileEntry>>,
     /// Opaque bytes of the engine's owner (the backend's state registry).
     pub user_meta: Vec<u8>,
 }
@@ -28,12 +41,26 @@ pub(crate) struct Manifest {
 impl Manifest {
     fn encode(&self) -> Vec<u8> {
         let mut body = Vec::new();
+        body.extend_from_slice(&self.db_id.to_be_bytes());
         body.extend_from_slice(&self.next_file.to_be_bytes());
         body.extend_from_slice(&(self.runs.len() as u32).to_be_bytes());
+        let bytes = |body: &mut Vec<u8>, b: &[u8]| {
+            body.extend_from_slice(&(b.len() as u32).to_be_bytes());
+            body.extend_from_slice(b);
+        };
         for r in &self.runs {
             body.extend_from_slice(&(r.len() as u32).to_be_bytes());
             for f in r {
-                body.extend_from_slice(&f.to_be_bytes());
+                body.extend_from_slice(&f.number.to_be_bytes());
+                bytes(&mut body, f.name.as_bytes());
+                match &f.clip {
+                    Some((lo, hi)) => {
+                        body.push(1);
+                        bytes(&mut body, lo);
+                        bytes(&mut body, hi);
+                    }
+                    None => body.push(0),
+                }
             }
         }
         body.extend_from_slice(&(self.user_meta.len() as u32).to_be_bytes());
@@ -86,6 +113,7 @@ impl Manifest {
             a.copy_from_slice(s);
             u64::from_be_bytes(a)
         };
+        let db_id = u64_of(take(8)?);
         let next_file = u64_of(take(8)?);
         let nruns = u32_of(take(4)?) as usize;
         if nruns > len / 4 {
@@ -99,13 +127,28 @@ impl Manifest {
             }
             let mut files = Vec::with_capacity(n);
             for _ in 0..n {
-                files.push(u64_of(take(8)?));
+                let number = u64_of(take(8)?);
+                let l = u32_of(take(4)?) as usize;
+                let name = String::from_utf8(take(l)?.to_vec())
+                    .map_err(|_| corrupt(10, "file name is not UTF-8"))?;
+                let clip = match take(1)?[0] {
+                    0 => None,
+                    1 => {
+                        let l = u32_of(take(4)?) as usize;
+                        let lo = take(l)?.to_vec();
+                        let l = u32_of(take(4)?) as usize;
+                        Some((lo, take(l)?.to_vec()))
+                    }
+                    _ => return Err(corrupt(10, "bad clip flag")),
+                };
+                files.push(FileEntry { number, name, clip });
             }
             runs.push(files);
         }
         let n = u32_of(take(4)?) as usize;
         let user_meta = take(n)?.to_vec();
         Ok(Manifest {
+            db_id,
             next_file,
             runs,
             user_meta,
@@ -162,8 +205,27 @@ mod tests {
     fn round_trip_and_corruption() {
         let dir = tempfile::tempdir().unwrap();
         let m = Manifest {
+            db_id: 42,
             next_file: 9,
-            runs: vec![vec![7, 8], vec![3]],
+            runs: vec![
+                vec![
+                    FileEntry {
+                        number: 7,
+                        name: "a-7.run".into(),
+                        clip: None,
+                    },
+                    FileEntry {
+                        number: 8,
+                        name: "a-8.run".into(),
+                        clip: Some((vec![0, 1], vec![0, 9])),
+                    },
+                ],
+                vec![FileEntry {
+                    number: 3,
+                    name: "b-1.run".into(),
+                    clip: None,
+                }],
+            ],
             user_meta: b"meta".to_vec(),
         };
         m.store(dir.path()).unwrap();

@@ -246,6 +246,8 @@ pub struct RunFile {
     entries: u64,
     verify_blocks: bool,
     obsolete: AtomicBool,
+    name: String,
+    clip: Option<(Vec<u8>, Vec<u8>)>,
 }
 
 /// One entry of a block, borrowed from the map.
@@ -358,6 +360,8 @@ impl RunFile {
             entries,
             verify_blocks,
             obsolete: AtomicBool::new(false),
+            name: String::new(),
+            clip: None,
         };
         for i in 0..run.index_count {
             let (_, off, len) = run.index_entry(i)?;
@@ -380,6 +384,33 @@ impl RunFile {
     #[inline]
     fn bytes(&self) -> &[u8] {
         self.map.bytes()
+    }
+
+    /// Sets the checkpoint name and the visible key range.
+    pub(crate) fn with_origin(mut self, name: String, clip: Option<(Vec<u8>, Vec<u8>)>) -> Self {
+        self.name = name;
+        self.clip = clip;
+        self
+    }
+
+    /// The file's globally unique name in checkpoints (`<store id>-<number>.run`, or the name it
+    /// had in the checkpoint it was restored from).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The visible key range `[lo, hi)` when only part of the file belongs to this store.
+    pub fn clip(&self) -> Option<&(Vec<u8>, Vec<u8>)> {
+        self.clip.as_ref()
+    }
+
+    /// True when `key` is inside the visible range.
+    #[inline]
+    pub(crate) fn visible(&self, key: &[u8]) -> bool {
+        match &self.clip {
+            Some((lo, hi)) => key >= &lo[..] && key < &hi[..],
+            None => true,
+        }
     }
 
     fn corrupt(&self, off: usize, reason: impl Into<String>) -> Error {
@@ -504,7 +535,11 @@ impl RunFile {
     /// The entry stored for exactly `key`.
     #[inline]
     pub(crate) fn get(&self, key: &[u8]) -> Result<Option<RawEntry<'_>>> {
-        if key < &self.first_key[..] || key > &self.last_key[..] || !self.may_contain(key) {
+        if key < &self.first_key[..]
+            || key > &self.last_key[..]
+            || !self.visible(key)
+            || !self.may_contain(key)
+        {
             return Ok(None);
         }
         let Some(bi) = self.find_block(key)? else {
