@@ -26,6 +26,8 @@
 
 #![warn(missing_docs)]
 
+pub mod config;
+
 pub use state_api as api;
 pub use storage_s3 as storage;
 
