@@ -915,3 +915,33 @@ mod tests {
         assert_eq!(c.mmap_memory_budget, 256 << 20);
     }
 }
+
+#[cfg(test)]
+mod readme {
+    use super::KEYS;
+
+    /// The README documents every key with its variable and default: keep it true.
+    #[test]
+    fn readme_lists_every_key() {
+        let readme = include_str!("../../README.md");
+        for k in KEYS {
+            let default = if k.default.is_empty() {
+                "—".to_string()
+            } else {
+                format!("`{}`", k.default)
+            };
+            let row = format!("| `{}` | `{}` | {} |", k.key, k.env_var(), default);
+            assert!(
+                readme.contains(&row),
+                "README lacks the row for {}: {row}",
+                k.key
+            );
+        }
+        // The README's example file uses only known keys with valid values.
+        let start = readme.find("```toml\n").expect("a toml block") + 8;
+        let end = start + readme[start..].find("```").expect("its end");
+        super::ConfigLoader::new()
+            .toml_str(&readme[start..end], "README.md")
+            .expect("the README's example config is valid");
+    }
+}
