@@ -103,34 +103,32 @@ pub fn write_subtask_snapshot(
             let range = s.key_group_range();
             let mut files = Vec::new();
             if let Some(base) = base {
-                {
-                    if base.key_group_range != range {
+                if base.key_group_range != range {
+                    let _ = storage.delete(&path);
+                    return Err(Error::RestoreMismatch {
+                        operator: op.to_string(),
+                        checkpoint: format!("checkpoint {}", target.checkpoint_id),
+                        reason: format!(
+                            "incremental base covers {}, the snapshot {}",
+                            base.key_group_range, range
+                        ),
+                    });
+                }
+                let changed: BTreeSet<u32> = changed.into_iter().collect();
+                for mut f in base.files {
+                    if !matches!(f.file.location, FileLocation::Shared(_)) {
                         let _ = storage.delete(&path);
-                        return Err(Error::RestoreMismatch {
-                            operator: op.to_string(),
-                            checkpoint: format!("checkpoint {}", target.checkpoint_id),
+                        return Err(Error::InvalidConfig {
                             reason: format!(
-                                "incremental base covers {}, the snapshot {}",
-                                base.key_group_range, range
+                                "incremental base of operator '{op}' subtask {sub} refers to \
+                                 the exclusive file '{}'",
+                                f.file.location.name()
                             ),
                         });
                     }
-                    let changed: BTreeSet<u32> = changed.into_iter().collect();
-                    for mut f in base.files {
-                        if !matches!(f.file.location, FileLocation::Shared(_)) {
-                            let _ = storage.delete(&path);
-                            return Err(Error::InvalidConfig {
-                                reason: format!(
-                                    "incremental base of operator '{op}' subtask {sub} refers to \
-                                     the exclusive file '{}'",
-                                    f.file.location.name()
-                                ),
-                            });
-                        }
-                        f.key_groups.retain(|k| !changed.contains(&k.key_group));
-                        if !f.key_groups.is_empty() {
-                            files.push(f);
-                        }
+                    f.key_groups.retain(|k| !changed.contains(&k.key_group));
+                    if !f.key_groups.is_empty() {
+                        files.push(f);
                     }
                 }
             }

@@ -195,17 +195,19 @@ fn run_job(dir: &FsPath) -> std::result::Result<(), Box<dyn std::error::Error>> 
         let per_source = PACE.div_ceil(u64::from(p));
         let mut any = false;
         for (_, parts) in sources.iter_mut() {
-            for _ in 0..per_source {
+            let mut budget = per_source;
+            while budget > 0 {
                 let mut emitted = false;
                 for (q, off) in parts.iter_mut() {
                     let i = *q + PARTITIONS * *off;
-                    if i >= n {
+                    if i >= n || budget == 0 {
                         continue;
                     }
                     let kg = assign_to_key_group(&postcard_key(key_of(i)), MAX_P);
                     let owner = operator_index_for_key_group(MAX_P, p, kg) as usize;
                     keyed[owner].add(i)?;
                     *off += 1;
+                    budget -= 1;
                     emitted = true;
                 }
                 any |= emitted;
