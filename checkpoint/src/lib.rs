@@ -1,15 +1,27 @@
 //! Checkpoints and savepoints for Flowstate: the coordinator, the on-store format, restore and
 //! rescaling.
 //!
+//! - [`coordinator`]: [`CheckpointCoordinator`] for one job whose subtasks live in this process:
+//!   periodic and manual triggers, barriers over crossbeam channels, synchronous snapshots on the
+//!   subtask threads and uploads on writer threads, `_metadata` written last, completion
+//!   notifications, retention, cleanup, savepoints.
+//! - [`protocol`]: the coordinator's decisions (trigger, ack, decline, timeout, subsumption,
+//!   tolerable failures) as plain code with Flink's options and defaults ([`CheckpointConfig`]).
 //! - [`storage`]: the layout under a checkpoint root on any `Arc<dyn ObjectStore>`
 //!   (`<job>/chk-<n>/_metadata`, `<job>/chk-<n>/…`, `<job>/shared/…`, `savepoints/savepoint-<id>/`).
-//! - [`format`]: the `_metadata` file (magic, version, ids, per operator and subtask: state
+//! - [`format`](mod@format): the `_metadata` file (magic, version, ids, per operator and subtask: state
 //!   handles with per-key-group offsets, serializer snapshots, operator state; CRC32C over
 //!   everything; every length bounded on read). Byte layout in `docs/checkpoint-format.md`.
-//! - [`write`]: the asynchronous part of a snapshot (full or incremental keyed streams).
+//! - [`write`](mod@write): the asynchronous part of a snapshot (full or incremental keyed streams).
+//! - [`registry`]: reference counts of the incremental files in `shared/`.
 //! - [`commit`]: the commit log that fences stale coordinators with create-only puts.
-//! - [`restore`]: restore at the same or another parallelism, reading only the owned key
-//!   groups by range reads; operator state redistributed.
+//! - [`restore`]: restore the latest checkpoint or a given checkpoint/savepoint path at the same
+//!   or another parallelism, reading only the owned key groups by range reads; operator state
+//!   redistributed (even split, union, broadcast); every damage a named error.
+//!
+//! The crate talks to storage only through `object_store`; `storage-s3` builds stores from URLs.
+//! Its blocking calls run on a small internal tokio runtime: do not call them from inside an
+//! async runtime.
 //!
 //! # Example
 //!

@@ -7,7 +7,9 @@
 //! kills the child with SIGKILL at random moments (seeded), restarts it from the latest
 //! completed checkpoint, and finally compares what the job computed with a run that never
 //! failed. The rescaling variant restarts at parallelism 1, 2, 4, 3, 1, ... in turn and uses
-//! incremental checkpoints.
+//! incremental checkpoints. Every put to the store is delayed by 10 ms, so checkpoint writing
+//! (state files, then `_metadata`, then the commit-log entry) fills a good part of each interval
+//! and many kills land in the middle of it.
 //!
 //! `FLOWSTATE_KILL_CYCLES` raises the number of kills (default 20) for a longer run.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -124,9 +126,14 @@ fn run_job(dir: &FsPath) -> std::result::Result<(), Box<dyn std::error::Error>> 
     let n = env_u64("FLOWSTATE_EO_EVENTS");
     let incremental = env_u64("FLOWSTATE_EO_INCREMENTAL") == 1;
     std::fs::create_dir_all(dir.join("store"))?;
-    let store = Arc::new(object_store::local::LocalFileSystem::new_with_prefix(
-        dir.join("store"),
-    )?);
+    let local = object_store::local::LocalFileSystem::new_with_prefix(dir.join("store"))?;
+    // Slow puts make the checkpoint writes (state files, metadata, commit log entry) take a good
+    // part of each interval, so many kills land in the middle of them.
+    let put_delay = Duration::from_millis(env_u64("FLOWSTATE_EO_PUT_DELAY_MS"));
+    let store = Arc::new(SlowPuts {
+        inner: local,
+        delay: put_delay,
+    });
     let storage = CheckpointStorage::new(store, "", JOB)?;
     let latest = CompletedCheckpoint::latest(&storage)?;
     if let Some(c) = &latest {
@@ -313,6 +320,84 @@ fn wait_for_barrier(
     Err(format!("no barrier {id}").into())
 }
 
+/// A local store whose single puts take `delay` longer (object_store's `ThrottledStore` cannot
+/// wrap `LocalFileSystem`: its reads of file payloads are unimplemented).
+#[derive(Debug)]
+struct SlowPuts {
+    inner: object_store::local::LocalFileSystem,
+    delay: Duration,
+}
+
+impl std::fmt::Display for SlowPuts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SlowPuts({})", self.inner)
+    }
+}
+
+#[async_trait::async_trait]
+impl object_store::ObjectStore for SlowPuts {
+    async fn put_opts(
+        &self,
+        location: &object_store::path::Path,
+        payload: object_store::PutPayload,
+        opts: object_store::PutOptions,
+    ) -> object_store::Result<object_store::PutResult> {
+        // Blocking on purpose: the checkpoint crate drives puts from its own threads.
+        std::thread::sleep(self.delay);
+        self.inner.put_opts(location, payload, opts).await
+    }
+    async fn put_multipart_opts(
+        &self,
+        location: &object_store::path::Path,
+        opts: object_store::PutMultipartOptions,
+    ) -> object_store::Result<Box<dyn object_store::MultipartUpload>> {
+        self.inner.put_multipart_opts(location, opts).await
+    }
+    async fn get_opts(
+        &self,
+        location: &object_store::path::Path,
+        options: object_store::GetOptions,
+    ) -> object_store::Result<object_store::GetResult> {
+        self.inner.get_opts(location, options).await
+    }
+    async fn get_ranges(
+        &self,
+        location: &object_store::path::Path,
+        ranges: &[std::ops::Range<u64>],
+    ) -> object_store::Result<Vec<bytes::Bytes>> {
+        self.inner.get_ranges(location, ranges).await
+    }
+    fn delete_stream(
+        &self,
+        locations: futures::stream::BoxStream<
+            'static,
+            object_store::Result<object_store::path::Path>,
+        >,
+    ) -> futures::stream::BoxStream<'static, object_store::Result<object_store::path::Path>> {
+        self.inner.delete_stream(locations)
+    }
+    fn list(
+        &self,
+        prefix: Option<&object_store::path::Path>,
+    ) -> futures::stream::BoxStream<'static, object_store::Result<object_store::ObjectMeta>> {
+        self.inner.list(prefix)
+    }
+    async fn list_with_delimiter(
+        &self,
+        prefix: Option<&object_store::path::Path>,
+    ) -> object_store::Result<object_store::ListResult> {
+        self.inner.list_with_delimiter(prefix).await
+    }
+    async fn copy_opts(
+        &self,
+        from: &object_store::path::Path,
+        to: &object_store::path::Path,
+        options: object_store::CopyOptions,
+    ) -> object_store::Result<()> {
+        self.inner.copy_opts(from, to, options).await
+    }
+}
+
 fn postcard_key(k: u64) -> Vec<u8> {
     let mut b = Vec::new();
     PostcardSerializer::<u64>::new()
@@ -378,6 +463,7 @@ fn run_with_kills(parallelisms: &[u32], incremental: bool, seed: u64) {
                 "FLOWSTATE_EO_INCREMENTAL",
                 u64::from(incremental).to_string(),
             )
+            .env("FLOWSTATE_EO_PUT_DELAY_MS", "10")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
