@@ -549,3 +549,124 @@ fn put_str16(out: &mut Vec<u8>, s: &str) -> Result<()> {
     out.extend_from_slice(s.as_bytes());
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use state_api::snapshot::encode_header;
+    use state_api::{SerializerSnapshot, StateKind, StateName};
+
+    fn sample() -> CheckpointMetadata {
+        let range = KeyGroupRange::for_operator(8, 2, 1).unwrap_or(KeyGroupRange::new(4, 8));
+        let header = SnapshotHeader {
+            max_parallelism: 8,
+            key_group_range: range,
+            key_serializer: SerializerSnapshot {
+                id: "postcard".into(),
+                version: 1,
+                schema: b"u64".to_vec(),
+            },
+            states: vec![StateMeta {
+                name: StateName::new("sum").unwrap(),
+                kind: StateKind::Value,
+                ttl_millis: None,
+                serializers: vec![],
+            }],
+        };
+        let header_bytes = encode_header(&header).unwrap();
+        let h = header_bytes.len() as u64;
+        let keyed = KeyedStateHandle {
+            key_group_range: range,
+            files: vec![KeyedStateFile {
+                file: FileRef {
+                    location: FileLocation::Shared("op-1-e1-c3.kst".into()),
+                    size: h + 100,
+                    crc32c: 7,
+                },
+                header_bytes,
+                header,
+                key_groups: vec![
+                    KeyGroupOffset {
+                        key_group: 4,
+                        offset: h,
+                        length: 40,
+                    },
+                    KeyGroupOffset {
+                        key_group: 6,
+                        offset: h + 40,
+                        length: 40,
+                    },
+                ],
+            }],
+        };
+        CheckpointMetadata {
+            kind: SnapshotKind::Checkpoint,
+            checkpoint_id: 3,
+            job_id: "job".into(),
+            timestamp_millis: 1_700_000_000_000,
+            epoch: 2,
+            operators: vec![OperatorSnapshot {
+                operator_id: "op".into(),
+                max_parallelism: 8,
+                parallelism: 2,
+                subtasks: vec![
+                    SubtaskState {
+                        subtask: 0,
+                        keyed: None,
+                        operator_state: Some(OperatorStateStore::new()),
+                    },
+                    SubtaskState {
+                        subtask: 1,
+                        keyed: Some(keyed),
+                        operator_state: None,
+                    },
+                ],
+            }],
+        }
+    }
+
+    #[test]
+    fn round_trip_and_the_fixed_prefix() {
+        let m = sample();
+        let b = m.encode().unwrap();
+        assert_eq!(&b[0..6], b"FLWC\x00\x01");
+        assert_eq!(CheckpointMetadata::decode(&b, "m").unwrap(), m);
+    }
+
+    #[test]
+    fn inconsistent_handles_are_rejected() {
+        let mut m = sample();
+        if let Some(k) = m.operators[0].subtasks[1].keyed.as_mut() {
+            k.files[0].key_groups[1].offset = k.files[0].file.size; // past the end
+        }
+        let err = CheckpointMetadata::decode(&m.encode().unwrap(), "m").unwrap_err();
+        assert!(err.to_string().contains("does not fit"), "{err}");
+        let mut m = sample();
+        if let Some(k) = m.operators[0].subtasks[1].keyed.as_mut() {
+            k.files[0].key_groups[1].key_group = 2; // not the subtask's
+        }
+        let err = CheckpointMetadata::decode(&m.encode().unwrap(), "m").unwrap_err();
+        assert!(err.to_string().contains("outside"), "{err}");
+        let mut m = sample();
+        m.operators[0].subtasks.pop();
+        let err = CheckpointMetadata::decode(&m.encode().unwrap(), "m").unwrap_err();
+        assert!(err.to_string().contains("subtasks"), "{err}");
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = CheckpointMetadata::decode(&bytes, "x");
+        }
+
+        #[test]
+        fn every_mutation_is_an_error(at in 0usize..4096, xor in 1u8..=255) {
+            let b = sample().encode().unwrap();
+            let mut m = b.clone();
+            let i = at % m.len();
+            m[i] ^= xor;
+            prop_assert!(CheckpointMetadata::decode(&m, "x").is_err());
+        }
+    }
+}
