@@ -1207,34 +1207,32 @@ impl<K: StateKey> KeyedStateBackend for MmapKeyedStateBackend<K> {
         let now = self.clock.now_millis();
         let mut dead: Vec<Vec<u8>> = Vec::new();
         let mut refresh: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
-        {
-            let mut it = self.db.iter(&self.kbuf, Some(&end))?;
-            while let Some((k, v)) = it.next()? {
-                let ts = ts_of(v).ok_or_else(|| corrupt_value(&e.name, "map entry"))?;
-                if let Some(ttl) = e.ttl {
-                    let expired = ttl.is_expired(ts, now);
-                    if expired {
-                        dead.push(k.to_vec());
-                        if !ttl.returns_expired() {
-                            continue;
-                        }
-                    } else if ttl.refresh_on_read() {
-                        let mut nv = v.to_vec();
-                        nv[..8].copy_from_slice(&now.to_be_bytes());
-                        refresh.push((k.to_vec(), nv));
+        self.db.scan(&self.kbuf, &end, |k, v| -> Result<bool> {
+            let ts = ts_of(v).ok_or_else(|| corrupt_value(&e.name, "map entry"))?;
+            if let Some(ttl) = e.ttl {
+                let expired = ttl.is_expired(ts, now);
+                if expired {
+                    dead.push(k.to_vec());
+                    if !ttl.returns_expired() {
+                        return Ok(true);
                     }
+                } else if ttl.refresh_on_read() {
+                    let mut nv = v.to_vec();
+                    nv[..8].copy_from_slice(&now.to_be_bytes());
+                    refresh.push((k.to_vec(), nv));
                 }
-                let uk = t
-                    .key_ser
-                    .deserialize(&k[prefix..])
-                    .map_err(de_err(&e.name, "map user key"))?;
-                let uv = t
-                    .value_ser
-                    .deserialize(&v[8..])
-                    .map_err(de_err(&e.name, "map user value"))?;
-                out.push((uk, uv));
             }
-        }
+            let uk = t
+                .key_ser
+                .deserialize(&k[prefix..])
+                .map_err(de_err(&e.name, "map user key"))?;
+            let uv = t
+                .value_ser
+                .deserialize(&v[8..])
+                .map_err(de_err(&e.name, "map user value"))?;
+            out.push((uk, uv));
+            Ok(true)
+        })?;
         for k in dead {
             self.db.delete(&k)?;
         }
@@ -1253,15 +1251,20 @@ impl<K: StateKey> KeyedStateBackend for MmapKeyedStateBackend<K> {
         state_key(&mut self.kbuf, cur.kg, e.id, &cur.bytes, &t.ns, ns, &e.name)?;
         let end = end_of(&self.kbuf);
         let now = self.clock.now_millis();
-        let mut it = self.db.iter(&self.kbuf, Some(&end))?;
-        while let Some((_, v)) = it.next()? {
-            let Some(ttl) = e.ttl else { return Ok(false) };
+        let mut empty = true;
+        self.db.scan(&self.kbuf, &end, |_, v| -> Result<bool> {
+            let Some(ttl) = e.ttl else {
+                empty = false;
+                return Ok(false);
+            };
             let ts = ts_of(v).ok_or_else(|| corrupt_value(&e.name, "map entry"))?;
             if ttl.returns_expired() || !ttl.is_expired(ts, now) {
+                empty = false;
                 return Ok(false);
             }
-        }
-        Ok(true)
+            Ok(true)
+        })?;
+        Ok(empty)
     }
 
     fn reducing_get<T: StateType, N: Namespace>(
@@ -1365,10 +1368,11 @@ impl<K: StateKey> KeyedStateBackend for MmapKeyedStateBackend<K> {
         let slot = self.erased_key(h.state_id(), &name, ns)?;
         if self.states[slot].kind == StateKind::Map {
             let end = end_of(&self.kbuf);
-            let keys: Vec<Vec<u8>> = scan(&self.db, &self.kbuf, &end, usize::MAX)?
-                .into_iter()
-                .map(|(k, _)| k)
-                .collect();
+            let mut keys: Vec<Vec<u8>> = Vec::new();
+            self.db.scan(&self.kbuf, &end, |k, _| -> Result<bool> {
+                keys.push(k.to_vec());
+                Ok(true)
+            })?;
             for k in keys {
                 self.db.delete(&k)?;
             }

@@ -98,6 +98,8 @@ fn random_id() -> u64 {
 pub type SortedRun = Arc<Vec<Arc<RunFile>>>;
 
 enum Job {
+    /// Frees a flushed write buffer off the writer's thread.
+    Release(Arc<Memtable>),
     Flush {
         mem: Arc<Memtable>,
         number: u64,
@@ -156,7 +158,7 @@ impl WorkerCtx {
     fn flush(&self, mem: &Memtable, number: u64) -> Result<Option<Arc<RunFile>>> {
         let path = self.dir.join(run_file_name(number));
         let mut w = RunWriter::create(&path)?;
-        for (k, op) in mem.map() {
+        for (k, op) in mem.range(std::ops::Bound::Unbounded, std::ops::Bound::Unbounded) {
             w.add(k, op.kind(), op.value())?;
         }
         match w.finish()? {
@@ -249,6 +251,10 @@ impl WorkerCtx {
 fn worker_loop(ctx: WorkerCtx, jobs: Receiver<Job>, done: Sender<Done>) {
     while let Ok(job) = jobs.recv() {
         let d = match job {
+            Job::Release(mem) => {
+                drop(mem);
+                continue;
+            }
             Job::Flush { mem, number } => Done::Flushed(ctx.flush(&mem, number)),
             Job::Compact {
                 inputs,
@@ -600,6 +606,116 @@ impl Db {
         Ok(self.snapshot())
     }
 
+    /// Calls `f` with every resolved `(key, value)` in `[start, end)` in key order until it
+    /// returns false. Borrows the sources directly: the fast path for short scans (one map).
+    pub fn scan<E: From<Error>>(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        mut f: impl FnMut(&[u8], &[u8]) -> Result<bool, E>,
+    ) -> Result<(), E> {
+        use std::ops::Bound;
+        // Entries per source, newest source first.
+        let mut sources: Vec<Vec<(OpKind, &[u8], &[u8])>> = Vec::new();
+        for m in std::iter::once(&self.mem).chain(self.imm.iter()) {
+            let v: Vec<_> = m
+                .range(Bound::Included(start), Bound::Excluded(end))
+                .map(|(k, op)| (op.kind(), k, op.value()))
+                .collect();
+            if !v.is_empty() {
+                sources.push(v);
+            }
+        }
+        for r in &self.runs {
+            let mut v = Vec::new();
+            let mut fi = r.partition_point(|f| f.last_key() < start);
+            'files: while let Some(file) = r.get(fi) {
+                if file.first_key() >= end {
+                    break;
+                }
+                let Some(mut bi) = file.find_block(start)? else {
+                    fi += 1;
+                    continue;
+                };
+                let mut blk = file.block(bi)?;
+                let mut ei = blk.lower_bound(start, file)?;
+                loop {
+                    if ei >= blk.len() {
+                        bi += 1;
+                        if bi >= file.block_count() {
+                            break;
+                        }
+                        blk = file.block(bi)?;
+                        ei = 0;
+                    }
+                    let e = blk.entry(ei, file)?;
+                    if e.key >= end {
+                        break 'files;
+                    }
+                    if file.visible(e.key) {
+                        v.push((e.kind, e.key, e.value));
+                    }
+                    ei += 1;
+                }
+                fi += 1;
+            }
+            if !v.is_empty() {
+                sources.push(v);
+            }
+        }
+        if sources.len() == 1 {
+            // The common case: one source, nothing to merge.
+            for (kind, k, v) in &sources[0] {
+                if *kind != OpKind::Delete && !f(k, v)? {
+                    return Ok(());
+                }
+            }
+            return Ok(());
+        }
+        let mut pos = vec![0usize; sources.len()];
+        let mut value = Vec::new();
+        loop {
+            let mut min: Option<&[u8]> = None;
+            for (s, p) in sources.iter().zip(&pos) {
+                if let Some((_, k, _)) = s.get(*p) {
+                    if min.is_none_or(|m| *k < m) {
+                        min = Some(k);
+                    }
+                }
+            }
+            let Some(key) = min else { return Ok(()) };
+            let mut ops: Vec<&[u8]> = Vec::new();
+            let mut base: Option<Option<&[u8]>> = None;
+            for (s, p) in sources.iter().zip(pos.iter_mut()) {
+                if let Some((kind, k, v)) = s.get(*p) {
+                    if *k == key {
+                        *p += 1;
+                        if base.is_none() {
+                            match kind {
+                                OpKind::Put => base = Some(Some(v)),
+                                OpKind::Delete => base = Some(None),
+                                OpKind::Merge => ops.push(v),
+                            }
+                        }
+                    }
+                }
+            }
+            if matches!(base, Some(None)) && ops.is_empty() {
+                continue;
+            }
+            value.clear();
+            if let Some(Some(b)) = base {
+                value.extend_from_slice(b);
+            }
+            for op in ops.iter().rev() {
+                value.extend_from_slice(op);
+            }
+            if !f(key, &value)? {
+                return Ok(());
+            }
+        }
+    }
+
     /// Resolved entries in `[start, end)`. Drop the iterator before the next write, or that
     /// write copies the write buffer.
     pub fn iter(&self, start: &[u8], end: Option<&[u8]>) -> Result<DbIter> {
@@ -661,7 +777,12 @@ impl Db {
         match d {
             Done::Flushed(result) => {
                 let file = result?;
-                self.imm.pop();
+                if let Some(mem) = self.imm.pop() {
+                    // Freeing millions of small allocations takes a while: let the worker do it.
+                    if let Some(j) = &self.jobs {
+                        let _ = j.send(Job::Release(mem));
+                    }
+                }
                 if let Some(f) = file {
                     self.runs.insert(0, Arc::new(vec![f]));
                 }

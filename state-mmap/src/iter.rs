@@ -52,8 +52,17 @@ impl MemCursor {
             }
         }
         let mut n = 0;
-        for (k, v) in self.mem.map().range((from, end)).take(MEM_BATCH) {
-            self.buf.push_back((k.clone(), v.clone()));
+        let from = match &from {
+            Bound::Included(s) => Bound::Included(&s[..]),
+            Bound::Excluded(s) => Bound::Excluded(&s[..]),
+            Bound::Unbounded => Bound::Unbounded,
+        };
+        let end = match &end {
+            Bound::Excluded(e) => Bound::Excluded(&e[..]),
+            _ => Bound::Unbounded,
+        };
+        for (k, v) in self.mem.range(from, end).take(MEM_BATCH) {
+            self.buf.push_back((k.to_vec(), v.clone()));
             n += 1;
         }
         if n < MEM_BATCH {

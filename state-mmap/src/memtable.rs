@@ -1,6 +1,7 @@
 //! The mutable write buffer: an ordered map from engine keys to the newest operation on them.
 
-use std::collections::BTreeMap;
+use std::collections::BTreeSet;
+use std::ops::Bound;
 
 /// The kind of an operation stored for a key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,13 +51,18 @@ impl Op {
     }
 }
 
-/// Bytes charged per entry on top of key and value (tree node share, vectors, enum).
-const ENTRY_OVERHEAD: usize = 64;
+/// Bytes charged per entry on top of the key (held twice) and the value: table slot, tree
+/// node share, vectors, enum.
+const ENTRY_OVERHEAD: usize = 96;
 
-/// An ordered write buffer with byte accounting.
+type Hasher = foldhash::fast::FixedState;
+
+/// A write buffer with byte accounting: a hash table for point reads and writes, and an ordered
+/// set of its keys (touched only when a key is new) for flushes and range scans.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Memtable {
-    map: BTreeMap<Vec<u8>, Op>,
+    map: hashbrown::HashMap<Box<[u8]>, Op, Hasher>,
+    order: BTreeSet<Box<[u8]>>,
     bytes: usize,
 }
 
@@ -79,8 +85,21 @@ impl Memtable {
         self.map.get(key)
     }
 
-    pub(crate) fn map(&self) -> &BTreeMap<Vec<u8>, Op> {
-        &self.map
+    /// Entries with keys in the range, in key order.
+    pub(crate) fn range<'a>(
+        &'a self,
+        from: Bound<&[u8]>,
+        to: Bound<&[u8]>,
+    ) -> impl Iterator<Item = (&'a [u8], &'a Op)> + 'a {
+        self.order
+            .range::<[u8], _>((from, to))
+            .filter_map(move |k| self.map.get(&k[..]).map(|op| (&k[..], op)))
+    }
+
+    fn insert_new(&mut self, key: &[u8], op: Op) {
+        self.bytes += 2 * key.len() + op.value().len() + ENTRY_OVERHEAD;
+        self.order.insert(key.into());
+        self.map.insert(key.into(), op);
     }
 
     fn set(&mut self, key: &[u8], op: Op) {
@@ -90,10 +109,7 @@ impl Memtable {
                 self.bytes = self.bytes.saturating_sub(old.value().len()) + add;
                 *old = op;
             }
-            None => {
-                self.bytes += key.len() + add + ENTRY_OVERHEAD;
-                self.map.insert(key.to_vec(), op);
-            }
+            None => self.insert_new(key, op),
         }
     }
 
@@ -124,7 +140,7 @@ impl Memtable {
                 *op = Op::Put(operand.to_vec());
                 self.bytes += operand.len();
             }
-            None => self.set(key, Op::Merge(operand.to_vec())),
+            None => self.insert_new(key, Op::Merge(operand.to_vec())),
         }
     }
 }
