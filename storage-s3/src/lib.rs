@@ -8,8 +8,8 @@
 //!
 //! - [`Storage::upload_file`]: streaming multipart upload of a large local file with a
 //!   configurable part size and concurrency, aborted cleanly on failure;
-//! - [`Storage::download_file`]: streaming download into a local file, atomically renamed into
-//!   place once complete and verified;
+//! - [`Storage::download_file`]: streaming download into a local file (parallel range requests
+//!   for large objects), atomically renamed into place once complete and verified;
 //! - [`Storage::put_if_absent`]: create-only put; a lost race is [`Error::AlreadyExists`];
 //! - [`Storage::list`], [`Storage::list_children`], [`Storage::delete_prefix`];
 //! - end-to-end [`Checksum`]s (CRC32C + length) computed over exactly the bytes sent and

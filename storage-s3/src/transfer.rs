@@ -132,6 +132,10 @@ impl Storage {
     ///
     /// The CRC32C of the bytes sent is computed on the way and returned; after a multipart
     /// upload the object's size is checked against the bytes sent.
+    ///
+    /// If the returned future is dropped before it finishes, no object appears either; on S3 the
+    /// parts already sent stay as an incomplete multipart upload (invisible; a bucket lifecycle
+    /// rule for incomplete uploads removes them).
     pub async fn upload_file(&self, file: impl AsRef<FsPath>, path: &Path) -> Result<Uploaded> {
         self.check_strictly_inside(path)?;
         let file_path = file.as_ref().to_owned();
@@ -269,7 +273,11 @@ impl Storage {
     }
 
     /// Downloads the object at `path` into the local file `file`, streaming (the object is never
-    /// held in memory whole).
+    /// held in memory whole). Objects larger than
+    /// [`TransferOptions::part_size`](crate::TransferOptions::part_size) on HTTP and memory stores
+    /// are fetched with up to `max_concurrency` parallel range requests, all pinned with
+    /// `If-Match` to the entity tag of the first response, so an object replaced during the
+    /// download is an error, never a mix of two versions.
     ///
     /// The data goes to a temporary file next to `file`, which is fsynced and renamed over `file`
     /// only once every byte arrived and the checksum matched, so `file` is either the complete
@@ -287,6 +295,9 @@ impl Storage {
         let expected = expected.or_else(|| stored_checksum(&result));
         let size = result.meta.size;
         let tmp = temp_sibling(&dest)?;
+        // Removes the temporary file on every path but success, including when this future is
+        // dropped half-way.
+        let mut guard = RemoveOnDrop(Some(tmp.clone()));
 
         let parallel = cfg!(unix)
             && matches!(result.payload, GetResultPayload::Stream(_))
@@ -314,8 +325,8 @@ impl Storage {
             }
             Err(e) => Err(e),
         };
-        if finished.is_err() {
-            let _ = std::fs::remove_file(&tmp);
+        if finished.is_ok() {
+            guard.0 = None;
         }
         finished
     }
@@ -760,6 +771,17 @@ fn sync_parent(path: &FsPath) {
         };
         if let Ok(d) = std::fs::File::open(dir) {
             let _ = d.sync_all();
+        }
+    }
+}
+
+/// Removes a file when dropped, unless disarmed by taking the path out.
+struct RemoveOnDrop(Option<PathBuf>);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        if let Some(path) = self.0.take() {
+            let _ = std::fs::remove_file(path);
         }
     }
 }

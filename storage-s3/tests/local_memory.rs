@@ -7,9 +7,14 @@ mod common;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use futures::stream::BoxStream;
 use object_store::integration::*;
 use object_store::path::Path;
-use object_store::{Attribute, Attributes, ObjectStore, ObjectStoreExt, PutOptions};
+use object_store::{
+    Attribute, Attributes, CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload,
+    ObjectMeta, ObjectStore, ObjectStoreExt, PutMultipartOptions, PutOptions, PutPayload,
+    PutResult,
+};
 use storage_s3::{Checksum, Error, ErrorKind, Storage, StorageConfig, StoreKind, TransferOptions};
 
 use common::{assert_same_file, random_file};
@@ -431,4 +436,101 @@ async fn wraps_a_store_built_elsewhere() {
             .size,
         10
     );
+}
+
+/// Replaces the object the first time a ranged GET arrives, i.e. in the middle of a parallel
+/// download.
+#[derive(Debug)]
+struct ReplaceOnRangedGet {
+    inner: object_store::memory::InMemory,
+    replaced: std::sync::atomic::AtomicBool,
+}
+
+impl std::fmt::Display for ReplaceOnRangedGet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ReplaceOnRangedGet")
+    }
+}
+
+#[async_trait::async_trait]
+impl ObjectStore for ReplaceOnRangedGet {
+    async fn put_opts(
+        &self,
+        location: &Path,
+        payload: PutPayload,
+        opts: PutOptions,
+    ) -> object_store::Result<PutResult> {
+        self.inner.put_opts(location, payload, opts).await
+    }
+    async fn put_multipart_opts(
+        &self,
+        location: &Path,
+        opts: PutMultipartOptions,
+    ) -> object_store::Result<Box<dyn MultipartUpload>> {
+        self.inner.put_multipart_opts(location, opts).await
+    }
+    async fn get_opts(
+        &self,
+        location: &Path,
+        options: GetOptions,
+    ) -> object_store::Result<GetResult> {
+        if options.range.is_some()
+            && !self
+                .replaced
+                .swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            let other = Bytes::from(vec![0xAB; 3 * 1024 * 1024]);
+            self.inner.put(location, other.into()).await?;
+        }
+        self.inner.get_opts(location, options).await
+    }
+    fn delete_stream(
+        &self,
+        locations: BoxStream<'static, object_store::Result<Path>>,
+    ) -> BoxStream<'static, object_store::Result<Path>> {
+        self.inner.delete_stream(locations)
+    }
+    fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+        self.inner.list(prefix)
+    }
+    async fn list_with_delimiter(&self, prefix: Option<&Path>) -> object_store::Result<ListResult> {
+        self.inner.list_with_delimiter(prefix).await
+    }
+    async fn copy_opts(
+        &self,
+        from: &Path,
+        to: &Path,
+        options: CopyOptions,
+    ) -> object_store::Result<()> {
+        self.inner.copy_opts(from, to, options).await
+    }
+}
+
+#[tokio::test]
+async fn object_replaced_during_parallel_download_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(ReplaceOnRangedGet {
+        inner: object_store::memory::InMemory::new(),
+        replaced: false.into(),
+    });
+    let storage = small_parts(Storage::from_store(store, Path::from("r"), "replacing"));
+    let src = random_file(dir.path(), "src", 3 * 1024 * 1024, 5);
+    let path = storage.path("obj").unwrap();
+    storage.upload_file(&src, &path).await.unwrap();
+    let dst = dir.path().join("dst");
+    std::fs::write(&dst, b"old").unwrap();
+    let err = storage.download_file(&path, &dst, None).await.unwrap_err();
+    assert!(err.to_string().contains("r/obj"), "{err}");
+    assert_eq!(std::fs::read(&dst).unwrap(), b"old");
+    let leftovers = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with('.')
+        })
+        .count();
+    assert_eq!(leftovers, 0);
 }
