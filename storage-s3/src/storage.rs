@@ -403,30 +403,30 @@ fn check_transfer(t: &TransferOptions, is_s3: bool, shown: &str) -> Result<()> {
     Ok(())
 }
 
-/// Removes credentials, query and fragment from a URL-like string, for messages.
+/// Removes credentials (user info), query and fragment from a URL-like string, for messages.
+/// Works on the text as given (no normalisation), so the message shows what the user wrote.
 pub(crate) fn redact_url(raw: &str) -> String {
-    match Url::parse(raw.trim()) {
-        Ok(mut url) => {
-            if !url.username().is_empty() || url.password().is_some() {
-                // Both only fail for URLs that cannot have credentials, which then have none.
-                let _ = url.set_username("***");
-                let _ = url.set_password(None);
+    let raw = raw.trim();
+    let (body, had_query) = match raw.find(['?', '#']) {
+        Some(i) => (&raw[..i], true),
+        None => (raw, false),
+    };
+    let mut out = match body.find("://") {
+        Some(i) => {
+            let (scheme, rest) = body.split_at(i + 3);
+            let authority_end = rest.find('/').unwrap_or(rest.len());
+            let (authority, path) = rest.split_at(authority_end);
+            match authority.rfind('@') {
+                Some(at) => format!("{scheme}***@{}{path}", &authority[at + 1..]),
+                None => body.to_owned(),
             }
-            let had_query = url.query().is_some() || url.fragment().is_some();
-            url.set_query(None);
-            url.set_fragment(None);
-            let mut s = url.to_string();
-            if had_query {
-                s.push_str("?<redacted>");
-            }
-            s
         }
-        // Not a URL (e.g. a plain path): keep everything up to a possible query.
-        Err(_) => match raw.split_once(['?', '#']) {
-            Some((head, _)) => format!("{head}?<redacted>"),
-            None => raw.to_owned(),
-        },
+        None => body.to_owned(),
+    };
+    if had_query {
+        out.push_str("?<redacted>");
     }
+    out
 }
 
 #[cfg(test)]
@@ -442,6 +442,8 @@ mod tests {
         assert_eq!(redact_url("http://user:pw@host:1/"), "http://***@host:1/");
         assert_eq!(redact_url("s3://bucket/prefix"), "s3://bucket/prefix");
         assert_eq!(redact_url("/tmp/x?secret"), "/tmp/x?<redacted>");
+        assert_eq!(redact_url("s3://bucket/a/../b"), "s3://bucket/a/../b");
+        assert_eq!(redact_url("s3://k:s@b@bucket"), "s3://***@bucket");
     }
 
     #[test]
