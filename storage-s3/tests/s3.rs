@@ -47,6 +47,7 @@ async fn s3_conformance() {
     put_opts(store.as_ref(), true).await;
     multipart_race_condition(store.as_ref(), true).await;
     multipart_out_of_order(store.as_ref()).await;
+    put_get_attributes(store.as_ref()).await;
     storage
         .delete_prefix(&storage.path("test_dir").unwrap())
         .await
