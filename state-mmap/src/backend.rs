@@ -99,7 +99,12 @@ impl<K: StateKey> MmapBackendBuilder<K> {
                 (t.0.clone(), Some(t))
             }
         };
-        let mut db = Db::open(&dir, self.options)?;
+        let mut options = self.options;
+        // One map's entries share the prefix `kg | id | key | namespace`.
+        options.prefix_extractor = Some(Arc::new(|k: &[u8]| {
+            parse_key(k, "").ok().map(|p| p.prefix_len)
+        }));
+        let mut db = Db::open(&dir, options)?;
         let ttl_table: TtlTable = Arc::new(RwLock::new(HashMap::new()));
         db.set_compaction_filter(Some(Arc::new(TtlFilter {
             table: Arc::clone(&ttl_table),
@@ -1202,12 +1207,11 @@ impl<K: StateKey> KeyedStateBackend for MmapKeyedStateBackend<K> {
         let (e, t, cur) = typed!(self, h.id(), h.name(), MapT<UK, UV, N>);
         state_key(&mut self.kbuf, cur.kg, e.id, &cur.bytes, &t.ns, ns, &e.name)?;
         let prefix = self.kbuf.len();
-        let end = end_of(&self.kbuf);
         let mut out = Vec::new();
         let now = self.clock.now_millis();
         let mut dead: Vec<Vec<u8>> = Vec::new();
         let mut refresh: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
-        self.db.scan(&self.kbuf, &end, |k, v| -> Result<bool> {
+        self.db.scan_prefix(&self.kbuf, |k, v| -> Result<bool> {
             let ts = ts_of(v).ok_or_else(|| corrupt_value(&e.name, "map entry"))?;
             if let Some(ttl) = e.ttl {
                 let expired = ttl.is_expired(ts, now);
@@ -1249,10 +1253,9 @@ impl<K: StateKey> KeyedStateBackend for MmapKeyedStateBackend<K> {
     ) -> Result<bool> {
         let (e, t, cur) = typed!(self, h.id(), h.name(), MapT<UK, UV, N>);
         state_key(&mut self.kbuf, cur.kg, e.id, &cur.bytes, &t.ns, ns, &e.name)?;
-        let end = end_of(&self.kbuf);
         let now = self.clock.now_millis();
         let mut empty = true;
-        self.db.scan(&self.kbuf, &end, |_, v| -> Result<bool> {
+        self.db.scan_prefix(&self.kbuf, |_, v| -> Result<bool> {
             let Some(ttl) = e.ttl else {
                 empty = false;
                 return Ok(false);
@@ -1367,9 +1370,8 @@ impl<K: StateKey> KeyedStateBackend for MmapKeyedStateBackend<K> {
         let name = h.state_name().clone();
         let slot = self.erased_key(h.state_id(), &name, ns)?;
         if self.states[slot].kind == StateKind::Map {
-            let end = end_of(&self.kbuf);
             let mut keys: Vec<Vec<u8>> = Vec::new();
-            self.db.scan(&self.kbuf, &end, |k, _| -> Result<bool> {
+            self.db.scan_prefix(&self.kbuf, |k, _| -> Result<bool> {
                 keys.push(k.to_vec());
                 Ok(true)
             })?;

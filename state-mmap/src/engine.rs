@@ -18,10 +18,10 @@ use crate::error::{Error, Result};
 use crate::iter::{Cursor, MemCursor, MergeIter, Resolve, RunCursor};
 use crate::manifest::{sync_dir, FileEntry, Manifest};
 use crate::memtable::{Memtable, Op, OpKind};
-use crate::run::{RunFile, RunWriter};
+use crate::run::{prefix_hash, PrefixExtractor, RunFile, RunWriter};
 
 /// Options of the engine.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct EngineOptions {
     /// The memory budget for the engine's own buffers: the active write buffer gets a quarter,
     /// up to two immutable write buffers waiting for their flush another half, and the rest is
@@ -37,6 +37,22 @@ pub struct EngineOptions {
     /// Check a data block's checksum on every read of it (default false: files are verified at
     /// open, and pages then come from the OS page cache).
     pub verify_blocks_on_read: bool,
+    /// Scan prefixes of keys, kept in write buffers and bloom filters for
+    /// [`Db::scan_prefix`] (default none).
+    pub prefix_extractor: Option<PrefixExtractor>,
+}
+
+impl std::fmt::Debug for EngineOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EngineOptions")
+            .field("memory_budget", &self.memory_budget)
+            .field("max_sorted_runs", &self.max_sorted_runs)
+            .field("target_file_bytes", &self.target_file_bytes)
+            .field("verify_on_open", &self.verify_on_open)
+            .field("verify_blocks_on_read", &self.verify_blocks_on_read)
+            .field("prefix_extractor", &self.prefix_extractor.is_some())
+            .finish()
+    }
 }
 
 impl Default for EngineOptions {
@@ -47,6 +63,7 @@ impl Default for EngineOptions {
             target_file_bytes: 64 << 20,
             verify_on_open: true,
             verify_blocks_on_read: false,
+            prefix_extractor: None,
         }
     }
 }
@@ -157,7 +174,7 @@ impl WorkerCtx {
 
     fn flush(&self, mem: &Memtable, number: u64) -> Result<Option<Arc<RunFile>>> {
         let path = self.dir.join(run_file_name(number));
-        let mut w = RunWriter::create(&path)?;
+        let mut w = RunWriter::create(&path, self.opts.prefix_extractor.clone())?;
         for (k, op) in mem.range(std::ops::Bound::Unbounded, std::ops::Bound::Unbounded) {
             w.add(k, op.kind(), op.value())?;
         }
@@ -230,7 +247,13 @@ impl WorkerCtx {
             }
             if writer.is_none() {
                 let n = self.next_file.fetch_add(1, Ordering::SeqCst);
-                writer = Some((RunWriter::create(&self.dir.join(run_file_name(n)))?, n));
+                writer = Some((
+                    RunWriter::create(
+                        &self.dir.join(run_file_name(n)),
+                        self.opts.prefix_extractor.clone(),
+                    )?,
+                    n,
+                ));
             }
             if let Some((w, _)) = writer.as_mut() {
                 w.add(key, kind, value)?;
@@ -389,11 +412,12 @@ impl Db {
         };
         let (jobs_tx, jobs_rx) = crossbeam_channel::unbounded();
         let (done_tx, done_rx) = crossbeam_channel::unbounded();
+        let prefix = opts.prefix_extractor.clone();
         Ok(Db {
             dir,
             db_id,
             opts,
-            mem: Arc::new(Memtable::new()),
+            mem: Arc::new(Memtable::new(prefix)),
             imm: Vec::new(),
             runs,
             next_file,
@@ -460,7 +484,7 @@ impl Db {
             dir: PathBuf::new(),
             db_id: 0,
             opts: EngineOptions::default(),
-            mem: Arc::new(Memtable::new()),
+            mem: Arc::new(Memtable::new(None)),
             imm: Vec::new(),
             runs: Vec::new(),
             next_file: Arc::new(AtomicU64::new(0)),
@@ -612,12 +636,42 @@ impl Db {
         &self,
         start: &[u8],
         end: &[u8],
+        f: impl FnMut(&[u8], &[u8]) -> Result<bool, E>,
+    ) -> Result<(), E> {
+        self.scan_filtered(start, end, None, f)
+    }
+
+    /// Like [`Db::scan`] over every key that starts with `prefix`, where `prefix` is exactly
+    /// what the [`EngineOptions::prefix_extractor`] returns for those keys: write buffers and
+    /// files whose filters prove the prefix absent are skipped.
+    pub fn scan_prefix<E: From<Error>>(
+        &self,
+        prefix: &[u8],
+        f: impl FnMut(&[u8], &[u8]) -> Result<bool, E>,
+    ) -> Result<(), E> {
+        let end = crate::codec::successor(prefix).unwrap_or_else(|| vec![0xff; prefix.len() + 1]);
+        let h = self
+            .opts
+            .prefix_extractor
+            .as_ref()
+            .map(|_| prefix_hash(prefix));
+        self.scan_filtered(prefix, &end, h, f)
+    }
+
+    fn scan_filtered<E: From<Error>>(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        prefix: Option<u64>,
         mut f: impl FnMut(&[u8], &[u8]) -> Result<bool, E>,
     ) -> Result<(), E> {
         use std::ops::Bound;
         // Entries per source, newest source first.
         let mut sources: Vec<Vec<(OpKind, &[u8], &[u8])>> = Vec::new();
         for m in std::iter::once(&self.mem).chain(self.imm.iter()) {
+            if prefix.is_some_and(|h| !m.may_contain_prefix(h)) {
+                continue;
+            }
             let v: Vec<_> = m
                 .range(Bound::Included(start), Bound::Excluded(end))
                 .map(|(k, op)| (op.kind(), k, op.value()))
@@ -632,6 +686,10 @@ impl Db {
             'files: while let Some(file) = r.get(fi) {
                 if file.first_key() >= end {
                     break;
+                }
+                if prefix.is_some_and(|h| !file.may_contain_prefix(h)) {
+                    fi += 1;
+                    continue;
                 }
                 let Some(mut bi) = file.find_block(start)? else {
                     fi += 1;
@@ -732,7 +790,8 @@ impl Db {
         while self.imm.len() >= EngineOptions::MAX_IMMUTABLE {
             self.wait_one()?;
         }
-        let mem = std::mem::replace(&mut self.mem, Arc::new(Memtable::new()));
+        let fresh = Memtable::new(self.opts.prefix_extractor.clone());
+        let mem = std::mem::replace(&mut self.mem, Arc::new(fresh));
         self.imm.insert(0, Arc::clone(&mem));
         let number = self.next_file.fetch_add(1, Ordering::SeqCst);
         self.send(Job::Flush { mem, number })

@@ -3,6 +3,8 @@
 use std::collections::BTreeSet;
 use std::ops::Bound;
 
+use crate::run::{prefix_hash, PrefixExtractor};
+
 /// The kind of an operation stored for a key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
@@ -59,16 +61,36 @@ type Hasher = foldhash::fast::FixedState;
 
 /// A write buffer with byte accounting: a hash table for point reads and writes, and an ordered
 /// set of its keys (touched only when a key is new) for flushes and range scans.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Default)]
 pub(crate) struct Memtable {
     map: hashbrown::HashMap<Box<[u8]>, Op, Hasher>,
     order: BTreeSet<Box<[u8]>>,
     bytes: usize,
+    prefix: Option<PrefixExtractor>,
+    prefixes: hashbrown::HashSet<u64, Hasher>,
+}
+
+impl std::fmt::Debug for Memtable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Memtable")
+            .field("entries", &self.map.len())
+            .field("bytes", &self.bytes)
+            .finish()
+    }
 }
 
 impl Memtable {
-    pub(crate) fn new() -> Self {
-        Memtable::default()
+    pub(crate) fn new(prefix: Option<PrefixExtractor>) -> Self {
+        Memtable {
+            prefix,
+            ..Memtable::default()
+        }
+    }
+
+    /// False when no key with the scan prefix hashed to `h` is in the buffer.
+    #[inline]
+    pub(crate) fn may_contain_prefix(&self, h: u64) -> bool {
+        self.prefix.is_none() || self.prefixes.contains(&h)
     }
 
     /// Approximate bytes used.
@@ -97,6 +119,10 @@ impl Memtable {
     }
 
     fn insert_new(&mut self, key: &[u8], op: Op) {
+        if let Some(len) = self.prefix.as_ref().and_then(|p| p(key)) {
+            self.prefixes
+                .insert(prefix_hash(&key[..len.min(key.len())]));
+        }
         self.bytes += 2 * key.len() + op.value().len() + ENTRY_OVERHEAD;
         self.order.insert(key.into());
         self.map.insert(key.into(), op);

@@ -37,6 +37,19 @@ fn bloom_hash(key: &[u8]) -> u64 {
     xxhash_rust::xxh3::xxh3_64_with_seed(key, 0x0b10_0f11)
 }
 
+/// The bloom-filter hash of a scan prefix (another seed than whole keys).
+#[inline]
+pub(crate) fn prefix_hash(prefix: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64_with_seed(prefix, 0x9e37_79b9)
+}
+
+/// Says how long the scan prefix of a key is (`None`: the key has none). Keys sharing a prefix
+/// must be contiguous in key order. Prefixes go into the bloom filters, so a prefix scan skips
+/// write buffers and files that cannot hold the prefix (RocksDB's prefix extractor).
+pub type PrefixExtractor = std::sync::Arc<dyn Fn(&[u8]) -> Option<usize> + Send + Sync>;
+
+const BLOOM_HAS_PREFIXES: u8 = 1;
+
 /// Writes one sorted-run file. Keys must be added in strictly increasing order.
 pub(crate) struct RunWriter {
     out: BufWriter<File>,
@@ -52,11 +65,13 @@ pub(crate) struct RunWriter {
     index_count: u32,
     hashes: Vec<u64>,
     entries: u64,
+    prefix: Option<PrefixExtractor>,
+    last_prefix: Option<u64>,
 }
 
 impl RunWriter {
     /// Starts `path` (written as `path.tmp` until [`RunWriter::finish`]).
-    pub(crate) fn create(path: &Path) -> Result<RunWriter> {
+    pub(crate) fn create(path: &Path, prefix: Option<PrefixExtractor>) -> Result<RunWriter> {
         let mut tmp = path.as_os_str().to_owned();
         tmp.push(".tmp");
         let tmp = PathBuf::from(tmp);
@@ -81,6 +96,8 @@ impl RunWriter {
             index_count: 0,
             hashes: Vec::new(),
             entries: 0,
+            prefix,
+            last_prefix: None,
         })
     }
 
@@ -114,6 +131,13 @@ impl RunWriter {
         self.last_key.clear();
         self.last_key.extend_from_slice(key);
         self.hashes.push(bloom_hash(key));
+        if let Some(len) = self.prefix.as_ref().and_then(|p| p(key)) {
+            let h = prefix_hash(&key[..len.min(key.len())]);
+            if self.last_prefix != Some(h) {
+                self.hashes.push(h);
+                self.last_prefix = Some(h);
+            }
+        }
         self.entries += 1;
         if self.block.len() >= BLOCK_TARGET {
             self.finish_block()?;
@@ -189,8 +213,13 @@ impl RunWriter {
                 h1 = h1.wrapping_add(h2);
             }
         }
-        let mut bloom = Vec::with_capacity(bits.len() + 1);
+        let mut bloom = Vec::with_capacity(bits.len() + 2);
         bloom.push(BLOOM_K);
+        bloom.push(if self.prefix.is_some() {
+            BLOOM_HAS_PREFIXES
+        } else {
+            0
+        });
         bloom.extend_from_slice(&bits);
         let (bloom_off, bloom_len) = self.write_section(bloom)?;
         // Properties.
@@ -241,6 +270,7 @@ pub struct RunFile {
     bloom_off: usize,
     bloom_end: usize,
     bloom_k: u8,
+    bloom_flags: u8,
     first_key: Vec<u8>,
     last_key: Vec<u8>,
     entries: u64,
@@ -320,7 +350,7 @@ impl RunFile {
         let (index_off, index_end) = section(be64(&f[0..8]), be32(&f[8..12]), "index block")?;
         let (bloom_off, bloom_end) = section(be64(&f[12..20]), be32(&f[20..24]), "bloom filter")?;
         let (props_off, props_end) = section(be64(&f[24..32]), be32(&f[32..36]), "properties")?;
-        if index_end - index_off < 4 || bloom_end <= bloom_off + 1 {
+        if index_end - index_off < 4 || bloom_end <= bloom_off + 2 {
             return Err(corrupt(index_off as u64, "index or bloom filter too short"));
         }
         let index_count = be32(&b[index_end - 4..index_end]) as usize;
@@ -331,7 +361,8 @@ impl RunFile {
             ));
         }
         let bloom_k = b[bloom_off];
-        let bloom_off = bloom_off + 1;
+        let bloom_flags = b[bloom_off + 1];
+        let bloom_off = bloom_off + 2;
         let props = &b[props_off..props_end];
         let mut p = 0usize;
         let mut take = |n: usize| -> Result<&[u8]> {
@@ -355,6 +386,7 @@ impl RunFile {
             bloom_off,
             bloom_end,
             bloom_k,
+            bloom_flags,
             first_key,
             last_key,
             entries,
@@ -518,9 +550,20 @@ impl RunFile {
     /// False when the bloom filter proves `key` is absent.
     #[inline]
     pub(crate) fn may_contain(&self, key: &[u8]) -> bool {
+        self.may_contain_hash(bloom_hash(key))
+    }
+
+    /// False when the file holds no key with the scan prefix hashed to `h` (only files written
+    /// with a prefix extractor know; others answer true).
+    #[inline]
+    pub(crate) fn may_contain_prefix(&self, h: u64) -> bool {
+        self.bloom_flags & BLOOM_HAS_PREFIXES == 0 || self.may_contain_hash(h)
+    }
+
+    #[inline]
+    fn may_contain_hash(&self, h: u64) -> bool {
         let bits = &self.bytes()[self.bloom_off..self.bloom_end];
         let nbits = (bits.len() * 8) as u64;
-        let h = bloom_hash(key);
         let (mut h1, h2) = (h & 0xffff_ffff, (h >> 32) | 1);
         for _ in 0..self.bloom_k {
             let bit = h1 % nbits;

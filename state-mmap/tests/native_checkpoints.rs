@@ -236,9 +236,12 @@ fn sigkill_during_flush_and_compaction_loses_nothing_completed() {
     let root = tempfile::tempdir().unwrap();
     let progress = root.path().join("progress");
     let exe = std::env::current_exe().unwrap();
-    // A fixed sequence of kill delays (deterministic, no timing assertion).
-    let delays = [150u64, 40, 260, 90, 330, 10, 200, 120];
+    // Each child is killed a fixed delay after it completed a round of its own (so every run
+    // makes progress however slow the machine is); the delays land in flushes, compactions
+    // and writes alike.
+    let delays = [15u64, 4, 26, 9, 33, 1, 20, 12];
     for (i, delay) in delays.iter().enumerate() {
+        let before = read_progress(&progress).len();
         let mut child = Command::new(&exe)
             .args([
                 "--exact",
@@ -250,6 +253,12 @@ fn sigkill_during_flush_and_compaction_loses_nothing_completed() {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
+        for _ in 0..60_000 {
+            if read_progress(&progress).len() > before || child.try_wait().unwrap().is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
         std::thread::sleep(Duration::from_millis(*delay));
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
