@@ -1081,6 +1081,21 @@ mod tests {
         }
         let mut out = Vec::new();
         assert!(!db.get(b"absent", &mut out).unwrap());
+        // Inverted or empty ranges are empty, never a panic.
+        let mut n = 0;
+        db.scan(&[9, 9], &[1], |_, _| -> Result<bool> {
+            n += 1;
+            Ok(true)
+        })
+        .unwrap();
+        assert_eq!(n, 0);
+        assert!(db
+            .iter(&[9, 9], Some(&[1]))
+            .unwrap()
+            .next()
+            .unwrap()
+            .is_none());
+        assert!(db.iter(&[1], Some(&[1])).unwrap().next().unwrap().is_none());
         // Only live files remain in the directory.
         let runs: usize = db.sorted_runs().iter().map(|r| r.len()).sum();
         let on_disk = fs::read_dir(dir.path())

@@ -59,12 +59,59 @@ const ENTRY_OVERHEAD: usize = 96;
 
 type Hasher = foldhash::fast::FixedState;
 
+/// A key in the ordered set: its first 16 bytes as a big-endian number decide most comparisons
+/// without a `memcmp` call (state keys start `key group | state id | key length | key`).
+#[derive(Clone, Debug)]
+struct MemKey {
+    head: u128,
+    bytes: Box<[u8]>,
+}
+
+impl MemKey {
+    fn new(b: &[u8]) -> MemKey {
+        MemKey {
+            head: head_of(b),
+            bytes: b.into(),
+        }
+    }
+}
+
+#[inline]
+fn head_of(b: &[u8]) -> u128 {
+    let mut a = [0u8; 16];
+    let n = b.len().min(16);
+    a[..n].copy_from_slice(&b[..n]);
+    u128::from_be_bytes(a)
+}
+
+impl PartialEq for MemKey {
+    fn eq(&self, o: &Self) -> bool {
+        self.head == o.head && self.bytes == o.bytes
+    }
+}
+impl Eq for MemKey {}
+impl PartialOrd for MemKey {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for MemKey {
+    /// Lexicographic order of the bytes: zero padding in `head` cannot reorder two keys (a
+    /// tie falls through to the full comparison).
+    #[inline]
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        self.head
+            .cmp(&o.head)
+            .then_with(|| self.bytes.cmp(&o.bytes))
+    }
+}
+
 /// A write buffer with byte accounting: a hash table for point reads and writes, and an ordered
 /// set of its keys (touched only when a key is new) for flushes and range scans.
 #[derive(Clone, Default)]
 pub(crate) struct Memtable {
     map: hashbrown::HashMap<Box<[u8]>, Op, Hasher>,
-    order: BTreeSet<Box<[u8]>>,
+    order: BTreeSet<MemKey>,
     bytes: usize,
     prefix: Option<PrefixExtractor>,
     prefixes: hashbrown::HashSet<u64, Hasher>,
@@ -113,9 +160,23 @@ impl Memtable {
         from: Bound<&[u8]>,
         to: Bound<&[u8]>,
     ) -> impl Iterator<Item = (&'a [u8], &'a Op)> + 'a {
-        self.order
-            .range::<[u8], _>((from, to))
-            .filter_map(move |k| self.map.get(&k[..]).map(|op| (&k[..], op)))
+        let bound = |b: Bound<&[u8]>| match b {
+            Bound::Included(k) => Bound::Included(MemKey::new(k)),
+            Bound::Excluded(k) => Bound::Excluded(MemKey::new(k)),
+            Bound::Unbounded => Bound::Unbounded,
+        };
+        // `BTreeSet::range` panics on an inverted range: such a range is simply empty.
+        let valid = match (from, to) {
+            (Bound::Included(a), Bound::Included(b)) => a <= b,
+            (Bound::Included(a) | Bound::Excluded(a), Bound::Excluded(b))
+            | (Bound::Excluded(a), Bound::Included(b)) => a < b,
+            _ => true,
+        };
+        valid
+            .then(|| self.order.range((bound(from), bound(to))))
+            .into_iter()
+            .flatten()
+            .filter_map(move |k| self.map.get(&k.bytes[..]).map(|op| (&k.bytes[..], op)))
     }
 
     fn insert_new(&mut self, key: &[u8], op: Op) {
@@ -124,7 +185,7 @@ impl Memtable {
                 .insert(prefix_hash(&key[..len.min(key.len())]));
         }
         self.bytes += 2 * key.len() + op.value().len() + ENTRY_OVERHEAD;
-        self.order.insert(key.into());
+        self.order.insert(MemKey::new(key));
         self.map.insert(key.into(), op);
     }
 
