@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{bounded, unbounded, Receiver, RecvTimeoutError, Sender};
 use object_store::path::Path;
 use state_api::{
-    Clock, KeyGroupRange, KeyedStateBackend, OperatorStateStore, StateKey, SystemClock,
+    Clock, KeyGroupRange, KeyedStateBackend, KeyedStateSnapshot, OperatorStateStore, StateKey,
+    SystemClock,
 };
 use state_heap::HeapKeyedStateBackend;
 
@@ -32,7 +33,9 @@ use crate::protocol::{Action, CheckpointConfig, CheckpointKind, Protocol, Retent
 use crate::registry::{shared_files, SharedStateRegistry};
 use crate::restore::CompletedCheckpoint;
 use crate::storage::{validate_name, CheckpointStorage};
-use crate::write::{write_subtask_snapshot, KeyedSnapshot, SnapshotTarget, SubtaskSnapshot};
+use crate::write::{
+    split_key_groups, write_subtask_snapshot, KeyedSnapshot, SnapshotTarget, SubtaskSnapshot,
+};
 
 /// A checkpoint barrier as a subtask receives it.
 #[derive(Clone, Debug)]
@@ -153,6 +156,7 @@ pub struct SubtaskEndpoint {
     to_coordinator: Sender<Msg>,
     writes: Sender<WriteJob>,
     incremental: bool,
+    write_parts: usize,
     inc: Arc<Mutex<IncrementalState>>,
 }
 
@@ -231,33 +235,44 @@ impl SubtaskEndpoint {
         backend: &mut HeapKeyedStateBackend<K>,
         operator_state: Option<&OperatorStateStore>,
     ) -> Result<()> {
+        let parts = self.write_parts.max(1);
+        let range = backend.key_group_range();
+        let all: Vec<u32> = range.iter().collect();
         let keyed = if self.incremental && barrier.kind == CheckpointKind::Checkpoint {
             let changed_now = backend.take_changed_key_groups();
             let Ok(mut inc) = self.inc.lock() else {
                 return self.fail(barrier, "the incremental state lock is poisoned".into());
             };
             inc.changes.insert(barrier.checkpoint_id, changed_now);
-            match inc.base.clone() {
-                None => {
-                    let range = backend.key_group_range();
-                    KeyedSnapshot::Incremental {
-                        snapshot: Box::new(backend.snapshot_heap()),
-                        changed: range.iter().collect(),
-                        base: None,
-                    }
-                }
+            let (changed, base) = match inc.base.clone() {
+                None => (all, None),
                 Some((_, base)) => {
                     let changed: BTreeSet<u32> = inc.changes.values().flatten().copied().collect();
-                    let changed: Vec<u32> = changed.into_iter().collect();
-                    KeyedSnapshot::Incremental {
-                        snapshot: Box::new(backend.snapshot_heap().restrict_to(changed.clone())),
-                        changed,
-                        base: Some(base),
-                    }
+                    (changed.into_iter().collect::<Vec<u32>>(), Some(base))
                 }
+            };
+            let parts = split_key_groups(&changed, parts)
+                .into_iter()
+                .map(|kgs| {
+                    Box::new(backend.snapshot_heap().restrict_to(kgs))
+                        as Box<dyn KeyedStateSnapshot>
+                })
+                .collect();
+            KeyedSnapshot::Incremental {
+                parts,
+                changed,
+                base,
             }
         } else {
-            KeyedSnapshot::Full(Box::new(backend.snapshot_heap()))
+            KeyedSnapshot::Full(
+                split_key_groups(&all, parts)
+                    .into_iter()
+                    .map(|kgs| {
+                        Box::new(backend.snapshot_heap().restrict_to(kgs))
+                            as Box<dyn KeyedStateSnapshot>
+                    })
+                    .collect(),
+            )
         };
         self.submit(barrier, Some(keyed), operator_state.cloned())
     }
@@ -272,7 +287,7 @@ impl SubtaskEndpoint {
         let keyed = match backend {
             None => None,
             Some(b) => match b.snapshot() {
-                Ok(s) => Some(KeyedSnapshot::Full(s)),
+                Ok(s) => Some(KeyedSnapshot::Full(vec![s])),
                 Err(e) => {
                     let err = Error::state(&self.operator_id, self.subtask, e);
                     return self.fail(barrier, err.to_string());
@@ -335,6 +350,7 @@ pub struct CoordinatorBuilder {
     config: CheckpointConfig,
     clock: Arc<dyn Clock>,
     write_threads: usize,
+    write_parts: usize,
     tasks: Vec<TaskInfo>,
     to_coordinator: (Sender<Msg>, Receiver<Msg>),
     writes: (Sender<WriteJob>, Receiver<WriteJob>),
@@ -360,6 +376,13 @@ impl CoordinatorBuilder {
     /// Number of threads that upload snapshots (default 2).
     pub fn write_threads(mut self, n: usize) -> Self {
         self.write_threads = n.max(1);
+        self
+    }
+
+    /// Number of files (written in parallel) a heap snapshot is split into, by key group
+    /// (default: the number of cores, at most 4). Call before registering subtasks.
+    pub fn write_parts(mut self, n: usize) -> Self {
+        self.write_parts = n.max(1);
         self
     }
 
@@ -403,6 +426,7 @@ impl CoordinatorBuilder {
             to_coordinator: self.to_coordinator.0.clone(),
             writes: self.writes.0.clone(),
             incremental: self.config.incremental,
+            write_parts: self.write_parts,
             inc,
         })
     }
@@ -610,6 +634,7 @@ impl CheckpointCoordinator {
             config,
             clock: Arc::new(SystemClock),
             write_threads: 2,
+            write_parts: std::thread::available_parallelism().map_or(1, |n| n.get().min(4)),
             tasks: Vec::new(),
             to_coordinator: unbounded(),
             writes: (wtx, wrx),
@@ -981,12 +1006,12 @@ impl Core {
         match kind {
             CheckpointKind::Checkpoint => {
                 // Every shared file must be alive: written for this checkpoint, or known.
-                let suffix = format!("-e{}-c{checkpoint_id}.kst", self.log.epoch());
+                let mark = format!("-e{}-c{checkpoint_id}-p", self.log.epoch());
                 for op in &operators {
                     for st in &op.subtasks {
                         for f in st.keyed.iter().flat_map(|k| k.files.iter()) {
                             if let FileLocation::Shared(n) = &f.file.location {
-                                if !n.ends_with(&suffix) && !self.registry.is_known(n) {
+                                if !n.contains(&mark) && !self.registry.is_known(n) {
                                     return Err(Error::MissingFile {
                                         file: n.clone(),
                                         referenced_by: format!(
@@ -1079,7 +1104,7 @@ impl Core {
     /// newer coordinator may use the same id after fencing this one, and a savepoint directory
     /// may hold an earlier savepoint: their files are left alone).
     fn discard_own_files(&self, dir: &Path, checkpoint_id: u64) {
-        let mark = format!("-e{}-c{checkpoint_id}.", self.log.epoch());
+        let mark = format!("-e{}-c{checkpoint_id}-p", self.log.epoch());
         let Ok(objects) = self.storage.list(dir) else {
             return;
         };

@@ -57,7 +57,7 @@
 //!     let snapshot = SubtaskSnapshot {
 //!         operator_id: "sums".into(),
 //!         subtask: i,
-//!         keyed: Some(KeyedSnapshot::Full(b.snapshot()?)),
+//!         keyed: Some(KeyedSnapshot::Full(vec![b.snapshot()?])),
 //!         operator_state: None,
 //!     };
 //!     let state = write_subtask_snapshot(&storage, &target, snapshot)?;
@@ -111,4 +111,6 @@ pub use protocol::{
 pub use registry::SharedStateRegistry;
 pub use restore::{CompletedCheckpoint, RestoreOptions};
 pub use storage::{validate_name, CheckpointStorage};
-pub use write::{write_subtask_snapshot, KeyedSnapshot, SnapshotTarget, SubtaskSnapshot};
+pub use write::{
+    split_key_groups, write_subtask_snapshot, KeyedSnapshot, SnapshotTarget, SubtaskSnapshot,
+};

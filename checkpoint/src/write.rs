@@ -39,20 +39,35 @@ impl std::fmt::Debug for SubtaskSnapshot {
     }
 }
 
-/// A keyed state view to write.
+/// A keyed state view to write, as one or several parts covering disjoint key groups (the
+/// parts are written in parallel, one file each).
 pub enum KeyedSnapshot {
     /// Every key group.
-    Full(Box<dyn KeyedStateSnapshot>),
-    /// Only `changed` key groups (the snapshot is restricted to them); the others are taken
-    /// from `base`, the handle of an earlier checkpoint whose files are all in `shared/`.
+    Full(Vec<Box<dyn KeyedStateSnapshot>>),
+    /// Only `changed` key groups (the parts are restricted to them); the others are taken from
+    /// `base`, the handle of an earlier checkpoint whose files are all in `shared/`.
     Incremental {
-        /// The view, restricted to `changed`.
-        snapshot: Box<dyn KeyedStateSnapshot>,
+        /// The views, restricted to disjoint subsets of `changed`.
+        parts: Vec<Box<dyn KeyedStateSnapshot>>,
         /// Key groups written since `base` (sorted).
         changed: Vec<u32>,
         /// The handle the checkpoint builds on, or `None` for a first (full) incremental one.
         base: Option<KeyedStateHandle>,
     },
+}
+
+/// Splits `key_groups` into at most `parts` contiguous, non-empty chunks of similar size.
+pub fn split_key_groups(key_groups: &[u32], parts: usize) -> Vec<Vec<u32>> {
+    let parts = parts.clamp(1, key_groups.len().max(1));
+    let (base, extra) = (key_groups.len() / parts, key_groups.len() % parts);
+    let mut out = Vec::with_capacity(parts);
+    let mut at = 0;
+    for i in 0..parts {
+        let n = base + usize::from(i < extra);
+        out.push(key_groups[at..at + n].to_vec());
+        at += n;
+    }
+    out
 }
 
 /// Where a checkpoint's files go.
@@ -81,30 +96,33 @@ pub fn write_subtask_snapshot(
     validate_name("operator id", &snapshot.operator_id)?;
     let op = snapshot.operator_id.as_str();
     let sub = snapshot.subtask;
+    let prefix = format!("{op}-{sub}-e{}-c{}", target.epoch, target.checkpoint_id);
     let keyed = match snapshot.keyed {
         None => None,
-        Some(KeyedSnapshot::Full(s)) => {
-            let name = format!("{op}-{sub}-e{}-c{}.kst", target.epoch, target.checkpoint_id);
-            let path = target.dir.clone().join(name.as_str());
-            let file = write_stream(storage, &path, FileLocation::Exclusive(name), &*s, op, sub)?;
+        Some(KeyedSnapshot::Full(parts)) => {
+            let range = first_range(&parts, op, sub)?;
+            let files = write_parts(storage, &target.dir, false, &prefix, parts, op, sub)?;
             Some(KeyedStateHandle {
-                key_group_range: s.key_group_range(),
-                files: vec![file],
+                key_group_range: range,
+                files,
             })
         }
         Some(KeyedSnapshot::Incremental {
-            snapshot: s,
+            parts,
             changed,
             base,
         }) => {
-            let name = format!("{op}-{sub}-e{}-c{}.kst", target.epoch, target.checkpoint_id);
-            let path = target.shared_dir.clone().join(name.as_str());
-            let file = write_stream(storage, &path, FileLocation::Shared(name), &*s, op, sub)?;
-            let range = s.key_group_range();
+            let range = first_range(&parts, op, sub)?;
+            let written = write_parts(storage, &target.shared_dir, true, &prefix, parts, op, sub)?;
+            let delete_written = || {
+                for f in &written {
+                    let _ = storage.delete(&target.shared_dir.clone().join(f.file.location.name()));
+                }
+            };
             let mut files = Vec::new();
             if let Some(base) = base {
                 if base.key_group_range != range {
-                    let _ = storage.delete(&path);
+                    delete_written();
                     return Err(Error::RestoreMismatch {
                         operator: op.to_string(),
                         checkpoint: format!("checkpoint {}", target.checkpoint_id),
@@ -117,7 +135,7 @@ pub fn write_subtask_snapshot(
                 let changed: BTreeSet<u32> = changed.into_iter().collect();
                 for mut f in base.files {
                     if !matches!(f.file.location, FileLocation::Shared(_)) {
-                        let _ = storage.delete(&path);
+                        delete_written();
                         return Err(Error::InvalidConfig {
                             reason: format!(
                                 "incremental base of operator '{op}' subtask {sub} refers to \
@@ -132,11 +150,14 @@ pub fn write_subtask_snapshot(
                     }
                 }
             }
-            if file.key_groups.is_empty() {
-                // Nothing changed (or everything changed was emptied): the file is not needed.
-                let _ = storage.delete(&path);
-            } else {
-                files.push(file);
+            for file in written {
+                if file.key_groups.is_empty() {
+                    // Nothing changed here (or it was emptied): the file is not needed.
+                    let _ =
+                        storage.delete(&target.shared_dir.clone().join(file.file.location.name()));
+                } else {
+                    files.push(file);
+                }
             }
             Some(KeyedStateHandle {
                 key_group_range: range,
@@ -149,6 +170,110 @@ pub fn write_subtask_snapshot(
         keyed,
         operator_state: snapshot.operator_state,
     })
+}
+
+fn first_range(
+    parts: &[Box<dyn KeyedStateSnapshot>],
+    op: &str,
+    sub: u32,
+) -> Result<state_api::KeyGroupRange> {
+    let range = parts
+        .first()
+        .map(|p| p.key_group_range())
+        .ok_or_else(|| Error::InvalidConfig {
+            reason: format!("operator '{op}' subtask {sub}: a keyed snapshot without parts"),
+        })?;
+    if parts.iter().any(|p| p.key_group_range() != range) {
+        return Err(Error::InvalidConfig {
+            reason: format!("operator '{op}' subtask {sub}: snapshot parts of different ranges"),
+        });
+    }
+    Ok(range)
+}
+
+/// Writes each part to `<dir>/<prefix>-p<k>.kst`, in parallel; on error the files already
+/// written are deleted.
+fn write_parts(
+    storage: &CheckpointStorage,
+    dir: &Path,
+    shared: bool,
+    prefix: &str,
+    parts: Vec<Box<dyn KeyedStateSnapshot>>,
+    op: &str,
+    sub: u32,
+) -> Result<Vec<KeyedStateFile>> {
+    let location = |name: String| {
+        if shared {
+            FileLocation::Shared(name)
+        } else {
+            FileLocation::Exclusive(name)
+        }
+    };
+    let jobs: Vec<(Path, String, Box<dyn KeyedStateSnapshot>)> = parts
+        .into_iter()
+        .enumerate()
+        .map(|(k, p)| {
+            let name = format!("{prefix}-p{k}.kst");
+            (dir.clone().join(name.as_str()), name, p)
+        })
+        .collect();
+    let results: Vec<(Path, Result<KeyedStateFile>)> = if jobs.len() == 1 {
+        jobs.into_iter()
+            .map(|(path, name, p)| {
+                let r = write_stream(storage, &path, location(name), &*p, op, sub);
+                (path, r)
+            })
+            .collect()
+    } else {
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = jobs
+                .into_iter()
+                .map(|(path, name, p)| {
+                    let loc = location(name);
+                    scope.spawn(move || {
+                        let r = write_stream(storage, &path, loc, &*p, op, sub);
+                        (path, r)
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        (
+                            Path::default(),
+                            Err(Error::InvalidConfig {
+                                reason: format!(
+                                    "operator '{op}' subtask {sub}: a snapshot writer panicked"
+                                ),
+                            }),
+                        )
+                    })
+                })
+                .collect()
+        })
+    };
+    let mut files = Vec::with_capacity(results.len());
+    let mut first_err = None;
+    let mut written = Vec::new();
+    for (path, r) in results {
+        match r {
+            Ok(f) => {
+                written.push(path);
+                files.push(f);
+            }
+            Err(e) => {
+                first_err.get_or_insert(e);
+            }
+        }
+    }
+    if let Some(e) = first_err {
+        for p in written {
+            let _ = storage.delete(&p);
+        }
+        return Err(e);
+    }
+    Ok(files)
 }
 
 /// Keeps the bytes of the first write (the snapshot header, which `SnapshotWriter` writes with
@@ -226,4 +351,21 @@ fn write_stream(
         header,
         key_groups: summary.key_groups,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_key_groups;
+
+    #[test]
+    fn split_is_contiguous_balanced_and_never_empty() {
+        let kgs: Vec<u32> = (10..17).collect();
+        assert_eq!(
+            split_key_groups(&kgs, 3),
+            vec![vec![10, 11, 12], vec![13, 14], vec![15, 16]]
+        );
+        assert_eq!(split_key_groups(&kgs[..2], 4), vec![vec![10], vec![11]]);
+        assert_eq!(split_key_groups(&[], 4), vec![Vec::<u32>::new()]);
+        assert_eq!(split_key_groups(&kgs, 0), vec![kgs.clone()]);
+    }
 }

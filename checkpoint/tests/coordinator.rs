@@ -349,7 +349,7 @@ fn incremental_checkpoints_write_only_changed_key_groups_and_share_files() {
         let new_bytes: u64 = done
             .metadata
             .files()
-            .filter(|f| f.location.name().ends_with(&format!("-c{id}.kst")))
+            .filter(|f| f.location.name().contains(&format!("-c{id}-p")))
             .map(|f| f.size)
             .sum();
         let total: u64 = done.metadata.operators[0]

@@ -118,7 +118,7 @@ impl Subtask {
         SubtaskSnapshot {
             operator_id: "agg".into(),
             subtask: self.index,
-            keyed: Some(KeyedSnapshot::Full(self.backend.snapshot().unwrap())),
+            keyed: Some(KeyedSnapshot::Full(vec![self.backend.snapshot().unwrap()])),
             operator_state: Some(self.ops.clone()),
         }
     }
