@@ -1056,6 +1056,36 @@ pub fn model_based_property_test<F: BackendFactory>(f: &F) {
         .unwrap();
 }
 
+/// Restored states that the job has not registered (yet) are carried into the next snapshot
+/// unchanged: a checkpoint taken before a state is touched again loses nothing.
+pub fn unregistered_restored_state_survives_snapshots<F: BackendFactory>(f: &F) {
+    let mut b = f.create::<u64>(BackendConfig::full(128)).unwrap();
+    let h = register_all(&mut b);
+    fill(&mut b, &h, 0..200);
+    let first = snapshot_bytes(&mut b);
+    let mut r = f.create::<u64>(BackendConfig::full(128)).unwrap();
+    restore_from(&mut r, &[&first]).unwrap();
+    // Only one state is registered before the next snapshot, and it is changed.
+    let v = r
+        .register_value(ValueStateDescriptor::<String>::new("v").unwrap())
+        .unwrap();
+    r.set_current_key(3).unwrap();
+    r.value(&v).update("changed".into()).unwrap();
+    let second = snapshot_bytes(&mut r);
+    let mut last = f.create::<u64>(BackendConfig::full(128)).unwrap();
+    restore_from(&mut last, &[&second]).unwrap();
+    let h2 = register_all(&mut last);
+    for k in (0..200).filter(|k| *k != 3) {
+        assert!(
+            check(&mut last, &h2, k),
+            "key {k} lost by the second snapshot"
+        );
+    }
+    last.set_current_key(3).unwrap();
+    assert_eq!(last.value(&h2.v).get().unwrap().as_deref(), Some("changed"));
+    assert_eq!(last.list(&h2.l).get().unwrap(), Some(vec![3, 4]));
+}
+
 /// Timers: timestamp order, one timer per (key, namespace, timestamp), deletes, domains.
 pub fn timers_order_dedup_delete<F: BackendFactory>(f: &F) {
     let mut b = f.create::<u64>(BackendConfig::full(128)).unwrap();

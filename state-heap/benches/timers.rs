@@ -29,7 +29,9 @@ fn main() {
             b.set_current_key(key).expect("key");
             // Timestamps spread over 0..1,000,000 ms, 10 per key.
             let ts = ((i * 7_919) % TIMERS) as i64;
-            b.timers(&h).register_event_time_timer(&0, ts).expect("register");
+            b.timers(&h)
+                .register_event_time_timer(&0, ts)
+                .expect("register");
         }
         rates.0.push(TIMERS as f64 / t.elapsed().as_secs_f64());
         let t = Instant::now();

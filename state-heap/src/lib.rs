@@ -146,7 +146,8 @@ pub struct HeapKeyedStateBackend<K> {
     current: Option<CurrentKey<K>>,
     tables: Vec<Box<dyn ErasedTable<K>>>,
     ids: HashMap<StateName, StateId>,
-    pending: HashMap<StateName, Vec<PendingChunk>>,
+    /// Restored states not registered yet; shared with snapshots, which write them unchanged.
+    pending: HashMap<StateName, Vec<Arc<PendingChunk>>>,
     per_record_cleanup: Vec<usize>,
     timer_services: Vec<TimerService>,
     timer_ids: HashMap<StateName, usize>,
@@ -431,6 +432,7 @@ pub struct HeapSnapshot<K> {
     header: SnapshotHeader,
     tables: Vec<Box<dyn SharedTable>>,
     timers: Vec<KeyGroupTimers>,
+    pending: Vec<Vec<Arc<PendingChunk>>>,
     key_serializer: Arc<dyn StateSerializer<K>>,
     now: i64,
     only: Option<Vec<u32>>,
@@ -483,6 +485,19 @@ impl<K: StateKey> KeyedStateSnapshot for HeapSnapshot<K> {
                     w.write_record((base + i) as u32, key, ns, &payload)?;
                 }
             }
+            let base = base + self.timers.len();
+            for (i, chunks) in self.pending.iter().enumerate() {
+                for chunk in chunks {
+                    // Records of a chunk are in key-group order (they were read that way).
+                    let from = chunk.records.partition_point(|r| r.key_group < kg);
+                    for r in chunk.records[from..]
+                        .iter()
+                        .take_while(|r| r.key_group == kg)
+                    {
+                        w.write_record((base + i) as u32, &r.key, &r.namespace, &r.payload)?;
+                    }
+                }
+            }
         }
         Ok(w.finish()?.0)
     }
@@ -497,10 +512,24 @@ impl<K: StateKey> HeapKeyedStateBackend<K> {
     /// [`HeapSnapshot::restrict_to`]).
     pub fn snapshot_heap(&mut self) -> HeapSnapshot<K> {
         let tables: Vec<Box<dyn SharedTable>> = self.tables.iter_mut().map(|t| t.share()).collect();
+        // Restored but unregistered states go into the snapshot unchanged: nothing restored is
+        // lost because a job did not touch a state before the next checkpoint.
+        let mut pending: Vec<(StateName, Vec<Arc<PendingChunk>>)> = self
+            .pending
+            .iter()
+            .filter(|(_, c)| !c.is_empty())
+            .map(|(n, c)| (n.clone(), c.clone()))
+            .collect();
+        pending.sort_by(|a, b| a.0.cmp(&b.0));
         let states = tables
             .iter()
             .map(|t| t.meta())
             .chain(self.timer_services.iter().map(|t| t.meta.clone()))
+            .chain(
+                pending
+                    .iter()
+                    .filter_map(|(_, c)| c.first().map(|c| c.meta.clone())),
+            )
             .collect();
         HeapSnapshot {
             header: SnapshotHeader {
@@ -515,6 +544,7 @@ impl<K: StateKey> HeapKeyedStateBackend<K> {
                 .iter()
                 .map(|t| t.timers.share())
                 .collect(),
+            pending: pending.into_iter().map(|(_, c)| c).collect(),
             key_serializer: Arc::clone(&self.key_serializer),
             now: self.clock.now_millis(),
             only: None,
@@ -1169,7 +1199,7 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
                     self.range,
                     now,
                 )?,
-                None => self.pending.entry(name).or_default().push(chunk),
+                None => self.pending.entry(name).or_default().push(Arc::new(chunk)),
             }
         }
         Ok(())
