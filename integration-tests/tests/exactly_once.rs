@@ -11,6 +11,11 @@
 //! (state files, then `_metadata`, then the commit-log entry) fills a good part of each interval
 //! and many kills land in the middle of it.
 //!
+//! A transactional file sink writes each event's id: its output since a barrier is
+//! pre-committed into a pending file at the barrier and committed (renamed) when the checkpoint
+//! completes, or at restore for the restored checkpoint (two-phase commit, Flink's
+//! `TwoPhaseCommitSinkFunction`). The committed output must hold every event exactly once.
+//!
 //! `FLOWSTATE_KILL_CYCLES` raises the number of kills (default 20) for a longer run.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -97,6 +102,36 @@ impl Keyed {
     }
 }
 
+fn pending_desc() -> OperatorListStateDescriptor<(u64, String)> {
+    OperatorListStateDescriptor::new("pending-transactions", RedistributionMode::EvenSplit).unwrap()
+}
+
+/// A transactional file sink (two-phase commit on checkpoints).
+struct Sink {
+    ops: OperatorStateStore,
+    /// Pre-committed transactions `(checkpoint id, name)` not committed yet.
+    pending: Vec<(u64, String)>,
+    /// Output since the last barrier.
+    buffer: String,
+}
+
+/// Commits transactions: `pending-<name>` becomes `committed-<name>`. Idempotent.
+fn commit_transactions(
+    dir: &FsPath,
+    txns: &[(u64, String)],
+) -> std::result::Result<(), Box<dyn std::error::Error>> {
+    for (_, name) in txns {
+        let from = dir.join(format!("pending-{name}"));
+        let to = dir.join(format!("committed-{name}"));
+        if from.exists() {
+            std::fs::rename(&from, &to)?;
+        } else if !to.exists() {
+            return Err(format!("transaction {name} is neither pending nor committed").into());
+        }
+    }
+    Ok(())
+}
+
 fn fail(msg: impl std::fmt::Display) -> ! {
     eprintln!("job failed: {msg}");
     std::process::exit(2)
@@ -137,7 +172,7 @@ fn run_job(dir: &FsPath) -> std::result::Result<(), Box<dyn std::error::Error>> 
     let storage = CheckpointStorage::new(store, "", JOB)?;
     let latest = CompletedCheckpoint::latest(&storage)?;
     if let Some(c) = &latest {
-        c.check_operators(&["source", "sum"], RestoreOptions::default())?;
+        c.check_operators(&["source", "sum", "sink"], RestoreOptions::default())?;
         eprintln!(
             "restoring checkpoint {} at parallelism {p}",
             c.metadata.checkpoint_id
@@ -152,7 +187,7 @@ fn run_job(dir: &FsPath) -> std::result::Result<(), Box<dyn std::error::Error>> 
     };
     let mut builder = CheckpointCoordinator::builder(storage.clone(), config);
     let mut eps = Vec::new();
-    for op in ["source", "sum"] {
+    for op in ["source", "sum", "sink"] {
         for i in 0..p {
             eps.push(builder.register_subtask(op, i, p, MAX_P)?);
         }
@@ -193,7 +228,27 @@ fn run_job(dir: &FsPath) -> std::result::Result<(), Box<dyn std::error::Error>> 
             window,
         });
     }
+    // The sinks: transactions pre-committed at a barrier are committed on completion; those
+    // of the restored checkpoint are committed now (their notification may have been lost).
+    let sink_dir = dir.join("sink");
+    std::fs::create_dir_all(&sink_dir)?;
+    let mut sinks = Vec::new();
+    for i in 0..p {
+        let mut ops = match &latest {
+            Some(c) => c.operator_state("sink", i, p)?,
+            None => OperatorStateStore::new(),
+        };
+        let pending = ops.list_state(&pending_desc())?.get()?;
+        commit_transactions(&sink_dir, &pending)?;
+        ops.list_state(&pending_desc())?.clear();
+        sinks.push(Sink {
+            ops,
+            pending: Vec::new(),
+            buffer: String::new(),
+        });
+    }
     let coordinator = builder.start()?;
+    let epoch = coordinator.epoch();
 
     let mut exhausted_at: Option<u64> = None;
     let mut last_barrier = 0u64;
@@ -213,6 +268,7 @@ fn run_job(dir: &FsPath) -> std::result::Result<(), Box<dyn std::error::Error>> 
                     let kg = assign_to_key_group(&postcard_key(key_of(i)), MAX_P);
                     let owner = operator_index_for_key_group(MAX_P, p, kg) as usize;
                     keyed[owner].add(i)?;
+                    sinks[owner].buffer.push_str(&format!("{i}\n"));
                     *off += 1;
                     budget -= 1;
                     emitted = true;
@@ -255,13 +311,33 @@ fn run_job(dir: &FsPath) -> std::result::Result<(), Box<dyn std::error::Error>> 
                 } else {
                     wait_for_barrier(ep, b.checkpoint_id, &mut completed)?
                 };
-                if t < p as usize {
+                let p = p as usize;
+                if t < p {
                     let (ops, parts) = &mut sources[t];
                     ops.list_state(&offsets_desc())?.update(parts)?;
                     ep.snapshot::<HeapKeyedStateBackend<u64>>(&mine, None, Some(ops))?;
+                } else if t < 2 * p {
+                    ep.snapshot_heap(&mine, &mut keyed[t - p].backend, None)?;
                 } else {
-                    ep.snapshot_heap(&mine, &mut keyed[t - p as usize].backend, None)?;
+                    // Pre-commit: the transaction's output goes to a pending file.
+                    let sink = &mut sinks[t - 2 * p];
+                    let name = format!("e{epoch}-c{}-s{}", mine.checkpoint_id, t - 2 * p);
+                    std::fs::write(sink_dir.join(format!("pending-{name}")), &sink.buffer)?;
+                    sink.buffer.clear();
+                    sink.pending.push((mine.checkpoint_id, name));
+                    sink.ops
+                        .list_state(&pending_desc())?
+                        .update(&sink.pending)?;
+                    ep.snapshot::<HeapKeyedStateBackend<u64>>(&mine, None, Some(&sink.ops))?;
                 }
+            }
+        }
+        if let Some(&done) = completed.iter().max() {
+            for sink in sinks.iter_mut() {
+                let (commit, keep): (Vec<_>, Vec<_>) =
+                    sink.pending.drain(..).partition(|(id, _)| *id <= done);
+                commit_transactions(&sink_dir, &commit)?;
+                sink.pending = keep;
             }
         }
         if let Some(after) = exhausted_at {
@@ -497,6 +573,27 @@ fn run_with_kills(parallelisms: &[u32], incremental: bool, seed: u64) {
         kills >= target_kills.min(20),
         "only {kills} kills: the job finished too early"
     );
+    // The sink's committed output holds every event exactly once.
+    let mut seen = vec![0u8; n as usize];
+    for entry in std::fs::read_dir(dir.path().join("sink")).unwrap() {
+        let entry = entry.unwrap();
+        let name = entry.file_name().into_string().unwrap();
+        if !name.starts_with("committed-") {
+            continue;
+        }
+        for line in std::fs::read_to_string(entry.path()).unwrap().lines() {
+            let i: usize = line.parse().unwrap();
+            seen[i] = seen[i].saturating_add(1);
+        }
+    }
+    let wrong: Vec<_> = seen
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| **c != 1)
+        .take(10)
+        .map(|(i, c)| format!("event {i} committed {c} times"))
+        .collect();
+    assert!(wrong.is_empty(), "after {kills} kills: {wrong:?}");
     let got = read_result(&dir.path().join("result"));
     assert_eq!(got.len(), expected.len());
     let diff: Vec<_> = expected
