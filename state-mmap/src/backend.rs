@@ -1594,11 +1594,22 @@ impl<K: StateKey> MmapKeyedStateBackend<K> {
             );
             states.push(s.typed.meta(&s.name, s.ttl.as_ref()));
         }
+        // Restored states not registered yet are carried over unchanged (one group per name:
+        // the stream has one description per state, and keys of the current serializer).
+        let key_ser = self.key_serializer.snapshot();
+        let mut pending: Vec<(&StateName, &Vec<Pending>)> = self.pending.iter().collect();
+        pending.sort_by(|a, b| a.0.cmp(b.0));
+        for (_, groups) in pending {
+            if let Some(g) = groups.iter().find(|g| g.key_ser == key_ser) {
+                ids.insert(g.id, (states.len() as u32, g.meta.kind, None));
+                states.push(g.meta.clone());
+            }
+        }
         Ok(MmapSnapshot {
             header: SnapshotHeader {
                 max_parallelism: self.max_parallelism,
                 key_group_range: self.range,
-                key_serializer: self.key_serializer.snapshot(),
+                key_serializer: key_ser,
                 states,
             },
             view,

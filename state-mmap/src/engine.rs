@@ -132,7 +132,7 @@ enum Job {
 enum Done {
     Flushed(Result<Option<Arc<RunFile>>>),
     Compacted {
-        inputs: usize,
+        inputs: Vec<SortedRun>,
         result: Result<Vec<Arc<RunFile>>>,
     },
 }
@@ -284,10 +284,10 @@ fn worker_loop(ctx: WorkerCtx, jobs: Receiver<Job>, done: Sender<Done>) {
                 bottommost,
                 filter,
                 keep,
-            } => Done::Compacted {
-                inputs: inputs.len(),
-                result: ctx.compact(&inputs, bottommost, filter.as_ref(), keep.as_ref()),
-            },
+            } => {
+                let result = ctx.compact(&inputs, bottommost, filter.as_ref(), keep.as_ref());
+                Done::Compacted { inputs, result }
+            }
         };
         if done.send(d).is_err() {
             return;
@@ -853,11 +853,24 @@ impl Db {
                 let files = result?;
                 self.compacting = false;
                 self.compactions += 1;
-                let at = self.runs.len().saturating_sub(inputs);
-                let old = self.runs.split_off(at);
-                if !files.is_empty() {
-                    self.runs.push(Arc::new(files));
-                }
+                // The inputs are still contiguous: flushes only add newer runs in front.
+                let at = inputs
+                    .first()
+                    .and_then(|first| self.runs.iter().position(|r| Arc::ptr_eq(r, first)))
+                    .filter(|&at| {
+                        inputs.iter().enumerate().all(|(i, input)| {
+                            self.runs.get(at + i).is_some_and(|r| Arc::ptr_eq(r, input))
+                        })
+                    })
+                    .ok_or_else(|| Error::Worker {
+                        reason: "compaction inputs are no longer live".into(),
+                    })?;
+                let output: Vec<SortedRun> = if files.is_empty() {
+                    Vec::new()
+                } else {
+                    vec![Arc::new(files)]
+                };
+                let old: Vec<SortedRun> = self.runs.splice(at..at + inputs.len(), output).collect();
                 self.store_manifest()?;
                 for f in old.iter().flat_map(|r| r.iter()) {
                     f.mark_obsolete();
@@ -867,18 +880,36 @@ impl Db {
         }
     }
 
+    /// Size-tiered compaction: once there are `max_sorted_runs / 2` runs or more, merge the
+    /// newest runs while each next (older) run is no larger than the ones taken so far
+    /// together (so each byte is rewritten about log2(data / write buffer) times); with
+    /// `max_sorted_runs` runs, merge them all.
     fn maybe_compact(&mut self) -> Result<()> {
-        if !self.compacting && self.runs.len() >= self.opts.max_sorted_runs {
-            self.start_compaction()?;
+        let n = self.runs.len();
+        if self.compacting || n < (self.opts.max_sorted_runs / 2).max(2) {
+            return Ok(());
         }
-        Ok(())
+        let size = |r: &SortedRun| r.iter().map(|f| f.size()).sum::<u64>();
+        let mut take = 1;
+        let mut sum = size(&self.runs[0]);
+        while take < n && size(&self.runs[take]) <= sum {
+            sum += size(&self.runs[take]);
+            take += 1;
+        }
+        if take >= 2 {
+            self.start_compaction(0..take)
+        } else if n >= self.opts.max_sorted_runs {
+            self.start_compaction(0..n)
+        } else {
+            Ok(())
+        }
     }
 
-    fn start_compaction(&mut self) -> Result<()> {
+    fn start_compaction(&mut self, runs: std::ops::Range<usize>) -> Result<()> {
         self.compacting = true;
         let job = Job::Compact {
-            inputs: self.runs.clone(),
-            bottommost: true,
+            inputs: self.runs[runs.clone()].to_vec(),
+            bottommost: runs.end == self.runs.len(),
             filter: self.filter.clone(),
             keep: self.keep.clone(),
         };
@@ -931,7 +962,7 @@ impl Db {
         self.flush()?;
         self.drain()?;
         if !self.runs.is_empty() {
-            self.start_compaction()?;
+            self.start_compaction(0..self.runs.len())?;
             self.drain()?;
         }
         Ok(())

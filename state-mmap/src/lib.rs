@@ -29,6 +29,32 @@
 //! assert_eq!(restored.value(&count).get()?, Some(2));
 //! # Ok(()) }
 //! ```
+//!
+//! # Checkpoints
+//!
+//! - Canonical snapshots ([`KeyedStateBackend::snapshot`](state_api::KeyedStateBackend::snapshot)):
+//!   the backend-independent stream of `state-api`, for savepoints; the view is taken in
+//!   microseconds (the write buffer becomes immutable, files are shared by reference) and
+//!   written on any thread.
+//! - Native incremental checkpoints ([`MmapKeyedStateBackend::checkpoint`]): a flush, then the
+//!   set of immutable files with unique names and key-group ranges; a checkpoint layer uploads
+//!   only names it has not uploaded before. [`MmapKeyedStateBackend::restore_native`] opens the
+//!   files of one or several checkpoints at any parallelism, clipping files to the owned key
+//!   groups instead of rewriting them.
+//!
+//! # Memory
+//!
+//! One number, [`MmapBackendBuilder::memory_budget`] (default 256 MiB), bounds the engine's own
+//! buffers: the write buffer, write buffers waiting for their flush, compaction buffers. Indexes,
+//! bloom filters and data are read through memory maps and live in the OS page cache. The byte
+//! layout of every file is in `docs/mmap-format.md`.
+//!
+//! # Safety
+//!
+//! The only `unsafe` code maps files read-only (module `mapped`); files are immutable once
+//! published and never truncated by this crate (see `docs/mmap-format.md` on truncation).
+//!
+//! The crate has no cargo features.
 #![warn(missing_docs)]
 
 mod backend;

@@ -143,3 +143,26 @@ fn reopen_keeps_flushed_state_and_registry() {
         .unwrap_err();
     assert!(err.to_string().contains("max parallelism"), "{err}");
 }
+
+#[test]
+fn unregistered_restored_states_survive_the_next_snapshot() {
+    let mut heap = HeapKeyedStateBackend::<u64>::builder().build().unwrap();
+    let h = register(&mut heap);
+    fill(&mut heap, &h);
+    let first = bytes(&mut heap);
+    let mut mmap = MmapKeyedStateBackend::<u64>::builder().build().unwrap();
+    mmap.restore(vec![("first".into(), &first[..])]).unwrap();
+    // Only the value state is registered (and changed) before the next snapshot.
+    let v = mmap
+        .register_value(ValueStateDescriptor::<String>::new("v").unwrap())
+        .unwrap();
+    mmap.set_current_key(3).unwrap();
+    mmap.value(&v).update("changed".into()).unwrap();
+    mmap.set_current_key(3).unwrap();
+    mmap.value(&v).update("v3".into()).unwrap();
+    let second = bytes(&mut mmap);
+    let mut last = HeapKeyedStateBackend::<u64>::builder().build().unwrap();
+    last.restore(vec![("second".into(), &second[..])]).unwrap();
+    let hl = register(&mut last);
+    check(&mut last, &hl);
+}
