@@ -109,7 +109,7 @@ pub use protocol::{
     AbortReason, Action, CheckpointConfig, CheckpointKind, Protocol, RetentionOnShutdown,
 };
 pub use registry::SharedStateRegistry;
-pub use restore::{CompletedCheckpoint, RestoreOptions};
+pub use restore::{CompletedCheckpoint, KeyGroupReader, RestoreOptions};
 pub use storage::{validate_name, CheckpointStorage};
 pub use write::{
     split_key_groups, write_subtask_snapshot, KeyedSnapshot, SnapshotTarget, SubtaskSnapshot,

@@ -2,8 +2,9 @@
 //! from the key-group ranges it owns (range reads, never whole files) and its share of the
 //! operator state.
 
-use std::io::Cursor;
-use std::ops::Range;
+use std::collections::VecDeque;
+use std::io::Read;
+use std::sync::{Arc, Mutex};
 
 use object_store::path::Path;
 use state_api::{redistribute, KeyGroupRange, KeyedStateBackend, OperatorStateStore};
@@ -12,6 +13,7 @@ use crate::commit::CommitLog;
 use crate::error::{Error, Result};
 use crate::format::{CheckpointMetadata, FileLocation, KeyedStateFile, MAX_METADATA_LEN};
 use crate::storage::{CheckpointStorage, METADATA_FILE};
+use state_api::snapshot::KeyGroupOffset;
 
 /// Options of a restore.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -115,20 +117,35 @@ impl CompletedCheckpoint {
             backend.max_parallelism(),
             backend.key_group_range(),
         )?;
-        backend
-            .restore(streams)
-            .map_err(|e| Error::state(operator, subtask, e))
+        let failures: Vec<_> = streams.iter().map(|(_, r)| r.failure()).collect();
+        match backend.restore(streams) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                // A storage failure while streaming is reported as itself, not as an I/O
+                // error inside the state API's.
+                for f in failures {
+                    if let Ok(mut slot) = f.lock() {
+                        if let Some(err) = slot.take() {
+                            return Err(err);
+                        }
+                    }
+                }
+                Err(Error::state(operator, subtask, e))
+            }
+        }
     }
 
-    /// The canonical snapshot streams holding the key groups of `range` of `operator`, built
-    /// from range reads: each is the stored header, the owned blocks and an end marker.
+    /// The canonical snapshot streams holding the key groups of `range` of `operator`: each
+    /// is the stored header, the owned blocks and an end marker. The blocks are fetched by
+    /// range reads while the stream is read (adjacent blocks together, up to
+    /// [`RESTORE_CHUNK`] bytes per read), after one size check per file.
     pub fn keyed_streams(
         &self,
         storage: &CheckpointStorage,
         operator: &str,
         max_parallelism: u32,
         range: KeyGroupRange,
-    ) -> Result<Vec<(String, Cursor<Vec<u8>>)>> {
+    ) -> Result<Vec<(String, KeyGroupReader)>> {
         let Some(op) = self.metadata.operator(operator) else {
             return Ok(Vec::new());
         };
@@ -163,50 +180,54 @@ impl CompletedCheckpoint {
         storage: &CheckpointStorage,
         f: &KeyedStateFile,
         range: KeyGroupRange,
-    ) -> Result<Option<(String, Cursor<Vec<u8>>)>> {
-        let owned: Vec<_> = f
+    ) -> Result<Option<(String, KeyGroupReader)>> {
+        let owned: VecDeque<KeyGroupOffset> = f
             .key_groups
             .iter()
             .filter(|k| range.contains(k.key_group))
+            .copied()
             .collect();
         if owned.is_empty() {
             return Ok(None);
         }
         let path = self.file_path(&f.file.location);
-        // Adjacent blocks are read as one range.
-        let mut ranges: Vec<Range<u64>> = Vec::new();
-        for k in &owned {
-            match ranges.last_mut() {
-                Some(r) if r.end == k.offset => r.end += k.length,
-                _ => ranges.push(k.offset..k.offset + k.length),
-            }
+        let end = owned.iter().map(|k| k.offset + k.length).max().unwrap_or(0);
+        let size = storage.size(&path).map_err(|e| match e {
+            Error::MissingFile { file, .. } => Error::MissingFile {
+                file,
+                referenced_by: self.path.to_string(),
+            },
+            e => e,
+        })?;
+        if size < end || size < f.file.size {
+            return Err(Error::Truncated {
+                file: path.to_string(),
+                expected: f.file.size,
+                found: size,
+            });
         }
-        let parts = storage.get_ranges(&path, &ranges)?;
-        let total: usize = parts.iter().map(|p| p.len()).sum();
-        let mut stream = Vec::with_capacity(f.header_bytes.len() + total + 17);
-        stream.extend_from_slice(&f.header_bytes);
-        for p in &parts {
-            stream.extend_from_slice(p);
+        if size != f.file.size {
+            return Err(Error::Corrupt {
+                file: path.to_string(),
+                offset: f.file.size,
+                reason: format!(
+                    "the file has {size} bytes, the metadata recorded {}",
+                    f.file.size
+                ),
+            });
         }
-        // Check that each block starts where the metadata says, with its key group.
-        let mut at = f.header_bytes.len();
-        for k in &owned {
-            let head = stream.get(at..at + 5).unwrap_or(&[]);
-            if head.len() < 5 || head[0] != 0x01 || head[1..5] != k.key_group.to_be_bytes() {
-                return Err(Error::Corrupt {
-                    file: path.to_string(),
-                    offset: k.offset,
-                    reason: format!("no block of key group {} at this offset", k.key_group),
-                });
-            }
-            at += k.length as usize;
-        }
-        // End marker with an empty index: 0x02 | count 0 | records 0 | crc32c(count, records).
-        let body = [0u8; 12];
-        stream.push(0x02);
-        stream.extend_from_slice(&body);
-        stream.extend_from_slice(&crc32c::crc32c(&body).to_be_bytes());
-        Ok(Some((path.to_string(), Cursor::new(stream))))
+        Ok(Some((
+            path.to_string(),
+            KeyGroupReader {
+                storage: storage.clone(),
+                path,
+                buf: f.header_bytes.clone(),
+                pos: 0,
+                blocks: owned,
+                end_sent: false,
+                failure: Arc::default(),
+            },
+        )))
     }
 
     /// The operator state of subtask `subtask` of `parallelism` for `operator`, redistributed
@@ -264,6 +285,113 @@ impl CompletedCheckpoint {
             }
         }
         Ok(())
+    }
+}
+
+/// Most bytes a [`KeyGroupReader`] fetches with one range read (more only for a single larger
+/// block).
+pub const RESTORE_CHUNK: u64 = 16 << 20;
+
+/// A canonical snapshot stream made of a file's header (from the metadata), the blocks of the
+/// owned key groups (fetched lazily by range reads) and an end marker with an empty index.
+pub struct KeyGroupReader {
+    storage: CheckpointStorage,
+    path: Path,
+    buf: Vec<u8>,
+    pos: usize,
+    blocks: VecDeque<KeyGroupOffset>,
+    end_sent: bool,
+    failure: Arc<Mutex<Option<Error>>>,
+}
+
+impl std::fmt::Debug for KeyGroupReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyGroupReader")
+            .field("path", &self.path.as_ref())
+            .field("blocks_left", &self.blocks.len())
+            .finish()
+    }
+}
+
+impl KeyGroupReader {
+    /// Where the first storage error met while reading is kept (the `Read` impl can only
+    /// return an `io::Error`).
+    pub fn failure(&self) -> Arc<Mutex<Option<Error>>> {
+        Arc::clone(&self.failure)
+    }
+
+    fn fail(&self, e: Error) -> std::io::Error {
+        let msg = e.to_string();
+        if let Ok(mut slot) = self.failure.lock() {
+            slot.get_or_insert(e);
+        }
+        std::io::Error::other(msg)
+    }
+
+    /// Fetches the next run of adjacent blocks (or the end marker) into `buf`.
+    fn fill(&mut self) -> std::io::Result<()> {
+        self.buf.clear();
+        self.pos = 0;
+        let Some(first) = self.blocks.pop_front() else {
+            if !self.end_sent {
+                // 0x02 | count 0 u32 | records 0 u64 | crc32c(count, records)
+                let body = [0u8; 12];
+                self.buf.push(0x02);
+                self.buf.extend_from_slice(&body);
+                self.buf
+                    .extend_from_slice(&crc32c::crc32c(&body).to_be_bytes());
+                self.end_sent = true;
+            }
+            return Ok(());
+        };
+        let mut run = vec![first];
+        let mut end = first.offset + first.length;
+        while let Some(next) = self.blocks.front() {
+            if next.offset != end || end + next.length - first.offset > RESTORE_CHUNK {
+                break;
+            }
+            end += next.length;
+            run.push(*next);
+            self.blocks.pop_front();
+        }
+        let range = first.offset..end;
+        let bytes = match self
+            .storage
+            .get_ranges(&self.path, std::slice::from_ref(&range))
+        {
+            Ok(mut parts) => parts.pop().unwrap_or_default(),
+            Err(e) => return Err(self.fail(e)),
+        };
+        // Each block must start where the metadata says, with its key group.
+        let mut at = 0usize;
+        for k in &run {
+            let head = bytes.get(at..at + 5).unwrap_or(&[]);
+            if head.len() < 5 || head[0] != 0x01 || head[1..5] != k.key_group.to_be_bytes() {
+                return Err(self.fail(Error::Corrupt {
+                    file: self.path.to_string(),
+                    offset: k.offset,
+                    reason: format!("no block of key group {} at this offset", k.key_group),
+                }));
+            }
+            at += k.length as usize;
+        }
+        self.buf.extend_from_slice(&bytes);
+        Ok(())
+    }
+}
+
+impl Read for KeyGroupReader {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        if self.pos >= self.buf.len() {
+            if self.end_sent && self.blocks.is_empty() {
+                return Ok(0);
+            }
+            self.fill()?;
+        }
+        let n = out.len().min(self.buf.len() - self.pos);
+        out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
     }
 }
 
