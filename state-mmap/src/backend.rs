@@ -128,6 +128,7 @@ impl<K: StateKey> MmapBackendBuilder<K> {
             tbuf: Vec::new(),
             per_record_cleanup: Vec::new(),
             ttl_table,
+            timers: HashMap::new(),
             _temp: temp,
         };
         let meta = backend.db.user_meta().to_vec();
@@ -286,6 +287,9 @@ pub struct MmapKeyedStateBackend<K> {
     tbuf: Vec<u8>,
     per_record_cleanup: Vec<usize>,
     ttl_table: TtlTable,
+    /// Due-time queues of the registered timer services, by slot (timers are also stored in
+    /// the engine, which snapshots and checkpoints read).
+    timers: HashMap<usize, KeyGroupTimers>,
     // Dropped after `db`: removes the temporary directory once the files are closed.
     _temp: Option<TempDir>,
 }
@@ -1464,6 +1468,128 @@ impl<K: StateKey> KeyedStateBackend for MmapKeyedStateBackend<K> {
         Ok(out)
     }
 
+    fn register_timer_service<N: Namespace>(
+        &mut self,
+        d: TimerServiceDescriptor<N>,
+    ) -> Result<TimerServiceHandle<N>> {
+        let name = d.name().clone();
+        let known = self.ids.contains_key(&name);
+        let id = self.register_typed(
+            &name,
+            None,
+            TimerT {
+                ns: Arc::clone(d.namespace_serializer()),
+                meta: d.meta(),
+            },
+        )?;
+        let slot = id.0 as usize;
+        if !known {
+            self.load_timers(slot)?;
+        }
+        Ok(TimerServiceHandle::new(id, name))
+    }
+
+    fn register_timer<N: Namespace>(
+        &mut self,
+        h: &TimerServiceHandle<N>,
+        domain: TimeDomain,
+        ns: &N,
+        timestamp: i64,
+    ) -> Result<()> {
+        let (e, t, cur) = typed!(self, h.id(), h.name(), TimerT<N>);
+        state_key(&mut self.kbuf, cur.kg, e.id, &cur.bytes, &t.ns, ns, &e.name)?;
+        let ns_at = KEY_PREFIX_LEN + cur.bytes.len() + 4;
+        let timer = (timestamp, cur.bytes.clone(), self.kbuf[ns_at..].to_vec());
+        let kg = cur.kg;
+        self.kbuf
+            .extend_from_slice(&timer_suffix(domain, timestamp));
+        let q = self
+            .timers
+            .get_mut(&(h.id().0 as usize))
+            .ok_or_else(|| unknown(h.name()))?;
+        if q.register(domain, kg, timer)? {
+            self.db.put(&self.kbuf, &[])?;
+        }
+        Ok(())
+    }
+
+    fn delete_timer<N: Namespace>(
+        &mut self,
+        h: &TimerServiceHandle<N>,
+        domain: TimeDomain,
+        ns: &N,
+        timestamp: i64,
+    ) -> Result<()> {
+        let (e, t, cur) = typed!(self, h.id(), h.name(), TimerT<N>);
+        state_key(&mut self.kbuf, cur.kg, e.id, &cur.bytes, &t.ns, ns, &e.name)?;
+        let ns_at = KEY_PREFIX_LEN + cur.bytes.len() + 4;
+        let timer = (timestamp, cur.bytes.clone(), self.kbuf[ns_at..].to_vec());
+        let kg = cur.kg;
+        self.kbuf
+            .extend_from_slice(&timer_suffix(domain, timestamp));
+        let q = self
+            .timers
+            .get_mut(&(h.id().0 as usize))
+            .ok_or_else(|| unknown(h.name()))?;
+        if q.delete(domain, kg, &timer)? {
+            self.db.delete(&self.kbuf)?;
+        }
+        Ok(())
+    }
+
+    fn advance_time<N: Namespace>(
+        &mut self,
+        h: &TimerServiceHandle<N>,
+        domain: TimeDomain,
+        time: i64,
+    ) -> Result<Vec<Timer<K, N>>> {
+        let slot = h.id().0 as usize;
+        let e = self
+            .states
+            .get(slot)
+            .filter(|e| e.name == *h.name())
+            .ok_or_else(|| unknown(h.name()))?;
+        let t = e
+            .typed
+            .as_any()
+            .downcast_ref::<TimerT<N>>()
+            .ok_or_else(|| type_mismatch(h.name()))?;
+        let (sid, ns_ser) = (e.id, Arc::clone(&t.ns));
+        let due = self
+            .timers
+            .get_mut(&slot)
+            .ok_or_else(|| unknown(h.name()))?
+            .pop_due(domain, time);
+        let mut fired = Vec::with_capacity(due.len());
+        let de = |what, e: SerdeError| Error::Deserialize {
+            state: h.name().to_string(),
+            what,
+            reason: e.0,
+        };
+        for (timestamp, key, ns) in due {
+            let kg = assign_to_key_group(&key, self.max_parallelism);
+            push_prefix(&mut self.kbuf, kg, sid, &key);
+            self.kbuf
+                .extend_from_slice(&(ns.len() as u32).to_be_bytes());
+            self.kbuf.extend_from_slice(&ns);
+            self.kbuf
+                .extend_from_slice(&timer_suffix(domain, timestamp));
+            self.db.delete(&self.kbuf)?;
+            fired.push(Timer {
+                key: self
+                    .key_serializer
+                    .deserialize(&key)
+                    .map_err(|e| de("timer key", e))?,
+                namespace: ns_ser
+                    .deserialize(&ns)
+                    .map_err(|e| de("timer namespace", e))?,
+                timestamp,
+                domain,
+            });
+        }
+        Ok(fired)
+    }
+
     fn snapshot(&mut self) -> Result<Box<dyn KeyedStateSnapshot>> {
         Ok(Box::new(self.snapshot_mmap()?))
     }
@@ -1500,9 +1626,13 @@ impl<K: StateKey> KeyedStateBackend for MmapKeyedStateBackend<K> {
             let groups = self.pending.get(&name).cloned().unwrap_or_default();
             let mut entry = std::mem::replace(&mut self.states[slot], placeholder_entry(&name));
             let r = self.bind(&mut entry, &groups, false);
+            let timers = entry.kind == StateKind::Timers;
             self.states[slot] = entry;
             r?;
             self.pending.remove(&name);
+            if timers {
+                self.load_timers(slot)?;
+            }
         }
         self.save_registry();
         Ok(())
@@ -1564,6 +1694,25 @@ impl<K: StateKey> MmapKeyedStateBackend<K> {
             None => Ok(Some(v)),
             Some(a) => self.fold_pair(slot, kind, a, v).map(Some),
         }
+    }
+
+    /// (Re)builds the due-time queues of the timer service at `slot` from the engine.
+    fn load_timers(&mut self, slot: usize) -> Result<()> {
+        let mut q = KeyGroupTimers::new(self.range);
+        let (sid, name) = (self.states[slot].id, self.states[slot].name.clone());
+        for kg in self.range.iter() {
+            let prefix = kg_state(kg, sid);
+            let end = end_of(&prefix);
+            let mut it = self.db.iter(&prefix, Some(&end))?;
+            while let Some((k, _)) = it.next()? {
+                let p = parse_key(k, name.as_str())?;
+                let (domain, ts) =
+                    parse_timer_suffix(p.user_key).ok_or_else(|| corrupt_value(&name, "timer"))?;
+                q.register(domain, kg, (ts, p.key.to_vec(), p.ns.to_vec()))?;
+            }
+        }
+        self.timers.insert(slot, q);
+        Ok(())
     }
 
     fn fold_pair(&self, slot: usize, kind: StateKind, a: Vec<u8>, b: Vec<u8>) -> Result<Vec<u8>> {
@@ -1719,6 +1868,13 @@ impl KeyedStateSnapshot for MmapSnapshot {
                         }
                         w.write_record(idx, p.key, p.ns, &payload)?;
                     }
+                    StateKind::Timers => {
+                        flush_map(&mut w, &mut map, &mut map_count, &mut map_body)?;
+                        let (domain, ts) = parse_timer_suffix(p.user_key)
+                            .ok_or_else(|| corrupt_value(name, "timer"))?;
+                        let payload = state_api::timer::encode_timer_payload(ts, domain);
+                        w.write_record(idx, p.key, p.ns, &payload)?;
+                    }
                     _ => {
                         flush_map(&mut w, &mut map, &mut map_count, &mut map_body)?;
                         let ts = ts_of(v).ok_or_else(|| corrupt_value(name, "value"))?;
@@ -1822,6 +1978,11 @@ impl RestoreVisitor for RestoreSink<'_> {
                     self.vbuf.extend_from_slice(v);
                     self.db.put(&self.kbuf, &self.vbuf)?;
                 }
+            }
+            StateKind::Timers => {
+                let (ts, domain) = state_api::timer::decode_timer_payload(&mut d)?;
+                self.kbuf.extend_from_slice(&timer_suffix(domain, ts));
+                self.db.put(&self.kbuf, &[])?;
             }
             _ => {
                 payload::decode_single(&mut d)?;

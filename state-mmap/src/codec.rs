@@ -9,6 +9,9 @@
 
 use state_api::{Error, Result, StateName};
 
+/// Length of `key_group | state id | key_len`.
+pub(crate) const KEY_PREFIX_LEN: usize = 8;
+
 #[inline]
 pub(crate) fn push_prefix(out: &mut Vec<u8>, kg: u32, id: u16, key: &[u8]) {
     out.clear();
@@ -132,4 +135,24 @@ pub(crate) fn begin_element(out: &mut Vec<u8>, ts: i64) -> usize {
     let at = out.len();
     out.extend_from_slice(&[0; 4]);
     at
+}
+
+/// The user-key part of a timer entry: `domain u8 | timestamp` as a big-endian u64 with the
+/// sign bit flipped (so timestamps sort numerically).
+pub(crate) fn timer_suffix(domain: state_api::TimeDomain, ts: i64) -> [u8; 9] {
+    let mut b = [0u8; 9];
+    b[0] = domain.code();
+    b[1..].copy_from_slice(&((ts as u64) ^ (1 << 63)).to_be_bytes());
+    b
+}
+
+/// Reads a timer entry's user-key part.
+pub(crate) fn parse_timer_suffix(b: &[u8]) -> Option<(state_api::TimeDomain, i64)> {
+    if b.len() != 9 {
+        return None;
+    }
+    let domain = state_api::TimeDomain::from_code(b[0])?;
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[1..]);
+    Some((domain, (u64::from_be_bytes(a) ^ (1 << 63)) as i64))
 }

@@ -173,6 +173,20 @@ enum Layout {
     Single,
     List,
     MapEntry,
+    /// Timers: everything is in the key; the value is empty.
+    Timer,
+}
+
+/// Keeps bytes as they are.
+struct Same;
+impl ValueRecode for Same {
+    fn recode(&self, b: &[u8], out: &mut Vec<u8>) -> Result<()> {
+        out.extend_from_slice(b);
+        Ok(())
+    }
+    fn is_identity(&self) -> bool {
+        true
+    }
 }
 
 struct GenericTranscoder {
@@ -214,6 +228,10 @@ impl Transcoder for GenericTranscoder {
     fn value(&self, b: &[u8], out: &mut Vec<u8>) -> Result<()> {
         let fix = |ts: i64| self.stamp.unwrap_or(ts);
         match self.layout {
+            Layout::Timer => {
+                out.extend_from_slice(b);
+                Ok(())
+            }
             Layout::Single | Layout::MapEntry => {
                 let ts = ts_of(b).ok_or_else(|| corrupt_value(&self.name, "value"))?;
                 out.extend_from_slice(&fix(ts).to_be_bytes());
@@ -600,5 +618,40 @@ impl<IN: 'static, ACC: StateType, OUT: 'static, N: Namespace> TypedState
         self.ser
             .serialize(&self.func.add(value, acc), out)
             .map_err(ser_err(name, "accumulator"))
+    }
+}
+
+/// Timer service types: only the namespace serializer.
+pub(crate) struct TimerT<N> {
+    pub ns: Arc<dyn StateSerializer<N>>,
+    pub meta: StateMeta,
+}
+
+impl<N: Namespace> TypedState for TimerT<N> {
+    common!(StateKind::Timers);
+    fn meta(&self, _name: &StateName, _ttl: Option<&StateTtlConfig>) -> StateMeta {
+        self.meta.clone()
+    }
+    fn transcoder(
+        &self,
+        name: &StateName,
+        meta: &StateMeta,
+        _stamp: Option<i64>,
+    ) -> Result<Option<Box<dyn Transcoder>>> {
+        Ok(GenericTranscoder {
+            name: name.clone(),
+            layout: Layout::Timer,
+            ns: Box::new(Recode::new(
+                name,
+                meta,
+                SerializerRole::Namespace,
+                &self.ns,
+                "namespace",
+            )?),
+            user_key: None,
+            value: Box::new(Same),
+            stamp: None,
+        }
+        .boxed())
     }
 }

@@ -27,6 +27,7 @@ impl BackendFactory for Mmap {
 }
 
 state_api::conformance_tests!(Mmap);
+state_api::timer_conformance_tests!(Mmap);
 
 // A public case of the suite that its macro does not list (yet).
 #[test]
