@@ -1241,3 +1241,91 @@ mod tests {
         assert_eq!(got, want);
     }
 }
+
+#[cfg(test)]
+mod model_tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::BTreeMap;
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Put(u8, u8),
+        Merge(u8, u8),
+        Delete(u8),
+        Flush,
+        Compact,
+        Reopen,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            6 => (0u8..24, any::<u8>()).prop_map(|(k, v)| Op::Put(k, v)),
+            6 => (0u8..24, any::<u8>()).prop_map(|(k, v)| Op::Merge(k, v)),
+            3 => (0u8..24).prop_map(Op::Delete),
+            2 => Just(Op::Flush),
+            1 => Just(Op::Compact),
+            1 => Just(Op::Reopen),
+        ]
+    }
+
+    fn opts() -> EngineOptions {
+        EngineOptions {
+            // Tiny buffers: background flushes and tiered (partial) compactions all the time.
+            memory_budget: 2048,
+            max_sorted_runs: 4,
+            ..EngineOptions::default()
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 24, failure_persistence: None, ..ProptestConfig::default() })]
+        #[test]
+        fn engine_matches_a_btreemap(ops in prop::collection::vec(op(), 1..200)) {
+            let dir = tempfile::tempdir().unwrap();
+            let mut db = Db::open(dir.path(), opts()).unwrap();
+            let mut model = BTreeMap::<Vec<u8>, Vec<u8>>::new();
+            for op in ops {
+                match op {
+                    Op::Put(k, v) => {
+                        db.put(&[k], &[v; 40]).unwrap();
+                        model.insert(vec![k], vec![v; 40]);
+                    }
+                    Op::Merge(k, v) => {
+                        db.merge(&[k], &[v]).unwrap();
+                        model.entry(vec![k]).or_default().push(v);
+                    }
+                    Op::Delete(k) => {
+                        db.delete(&[k]).unwrap();
+                        model.remove(&vec![k]);
+                    }
+                    Op::Flush => db.flush().unwrap(),
+                    Op::Compact => db.compact().unwrap(),
+                    Op::Reopen => {
+                        db.flush().unwrap();
+                        drop(db);
+                        db = Db::open(dir.path(), opts()).unwrap();
+                    }
+                }
+                for k in 0u8..24 {
+                    let mut out = Vec::new();
+                    let found = db.get(&[k], &mut out).unwrap();
+                    prop_assert_eq!(found.then_some(out), model.get(&vec![k]).cloned());
+                }
+                let mut got = BTreeMap::new();
+                db.scan(&[], &[0xff], |k, v| -> Result<bool> {
+                    got.insert(k.to_vec(), v.to_vec());
+                    Ok(true)
+                })
+                .unwrap();
+                prop_assert_eq!(&got, &model);
+            }
+            let mut it = db.iter(&[], None).unwrap();
+            let mut got = BTreeMap::new();
+            while let Some((k, v)) = it.next().unwrap() {
+                got.insert(k.to_vec(), v.to_vec());
+            }
+            prop_assert_eq!(&got, &model);
+        }
+    }
+}
