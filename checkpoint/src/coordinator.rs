@@ -34,7 +34,8 @@ use crate::registry::{shared_files, SharedStateRegistry};
 use crate::restore::CompletedCheckpoint;
 use crate::storage::{validate_name, CheckpointStorage};
 use crate::write::{
-    split_key_groups, write_subtask_snapshot, KeyedSnapshot, SnapshotTarget, SubtaskSnapshot,
+    split_key_groups, write_subtask_snapshot_tracked, KeyedSnapshot, SnapshotTarget,
+    SubtaskSnapshot,
 };
 
 /// A checkpoint barrier as a subtask receives it.
@@ -96,7 +97,7 @@ enum Msg {
     Ack {
         checkpoint_id: u64,
         task: usize,
-        ack: Box<SubtaskAck>,
+        ack: Box<Acked>,
     },
     Decline {
         checkpoint_id: u64,
@@ -115,6 +116,12 @@ enum Msg {
     Stop,
 }
 
+/// An acknowledged state and the shared files written for it.
+struct Acked {
+    ack: SubtaskAck,
+    uploaded: Vec<String>,
+}
+
 struct WriteJob {
     checkpoint_id: u64,
     task: usize,
@@ -123,7 +130,17 @@ struct WriteJob {
     parallelism: u32,
     max_parallelism: u32,
     incremental: Option<Arc<Mutex<IncrementalState>>>,
+    native: Option<Arc<Mutex<NativeKnown>>>,
     to_coordinator: Sender<Msg>,
+}
+
+/// What a subtask knows of its backend-native files in `shared/`.
+#[derive(Debug, Default)]
+struct NativeKnown {
+    /// Files referenced by a checkpoint this subtask heard completed, by name.
+    confirmed: HashMap<String, crate::format::FileRef>,
+    /// Files of checkpoints not yet known complete.
+    written: BTreeMap<u64, Vec<crate::format::FileRef>>,
 }
 
 /// What a subtask remembers for incremental snapshots.
@@ -158,6 +175,7 @@ pub struct SubtaskEndpoint {
     incremental: bool,
     write_parts: usize,
     inc: Arc<Mutex<IncrementalState>>,
+    native: Arc<Mutex<NativeKnown>>,
 }
 
 impl std::fmt::Debug for SubtaskEndpoint {
@@ -209,6 +227,22 @@ impl SubtaskEndpoint {
     }
 
     fn observe(&mut self, c: &SubtaskCommand) {
+        if let Ok(mut n) = self.native.lock() {
+            match *c {
+                SubtaskCommand::CheckpointComplete { checkpoint_id } => {
+                    if let Some(files) = n.written.remove(&checkpoint_id) {
+                        for f in files {
+                            n.confirmed.insert(f.location.name().to_string(), f);
+                        }
+                    }
+                    n.written.retain(|id, _| *id > checkpoint_id);
+                }
+                SubtaskCommand::CheckpointAborted { checkpoint_id } => {
+                    n.written.remove(&checkpoint_id);
+                }
+                SubtaskCommand::Barrier(_) => {}
+            }
+        }
         let Ok(mut inc) = self.inc.lock() else { return };
         match *c {
             SubtaskCommand::CheckpointComplete { checkpoint_id } => {
@@ -277,6 +311,57 @@ impl SubtaskEndpoint {
         self.submit(barrier, Some(keyed), operator_state.cloned())
     }
 
+    /// Snapshots an mmap backend: with incremental checkpoints configured, natively (a flush,
+    /// then its immutable files; files already uploaded by a completed checkpoint are only
+    /// referenced); otherwise, and for savepoints, as a canonical stream. Then queues the
+    /// upload.
+    pub fn snapshot_mmap<K: StateKey>(
+        &mut self,
+        barrier: &Barrier,
+        backend: &mut state_mmap::MmapKeyedStateBackend<K>,
+        operator_state: Option<&OperatorStateStore>,
+    ) -> Result<()> {
+        if !(self.incremental && barrier.kind == CheckpointKind::Checkpoint) {
+            return self.snapshot(barrier, Some(backend), operator_state);
+        }
+        let cp = match backend.checkpoint() {
+            Ok(c) => c,
+            Err(e) => {
+                let err = Error::state(&self.operator_id, self.subtask, e);
+                return self.fail(barrier, err.to_string());
+            }
+        };
+        let files: Vec<crate::write::NativeLocalFile> = cp
+            .files()
+            .iter()
+            .map(|f| crate::write::NativeLocalFile {
+                name: f.name().to_string(),
+                path: f.path().to_path_buf(),
+                size: f.size(),
+                key_groups: f.key_groups(),
+            })
+            .collect();
+        let known = match self.native.lock() {
+            Ok(mut n) => {
+                let live: BTreeSet<&str> = files.iter().map(|f| f.name.as_str()).collect();
+                n.confirmed.retain(|name, _| live.contains(name.as_str()));
+                n.confirmed.clone()
+            }
+            Err(_) => HashMap::new(),
+        };
+        let keyed = KeyedSnapshot::Native {
+            snapshot: crate::write::NativeSnapshot {
+                backend: "mmap".into(),
+                key_group_range: backend.key_group_range(),
+                metadata: cp.metadata().to_vec(),
+                files,
+                keep_alive: Box::new(cp),
+            },
+            known,
+        };
+        self.submit(barrier, Some(keyed), operator_state.cloned())
+    }
+
     /// Snapshots any keyed backend in full (and the operator state), then queues the upload.
     pub fn snapshot<B: KeyedStateBackend>(
         &mut self,
@@ -322,6 +407,8 @@ impl SubtaskEndpoint {
     ) -> Result<()> {
         let incremental =
             matches!(keyed, Some(KeyedSnapshot::Incremental { .. })).then(|| Arc::clone(&self.inc));
+        let native =
+            matches!(keyed, Some(KeyedSnapshot::Native { .. })).then(|| Arc::clone(&self.native));
         let job = WriteJob {
             checkpoint_id: barrier.checkpoint_id,
             task: self.task,
@@ -335,6 +422,7 @@ impl SubtaskEndpoint {
             parallelism: self.parallelism,
             max_parallelism: self.max_parallelism,
             incremental,
+            native,
             to_coordinator: self.to_coordinator.clone(),
         };
         if self.writes.send(job).is_err() {
@@ -428,6 +516,7 @@ impl CoordinatorBuilder {
             incremental: self.config.incremental,
             write_parts: self.write_parts,
             inc,
+            native: Arc::default(),
         })
     }
 
@@ -550,8 +639,16 @@ impl CoordinatorBuilder {
 fn writer_loop(storage: &CheckpointStorage, rx: &Receiver<WriteJob>) {
     while let Ok(job) = rx.recv() {
         let operator_id = job.snapshot.operator_id.clone();
-        let msg = match write_subtask_snapshot(storage, &job.target, job.snapshot) {
-            Ok(state) => {
+        let msg = match write_subtask_snapshot_tracked(storage, &job.target, job.snapshot) {
+            Ok((state, uploaded)) => {
+                if let (Some(native), Some(h)) = (&job.native, &state.native) {
+                    if let Ok(mut n) = native.lock() {
+                        n.written.insert(
+                            job.checkpoint_id,
+                            h.files.iter().map(|f| f.file.clone()).collect(),
+                        );
+                    }
+                }
                 if let (Some(inc), Some(k)) = (&job.incremental, &state.keyed) {
                     if let Ok(mut inc) = inc.lock() {
                         inc.written.insert(job.checkpoint_id, k.clone());
@@ -560,11 +657,14 @@ fn writer_loop(storage: &CheckpointStorage, rx: &Receiver<WriteJob>) {
                 Msg::Ack {
                     checkpoint_id: job.checkpoint_id,
                     task: job.task,
-                    ack: Box::new(SubtaskAck {
-                        operator_id,
-                        parallelism: job.parallelism,
-                        max_parallelism: job.max_parallelism,
-                        state,
+                    ack: Box::new(Acked {
+                        ack: SubtaskAck {
+                            operator_id,
+                            parallelism: job.parallelism,
+                            max_parallelism: job.max_parallelism,
+                            state,
+                        },
+                        uploaded,
                     }),
                 }
             }
@@ -730,7 +830,7 @@ fn stopped() -> Error {
 struct Core {
     storage: CheckpointStorage,
     config: CheckpointConfig,
-    protocol: Protocol<SubtaskAck>,
+    protocol: Protocol<Acked>,
     log: CommitLog,
     registry: SharedStateRegistry,
     tasks: Vec<TaskInfo>,
@@ -855,7 +955,7 @@ impl Core {
         }
     }
 
-    fn execute(&mut self, actions: Vec<Action<SubtaskAck>>) {
+    fn execute(&mut self, actions: Vec<Action<Acked>>) {
         let mut queue: std::collections::VecDeque<_> = actions.into();
         while let Some(a) = queue.pop_front() {
             match a {
@@ -999,19 +1099,30 @@ impl Core {
         &mut self,
         checkpoint_id: u64,
         kind: CheckpointKind,
-        states: Vec<SubtaskAck>,
+        states: Vec<Acked>,
     ) -> Result<CompletedCheckpoint> {
         let ts = self.timestamps.remove(&checkpoint_id).unwrap_or(0);
-        let operators = assemble_operators(states)?;
+        let uploaded: BTreeSet<String> = states
+            .iter()
+            .flat_map(|a| a.uploaded.iter().cloned())
+            .collect();
+        let operators = assemble_operators(states.into_iter().map(|a| a.ack).collect())?;
         match kind {
             CheckpointKind::Checkpoint => {
                 // Every shared file must be alive: written for this checkpoint, or known.
-                let mark = format!("-e{}-c{checkpoint_id}-p", self.log.epoch());
                 for op in &operators {
                     for st in &op.subtasks {
-                        for f in st.keyed.iter().flat_map(|k| k.files.iter()) {
-                            if let FileLocation::Shared(n) = &f.file.location {
-                                if !n.contains(&mark) && !self.registry.is_known(n) {
+                        let canonical = st
+                            .keyed
+                            .iter()
+                            .flat_map(|k| k.files.iter().map(|f| &f.file));
+                        let native = st
+                            .native
+                            .iter()
+                            .flat_map(|k| k.files.iter().map(|f| &f.file));
+                        for f in canonical.chain(native) {
+                            if let FileLocation::Shared(n) = &f.location {
+                                if !uploaded.contains(n) && !self.registry.is_known(n) {
                                     return Err(Error::MissingFile {
                                         file: n.clone(),
                                         referenced_by: format!(
@@ -1078,7 +1189,7 @@ impl Core {
         }
     }
 
-    fn discard(&mut self, checkpoint_id: u64, states: &[SubtaskAck]) {
+    fn discard(&mut self, checkpoint_id: u64, states: &[Acked]) {
         match self.savepoint_dirs.remove(&checkpoint_id) {
             Some(dir) => self.discard_own_files(&dir, checkpoint_id),
             None => {
@@ -1088,16 +1199,22 @@ impl Core {
                 }
             }
         }
+        let next_id = self.protocol.next_id();
         let mut shared = Vec::new();
-        for s in states {
-            for f in s.state.keyed.iter().flat_map(|k| k.files.iter()) {
+        for a in states {
+            let st = &a.ack.state;
+            for f in st.keyed.iter().flat_map(|k| k.files.iter()) {
                 if let FileLocation::Shared(n) = &f.file.location {
-                    shared.push(n.clone());
+                    shared.push((n.clone(), next_id));
+                }
+            }
+            for f in st.native.iter().flat_map(|k| k.files.iter()) {
+                if let FileLocation::Shared(n) = &f.file.location {
+                    shared.push((n.clone(), u64::MAX));
                 }
             }
         }
-        let next_id = self.protocol.next_id();
-        self.registry.park_unreferenced(shared, next_id);
+        self.registry.park_unreferenced(shared);
     }
 
     /// Deletes the files this coordinator wrote for checkpoint `checkpoint_id` into `dir` (a

@@ -118,13 +118,40 @@ impl KeyedStateHandle {
     }
 }
 
+/// A file of a backend-native keyed state handle and the key groups it holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NativeFile {
+    /// The file.
+    pub file: FileRef,
+    /// The key groups whose state it holds (visible part).
+    pub key_groups: KeyGroupRange,
+}
+
+/// Keyed state in a backend's own format (the mmap backend's immutable files): restorable only
+/// into that backend, at any parallelism. Incremental by nature: files already uploaded by an
+/// earlier checkpoint are referenced, not uploaded again.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NativeKeyedHandle {
+    /// Which backend wrote it (`"mmap"`).
+    pub backend: String,
+    /// The key groups the subtask owned.
+    pub key_group_range: KeyGroupRange,
+    /// The backend's own metadata (its states, serializer snapshots and file layout; it
+    /// carries its own magic and checksum).
+    pub metadata: Vec<u8>,
+    /// The files, all in `shared/`.
+    pub files: Vec<NativeFile>,
+}
+
 /// What one subtask of an operator contributed to a checkpoint.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SubtaskState {
     /// The subtask index.
     pub subtask: u32,
-    /// Keyed state, if the operator is keyed.
+    /// Keyed state as canonical snapshot streams, if the operator is keyed.
     pub keyed: Option<KeyedStateHandle>,
+    /// Keyed state in a backend's native format (never together with `keyed`).
+    pub native: Option<NativeKeyedHandle>,
     /// Operator state (list and broadcast), stored inline.
     pub operator_state: Option<OperatorStateStore>,
 }
@@ -171,8 +198,14 @@ impl CheckpointMetadata {
         self.operators
             .iter()
             .flat_map(|o| o.subtasks.iter())
-            .filter_map(|s| s.keyed.as_ref())
-            .flat_map(|k| k.files.iter().map(|f| &f.file))
+            .flat_map(|s| {
+                let canonical = s.keyed.iter().flat_map(|k| k.files.iter().map(|f| &f.file));
+                let native = s
+                    .native
+                    .iter()
+                    .flat_map(|k| k.files.iter().map(|f| &f.file));
+                canonical.chain(native)
+            })
     }
 
     /// Encodes the metadata file.
@@ -191,22 +224,37 @@ impl CheckpointMetadata {
             put_u32(&mut b, len32(op.subtasks.len())?);
             for st in &op.subtasks {
                 put_u32(&mut b, st.subtask);
-                match &st.keyed {
-                    None => b.push(0),
-                    Some(k) => {
+                match (&st.keyed, &st.native) {
+                    (None, None) => b.push(0),
+                    (Some(_), Some(_)) => {
+                        return Err(Error::InvalidConfig {
+                            reason: format!(
+                                "operator '{}' subtask {}: both canonical and native keyed state",
+                                op.operator_id, st.subtask
+                            ),
+                        })
+                    }
+                    (None, Some(n)) => {
+                        b.push(2);
+                        put_str16(&mut b, &n.backend)?;
+                        put_u32(&mut b, n.key_group_range.start());
+                        put_u32(&mut b, n.key_group_range.end());
+                        put_u32(&mut b, len32(n.metadata.len())?);
+                        b.extend_from_slice(&n.metadata);
+                        put_u32(&mut b, len32(n.files.len())?);
+                        for f in &n.files {
+                            put_file_ref(&mut b, &f.file)?;
+                            put_u32(&mut b, f.key_groups.start());
+                            put_u32(&mut b, f.key_groups.end());
+                        }
+                    }
+                    (Some(k), None) => {
                         b.push(1);
                         put_u32(&mut b, k.key_group_range.start());
                         put_u32(&mut b, k.key_group_range.end());
                         put_u32(&mut b, len32(k.files.len())?);
                         for f in &k.files {
-                            let (tag, name) = match &f.file.location {
-                                FileLocation::Exclusive(n) => (1u8, n),
-                                FileLocation::Shared(n) => (2u8, n),
-                            };
-                            b.push(tag);
-                            put_str16(&mut b, name)?;
-                            put_u64(&mut b, f.file.size);
-                            put_u32(&mut b, f.file.crc32c);
+                            put_file_ref(&mut b, &f.file)?;
                             put_u32(&mut b, len32(f.header_bytes.len())?);
                             b.extend_from_slice(&f.header_bytes);
                             put_u32(&mut b, len32(f.key_groups.len())?);
@@ -372,16 +420,29 @@ fn decode_body(body: &[u8], file: &str) -> state_api::Result<CheckpointMetadata>
                     "operator '{operator_id}': subtask {subtask} where {i} was expected"
                 )));
             }
-            let keyed = match d.u8("keyed state tag")? {
-                0 => None,
-                1 => Some(decode_keyed(
-                    &mut d,
-                    &operator_id,
-                    max_parallelism,
-                    parallelism,
-                    subtask,
-                    file,
-                )?),
+            let (keyed, native) = match d.u8("keyed state tag")? {
+                0 => (None, None),
+                1 => (
+                    Some(decode_keyed(
+                        &mut d,
+                        &operator_id,
+                        max_parallelism,
+                        parallelism,
+                        subtask,
+                        file,
+                    )?),
+                    None,
+                ),
+                2 => (
+                    None,
+                    Some(decode_native(
+                        &mut d,
+                        &operator_id,
+                        max_parallelism,
+                        parallelism,
+                        subtask,
+                    )?),
+                ),
                 t => return Err(d.corrupt(format!("unknown keyed state tag {t}"))),
             };
             let operator_state = match d.u8("operator state tag")? {
@@ -396,6 +457,7 @@ fn decode_body(body: &[u8], file: &str) -> state_api::Result<CheckpointMetadata>
             subtasks.push(SubtaskState {
                 subtask,
                 keyed,
+                native,
                 operator_state,
             });
         }
@@ -441,14 +503,11 @@ fn decode_keyed(
     let mut files = Vec::new();
     let mut seen = vec![false; range.len() as usize];
     for _ in 0..n_files {
-        let location = match d.u8("file location")? {
-            1 => FileLocation::Exclusive(d.str16("file name")?.to_string()),
-            2 => FileLocation::Shared(d.str16("file name")?.to_string()),
-            t => return Err(d.corrupt(format!("unknown file location tag {t}"))),
-        };
-        validate_file_name(location.name()).map_err(|r| d.corrupt(r))?;
-        let size = d.u64("file size")?;
-        let crc = d.u32("file checksum")?;
+        let FileRef {
+            location,
+            size,
+            crc32c: crc,
+        } = decode_file_ref(d)?;
         let header_bytes = d.bytes("snapshot header")?.to_vec();
         let stream = format!("{file} (header of '{}')", location.name());
         let header = SnapshotReader::open(&header_bytes[..], stream)?
@@ -513,6 +572,51 @@ fn decode_keyed(
     })
 }
 
+fn decode_native(
+    d: &mut Decoder<'_>,
+    operator: &str,
+    max_parallelism: u32,
+    parallelism: u32,
+    subtask: u32,
+) -> state_api::Result<NativeKeyedHandle> {
+    let backend = d.str16("native backend id")?.to_string();
+    if backend.is_empty() || backend.len() > 32 || !backend.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(d.corrupt(format!("invalid native backend id {backend:?}")));
+    }
+    let start = d.u32("key group range start")?;
+    let end = d.u32("key group range end")?;
+    let range = KeyGroupRange::new(start, end);
+    let expected = KeyGroupRange::for_operator(max_parallelism, parallelism, subtask)?;
+    if range != expected || end < start {
+        return Err(d.corrupt(format!(
+            "operator '{operator}' subtask {subtask}: key groups [{start}, {end}) but the \
+             subtask owns {expected}"
+        )));
+    }
+    let metadata = d.bytes("native metadata")?.to_vec();
+    let n = d.u32("native file count")?;
+    let mut files = Vec::new();
+    for _ in 0..n {
+        let file = decode_file_ref(d)?;
+        let kg_start = d.u32("file key group start")?;
+        let kg_end = d.u32("file key group end")?;
+        let key_groups = KeyGroupRange::new(kg_start, kg_end);
+        if kg_end < kg_start || key_groups.intersect(&range) != key_groups {
+            return Err(d.corrupt(format!(
+                "file '{}' holds key groups [{kg_start}, {kg_end}) outside the subtask's {range}",
+                file.location.name()
+            )));
+        }
+        files.push(NativeFile { file, key_groups });
+    }
+    Ok(NativeKeyedHandle {
+        backend,
+        key_group_range: range,
+        metadata,
+        files,
+    })
+}
+
 /// File names are one path segment: `[A-Za-z0-9._-]`, 1..=200 bytes, not starting with a dot.
 pub(crate) fn validate_file_name(name: &str) -> std::result::Result<(), String> {
     if name.is_empty()
@@ -525,6 +629,34 @@ pub(crate) fn validate_file_name(name: &str) -> std::result::Result<(), String> 
         return Err(format!("invalid file name {name:?}"));
     }
     Ok(())
+}
+
+fn put_file_ref(b: &mut Vec<u8>, f: &FileRef) -> Result<()> {
+    let (tag, name) = match &f.location {
+        FileLocation::Exclusive(n) => (1u8, n),
+        FileLocation::Shared(n) => (2u8, n),
+    };
+    b.push(tag);
+    put_str16(b, name)?;
+    put_u64(b, f.size);
+    put_u32(b, f.crc32c);
+    Ok(())
+}
+
+fn decode_file_ref(d: &mut Decoder<'_>) -> state_api::Result<FileRef> {
+    let location = match d.u8("file location")? {
+        1 => FileLocation::Exclusive(d.str16("file name")?.to_string()),
+        2 => FileLocation::Shared(d.str16("file name")?.to_string()),
+        t => return Err(d.corrupt(format!("unknown file location tag {t}"))),
+    };
+    validate_file_name(location.name()).map_err(|r| d.corrupt(r))?;
+    let size = d.u64("file size")?;
+    let crc32c = d.u32("file checksum")?;
+    Ok(FileRef {
+        location,
+        size,
+        crc32c,
+    })
 }
 
 fn len32(n: usize) -> Result<u32> {
@@ -614,11 +746,25 @@ mod tests {
                     SubtaskState {
                         subtask: 0,
                         keyed: None,
+                        native: Some(NativeKeyedHandle {
+                            backend: "mmap".into(),
+                            key_group_range: KeyGroupRange::new(0, 4),
+                            metadata: b"FLNC blob".to_vec(),
+                            files: vec![NativeFile {
+                                file: FileRef {
+                                    location: FileLocation::Shared("00ab-000000000001.run".into()),
+                                    size: 4096,
+                                    crc32c: 9,
+                                },
+                                key_groups: KeyGroupRange::new(1, 3),
+                            }],
+                        }),
                         operator_state: Some(OperatorStateStore::new()),
                     },
                     SubtaskState {
                         subtask: 1,
                         keyed: Some(keyed),
+                        native: None,
                         operator_state: None,
                     },
                 ],

@@ -12,7 +12,9 @@
 //! - [`format`](mod@format): the `_metadata` file (magic, version, ids, per operator and subtask: state
 //!   handles with per-key-group offsets, serializer snapshots, operator state; CRC32C over
 //!   everything; every length bounded on read). Byte layout in `docs/checkpoint-format.md`.
-//! - [`write`](mod@write): the asynchronous part of a snapshot (full or incremental keyed streams).
+//! - [`write`](mod@write): the asynchronous part of a snapshot: full or incremental canonical
+//!   streams (split by key group into parts written in parallel), or a backend's native files
+//!   (the mmap backend's immutable files, uploaded once and referenced afterwards).
 //! - [`registry`]: reference counts of the incremental files in `shared/`.
 //! - [`commit`]: the commit log that fences stale coordinators with create-only puts.
 //! - [`restore`]: restore the latest checkpoint or a given checkpoint/savepoint path at the same
@@ -102,8 +104,8 @@ pub use coordinator::{
 };
 pub use error::{Error, Result};
 pub use format::{
-    CheckpointMetadata, FileLocation, FileRef, KeyedStateFile, KeyedStateHandle, OperatorSnapshot,
-    SnapshotKind, SubtaskState,
+    CheckpointMetadata, FileLocation, FileRef, KeyedStateFile, KeyedStateHandle, NativeFile,
+    NativeKeyedHandle, OperatorSnapshot, SnapshotKind, SubtaskState,
 };
 pub use protocol::{
     AbortReason, Action, CheckpointConfig, CheckpointKind, Protocol, RetentionOnShutdown,

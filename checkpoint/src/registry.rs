@@ -31,6 +31,17 @@ pub fn shared_files(metadata: &CheckpointMetadata) -> BTreeSet<String> {
         .collect()
 }
 
+/// The backend-native file names of a checkpoint.
+pub fn native_files(metadata: &CheckpointMetadata) -> BTreeSet<String> {
+    metadata
+        .operators
+        .iter()
+        .flat_map(|o| o.subtasks.iter())
+        .filter_map(|s| s.native.as_ref())
+        .flat_map(|n| n.files.iter().map(|f| f.file.location.name().to_string()))
+        .collect()
+}
+
 impl SharedStateRegistry {
     /// An empty registry.
     pub fn new() -> Self {
@@ -47,28 +58,34 @@ impl SharedStateRegistry {
 
     /// Drops the references of `metadata` (a checkpoint no longer retained). Files that lose
     /// their last reference are parked until no checkpoint below `next_checkpoint_id` is
-    /// pending.
+    /// pending; backend-native files (whose names a later checkpoint may upload again) until
+    /// no checkpoint at all is pending.
     pub fn unregister(&mut self, metadata: &CheckpointMetadata, next_checkpoint_id: u64) {
+        let native = native_files(metadata);
         for f in shared_files(metadata) {
             if let Some(n) = self.refs.get_mut(&f) {
                 *n -= 1;
                 if *n == 0 {
                     self.refs.remove(&f);
-                    self.parked.insert(f, next_checkpoint_id);
+                    let tag = if native.contains(&f) {
+                        u64::MAX
+                    } else {
+                        next_checkpoint_id
+                    };
+                    self.parked.insert(f, tag);
                 }
             }
         }
     }
 
-    /// Parks files no checkpoint refers to (e.g. written by an aborted checkpoint).
-    pub fn park_unreferenced(
-        &mut self,
-        files: impl IntoIterator<Item = String>,
-        next_checkpoint_id: u64,
-    ) {
-        for f in files {
+    /// Parks files no checkpoint refers to (e.g. written by an aborted checkpoint), each with
+    /// the id of the first checkpoint that cannot refer to it (`u64::MAX`: only when nothing
+    /// is pending).
+    pub fn park_unreferenced(&mut self, files: impl IntoIterator<Item = (String, u64)>) {
+        for (f, tag) in files {
             if !self.refs.contains_key(&f) {
-                self.parked.insert(f, next_checkpoint_id);
+                let t = self.parked.entry(f).or_insert(tag);
+                *t = (*t).max(tag);
             }
         }
     }
@@ -79,7 +96,7 @@ impl SharedStateRegistry {
         let deletable: Vec<String> = self
             .parked
             .iter()
-            .filter(|(_, tag)| lowest_pending.is_none_or(|p| p >= **tag))
+            .filter(|(_, tag)| lowest_pending.is_none_or(|p| p >= **tag && **tag != u64::MAX))
             .map(|(f, _)| f.clone())
             .collect();
         for f in &deletable {

@@ -135,6 +135,106 @@ impl CompletedCheckpoint {
         }
     }
 
+    /// Restores `operator` into an mmap backend: from native files (downloaded into
+    /// `download_dir`, only those holding owned key groups, each verified against its size and
+    /// CRC32C), or from canonical streams when the checkpoint has those.
+    pub fn restore_mmap<K: state_api::StateKey>(
+        &self,
+        storage: &CheckpointStorage,
+        operator: &str,
+        subtask: u32,
+        backend: &mut state_mmap::MmapKeyedStateBackend<K>,
+        download_dir: &std::path::Path,
+    ) -> Result<()> {
+        let Some(op) = self.metadata.operator(operator) else {
+            return Ok(());
+        };
+        if op.subtasks.iter().all(|s| s.native.is_none()) {
+            return self.restore_keyed(storage, operator, subtask, backend);
+        }
+        let mismatch = |reason: String| Error::RestoreMismatch {
+            operator: operator.to_string(),
+            checkpoint: self.path.to_string(),
+            reason,
+        };
+        if op.max_parallelism != backend.max_parallelism() {
+            return Err(mismatch(format!(
+                "the checkpoint has max parallelism {}, the job {}; max parallelism cannot \
+                 change across a restore",
+                op.max_parallelism,
+                backend.max_parallelism()
+            )));
+        }
+        let range = backend.key_group_range();
+        let mut sources = Vec::new();
+        for st in &op.subtasks {
+            if st.keyed.is_some() {
+                return Err(mismatch("canonical and native state mixed".into()));
+            }
+            let Some(n) = &st.native else { continue };
+            if n.backend != "mmap" {
+                return Err(mismatch(format!("native state of backend '{}'", n.backend)));
+            }
+            if n.key_group_range.intersect(&range).is_empty() {
+                continue;
+            }
+            let meta = state_mmap::NativeCheckpointMeta::decode(&n.metadata)
+                .map_err(|e| Error::state(operator, st.subtask, e))?;
+            let dir = download_dir.join(format!(
+                "chk-{}-{operator}-{}",
+                self.metadata.checkpoint_id, st.subtask
+            ));
+            std::fs::create_dir_all(&dir).map_err(|e| Error::Io {
+                context: format!("creating '{}'", dir.display()),
+                source: e,
+            })?;
+            for f in meta.files_for(range) {
+                let r = n
+                    .files
+                    .iter()
+                    .find(|x| x.file.location.name() == f.name)
+                    .ok_or_else(|| Error::Corrupt {
+                        file: self.path.to_string(),
+                        offset: 0,
+                        reason: format!(
+                            "the native metadata of subtask {} names '{}', which its handle \
+                             does not list",
+                            st.subtask, f.name
+                        ),
+                    })?;
+                let path = self.file_path(&r.file.location);
+                let bytes = storage.get(&path, r.file.size)?;
+                if bytes.len() as u64 != r.file.size {
+                    return Err(Error::Truncated {
+                        file: path.to_string(),
+                        expected: r.file.size,
+                        found: bytes.len() as u64,
+                    });
+                }
+                let actual = crc32c::crc32c(&bytes);
+                if actual != r.file.crc32c {
+                    return Err(Error::ChecksumMismatch {
+                        file: path.to_string(),
+                        expected: r.file.crc32c,
+                        actual,
+                    });
+                }
+                let local = dir.join(&f.name);
+                std::fs::write(&local, &bytes).map_err(|e| Error::Io {
+                    context: format!("writing '{}'", local.display()),
+                    source: e,
+                })?;
+            }
+            sources.push(state_mmap::NativeRestore {
+                metadata: n.metadata.clone(),
+                files_dir: dir,
+            });
+        }
+        backend
+            .restore_native(sources)
+            .map_err(|e| Error::state(operator, subtask, e))
+    }
+
     /// The canonical snapshot streams holding the key groups of `range` of `operator`: each
     /// is the stored header, the owned blocks and an end marker. The blocks are fetched by
     /// range reads while the stream is read (adjacent blocks together, up to
@@ -158,6 +258,15 @@ impl CompletedCheckpoint {
                      parallelism cannot change across a restore",
                     op.max_parallelism
                 ),
+            });
+        }
+        if op.subtasks.iter().any(|s| s.native.is_some()) {
+            return Err(Error::RestoreMismatch {
+                operator: operator.to_string(),
+                checkpoint: self.path.to_string(),
+                reason: "the checkpoint holds the mmap backend's native files: restore them into \
+                         mmap backends (restore_mmap), or restore from a savepoint"
+                    .into(),
             });
         }
         let mut streams = Vec::new();

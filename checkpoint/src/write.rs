@@ -54,6 +54,42 @@ pub enum KeyedSnapshot {
         /// The handle the checkpoint builds on, or `None` for a first (full) incremental one.
         base: Option<KeyedStateHandle>,
     },
+    /// Backend-native files; those in `known` (already in `shared/`, referenced by a retained
+    /// checkpoint) are referenced instead of uploaded.
+    Native {
+        /// The snapshot.
+        snapshot: NativeSnapshot,
+        /// Files already uploaded, by name.
+        known: std::collections::HashMap<String, FileRef>,
+    },
+}
+
+/// A snapshot in a backend's native format: immutable local files (uploaded to `shared/`
+/// unless already there) and the backend's metadata.
+pub struct NativeSnapshot {
+    /// Which backend (`"mmap"`).
+    pub backend: String,
+    /// The key groups the subtask owns.
+    pub key_group_range: state_api::KeyGroupRange,
+    /// The backend's metadata blob.
+    pub metadata: Vec<u8>,
+    /// The files.
+    pub files: Vec<NativeLocalFile>,
+    /// Whatever keeps the local files alive until they are uploaded.
+    pub keep_alive: Box<dyn std::any::Any + Send>,
+}
+
+/// A local file of a [`NativeSnapshot`].
+#[derive(Clone, Debug)]
+pub struct NativeLocalFile {
+    /// Its unique, immutable name.
+    pub name: String,
+    /// Where to read it.
+    pub path: std::path::PathBuf,
+    /// Its size.
+    pub size: u64,
+    /// The key groups it holds.
+    pub key_groups: state_api::KeyGroupRange,
 }
 
 /// Splits `key_groups` into at most `parts` contiguous, non-empty chunks of similar size.
@@ -93,12 +129,36 @@ pub fn write_subtask_snapshot(
     target: &SnapshotTarget,
     snapshot: SubtaskSnapshot,
 ) -> Result<SubtaskState> {
+    Ok(write_subtask_snapshot_tracked(storage, target, snapshot)?.0)
+}
+
+/// Like [`write_subtask_snapshot`], also returning the names of the files written into
+/// `shared/` for this checkpoint.
+pub fn write_subtask_snapshot_tracked(
+    storage: &CheckpointStorage,
+    target: &SnapshotTarget,
+    snapshot: SubtaskSnapshot,
+) -> Result<(SubtaskState, Vec<String>)> {
+    let mut uploaded = Vec::new();
     validate_name("operator id", &snapshot.operator_id)?;
     let op = snapshot.operator_id.as_str();
     let sub = snapshot.subtask;
     let prefix = format!("{op}-{sub}-e{}-c{}", target.epoch, target.checkpoint_id);
+    let mut native = None;
     let keyed = match snapshot.keyed {
         None => None,
+        Some(KeyedSnapshot::Native { snapshot: n, known }) => {
+            native = Some(write_native(
+                storage,
+                &target.shared_dir,
+                n,
+                &known,
+                &mut uploaded,
+                op,
+                sub,
+            )?);
+            None
+        }
         Some(KeyedSnapshot::Full(parts)) => {
             let range = first_range(&parts, op, sub)?;
             let files = write_parts(storage, &target.dir, false, &prefix, parts, op, sub)?;
@@ -151,6 +211,7 @@ pub fn write_subtask_snapshot(
                 }
             }
             for file in written {
+                uploaded.push(file.file.location.name().to_string());
                 if file.key_groups.is_empty() {
                     // Nothing changed here (or it was emptied): the file is not needed.
                     let _ =
@@ -165,11 +226,106 @@ pub fn write_subtask_snapshot(
             })
         }
     };
-    Ok(SubtaskState {
-        subtask: sub,
-        keyed,
-        operator_state: snapshot.operator_state,
+    Ok((
+        SubtaskState {
+            subtask: sub,
+            keyed,
+            native,
+            operator_state: snapshot.operator_state,
+        },
+        uploaded,
+    ))
+}
+
+fn write_native(
+    storage: &CheckpointStorage,
+    shared_dir: &Path,
+    n: NativeSnapshot,
+    known: &std::collections::HashMap<String, FileRef>,
+    uploaded: &mut Vec<String>,
+    op: &str,
+    sub: u32,
+) -> Result<crate::format::NativeKeyedHandle> {
+    let mut files = Vec::with_capacity(n.files.len());
+    let res = (|| {
+        for f in &n.files {
+            crate::format::validate_file_name(&f.name).map_err(|reason| Error::InvalidConfig {
+                reason: format!("operator '{op}' subtask {sub}: {reason}"),
+            })?;
+            let file = match known.get(&f.name) {
+                Some(r) if r.size == f.size => r.clone(),
+                _ => {
+                    let path = shared_dir.clone().join(f.name.as_str());
+                    let (size, crc) = upload_file(storage, &path, &f.path)?;
+                    uploaded.push(f.name.clone());
+                    if size != f.size {
+                        return Err(Error::Truncated {
+                            file: f.path.display().to_string(),
+                            expected: f.size,
+                            found: size,
+                        });
+                    }
+                    FileRef {
+                        location: FileLocation::Shared(f.name.clone()),
+                        size,
+                        crc32c: crc,
+                    }
+                }
+            };
+            files.push(crate::format::NativeFile {
+                file,
+                key_groups: f.key_groups,
+            });
+        }
+        Ok(())
+    })();
+    drop(n.keep_alive);
+    if let Err(e) = res {
+        for name in uploaded.drain(..) {
+            let _ = storage.delete(&shared_dir.clone().join(name.as_str()));
+        }
+        return Err(e);
+    }
+    Ok(crate::format::NativeKeyedHandle {
+        backend: n.backend,
+        key_group_range: n.key_group_range,
+        metadata: n.metadata,
+        files,
     })
+}
+
+/// Streams a local file to `path`; returns its length and CRC32C.
+fn upload_file(
+    storage: &CheckpointStorage,
+    path: &Path,
+    local: &std::path::Path,
+) -> Result<(u64, u32)> {
+    use std::io::Read;
+    let io = |e: std::io::Error| Error::Io {
+        context: format!("reading '{}' to upload it", local.display()),
+        source: e,
+    };
+    let mut input = std::fs::File::open(local).map_err(io)?;
+    let mut w = storage.writer(path.clone());
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = match input.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) => {
+                w.abort();
+                return Err(io(e));
+            }
+        };
+        if let Err(e) = w.write_all(&buf[..n]) {
+            w.abort();
+            return Err(Error::Io {
+                context: format!("uploading '{path}'"),
+                source: e,
+            });
+        }
+    }
+    w.finish()
 }
 
 fn first_range(

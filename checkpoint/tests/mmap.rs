@@ -1,0 +1,186 @@
+//! The mmap backend through the coordinator: native incremental checkpoints that upload only
+//! new immutable files and reference the others, restored at another parallelism; canonical
+//! savepoints from it restore into the heap backend.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use checkpoint::*;
+use common::*;
+use state_api::{KeyGroupRange, KeyedStateBackend, KeyedStateBackendExt};
+use state_mmap::MmapKeyedStateBackend;
+
+const WAIT: Duration = Duration::from_secs(60);
+const KEYS: u64 = 3000;
+
+fn mmap(p: u32, i: u32, dir: &std::path::Path) -> MmapKeyedStateBackend<u64> {
+    MmapKeyedStateBackend::builder()
+        .max_parallelism(MAX_P)
+        .key_group_range(KeyGroupRange::for_operator(MAX_P, p, i).unwrap())
+        .directory(dir)
+        .build()
+        .unwrap()
+}
+
+fn add<B: KeyedStateBackend<Key = u64>>(b: &mut B, key: u64, v: u64) {
+    let h = b.register_value(sum_desc()).unwrap();
+    b.set_current_key(key).unwrap();
+    let n = b.value(&h).get().unwrap().unwrap_or(0);
+    b.value(&h).update(n + v).unwrap();
+}
+
+fn dump<B: KeyedStateBackend<Key = u64>>(b: &mut B) -> BTreeMap<u64, u64> {
+    let h = b.register_value(sum_desc()).unwrap();
+    let r = b.key_group_range();
+    let mut out = BTreeMap::new();
+    for k in (0..KEYS).filter(|k| r.contains(key_group_of(*k))) {
+        b.set_current_key(k).unwrap();
+        if let Some(v) = b.value(&h).get().unwrap() {
+            out.insert(k, v);
+        }
+    }
+    out
+}
+
+fn shared_on_store(storage: &CheckpointStorage) -> BTreeSet<String> {
+    use futures::TryStreamExt;
+    block_on(
+        storage
+            .store()
+            .list(Some(&storage.shared_dir()))
+            .try_collect::<Vec<_>>(),
+    )
+    .unwrap()
+    .into_iter()
+    .map(|m| m.location.filename().unwrap().to_string())
+    .collect()
+}
+
+fn names(c: &CompletedCheckpoint) -> BTreeMap<String, u64> {
+    c.metadata
+        .files()
+        .map(|f| (f.location.name().to_string(), f.size))
+        .collect()
+}
+
+#[test]
+fn native_incremental_checkpoints_upload_only_new_files_and_restore_rescaled() {
+    let storage = memory_storage("job-mmap");
+    let config = CheckpointConfig {
+        incremental: true,
+        retained: 2,
+        ..Default::default()
+    };
+    let mut builder = CheckpointCoordinator::builder(storage.clone(), config);
+    let mut eps: Vec<_> = (0..2)
+        .map(|i| builder.register_subtask("agg", i, 2, MAX_P).unwrap())
+        .collect();
+    let coord = builder.start().unwrap();
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut backends: Vec<_> = (0..2u32)
+        .map(|i| mmap(2, i, dirs[i as usize].path()))
+        .collect();
+    let mut model: BTreeMap<u64, u64> = BTreeMap::new();
+    let mut previous: Option<BTreeMap<String, u64>> = None;
+    let mut last = None;
+    for round in 1..=4u64 {
+        let keys: Vec<u64> = if round == 1 {
+            (0..KEYS).collect()
+        } else {
+            (0..KEYS).filter(|k| k % 50 == round).collect()
+        };
+        for k in keys {
+            let b = backends
+                .iter_mut()
+                .find(|b| b.key_group_range().contains(key_group_of(k)))
+                .unwrap();
+            add(b, k, round);
+            *model.entry(k).or_insert(0) += round;
+        }
+        let p = coord.trigger_checkpoint().unwrap();
+        for (ep, b) in eps.iter_mut().zip(backends.iter_mut()) {
+            let SubtaskCommand::Barrier(barrier) = ep.recv_timeout(WAIT).unwrap() else {
+                panic!("a barrier")
+            };
+            ep.snapshot_mmap(&barrier, b, None).unwrap();
+        }
+        let done = p.wait(WAIT).unwrap();
+        for ep in eps.iter_mut() {
+            loop {
+                if let SubtaskCommand::CheckpointComplete { .. } = ep.recv_timeout(WAIT).unwrap() {
+                    break;
+                }
+            }
+        }
+        assert!(done.metadata.operators[0]
+            .subtasks
+            .iter()
+            .all(|s| s.native.is_some() && s.keyed.is_none()));
+        let now = names(&done);
+        if let Some(prev) = &previous {
+            let reused: u64 = now
+                .iter()
+                .filter(|(n, _)| prev.contains_key(*n))
+                .map(|(_, s)| s)
+                .sum();
+            let total: u64 = now.values().sum();
+            assert!(
+                reused * 2 > total,
+                "round {round}: reused {reused} of {total}"
+            );
+        }
+        previous = Some(now);
+        // shared/ holds exactly what the retained checkpoints use.
+        let retained = CompletedCheckpoint::retained(&storage, 2).unwrap();
+        let used: BTreeSet<String> = retained
+            .iter()
+            .flat_map(|c| registry::shared_files(&c.metadata))
+            .collect();
+        assert_eq!(shared_on_store(&storage), used, "round {round}");
+        last = Some(done);
+    }
+    let done = last.unwrap();
+    done.verify_files(&storage).unwrap();
+
+    // Restore at parallelism 3 into fresh mmap backends.
+    let download = tempfile::tempdir().unwrap();
+    let mut got = BTreeMap::new();
+    for i in 0..3u32 {
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = mmap(3, i, dir.path());
+        done.restore_mmap(&storage, "agg", i, &mut b, download.path())
+            .unwrap();
+        got.extend(dump(&mut b));
+    }
+    assert_eq!(got, model);
+    // Native state does not restore into another backend.
+    let mut heap = Subtask::new(0, 1);
+    let err = done
+        .restore_keyed(&storage, "agg", 0, &mut heap.backend)
+        .unwrap_err();
+    assert!(matches!(err, Error::RestoreMismatch { .. }), "{err}");
+
+    // A savepoint of the mmap backends is canonical and restores into the heap backend.
+    let sp = coord.trigger_savepoint(Some("mmap-sp")).unwrap();
+    for (ep, b) in eps.iter_mut().zip(backends.iter_mut()) {
+        let barrier = loop {
+            if let SubtaskCommand::Barrier(b) = ep.recv_timeout(WAIT).unwrap() {
+                break b;
+            }
+        };
+        ep.snapshot_mmap(&barrier, b, None).unwrap();
+    }
+    let sp = sp.wait(WAIT).unwrap();
+    assert!(sp.metadata.operators[0]
+        .subtasks
+        .iter()
+        .all(|s| s.keyed.is_some() && s.native.is_none()));
+    sp.restore_keyed(&storage, "agg", 0, &mut heap.backend)
+        .unwrap();
+    assert_eq!(dump(&mut heap.backend), model);
+    coord.shutdown().unwrap();
+    assert!(shared_on_store(&storage).is_empty());
+}
