@@ -137,6 +137,7 @@ enum Done {
     },
 }
 
+#[derive(Clone)]
 struct WorkerCtx {
     dir: PathBuf,
     db_id: u64,
@@ -306,9 +307,14 @@ pub struct Db {
     runs: Vec<SortedRun>,
     next_file: Arc<AtomicU64>,
     user_meta: Vec<u8>,
+    /// Flush jobs (and buffer releases), served in order by the flush thread.
     jobs: Option<Sender<Job>>,
+    /// Compaction jobs, served by the compaction thread (a long compaction never delays a
+    /// flush).
+    cjobs: Option<Sender<Job>>,
     done: Receiver<Done>,
     worker: Option<JoinHandle<()>>,
+    cworker: Option<JoinHandle<()>>,
     compacting: bool,
     filter: Option<Arc<dyn CompactionFilter>>,
     keep: Option<(Vec<u8>, Vec<u8>)>,
@@ -423,8 +429,10 @@ impl Db {
             next_file,
             user_meta: manifest.user_meta,
             jobs: Some(jobs_tx),
+            cjobs: None,
             done: done_rx,
             worker: None,
+            cworker: None,
             compacting: false,
             filter: None,
             keep: None,
@@ -448,15 +456,19 @@ impl Db {
             opts: self.opts.clone(),
             boundary,
         };
-        self.worker = Some(
-            std::thread::Builder::new()
-                .name("state-mmap-worker".into())
-                .spawn(move || worker_loop(ctx, jobs, done))
-                .ok(),
-        )
-        .flatten();
-        if self.worker.is_none() {
-            self.failed = Some("could not spawn the worker thread".into());
+        let (cjobs_tx, cjobs_rx) = crossbeam_channel::unbounded();
+        let (cctx, cdone) = (ctx.clone(), done.clone());
+        self.worker = std::thread::Builder::new()
+            .name("state-mmap-flush".into())
+            .spawn(move || worker_loop(ctx, jobs, done))
+            .ok();
+        self.cworker = std::thread::Builder::new()
+            .name("state-mmap-compact".into())
+            .spawn(move || worker_loop(cctx, cjobs_rx, cdone))
+            .ok();
+        self.cjobs = Some(cjobs_tx);
+        if self.worker.is_none() || self.cworker.is_none() {
+            self.failed = Some("could not spawn the worker threads".into());
         }
         self
     }
@@ -490,8 +502,10 @@ impl Db {
             next_file: Arc::new(AtomicU64::new(0)),
             user_meta: Vec::new(),
             jobs: None,
+            cjobs: None,
             done,
             worker: None,
+            cworker: None,
             compacting: false,
             filter: None,
             keep: None,
@@ -798,7 +812,11 @@ impl Db {
     }
 
     fn send(&mut self, job: Job) -> Result<()> {
-        let sent = self.jobs.as_ref().is_some_and(|j| j.send(job).is_ok());
+        let channel = match job {
+            Job::Compact { .. } => &self.cjobs,
+            _ => &self.jobs,
+        };
+        let sent = channel.as_ref().is_some_and(|j| j.send(job).is_ok());
         if !sent {
             self.failed = Some("the worker thread is gone".into());
             return self.check();
@@ -1027,7 +1045,11 @@ impl Db {
 
     fn stop_worker(&mut self) {
         self.jobs = None;
-        if let Some(w) = self.worker.take() {
+        self.cjobs = None;
+        for w in [self.worker.take(), self.cworker.take()]
+            .into_iter()
+            .flatten()
+        {
             let _ = w.join();
         }
     }
