@@ -1,6 +1,6 @@
 //! The log-structured merge engine: a memtable with a byte budget, immutable memtables flushed
-//! to sorted runs by a background worker, size-triggered compaction on the same worker, and a
-//! manifest naming the live files.
+//! to sorted runs by a background flush thread, size-tiered compaction on a compaction thread
+//! (crossbeam channels in both directions), and a manifest naming the live files.
 //!
 //! There is no write-ahead log (Flink runs RocksDB without one too): what was not flushed is
 //! lost by a crash, and durability comes from [`Db::flush`] / checkpoints.

@@ -48,7 +48,7 @@ pub enum Error {
         reason: String,
     },
     /// The background worker thread stopped (it panicked or failed earlier).
-    #[error("the background flush/compaction worker failed: {reason}")]
+    #[error("the background flush or compaction thread failed: {reason}")]
     Worker {
         /// Why.
         reason: String,

@@ -4,7 +4,7 @@
 //! [`MmapKeyedStateBackend`] implements `state_api::KeyedStateBackend` with the semantics of the
 //! heap backend (it passes the same conformance suite). Underneath, the [`engine`] keeps recent
 //! writes in a bounded write buffer, flushes it to immutable sorted runs ([`run`]) on a
-//! background thread, reads them through `mmap`, and compacts them on the same thread
+//! background thread, reads them through `mmap`, and compacts them on another thread
 //! (dropping tombstones and TTL-expired state). List appends are blind merges.
 //!
 //! ```
