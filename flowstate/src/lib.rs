@@ -5,9 +5,9 @@
 //! | feature          | re-export            | what it is                                          |
 //! |------------------|----------------------|-----------------------------------------------------|
 //! | always           | [`api`]              | `state-api`: key groups, state kinds, TTL, snapshots |
-//! | always           | [`storage`]          | `storage-s3`: local disk and memory stores           |
-//! | `heap` (default) | [`heap`]             | `state-heap`: the in-memory backend                  |
-//! | `mmap`           | `mmap`               | `state-mmap`: the memory-mapped backend (in progress)|
+//! | always           | [`storage`], [`config`] | `storage-s3`: local disk and memory stores; configuration |
+//! | `heap` (default) | [`heap`], [`job`], [`tools`] | `state-heap`, `checkpoint`, the Nexmark job, the CLI's tools |
+//! | `mmap`           | `mmap`               | `state-mmap`: the memory-mapped backend              |
 //! | `s3`             | (in [`storage`])     | S3 and S3-compatible stores                          |
 //!
 //! ```
@@ -27,6 +27,10 @@
 #![warn(missing_docs)]
 
 pub mod config;
+#[cfg(feature = "heap")]
+pub mod job;
+#[cfg(feature = "heap")]
+pub mod tools;
 
 pub use state_api as api;
 pub use storage_s3 as storage;

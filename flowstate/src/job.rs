@@ -1,0 +1,659 @@
+//! The main job: a stateful stream job over Nexmark events with checkpoints, restore and
+//! rescaling — what `flowstate run` runs.
+//!
+//! Operators (all in one thread, Flink-style barriers between batches give consistent cuts):
+//! - `source`: the Nexmark generator; its offset is operator state.
+//! - `auctions`, keyed by auction id: bids and the highest price per auction in 10-second
+//!   tumbling event-time windows (reducing state, the window as namespace), closed by event-time
+//!   timers; closed windows add to a per-auction total (value state).
+//! - `bidders`, keyed by person id: a running aggregate of bids and money per person
+//!   (aggregating state) and the person's city from Person events (value state).
+//!
+//! [`JobReport::digest`] summarizes the final state deterministically: a run that crashed and
+//! recovered, or that was rescaled or moved to another backend, ends with the same digest as a
+//! run that never failed.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use checkpoint::{
+    Barrier, CheckpointConfig, CheckpointCoordinator, CheckpointEvent, CheckpointStorage,
+    CompletedCheckpoint, RestoreOptions, RetentionOnShutdown, SubtaskCommand, SubtaskEndpoint,
+};
+use nexmark::config::NexmarkConfig;
+use nexmark::event::Event;
+use nexmark::EventGenerator;
+use state_api::{
+    assign_to_key_group, operator_index_for_key_group, AggregateFunction,
+    AggregatingStateDescriptor, AggregatingStateHandle, FixedWidthSerializer, KeyGroupRange,
+    KeyedStateBackend, KeyedStateBackendExt, OperatorListStateDescriptor, OperatorStateStore,
+    RedistributionMode, ReducingStateDescriptor, ReducingStateHandle, TimerServiceDescriptor,
+    TimerServiceHandle, ValueStateDescriptor, ValueStateHandle,
+};
+use state_heap::HeapKeyedStateBackend;
+
+use crate::config::{BackendKind, Config};
+
+/// Length of the tumbling windows (event time, milliseconds).
+pub const WINDOW_MS: i64 = 10_000;
+/// Bounded out-of-orderness of the watermark (milliseconds).
+pub const OUT_OF_ORDERNESS_MS: i64 = 2_000;
+/// Events processed between two looks at the coordinator's barriers.
+const BATCH: u64 = 2_000;
+/// Fixed base time of the generator, so every run sees the same events.
+const BASE_TIME: u64 = 1_700_000_000_000;
+/// The operators of the job.
+pub const OPERATORS: [&str; 3] = ["source", "auctions", "bidders"];
+
+/// An error of the job, as one line.
+pub type JobError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Where to restore from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RestoreFrom {
+    /// Start empty.
+    Nothing,
+    /// The latest completed checkpoint of the job, if any.
+    Latest,
+    /// A given checkpoint or savepoint: its directory or `_metadata`, as a URL or a path.
+    Path(String),
+}
+
+/// What `flowstate run` asks of the job.
+#[derive(Clone)]
+pub struct JobOptions {
+    /// Configuration (backend, checkpoint settings, S3).
+    pub config: Config,
+    /// Job id: the directory under the checkpoint root.
+    pub job: String,
+    /// Process events until the source offset reaches this.
+    pub events: u64,
+    /// Parallelism of the keyed operators.
+    pub parallelism: u32,
+    /// Where to restore from.
+    pub restore: RestoreFrom,
+    /// Stop hard (no final checkpoint, no cleanup) after this many events of this run.
+    pub crash_after: Option<u64>,
+    /// Called after every batch with progress.
+    pub progress: Option<Arc<dyn Fn(&Progress) + Send + Sync>>,
+    /// Set from outside (Ctrl-C) to stop after a final checkpoint.
+    pub stop: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for JobOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JobOptions")
+            .field("config", &self.config)
+            .field("job", &self.job)
+            .field("events", &self.events)
+            .field("parallelism", &self.parallelism)
+            .field("restore", &self.restore)
+            .field("crash_after", &self.crash_after)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Progress of a running job.
+#[derive(Clone, Debug, Default)]
+pub struct Progress {
+    /// Source offset (events processed over all runs).
+    pub offset: u64,
+    /// Entries in keyed state (heap backend; 0 where unknown).
+    pub state_entries: usize,
+    /// Last completed checkpoint.
+    pub last_checkpoint: Option<u64>,
+}
+
+/// What a run did.
+#[derive(Clone, Debug, Default)]
+pub struct JobReport {
+    /// The checkpoint or savepoint restored, with the source offset it held.
+    pub restored: Option<(u64, u64)>,
+    /// Source offset at the end.
+    pub offset: u64,
+    /// Events processed by this run.
+    pub processed: u64,
+    /// Checkpoints completed during this run.
+    pub checkpoints: Vec<u64>,
+    /// Windows closed (all runs, from state).
+    pub windows_closed: u64,
+    /// Bids counted in closed windows (all runs, from state).
+    pub bids_in_closed_windows: u64,
+    /// Bidders with state.
+    pub bidders: u64,
+    /// A digest of the final state (same for any run over the same events).
+    pub digest: u64,
+    /// Wall time of this run.
+    pub elapsed: Duration,
+    /// True when the run stopped early on request.
+    pub stopped: bool,
+}
+
+/// Opens the checkpoint storage of a URL (`file:///…`, `s3://…`, `memory://`, or a path).
+pub fn open_storage(config: &Config, url: &str, job: &str) -> Result<CheckpointStorage, JobError> {
+    let storage = storage_s3::Storage::from_config(&config.storage_config(url))?;
+    Ok(CheckpointStorage::new(
+        Arc::clone(storage.store()),
+        storage.root().as_ref(),
+        job,
+    )?)
+}
+
+/// Sum and count of bid prices per person.
+struct Spend;
+
+impl AggregateFunction<u64, (u64, u64), (u64, u64)> for Spend {
+    fn create_accumulator(&self) -> (u64, u64) {
+        (0, 0)
+    }
+    fn add(&self, price: u64, (n, sum): (u64, u64)) -> (u64, u64) {
+        (n + 1, sum + price)
+    }
+    fn get_result(&self, acc: &(u64, u64)) -> (u64, u64) {
+        *acc
+    }
+    fn merge(&self, a: (u64, u64), b: (u64, u64)) -> (u64, u64) {
+        (a.0 + b.0, a.1 + b.1)
+    }
+}
+
+/// The states of the `auctions` operator.
+pub struct AuctionStates {
+    bids: ReducingStateHandle<u64, i64>,
+    max_price: ReducingStateHandle<u64, i64>,
+    closed: ValueStateHandle<(u64, u64, u64), ()>,
+    timers: TimerServiceHandle<i64>,
+}
+
+impl AuctionStates {
+    /// Registers the states on `b`.
+    pub fn register<B: KeyedStateBackend>(b: &mut B) -> state_api::Result<Self> {
+        Ok(AuctionStates {
+            bids: b
+                .register_reducing(ReducingStateDescriptor::new("window-bids", |a, b| a + b)?)?,
+            max_price: b
+                .register_reducing(ReducingStateDescriptor::new("window-max-price", u64::max)?)?,
+            closed: b.register_value(ValueStateDescriptor::new("closed-windows")?)?,
+            timers: b.register_timer_service(TimerServiceDescriptor::new("window-timers")?)?,
+        })
+    }
+}
+
+impl AuctionStates {
+    /// Bids per window.
+    pub fn bids(&self) -> &ReducingStateHandle<u64, i64> {
+        &self.bids
+    }
+    /// Highest price per window.
+    pub fn max_price(&self) -> &ReducingStateHandle<u64, i64> {
+        &self.max_price
+    }
+    /// Closed windows, bids in them, highest price in them.
+    pub fn closed(&self) -> &ValueStateHandle<(u64, u64, u64), ()> {
+        &self.closed
+    }
+}
+
+/// The states of the `bidders` operator.
+pub struct BidderStates {
+    spend: AggregatingStateHandle<u64, (u64, u64), ()>,
+    city: ValueStateHandle<String, ()>,
+}
+
+impl BidderStates {
+    /// Registers the states on `b`.
+    pub fn register<B: KeyedStateBackend>(b: &mut B) -> state_api::Result<Self> {
+        Ok(BidderStates {
+            spend: b.register_aggregating(AggregatingStateDescriptor::new("spend", Spend)?)?,
+            city: b.register_value(ValueStateDescriptor::new("city")?)?,
+        })
+    }
+}
+
+impl BidderStates {
+    /// Bids and money per person.
+    pub fn spend(&self) -> &AggregatingStateHandle<u64, (u64, u64), ()> {
+        &self.spend
+    }
+    /// The person's city.
+    pub fn city(&self) -> &ValueStateHandle<String, ()> {
+        &self.city
+    }
+}
+
+fn offset_desc() -> state_api::Result<OperatorListStateDescriptor<u64>> {
+    OperatorListStateDescriptor::new("source-offset", RedistributionMode::Union)
+}
+
+/// A keyed backend the job can run on and checkpoint.
+pub trait JobBackend: KeyedStateBackend<Key = u64> + Sized {
+    /// Creates the backend of one subtask.
+    fn create(config: &Config, range: KeyGroupRange) -> Result<Self, JobError>;
+    /// Snapshots for a barrier (heap: incremental when configured).
+    fn snapshot_for(
+        &mut self,
+        ep: &mut SubtaskEndpoint,
+        barrier: &Barrier,
+    ) -> checkpoint::Result<()>;
+    /// Entries held (for progress), if the backend knows cheaply.
+    fn entries(&self) -> usize {
+        0
+    }
+}
+
+impl JobBackend for HeapKeyedStateBackend<u64> {
+    fn create(config: &Config, range: KeyGroupRange) -> Result<Self, JobError> {
+        Ok(HeapKeyedStateBackend::<u64>::builder()
+            .max_parallelism(config.max_parallelism)
+            .key_group_range(range)
+            .key_serializer(FixedWidthSerializer::<u64>::new())
+            .build()?)
+    }
+    fn snapshot_for(
+        &mut self,
+        ep: &mut SubtaskEndpoint,
+        barrier: &Barrier,
+    ) -> checkpoint::Result<()> {
+        ep.snapshot_heap(barrier, self, None)
+    }
+    fn entries(&self) -> usize {
+        self.num_entries()
+    }
+}
+
+#[cfg(feature = "mmap")]
+impl JobBackend for state_mmap::MmapKeyedStateBackend<u64> {
+    fn create(config: &Config, range: KeyGroupRange) -> Result<Self, JobError> {
+        let mut b = state_mmap::MmapKeyedStateBackend::<u64>::builder()
+            .max_parallelism(config.max_parallelism)
+            .key_group_range(range)
+            .key_serializer(FixedWidthSerializer::<u64>::new())
+            .memory_budget(usize::try_from(config.mmap_memory_budget).unwrap_or(usize::MAX));
+        if let Some(dir) = &config.mmap_dir {
+            let sub = dir.join(format!(
+                "{}-{}-{}",
+                std::process::id(),
+                range.start(),
+                range.end()
+            ));
+            b = b.directory(sub);
+        }
+        Ok(b.build()?)
+    }
+    fn snapshot_for(
+        &mut self,
+        ep: &mut SubtaskEndpoint,
+        barrier: &Barrier,
+    ) -> checkpoint::Result<()> {
+        ep.snapshot(barrier, Some(self), None)
+    }
+}
+
+/// The key bytes the backends hash (fixed-width big-endian u64).
+fn owner(key: u64, max_parallelism: u32, parallelism: u32) -> usize {
+    let kg = assign_to_key_group(&key.to_be_bytes(), max_parallelism);
+    operator_index_for_key_group(max_parallelism, parallelism, kg) as usize
+}
+
+/// Runs the job on the backend chosen by the configuration.
+pub fn run(opts: JobOptions) -> Result<JobReport, JobError> {
+    match opts.config.backend {
+        BackendKind::Heap => run_on::<HeapKeyedStateBackend<u64>>(opts),
+        #[cfg(feature = "mmap")]
+        BackendKind::Mmap => run_on::<state_mmap::MmapKeyedStateBackend<u64>>(opts),
+        #[cfg(not(feature = "mmap"))]
+        BackendKind::Mmap => {
+            Err("the mmap backend is not compiled in: build with --features mmap".into())
+        }
+    }
+}
+
+struct Subtask<B> {
+    backend: B,
+}
+
+/// Restores (if asked), runs and checkpoints the job on backend `B`.
+pub fn run_on<B: JobBackend>(opts: JobOptions) -> Result<JobReport, JobError> {
+    let started = Instant::now();
+    let config = &opts.config;
+    let p = opts.parallelism;
+    state_api::validate_parallelism(config.max_parallelism, p)?;
+    let dir = config
+        .checkpoints
+        .dir
+        .clone()
+        .ok_or("no checkpoint directory: set state.checkpoints.dir or pass --checkpoint-dir")?;
+    let storage = open_storage(config, &dir, &opts.job)?;
+    // The checkpoint to restore and the storage it lives in (a savepoint may live elsewhere).
+    let (restore_storage, restored) = match &opts.restore {
+        RestoreFrom::Nothing => (storage.clone(), None),
+        RestoreFrom::Latest => (storage.clone(), CompletedCheckpoint::latest(&storage)?),
+        RestoreFrom::Path(path) => {
+            let (s, c) = crate::tools::open_checkpoint(config, path)?;
+            (s, Some(c))
+        }
+    };
+    if let Some(c) = &restored {
+        c.check_operators(&OPERATORS, RestoreOptions::default())?;
+    }
+
+    let cp = &config.checkpoints;
+    let ck_config = CheckpointConfig {
+        interval: Some(cp.interval),
+        timeout: cp.timeout,
+        min_pause: cp.min_pause,
+        max_concurrent: cp.max_concurrent as usize,
+        tolerable_failures: cp.tolerable_failures,
+        retained: cp.retained as usize,
+        // Checkpoints outlive a crash either way; `on-shutdown` decides about a clean end.
+        retention_on_shutdown: match cp.on_shutdown {
+            crate::config::Retention::Delete => RetentionOnShutdown::Delete,
+            crate::config::Retention::Retain => RetentionOnShutdown::Retain,
+        },
+        incremental: cp.incremental,
+    };
+    let mut builder = CheckpointCoordinator::builder(storage.clone(), ck_config);
+    let mut source_ep = builder.register_subtask("source", 0, 1, config.max_parallelism)?;
+    let mut auction_eps = Vec::new();
+    let mut bidder_eps = Vec::new();
+    for i in 0..p {
+        auction_eps.push(builder.register_subtask("auctions", i, p, config.max_parallelism)?);
+        bidder_eps.push(builder.register_subtask("bidders", i, p, config.max_parallelism)?);
+    }
+
+    // Restore state.
+    let mut source_state = match &restored {
+        Some(c) => c.operator_state("source", 0, 1)?,
+        None => OperatorStateStore::new(),
+    };
+    let desc = offset_desc()?;
+    let start_offset = source_state
+        .list_state(&desc)?
+        .get()?
+        .into_iter()
+        .max()
+        .unwrap_or(0);
+    let mut auctions: Vec<Subtask<B>> = Vec::new();
+    let mut bidders: Vec<Subtask<B>> = Vec::new();
+    let mut auction_states = Vec::new();
+    let mut bidder_states = Vec::new();
+    for i in 0..p {
+        let range = KeyGroupRange::for_operator(config.max_parallelism, p, i)?;
+        let mut a = B::create(config, range)?;
+        let mut b = B::create(config, range)?;
+        if let Some(c) = &restored {
+            c.restore_keyed(&restore_storage, "auctions", i, &mut a)?;
+            c.restore_keyed(&restore_storage, "bidders", i, &mut b)?;
+        }
+        auction_states.push(AuctionStates::register(&mut a)?);
+        bidder_states.push(BidderStates::register(&mut b)?);
+        auctions.push(Subtask { backend: a });
+        bidders.push(Subtask { backend: b });
+    }
+    let report_restored = restored
+        .as_ref()
+        .map(|c| (c.metadata.checkpoint_id, start_offset));
+
+    let coordinator = builder.start()?;
+    let events_rx = coordinator.subscribe();
+    let mut generator = EventGenerator::new(NexmarkConfig {
+        base_time: BASE_TIME,
+        ..Default::default()
+    })
+    .with_offset(start_offset);
+    let mut offset = start_offset;
+    let mut max_ts: i64 = 0;
+    let mut checkpoints = Vec::new();
+    let mut stopped = false;
+    let mut crashed = false;
+
+    loop {
+        // A batch of events.
+        let end = (offset + BATCH).min(opts.events);
+        while offset < end {
+            let Some(event) = generator.next() else { break };
+            offset += 1;
+            match event {
+                Event::Bid(bid) => {
+                    let ts = bid.date_time as i64;
+                    max_ts = max_ts.max(ts);
+                    let auction = bid.auction as u64;
+                    let bidder = bid.bidder as u64;
+                    let price = bid.price as u64;
+                    let window = ts - ts.rem_euclid(WINDOW_MS);
+                    let i = owner(auction, config.max_parallelism, p);
+                    let (a, s) = (&mut auctions[i].backend, &auction_states[i]);
+                    a.set_current_key(auction)?;
+                    a.reducing_in(&s.bids, &window).add(1)?;
+                    a.reducing_in(&s.max_price, &window).add(price)?;
+                    a.timers(&s.timers)
+                        .register_event_time_timer(&window, window + WINDOW_MS - 1)?;
+                    let j = owner(bidder, config.max_parallelism, p);
+                    let b = &mut bidders[j].backend;
+                    b.set_current_key(bidder)?;
+                    b.aggregating(&bidder_states[j].spend).add(price)?;
+                }
+                Event::Person(person) => {
+                    let id = person.id as u64;
+                    let j = owner(id, config.max_parallelism, p);
+                    let b = &mut bidders[j].backend;
+                    b.set_current_key(id)?;
+                    b.value(&bidder_states[j].city)
+                        .update(person.city.clone())?;
+                }
+                Event::Auction(_) => {}
+            }
+            if opts.crash_after.is_some_and(|n| offset - start_offset >= n) {
+                crashed = true;
+                break;
+            }
+        }
+        if crashed {
+            // Simulated crash: no final checkpoint, no cleanup, state in memory is lost.
+            eprintln!(
+                "simulated crash after {} events (offset {offset})",
+                offset - start_offset
+            );
+            std::process::exit(3);
+        }
+        // The watermark passes: close due windows.
+        let watermark = max_ts - OUT_OF_ORDERNESS_MS;
+        for (a, s) in auctions.iter_mut().zip(&auction_states) {
+            close_windows(&mut a.backend, s, watermark)?;
+        }
+        // Barriers: all subtasks snapshot here, between two batches (a consistent cut).
+        handle_barriers(
+            &mut source_ep,
+            &mut auction_eps,
+            &mut bidder_eps,
+            &mut source_state,
+            &desc,
+            offset,
+            &mut auctions,
+            &mut bidders,
+        )?;
+        while let Ok(ev) = events_rx.try_recv() {
+            if let CheckpointEvent::Completed { checkpoint_id, .. } = ev {
+                checkpoints.push(checkpoint_id);
+            }
+        }
+        if let Some(progress) = &opts.progress {
+            progress(&Progress {
+                offset,
+                state_entries: auctions
+                    .iter()
+                    .chain(&bidders)
+                    .map(|s| s.backend.entries())
+                    .sum(),
+                last_checkpoint: checkpoints.last().copied(),
+            });
+        }
+        if opts.stop.load(Ordering::SeqCst) {
+            stopped = true;
+            break;
+        }
+        if offset >= opts.events {
+            break;
+        }
+    }
+
+    // A final checkpoint, so the next run (or a --restore latest) continues from here.
+    let pending = coordinator.trigger_checkpoint()?;
+    let deadline = Instant::now() + config.checkpoints.timeout;
+    let id = pending.id();
+    loop {
+        handle_barriers(
+            &mut source_ep,
+            &mut auction_eps,
+            &mut bidder_eps,
+            &mut source_state,
+            &desc,
+            offset,
+            &mut auctions,
+            &mut bidders,
+        )?;
+        let mut done = false;
+        while let Ok(ev) = events_rx.try_recv() {
+            match ev {
+                CheckpointEvent::Completed { checkpoint_id, .. } => {
+                    checkpoints.push(checkpoint_id);
+                    done |= checkpoint_id >= id;
+                }
+                other => {
+                    if matches!(&other, CheckpointEvent::Aborted { checkpoint_id, .. } if *checkpoint_id == id)
+                    {
+                        return Err(format!("the final checkpoint {id} failed: {other:?}").into());
+                    }
+                }
+            }
+        }
+        if done {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(format!("the final checkpoint {id} did not complete in time").into());
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+
+    // Digest of the final state, after the final watermark of this offset.
+    let mut lines = BTreeMap::new();
+    let (mut windows_closed, mut bids_closed, mut bidders_n) = (0, 0, 0);
+    for (a, s) in auctions.iter_mut().zip(&auction_states) {
+        for key in a.backend.keys(&s.closed, &())? {
+            a.backend.set_current_key(key)?;
+            if let Some((w, n, m)) = a.backend.value(&s.closed).get()? {
+                windows_closed += w;
+                bids_closed += n;
+                lines.insert(format!("auction {key}"), format!("{w} {n} {m}"));
+            }
+        }
+    }
+    for (b, s) in bidders.iter_mut().zip(&bidder_states) {
+        let mut keys = b.backend.keys(&s.spend, &())?;
+        keys.extend(b.backend.keys(&s.city, &())?);
+        keys.sort_unstable();
+        keys.dedup();
+        for key in keys {
+            b.backend.set_current_key(key)?;
+            let spend = b.backend.aggregating(&s.spend).get()?;
+            let city = b.backend.value(&s.city).get()?;
+            if spend.is_some() {
+                bidders_n += 1;
+            }
+            lines.insert(format!("person {key}"), format!("{spend:?} {city:?}"));
+        }
+    }
+    let text: String = lines.iter().map(|(k, v)| format!("{k} {v}\n")).collect();
+    coordinator.shutdown()?;
+    Ok(JobReport {
+        restored: report_restored,
+        offset,
+        processed: offset - start_offset,
+        checkpoints,
+        windows_closed,
+        bids_in_closed_windows: bids_closed,
+        bidders: bidders_n,
+        digest: xxhash_rust::xxh3::xxh3_64(text.as_bytes()),
+        elapsed: started.elapsed(),
+        stopped,
+    })
+}
+
+/// Fires the window timers up to `watermark`: each window's bids and top price move into the
+/// auction's closed-window totals and the window state is cleared.
+fn close_windows<B: JobBackend>(
+    b: &mut B,
+    s: &AuctionStates,
+    watermark: i64,
+) -> Result<(), JobError> {
+    for t in b.advance_watermark(&s.timers, watermark)? {
+        b.set_current_key(t.key)?;
+        let n = b.reducing_in(&s.bids, &t.namespace).get()?.unwrap_or(0);
+        let m = b
+            .reducing_in(&s.max_price, &t.namespace)
+            .get()?
+            .unwrap_or(0);
+        b.reducing_in(&s.bids, &t.namespace).clear()?;
+        b.reducing_in(&s.max_price, &t.namespace).clear()?;
+        let (w, total, top) = b.value(&s.closed).get()?.unwrap_or((0, 0, 0));
+        b.value(&s.closed).update((w + 1, total + n, top.max(m)))?;
+    }
+    Ok(())
+}
+
+/// Takes the snapshots of every subtask when a barrier has arrived.
+#[allow(clippy::too_many_arguments)]
+fn handle_barriers<B: JobBackend>(
+    source_ep: &mut SubtaskEndpoint,
+    auction_eps: &mut [SubtaskEndpoint],
+    bidder_eps: &mut [SubtaskEndpoint],
+    source_state: &mut OperatorStateStore,
+    desc: &OperatorListStateDescriptor<u64>,
+    offset: u64,
+    auctions: &mut [Subtask<B>],
+    bidders: &mut [Subtask<B>],
+) -> Result<(), JobError> {
+    let Some(barrier) = next_barrier(source_ep) else {
+        return Ok(());
+    };
+    source_state.list_state(desc)?.update(&[offset])?;
+    source_ep.snapshot::<HeapKeyedStateBackend<u64>>(&barrier, None, Some(source_state))?;
+    for (ep, s) in auction_eps.iter_mut().zip(auctions.iter_mut()) {
+        let b = wait_barrier(ep, barrier.checkpoint_id)?;
+        s.backend.snapshot_for(ep, &b)?;
+    }
+    for (ep, s) in bidder_eps.iter_mut().zip(bidders.iter_mut()) {
+        let b = wait_barrier(ep, barrier.checkpoint_id)?;
+        s.backend.snapshot_for(ep, &b)?;
+    }
+    Ok(())
+}
+
+fn next_barrier(ep: &mut SubtaskEndpoint) -> Option<Barrier> {
+    while let Some(c) = ep.try_recv() {
+        if let SubtaskCommand::Barrier(b) = c {
+            return Some(b);
+        }
+    }
+    None
+}
+
+fn wait_barrier(ep: &mut SubtaskEndpoint, id: u64) -> Result<Barrier, JobError> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if let Some(SubtaskCommand::Barrier(b)) = ep.recv_timeout(Duration::from_millis(50)) {
+            if b.checkpoint_id == id {
+                return Ok(b);
+            }
+        }
+    }
+    Err(format!(
+        "barrier {id} did not reach {} subtask {}",
+        ep.operator_id(),
+        ep.subtask()
+    )
+    .into())
+}

@@ -1,0 +1,384 @@
+//! The `flowstate` command-line tool: run the Nexmark job, list and inspect checkpoints,
+//! convert and rescale savepoints, read one key offline.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use flowstate::config::{BackendKind, Config, ConfigLoader};
+use flowstate::job::{self, JobError, JobOptions, RestoreFrom};
+use flowstate::tools;
+
+const EXAMPLES_RUN: &str = "Examples:
+  flowstate run
+  flowstate run --events 5000000 --parallelism 4 --checkpoint-dir file:///tmp/fs-ckpt
+  flowstate run --fail-after 300000          # crash, then recover from the latest checkpoint
+  flowstate run --restore latest --events 4000000
+  flowstate run --config flowstate.toml --backend mmap";
+
+const EXAMPLES_CHECKPOINTS: &str = "Examples:
+  flowstate checkpoints list /tmp/flowstate/checkpoints
+  flowstate checkpoints inspect /tmp/flowstate/checkpoints/nexmark/chk-7 --json";
+
+const EXAMPLES_SAVEPOINT: &str = "Examples:
+  flowstate savepoint /tmp/flowstate/checkpoints/nexmark/chk-7 --to /tmp/flowstate/savepoints
+  flowstate savepoint /tmp/ck/nexmark/chk-7 --to /tmp/sp --backend mmap --parallelism 3";
+
+const EXAMPLES_STATE: &str = "Examples:
+  flowstate state get /tmp/flowstate/checkpoints/nexmark/chk-7 --state spend --key 1001
+  flowstate state get /tmp/sp/nexmark/savepoints/savepoint-3 --state closed-windows --key 1005";
+
+/// Keyed state, checkpoints and savepoints for stream processors.
+#[derive(Parser, Debug)]
+#[command(name = "flowstate", version, about, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the Nexmark job (per-auction windowed bids, per-person running spend) with checkpoints.
+    #[command(after_help = EXAMPLES_RUN)]
+    Run(RunArgs),
+    /// List or inspect checkpoints.
+    #[command(subcommand, after_help = EXAMPLES_CHECKPOINTS)]
+    Checkpoints(CheckpointsCmd),
+    /// Write a savepoint of a checkpoint or savepoint, on another backend or parallelism.
+    #[command(after_help = EXAMPLES_SAVEPOINT)]
+    Savepoint(SavepointArgs),
+    /// Read state offline.
+    #[command(subcommand, after_help = EXAMPLES_STATE)]
+    State(StateCmd),
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum BackendArg {
+    Heap,
+    Mmap,
+}
+
+impl From<BackendArg> for BackendKind {
+    fn from(b: BackendArg) -> Self {
+        match b {
+            BackendArg::Heap => BackendKind::Heap,
+            BackendArg::Mmap => BackendKind::Mmap,
+        }
+    }
+}
+
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    /// State backend (overrides state.backend).
+    #[arg(long, value_enum)]
+    backend: Option<BackendArg>,
+    /// Checkpoint directory URL or path (overrides state.checkpoints.dir).
+    #[arg(long)]
+    checkpoint_dir: Option<String>,
+    /// Stop when the source offset reaches this many events.
+    #[arg(long, default_value_t = 2_000_000)]
+    events: u64,
+    /// Parallelism of the keyed operators.
+    #[arg(long, default_value_t = 2)]
+    parallelism: u32,
+    /// Configuration file (TOML).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Restore from `latest` or from a checkpoint/savepoint path.
+    #[arg(long)]
+    restore: Option<String>,
+    /// Simulate a crash after this many events, then recover from the latest checkpoint.
+    #[arg(long)]
+    fail_after: Option<u64>,
+    /// Checkpoint interval (overrides state.checkpoints.interval), e.g. 500ms.
+    #[arg(long)]
+    interval: Option<String>,
+    /// Job id: the directory under the checkpoint root.
+    #[arg(long, default_value = "nexmark")]
+    job: String,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+    /// Internal: crash after this many events (used by --fail-after).
+    #[arg(long, hide = true)]
+    crash_after: Option<u64>,
+}
+
+#[derive(Subcommand, Debug)]
+enum CheckpointsCmd {
+    /// Completed checkpoints of a job: id, time, size, full/incremental.
+    List {
+        /// The checkpoint root (URL or path).
+        dir: String,
+        /// The job id.
+        #[arg(long, default_value = "nexmark")]
+        job: String,
+        /// Configuration file (for S3 settings).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Operators, states, key groups and sizes of a checkpoint or savepoint.
+    Inspect {
+        /// The checkpoint or savepoint directory (or its `_metadata`), as a URL or path.
+        path: String,
+        /// Machine-readable JSON.
+        #[arg(long)]
+        json: bool,
+        /// Configuration file (for S3 settings).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+struct SavepointArgs {
+    /// The checkpoint or savepoint to convert (URL or path).
+    path: String,
+    /// The savepoint root to write into (URL or path).
+    #[arg(long)]
+    to: String,
+    /// Backend the state goes through (the savepoint format is the same for both).
+    #[arg(long, value_enum, default_value = "heap")]
+    backend: BackendArg,
+    /// Parallelism of the keyed operators in the savepoint (default: as in the source).
+    #[arg(long)]
+    parallelism: Option<u32>,
+    /// Configuration file (for S3 settings).
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+enum StateCmd {
+    /// Print the value of one state for one key.
+    Get {
+        /// The checkpoint or savepoint (URL or path).
+        path: String,
+        /// The state name (window-bids, window-max-price, closed-windows, spend, city).
+        #[arg(long)]
+        state: String,
+        /// The key (an auction or person id).
+        #[arg(long)]
+        key: u64,
+        /// The namespace of windowed states: the window start (ms).
+        #[arg(long, allow_hyphen_values = true)]
+        namespace: Option<i64>,
+        /// Configuration file (for S3 settings).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+}
+
+fn load_config(file: Option<&PathBuf>) -> Result<ConfigLoader, JobError> {
+    let mut loader = ConfigLoader::new();
+    let default_file = PathBuf::from("flowstate.toml");
+    match file {
+        Some(f) => loader = loader.file(f)?,
+        None if default_file.exists() => loader = loader.file(&default_file)?,
+        None => {}
+    }
+    Ok(loader.env()?)
+}
+
+fn config_only(file: Option<&PathBuf>) -> Result<Config, JobError> {
+    Ok(load_config(file)?.load()?)
+}
+
+fn run(args: RunArgs) -> Result<(), JobError> {
+    let mut loader = load_config(args.config.as_ref())?;
+    if let Some(b) = args.backend {
+        let name = match b {
+            BackendArg::Heap => "heap",
+            BackendArg::Mmap => "mmap",
+        };
+        loader = loader.set("state.backend", name)?;
+    }
+    if let Some(dir) = &args.checkpoint_dir {
+        loader = loader.set("state.checkpoints.dir", tools::to_url(dir)?)?;
+    } else if loader.origin("state.checkpoints.dir") == flowstate::config::Origin::Default {
+        let dir = std::env::temp_dir().join("flowstate").join("checkpoints");
+        loader = loader.set(
+            "state.checkpoints.dir",
+            tools::to_url(&dir.to_string_lossy())?,
+        )?;
+    }
+    if let Some(i) = &args.interval {
+        loader = loader.set("state.checkpoints.interval", i.as_str())?;
+    } else if loader.origin("state.checkpoints.interval") == flowstate::config::Origin::Default {
+        loader = loader.set("state.checkpoints.interval", "1s")?;
+    }
+    // The CLI keeps checkpoints when the job ends, so `--restore latest` and `checkpoints list`
+    // have something to work on (set state.checkpoints.on-shutdown = "delete" to clean up).
+    if loader.origin("state.checkpoints.on-shutdown") == flowstate::config::Origin::Default {
+        loader = loader.set("state.checkpoints.on-shutdown", "retain")?;
+    }
+    let config = loader.load()?;
+    let restore = match args.restore.as_deref() {
+        None => RestoreFrom::Nothing,
+        Some("latest") => RestoreFrom::Latest,
+        Some(path) => RestoreFrom::Path(path.to_string()),
+    };
+
+    if let Some(n) = args.fail_after {
+        // Run the job in a child process that crashes after n events, then recover here.
+        let exe = std::env::current_exe()?;
+        let mut cmd = std::process::Command::new(exe);
+        cmd.arg("run")
+            .arg("--events")
+            .arg(args.events.to_string())
+            .arg("--parallelism")
+            .arg(args.parallelism.to_string())
+            .arg("--job")
+            .arg(&args.job)
+            .arg("--crash-after")
+            .arg(n.to_string())
+            .arg("--checkpoint-dir")
+            .arg(config.checkpoints.dir.clone().unwrap_or_default())
+            .arg("--interval")
+            .arg(format!("{}ms", config.checkpoints.interval.as_millis()))
+            .arg("--quiet");
+        if let Some(c) = &args.config {
+            cmd.arg("--config").arg(c);
+        }
+        if let Some(b) = args.backend {
+            cmd.arg("--backend").arg(match b {
+                BackendArg::Heap => "heap",
+                BackendArg::Mmap => "mmap",
+            });
+        }
+        if let Some(r) = &args.restore {
+            cmd.arg("--restore").arg(r);
+        }
+        let status = cmd.status()?;
+        if status.success() {
+            println!("the job finished before crashing ({n} events requested)");
+            return Ok(());
+        }
+        println!("the job crashed ({status}); recovering from the latest completed checkpoint");
+        return run_job(config, &args, RestoreFrom::Latest, None);
+    }
+    run_job(config, &args, restore, args.crash_after)
+}
+
+fn run_job(
+    config: Config,
+    args: &RunArgs,
+    restore: RestoreFrom,
+    crash_after: Option<u64>,
+) -> Result<(), JobError> {
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = Arc::clone(&stop);
+        // A second Ctrl-C while the final checkpoint is written kills the process as usual.
+        let _ = ctrlc::set_handler(move || {
+            if stop.swap(true, Ordering::SeqCst) {
+                std::process::exit(130);
+            }
+        });
+    }
+    let show = !args.quiet && std::io::stderr().is_terminal();
+    let bar = if show {
+        let bar = indicatif::ProgressBar::new(args.events);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} events {per_sec} | {msg}",
+            )
+            .map_err(|e| e.to_string())?,
+        );
+        Some(bar)
+    } else {
+        None
+    };
+    let progress_bar = bar.clone();
+    let progress: Option<Arc<dyn Fn(&job::Progress) + Send + Sync>> = progress_bar.map(|bar| {
+        Arc::new(move |p: &job::Progress| {
+            bar.set_position(p.offset);
+            bar.set_message(format!(
+                "state {} entries | last checkpoint {}",
+                p.state_entries,
+                p.last_checkpoint.map_or("-".into(), |c| c.to_string())
+            ));
+        }) as Arc<dyn Fn(&job::Progress) + Send + Sync>
+    });
+    let dir = config.checkpoints.dir.clone().unwrap_or_default();
+    let backend = config.backend;
+    let report = job::run(JobOptions {
+        config,
+        job: args.job.clone(),
+        events: args.events,
+        parallelism: args.parallelism,
+        restore,
+        crash_after,
+        progress,
+        stop,
+    })?;
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    if let Some((id, offset)) = report.restored {
+        println!("restored checkpoint {id} (source offset {offset})");
+    }
+    println!(
+        "{} {} events (offset {}) in {:.2}s, {:.0} events/s on the {:?} backend, parallelism {}",
+        if report.stopped {
+            "stopped after"
+        } else {
+            "processed"
+        },
+        report.processed,
+        report.offset,
+        report.elapsed.as_secs_f64(),
+        report.processed as f64 / report.elapsed.as_secs_f64().max(1e-9),
+        backend,
+        args.parallelism
+    );
+    println!(
+        "checkpoints completed: {} (last: {}) in {dir}",
+        report.checkpoints.len(),
+        report
+            .checkpoints
+            .last()
+            .map_or("-".into(), |c| c.to_string())
+    );
+    println!(
+        "closed windows: {}, bids in them: {}, bidders: {}",
+        report.windows_closed, report.bids_in_closed_windows, report.bidders
+    );
+    println!("state digest: {:016x}", report.digest);
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => run(args),
+        Command::Checkpoints(CheckpointsCmd::List { dir, job, config }) => {
+            config_only(config.as_ref()).and_then(|c| tools::list(&c, &dir, &job))
+        }
+        Command::Checkpoints(CheckpointsCmd::Inspect { path, json, config }) => {
+            config_only(config.as_ref()).and_then(|c| tools::inspect(&c, &path, json))
+        }
+        Command::Savepoint(a) => config_only(a.config.as_ref())
+            .and_then(|c| tools::convert(&c, &a.path, &a.to, a.backend.into(), a.parallelism)),
+        Command::State(StateCmd::Get {
+            path,
+            state,
+            key,
+            namespace,
+            config,
+        }) => {
+            config_only(config.as_ref()).and_then(|c| tools::get(&c, &path, &state, key, namespace))
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            eprintln!("hint: run with --help for usage and examples");
+            ExitCode::FAILURE
+        }
+    }
+}

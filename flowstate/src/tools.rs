@@ -1,0 +1,457 @@
+//! Offline tools behind the CLI: list and inspect checkpoints, convert savepoints between
+//! backends and parallelisms, read one key (in the spirit of Flink's State Processor API).
+
+use std::sync::Arc;
+
+use checkpoint::{
+    assemble_operators, commit_savepoint, write_subtask_snapshot, CheckpointStorage,
+    CompletedCheckpoint, FileLocation, KeyedSnapshot, SnapshotKind, SnapshotTarget, SubtaskAck,
+    SubtaskSnapshot,
+};
+use object_store::path::Path as ObjectPath;
+use object_store::ObjectStoreExt;
+use serde_json::json;
+use state_api::{
+    assign_to_key_group, redistribute, KeyGroupRange, KeyedStateBackend, KeyedStateBackendExt,
+};
+use state_heap::HeapKeyedStateBackend;
+
+use crate::config::{BackendKind, Config};
+use crate::job::{AuctionStates, BidderStates, JobBackend, JobError, OPERATORS};
+
+/// A URL for a path or URL: `scheme://…` is kept, a path becomes an absolute `file://` URL.
+pub fn to_url(path_or_url: &str) -> Result<String, JobError> {
+    if path_or_url.contains("://") {
+        return Ok(path_or_url.to_string());
+    }
+    let p = std::path::Path::new(path_or_url);
+    let abs = if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        std::env::current_dir()?.join(p)
+    };
+    Ok(format!("file://{}", abs.display()))
+}
+
+/// Splits a URL into the store's URL and the object path inside it: local paths get a store at
+/// `/`, `s3://bucket/a/b` a store for the bucket and the path `a/b`.
+fn split(url: &str) -> Result<(String, String), JobError> {
+    if let Some(rest) = url.strip_prefix("file://") {
+        return Ok(("file:///".into(), rest.trim_start_matches('/').to_string()));
+    }
+    if let Some((scheme, rest)) = url.split_once("://") {
+        let (bucket, path) = rest.split_once('/').unwrap_or((rest, ""));
+        return Ok((
+            format!("{scheme}://{bucket}"),
+            path.trim_matches('/').to_string(),
+        ));
+    }
+    Err(format!("'{url}' is not a URL").into())
+}
+
+/// Opens the checkpoint or savepoint at `path_or_url` (its directory or `_metadata`).
+pub fn open_checkpoint(
+    config: &Config,
+    path_or_url: &str,
+) -> Result<(CheckpointStorage, CompletedCheckpoint), JobError> {
+    let (store_url, path) = split(&to_url(path_or_url)?)?;
+    let storage = storage_s3::Storage::from_config(&config.storage_config(&store_url))?;
+    let storage = CheckpointStorage::new(
+        Arc::clone(storage.store()),
+        storage.root().as_ref(),
+        "offline",
+    )?;
+    let object = ObjectPath::parse(&path).map_err(|e| format!("bad path '{path}': {e}"))?;
+    let c = CompletedCheckpoint::load(&storage, &object)
+        .map_err(|e| format!("cannot read the checkpoint at {path_or_url}: {e}"))?;
+    Ok((storage, c))
+}
+
+fn time(millis: i64) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(millis.max(0) as u64);
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+fn is_incremental(c: &CompletedCheckpoint) -> bool {
+    c.metadata
+        .files()
+        .any(|f| matches!(f.location, FileLocation::Shared(_)))
+}
+
+fn size(c: &CompletedCheckpoint) -> u64 {
+    c.metadata.files().map(|f| f.size).sum()
+}
+
+/// Prints the completed checkpoints of `job` under `dir`.
+pub fn list(config: &Config, dir: &str, job: &str) -> Result<(), JobError> {
+    let storage = crate::job::open_storage(config, &to_url(dir)?, job)?;
+    let all = CompletedCheckpoint::retained(&storage, usize::MAX)?;
+    if all.is_empty() {
+        println!("no completed checkpoint of job '{job}' under {dir}");
+        return Ok(());
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    println!(
+        "{:>6}  {:<20}  {:>12}  {:<11}  {:>10}  path",
+        "id", "time (UTC)", "size", "kind", "duration"
+    );
+    for c in all {
+        // Duration: from the trigger to the moment `_metadata` was written.
+        let duration = rt
+            .block_on(storage.store().head(&c.path))
+            .ok()
+            .map(|m| m.last_modified.timestamp_millis() - c.metadata.timestamp_millis)
+            .map_or("-".to_string(), |ms| format!("{ms} ms"));
+        println!(
+            "{:>6}  {:<20}  {:>12}  {:<11}  {:>10}  {}",
+            c.metadata.checkpoint_id,
+            time(c.metadata.timestamp_millis),
+            c_size(size(&c)),
+            if is_incremental(&c) {
+                "incremental"
+            } else {
+                "full"
+            },
+            duration,
+            c.dir()
+        );
+    }
+    Ok(())
+}
+
+fn c_size(bytes: u64) -> String {
+    match bytes {
+        b if b >= 1 << 30 => format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64),
+        b if b >= 1 << 20 => format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64),
+        b if b >= 1 << 10 => format!("{:.1} KiB", b as f64 / 1024.0),
+        b => format!("{b} B"),
+    }
+}
+
+/// Prints what a checkpoint or savepoint holds (`json` for machines).
+pub fn inspect(config: &Config, path: &str, json_out: bool) -> Result<(), JobError> {
+    let (_, c) = open_checkpoint(config, path)?;
+    let m = &c.metadata;
+    let mut operators = Vec::new();
+    for op in &m.operators {
+        let mut states = std::collections::BTreeMap::new();
+        let mut subtasks = Vec::new();
+        for s in &op.subtasks {
+            let (range, bytes, key_groups) = match &s.keyed {
+                Some(k) => (
+                    Some(k.key_group_range),
+                    k.files.iter().map(|f| f.file.size).sum::<u64>(),
+                    k.files.iter().map(|f| f.key_groups.len()).sum::<usize>(),
+                ),
+                None => (None, 0, 0),
+            };
+            for f in s.keyed.iter().flat_map(|k| k.files.iter()) {
+                for st in &f.header.states {
+                    states.insert(
+                        st.name.to_string(),
+                        json!({
+                            "kind": st.kind.to_string(),
+                            "ttl_millis": st.ttl_millis,
+                            "serializers": st.serializers.iter().map(|(r, s)| json!({
+                                "role": r.name(), "id": s.id, "version": s.version,
+                                "schema": String::from_utf8_lossy(&s.schema),
+                            })).collect::<Vec<_>>(),
+                        }),
+                    );
+                }
+            }
+            subtasks.push(json!({
+                "subtask": s.subtask,
+                "key_groups": range.map(|r| r.to_string()),
+                "key_groups_with_data": key_groups,
+                "bytes": bytes,
+                "files": s.keyed.iter().flat_map(|k| k.files.iter()).map(|f| json!({
+                    "name": f.file.location.name(),
+                    "shared": matches!(f.file.location, FileLocation::Shared(_)),
+                    "size": f.file.size,
+                })).collect::<Vec<_>>(),
+                "operator_state": s.operator_state.as_ref().map(|o| o.state_names().iter().map(|n| n.to_string()).collect::<Vec<_>>()),
+            }));
+        }
+        operators.push(json!({
+            "operator": op.operator_id,
+            "parallelism": op.parallelism,
+            "max_parallelism": op.max_parallelism,
+            "states": states,
+            "subtasks": subtasks,
+        }));
+    }
+    let doc = json!({
+        "path": c.path.to_string(),
+        "kind": match m.kind { SnapshotKind::Checkpoint => "checkpoint", SnapshotKind::Savepoint => "savepoint" },
+        "id": m.checkpoint_id,
+        "job": m.job_id,
+        "time": time(m.timestamp_millis),
+        "incremental": is_incremental(&c),
+        "bytes": size(&c),
+        "operators": operators,
+    });
+    if json_out {
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+        return Ok(());
+    }
+    println!(
+        "{} {} of job '{}' at {} ({}, {})",
+        doc["kind"].as_str().unwrap_or("?"),
+        m.checkpoint_id,
+        m.job_id,
+        time(m.timestamp_millis),
+        if is_incremental(&c) {
+            "incremental"
+        } else {
+            "full"
+        },
+        c_size(size(&c))
+    );
+    for op in &m.operators {
+        println!(
+            "operator '{}': parallelism {}, max parallelism {}",
+            op.operator_id, op.parallelism, op.max_parallelism
+        );
+        if let Some(states) = doc["operators"]
+            .as_array()
+            .and_then(|ops| {
+                ops.iter()
+                    .find(|o| o["operator"] == op.operator_id.as_str())
+            })
+            .and_then(|o| o["states"].as_object())
+        {
+            for (name, s) in states {
+                let sers: Vec<String> = s["serializers"]
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .map(|x| {
+                                format!(
+                                    "{} {} v{}",
+                                    x["role"].as_str().unwrap_or(""),
+                                    x["id"].as_str().unwrap_or(""),
+                                    x["version"]
+                                )
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                println!(
+                    "  state '{name}': {} [{}]",
+                    s["kind"].as_str().unwrap_or("?"),
+                    sers.join(", ")
+                );
+            }
+        }
+        for s in &op.subtasks {
+            match &s.keyed {
+                Some(k) => println!(
+                    "  subtask {}: key groups {}, {} files, {}",
+                    s.subtask,
+                    k.key_group_range,
+                    k.files.len(),
+                    c_size(k.files.iter().map(|f| f.file.size).sum())
+                ),
+                None => println!(
+                    "  subtask {}: operator state {:?}",
+                    s.subtask,
+                    s.operator_state
+                        .as_ref()
+                        .map(|o| o.state_names())
+                        .unwrap_or_default()
+                ),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Writes a savepoint of the checkpoint at `path` under `to`, going through `backend` at
+/// `parallelism` (default: the source's).
+pub fn convert(
+    config: &Config,
+    path: &str,
+    to: &str,
+    backend: BackendKind,
+    parallelism: Option<u32>,
+) -> Result<(), JobError> {
+    match backend {
+        BackendKind::Heap => {
+            convert_on::<HeapKeyedStateBackend<u64>>(config, path, to, parallelism)
+        }
+        #[cfg(feature = "mmap")]
+        BackendKind::Mmap => {
+            convert_on::<state_mmap::MmapKeyedStateBackend<u64>>(config, path, to, parallelism)
+        }
+        #[cfg(not(feature = "mmap"))]
+        BackendKind::Mmap => {
+            Err("the mmap backend is not compiled in: build with --features mmap".into())
+        }
+    }
+}
+
+fn convert_on<B: JobBackend>(
+    config: &Config,
+    path: &str,
+    to: &str,
+    parallelism: Option<u32>,
+) -> Result<(), JobError> {
+    let (src, c) = open_checkpoint(config, path)?;
+    c.check_operators(&OPERATORS, checkpoint::RestoreOptions::default())?;
+    let m = &c.metadata;
+    let dest = crate::job::open_storage(config, &to_url(to)?, &m.job_id)?;
+    let keyed_p = m
+        .operator("auctions")
+        .map(|o| o.parallelism)
+        .ok_or("the checkpoint has no 'auctions' operator")?;
+    let p = parallelism.unwrap_or(keyed_p);
+    let max_p = m
+        .operator("auctions")
+        .map(|o| o.max_parallelism)
+        .unwrap_or(config.max_parallelism);
+    state_api::validate_parallelism(max_p, p)?;
+    let mut cfg = config.clone();
+    cfg.max_parallelism = max_p;
+    let name = format!("{}-p{p}-{}", m.checkpoint_id, std::process::id());
+    let dir = dest.savepoint_dir(&name)?;
+    let target = SnapshotTarget {
+        dir: dir.clone(),
+        shared_dir: dest.shared_dir(),
+        checkpoint_id: m.checkpoint_id,
+        epoch: 0,
+    };
+    let mut acks = Vec::new();
+    // The source's operator state, kept at parallelism 1.
+    let source = c.operator_state("source", 0, 1)?;
+    let source = redistribute(&[source], 1).pop().unwrap_or_default();
+    let state = write_subtask_snapshot(
+        &dest,
+        &target,
+        SubtaskSnapshot {
+            operator_id: "source".into(),
+            subtask: 0,
+            keyed: None,
+            operator_state: Some(source),
+        },
+    )?;
+    acks.push(SubtaskAck {
+        operator_id: "source".into(),
+        parallelism: 1,
+        max_parallelism: max_p,
+        state,
+    });
+    for op in ["auctions", "bidders"] {
+        for i in 0..p {
+            let range = KeyGroupRange::for_operator(max_p, p, i)?;
+            let mut b = B::create(&cfg, range)?;
+            c.restore_keyed(&src, op, i, &mut b)?;
+            if op == "auctions" {
+                AuctionStates::register(&mut b)?;
+            } else {
+                BidderStates::register(&mut b)?;
+            }
+            let state = write_subtask_snapshot(
+                &dest,
+                &target,
+                SubtaskSnapshot {
+                    operator_id: op.into(),
+                    subtask: i,
+                    keyed: Some(KeyedSnapshot::Full(vec![b.snapshot()?])),
+                    operator_state: None,
+                },
+            )?;
+            acks.push(SubtaskAck {
+                operator_id: op.into(),
+                parallelism: p,
+                max_parallelism: max_p,
+                state,
+            });
+        }
+    }
+    let done = commit_savepoint(
+        &dest,
+        &dir,
+        m.checkpoint_id,
+        m.timestamp_millis,
+        0,
+        assemble_operators(acks)?,
+    )?;
+    println!(
+        "savepoint of {} {} written at parallelism {p}: {}",
+        if m.kind == SnapshotKind::Checkpoint {
+            "checkpoint"
+        } else {
+            "savepoint"
+        },
+        m.checkpoint_id,
+        done.dir()
+    );
+    Ok(())
+}
+
+/// Prints the value of `state` for `key` in the checkpoint at `path`.
+pub fn get(
+    config: &Config,
+    path: &str,
+    state: &str,
+    key: u64,
+    namespace: Option<i64>,
+) -> Result<(), JobError> {
+    let (storage, c) = open_checkpoint(config, path)?;
+    let op = match state {
+        "window-bids" | "window-max-price" | "closed-windows" => "auctions",
+        "spend" | "city" => "bidders",
+        other => {
+            return Err(format!(
+                "unknown state '{other}': the job has window-bids, window-max-price, closed-windows (auctions) and spend, city (bidders)"
+            )
+            .into())
+        }
+    };
+    let max_p = c
+        .metadata
+        .operator(op)
+        .map(|o| o.max_parallelism)
+        .ok_or_else(|| format!("the checkpoint has no operator '{op}'"))?;
+    // Restore only the key group of the key.
+    let kg = assign_to_key_group(&key.to_be_bytes(), max_p);
+    let mut cfg = config.clone();
+    cfg.max_parallelism = max_p;
+    let mut b =
+        <HeapKeyedStateBackend<u64> as JobBackend>::create(&cfg, KeyGroupRange::new(kg, kg + 1))?;
+    c.restore_keyed(&storage, op, 0, &mut b)?;
+    b.set_current_key(key)?;
+    let text = if op == "auctions" {
+        let s = AuctionStates::register(&mut b)?;
+        match state {
+            "closed-windows" => format!("{:?}", b.value(s.closed()).get()?),
+            name => {
+                let h = if name == "window-bids" {
+                    s.bids()
+                } else {
+                    s.max_price()
+                };
+                let w = namespace.ok_or_else(|| {
+                    format!("'{name}' is kept per window: pass --namespace <window start in ms>")
+                })?;
+                format!("{:?}", b.reducing_in(h, &w).get()?)
+            }
+        }
+    } else {
+        let s = BidderStates::register(&mut b)?;
+        match state {
+            "spend" => format!(
+                "{:?}",
+                b.aggregating(s.spend())
+                    .get()?
+                    .map(|(n, sum)| format!("{n} bids, {sum} total"))
+            ),
+            _ => format!("{:?}", b.value(s.city()).get()?),
+        }
+    };
+    println!("{state}[{key}] = {text}");
+    Ok(())
+}

@@ -1,0 +1,210 @@
+//! The `flowstate` binary end to end: run, crash and recover, list, inspect, convert a
+//! checkpoint into a savepoint through the other backend at another parallelism, restore from
+//! it, read a key — and the results match runs that never failed.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn flowstate(args: &[&str]) -> Output {
+    let out = Command::new(env!("CARGO_BIN_EXE_flowstate"))
+        .args(args)
+        .env_remove("FLOWSTATE_STATE_CHECKPOINTS_DIR")
+        .output()
+        .expect("the binary runs");
+    out
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = flowstate(args);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "flowstate {args:?} failed: {}\n{text}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
+fn digest(output: &str) -> String {
+    output
+        .lines()
+        .find_map(|l| l.strip_prefix("state digest: "))
+        .unwrap_or_else(|| panic!("no digest in:\n{output}"))
+        .to_string()
+}
+
+fn latest_chk(root: &Path) -> String {
+    let job = root.join("nexmark");
+    let mut ids: Vec<u64> = std::fs::read_dir(&job)
+        .unwrap()
+        .filter_map(|e| {
+            e.ok()?
+                .file_name()
+                .to_str()?
+                .strip_prefix("chk-")?
+                .parse()
+                .ok()
+        })
+        .filter(|id| job.join(format!("chk-{id}/_metadata")).exists())
+        .collect();
+    ids.sort();
+    job.join(format!(
+        "chk-{}",
+        ids.last().expect("a completed checkpoint")
+    ))
+    .display()
+    .to_string()
+}
+
+#[test]
+fn run_crash_recover_inspect_convert_restore() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = |name: &str| tmp.path().join(name).display().to_string();
+
+    // A run that never fails.
+    let clean = ok(&[
+        "run",
+        "--events",
+        "100000",
+        "--checkpoint-dir",
+        &dir("clean"),
+        "--quiet",
+    ]);
+    let clean_digest = digest(&clean);
+
+    // Crash after 60,000 events (checkpoints every 100 ms), then recover from the latest.
+    let crashed = ok(&[
+        "run",
+        "--events",
+        "100000",
+        "--checkpoint-dir",
+        &dir("crash"),
+        "--fail-after",
+        "60000",
+        "--interval",
+        "100ms",
+        "--quiet",
+    ]);
+    assert!(
+        crashed.contains("recovering from the latest completed checkpoint"),
+        "{crashed}"
+    );
+    assert!(crashed.contains("restored checkpoint"), "{crashed}");
+    assert_eq!(
+        digest(&crashed),
+        clean_digest,
+        "recovery gives the same state as a clean run"
+    );
+
+    // List and inspect.
+    let list = ok(&["checkpoints", "list", &dir("crash")]);
+    assert!(
+        list.contains("full") && list.contains("nexmark/chk-"),
+        "{list}"
+    );
+    let chk = latest_chk(&tmp.path().join("crash"));
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(&["checkpoints", "inspect", &chk, "--json"])).unwrap();
+    assert_eq!(json["kind"], "checkpoint");
+    let ops: Vec<&str> = json["operators"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["operator"].as_str().unwrap())
+        .collect();
+    assert_eq!(ops, ["auctions", "bidders", "source"]);
+    assert_eq!(
+        json["operators"][0]["states"]["window-timers"]["kind"],
+        "timers"
+    );
+    let text = ok(&["checkpoints", "inspect", &chk]);
+    assert!(text.contains("operator 'bidders': parallelism 2"), "{text}");
+
+    // Convert the checkpoint into a savepoint through the mmap backend at parallelism 3 ...
+    let converted = ok(&[
+        "savepoint",
+        &chk,
+        "--to",
+        &dir("sp"),
+        "--backend",
+        "mmap",
+        "--parallelism",
+        "3",
+    ]);
+    assert!(
+        converted.contains("written at parallelism 3"),
+        "{converted}"
+    );
+    let sp_root = tmp.path().join("sp").join("savepoints");
+    let sp = std::fs::read_dir(&sp_root)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let sp = sp.display().to_string();
+    // ... read one key offline ...
+    let got = ok(&["state", "get", &sp, "--state", "spend", "--key", "1001"]);
+    assert!(got.starts_with("spend[1001] = Some(\""), "{got}");
+    // ... restore it on mmap at parallelism 3 and go on to 150,000 events: same state as a
+    // clean heap run over 150,000 events.
+    let resumed = ok(&[
+        "run",
+        "--restore",
+        &sp,
+        "--events",
+        "150000",
+        "--checkpoint-dir",
+        &dir("resumed"),
+        "--backend",
+        "mmap",
+        "--parallelism",
+        "3",
+        "--quiet",
+    ]);
+    assert!(resumed.contains("restored checkpoint"), "{resumed}");
+    let longer = ok(&[
+        "run",
+        "--events",
+        "150000",
+        "--checkpoint-dir",
+        &dir("longer"),
+        "--quiet",
+    ]);
+    assert_eq!(digest(&resumed), digest(&longer));
+    assert_ne!(digest(&longer), clean_digest);
+}
+
+#[test]
+fn errors_are_one_line_with_a_hint_and_a_failing_exit_code() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tmp.path().join("bad.toml");
+    std::fs::write(&cfg, "[state.checkpoints]\ninterval = \"0s\"\n").unwrap();
+    let out = flowstate(&["run", "--config", cfg.to_str().unwrap(), "--events", "10"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.starts_with("error: invalid value for 'state.checkpoints.interval'"),
+        "{err}"
+    );
+    assert!(err.contains("bad.toml") && err.contains("hint:"), "{err}");
+
+    let out = flowstate(&[
+        "checkpoints",
+        "inspect",
+        tmp.path().join("nothing").to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read the checkpoint"));
+
+    for sub in [
+        &["run", "--help"][..],
+        &["checkpoints", "--help"],
+        &["savepoint", "--help"],
+        &["state", "--help"],
+    ] {
+        let help = ok(sub);
+        assert!(help.contains("Examples:"), "{sub:?}: {help}");
+    }
+}
