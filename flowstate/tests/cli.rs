@@ -208,3 +208,81 @@ fn errors_are_one_line_with_a_hint_and_a_failing_exit_code() {
         assert!(help.contains("Examples:"), "{sub:?}: {help}");
     }
 }
+
+#[test]
+fn ctrl_c_stops_after_a_final_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ck = tmp.path().join("ck");
+    let child = Command::new(env!("CARGO_BIN_EXE_flowstate"))
+        .args([
+            "run",
+            "--events",
+            "1000000000",
+            "--interval",
+            "100ms",
+            "--quiet",
+        ])
+        .arg("--checkpoint-dir")
+        .arg(&ck)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until the job is running and has checkpointed once.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while !ck.join("nexmark").exists() || latest_chk_opt(&ck).is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no checkpoint appeared"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("stopped after"), "{text}");
+    // The final checkpoint holds the offset the job stopped at: a restore continues from there.
+    let stopped_at: u64 = text
+        .lines()
+        .find_map(|l| l.split("(offset ").nth(1)?.split(')').next()?.parse().ok())
+        .unwrap();
+    let resumed = ok(&[
+        "run",
+        "--restore",
+        "latest",
+        "--events",
+        &(stopped_at + 1000).to_string(),
+        "--checkpoint-dir",
+        ck.to_str().unwrap(),
+        "--quiet",
+    ]);
+    assert!(
+        resumed.contains(&format!("(source offset {stopped_at})")),
+        "{resumed}"
+    );
+}
+
+fn latest_chk_opt(root: &Path) -> Option<String> {
+    let job = root.join("nexmark");
+    std::fs::read_dir(&job)
+        .ok()?
+        .filter_map(|e| {
+            e.ok()?
+                .file_name()
+                .to_str()?
+                .strip_prefix("chk-")?
+                .parse::<u64>()
+                .ok()
+        })
+        .find(|id| job.join(format!("chk-{id}/_metadata")).exists())
+        .map(|id| id.to_string())
+}
