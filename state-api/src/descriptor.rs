@@ -213,6 +213,24 @@ impl StateMeta {
             .find(|(r, _)| *r == role)
             .map(|(_, s)| s)
     }
+
+    /// How `current` reads the bytes this snapshot wrote for `role`: as is or through a
+    /// migration, or an [`Error::IncompatibleSerializer`] naming the state and the role.
+    pub fn reader_for<T: 'static>(
+        &self,
+        role: SerializerRole,
+        current: &Arc<dyn StateSerializer<T>>,
+    ) -> Result<crate::serializer::ResolvedReader<T>> {
+        let incompatible = |reason: String| Error::IncompatibleSerializer {
+            state: self.name.to_string(),
+            what: role.name(),
+            reason,
+        };
+        let previous = self
+            .serializer(role)
+            .ok_or_else(|| incompatible("the snapshot records no serializer for it".into()))?;
+        crate::serializer::resolve_reader(current, previous).map_err(incompatible)
+    }
 }
 
 /// A reduce function: folds two values into one.

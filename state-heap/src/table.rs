@@ -7,9 +7,9 @@ use std::sync::Arc;
 use hashbrown::HashTable;
 use state_api::snapshot::{payload, Decoder, RawRecord};
 use state_api::{
-    resolve_reader, AggregateFunction, Clock, Error, MapKey, Namespace, ReduceFn, ResolvedReader,
-    Result, SerializerRole, StateKey, StateKind, StateMeta, StateName, StateSerializer,
-    StateTtlConfig, StateType,
+    AggregateFunction, Clock, Error, MapKey, Namespace, ReduceFn, ResolvedReader, Result,
+    SerializerRole, StateKey, StateKind, StateMeta, StateName, StateSerializer, StateTtlConfig,
+    StateType,
 };
 
 /// The current key as the backend keeps it: the key, its stable hash and its partition.
@@ -103,7 +103,7 @@ pub(crate) trait Kind: Send + Sync + 'static {
         expired: &dyn Fn(i64) -> bool,
         out: &mut Vec<u8>,
     ) -> Result<bool>;
-    fn resolve(&self, name: &StateName, meta: &StateMeta) -> Result<Self::Readers>;
+    fn resolve(&self, meta: &StateMeta) -> Result<Self::Readers>;
     /// Reads a payload into `(stored, ts)`; `fix_ts` adjusts restored timestamps.
     fn decode(
         &self,
@@ -153,26 +153,6 @@ pub(crate) trait Kind: Send + Sync + 'static {
             reason: format!("{} state cannot merge namespaces", self.kind()),
         })
     }
-}
-
-fn resolve_role<T: 'static>(
-    name: &StateName,
-    meta: &StateMeta,
-    role: SerializerRole,
-    current: &Arc<dyn StateSerializer<T>>,
-) -> Result<ResolvedReader<T>> {
-    let previous = meta
-        .serializer(role)
-        .ok_or_else(|| Error::IncompatibleSerializer {
-            state: name.to_string(),
-            what: role.name(),
-            reason: "the snapshot records no serializer for it".into(),
-        })?;
-    resolve_reader(current, previous).map_err(|reason| Error::IncompatibleSerializer {
-        state: name.to_string(),
-        what: role.name(),
-        reason,
-    })
 }
 
 fn ser_err<'a>(
@@ -240,6 +220,43 @@ fn decode_single<T: 'static>(
     Ok((v, fix_ts(ts)))
 }
 
+/// The methods value, reducing and aggregating state share: one value of type `$t` stored
+/// with its timestamp, serialized by `self.ser`.
+macro_rules! single_value_methods {
+    ($t:ty) => {
+        fn meta(&self, name: &StateName, ttl: Option<&StateTtlConfig>) -> StateMeta {
+            meta_of(
+                name,
+                self.kind(),
+                ttl,
+                vec![(SerializerRole::Value, self.ser.snapshot())],
+            )
+        }
+        fn encode(
+            &self,
+            name: &StateName,
+            s: &$t,
+            ts: i64,
+            expired: &dyn Fn(i64) -> bool,
+            out: &mut Vec<u8>,
+        ) -> Result<bool> {
+            encode_single(name, &self.ser, s, ts, expired, out)
+        }
+        fn resolve(&self, meta: &StateMeta) -> Result<Self::Readers> {
+            meta.reader_for(SerializerRole::Value, &self.ser)
+        }
+        fn decode(
+            &self,
+            name: &StateName,
+            r: &Self::Readers,
+            d: &mut Decoder<'_>,
+            fix_ts: &dyn Fn(i64) -> i64,
+        ) -> Result<($t, i64)> {
+            decode_single(name, r, d, fix_ts)
+        }
+    };
+}
+
 pub(crate) struct ValueKind<V> {
     pub ser: Arc<dyn StateSerializer<V>>,
     pub default: Option<V>,
@@ -251,36 +268,7 @@ impl<V: StateType> Kind for ValueKind<V> {
     fn kind(&self) -> StateKind {
         StateKind::Value
     }
-    fn meta(&self, name: &StateName, ttl: Option<&StateTtlConfig>) -> StateMeta {
-        meta_of(
-            name,
-            self.kind(),
-            ttl,
-            vec![(SerializerRole::Value, self.ser.snapshot())],
-        )
-    }
-    fn encode(
-        &self,
-        name: &StateName,
-        s: &V,
-        ts: i64,
-        expired: &dyn Fn(i64) -> bool,
-        out: &mut Vec<u8>,
-    ) -> Result<bool> {
-        encode_single(name, &self.ser, s, ts, expired, out)
-    }
-    fn resolve(&self, name: &StateName, meta: &StateMeta) -> Result<Self::Readers> {
-        resolve_role(name, meta, SerializerRole::Value, &self.ser)
-    }
-    fn decode(
-        &self,
-        name: &StateName,
-        r: &Self::Readers,
-        d: &mut Decoder<'_>,
-        fix_ts: &dyn Fn(i64) -> i64,
-    ) -> Result<(V, i64)> {
-        decode_single(name, r, d, fix_ts)
-    }
+    single_value_methods!(V);
 }
 
 pub(crate) struct ReducingKind<T> {
@@ -294,36 +282,7 @@ impl<T: StateType> Kind for ReducingKind<T> {
     fn kind(&self) -> StateKind {
         StateKind::Reducing
     }
-    fn meta(&self, name: &StateName, ttl: Option<&StateTtlConfig>) -> StateMeta {
-        meta_of(
-            name,
-            self.kind(),
-            ttl,
-            vec![(SerializerRole::Value, self.ser.snapshot())],
-        )
-    }
-    fn encode(
-        &self,
-        name: &StateName,
-        s: &T,
-        ts: i64,
-        expired: &dyn Fn(i64) -> bool,
-        out: &mut Vec<u8>,
-    ) -> Result<bool> {
-        encode_single(name, &self.ser, s, ts, expired, out)
-    }
-    fn resolve(&self, name: &StateName, meta: &StateMeta) -> Result<Self::Readers> {
-        resolve_role(name, meta, SerializerRole::Value, &self.ser)
-    }
-    fn decode(
-        &self,
-        name: &StateName,
-        r: &Self::Readers,
-        d: &mut Decoder<'_>,
-        fix_ts: &dyn Fn(i64) -> i64,
-    ) -> Result<(T, i64)> {
-        decode_single(name, r, d, fix_ts)
-    }
+    single_value_methods!(T);
     fn merge(&self, _: &StateName, a: T, b: T) -> Result<T> {
         Ok((self.reduce)(a, b))
     }
@@ -340,36 +299,7 @@ impl<IN: 'static, ACC: StateType, OUT: 'static> Kind for AggregatingKind<IN, ACC
     fn kind(&self) -> StateKind {
         StateKind::Aggregating
     }
-    fn meta(&self, name: &StateName, ttl: Option<&StateTtlConfig>) -> StateMeta {
-        meta_of(
-            name,
-            self.kind(),
-            ttl,
-            vec![(SerializerRole::Value, self.ser.snapshot())],
-        )
-    }
-    fn encode(
-        &self,
-        name: &StateName,
-        s: &ACC,
-        ts: i64,
-        expired: &dyn Fn(i64) -> bool,
-        out: &mut Vec<u8>,
-    ) -> Result<bool> {
-        encode_single(name, &self.ser, s, ts, expired, out)
-    }
-    fn resolve(&self, name: &StateName, meta: &StateMeta) -> Result<Self::Readers> {
-        resolve_role(name, meta, SerializerRole::Value, &self.ser)
-    }
-    fn decode(
-        &self,
-        name: &StateName,
-        r: &Self::Readers,
-        d: &mut Decoder<'_>,
-        fix_ts: &dyn Fn(i64) -> i64,
-    ) -> Result<(ACC, i64)> {
-        decode_single(name, r, d, fix_ts)
-    }
+    single_value_methods!(ACC);
     fn merge(&self, _: &StateName, a: ACC, b: ACC) -> Result<ACC> {
         Ok(self.func.merge(a, b))
     }
@@ -447,8 +377,8 @@ impl<T: StateType> Kind for ListKind<T> {
         }
         Ok(true)
     }
-    fn resolve(&self, name: &StateName, meta: &StateMeta) -> Result<Self::Readers> {
-        resolve_role(name, meta, SerializerRole::Value, &self.ser)
+    fn resolve(&self, meta: &StateMeta) -> Result<Self::Readers> {
+        meta.reader_for(SerializerRole::Value, &self.ser)
     }
     fn decode(
         &self,
@@ -532,10 +462,10 @@ impl<UK: MapKey, UV: StateType> Kind for MapKind<UK, UV> {
         }
         Ok(true)
     }
-    fn resolve(&self, name: &StateName, meta: &StateMeta) -> Result<Self::Readers> {
+    fn resolve(&self, meta: &StateMeta) -> Result<Self::Readers> {
         Ok((
-            resolve_role(name, meta, SerializerRole::UserKey, &self.key_ser)?,
-            resolve_role(name, meta, SerializerRole::UserValue, &self.value_ser)?,
+            meta.reader_for(SerializerRole::UserKey, &self.key_ser)?,
+            meta.reader_for(SerializerRole::UserValue, &self.value_ser)?,
         ))
     }
     fn decode(
@@ -756,7 +686,7 @@ impl<K: StateKey, N: Namespace, KD: Kind> Table<K, N, KD> {
     }
 
     pub fn set_readers(&mut self, meta: &StateMeta, ns_reader: ResolvedReader<N>) -> Result<()> {
-        let kind = self.kind.resolve(&self.name, meta)?;
+        let kind = self.kind.resolve(meta)?;
         self.readers = Some(RestoreReaders {
             ns: ns_reader,
             kind,
@@ -1107,7 +1037,7 @@ impl<K: StateKey, N: Namespace, KD: Kind> ErasedTable<K> for Table<K, N, KD> {
                 requested: self.kind.kind(),
             });
         }
-        let ns = resolve_role(&self.name, meta, SerializerRole::Namespace, &self.ns_ser)?;
+        let ns = meta.reader_for(SerializerRole::Namespace, &self.ns_ser)?;
         self.set_readers(meta, ns)
     }
 

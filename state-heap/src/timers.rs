@@ -7,8 +7,8 @@ use std::sync::Arc;
 use state_api::snapshot::Decoder;
 use state_api::timer::decode_timer_payload;
 use state_api::{
-    resolve_reader, Error, KeyGroupRange, KeyGroupTimers, Namespace, Result, SerializerRole,
-    StateMeta, StateName, StateSerializer, TimerServiceDescriptor,
+    Error, KeyGroupRange, KeyGroupTimers, Namespace, Result, SerializerRole, StateMeta, StateName,
+    StateSerializer, TimerServiceDescriptor,
 };
 
 use crate::OwnedRecord;
@@ -34,20 +34,7 @@ impl TimerService {
         let restorer_ser = Arc::clone(&ser);
         let restorer_name = name.clone();
         let restore_ns: NamespaceRestorer = Box::new(move |meta, bytes| {
-            let previous = meta.serializer(SerializerRole::Namespace).ok_or_else(|| {
-                Error::IncompatibleSerializer {
-                    state: restorer_name.to_string(),
-                    what: "namespace",
-                    reason: "the snapshot records no namespace serializer".into(),
-                }
-            })?;
-            let reader = resolve_reader(&restorer_ser, previous).map_err(|reason| {
-                Error::IncompatibleSerializer {
-                    state: restorer_name.to_string(),
-                    what: "namespace",
-                    reason,
-                }
-            })?;
+            let reader = meta.reader_for(SerializerRole::Namespace, &restorer_ser)?;
             if !reader.is_migration() {
                 return Ok(bytes.to_vec());
             }
