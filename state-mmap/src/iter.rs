@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use crate::error::Result;
 use crate::memtable::{Memtable, Op, OpKind};
-use crate::run::RunFile;
+use crate::run::{BlockPos, RunFile};
 
 /// A forward cursor over one source, positioned on an entry or exhausted.
 pub(crate) trait Cursor: Send {
@@ -94,10 +94,11 @@ pub(crate) struct RunCursor {
     files: Arc<Vec<Arc<RunFile>>>,
     file: usize,
     block: usize,
+    pos: Option<BlockPos>,
     entry: usize,
-    block_len: usize,
     end: Option<Vec<u8>>,
-    valid: bool,
+    /// The current entry: kind and `[key start, value start, value end)` in the file.
+    cur: Option<(OpKind, usize, usize, usize)>,
 }
 
 impl RunCursor {
@@ -111,86 +112,75 @@ impl RunCursor {
             files,
             file,
             block: 0,
+            pos: None,
             entry: 0,
-            block_len: 0,
             end: end.map(<[u8]>::to_vec),
-            valid: false,
+            cur: None,
         };
         if let Some(f) = c.files.get(c.file).cloned() {
             if let Some(b) = f.find_block(start)? {
-                let blk = f.block(b)?;
+                let pos = f.block_pos(b)?;
                 c.block = b;
-                c.block_len = blk.len();
-                c.entry = blk.lower_bound(start, &f)?;
-                c.valid = true;
+                c.pos = Some(pos);
+                c.entry = f.block_at(pos).lower_bound(start, &f)?;
                 c.settle()?;
             }
         }
         Ok(c)
     }
 
-    /// Moves past exhausted blocks and files and hidden (clipped) entries; checks the end bound.
+    /// Moves past exhausted blocks and files and hidden (clipped) entries; checks the end bound;
+    /// caches the current entry.
     fn settle(&mut self) -> Result<()> {
+        self.cur = None;
         loop {
-            let Some(f) = self.files.get(self.file) else {
-                self.valid = false;
+            let (Some(f), Some(pos)) = (self.files.get(self.file), self.pos) else {
                 return Ok(());
             };
-            if self.entry >= self.block_len {
+            let blk = f.block_at(pos);
+            if self.entry >= blk.len() {
                 self.entry = 0;
                 self.block += 1;
                 if self.block >= f.block_count() {
                     self.file += 1;
                     self.block = 0;
-                    match self.files.get(self.file) {
-                        Some(nf) => self.block_len = nf.block(0)?.len(),
-                        None => {
-                            self.valid = false;
-                            return Ok(());
-                        }
-                    }
+                    self.pos = match self.files.get(self.file) {
+                        Some(nf) => Some(nf.block_pos(0)?),
+                        None => None,
+                    };
                 } else {
-                    self.block_len = f.block(self.block)?.len();
+                    self.pos = Some(f.block_pos(self.block)?);
                 }
                 continue;
             }
-            let Some((_, k, _)) = self.current_checked()? else {
-                return Ok(());
-            };
-            if self.end.as_ref().is_some_and(|end| k >= &end[..]) {
-                self.valid = false;
+            let e = blk.entry(self.entry, f)?;
+            if self.end.as_ref().is_some_and(|end| e.key >= &end[..]) {
+                self.pos = None;
                 return Ok(());
             }
             // Entries outside a restored file's visible range are skipped.
-            if self.files.get(self.file).is_some_and(|f| !f.visible(k)) {
+            if !f.visible(e.key) {
                 self.entry += 1;
                 continue;
             }
+            let ks = f.offset_of(e.key);
+            let vs = ks + e.key.len();
+            self.cur = Some((e.kind, ks, vs, vs + e.value.len()));
             return Ok(());
         }
-    }
-
-    fn current_checked(&self) -> Result<Option<(OpKind, &[u8], &[u8])>> {
-        if !self.valid {
-            return Ok(None);
-        }
-        let Some(f) = self.files.get(self.file) else {
-            return Ok(None);
-        };
-        let e = f.block(self.block)?.entry(self.entry, f)?;
-        Ok(Some((e.kind, e.key, e.value)))
     }
 }
 
 impl Cursor for RunCursor {
+    #[inline]
     fn current(&self) -> Option<(OpKind, &[u8], &[u8])> {
-        // Blocks were checked when the cursor reached them; a failure here means the map
-        // changed underneath, which `settle` would have reported: treat as exhausted.
-        self.current_checked().ok().flatten()
+        let (kind, ks, vs, ve) = self.cur?;
+        let f = self.files.get(self.file)?;
+        Some((kind, f.slice(ks, vs), f.slice(vs, ve)))
     }
 
     fn advance(&mut self) -> Result<()> {
-        if self.valid {
+        if self.cur.is_some() {
             self.entry += 1;
             self.settle()?;
         }

@@ -8,7 +8,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::error::{Error, Result};
 use crate::mapped::MappedFile;
-use crate::memtable::OpKind;
+use crate::memtable::{head_of, OpKind};
+
+/// Every `SPARSE`th index key's head is kept in memory to narrow index searches.
+const SPARSE: usize = 32;
 
 /// Magic bytes at the start and at the end of every sorted-run file.
 pub const RUN_MAGIC: [u8; 4] = *b"FLSR";
@@ -49,6 +52,20 @@ pub(crate) fn prefix_hash(prefix: &[u8]) -> u64 {
 pub type PrefixExtractor = std::sync::Arc<dyn Fn(&[u8]) -> Option<usize> + Send + Sync>;
 
 const BLOOM_HAS_PREFIXES: u8 = 1;
+
+/// The 64-byte block of a hash: `((h >> 32) * blocks) >> 32`.
+#[inline]
+fn bloom_block(h: u64, nblocks: usize) -> usize {
+    (((h >> 32) * nblocks as u64) >> 32) as usize
+}
+
+/// The `BLOOM_K` bit positions (0..512) of a hash inside its block: `(x + i * d) mod 512` with
+/// `x = h mod 2^32`, `d = (h >> 41) | 1`.
+#[inline]
+fn bloom_bits(h: u64) -> impl Iterator<Item = usize> {
+    let (x, d) = (h as u32, ((h >> 41) as u32) | 1);
+    (0..u32::from(BLOOM_K)).map(move |i| (x.wrapping_add(i.wrapping_mul(d)) & 511) as usize)
+}
 
 /// Writes one sorted-run file. Keys must be added in strictly increasing order.
 pub(crate) struct RunWriter {
@@ -202,15 +219,16 @@ impl RunWriter {
         index.extend_from_slice(&self.index_count.to_be_bytes());
         let (index_off, index_len) = self.write_section(index)?;
         // Bloom filter.
-        let nbits = (self.hashes.len() * BLOOM_BITS_PER_KEY).max(64);
-        let mut bits = vec![0u8; nbits.div_ceil(8)];
-        let nbits = (bits.len() * 8) as u64;
+        // A blocked filter: all probes of a key fall in one 64-byte block (one cache line).
+        let nblocks = (self.hashes.len() * BLOOM_BITS_PER_KEY)
+            .div_ceil(512)
+            .max(1);
+        let mut bits = vec![0u8; nblocks * 64];
         for h in &self.hashes {
-            let (mut h1, h2) = (*h & 0xffff_ffff, (*h >> 32) | 1);
-            for _ in 0..BLOOM_K {
-                let bit = h1 % nbits;
-                bits[(bit / 8) as usize] |= 1 << (bit % 8);
-                h1 = h1.wrapping_add(h2);
+            let base = bloom_block(*h, nblocks) * 512;
+            for bit in bloom_bits(*h) {
+                let b = base + bit;
+                bits[b / 8] |= 1 << (b % 8);
             }
         }
         let mut bloom = Vec::with_capacity(bits.len() + 2);
@@ -271,6 +289,7 @@ pub struct RunFile {
     bloom_end: usize,
     bloom_k: u8,
     bloom_flags: u8,
+    sparse: Vec<u128>,
     first_key: Vec<u8>,
     last_key: Vec<u8>,
     entries: u64,
@@ -286,6 +305,15 @@ pub(crate) struct RawEntry<'a> {
     pub kind: OpKind,
     pub key: &'a [u8],
     pub value: &'a [u8],
+}
+
+/// Where a checked data block is in its file (no borrow: cursors keep it).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct BlockPos {
+    start: usize,
+    data_len: usize,
+    offsets_at: usize,
+    count: usize,
 }
 
 /// A checked view of a data block.
@@ -377,7 +405,7 @@ impl RunFile {
         let first_key = take(n)?.to_vec();
         let n = be32(take(4)?) as usize;
         let last_key = take(n)?.to_vec();
-        let run = RunFile {
+        let mut run = RunFile {
             number,
             map,
             index_off,
@@ -387,6 +415,7 @@ impl RunFile {
             bloom_end,
             bloom_k,
             bloom_flags,
+            sparse: Vec::new(),
             first_key,
             last_key,
             entries,
@@ -395,8 +424,12 @@ impl RunFile {
             name: String::new(),
             clip: None,
         };
+        let mut sparse = Vec::with_capacity(run.index_count / SPARSE + 1);
         for i in 0..run.index_count {
-            let (_, off, len) = run.index_entry(i)?;
+            let (key, off, len) = run.index_entry(i)?;
+            if i % SPARSE == 0 {
+                sparse.push(head_of(key));
+            }
             if verify_all {
                 let blk = run
                     .bytes()
@@ -410,6 +443,7 @@ impl RunFile {
                 }
             }
         }
+        run.sparse = sparse;
         Ok(run)
     }
 
@@ -533,9 +567,66 @@ impl RunFile {
         })
     }
 
+    /// The position of checked block `i`, to come back to it without checking again.
+    pub(crate) fn block_pos(&self, i: usize) -> Result<BlockPos> {
+        let b = self.block(i)?;
+        Ok(BlockPos {
+            start: b.base as usize,
+            data_len: b.data.len(),
+            offsets_at: b.offsets_at,
+            count: b.count,
+        })
+    }
+
+    /// The block at a position from [`RunFile::block_pos`] of this file.
+    #[inline]
+    pub(crate) fn block_at(&self, p: BlockPos) -> Block<'_> {
+        match self.bytes().get(p.start..p.start + p.data_len) {
+            Some(data) => Block {
+                data,
+                offsets_at: p.offsets_at,
+                count: p.count,
+                base: p.start as u64,
+            },
+            None => Block {
+                data: &[],
+                offsets_at: 0,
+                count: 0,
+                base: 0,
+            },
+        }
+    }
+
+    /// Byte offset of `s` (a slice of this file's map) in the file.
+    #[inline]
+    pub(crate) fn offset_of(&self, s: &[u8]) -> usize {
+        (s.as_ptr() as usize).wrapping_sub(self.bytes().as_ptr() as usize)
+    }
+
+    /// The bytes `[a, b)` of the file (empty when out of bounds).
+    #[inline]
+    pub(crate) fn slice(&self, a: usize, b: usize) -> &[u8] {
+        self.bytes().get(a..b).unwrap_or(&[])
+    }
+
     /// The first block whose last key is `>= key`.
     pub(crate) fn find_block(&self, key: &[u8]) -> Result<Option<usize>> {
-        let (mut lo, mut hi) = (0usize, self.index_count);
+        // Narrow the search with the in-memory heads: keys with a smaller head are smaller,
+        // keys with a larger head are larger.
+        let hk = head_of(key);
+        let below = self.sparse.partition_point(|h| *h < hk);
+        let upto = self.sparse.partition_point(|h| *h <= hk);
+        let mut lo = if below == 0 {
+            0
+        } else {
+            (below - 1) * SPARSE + 1
+        };
+        let mut hi = if upto < self.sparse.len() {
+            (upto * SPARSE).min(self.index_count)
+        } else {
+            self.index_count
+        };
+        lo = lo.min(hi);
         while lo < hi {
             let mid = (lo + hi) / 2;
             if self.index_entry(mid)?.0 < key {
@@ -563,16 +654,12 @@ impl RunFile {
     #[inline]
     fn may_contain_hash(&self, h: u64) -> bool {
         let bits = &self.bytes()[self.bloom_off..self.bloom_end];
-        let nbits = (bits.len() * 8) as u64;
-        let (mut h1, h2) = (h & 0xffff_ffff, (h >> 32) | 1);
-        for _ in 0..self.bloom_k {
-            let bit = h1 % nbits;
-            if bits[(bit / 8) as usize] & (1 << (bit % 8)) == 0 {
-                return false;
-            }
-            h1 = h1.wrapping_add(h2);
+        let nblocks = bits.len() / 64;
+        if nblocks == 0 || self.bloom_k != BLOOM_K {
+            return true;
         }
-        true
+        let block = &bits[bloom_block(h, nblocks) * 64..][..64];
+        bloom_bits(h).all(|b| block[b / 8] & (1 << (b % 8)) != 0)
     }
 
     /// The entry stored for exactly `key`.
