@@ -561,11 +561,17 @@ impl CoordinatorBuilder {
         for c in &retained {
             registry.register(&c.metadata);
         }
-        // Clean up what no completed checkpoint uses: unfinished checkpoint directories and
-        // shared files of earlier runs (an older coordinator is fenced by now).
+        // Clean up what no retained checkpoint uses: unfinished checkpoint directories, completed
+        // checkpoints beyond the retained ones (their shared files go below, so they could not
+        // be restored any more), and shared files of earlier runs (an older coordinator is
+        // fenced by now).
+        let retained_ids: BTreeSet<u64> =
+            retained.iter().map(|c| c.metadata.checkpoint_id).collect();
         for id in dir_ids {
             if !completed_in_log.contains(&id) {
                 storage.delete_prefix(&storage.checkpoint_dir(id))?;
+            } else if !retained_ids.contains(&id) {
+                discard_checkpoint_dir(&storage, id)?;
             }
         }
         for o in storage.list(&storage.shared_dir())? {
@@ -574,6 +580,9 @@ impl CoordinatorBuilder {
                     storage.delete(&o.location)?;
                 }
             }
+        }
+        if let Some(oldest) = retained.first() {
+            log.prune(oldest.metadata.checkpoint_id)?;
         }
         let protocol = Protocol::new(
             self.config.clone(),

@@ -403,3 +403,46 @@ fn futures_list(storage: &CheckpointStorage) -> Vec<String> {
     v.sort();
     v
 }
+
+#[test]
+fn a_restart_with_fewer_retained_checkpoints_discards_the_older_ones() {
+    let storage = memory_storage("job-r");
+    let config = CheckpointConfig {
+        incremental: true,
+        retained: 3,
+        retention_on_shutdown: RetentionOnShutdown::Retain,
+        ..Default::default()
+    };
+    let (coord, mut eps) = start(&storage, config.clone(), 1);
+    let mut subtasks = keyed(1);
+    for round in 1..=3 {
+        mutate(
+            &mut subtasks,
+            round,
+            (0..200).filter(|k| k % 3 == round % 3),
+        );
+        let p = coord.trigger_checkpoint().unwrap();
+        let id = answer_barrier(&mut eps, &mut subtasks);
+        p.wait(WAIT).unwrap();
+        expect_complete(&mut eps, id);
+    }
+    coord.shutdown().unwrap();
+    assert_eq!(checkpoint_dirs(&storage), vec![1, 2, 3]);
+    let expected = state_of(&mut subtasks, 200);
+
+    let config = CheckpointConfig {
+        retained: 1,
+        ..config
+    };
+    let (coord, _eps) = start(&storage, config, 1);
+    assert_eq!(checkpoint_dirs(&storage), vec![3]);
+    let latest = CompletedCheckpoint::latest(&storage).unwrap().unwrap();
+    assert_eq!(latest.metadata.checkpoint_id, 3);
+    let used: Vec<String> = registry::shared_files(&latest.metadata)
+        .into_iter()
+        .collect();
+    assert_eq!(futures_list(&storage), used);
+    let mut restored = restore(&storage, &latest, 2).unwrap();
+    assert_eq!(state_of(&mut restored, 200), expected);
+    coord.shutdown().unwrap();
+}
