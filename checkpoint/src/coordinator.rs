@@ -9,6 +9,43 @@
 //! A subtask handles a barrier on its own thread: [`SubtaskEndpoint::snapshot_heap`] (or
 //! [`SubtaskEndpoint::snapshot`]) takes the short synchronous snapshot and queues the upload on
 //! the coordinator's writer threads, which acknowledge when the files are written.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use std::time::Duration;
+//! use checkpoint::*;
+//! use state_api::{KeyedStateBackend, KeyedStateBackendExt, ValueStateDescriptor};
+//! use state_heap::HeapKeyedStateBackend;
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let store = Arc::new(object_store::memory::InMemory::new());
+//! let storage = CheckpointStorage::new(store, "checkpoints", "job-1")?;
+//! let mut builder = CheckpointCoordinator::builder(storage.clone(), CheckpointConfig::default());
+//! let mut endpoint = builder.register_subtask("counts", 0, 1, 128)?;
+//! let coordinator = builder.start()?;
+//!
+//! let mut backend = HeapKeyedStateBackend::<String>::builder().build()?;
+//! let count = backend.register_value(ValueStateDescriptor::<u64>::new("count")?)?;
+//! backend.set_current_key("ann".to_string())?;
+//! backend.value(&count).update(1)?;
+//!
+//! // Normally a periodic trigger; the subtask polls its endpoint between records.
+//! let pending = coordinator.trigger_checkpoint()?;
+//! while let Some(command) = endpoint.recv_timeout(Duration::from_secs(10)) {
+//!     if let SubtaskCommand::Barrier(barrier) = command {
+//!         endpoint.snapshot_heap(&barrier, &mut backend, None)?;
+//!         break;
+//!     }
+//! }
+//! let completed = pending.wait(Duration::from_secs(10))?;
+//! assert_eq!(completed.metadata.checkpoint_id, 1);
+//! assert!(matches!(
+//!     endpoint.recv_timeout(Duration::from_secs(10)),
+//!     Some(SubtaskCommand::CheckpointComplete { checkpoint_id: 1 })
+//! ));
+//! coordinator.shutdown()?;
+//! # Ok(()) }
+//! ```
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
