@@ -55,7 +55,7 @@ impl Op {
 
 /// Bytes charged per entry on top of the key (held twice) and the value: table slot, tree
 /// node share, vectors, enum.
-const ENTRY_OVERHEAD: usize = 96;
+const ENTRY_OVERHEAD: usize = 160;
 
 type Hasher = foldhash::fast::FixedState;
 
