@@ -229,7 +229,10 @@ fn run_lmdb(figs: &mut Figures, n: u64, seed: u64) -> Res<()> {
         )
     })?;
     figs.time("value add", n, || {
-        write(&mut |w, k| Ok(vdb.put(w, &key(k + n), &k.to_be_bytes())?), &order)
+        write(
+            &mut |w, k| Ok(vdb.put(w, &key(k + n), &k.to_be_bytes())?),
+            &order,
+        )
     })?;
     let append = |w: &mut heed::RwTxn, k: u64, add: &[u8]| -> Res<()> {
         let mut v = ldb.get(w, &key(k))?.map(<[u8]>::to_vec).unwrap_or_default();
@@ -259,7 +262,10 @@ fn run_lmdb(figs: &mut Figures, n: u64, seed: u64) -> Res<()> {
     let batch: Vec<u8> = (0..ADD_ALL).flat_map(|i| i.to_be_bytes()).collect();
     let few = n / 10;
     figs.time("list add_all(100)", few, || {
-        write(&mut |w, k| append(w, k + 2 * n, &batch), &order[..few as usize])
+        write(
+            &mut |w, k| append(w, k + 2 * n, &batch),
+            &order[..few as usize],
+        )
     })?;
     figs.time("map get", n, || {
         let r = env.read_txn()?;
@@ -296,16 +302,330 @@ fn run_lmdb(figs: &mut Figures, n: u64, seed: u64) -> Res<()> {
     Ok(())
 }
 
+/// RocksDB as Flink runs it: WAL off, a 256 MiB block cache, one column family per state
+/// kind, lists through an appending merge operator.
+#[cfg(feature = "rocksdb")]
+fn run_rocksdb(figs: &mut Figures, n: u64, seed: u64) -> Res<()> {
+    use rocksdb::{
+        BlockBasedOptions, Cache, ColumnFamilyDescriptor, Direction, IteratorMode, MergeOperands,
+        Options, WriteOptions, DB,
+    };
+    fn concat(_: &[u8], existing: Option<&[u8]>, ops: &MergeOperands) -> Option<Vec<u8>> {
+        let mut v = existing.map(<[u8]>::to_vec).unwrap_or_default();
+        for op in ops {
+            v.extend_from_slice(op);
+        }
+        Some(v)
+    }
+    let dir = tempfile::tempdir()?;
+    let cache = Cache::new_lru_cache(256 << 20);
+    let mut table = BlockBasedOptions::default();
+    table.set_block_cache(&cache);
+    let mut cf = Options::default();
+    cf.set_block_based_table_factory(&table);
+    cf.set_merge_operator_associative("append", concat);
+    let mut opts = Options::default();
+    opts.create_if_missing(true);
+    opts.create_missing_column_families(true);
+    let db = DB::open_cf_descriptors(
+        &opts,
+        dir.path(),
+        ["value", "list", "map"].map(|n| ColumnFamilyDescriptor::new(n, cf.clone())),
+    )?;
+    let (vcf, lcf, mcf) = (
+        db.cf_handle("value").ok_or("cf")?,
+        db.cf_handle("list").ok_or("cf")?,
+        db.cf_handle("map").ok_or("cf")?,
+    );
+    let mut wo = WriteOptions::default();
+    wo.disable_wal(true);
+    let key = |k: u64| {
+        let kb = k.to_be_bytes();
+        let kg = assign_to_key_group(&kb, MAX_PARALLELISM) as u16;
+        let mut out = [0u8; 10];
+        out[..2].copy_from_slice(&kg.to_be_bytes());
+        out[2..].copy_from_slice(&kb);
+        out
+    };
+    let mkey = |k: u64, uk: u64| {
+        let mut out = [0u8; 18];
+        out[..10].copy_from_slice(&key(k));
+        out[10..].copy_from_slice(&uk.to_be_bytes());
+        out
+    };
+    for k in 0..n {
+        db.put_cf_opt(&vcf, key(k), k.to_be_bytes(), &wo)?;
+        db.merge_cf_opt(&lcf, key(k), k.to_be_bytes(), &wo)?;
+        for i in 0..MAP_ENTRIES {
+            db.put_cf_opt(&mcf, mkey(k, i), (k + i).to_be_bytes(), &wo)?;
+        }
+    }
+    let order = shuffled(n, seed);
+    figs.time("value get", n, || {
+        for &k in &order {
+            std::hint::black_box(db.get_pinned_cf(&vcf, key(k))?.map(|v| v.len()));
+        }
+        Ok(())
+    })?;
+    figs.time("value update", n, || {
+        for &k in &order {
+            db.put_cf_opt(&vcf, key(k), (k + 1).to_be_bytes(), &wo)?;
+        }
+        Ok(())
+    })?;
+    figs.time("value add", n, || {
+        for &k in &order {
+            db.put_cf_opt(&vcf, key(k + n), k.to_be_bytes(), &wo)?;
+        }
+        Ok(())
+    })?;
+    figs.time("list add", n, || {
+        for &k in &order {
+            db.merge_cf_opt(&lcf, key(k + n), k.to_be_bytes(), &wo)?;
+        }
+        Ok(())
+    })?;
+    figs.time("list append", n, || {
+        for &k in &order {
+            db.merge_cf_opt(&lcf, key(k), k.to_be_bytes(), &wo)?;
+        }
+        Ok(())
+    })?;
+    figs.time("list get", n, || {
+        for &k in &order {
+            let v: Vec<u64> = db
+                .get_pinned_cf(&lcf, key(k))?
+                .map(|b| {
+                    b.chunks_exact(8)
+                        .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])))
+                        .collect()
+                })
+                .unwrap_or_default();
+            std::hint::black_box(v);
+        }
+        Ok(())
+    })?;
+    let batch: Vec<u8> = (0..ADD_ALL).flat_map(|i| i.to_be_bytes()).collect();
+    let few = n / 10;
+    figs.time("list add_all(100)", few, || {
+        for &k in &order[..few as usize] {
+            db.merge_cf_opt(&lcf, key(k + 2 * n), &batch, &wo)?;
+        }
+        Ok(())
+    })?;
+    figs.time("map get", n, || {
+        for &k in &order {
+            std::hint::black_box(
+                db.get_pinned_cf(&mcf, mkey(k, k % MAP_ENTRIES))?
+                    .map(|v| v.len()),
+            );
+        }
+        Ok(())
+    })?;
+    figs.time("map put", n, || {
+        for &k in &order {
+            db.put_cf_opt(&mcf, mkey(k, k % MAP_ENTRIES), k.to_be_bytes(), &wo)?;
+        }
+        Ok(())
+    })?;
+    figs.time("map contains", n, || {
+        for &k in &order {
+            std::hint::black_box(
+                db.get_pinned_cf(&mcf, mkey(k, k % (2 * MAP_ENTRIES)))?
+                    .is_some(),
+            );
+        }
+        Ok(())
+    })?;
+    figs.time("map iterate(10)", n, || {
+        for &k in &order {
+            let prefix = key(k);
+            let mut out = Vec::with_capacity(MAP_ENTRIES as usize);
+            for e in db.iterator_cf(&mcf, IteratorMode::From(&prefix, Direction::Forward)) {
+                let (k, v) = e?;
+                if !k.starts_with(&prefix) {
+                    break;
+                }
+                out.push((k.len(), v.len()));
+            }
+            std::hint::black_box(out);
+        }
+        Ok(())
+    })?;
+    Ok(())
+}
+
+/// Resident memory of the process from /proc/self/status: (peak total kB, current anonymous kB).
+fn rss() -> (u64, u64) {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        s.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmHWM:"), field("RssAnon:"))
+}
+
+fn dir_size(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| {
+                    let m = e.metadata().ok();
+                    if m.as_ref().is_some_and(|m| m.is_dir()) {
+                        dir_size(&e.path())
+                    } else {
+                        m.map(|m| m.len()).unwrap_or(0)
+                    }
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// Larger than the budget: `n` keys with 100-byte values, random gets and updates.
+fn large(n: u64, budget_mib: usize, which: &str) -> Res<()> {
+    let ops = n.min(2_000_000);
+    let order = shuffled(n, 7);
+    let value = vec![7u8; 100];
+    let dir = tempfile::tempdir()?;
+    let mut peak_anon = 0u64;
+    let t = Instant::now();
+    let (load, get, update);
+    if which == "mmap" {
+        let mut b = MmapKeyedStateBackend::<u64>::builder()
+            .key_serializer(FixedWidthSerializer::<u64>::new())
+            .memory_budget(budget_mib << 20)
+            .directory(dir.path())
+            .build()?;
+        let h = b.register_value(ValueStateDescriptor::<Vec<u8>>::new("v")?)?;
+        for k in 0..n {
+            b.set_current_key(k)?;
+            b.value(&h).update(value.clone())?;
+            if k % 1_000_000 == 0 {
+                peak_anon = peak_anon.max(rss().1);
+            }
+        }
+        b.flush()?;
+        load = n as f64 / t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        for &k in &order[..ops as usize] {
+            b.set_current_key(k)?;
+            std::hint::black_box(b.value(&h).get()?);
+        }
+        get = ops as f64 / t.elapsed().as_secs_f64();
+        peak_anon = peak_anon.max(rss().1);
+        let t = Instant::now();
+        for &k in &order[..ops as usize] {
+            b.set_current_key(k)?;
+            b.value(&h).update(value.clone())?;
+            if k % 100_000 == 0 {
+                peak_anon = peak_anon.max(rss().1);
+            }
+        }
+        update = ops as f64 / t.elapsed().as_secs_f64();
+        b.flush()?;
+    } else {
+        #[cfg(feature = "rocksdb")]
+        {
+            use rocksdb::{BlockBasedOptions, Cache, Options, WriteOptions, DB};
+            let budget = budget_mib << 20;
+            let cache = Cache::new_lru_cache(budget / 2);
+            let mut table = BlockBasedOptions::default();
+            table.set_block_cache(&cache);
+            table.set_cache_index_and_filter_blocks(true);
+            let mut opts = Options::default();
+            opts.create_if_missing(true);
+            opts.set_block_based_table_factory(&table);
+            opts.set_write_buffer_size(budget / 8);
+            opts.set_max_write_buffer_number(2);
+            let db = DB::open(&opts, dir.path())?;
+            let mut wo = WriteOptions::default();
+            wo.disable_wal(true);
+            let key = |k: u64| {
+                let kb = k.to_be_bytes();
+                let kg = assign_to_key_group(&kb, MAX_PARALLELISM) as u16;
+                let mut out = [0u8; 10];
+                out[..2].copy_from_slice(&kg.to_be_bytes());
+                out[2..].copy_from_slice(&kb);
+                out
+            };
+            for k in 0..n {
+                db.put_opt(key(k), &value, &wo)?;
+                if k % 1_000_000 == 0 {
+                    peak_anon = peak_anon.max(rss().1);
+                }
+            }
+            db.flush()?;
+            load = n as f64 / t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            for &k in &order[..ops as usize] {
+                std::hint::black_box(db.get_pinned(key(k))?.map(|v| v.len()));
+            }
+            get = ops as f64 / t.elapsed().as_secs_f64();
+            peak_anon = peak_anon.max(rss().1);
+            let t = Instant::now();
+            for &k in &order[..ops as usize] {
+                db.put_opt(key(k), &value, &wo)?;
+                if k % 100_000 == 0 {
+                    peak_anon = peak_anon.max(rss().1);
+                }
+            }
+            update = ops as f64 / t.elapsed().as_secs_f64();
+            db.flush()?;
+        }
+        #[cfg(not(feature = "rocksdb"))]
+        {
+            return Err("build with --features rocksdb".into());
+        }
+    }
+    let (hwm, _) = rss();
+    println!(
+        "| {which} | {n} | {budget_mib} MiB | {:.0}k | {:.0}k | {:.0}k | {} MiB | {} MiB | {} MiB |",
+        load / 1e3,
+        get / 1e3,
+        update / 1e3,
+        peak_anon / 1024,
+        hwm / 1024,
+        dir_size(dir.path()) >> 20
+    );
+    Ok(())
+}
+
 fn main() -> Res<()> {
     let mut args = std::env::args().skip(1);
-    let n: u64 = args.next().map(|a| a.parse()).transpose()?.unwrap_or(500_000);
+    if std::env::args().nth(1).as_deref() == Some("large") {
+        let _ = args.next();
+        let n: u64 = args
+            .next()
+            .map(|a| a.parse())
+            .transpose()?
+            .unwrap_or(5_000_000);
+        let budget: usize = args.next().map(|a| a.parse()).transpose()?.unwrap_or(64);
+        let which = args.next().unwrap_or_else(|| "mmap".into());
+        println!("| backend | keys | budget | load/s | random get/s | random update/s | peak anon RSS | peak RSS (incl. mapped pages) | disk |");
+        println!("|---|---|---|---|---|---|---|---|---|");
+        return large(n, budget, &which);
+    }
+    let n: u64 = args
+        .next()
+        .map(|a| a.parse())
+        .transpose()?
+        .unwrap_or(500_000);
     let rounds: u64 = args.next().map(|a| a.parse()).transpose()?.unwrap_or(3);
     let only: Option<String> = args.next();
-    let want = |name: &str| only.as_deref().is_none_or(|o| o.split(',').any(|x| x == name));
+    let want = |name: &str| {
+        only.as_deref()
+            .is_none_or(|o| o.split(',').any(|x| x == name))
+    };
     let mut results: Vec<(&str, Figures)> = Vec::new();
     let mut mmap = Figures::default();
     let mut heap = Figures::default();
     let mut lmdb = Figures::default();
+    #[cfg_attr(not(feature = "rocksdb"), allow(unused_mut))]
+    let mut rocks = Figures::default();
     for round in 0..rounds {
         let seed = 0x5eed + round;
         if want("mmap") {
@@ -324,11 +644,16 @@ fn main() -> Res<()> {
         if want("lmdb") {
             run_lmdb(&mut lmdb, n, seed)?;
         }
+        #[cfg(feature = "rocksdb")]
+        if want("rocksdb") {
+            run_rocksdb(&mut rocks, n, seed)?;
+        }
         eprintln!("round {} of {rounds} done", round + 1);
     }
     results.push(("state-mmap", mmap));
     results.push(("state-heap", heap));
     results.push(("LMDB (heed)", lmdb));
+    results.push(("RocksDB", rocks));
     println!(
         "{n} keys, {MAP_ENTRIES} map entries per key, add_all of {ADD_ALL}; median of {rounds} rounds, ops/s"
     );
@@ -336,7 +661,7 @@ fn main() -> Res<()> {
     for (name, _) in &results {
         print!(" {name} |");
     }
-    println!(" mmap / LMDB | mmap / heap |");
+    println!(" mmap / LMDB | mmap / RocksDB |");
     println!("|---|{}---|---|", "---|".repeat(results.len()));
     let fmt = |x: f64| {
         if x >= 1e6 {
@@ -351,8 +676,18 @@ fn main() -> Res<()> {
             print!(" {} |", fmt(f.median(w)));
         }
         let m = results[0].1.median(w);
-        let ratio = |d: f64| if d > 0.0 { format!("{:.2}", m / d) } else { "-".into() };
-        println!(" {} | {} |", ratio(results[2].1.median(w)), ratio(results[1].1.median(w)));
+        let ratio = |d: f64| {
+            if d > 0.0 {
+                format!("{:.2}", m / d)
+            } else {
+                "-".into()
+            }
+        };
+        println!(
+            " {} | {} |",
+            ratio(results[2].1.median(w)),
+            ratio(results[3].1.median(w))
+        );
     }
     Ok(())
 }
