@@ -360,7 +360,10 @@ impl ObjectWriter<'_> {
                 UPLOAD_PART_SIZE,
             ));
         }
-        let buf = std::mem::take(&mut self.buf);
+        let buf = std::mem::replace(
+            &mut self.buf,
+            Vec::with_capacity(UPLOAD_PART_SIZE + (1 << 20)),
+        );
         let res = match self.upload.as_mut() {
             Some(up) => {
                 let _enter = storage.rt.enter();
@@ -421,6 +424,9 @@ impl Write for ObjectWriter<'_> {
         }
         self.crc = crc32c::crc32c_append(self.crc, data);
         self.len += data.len() as u64;
+        if self.buf.capacity() == 0 {
+            self.buf.reserve(UPLOAD_PART_SIZE + (1 << 20));
+        }
         self.buf.extend_from_slice(data);
         if self.buf.len() >= UPLOAD_PART_SIZE {
             self.flush_parts()?;
