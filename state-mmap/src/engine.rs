@@ -563,14 +563,14 @@ impl Db {
         for m in std::iter::once(&self.mem).chain(self.imm.iter()) {
             match m.get(key) {
                 Some(Op::Put(v)) => {
-                    finish(Some(v), &ops, out);
+                    finish(Some(&v[..]), &ops, out);
                     return Ok(true);
                 }
                 Some(Op::Delete) => {
                     finish(None, &ops, out);
                     return Ok(!ops.is_empty());
                 }
-                Some(Op::Merge(v)) => ops.push(v),
+                Some(Op::Merge(v)) => ops.push(&v[..]),
                 None => {}
             }
         }

@@ -28,12 +28,108 @@ impl OpKind {
     }
 }
 
+/// Bytes stored inline up to 30 bytes (most state keys and small values), on the heap above:
+/// a new write-buffer entry usually allocates nothing.
+#[derive(Clone)]
+pub(crate) enum SmallBytes {
+    Inline { len: u8, buf: [u8; INLINE] },
+    Heap(Vec<u8>),
+}
+
+const INLINE: usize = 30;
+
+impl SmallBytes {
+    #[inline]
+    pub(crate) fn new(b: &[u8]) -> SmallBytes {
+        if b.len() <= INLINE {
+            let mut buf = [0u8; INLINE];
+            buf[..b.len()].copy_from_slice(b);
+            SmallBytes::Inline {
+                len: b.len() as u8,
+                buf,
+            }
+        } else {
+            SmallBytes::Heap(b.to_vec())
+        }
+    }
+
+    #[inline]
+    fn set(&mut self, b: &[u8]) {
+        match self {
+            SmallBytes::Heap(v) if b.len() > INLINE => {
+                v.clear();
+                v.extend_from_slice(b);
+            }
+            _ => *self = SmallBytes::new(b),
+        }
+    }
+
+    #[inline]
+    fn extend(&mut self, b: &[u8]) {
+        match self {
+            SmallBytes::Heap(v) => v.extend_from_slice(b),
+            SmallBytes::Inline { len, buf } => {
+                let n = usize::from(*len);
+                if n + b.len() <= INLINE {
+                    buf[n..n + b.len()].copy_from_slice(b);
+                    *len = (n + b.len()) as u8;
+                } else {
+                    let mut v = Vec::with_capacity((n + b.len()) * 2);
+                    v.extend_from_slice(&buf[..n]);
+                    v.extend_from_slice(b);
+                    *self = SmallBytes::Heap(v);
+                }
+            }
+        }
+    }
+}
+
+impl std::ops::Deref for SmallBytes {
+    type Target = [u8];
+    #[inline]
+    fn deref(&self) -> &[u8] {
+        match self {
+            SmallBytes::Inline { len, buf } => &buf[..usize::from(*len)],
+            SmallBytes::Heap(v) => v,
+        }
+    }
+}
+
+impl std::borrow::Borrow<[u8]> for SmallBytes {
+    #[inline]
+    fn borrow(&self) -> &[u8] {
+        self
+    }
+}
+
+impl PartialEq for SmallBytes {
+    #[inline]
+    fn eq(&self, o: &Self) -> bool {
+        **self == **o
+    }
+}
+impl Eq for SmallBytes {}
+
+impl std::hash::Hash for SmallBytes {
+    /// Hashes like `[u8]`, so lookups by `&[u8]` find it.
+    #[inline]
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        (**self).hash(h)
+    }
+}
+
+impl std::fmt::Debug for SmallBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:02x?}", &**self)
+    }
+}
+
 /// An operation held by a memtable. The merge operator is byte concatenation (list appends):
 /// `Put(a) + Merge(b) = Put(a ++ b)`, `Delete + Merge(b) = Put(b)`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum Op {
-    Put(Vec<u8>),
-    Merge(Vec<u8>),
+    Put(SmallBytes),
+    Merge(SmallBytes),
     Delete,
 }
 
@@ -64,14 +160,14 @@ type Hasher = foldhash::fast::FixedState;
 #[derive(Clone, Debug)]
 struct MemKey {
     head: u128,
-    bytes: Box<[u8]>,
+    bytes: SmallBytes,
 }
 
 impl MemKey {
     fn new(b: &[u8]) -> MemKey {
         MemKey {
             head: head_of(b),
-            bytes: b.into(),
+            bytes: SmallBytes::new(b),
         }
     }
 }
@@ -111,7 +207,7 @@ impl Ord for MemKey {
 /// set of its keys (touched only when a key is new) for flushes and range scans.
 #[derive(Clone, Default)]
 pub(crate) struct Memtable {
-    map: hashbrown::HashMap<Box<[u8]>, Op, Hasher>,
+    map: hashbrown::HashMap<SmallBytes, Op, Hasher>,
     order: BTreeSet<MemKey>,
     bytes: usize,
     prefix: Option<PrefixExtractor>,
@@ -187,7 +283,7 @@ impl Memtable {
         }
         self.bytes += 2 * key.len() + op.value().len() + ENTRY_OVERHEAD;
         self.order.insert(MemKey::new(key));
-        self.map.insert(key.into(), op);
+        self.map.insert(SmallBytes::new(key), op);
     }
 
     fn set(&mut self, key: &[u8], op: Op) {
@@ -206,11 +302,10 @@ impl Memtable {
         if let Some(Op::Put(v)) = self.map.get_mut(key) {
             // Reuse the allocation for the common overwrite.
             self.bytes = self.bytes.saturating_sub(v.len()) + value.len();
-            v.clear();
-            v.extend_from_slice(value);
+            v.set(value);
             return;
         }
-        self.set(key, Op::Put(value.to_vec()));
+        self.set(key, Op::Put(SmallBytes::new(value)));
     }
 
     pub(crate) fn delete(&mut self, key: &[u8]) {
@@ -221,14 +316,14 @@ impl Memtable {
     pub(crate) fn merge(&mut self, key: &[u8], operand: &[u8]) {
         match self.map.get_mut(key) {
             Some(Op::Put(v)) | Some(Op::Merge(v)) => {
-                v.extend_from_slice(operand);
+                v.extend(operand);
                 self.bytes += operand.len();
             }
             Some(op @ Op::Delete) => {
-                *op = Op::Put(operand.to_vec());
+                *op = Op::Put(SmallBytes::new(operand));
                 self.bytes += operand.len();
             }
-            None => self.insert_new(key, Op::Merge(operand.to_vec())),
+            None => self.insert_new(key, Op::Merge(SmallBytes::new(operand))),
         }
     }
 }
