@@ -249,6 +249,7 @@ fn run_job(dir: &FsPath) -> std::result::Result<(), Box<dyn std::error::Error>> 
     }
     let coordinator = builder.start()?;
     let epoch = coordinator.epoch();
+    let events = coordinator.subscribe();
 
     let mut exhausted_at: Option<u64> = None;
     let mut last_barrier = 0u64;
@@ -283,6 +284,9 @@ fn run_job(dir: &FsPath) -> std::result::Result<(), Box<dyn std::error::Error>> 
             exhausted_at = Some(last_barrier);
         }
         std::thread::sleep(Duration::from_millis(1));
+        if let Ok(CheckpointEvent::JobFailed { reason }) = events.try_recv() {
+            return Err(format!("the job failed: {reason}").into());
+        }
         // Barriers: every subtask snapshots before processing resumes (a consistent cut).
         let mut barrier: Option<(usize, Barrier)> = None;
         let mut completed = Vec::new();
@@ -560,7 +564,22 @@ fn run_with_kills(parallelisms: &[u32], incremental: bool, seed: u64) {
                 ),
             }
         } else {
-            let status = child.wait().unwrap();
+            // The job ends by itself; a hang is a failure, not a stuck test.
+            let deadline = Instant::now() + Duration::from_secs(300);
+            let status = loop {
+                if let Some(status) = child.try_wait().unwrap() {
+                    break status;
+                }
+                if Instant::now() > deadline {
+                    child.kill().unwrap();
+                    child.wait().unwrap();
+                    panic!(
+                        "cycle {cycle}: the job did not finish: {}",
+                        std::fs::read_to_string(&log).unwrap_or_default()
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            };
             assert!(
                 status.success(),
                 "cycle {cycle}: the job failed: {}",
