@@ -419,11 +419,12 @@ impl Db {
         let (jobs_tx, jobs_rx) = crossbeam_channel::unbounded();
         let (done_tx, done_rx) = crossbeam_channel::unbounded();
         let prefix = opts.prefix_extractor.clone();
+        let buffer = opts.write_buffer_bytes();
         Ok(Db {
             dir,
             db_id,
             opts,
-            mem: Arc::new(Memtable::new(prefix)),
+            mem: Arc::new(Memtable::new(prefix, buffer)),
             imm: Vec::new(),
             runs,
             next_file,
@@ -496,7 +497,7 @@ impl Db {
             dir: PathBuf::new(),
             db_id: 0,
             opts: EngineOptions::default(),
-            mem: Arc::new(Memtable::new(None)),
+            mem: Arc::new(Memtable::new(None, 0)),
             imm: Vec::new(),
             runs: Vec::new(),
             next_file: Arc::new(AtomicU64::new(0)),
@@ -804,7 +805,10 @@ impl Db {
         while self.imm.len() >= EngineOptions::MAX_IMMUTABLE {
             self.wait_one()?;
         }
-        let fresh = Memtable::new(self.opts.prefix_extractor.clone());
+        let fresh = Memtable::new(
+            self.opts.prefix_extractor.clone(),
+            self.opts.write_buffer_bytes(),
+        );
         let mem = std::mem::replace(&mut self.mem, Arc::new(fresh));
         self.imm.insert(0, Arc::clone(&mem));
         let number = self.next_file.fetch_add(1, Ordering::SeqCst);

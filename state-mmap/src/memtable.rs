@@ -224,9 +224,13 @@ impl std::fmt::Debug for Memtable {
 }
 
 impl Memtable {
-    pub(crate) fn new(prefix: Option<PrefixExtractor>) -> Self {
+    /// A buffer expected to hold about `bytes` bytes (its hash table is sized up front, so it
+    /// never rehashes while it fills).
+    pub(crate) fn new(prefix: Option<PrefixExtractor>, bytes: usize) -> Self {
+        let entries = bytes / 256;
         Memtable {
             prefix,
+            map: hashbrown::HashMap::with_capacity_and_hasher(entries, Hasher::default()),
             ..Memtable::default()
         }
     }

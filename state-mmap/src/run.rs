@@ -717,12 +717,26 @@ impl<'a> Block<'a> {
         })
     }
 
+    /// Only the key of entry `i` (what searches compare).
+    #[inline]
+    fn key_at(&self, i: usize, run: &RunFile) -> Result<&'a [u8]> {
+        let o = be32(&self.data[self.offsets_at + i * 4..]) as usize;
+        let ks = o + 9;
+        let klen = self.data.get(o + 1..ks).map(be32).ok_or_else(|| {
+            run.corrupt(self.base as usize + o, "entry out of bounds in data block")
+        })? as usize;
+        match ks.checked_add(klen) {
+            Some(ke) if ke <= self.offsets_at => Ok(&self.data[ks..ke]),
+            _ => Err(run.corrupt(self.base as usize + o, "entry out of bounds in data block")),
+        }
+    }
+
     /// Index of the first entry with key `>= key`.
     pub(crate) fn lower_bound(&self, key: &[u8], run: &RunFile) -> Result<usize> {
         let (mut lo, mut hi) = (0usize, self.count);
         while lo < hi {
             let mid = (lo + hi) / 2;
-            if self.entry(mid, run)?.key < key {
+            if self.key_at(mid, run)? < key {
                 lo = mid + 1;
             } else {
                 hi = mid;
