@@ -575,10 +575,11 @@ impl Db {
                 None => {}
             }
         }
+        let hash = crate::run::key_hash(key);
         for r in &self.runs {
             let i = r.partition_point(|f| f.last_key() < key);
             let Some(f) = r.get(i) else { continue };
-            if let Some(e) = f.get(key)? {
+            if let Some(e) = f.get(key, hash)? {
                 match e.kind {
                     OpKind::Put => {
                         finish(Some(e.value), &ops, out);

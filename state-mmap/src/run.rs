@@ -35,6 +35,12 @@ fn be64(b: &[u8]) -> u64 {
     u64::from_be_bytes(a)
 }
 
+/// The bloom-filter hash of a whole key (compute it once per lookup over many files).
+#[inline]
+pub(crate) fn key_hash(key: &[u8]) -> u64 {
+    bloom_hash(key)
+}
+
 #[inline]
 fn bloom_hash(key: &[u8]) -> u64 {
     xxhash_rust::xxh3::xxh3_64_with_seed(key, 0x0b10_0f11)
@@ -638,12 +644,6 @@ impl RunFile {
         Ok((lo < self.index_count).then_some(lo))
     }
 
-    /// False when the bloom filter proves `key` is absent.
-    #[inline]
-    pub(crate) fn may_contain(&self, key: &[u8]) -> bool {
-        self.may_contain_hash(bloom_hash(key))
-    }
-
     /// False when the file holds no key with the scan prefix hashed to `h` (only files written
     /// with a prefix extractor know; others answer true).
     #[inline]
@@ -662,13 +662,13 @@ impl RunFile {
         bloom_bits(h).all(|b| block[b / 8] & (1 << (b % 8)) != 0)
     }
 
-    /// The entry stored for exactly `key`.
+    /// The entry stored for exactly `key`, whose [`key_hash`] is `hash`.
     #[inline]
-    pub(crate) fn get(&self, key: &[u8]) -> Result<Option<RawEntry<'_>>> {
+    pub(crate) fn get(&self, key: &[u8], hash: u64) -> Result<Option<RawEntry<'_>>> {
         if key < &self.first_key[..]
             || key > &self.last_key[..]
             || !self.visible(key)
-            || !self.may_contain(key)
+            || !self.may_contain_hash(hash)
         {
             return Ok(None);
         }
