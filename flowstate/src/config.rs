@@ -493,23 +493,28 @@ impl ConfigLoader {
         Ok(self)
     }
 
-    /// Applies `FLOWSTATE_…` variables from `vars`; other variables are ignored, an unknown
-    /// `FLOWSTATE_…` variable is an error.
+    /// Applies `FLOWSTATE_…` variables from `vars`; other variables are ignored. A
+    /// `FLOWSTATE_…` variable that is not a key is not an error (tests and tools use the prefix
+    /// too), but one that is a near miss of a key — a typo — is: it names the key it resembles.
     pub fn env_vars<K: AsRef<str>, V: AsRef<str>>(
         mut self,
         vars: impl IntoIterator<Item = (K, V)>,
     ) -> Result<Self, ConfigError> {
         for (name, value) in vars {
             let name = name.as_ref();
-            if !name.starts_with("FLOWSTATE_") || FLOWSTATE_NON_CONFIG_VARS.contains(&name) {
+            if !name.starts_with("FLOWSTATE_") {
                 continue;
             }
             let origin = Origin::Env(name.to_string());
-            let doc = KEYS
-                .iter()
-                .find(|k| k.env_var() == name)
-                .ok_or_else(|| unknown(name, origin.clone()))?;
-            self = self.put(doc.key, value.as_ref().to_string(), origin)?;
+            match KEYS.iter().find(|k| k.env_var() == name) {
+                Some(doc) => self = self.put(doc.key, value.as_ref().to_string(), origin)?,
+                None => {
+                    let near = KEYS.iter().any(|k| distance(name, &k.env_var()) <= 2);
+                    if near {
+                        return Err(unknown(name, origin));
+                    }
+                }
+            }
         }
         Ok(self)
     }
@@ -673,14 +678,6 @@ impl ConfigLoader {
     }
 }
 
-/// Variables with the `FLOWSTATE_` prefix that are not configuration keys (used by the tests).
-const FLOWSTATE_NON_CONFIG_VARS: &[&str] = &[
-    "FLOWSTATE_REQUIRE_S3",
-    "FLOWSTATE_S3_STATE_DIR",
-    "FLOWSTATE_S3_TEST_ENDPOINT",
-    "FLOWSTATE_WEED_BIN",
-];
-
 fn describe(ty: KeyType) -> String {
     match ty {
         KeyType::Str | KeyType::Secret => "a string".into(),
@@ -806,6 +803,7 @@ mod tests {
                 ("FLOWSTATE_STATE_CHECKPOINTS_RETAINED", "4"),
                 ("PATH", "/bin"),
                 ("FLOWSTATE_REQUIRE_S3", "1"),
+                ("FLOWSTATE_S3_TEST_BUCKET", "b"),
             ])
             .unwrap();
         let l = l.set("state.checkpoints.interval", "40s").unwrap();
