@@ -197,6 +197,7 @@ struct TaskInfo {
     parallelism: u32,
     max_parallelism: u32,
     commands: Sender<SubtaskCommand>,
+    native: Arc<Mutex<NativeKnown>>,
 }
 
 /// The subtask's side of the coordinator: barriers and notifications in, snapshots out.
@@ -477,6 +478,7 @@ pub struct CoordinatorBuilder {
     write_threads: usize,
     write_parts: usize,
     tasks: Vec<TaskInfo>,
+    restored_from: Option<CompletedCheckpoint>,
     to_coordinator: (Sender<Msg>, Receiver<Msg>),
     writes: (Sender<WriteJob>, Receiver<WriteJob>),
 }
@@ -511,6 +513,14 @@ impl CoordinatorBuilder {
         self
     }
 
+    /// Tells the coordinator which checkpoint the subtasks were restored from. If it is one of
+    /// the job's retained checkpoints, the backend-native files it holds are referenced by the
+    /// next native checkpoints instead of being uploaded again.
+    pub fn restored_from(mut self, checkpoint: &CompletedCheckpoint) -> Self {
+        self.restored_from = Some(checkpoint.clone());
+        self
+    }
+
     /// Registers subtask `subtask` of `operator_id` and returns its endpoint.
     pub fn register_subtask(
         &mut self,
@@ -533,12 +543,14 @@ impl CoordinatorBuilder {
         }
         let (tx, rx) = unbounded();
         let task = self.tasks.len();
+        let native: Arc<Mutex<NativeKnown>> = Arc::default();
         self.tasks.push(TaskInfo {
             operator_id: operator_id.to_string(),
             subtask,
             parallelism,
             max_parallelism,
             commands: tx,
+            native: Arc::clone(&native),
         });
         let inc = Arc::new(Mutex::new(IncrementalState::default()));
         Ok(SubtaskEndpoint {
@@ -553,7 +565,7 @@ impl CoordinatorBuilder {
             incremental: self.config.incremental,
             write_parts: self.write_parts,
             inc,
-            native: Arc::default(),
+            native,
         })
     }
 
@@ -620,6 +632,34 @@ impl CoordinatorBuilder {
         }
         if let Some(oldest) = retained.first() {
             log.prune(oldest.metadata.checkpoint_id)?;
+        }
+        // Native files of the restored checkpoint are on the store and referenced by a
+        // retained checkpoint: the subtasks may reference them instead of uploading them.
+        if let Some(r) = &self.restored_from {
+            let is_retained = retained.iter().any(|c| c.path == r.path);
+            for t in self.tasks.iter().filter(|_| is_retained) {
+                let Some(op) = r.metadata.operator(&t.operator_id) else {
+                    continue;
+                };
+                let Ok(range) =
+                    KeyGroupRange::for_operator(t.max_parallelism, t.parallelism, t.subtask)
+                else {
+                    continue;
+                };
+                if let Ok(mut known) = t.native.lock() {
+                    for f in op
+                        .subtasks
+                        .iter()
+                        .filter_map(|s| s.native.as_ref())
+                        .filter(|n| !n.key_group_range.intersect(&range).is_empty())
+                        .flat_map(|n| n.files.iter())
+                    {
+                        known
+                            .confirmed
+                            .insert(f.file.location.name().to_string(), f.file.clone());
+                    }
+                }
+            }
         }
         let protocol = Protocol::new(
             self.config.clone(),
@@ -782,6 +822,7 @@ impl CheckpointCoordinator {
             write_threads: 2,
             write_parts: std::thread::available_parallelism().map_or(1, |n| n.get().min(4)),
             tasks: Vec::new(),
+            restored_from: None,
             to_coordinator: unbounded(),
             writes: (wtx, wrx),
         }

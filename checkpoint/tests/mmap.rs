@@ -59,6 +59,20 @@ fn shared_on_store(storage: &CheckpointStorage) -> BTreeSet<String> {
     .collect()
 }
 
+fn etags(storage: &CheckpointStorage) -> BTreeMap<String, Option<String>> {
+    use futures::TryStreamExt;
+    block_on(
+        storage
+            .store()
+            .list(Some(&storage.shared_dir()))
+            .try_collect::<Vec<_>>(),
+    )
+    .unwrap()
+    .into_iter()
+    .map(|m| (m.location.filename().unwrap().to_string(), m.e_tag))
+    .collect()
+}
+
 fn names(c: &CompletedCheckpoint) -> BTreeMap<String, u64> {
     c.metadata
         .files()
@@ -100,6 +114,7 @@ fn native_incremental_checkpoints_upload_only_new_files_and_restore_rescaled() {
             add(b, k, round);
             *model.entry(k).or_insert(0) += round;
         }
+        let tags_before = etags(&storage);
         let p = coord.trigger_checkpoint().unwrap();
         for (ep, b) in eps.iter_mut().zip(backends.iter_mut()) {
             let SubtaskCommand::Barrier(barrier) = ep.recv_timeout(WAIT).unwrap() else {
@@ -120,10 +135,16 @@ fn native_incremental_checkpoints_upload_only_new_files_and_restore_rescaled() {
             .iter()
             .all(|s| s.native.is_some() && s.keyed.is_none()));
         let now = names(&done);
+        let tags_after = etags(&storage);
         if let Some(prev) = &previous {
+            // Referenced, not uploaded again: same name as before and the same e-tag.
             let reused: u64 = now
                 .iter()
-                .filter(|(n, _)| prev.contains_key(*n))
+                .filter(|(n, _)| {
+                    prev.contains_key(*n)
+                        && tags_before.contains_key(*n)
+                        && tags_before.get(*n) == tags_after.get(*n)
+                })
                 .map(|(_, s)| s)
                 .sum();
             let total: u64 = now.values().sum();
@@ -148,12 +169,14 @@ fn native_incremental_checkpoints_upload_only_new_files_and_restore_rescaled() {
     // Restore at parallelism 3 into fresh mmap backends.
     let download = tempfile::tempdir().unwrap();
     let mut got = BTreeMap::new();
+    let rdirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut rescaled = Vec::new();
     for i in 0..3u32 {
-        let dir = tempfile::tempdir().unwrap();
-        let mut b = mmap(3, i, dir.path());
+        let mut b = mmap(3, i, rdirs[i as usize].path());
         done.restore_mmap(&storage, "agg", i, &mut b, download.path())
             .unwrap();
         got.extend(dump(&mut b));
+        rescaled.push(b);
     }
     assert_eq!(got, model);
     // Native state does not restore into another backend.
@@ -181,6 +204,52 @@ fn native_incremental_checkpoints_upload_only_new_files_and_restore_rescaled() {
     sp.restore_keyed(&storage, "agg", 0, &mut heap.backend)
         .unwrap();
     assert_eq!(dump(&mut heap.backend), model);
+
+    // The job restarts at parallelism 3 from the latest checkpoint (the old coordinator is
+    // gone as in a crash): the first native checkpoint references the restored files.
+    drop(coord);
+    let config = CheckpointConfig {
+        incremental: true,
+        retained: 2,
+        ..Default::default()
+    };
+    let latest = CompletedCheckpoint::latest(&storage).unwrap().unwrap();
+    assert_eq!(latest.metadata, done.metadata);
+    let mut builder =
+        CheckpointCoordinator::builder(storage.clone(), config).restored_from(&latest);
+    let mut eps: Vec<_> = (0..3)
+        .map(|i| builder.register_subtask("agg", i, 3, MAX_P).unwrap())
+        .collect();
+    let coord = builder.start().unwrap();
+    let tags_before = etags(&storage);
+    let p = coord.trigger_checkpoint().unwrap();
+    for (ep, b) in eps.iter_mut().zip(rescaled.iter_mut()) {
+        let SubtaskCommand::Barrier(barrier) = ep.recv_timeout(WAIT).unwrap() else {
+            panic!("a barrier")
+        };
+        ep.snapshot_mmap(&barrier, b, None).unwrap();
+    }
+    let after = p.wait(WAIT).unwrap();
+    // Files not uploaded again keep their e-tag (the in-memory store counts puts).
+    let tags_after = etags(&storage);
+    let now = names(&after);
+    let reused: u64 = now
+        .iter()
+        .filter(|(n, _)| tags_before.contains_key(*n) && tags_before.get(*n) == tags_after.get(*n))
+        .map(|(_, s)| s)
+        .sum();
+    let total: u64 = now.values().sum();
+    assert!(reused * 2 > total, "reused {reused} of {total}");
+    let mut got = BTreeMap::new();
+    for i in 0..2u32 {
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = mmap(2, i, dir.path());
+        after
+            .restore_mmap(&storage, "agg", i, &mut b, download.path())
+            .unwrap();
+        got.extend(dump(&mut b));
+    }
+    assert_eq!(got, model);
     coord.shutdown().unwrap();
     assert!(shared_on_store(&storage).is_empty());
 }
