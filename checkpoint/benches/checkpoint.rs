@@ -41,6 +41,20 @@ fn key_group(k: u64) -> u32 {
     assign_to_key_group(&b, MAX_P)
 }
 
+/// CPU time (user + system) of this process so far, from /proc (Linux); 0 elsewhere.
+fn cpu_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0.0;
+    };
+    // Fields after the command name (which is in parentheses): utime is the 12th, stime the 13th.
+    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+        return 0.0;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
 /// Sequential write of `bytes` in 8 MiB writes, then fsync; returns MB/s.
 fn sequential_write(dir: &std::path::Path, bytes: u64) -> (f64, f64) {
     let path = dir.join("seq-write-probe");
@@ -171,8 +185,11 @@ fn main() {
     let mut runs = Vec::new();
     let mut seq = Vec::new();
     let mut done = None;
+    let mut cpu = Vec::new();
     for _ in 0..3 {
+        let c0 = cpu_seconds();
         let (pause, total, d) = checkpoint_once(&mut full, &mut backend);
+        cpu.push(cpu_seconds() - c0);
         let bytes: u64 = d.metadata.files().map(|f| f.size).sum();
         runs.push((total, pause, bytes));
         seq.push(sequential_write(dir, bytes));
@@ -188,6 +205,9 @@ fn main() {
     let (_, seq_synced) = seq[1];
     let ckpt_speed = mb(bytes) / total.as_secs_f64();
     println!("full checkpoint (median of 3): sync pause {:.3} ms (max {:.3} ms), total {:.2} s, {:.1} MB written, {:.0} MB/s", pause.as_secs_f64() * 1e3, max_pause.as_secs_f64() * 1e3, total.as_secs_f64(), mb(bytes), ckpt_speed);
+    cpu.sort_by(f64::total_cmp);
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!("full checkpoint CPU time (median of 3): {:.2} s ({:.0} MB per CPU second); load average: {}", cpu[1], mb(bytes) / cpu[1].max(1e-9), load.split_whitespace().take(3).collect::<Vec<_>>().join(" "));
     println!("sequential write of the same size (median of 3): {seq_buffered:.0} MB/s buffered, {seq_synced:.0} MB/s with fsync; the checkpoint (not fsynced) reaches {:.0}% of the buffered speed", 100.0 * ckpt_speed / seq_buffered);
 
     // Restore (all key groups, then half of them).
