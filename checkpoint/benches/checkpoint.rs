@@ -180,6 +180,26 @@ fn main() {
         mb(summary.bytes) / t.elapsed().as_secs_f64()
     );
 
+    if std::env::var("FLOWSTATE_BENCH_PROBE").is_ok() {
+        let all: Vec<u32> = (0..MAX_P).collect();
+        for parts in [1usize, 2] {
+            let views: Vec<_> = split_key_groups(&all, parts)
+                .into_iter()
+                .map(|kgs| backend.snapshot_heap().restrict_to(kgs))
+                .collect();
+            let (t, c0) = (Instant::now(), cpu_seconds());
+            std::thread::scope(|s| {
+                for v in &views {
+                    s.spawn(move || {
+                        let mut sink = std::io::sink();
+                        v.write_to(&mut sink).unwrap();
+                    });
+                }
+            });
+            println!("probe: {parts} part(s) to a sink: {:.2} s wall, {:.2} s CPU", t.elapsed().as_secs_f64(), cpu_seconds() - c0);
+        }
+    }
+
     // Full checkpoints and sequential writes of the same size, alternated; medians of 3.
     let mut full = start(dir, "full", false);
     let mut runs = Vec::new();
