@@ -196,7 +196,11 @@ fn main() {
                     });
                 }
             });
-            println!("probe: {parts} part(s) to a sink: {:.2} s wall, {:.2} s CPU", t.elapsed().as_secs_f64(), cpu_seconds() - c0);
+            println!(
+                "probe: {parts} part(s) to a sink: {:.2} s wall, {:.2} s CPU",
+                t.elapsed().as_secs_f64(),
+                cpu_seconds() - c0
+            );
         }
     }
 

@@ -97,11 +97,28 @@ pub fn commit_checkpoint(
     let bytes = metadata.encode()?;
     log.check_not_fenced(checkpoint_id)?;
     let path = storage.metadata_path(checkpoint_id);
-    if !storage.put_if_absent(&path, bytes)? {
-        return Err(Error::CheckpointFailed {
-            checkpoint_id,
-            reason: format!("'{path}' already exists (written by another coordinator?)"),
-        });
+    if !storage.put_if_absent(&path, bytes.clone())? {
+        // A coordinator of an older epoch may have used the same id just before this one
+        // claimed the job: it can never commit it (its log append collides with the claim),
+        // so its metadata is garbage and may go.
+        let stale = match CompletedCheckpoint::load(storage, &path) {
+            Ok(c) => c.metadata.epoch < log.epoch(),
+            Err(Error::MissingFile { .. }) => true,
+            Err(_) => false,
+        };
+        if !stale {
+            return Err(Error::CheckpointFailed {
+                checkpoint_id,
+                reason: format!("'{path}' already exists (written by another coordinator?)"),
+            });
+        }
+        storage.delete(&path)?;
+        if !storage.put_if_absent(&path, bytes)? {
+            return Err(Error::CheckpointFailed {
+                checkpoint_id,
+                reason: format!("'{path}' was written again by another coordinator"),
+            });
+        }
     }
     if let Err(e) = log.commit(checkpoint_id) {
         let _ = storage.delete(&path);

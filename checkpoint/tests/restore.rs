@@ -242,3 +242,42 @@ impl<F: std::future::Future<Output = object_store::Result<object_store::GetResul
 fn put(storage: &CheckpointStorage, path: &object_store::path::Path, bytes: Vec<u8>) {
     block_on(storage.store().put(path, PutPayload::from(bytes))).unwrap();
 }
+
+#[test]
+fn stale_metadata_of_a_fenced_coordinator_does_not_block_the_same_id() {
+    let storage = memory_storage("job-e");
+    let mut old = CommitLog::claim(&storage).unwrap();
+    let mut subtasks = populated(1);
+    checkpoint(&storage, &mut old, 1, &mut subtasks).unwrap();
+    let mut new = CommitLog::claim(&storage).unwrap();
+    // The old coordinator got as far as writing the metadata of checkpoint 2.
+    assert!(checkpoint(&storage, &mut old, 2, &mut subtasks)
+        .unwrap_err()
+        .is_fenced());
+    let stale = CheckpointMetadata {
+        epoch: old.epoch(),
+        checkpoint_id: 2,
+        ..CompletedCheckpoint::latest(&storage)
+            .unwrap()
+            .unwrap()
+            .metadata
+    };
+    put(&storage, &storage.metadata_path(2), stale.encode().unwrap());
+    // The new coordinator commits checkpoint 2 anyway.
+    let done = checkpoint(&storage, &mut new, 2, &mut subtasks).unwrap();
+    assert_eq!(done.metadata.epoch, new.epoch());
+    let latest = CompletedCheckpoint::latest(&storage).unwrap().unwrap();
+    assert_eq!(
+        (latest.metadata.checkpoint_id, latest.metadata.epoch),
+        (2, new.epoch())
+    );
+    // Metadata of a newer epoch is never replaced.
+    let newer = CheckpointMetadata {
+        epoch: new.epoch() + 5,
+        checkpoint_id: 3,
+        ..latest.metadata.clone()
+    };
+    put(&storage, &storage.metadata_path(3), newer.encode().unwrap());
+    let err = checkpoint(&storage, &mut new, 3, &mut subtasks).unwrap_err();
+    assert!(err.to_string().contains("already exists"), "{err}");
+}
