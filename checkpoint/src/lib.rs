@@ -9,17 +9,19 @@
 //!   tolerable failures) as plain code with Flink's options and defaults ([`CheckpointConfig`]).
 //! - [`storage`]: the layout under a checkpoint root on any `Arc<dyn ObjectStore>`
 //!   (`<job>/chk-<n>/_metadata`, `<job>/chk-<n>/…`, `<job>/shared/…`, `savepoints/savepoint-<id>/`).
-//! - [`format`](mod@format): the `_metadata` file (magic, version, ids, per operator and subtask: state
-//!   handles with per-key-group offsets, serializer snapshots, operator state; CRC32C over
-//!   everything; every length bounded on read). Byte layout in `docs/checkpoint-format.md`.
+//! - [`format`](mod@format): the `_metadata` file (magic, version, ids, per operator and
+//!   subtask: state handles with per-key-group offsets, serializer snapshots, operator state;
+//!   CRC32C over everything; every length bounded on read). Byte layout in
+//!   `docs/checkpoint-format.md`.
 //! - [`write`](mod@write): the asynchronous part of a snapshot: full or incremental canonical
 //!   streams (split by key group into parts written in parallel), or a backend's native files
 //!   (the mmap backend's immutable files, uploaded once and referenced afterwards).
 //! - [`registry`]: reference counts of the incremental files in `shared/`.
 //! - [`commit`]: the commit log that fences stale coordinators with create-only puts.
 //! - [`restore`]: restore the latest checkpoint or a given checkpoint/savepoint path at the same
-//!   or another parallelism, reading only the owned key groups by range reads; operator state
-//!   redistributed (even split, union, broadcast); every damage a named error.
+//!   or another parallelism, reading only the owned key groups by range reads (or, for the mmap
+//!   backend's native checkpoints, downloading only the files holding owned key groups);
+//!   operator state redistributed (even split, union, broadcast); every damage a named error.
 //!
 //! The crate talks to storage only through `object_store`; `storage-s3` builds stores from URLs.
 //! Its blocking calls run on a small internal tokio runtime: do not call them from inside an
