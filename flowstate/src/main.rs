@@ -109,7 +109,10 @@ struct RunArgs {
 
 #[derive(Subcommand, Debug)]
 enum CheckpointsCmd {
-    /// Completed checkpoints of a job: id, time, size, full/incremental.
+    /// Completed checkpoints of a job: id, time, size, full/incremental, duration.
+    #[command(
+        after_help = "Example:\n  flowstate checkpoints list /tmp/flowstate/checkpoints --job nexmark"
+    )]
     List {
         /// The checkpoint root (URL or path).
         dir: String,
@@ -120,7 +123,10 @@ enum CheckpointsCmd {
         #[arg(long)]
         config: Option<PathBuf>,
     },
-    /// Operators, states, key groups and sizes of a checkpoint or savepoint.
+    /// Operators, states (kind, serializers), key groups, entries and bytes of a checkpoint or savepoint.
+    #[command(
+        after_help = "Examples:\n  flowstate checkpoints inspect /tmp/flowstate/checkpoints/nexmark/chk-7\n  flowstate checkpoints inspect s3://bucket/ck/nexmark/chk-7 --json --config flowstate.toml"
+    )]
     Inspect {
         /// The checkpoint or savepoint directory (or its `_metadata`), as a URL or path.
         path: String,
@@ -154,6 +160,7 @@ struct SavepointArgs {
 #[derive(Subcommand, Debug)]
 enum StateCmd {
     /// Print the value of one state for one key.
+    #[command(after_help = EXAMPLES_STATE)]
     Get {
         /// The checkpoint or savepoint (URL or path).
         path: String,

@@ -130,9 +130,51 @@ fn c_size(bytes: u64) -> String {
     }
 }
 
+/// The number of records of a keyed state file, read from its end marker (the last
+/// `17 + 20 × blocks` bytes: tag, block count, block index, record count, checksum).
+fn records_of(
+    rt: &tokio::runtime::Runtime,
+    storage: &CheckpointStorage,
+    c: &CompletedCheckpoint,
+    f: &checkpoint::KeyedStateFile,
+) -> Result<u64, JobError> {
+    let tail = 17 + 20 * f.key_groups.len() as u64;
+    let size = f.file.size;
+    if size < tail {
+        return Err(format!(
+            "state file {} is shorter than its end marker",
+            f.file.location.name()
+        )
+        .into());
+    }
+    let path = c.file_path(&f.file.location);
+    let bytes = rt.block_on(storage.store().get_range(&path, size - tail..size))?;
+    let at = bytes.len().saturating_sub(12);
+    let raw: [u8; 8] = bytes
+        .get(at..at + 8)
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| {
+            format!(
+                "state file {} has a short end marker",
+                f.file.location.name()
+            )
+        })?;
+    if bytes.first() != Some(&0x02) {
+        return Err(format!(
+            "state file {}: no end marker where the metadata says",
+            f.file.location.name()
+        )
+        .into());
+    }
+    Ok(u64::from_be_bytes(raw))
+}
+
 /// Prints what a checkpoint or savepoint holds (`json` for machines).
 pub fn inspect(config: &Config, path: &str, json_out: bool) -> Result<(), JobError> {
-    let (_, c) = open_checkpoint(config, path)?;
+    let (storage, c) = open_checkpoint(config, path)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let m = &c.metadata;
     let mut operators = Vec::new();
     for op in &m.operators {
@@ -147,6 +189,10 @@ pub fn inspect(config: &Config, path: &str, json_out: bool) -> Result<(), JobErr
                 ),
                 None => (None, 0, 0),
             };
+            let mut entries = 0u64;
+            for f in s.keyed.iter().flat_map(|k| k.files.iter()) {
+                entries += records_of(&rt, &storage, &c, f)?;
+            }
             for f in s.keyed.iter().flat_map(|k| k.files.iter()) {
                 for st in &f.header.states {
                     states.insert(
@@ -166,6 +212,7 @@ pub fn inspect(config: &Config, path: &str, json_out: bool) -> Result<(), JobErr
                 "subtask": s.subtask,
                 "key_groups": range.map(|r| r.to_string()),
                 "key_groups_with_data": key_groups,
+                "entries": entries,
                 "bytes": bytes,
                 "files": s.keyed.iter().flat_map(|k| k.files.iter()).map(|f| json!({
                     "name": f.file.location.name(),
@@ -249,9 +296,13 @@ pub fn inspect(config: &Config, path: &str, json_out: bool) -> Result<(), JobErr
         for s in &op.subtasks {
             match &s.keyed {
                 Some(k) => println!(
-                    "  subtask {}: key groups {}, {} files, {}",
+                    "  subtask {}: key groups {}, {} entries, {} files, {}",
                     s.subtask,
                     k.key_group_range,
+                    k.files
+                        .iter()
+                        .map(|f| records_of(&rt, &storage, &c, f))
+                        .sum::<Result<u64, JobError>>()?,
                     k.files.len(),
                     c_size(k.files.iter().map(|f| f.file.size).sum())
                 ),

@@ -205,7 +205,7 @@ fn errors_are_one_line_with_a_hint_and_a_failing_exit_code() {
         &["state", "--help"],
     ] {
         let help = ok(sub);
-        assert!(help.contains("Examples:"), "{sub:?}: {help}");
+        assert!(help.contains("Example"), "{sub:?}: {help}");
     }
 }
 
