@@ -100,8 +100,8 @@ impl std::fmt::Debug for JobOptions {
 pub struct Progress {
     /// Source offset (events processed over all runs).
     pub offset: u64,
-    /// Entries in keyed state (heap backend; 0 where unknown).
-    pub state_entries: usize,
+    /// Entries in keyed state (`None` where the backend does not count them cheaply).
+    pub state_entries: Option<usize>,
     /// Last completed checkpoint.
     pub last_checkpoint: Option<u64>,
 }
@@ -238,8 +238,8 @@ pub trait JobBackend: KeyedStateBackend<Key = u64> + Sized {
         barrier: &Barrier,
     ) -> checkpoint::Result<()>;
     /// Entries held (for progress), if the backend knows cheaply.
-    fn entries(&self) -> usize {
-        0
+    fn entries(&self) -> Option<usize> {
+        None
     }
 }
 
@@ -258,8 +258,8 @@ impl JobBackend for HeapKeyedStateBackend<u64> {
     ) -> checkpoint::Result<()> {
         ep.snapshot_heap(barrier, self, None)
     }
-    fn entries(&self) -> usize {
-        self.num_entries()
+    fn entries(&self) -> Option<usize> {
+        Some(self.num_entries())
     }
 }
 
@@ -486,7 +486,7 @@ pub fn run_on<B: JobBackend>(opts: JobOptions) -> Result<JobReport, JobError> {
                     .iter()
                     .chain(&bidders)
                     .map(|s| s.backend.entries())
-                    .sum(),
+                    .sum::<Option<usize>>(),
                 last_checkpoint: checkpoints.last().copied(),
             });
         }

@@ -305,7 +305,7 @@ fn run_job(
             bar.set_position(p.offset);
             bar.set_message(format!(
                 "state {} entries | last checkpoint {}",
-                p.state_entries,
+                p.state_entries.map_or("-".into(), |n| n.to_string()),
                 p.last_checkpoint.map_or("-".into(), |c| c.to_string())
             ));
         }) as Arc<dyn Fn(&job::Progress) + Send + Sync>
