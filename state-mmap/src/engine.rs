@@ -23,9 +23,10 @@ use crate::run::{prefix_hash, PrefixExtractor, RunFile, RunWriter};
 /// Options of the engine.
 #[derive(Clone)]
 pub struct EngineOptions {
-    /// The memory budget for the engine's own buffers: the active write buffer gets a quarter,
-    /// up to two immutable write buffers waiting for their flush another half, and the rest is
-    /// headroom for compaction's block and bloom buffers. Data pages of sorted runs are mapped
+    /// The memory budget for the engine's own buffers: the active write buffer gets a third,
+    /// one immutable write buffer waiting for its flush another third (writers wait while it
+    /// is being flushed and the active one is full), and the rest is headroom for compaction's
+    /// block and bloom buffers. Data pages of sorted runs are mapped
     /// and belong to the OS page cache, outside the budget. Default 256 MiB.
     pub memory_budget: usize,
     /// Compaction starts when this many sorted runs exist (bounds read amplification). Default 6.
@@ -70,9 +71,9 @@ impl Default for EngineOptions {
 
 impl EngineOptions {
     fn write_buffer_bytes(&self) -> usize {
-        (self.memory_budget / 4).max(4096)
+        (self.memory_budget / 3).max(4096)
     }
-    const MAX_IMMUTABLE: usize = 2;
+    const MAX_IMMUTABLE: usize = 1;
 }
 
 /// What a compaction filter decides for one value.
@@ -115,8 +116,6 @@ fn random_id() -> u64 {
 pub type SortedRun = Arc<Vec<Arc<RunFile>>>;
 
 enum Job {
-    /// Frees a flushed write buffer off the writer's thread.
-    Release(Arc<Memtable>),
     Flush {
         mem: Arc<Memtable>,
         number: u64,
@@ -275,10 +274,6 @@ impl WorkerCtx {
 fn worker_loop(ctx: WorkerCtx, jobs: Receiver<Job>, done: Sender<Done>) {
     while let Ok(job) = jobs.recv() {
         let d = match job {
-            Job::Release(mem) => {
-                drop(mem);
-                continue;
-            }
             Job::Flush { mem, number } => Done::Flushed(ctx.flush(&mem, number)),
             Job::Compact {
                 inputs,
@@ -315,6 +310,9 @@ pub struct Db {
     done: Receiver<Done>,
     worker: Option<JoinHandle<()>>,
     cworker: Option<JoinHandle<()>>,
+    /// Flushed write buffers to free.
+    release: Option<Sender<Arc<Memtable>>>,
+    rworker: Option<JoinHandle<()>>,
     compacting: bool,
     filter: Option<Arc<dyn CompactionFilter>>,
     keep: Option<(Vec<u8>, Vec<u8>)>,
@@ -434,6 +432,8 @@ impl Db {
             done: done_rx,
             worker: None,
             cworker: None,
+            release: None,
+            rworker: None,
             compacting: false,
             filter: None,
             keep: None,
@@ -468,7 +468,13 @@ impl Db {
             .spawn(move || worker_loop(cctx, cjobs_rx, cdone))
             .ok();
         self.cjobs = Some(cjobs_tx);
-        if self.worker.is_none() || self.cworker.is_none() {
+        let (release_tx, release_rx) = crossbeam_channel::unbounded::<Arc<Memtable>>();
+        self.rworker = std::thread::Builder::new()
+            .name("state-mmap-free".into())
+            .spawn(move || while release_rx.recv().is_ok() {})
+            .ok();
+        self.release = Some(release_tx);
+        if self.worker.is_none() || self.cworker.is_none() || self.rworker.is_none() {
             self.failed = Some("could not spawn the worker threads".into());
         }
         self
@@ -507,6 +513,8 @@ impl Db {
             done,
             worker: None,
             cworker: None,
+            release: None,
+            rworker: None,
             compacting: false,
             filter: None,
             keep: None,
@@ -860,9 +868,10 @@ impl Db {
             Done::Flushed(result) => {
                 let file = result?;
                 if let Some(mem) = self.imm.pop() {
-                    // Freeing millions of small allocations takes a while: let the worker do it.
-                    if let Some(j) = &self.jobs {
-                        let _ = j.send(Job::Release(mem));
+                    // Freeing millions of small allocations takes a while: a thread of its own
+                    // does it at once (not after the next flush, which would hold the memory).
+                    if let Some(r) = &self.release {
+                        let _ = r.send(mem);
                     }
                 }
                 if let Some(f) = file {
