@@ -93,6 +93,70 @@ fn scenario(storage: CheckpointStorage) {
     assert_eq!(state_of(&mut restored), expected);
     coord.shutdown().unwrap();
     second.shutdown().unwrap();
+    native_scenario(storage.for_job(&format!("{}-mmap", storage.job())).unwrap());
+}
+
+/// Native incremental checkpoints of mmap backends, restored at another parallelism.
+fn native_scenario(storage: CheckpointStorage) {
+    use state_api::{KeyGroupRange, KeyedStateBackend, KeyedStateBackendExt};
+    use state_mmap::MmapKeyedStateBackend;
+    let config = CheckpointConfig {
+        incremental: true,
+        ..Default::default()
+    };
+    let mut b = CheckpointCoordinator::builder(storage.clone(), config);
+    let mut eps: Vec<_> = (0..2)
+        .map(|i| b.register_subtask("agg", i, 2, MAX_P).unwrap())
+        .collect();
+    let coord = b.start().unwrap();
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let build = |p: u32, i: u32, dir: &std::path::Path| {
+        MmapKeyedStateBackend::<u64>::builder()
+            .max_parallelism(MAX_P)
+            .key_group_range(KeyGroupRange::for_operator(MAX_P, p, i).unwrap())
+            .directory(dir)
+            .build()
+            .unwrap()
+    };
+    let mut backends: Vec<_> = (0..2u32)
+        .map(|i| build(2, i, dirs[i as usize].path()))
+        .collect();
+    let mut model = BTreeMap::new();
+    let mut done = None;
+    for round in 1..=2u64 {
+        for k in (0..KEYS).filter(|k| round == 1 || k % 10 == 0) {
+            let b = backends
+                .iter_mut()
+                .find(|b| b.key_group_range().contains(key_group_of(k)))
+                .unwrap();
+            let h = b.register_value(sum_desc()).unwrap();
+            b.set_current_key(k).unwrap();
+            b.value(&h).update(k * round).unwrap();
+            model.insert(k, k * round);
+        }
+        let p = coord.trigger_checkpoint().unwrap();
+        for (ep, b) in eps.iter_mut().zip(backends.iter_mut()) {
+            let barrier = loop {
+                if let SubtaskCommand::Barrier(x) = ep.recv_timeout(WAIT).expect("a barrier") {
+                    break x;
+                }
+            };
+            ep.snapshot_mmap(&barrier, b, None).unwrap();
+        }
+        done = Some(p.wait(WAIT).unwrap());
+    }
+    let done = done.unwrap();
+    done.verify_files(&storage).unwrap();
+    let download = tempfile::tempdir().unwrap();
+    let mut restored = build(1, 0, dirs[2].path());
+    done.restore_mmap(&storage, "agg", 0, &mut restored, download.path())
+        .unwrap();
+    let h = restored.register_value(sum_desc()).unwrap();
+    for (k, v) in &model {
+        restored.set_current_key(*k).unwrap();
+        assert_eq!(restored.value(&h).get().unwrap(), Some(*v), "key {k}");
+    }
+    coord.shutdown().unwrap();
 }
 
 #[test]
