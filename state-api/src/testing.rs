@@ -1363,6 +1363,7 @@ macro_rules! conformance_tests {
             schema_evolution,
             corrupt_snapshots_are_errors,
             operator_state_round_trip,
+            unregistered_restored_state_survives_snapshots,
             model_based_property_test
         );
     };

@@ -25,10 +25,3 @@ impl BackendFactory for Heap {
 
 state_api::conformance_tests!(Heap);
 state_api::timer_conformance_tests!(Heap);
-
-// Not in `conformance_tests!` until the mmap backend passes it too (it drops restored states
-// that are not registered before its next snapshot).
-#[test]
-fn unregistered_restored_state_survives_snapshots() {
-    state_api::testing::unregistered_restored_state_survives_snapshots(&Heap);
-}

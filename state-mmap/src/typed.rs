@@ -5,8 +5,8 @@ use std::any::Any;
 use std::sync::Arc;
 
 use state_api::{
-    resolve_reader, AggregateFunction, Error, ReduceFn, ResolvedReader, Result, SerializerRole,
-    StateKind, StateMeta, StateName, StateSerializer, StateTtlConfig,
+    AggregateFunction, Error, ReduceFn, ResolvedReader, Result, SerializerRole, StateKind,
+    StateMeta, StateName, StateSerializer, StateTtlConfig,
 };
 
 use crate::codec::{begin_element, corrupt_value, end_element, parse_list, ts_of};
@@ -98,26 +98,6 @@ pub(crate) trait TypedState: Send {
     }
 }
 
-fn resolve_role<T: 'static>(
-    name: &StateName,
-    meta: &StateMeta,
-    role: SerializerRole,
-    current: &Arc<dyn StateSerializer<T>>,
-) -> Result<ResolvedReader<T>> {
-    let previous = meta
-        .serializer(role)
-        .ok_or_else(|| Error::IncompatibleSerializer {
-            state: name.to_string(),
-            what: role.name(),
-            reason: "the snapshot records no serializer for it".into(),
-        })?;
-    resolve_reader(current, previous).map_err(|reason| Error::IncompatibleSerializer {
-        state: name.to_string(),
-        what: role.name(),
-        reason,
-    })
-}
-
 /// Reads with an old serializer and writes with the current one.
 struct Recode<T: 'static> {
     reader: ResolvedReader<T>,
@@ -135,7 +115,7 @@ impl<T: 'static> Recode<T> {
         what: &'static str,
     ) -> Result<Self> {
         Ok(Recode {
-            reader: resolve_role(name, meta, role, ser)?,
+            reader: meta.reader_for(role, ser)?,
             ser: Arc::clone(ser),
             name: name.clone(),
             what,

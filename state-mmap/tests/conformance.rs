@@ -28,9 +28,3 @@ impl BackendFactory for Mmap {
 
 state_api::conformance_tests!(Mmap);
 state_api::timer_conformance_tests!(Mmap);
-
-// A public case of the suite that its macro does not list (yet).
-#[test]
-fn unregistered_restored_state_survives_snapshots() {
-    state_api::testing::unregistered_restored_state_survives_snapshots(&Mmap);
-}
