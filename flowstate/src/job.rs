@@ -50,6 +50,27 @@ pub const OPERATORS: [&str; 3] = ["source", "auctions", "bidders"];
 /// An error of the job, as one line.
 pub type JobError = Box<dyn std::error::Error + Send + Sync>;
 
+/// Returned by [`run`] when `crash_after` was reached: the process should end at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SimulatedCrash {
+    /// Events processed by the run before the crash.
+    pub events: u64,
+    /// Source offset at the crash.
+    pub offset: u64,
+}
+
+impl std::fmt::Display for SimulatedCrash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "simulated crash after {} events (offset {})",
+            self.events, self.offset
+        )
+    }
+}
+
+impl std::error::Error for SimulatedCrash {}
+
 /// Where to restore from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RestoreFrom {
@@ -451,12 +472,12 @@ pub fn run_on<B: JobBackend>(opts: JobOptions) -> Result<JobReport, JobError> {
             }
         }
         if crashed {
-            // Simulated crash: no final checkpoint, no cleanup, state in memory is lost.
-            eprintln!(
-                "simulated crash after {} events (offset {offset})",
-                offset - start_offset
-            );
-            std::process::exit(3);
+            // No final checkpoint: the caller ends the process at once (dropping the
+            // coordinator on the way out stops it the way a crash would).
+            return Err(Box::new(SimulatedCrash {
+                events: offset - start_offset,
+                offset,
+            }));
         }
         // The watermark passes: close due windows.
         let watermark = max_ts - OUT_OF_ORDERNESS_MS;

@@ -382,6 +382,11 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.downcast_ref::<job::SimulatedCrash>().is_some() => {
+            // A crash: no cleanup, no final checkpoint, a failing exit code.
+            eprintln!("{e}");
+            std::process::exit(3)
+        }
         Err(e) => {
             eprintln!("error: {e}");
             eprintln!("hint: run with --help for usage and examples");
