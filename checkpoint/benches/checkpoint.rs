@@ -34,11 +34,8 @@ fn mb(bytes: u64) -> f64 {
 }
 
 fn key_group(k: u64) -> u32 {
-    let mut b = Vec::new();
-    PostcardSerializer::<u64>::new()
-        .serialize(&k, &mut b)
-        .unwrap();
-    assign_to_key_group(&b, MAX_P)
+    // Keys are fixed-width big-endian bytes (FixedWidthSerializer), as Flink's LongSerializer.
+    assign_to_key_group(&k.to_be_bytes(), MAX_P)
 }
 
 /// CPU time (user + system) of this process so far, from /proc (Linux); 0 elsewhere.
@@ -155,11 +152,16 @@ fn main() {
 
     let t = Instant::now();
     let mut backend = HeapKeyedStateBackend::<u64>::builder()
+        .key_serializer(FixedWidthSerializer::<u64>::new())
         .max_parallelism(MAX_P)
         .build()
         .unwrap();
     let h = backend
-        .register_value(ValueStateDescriptor::<Vec<u8>>::new("payload").unwrap())
+        .register_value(
+            ValueStateDescriptor::<Vec<u8>>::new("payload")
+                .unwrap()
+                .with_value_serializer(BytesSerializer),
+        )
         .unwrap();
     let mut value = vec![0u8; value_bytes];
     for k in 0..keys {
@@ -237,13 +239,18 @@ fn main() {
     // Restore (all key groups, then half of them).
     let t = Instant::now();
     let mut restored = HeapKeyedStateBackend::<u64>::builder()
+        .key_serializer(FixedWidthSerializer::<u64>::new())
         .max_parallelism(MAX_P)
         .build()
         .unwrap();
     done.restore_keyed(&full.storage, "state", 0, &mut restored)
         .unwrap();
     let rh = restored
-        .register_value(ValueStateDescriptor::<Vec<u8>>::new("payload").unwrap())
+        .register_value(
+            ValueStateDescriptor::<Vec<u8>>::new("payload")
+                .unwrap()
+                .with_value_serializer(BytesSerializer),
+        )
         .unwrap();
     let restore_all = t.elapsed();
     restored.set_current_key(keys / 2).unwrap();
@@ -254,14 +261,19 @@ fn main() {
     drop(restored);
     let t = Instant::now();
     let mut half = HeapKeyedStateBackend::<u64>::builder()
+        .key_serializer(FixedWidthSerializer::<u64>::new())
         .max_parallelism(MAX_P)
         .key_group_range(KeyGroupRange::for_operator(MAX_P, 2, 1).unwrap())
         .build()
         .unwrap();
     done.restore_keyed(&full.storage, "state", 1, &mut half)
         .unwrap();
-    half.register_value(ValueStateDescriptor::<Vec<u8>>::new("payload").unwrap())
-        .unwrap();
+    half.register_value(
+        ValueStateDescriptor::<Vec<u8>>::new("payload")
+            .unwrap()
+            .with_value_serializer(BytesSerializer),
+    )
+    .unwrap();
     let restore_half = t.elapsed();
     drop(half);
     println!(
@@ -310,14 +322,19 @@ fn main() {
     println!("incremental after changing 1% of keys in 2 of 128 key groups: {:.1} MB = {:.1}% of full (pause {:.3} ms, total {:.2} s)", mb(local_bytes), 100.0 * local_bytes as f64 / first_bytes as f64, pause.as_secs_f64() * 1e3, total.as_secs_f64());
     let t = Instant::now();
     let mut r = HeapKeyedStateBackend::<u64>::builder()
+        .key_serializer(FixedWidthSerializer::<u64>::new())
         .max_parallelism(MAX_P)
         .build()
         .unwrap();
     local
         .restore_keyed(&inc.storage, "state", 0, &mut r)
         .unwrap();
-    r.register_value(ValueStateDescriptor::<Vec<u8>>::new("payload").unwrap())
-        .unwrap();
+    r.register_value(
+        ValueStateDescriptor::<Vec<u8>>::new("payload")
+            .unwrap()
+            .with_value_serializer(BytesSerializer),
+    )
+    .unwrap();
     println!(
         "restore of the last incremental checkpoint ({} files): {:.2} s",
         local.metadata.files().count(),

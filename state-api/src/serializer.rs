@@ -288,6 +288,35 @@ impl<T: FixedWidthInt> StateSerializer<T> for FixedWidthSerializer<T> {
     }
 }
 
+/// The serializer id [`BytesSerializer`] writes into snapshots.
+pub const BYTES_SERIALIZER_ID: &str = "raw-bytes";
+
+/// Byte vectors as they are (Flink's `BytePrimitiveArraySerializer`): one copy, no per-byte
+/// encoding. postcard writes a `Vec<u8>` element by element; use this for opaque payloads.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BytesSerializer;
+
+impl StateSerializer<Vec<u8>> for BytesSerializer {
+    #[inline]
+    fn serialize(&self, value: &Vec<u8>, out: &mut Vec<u8>) -> Result<(), SerdeError> {
+        out.extend_from_slice(value);
+        Ok(())
+    }
+
+    #[inline]
+    fn deserialize(&self, bytes: &[u8]) -> Result<Vec<u8>, SerdeError> {
+        Ok(bytes.to_vec())
+    }
+
+    fn snapshot(&self) -> SerializerSnapshot {
+        SerializerSnapshot {
+            id: BYTES_SERIALIZER_ID.to_string(),
+            version: 1,
+            schema: Vec::new(),
+        }
+    }
+}
+
 /// How to read bytes of one serializer role after a restore: as is, or through a migration.
 pub(crate) enum Reader<T> {
     Direct(Arc<dyn StateSerializer<T>>),
@@ -353,6 +382,21 @@ mod tests {
         out.push(0);
         assert!(s.deserialize(&out).unwrap_err().0.contains("trailing"));
         assert!(s.deserialize(&[]).is_err());
+    }
+
+    #[test]
+    fn raw_bytes() {
+        let mut out = vec![9];
+        BytesSerializer.serialize(&vec![1, 2, 3], &mut out).unwrap();
+        assert_eq!(out, [9, 1, 2, 3]);
+        assert_eq!(
+            BytesSerializer.deserialize(&out[1..]).unwrap(),
+            vec![1, 2, 3]
+        );
+        assert!(matches!(
+            BytesSerializer.compatibility(&PostcardSerializer::<Vec<u8>>::new().snapshot()),
+            Compatibility::Incompatible(_)
+        ));
     }
 
     #[test]
