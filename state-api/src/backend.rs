@@ -312,16 +312,11 @@ pub trait KeyedStateBackend: Send {
     fn keys<N: Namespace>(&mut self, h: &dyn StateHandle<N>, ns: &N) -> Result<Vec<Self::Key>>;
 
     /// Registers (or re-obtains) a timer service; restored timers of that name are checked and
-    /// loaded here. Backends without timers answer [`crate::Error::Unsupported`].
+    /// loaded here.
     fn register_timer_service<N: Namespace>(
         &mut self,
         descriptor: TimerServiceDescriptor<N>,
-    ) -> Result<TimerServiceHandle<N>> {
-        Err(crate::Error::Unsupported {
-            state: descriptor.name().to_string(),
-            reason: "this backend has no timer service".into(),
-        })
-    }
+    ) -> Result<TimerServiceHandle<N>>;
 
     /// Registers a timer for the current key in `ns` (a no-op if the same timer exists).
     fn register_timer<N: Namespace>(
@@ -330,13 +325,7 @@ pub trait KeyedStateBackend: Send {
         domain: TimeDomain,
         ns: &N,
         timestamp: i64,
-    ) -> Result<()> {
-        let _ = (domain, ns, timestamp);
-        Err(crate::Error::Unsupported {
-            state: h.name().to_string(),
-            reason: "this backend has no timer service".into(),
-        })
-    }
+    ) -> Result<()>;
 
     /// Deletes a timer of the current key in `ns` (a no-op if there is none).
     fn delete_timer<N: Namespace>(
@@ -345,13 +334,7 @@ pub trait KeyedStateBackend: Send {
         domain: TimeDomain,
         ns: &N,
         timestamp: i64,
-    ) -> Result<()> {
-        let _ = (domain, ns, timestamp);
-        Err(crate::Error::Unsupported {
-            state: h.name().to_string(),
-            reason: "this backend has no timer service".into(),
-        })
-    }
+    ) -> Result<()>;
 
     /// Advances the watermark (event time) or the processing time to `time`: removes and returns
     /// every timer of that domain with a timestamp at or before `time`, in timestamp order, for
@@ -361,13 +344,7 @@ pub trait KeyedStateBackend: Send {
         h: &TimerServiceHandle<N>,
         domain: TimeDomain,
         time: i64,
-    ) -> Result<Vec<Timer<Self::Key, N>>> {
-        let _ = (domain, time);
-        Err(crate::Error::Unsupported {
-            state: h.name().to_string(),
-            reason: "this backend has no timer service".into(),
-        })
-    }
+    ) -> Result<Vec<Timer<Self::Key, N>>>;
 
     /// Captures a consistent view of every state. This is the short synchronous part of a
     /// checkpoint; write the returned snapshot with [`KeyedStateSnapshot::write_to`], possibly on
