@@ -120,20 +120,59 @@ impl<K: StateKey> HeapBackendBuilder<K> {
     }
 }
 
-/// Restored records of a state that is not registered yet.
-struct PendingChunk {
+/// Restored records of one state from one stream, kept raw until the state is registered (or
+/// the restore is complete). The records' bytes live in one buffer: no allocation per record.
+pub(crate) struct PendingChunk {
     stream: String,
     meta: StateMeta,
     key_serializer: SerializerSnapshot,
+    data: Vec<u8>,
     records: Vec<OwnedRecord>,
 }
 
-pub(crate) struct OwnedRecord {
+/// Where one record's key, namespace and payload sit in [`PendingChunk::data`] (in that order).
+struct OwnedRecord {
     key_group: u32,
-    key: Vec<u8>,
-    namespace: Vec<u8>,
-    payload: Vec<u8>,
+    start: usize,
+    key_len: u32,
+    namespace_len: u32,
+    payload_len: u32,
     payload_offset: u64,
+}
+
+impl PendingChunk {
+    fn push(&mut self, key_group: u32, r: &RawRecord<'_>) {
+        let start = self.data.len();
+        self.data.extend_from_slice(r.key);
+        self.data.extend_from_slice(r.namespace);
+        self.data.extend_from_slice(r.payload);
+        // Each part came from a u32-length field of the stream.
+        self.records.push(OwnedRecord {
+            key_group,
+            start,
+            key_len: r.key.len() as u32,
+            namespace_len: r.namespace.len() as u32,
+            payload_len: r.payload.len() as u32,
+            payload_offset: r.payload_offset,
+        });
+    }
+
+    /// The records with their key groups, in the order they were read.
+    pub(crate) fn records(&self) -> impl Iterator<Item = (u32, RawRecord<'_>)> {
+        self.records.iter().map(|r| (r.key_group, self.raw(r)))
+    }
+
+    fn raw(&self, r: &OwnedRecord) -> RawRecord<'_> {
+        let k = r.start + r.key_len as usize;
+        let n = k + r.namespace_len as usize;
+        RawRecord {
+            state_index: 0,
+            key: &self.data[r.start..k],
+            namespace: &self.data[k..n],
+            payload: &self.data[n..n + r.payload_len as usize],
+            payload_offset: r.payload_offset,
+        }
+    }
 }
 
 /// Keyed state in memory for one subtask. See the [crate docs](crate).
@@ -342,7 +381,7 @@ impl<K: StateKey> HeapKeyedStateBackend<K> {
             });
         }
         check_key_serializer(&self.key_serializer, chunk)?;
-        self.timer_services[i].restore(&chunk.stream, &chunk.meta, &chunk.records)?;
+        self.timer_services[i].restore(chunk)?;
         self.timers_dirty.iter_mut().for_each(|d| *d = true);
         Ok(())
     }
@@ -358,25 +397,15 @@ impl<K: StateKey> HeapKeyedStateBackend<K> {
         check_key_serializer(key_serializer, chunk)?;
         table.prepare_restore(&chunk.meta)?;
         let mut keyed = Vec::with_capacity(chunk.records.len());
-        for r in &chunk.records {
+        for (key_group, raw) in chunk.records() {
             let key = key_serializer
-                .deserialize(&r.key)
+                .deserialize(raw.key)
                 .map_err(|e| Error::Deserialize {
                     state: name.clone(),
                     what: "key",
                     reason: e.0,
                 })?;
-            keyed.push((
-                (r.key_group - range.start()) as usize,
-                key,
-                RawRecord {
-                    state_index: 0,
-                    key: &r.key,
-                    namespace: &r.namespace,
-                    payload: &r.payload,
-                    payload_offset: r.payload_offset,
-                },
-            ));
+            keyed.push(((key_group - range.start()) as usize, key, raw));
         }
         table.restore_records(&mut keyed.into_iter(), &chunk.stream, now)
     }
@@ -399,6 +428,7 @@ impl RestoreVisitor for Collect {
                     stream: stream.to_string(),
                     meta: meta.clone(),
                     key_serializer: header.key_serializer.clone(),
+                    data: Vec::new(),
                     records: Vec::new(),
                 },
             ));
@@ -415,13 +445,7 @@ impl RestoreVisitor for Collect {
     ) -> Result<()> {
         debug_assert!(self.range.contains(key_group));
         if let Some(&i) = self.current.get(&state.name) {
-            self.chunks[i].1.records.push(OwnedRecord {
-                key_group,
-                key: record.key.to_vec(),
-                namespace: record.namespace.to_vec(),
-                payload: record.payload.to_vec(),
-                payload_offset: record.payload_offset,
-            });
+            self.chunks[i].1.push(key_group, &record);
         }
         Ok(())
     }
@@ -494,7 +518,8 @@ impl<K: StateKey> KeyedStateSnapshot for HeapSnapshot<K> {
                         .iter()
                         .take_while(|r| r.key_group == kg)
                     {
-                        w.write_record((base + i) as u32, &r.key, &r.namespace, &r.payload)?;
+                        let raw = chunk.raw(r);
+                        w.write_record((base + i) as u32, raw.key, raw.namespace, raw.payload)?;
                     }
                 }
             }
@@ -1091,7 +1116,7 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
                     });
                 }
                 check_key_serializer(&self.key_serializer, chunk)?;
-                service.restore(&chunk.stream, &chunk.meta, &chunk.records)?;
+                service.restore(chunk)?;
             }
             self.pending.remove(&name);
         }

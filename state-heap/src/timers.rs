@@ -11,7 +11,7 @@ use state_api::{
     StateSerializer, TimerServiceDescriptor,
 };
 
-use crate::OwnedRecord;
+use crate::PendingChunk;
 
 /// Re-encodes the namespaces of restored timers for the current namespace serializer.
 type NamespaceRestorer = Box<dyn Fn(&StateMeta, &[u8]) -> Result<Vec<u8>> + Send>;
@@ -74,18 +74,13 @@ impl TimerService {
     }
 
     /// Loads restored timer records (all or nothing).
-    pub fn restore(
-        &mut self,
-        stream: &str,
-        meta: &StateMeta,
-        records: &[OwnedRecord],
-    ) -> Result<()> {
-        let mut decoded = Vec::with_capacity(records.len());
-        for r in records {
-            let mut d = Decoder::new(&r.payload, r.payload_offset, stream);
+    pub fn restore(&mut self, chunk: &PendingChunk) -> Result<()> {
+        let mut decoded = Vec::new();
+        for (key_group, r) in chunk.records() {
+            let mut d = Decoder::new(r.payload, r.payload_offset, &chunk.stream);
             let (ts, domain) = decode_timer_payload(&mut d)?;
-            let ns = (self.restore_ns)(meta, &r.namespace)?;
-            decoded.push((domain, r.key_group, (ts, r.key.clone(), ns)));
+            let ns = (self.restore_ns)(&chunk.meta, r.namespace)?;
+            decoded.push((domain, key_group, (ts, r.key.to_vec(), ns)));
         }
         for (domain, kg, t) in decoded {
             self.timers.register(domain, kg, t)?;
