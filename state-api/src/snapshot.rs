@@ -517,6 +517,54 @@ impl<W: Write> SnapshotWriter<W> {
         Ok(())
     }
 
+    /// Like [`SnapshotWriter::write_record`], with the payload appended by `payload` straight
+    /// into the block (no intermediate buffer). When `payload` answers `false` (e.g. the entry
+    /// expired) or fails, the record is dropped and nothing of it stays in the block.
+    pub fn write_record_with(
+        &mut self,
+        state_index: u32,
+        key: &[u8],
+        namespace: &[u8],
+        payload: &mut dyn FnMut(&mut Vec<u8>) -> Result<bool>,
+    ) -> Result<bool> {
+        if self.current.is_none() || state_index as usize >= self.states {
+            // The checks and their messages of `write_record`.
+            return self
+                .write_record(state_index, key, namespace, &[])
+                .map(|()| false);
+        }
+        let mark = self.block.len();
+        put_u32(&mut self.block, state_index);
+        put_bytes(&mut self.block, key, "key")?;
+        put_bytes(&mut self.block, namespace, "namespace")?;
+        let at = self.block.len();
+        put_u32(&mut self.block, 0);
+        match payload(&mut self.block) {
+            Ok(true) => {
+                let len = self.block.len() - at - 4;
+                let Ok(len) = u32::try_from(len) else {
+                    self.block.truncate(mark);
+                    return Err(Error::Serialize {
+                        state: String::new(),
+                        what: "record payload",
+                        reason: format!("{len} bytes is more than a record can hold (4 GiB)"),
+                    });
+                };
+                self.block[at..at + 4].copy_from_slice(&len.to_be_bytes());
+                self.records += 1;
+                Ok(true)
+            }
+            Ok(false) => {
+                self.block.truncate(mark);
+                Ok(false)
+            }
+            Err(e) => {
+                self.block.truncate(mark);
+                Err(e)
+            }
+        }
+    }
+
     fn end_key_group(&mut self) -> Result<()> {
         let Some(kg) = self.current.take() else {
             return Ok(());
@@ -1072,6 +1120,41 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("max parallelism"), "{err}");
+    }
+
+    #[test]
+    fn records_written_in_place_or_dropped() {
+        let mut w = SnapshotWriter::new(Vec::new(), &header(KeyGroupRange::all(8))).unwrap();
+        w.begin_key_group(1).unwrap();
+        let key = key_in(1);
+        let kept = w
+            .write_record_with(0, &key, b"", &mut |out| {
+                out.extend_from_slice(&[0; 8]);
+                out.push(42);
+                Ok(true)
+            })
+            .unwrap();
+        let dropped = w
+            .write_record_with(0, &key, b"", &mut |out| {
+                out.push(1);
+                Ok(false)
+            })
+            .unwrap();
+        assert!(kept && !dropped);
+        assert!(w
+            .write_record_with(5, &key, b"", &mut |_| Ok(true))
+            .is_err());
+        let (summary, bytes) = w.finish().unwrap();
+        assert_eq!(summary.records, 1);
+        let mut c = Collect(vec![]);
+        restore_streams(
+            [("a".to_string(), &bytes[..])],
+            8,
+            KeyGroupRange::all(8),
+            &mut c,
+        )
+        .unwrap();
+        assert_eq!(c.0, vec![(1, [0, 0, 0, 0, 0, 0, 0, 0, 42].to_vec())]);
     }
 
     #[test]

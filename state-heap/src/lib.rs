@@ -485,22 +485,26 @@ impl<K: StateKey> KeyedStateSnapshot for HeapSnapshot<K> {
             w.begin_key_group(kg)?;
             for (i, t) in self.tables.iter().enumerate() {
                 let name = &self.header.states[i].name;
-                t.write_part(
-                    part,
-                    self.now,
-                    &mut |key: &dyn Any, ns: &[u8], payload: &[u8]| {
-                        let key = key.downcast_ref::<K>().ok_or_else(|| unknown(name))?;
-                        key_buf.clear();
-                        self.key_serializer
-                            .serialize(key, &mut key_buf)
-                            .map_err(|e| Error::Serialize {
-                                state: name.to_string(),
-                                what: "key",
-                                reason: e.0,
-                            })?;
-                        w.write_record(i as u32, &key_buf, ns, payload)
-                    },
-                )?;
+                t.write_part(part, self.now, &mut |key: &dyn Any,
+                                                   ns: &[u8],
+                                                   payload: &mut dyn FnMut(
+                    &mut Vec<u8>,
+                )
+                    -> Result<
+                    bool,
+                >| {
+                    let key = key.downcast_ref::<K>().ok_or_else(|| unknown(name))?;
+                    key_buf.clear();
+                    self.key_serializer
+                        .serialize(key, &mut key_buf)
+                        .map_err(|e| Error::Serialize {
+                            state: name.to_string(),
+                            what: "key",
+                            reason: e.0,
+                        })?;
+                    w.write_record_with(i as u32, &key_buf, ns, payload)?;
+                    Ok(())
+                })?;
             }
             let base = self.tables.len();
             for (i, timers) in self.timers.iter().enumerate() {

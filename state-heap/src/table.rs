@@ -841,14 +841,14 @@ pub(crate) trait ErasedTable<K>: Send {
 /// A table's key groups as captured by a snapshot; written on any thread.
 pub(crate) trait SharedTable: Send + Sync {
     fn meta(&self) -> StateMeta;
-    /// Writes the records of partition `part` (key serializer given as a closure).
-    fn write_part(
-        &self,
-        part: usize,
-        now: i64,
-        write: &mut dyn FnMut(&dyn Any, &[u8], &[u8]) -> Result<()>,
-    ) -> Result<()>;
+    /// Writes the records of partition `part`: `write` gets the key, the namespace bytes and a
+    /// function that appends the payload (false: the entry expired, drop the record).
+    fn write_part(&self, part: usize, now: i64, write: &mut RecordSink<'_>) -> Result<()>;
 }
+
+/// Receives the records of a partition: key, namespace bytes, payload writer.
+pub(crate) type RecordSink<'a> =
+    dyn FnMut(&dyn Any, &[u8], &mut dyn FnMut(&mut Vec<u8>) -> Result<bool>) -> Result<()> + 'a;
 
 struct Shared<K, N, KD: Kind> {
     meta: StateMeta,
@@ -864,32 +864,26 @@ impl<K: StateKey, N: Namespace, KD: Kind> SharedTable for Shared<K, N, KD> {
         self.meta.clone()
     }
 
-    fn write_part(
-        &self,
-        part: usize,
-        now: i64,
-        write: &mut dyn FnMut(&dyn Any, &[u8], &[u8]) -> Result<()>,
-    ) -> Result<()> {
+    fn write_part(&self, part: usize, now: i64, write: &mut RecordSink<'_>) -> Result<()> {
         let Some(entries) = self.parts.get(part) else {
             return Ok(());
         };
         let ttl = self.ttl.filter(|t| t.is_cleanup_full_snapshot());
         let expired = move |ts: i64| ttl.is_some_and(|t| t.is_expired(ts, now));
         let mut ns_buf = Vec::new();
-        let mut payload = Vec::new();
-        for e in entries.iter() {
-            payload.clear();
-            if !self
-                .kind
-                .encode(&self.name, &e.value, e.ts, &expired, &mut payload)?
-            {
-                continue;
+        let zero_sized_ns = std::mem::size_of::<N>() == 0;
+        for (i, e) in entries.iter().enumerate() {
+            // A zero-sized namespace serializes the same every time: once is enough.
+            if i == 0 || !zero_sized_ns {
+                ns_buf.clear();
+                self.ns_ser
+                    .serialize(&e.ns, &mut ns_buf)
+                    .map_err(ser_err(&self.name, "namespace"))?;
             }
-            ns_buf.clear();
-            self.ns_ser
-                .serialize(&e.ns, &mut ns_buf)
-                .map_err(ser_err(&self.name, "namespace"))?;
-            write(&e.key, &ns_buf, &payload)?;
+            // The payload goes straight into the snapshot's block (no intermediate copy).
+            write(&e.key, &ns_buf, &mut |out: &mut Vec<u8>| {
+                self.kind.encode(&self.name, &e.value, e.ts, &expired, out)
+            })?;
         }
         Ok(())
     }
