@@ -403,7 +403,8 @@ impl OperatorStateStore {
 /// Splits the operator state of `old.len()` subtasks among `new_parallelism` subtasks.
 ///
 /// Even-split lists: all elements in subtask order, cut into contiguous parts whose sizes differ
-/// by at most one (the first parts get the extra elements). Union lists: every subtask gets all
+/// by at most one (the first parts get the extra elements); at an unchanged parallelism each
+/// subtask keeps exactly its own elements. Union lists: every subtask gets all
 /// elements. Broadcast state: subtask `i` gets the copy of old subtask `i % old.len()`.
 pub fn redistribute(old: &[OperatorStateStore], new_parallelism: u32) -> Vec<OperatorStateStore> {
     let p = new_parallelism.max(1) as usize;
@@ -428,6 +429,12 @@ pub fn redistribute(old: &[OperatorStateStore], new_parallelism: u32) -> Vec<Ope
                             ..(*first).clone()
                         },
                     );
+                }
+            }
+            // At the same parallelism every subtask keeps its own elements, as Flink does.
+            RedistributionMode::EvenSplit if old.len() == p && parts.len() == p => {
+                for (s, part) in out.iter_mut().zip(&parts) {
+                    s.lists.insert(name.clone(), (*part).clone());
                 }
             }
             RedistributionMode::EvenSplit => {
@@ -591,6 +598,16 @@ mod tests {
             one.list_state(&d).unwrap().get().unwrap(),
             vec![1, 2, 3, 4, 5]
         );
+    }
+
+    #[test]
+    fn same_parallelism_keeps_elements_in_place() {
+        let old = [store_with(&[1, 2, 3], &[]), store_with(&[4], &[])];
+        let d = OperatorListStateDescriptor::<u64>::new("offsets", RedistributionMode::EvenSplit)
+            .unwrap();
+        let mut new = redistribute(&old, 2);
+        assert_eq!(new[0].list_state(&d).unwrap().get().unwrap(), vec![1, 2, 3]);
+        assert_eq!(new[1].list_state(&d).unwrap().get().unwrap(), vec![4]);
     }
 
     #[test]
