@@ -274,11 +274,17 @@ impl<K: StateKey> HeapKeyedStateBackend<K> {
             .collect()
     }
 
+    /// Registers (or re-obtains) the table of a state of kind `kind`; restored data waiting
+    /// under its name is checked and loaded.
     fn register<N: Namespace, KD: Kind>(
         &mut self,
         name: &StateName,
-        make: impl FnOnce() -> Table<K, N, KD>,
+        kind: KD,
+        ttl: Option<StateTtlConfig>,
+        ns_ser: &Arc<dyn StateSerializer<N>>,
     ) -> Result<StateId> {
+        let parts = self.range.len() as usize;
+        let make = || Table::new(name.clone(), kind, ttl, Arc::clone(ns_ser), parts);
         if let Some(&id) = self.ids.get(name) {
             let t = &mut self.tables[id.0 as usize];
             let table = make();
@@ -640,20 +646,12 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
         &mut self,
         d: ValueStateDescriptor<V, N>,
     ) -> Result<ValueStateHandle<V, N>> {
-        let parts = self.range.len() as usize;
         let name = d.name().clone();
-        let id = self.register(&name, || {
-            Table::new(
-                name.clone(),
-                ValueKind {
-                    ser: Arc::clone(d.value_serializer()),
-                    default: d.default_value().cloned(),
-                },
-                d.ttl().copied(),
-                Arc::clone(d.namespace_serializer()),
-                parts,
-            )
-        })?;
+        let kind = ValueKind {
+            ser: Arc::clone(d.value_serializer()),
+            default: d.default_value().cloned(),
+        };
+        let id = self.register(&name, kind, d.ttl().copied(), d.namespace_serializer())?;
         Ok(ValueStateHandle::new(id, name))
     }
 
@@ -661,19 +659,11 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
         &mut self,
         d: ListStateDescriptor<T, N>,
     ) -> Result<ListStateHandle<T, N>> {
-        let parts = self.range.len() as usize;
         let name = d.name().clone();
-        let id = self.register(&name, || {
-            Table::new(
-                name.clone(),
-                ListKind {
-                    ser: Arc::clone(d.element_serializer()),
-                },
-                d.ttl().copied(),
-                Arc::clone(d.namespace_serializer()),
-                parts,
-            )
-        })?;
+        let kind = ListKind {
+            ser: Arc::clone(d.element_serializer()),
+        };
+        let id = self.register(&name, kind, d.ttl().copied(), d.namespace_serializer())?;
         Ok(ListStateHandle::new(id, name))
     }
 
@@ -681,20 +671,12 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
         &mut self,
         d: MapStateDescriptor<UK, UV, N>,
     ) -> Result<MapStateHandle<UK, UV, N>> {
-        let parts = self.range.len() as usize;
         let name = d.name().clone();
-        let id = self.register(&name, || {
-            Table::new(
-                name.clone(),
-                MapKind {
-                    key_ser: Arc::clone(d.user_key_serializer()),
-                    value_ser: Arc::clone(d.user_value_serializer()),
-                },
-                d.ttl().copied(),
-                Arc::clone(d.namespace_serializer()),
-                parts,
-            )
-        })?;
+        let kind = MapKind {
+            key_ser: Arc::clone(d.user_key_serializer()),
+            value_ser: Arc::clone(d.user_value_serializer()),
+        };
+        let id = self.register(&name, kind, d.ttl().copied(), d.namespace_serializer())?;
         Ok(MapStateHandle::new(id, name))
     }
 
@@ -702,20 +684,12 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
         &mut self,
         d: ReducingStateDescriptor<T, N>,
     ) -> Result<ReducingStateHandle<T, N>> {
-        let parts = self.range.len() as usize;
         let name = d.name().clone();
-        let id = self.register(&name, || {
-            Table::new(
-                name.clone(),
-                ReducingKind {
-                    ser: Arc::clone(d.value_serializer()),
-                    reduce: Arc::clone(d.reduce_fn()),
-                },
-                d.ttl().copied(),
-                Arc::clone(d.namespace_serializer()),
-                parts,
-            )
-        })?;
+        let kind = ReducingKind {
+            ser: Arc::clone(d.value_serializer()),
+            reduce: Arc::clone(d.reduce_fn()),
+        };
+        let id = self.register(&name, kind, d.ttl().copied(), d.namespace_serializer())?;
         Ok(ReducingStateHandle::new(id, name))
     }
 
@@ -723,20 +697,12 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
         &mut self,
         d: AggregatingStateDescriptor<IN, ACC, OUT, N>,
     ) -> Result<AggregatingStateHandle<IN, OUT, N>> {
-        let parts = self.range.len() as usize;
         let name = d.name().clone();
-        let id = self.register(&name, || {
-            Table::<K, N, AggregatingKind<IN, ACC, OUT>>::new(
-                name.clone(),
-                AggregatingKind {
-                    ser: Arc::clone(d.accumulator_serializer()),
-                    func: Arc::clone(d.function()),
-                },
-                d.ttl().copied(),
-                Arc::clone(d.namespace_serializer()),
-                parts,
-            )
-        })?;
+        let kind = AggregatingKind {
+            ser: Arc::clone(d.accumulator_serializer()),
+            func: Arc::clone(d.function()),
+        };
+        let id = self.register(&name, kind, d.ttl().copied(), d.namespace_serializer())?;
         Ok(AggregatingStateHandle::new(id, name))
     }
 
