@@ -51,7 +51,7 @@ use state_api::*;
 
 use table::{
     after_access, read_single, write_ts, AggregatingKind, CurrentKey, ErasedTable, Kind, ListKind,
-    MapKind, MapStore, ReducingKind, SharedTable, Table, ValueKind,
+    MapKind, MapStore, NoTtl, ReducingKind, SharedTable, Stamp, Table, ValueKind,
 };
 use timers::TimerService;
 
@@ -105,6 +105,11 @@ impl<K: StateKey> HeapBackendBuilder<K> {
         Ok(HeapKeyedStateBackend {
             max_parallelism: self.max_parallelism,
             range,
+            kg_mask: self
+                .max_parallelism
+                .is_power_of_two()
+                .then(|| self.max_parallelism - 1),
+            int_keys: is_int_key::<K>() && is_fixed_width_for::<K>(&self.key_serializer.snapshot()),
             key_serializer: self.key_serializer,
             clock: self.clock,
             key_buf: Vec::with_capacity(64),
@@ -180,7 +185,13 @@ pub struct HeapKeyedStateBackend<K> {
     max_parallelism: u32,
     range: KeyGroupRange,
     key_serializer: Arc<dyn StateSerializer<K>>,
+    /// `max_parallelism - 1` when it is a power of two: the key group is then a mask away.
+    kg_mask: Option<u32>,
+    /// True when keys are primitive integers written by [`FixedWidthSerializer`]: their bytes
+    /// and hash are computed inline, without calling the serializer.
+    int_keys: bool,
     clock: Arc<dyn Clock>,
+    /// The current key's serialized bytes (empty on the integer fast path: see `key_bytes`).
     key_buf: Vec<u8>,
     current: Option<CurrentKey<K>>,
     tables: Vec<Box<dyn ErasedTable<K>>>,
@@ -220,6 +231,94 @@ fn unknown(name: &StateName) -> Error {
     Error::UnknownState {
         state: name.to_string(),
     }
+}
+
+/// A table of single values (value, reducing, aggregating) of either stamp type.
+enum Single<'a, K, N, KD: Kind> {
+    Plain(&'a mut Table<K, N, KD, NoTtl>),
+    Stamped(&'a mut Table<K, N, KD, i64>),
+}
+
+/// Runs `$body` with `$t` bound to the table inside a [`Single`], whichever its stamp type.
+macro_rules! on_single {
+    ($single:expr, |$t:ident| $body:expr) => {
+        match $single {
+            Single::Plain($t) => $body,
+            Single::Stamped($t) => $body,
+        }
+    };
+}
+
+/// [`access`] for single-value kinds, whose tables come with or without TTL stamps.
+#[inline(always)]
+fn access_single<'a, K: StateKey, N: Namespace, KD: Kind>(
+    tables: &'a mut [Box<dyn ErasedTable<K>>],
+    current: &'a Option<CurrentKey<K>>,
+    id: StateId,
+    name: &StateName,
+) -> Result<(&'a CurrentKey<K>, Single<'a, K, N, KD>)> {
+    let cur = current.as_ref().ok_or_else(|| Error::NoCurrentKey {
+        state: name.to_string(),
+    })?;
+    let (any, stamped) = tables
+        .get_mut(id.0 as usize)
+        .ok_or_else(|| unknown(name))?
+        .as_any_stamped();
+    let table = if !stamped {
+        any.downcast_mut::<Table<K, N, KD, NoTtl>>()
+            .map(Single::Plain)
+    } else {
+        any.downcast_mut::<Table<K, N, KD, i64>>()
+            .map(Single::Stamped)
+    };
+    Ok((cur, table.ok_or_else(|| unknown(name))?))
+}
+
+/// The stable hash of an integer key's [`FixedWidthSerializer`] bytes (big-endian, full width),
+/// computed without a serializer call or buffer; `None` when `K` is not a primitive integer.
+/// The type tests resolve at compile time.
+#[inline]
+fn int_key_hash<K: Any>(key: &K) -> Option<u64> {
+    let key: &dyn Any = key;
+    macro_rules! try_int {
+        ($($t:ty),*) => {$(
+            if let Some(v) = key.downcast_ref::<$t>() {
+                return Some(stable_key_hash(&v.to_be_bytes()));
+            }
+        )*};
+    }
+    try_int!(u64, i64, u32, i32, u128, i128, u16, i16, u8, i8);
+    None
+}
+
+/// True when `K` is a primitive integer type ([`int_key_hash`] has a fast path for it).
+fn is_int_key<K: Any>() -> bool {
+    use std::any::TypeId;
+    [
+        TypeId::of::<u64>(),
+        TypeId::of::<i64>(),
+        TypeId::of::<u32>(),
+        TypeId::of::<i32>(),
+        TypeId::of::<u128>(),
+        TypeId::of::<i128>(),
+        TypeId::of::<u16>(),
+        TypeId::of::<i16>(),
+        TypeId::of::<u8>(),
+        TypeId::of::<i8>(),
+    ]
+    .contains(&TypeId::of::<K>())
+}
+
+/// True when the key serializer is [`FixedWidthSerializer<K>`] for the integer type `K`.
+fn is_fixed_width_for<K: Any>(snapshot: &state_api::SerializerSnapshot) -> bool {
+    snapshot.id == state_api::FIXED_WIDTH_SERIALIZER_ID
+        && snapshot.schema == std::any::type_name::<K>().as_bytes()
+}
+
+/// True when TTL cleanup runs on every record (`set_current_key`).
+fn per_record_cleanup(ttl: Option<StateTtlConfig>) -> bool {
+    ttl.and_then(|t| t.incremental_cleanup())
+        .is_some_and(|c| c.run_for_every_record)
 }
 
 /// Finds the typed table of a handle, and the current key.
@@ -275,7 +374,7 @@ impl<K: StateKey> HeapKeyedStateBackend<K> {
     }
 
     /// Registers (or re-obtains) the table of a state of kind `kind`; restored data waiting
-    /// under its name is checked and loaded.
+    /// under its name is checked and loaded. Single values with TTL get stamped entries.
     fn register<N: Namespace, KD: Kind>(
         &mut self,
         name: &StateName,
@@ -283,23 +382,60 @@ impl<K: StateKey> HeapKeyedStateBackend<K> {
         ttl: Option<StateTtlConfig>,
         ns_ser: &Arc<dyn StateSerializer<N>>,
     ) -> Result<StateId> {
+        if KD::SINGLE && ttl.is_some() {
+            self.register_stamped::<N, KD, i64, NoTtl>(name, kind, ttl, ns_ser)
+        } else {
+            self.register_stamped::<N, KD, NoTtl, i64>(name, kind, ttl, ns_ser)
+        }
+    }
+
+    /// [`Self::register`] with entries stamped `T`; a table registered before with stamp `U`
+    /// (TTL switched on or off since) is converted.
+    fn register_stamped<N: Namespace, KD: Kind, T: Stamp, U: Stamp>(
+        &mut self,
+        name: &StateName,
+        kind: KD,
+        ttl: Option<StateTtlConfig>,
+        ns_ser: &Arc<dyn StateSerializer<N>>,
+    ) -> Result<StateId> {
         let parts = self.range.len() as usize;
-        let make = || Table::new(name.clone(), kind, ttl, Arc::clone(ns_ser), parts);
+        let kind = Arc::new(kind);
+        let key_ser = &self.key_serializer;
+        let make = || {
+            Table::<K, N, KD, T>::new(
+                name.clone(),
+                Arc::clone(&kind),
+                ttl,
+                Arc::clone(ns_ser),
+                Arc::clone(key_ser),
+                parts,
+            )
+        };
         if let Some(&id) = self.ids.get(name) {
+            let now = self.clock.now_millis();
             let t = &mut self.tables[id.0 as usize];
-            let table = make();
-            if t.state_kind() != table.kind.kind() {
+            if t.state_kind() != kind.kind() {
                 return Err(Error::StateKindMismatch {
                     state: name.to_string(),
                     existing: t.state_kind(),
-                    requested: table.kind.kind(),
+                    requested: kind.kind(),
                 });
             }
-            return match t.as_any_mut().downcast_mut::<Table<K, N, KD>>() {
+            let any = t.as_any_mut();
+            if let Some(existing) = any.downcast_mut::<Table<K, N, KD, T>>() {
+                // Re-registration may change the functions or TTL: take the new ones.
+                existing.kind = kind;
+                existing.ttl = ttl;
+                return Ok(id);
+            }
+            return match any.downcast_mut::<Table<K, N, KD, U>>() {
                 Some(existing) => {
-                    // Re-registration may change the functions or TTL: take the new ones.
-                    existing.kind = table.kind;
-                    existing.ttl = table.ttl;
+                    let converted: Table<K, N, KD, T> = existing.restamp(kind, ttl, now);
+                    self.per_record_cleanup.retain(|&i| i != id.0 as usize);
+                    if per_record_cleanup(ttl) {
+                        self.per_record_cleanup.push(id.0 as usize);
+                    }
+                    *t = Box::new(converted);
                     Ok(id)
                 }
                 None => Err(Error::StateTypeMismatch {
@@ -334,16 +470,60 @@ impl<K: StateKey> HeapKeyedStateBackend<K> {
             self.pending.remove(name);
         }
         let id = StateId(self.tables.len() as u32);
-        if table
-            .ttl
-            .and_then(|t| t.incremental_cleanup())
-            .is_some_and(|c| c.run_for_every_record)
-        {
+        if per_record_cleanup(table.ttl) {
             self.per_record_cleanup.push(self.tables.len());
         }
         self.tables.push(Box::new(table));
         self.ids.insert(name.clone(), id);
         Ok(id)
+    }
+
+    /// Serializes a key into `key_buf`; returns its stable hash.
+    #[cold]
+    #[inline(never)]
+    fn serialize_key(&mut self, key: &K) -> Result<u64> {
+        self.key_buf.clear();
+        self.key_serializer
+            .serialize(key, &mut self.key_buf)
+            .map_err(|e| Error::Serialize {
+                state: "<current key>".into(),
+                what: "key",
+                reason: e.0,
+            })?;
+        Ok(stable_key_hash(&self.key_buf))
+    }
+
+    /// A key outside the backend's range: no key is current any more.
+    #[cold]
+    #[inline(never)]
+    fn out_of_range(&mut self, key_group: u32) -> Error {
+        self.current = None;
+        Error::KeyGroupOutOfRange {
+            key_group,
+            range: self.range,
+        }
+    }
+
+    /// Incremental TTL cleanup of the states that run it on every record.
+    #[inline(never)]
+    fn cleanup_per_record(&mut self) {
+        let now = self.clock.now_millis();
+        for &i in &self.per_record_cleanup {
+            self.tables[i].incremental_cleanup(now, true);
+        }
+    }
+
+    /// The serialized bytes of `key`.
+    fn key_bytes(&self, key: &K) -> Result<Vec<u8>> {
+        let mut bytes = Vec::new();
+        self.key_serializer
+            .serialize(key, &mut bytes)
+            .map_err(|e| Error::Serialize {
+                state: "<current key>".into(),
+                what: "key",
+                reason: e.0,
+            })?;
+        Ok(bytes)
     }
 
     fn timer_service<N: Namespace>(&self, h: &TimerServiceHandle<N>) -> Result<&TimerService> {
@@ -374,8 +554,7 @@ impl<K: StateKey> HeapKeyedStateBackend<K> {
                 reason: e.0,
             })?;
         let kg = self.range.start() + cur.part as u32;
-        // `key_buf` holds the current key's bytes (set_current_key clears `current` otherwise).
-        Ok((kg, (timestamp, self.key_buf.clone(), ns_bytes)))
+        Ok((kg, (timestamp, self.key_bytes(&cur.key)?, ns_bytes)))
     }
 
     fn apply_timer_chunk(&mut self, i: usize, chunk: &PendingChunk) -> Result<()> {
@@ -598,36 +777,30 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
         self.range
     }
 
-    #[inline]
+    #[inline(always)]
     fn set_current_key(&mut self, key: K) -> Result<()> {
-        self.key_buf.clear();
-        self.key_serializer
-            .serialize(&key, &mut self.key_buf)
-            .map_err(|e| Error::Serialize {
-                state: "<current key>".into(),
-                what: "key",
-                reason: e.0,
-            })?;
-        let hash = stable_key_hash(&self.key_buf);
-        let kg = key_group_for_hash(hash, self.max_parallelism);
-        if !self.range.contains(kg) {
-            // The key buffer no longer holds the current key's bytes: no key is current.
-            self.current = None;
-            return Err(Error::KeyGroupOutOfRange {
-                key_group: kg,
-                range: self.range,
-            });
+        // The hot path stays small (a few dozen instructions for integer keys), so that the
+        // CPU overlaps the memory accesses of consecutive records; the rest is out of line.
+        let hash = match self.int_keys.then(|| int_key_hash(&key)).flatten() {
+            Some(hash) => hash,
+            None => self.serialize_key(&key)?,
+        };
+        let h = (hash >> 32) as u32;
+        let kg = match self.kg_mask {
+            Some(mask) => h & mask,
+            None => key_group_for_hash(hash, self.max_parallelism),
+        };
+        let part = kg.wrapping_sub(self.range.start());
+        if part >= self.range.len() {
+            return Err(self.out_of_range(kg));
         }
         self.current = Some(CurrentKey {
             key,
             hash,
-            part: (kg - self.range.start()) as usize,
+            part: part as usize,
         });
         if !self.per_record_cleanup.is_empty() {
-            let now = self.clock.now_millis();
-            for &i in &self.per_record_cleanup {
-                self.tables[i].incremental_cleanup(now, true);
-            }
+            self.cleanup_per_record();
         }
         Ok(())
     }
@@ -706,21 +879,22 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
         Ok(AggregatingStateHandle::new(id, name))
     }
 
-    #[inline]
+    #[inline(always)]
     fn value_get<V: StateType, N: Namespace>(
         &mut self,
         h: &ValueStateHandle<V, N>,
         ns: &N,
     ) -> Result<Option<V>> {
         let (cur, t) =
-            access::<K, N, ValueKind<V>>(&mut self.tables, &self.current, h.id(), h.name())?;
-        match read_single(t, cur, ns, &*self.clock, false) {
+            access_single::<K, N, ValueKind<V>>(&mut self.tables, &self.current, h.id(), h.name())?;
+        let clock = &*self.clock;
+        on_single!(t, |t| match read_single(t, cur, ns, clock, false) {
             Some(v) => Ok(Some(v)),
             None => Ok(t.kind.default.clone()),
-        }
+        })
     }
 
-    #[inline]
+    #[inline(always)]
     fn value_update<V: StateType, N: Namespace>(
         &mut self,
         h: &ValueStateHandle<V, N>,
@@ -728,9 +902,12 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
         value: V,
     ) -> Result<()> {
         let (cur, t) =
-            access::<K, N, ValueKind<V>>(&mut self.tables, &self.current, h.id(), h.name())?;
-        let ts = write_ts(t, &*self.clock);
-        t.put(cur, ns, ts, value);
+            access_single::<K, N, ValueKind<V>>(&mut self.tables, &self.current, h.id(), h.name())?;
+        let clock = &*self.clock;
+        on_single!(t, |t| {
+            let ts = write_ts(t, clock);
+            t.put(cur, ns, ts, value);
+        });
         Ok(())
     }
 
@@ -981,9 +1158,14 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
         h: &ReducingStateHandle<T, N>,
         ns: &N,
     ) -> Result<Option<T>> {
-        let (cur, t) =
-            access::<K, N, ReducingKind<T>>(&mut self.tables, &self.current, h.id(), h.name())?;
-        Ok(read_single(t, cur, ns, &*self.clock, false))
+        let (cur, t) = access_single::<K, N, ReducingKind<T>>(
+            &mut self.tables,
+            &self.current,
+            h.id(),
+            h.name(),
+        )?;
+        let clock = &*self.clock;
+        Ok(on_single!(t, |t| read_single(t, cur, ns, clock, false)))
     }
 
     fn reducing_add<T: StateType, N: Namespace>(
@@ -992,15 +1174,22 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
         ns: &N,
         value: T,
     ) -> Result<()> {
-        let (cur, t) =
-            access::<K, N, ReducingKind<T>>(&mut self.tables, &self.current, h.id(), h.name())?;
-        let old = read_single(t, cur, ns, &*self.clock, true);
-        let new = match old {
-            Some(a) => (t.kind.reduce)(a, value),
-            None => value,
-        };
-        let ts = write_ts(t, &*self.clock);
-        t.put(cur, ns, ts, new);
+        let (cur, t) = access_single::<K, N, ReducingKind<T>>(
+            &mut self.tables,
+            &self.current,
+            h.id(),
+            h.name(),
+        )?;
+        let clock = &*self.clock;
+        on_single!(t, |t| {
+            let old = read_single(t, cur, ns, clock, true);
+            let new = match old {
+                Some(a) => (t.kind.reduce)(a, value),
+                None => value,
+            };
+            let ts = write_ts(t, clock);
+            t.put(cur, ns, ts, new);
+        });
         Ok(())
     }
 

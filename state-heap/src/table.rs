@@ -19,15 +19,98 @@ pub(crate) struct CurrentKey<K> {
     pub part: usize,
 }
 
-/// One entry: a (key, namespace) and what the kind stores for it.
+/// The TTL timestamp an entry carries: `i64` in tables of single values (value, reducing,
+/// aggregating) with TTL, nothing ([`NoTtl`]) elsewhere, so that entries of the common case stay
+/// as small as key + value (16 bytes for u64 keys and values) and twice as many fit in cache.
+pub(crate) trait Stamp: Copy + Send + Sync + 'static {
+    /// True when the stamp stores a timestamp.
+    const STORED: bool;
+    fn new(ts: i64) -> Self;
+    fn get(self) -> i64;
+}
+
+/// No timestamp: every entry reads as written at time 0.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct NoTtl;
+
+impl Stamp for NoTtl {
+    const STORED: bool = false;
+    #[inline]
+    fn new(_: i64) -> Self {
+        NoTtl
+    }
+    #[inline]
+    fn get(self) -> i64 {
+        0
+    }
+}
+
+impl Stamp for i64 {
+    const STORED: bool = true;
+    #[inline]
+    fn new(ts: i64) -> Self {
+        ts
+    }
+    #[inline]
+    fn get(self) -> i64 {
+        self
+    }
+}
+
+/// One entry: a (key, namespace) and what the kind stores for it. The table hash is not stored:
+/// lookups compare keys, and resizing recomputes it from the serialized key (rare).
 #[derive(Clone)]
-pub(crate) struct Entry<K, N, S> {
-    hash: u64,
+pub(crate) struct Entry<K, N, S, T = NoTtl> {
     pub key: K,
     pub ns: N,
-    /// TTL timestamp of single values (value, reducing, aggregating); 0 without TTL.
-    pub ts: i64,
+    /// TTL timestamp of single values (value, reducing, aggregating) with TTL.
+    stamp: T,
     pub value: S,
+}
+
+impl<K, N, S, T: Stamp> Entry<K, N, S, T> {
+    /// The TTL timestamp (0 without one).
+    #[inline]
+    pub fn ts(&self) -> i64 {
+        self.stamp.get()
+    }
+
+    /// Sets the TTL timestamp (ignored without one).
+    #[inline]
+    pub fn set_ts(&mut self, ts: i64) {
+        self.stamp = T::new(ts);
+    }
+}
+
+/// A key group's entries and whether they were written since the last `take_dirty`.
+pub(crate) struct Slot<E> {
+    part: Part<E>,
+    dirty: bool,
+}
+
+impl<E: Clone> Slot<E> {
+    fn new() -> Self {
+        Slot {
+            part: Part::Owned(HashTable::new()),
+            dirty: false,
+        }
+    }
+
+    #[inline]
+    fn get(&self) -> &HashTable<E> {
+        self.part.get()
+    }
+
+    /// Mutable access for a write: marks the key group dirty, copies it if a snapshot reads it.
+    #[inline]
+    fn write(&mut self) -> &mut HashTable<E> {
+        self.dirty = true;
+        self.part.get_mut()
+    }
+
+    fn share(&mut self) -> Arc<HashTable<E>> {
+        self.part.share()
+    }
 }
 
 /// A key group's entries, either owned by the backend or shared with running snapshots.
@@ -87,10 +170,33 @@ fn table_hash(key_hash: u64, ns_hash: u64) -> u64 {
     key_hash ^ ns_hash.wrapping_mul(0x9E37_79B9_7F4A_7C15)
 }
 
+/// The hash of an entry already in a table, recomputed from its serialized key (on resize).
+///
+/// The key serialized once already when it became the current key; serializers are
+/// deterministic, so this cannot fail for a key in a table. Should a user serializer fail
+/// anyway, the entry gets hash 0: it stays in the table and in snapshots, and only lookups of
+/// that one key would miss it.
+fn rehash<K: 'static, N: Hash>(ser: &dyn StateSerializer<K>, key: &K, ns: &N) -> u64 {
+    thread_local! {
+        static KEY_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    KEY_BUF.with(|buf| {
+        let mut buf = buf.borrow_mut();
+        buf.clear();
+        match ser.serialize(key, &mut buf) {
+            Ok(()) => table_hash(state_api::stable_key_hash(&buf), ns_hash(ns)),
+            Err(_) => 0,
+        }
+    })
+}
+
 /// What differs between state kinds: the stored type, its snapshot encoding and merging.
 pub(crate) trait Kind: Send + Sync + 'static {
     type Stored: Clone + Send + Sync + 'static;
     type Readers: Send + Sync + 'static;
+    /// True for kinds that store one value per entry with the entry's TTL timestamp (value,
+    /// reducing, aggregating); lists and maps stamp each element instead.
+    const SINGLE: bool;
 
     fn kind(&self) -> StateKind;
     fn meta(&self, name: &StateName, ttl: Option<&StateTtlConfig>) -> StateMeta;
@@ -265,6 +371,7 @@ pub(crate) struct ValueKind<V> {
 impl<V: StateType> Kind for ValueKind<V> {
     type Stored = V;
     type Readers = ResolvedReader<V>;
+    const SINGLE: bool = true;
     fn kind(&self) -> StateKind {
         StateKind::Value
     }
@@ -279,6 +386,7 @@ pub(crate) struct ReducingKind<T> {
 impl<T: StateType> Kind for ReducingKind<T> {
     type Stored = T;
     type Readers = ResolvedReader<T>;
+    const SINGLE: bool = true;
     fn kind(&self) -> StateKind {
         StateKind::Reducing
     }
@@ -296,6 +404,7 @@ pub(crate) struct AggregatingKind<IN, ACC, OUT> {
 impl<IN: 'static, ACC: StateType, OUT: 'static> Kind for AggregatingKind<IN, ACC, OUT> {
     type Stored = ACC;
     type Readers = ResolvedReader<ACC>;
+    const SINGLE: bool = true;
     fn kind(&self) -> StateKind {
         StateKind::Aggregating
     }
@@ -344,6 +453,7 @@ impl<T: StateType> Kind for ListKind<T> {
     /// Elements with their TTL timestamps.
     type Stored = Vec<(T, i64)>;
     type Readers = ResolvedReader<T>;
+    const SINGLE: bool = false;
     fn kind(&self) -> StateKind {
         StateKind::List
     }
@@ -417,6 +527,7 @@ pub(crate) struct MapKind<UK, UV> {
 impl<UK: MapKey, UV: StateType> Kind for MapKind<UK, UV> {
     type Stored = MapStore<UK, UV>;
     type Readers = (ResolvedReader<UK>, ResolvedReader<UV>);
+    const SINGLE: bool = false;
     fn kind(&self) -> StateKind {
         StateKind::Map
     }
@@ -502,39 +613,84 @@ pub(crate) struct RestoreReaders<N, R> {
 }
 
 /// One state: a hash table of entries per key group of the backend's range.
-pub(crate) struct Table<K, N, KD: Kind> {
+pub(crate) struct Table<K, N, KD: Kind, T: Stamp = NoTtl> {
     pub name: StateName,
     pub kind: Arc<KD>,
     pub ttl: Option<StateTtlConfig>,
     pub ns_ser: Arc<dyn StateSerializer<N>>,
-    parts: Vec<Part<Entry<K, N, KD::Stored>>>,
-    /// Key groups written since the last call to `take_dirty` (for incremental snapshots).
-    dirty: Vec<bool>,
+    /// The backend's key serializer: recomputes hashes when a table grows.
+    key_ser: Arc<dyn StateSerializer<K>>,
+    /// Per key group of the range: entries, and whether written since the last `take_dirty`
+    /// (for incremental snapshots).
+    parts: Vec<Slot<Entry<K, N, KD::Stored, T>>>,
     readers: Option<RestoreReaders<N, KD::Readers>>,
     /// Incremental TTL cleanup: entries still to check, and the next partition to scan.
-    cleanup_queue: Vec<(usize, u64, K, N)>,
+    cleanup_queue: Vec<(usize, K, N)>,
     cleanup_next_part: usize,
 }
 
-impl<K: StateKey, N: Namespace, KD: Kind> Table<K, N, KD> {
+/// Entries of a table with stamp `T`.
+type Entries<K, N, KD, T> = HashTable<Entry<K, N, <KD as Kind>::Stored, T>>;
+
+impl<K: StateKey, N: Namespace, KD: Kind, T: Stamp> Table<K, N, KD, T> {
     pub fn new(
         name: StateName,
-        kind: KD,
+        kind: Arc<KD>,
         ttl: Option<StateTtlConfig>,
         ns_ser: Arc<dyn StateSerializer<N>>,
+        key_ser: Arc<dyn StateSerializer<K>>,
         parts: usize,
     ) -> Self {
         Table {
             name,
-            kind: Arc::new(kind),
+            kind,
             ttl,
             ns_ser,
-            parts: (0..parts).map(|_| Part::Owned(HashTable::new())).collect(),
-            dirty: vec![false; parts],
+            key_ser,
+            parts: (0..parts).map(|_| Slot::new()).collect(),
             readers: None,
             cleanup_queue: Vec::new(),
             cleanup_next_part: 0,
         }
+    }
+
+    /// The same entries in a table with another stamp type (TTL switched on or off by a
+    /// re-registration): entries gaining a timestamp get `now`.
+    pub fn restamp<U: Stamp>(
+        &self,
+        kind: Arc<KD>,
+        ttl: Option<StateTtlConfig>,
+        now: i64,
+    ) -> Table<K, N, KD, U> {
+        let mut t = Table::new(
+            self.name.clone(),
+            kind,
+            ttl,
+            Arc::clone(&self.ns_ser),
+            Arc::clone(&self.key_ser),
+            self.parts.len(),
+        );
+        for (i, part) in self.parts.iter().enumerate() {
+            let src = part.get();
+            let dst = t.parts[i].write();
+            dst.reserve(src.len(), |e| rehash(&*self.key_ser, &e.key, &e.ns));
+            for e in src.iter() {
+                let h = rehash(&*self.key_ser, &e.key, &e.ns);
+                let ts = if T::STORED { e.ts() } else { now };
+                dst.insert_unique(
+                    h,
+                    Entry {
+                        key: e.key.clone(),
+                        ns: e.ns.clone(),
+                        stamp: U::new(ts),
+                        value: e.value.clone(),
+                    },
+                    |x| rehash(&*self.key_ser, &x.key, &x.ns),
+                );
+            }
+            t.parts[i].dirty = part.dirty || !src.is_empty();
+        }
+        t
     }
 
     pub fn meta(&self) -> StateMeta {
@@ -545,11 +701,11 @@ impl<K: StateKey, N: Namespace, KD: Kind> Table<K, N, KD> {
     }
 
     #[inline]
-    pub fn find(&self, cur: &CurrentKey<K>, ns: &N) -> Option<&Entry<K, N, KD::Stored>> {
+    pub fn find(&self, cur: &CurrentKey<K>, ns: &N) -> Option<&Entry<K, N, KD::Stored, T>> {
         let h = table_hash(cur.hash, ns_hash(ns));
         self.parts[cur.part]
             .get()
-            .find(h, |e| e.hash == h && e.key == cur.key && e.ns == *ns)
+            .find(h, |e| e.key == cur.key && e.ns == *ns)
     }
 
     #[inline]
@@ -557,52 +713,53 @@ impl<K: StateKey, N: Namespace, KD: Kind> Table<K, N, KD> {
         &mut self,
         cur: &CurrentKey<K>,
         ns: &N,
-    ) -> Option<&mut Entry<K, N, KD::Stored>> {
+    ) -> Option<&mut Entry<K, N, KD::Stored, T>> {
         let h = table_hash(cur.hash, ns_hash(ns));
-        self.dirty[cur.part] = true;
         self.parts[cur.part]
-            .get_mut()
-            .find_mut(h, |e| e.hash == h && e.key == cur.key && e.ns == *ns)
+            .write()
+            .find_mut(h, |e| e.key == cur.key && e.ns == *ns)
     }
 
     /// Inserts or replaces the entry of (current key, ns).
     #[inline]
     pub fn put(&mut self, cur: &CurrentKey<K>, ns: &N, ts: i64, value: KD::Stored) {
         let h = table_hash(cur.hash, ns_hash(ns));
-        self.dirty[cur.part] = true;
-        let t = self.parts[cur.part].get_mut();
-        match t.find_mut(h, |e| e.hash == h && e.key == cur.key && e.ns == *ns) {
+        let t = self.parts[cur.part].write();
+        match t.find_mut(h, |e| e.key == cur.key && e.ns == *ns) {
             Some(e) => {
                 e.value = value;
-                e.ts = ts;
+                e.stamp = T::new(ts);
             }
-            None => {
-                t.insert_unique(
-                    h,
-                    Entry {
-                        hash: h,
-                        key: cur.key.clone(),
-                        ns: ns.clone(),
-                        ts,
-                        value,
-                    },
-                    |e| e.hash,
-                );
-            }
+            None => self.insert_new(cur, ns, h, ts, value),
         }
     }
 
+    /// The insert half of [`Self::put`], out of line so the update path stays small.
+    #[inline(never)]
+    fn insert_new(&mut self, cur: &CurrentKey<K>, ns: &N, h: u64, ts: i64, value: KD::Stored) {
+        let key_ser = &*self.key_ser;
+        self.parts[cur.part].write().insert_unique(
+            h,
+            Entry {
+                key: cur.key.clone(),
+                ns: ns.clone(),
+                stamp: T::new(ts),
+                value,
+            },
+            |e| rehash(key_ser, &e.key, &e.ns),
+        );
+    }
+
     /// Removes and returns the entry of (current key, ns).
-    pub fn remove(&mut self, cur: &CurrentKey<K>, ns: &N) -> Option<Entry<K, N, KD::Stored>> {
+    pub fn remove(&mut self, cur: &CurrentKey<K>, ns: &N) -> Option<Entry<K, N, KD::Stored, T>> {
         let h = table_hash(cur.hash, ns_hash(ns));
         // Avoid copying a shared key group when there is nothing to remove.
         self.parts[cur.part]
             .get()
-            .find(h, |e| e.hash == h && e.key == cur.key && e.ns == *ns)?;
-        self.dirty[cur.part] = true;
+            .find(h, |e| e.key == cur.key && e.ns == *ns)?;
         self.parts[cur.part]
-            .get_mut()
-            .find_entry(h, |e| e.hash == h && e.key == cur.key && e.ns == *ns)
+            .write()
+            .find_entry(h, |e| e.key == cur.key && e.ns == *ns)
             .ok()
             .map(|o| o.remove().0)
     }
@@ -623,14 +780,16 @@ impl<K: StateKey, N: Namespace, KD: Kind> Table<K, N, KD> {
     }
 
     /// Shares every key group with a snapshot.
-    pub fn share_all(&mut self) -> Vec<Arc<HashTable<Entry<K, N, KD::Stored>>>> {
-        self.parts.iter_mut().map(Part::share).collect()
+    pub fn share_all(&mut self) -> Vec<Arc<Entries<K, N, KD, T>>> {
+        self.parts.iter_mut().map(Slot::share).collect()
     }
 
     /// Returns and resets the per-partition "written since last time" flags.
     pub fn take_dirty(&mut self) -> Vec<bool> {
-        let n = self.dirty.len();
-        std::mem::replace(&mut self.dirty, vec![false; n])
+        self.parts
+            .iter_mut()
+            .map(|p| std::mem::replace(&mut p.dirty, false))
+            .collect()
     }
 
     /// Runs incremental TTL cleanup on up to `n` entries.
@@ -643,31 +802,29 @@ impl<K: StateKey, N: Namespace, KD: Kind> Table<K, N, KD> {
                 let Some(part) = self.parts.get(p) else {
                     return;
                 };
-                self.cleanup_queue.extend(
-                    part.get()
-                        .iter()
-                        .map(|e| (p, e.hash, e.key.clone(), e.ns.clone())),
-                );
+                self.cleanup_queue
+                    .extend(part.get().iter().map(|e| (p, e.key.clone(), e.ns.clone())));
                 if self.cleanup_queue.is_empty() {
                     continue;
                 }
             }
-            let Some((p, h, key, ns)) = self.cleanup_queue.pop() else {
+            let Some((p, key, ns)) = self.cleanup_queue.pop() else {
                 return;
             };
-            let eq = |e: &Entry<K, N, KD::Stored>| e.hash == h && e.key == key && e.ns == ns;
+            let h = rehash(&*self.key_ser, &key, &ns);
+            let eq = |e: &Entry<K, N, KD::Stored, T>| e.key == key && e.ns == ns;
             let Some(e) = self.parts[p].get().find(h, eq) else {
                 continue;
             };
             let expired = |ts: i64| ttl.is_expired(ts, now);
-            if !self.kind.any_expired(&e.value, e.ts, &expired) {
+            if !self.kind.any_expired(&e.value, e.ts(), &expired) {
                 continue;
             }
-            self.dirty[p] = true;
-            let t = self.parts[p].get_mut();
+            let t = self.parts[p].write();
             if let Ok(occ) = t.find_entry(h, eq) {
                 let entry = occ.into_mut();
-                if self.kind.drop_expired(&mut entry.value, entry.ts, &expired) {
+                let ts = entry.ts();
+                if self.kind.drop_expired(&mut entry.value, ts, &expired) {
                     if let Ok(occ) = t.find_entry(h, eq) {
                         occ.remove();
                     }
@@ -695,14 +852,14 @@ impl<K: StateKey, N: Namespace, KD: Kind> Table<K, N, KD> {
         Ok(())
     }
 
-    /// Decodes a restored record (without inserting it).
+    /// Decodes a restored record (without inserting it); returns its table hash and entry.
     pub fn decode_record(
         &self,
         key: K,
         record: &RawRecord<'_>,
         stream: &str,
         now: i64,
-    ) -> Result<(u64, Entry<K, N, KD::Stored>)> {
+    ) -> Result<(u64, Entry<K, N, KD::Stored, T>)> {
         let readers = self
             .readers
             .as_ref()
@@ -717,30 +874,27 @@ impl<K: StateKey, N: Namespace, KD: Kind> Table<K, N, KD> {
         let fix = move |ts: i64| if stamp { now } else { ts };
         let mut d = Decoder::new(record.payload, record.payload_offset, stream);
         let (value, ts) = self.kind.decode(&self.name, &readers.kind, &mut d, &fix)?;
-        let key_hash = state_api::stable_key_hash(record.key);
-        let h = table_hash(key_hash, ns_hash(&ns));
+        let h = table_hash(state_api::stable_key_hash(record.key), ns_hash(&ns));
         Ok((
-            key_hash,
+            h,
             Entry {
-                hash: h,
                 key,
                 ns,
-                ts,
+                stamp: T::new(ts),
                 value,
             },
         ))
     }
 
-    /// Inserts a restored entry into partition `part` (replacing an equal key and namespace).
-    pub fn insert_restored(&mut self, part: usize, e: Entry<K, N, KD::Stored>) {
-        self.dirty[part] = true;
-        let t = self.parts[part].get_mut();
-        match t.find_mut(e.hash, |x| {
-            x.hash == e.hash && x.key == e.key && x.ns == e.ns
-        }) {
+    /// Inserts a restored entry with table hash `h` into partition `part` (replacing an equal
+    /// key and namespace).
+    pub fn insert_restored(&mut self, part: usize, h: u64, e: Entry<K, N, KD::Stored, T>) {
+        let key_ser = &*self.key_ser;
+        let t = self.parts[part].write();
+        match t.find_mut(h, |x| x.key == e.key && x.ns == e.ns) {
             Some(x) => *x = e,
             None => {
-                t.insert_unique(e.hash, e, |x| x.hash);
+                t.insert_unique(h, e, |x| rehash(key_ser, &x.key, &x.ns));
             }
         }
     }
@@ -749,33 +903,37 @@ impl<K: StateKey, N: Namespace, KD: Kind> Table<K, N, KD> {
 /// Reads a single value (value, reducing, aggregating) with TTL semantics.
 /// `for_update` treats expired values as absent whatever the visibility (Flink's TTL states do).
 #[inline]
-pub(crate) fn read_single<K: StateKey, N: Namespace, KD: Kind>(
-    t: &mut Table<K, N, KD>,
+pub(crate) fn read_single<K: StateKey, N: Namespace, KD: Kind, T: Stamp>(
+    t: &mut Table<K, N, KD, T>,
     cur: &CurrentKey<K>,
     ns: &N,
     clock: &dyn Clock,
     for_update: bool,
 ) -> Option<KD::Stored> {
-    let Some(ttl) = t.ttl else {
-        return t.find(cur, ns).map(|e| e.value.clone());
+    let ttl = match t.ttl {
+        Some(ttl) if T::STORED => ttl,
+        _ => return t.find(cur, ns).map(|e| e.value.clone()),
     };
     let now = clock.now_millis();
     after_access(t, now);
     let e = t.find(cur, ns)?;
-    if ttl.is_expired(e.ts, now) {
+    if ttl.is_expired(e.ts(), now) {
         let e = t.remove(cur, ns)?;
         return (ttl.returns_expired() && !for_update).then_some(e.value);
     }
     if ttl.refresh_on_read() && !for_update {
         let e = t.find_mut(cur, ns)?;
-        e.ts = now;
+        e.set_ts(now);
         return Some(e.value.clone());
     }
     Some(e.value.clone())
 }
 
 #[inline]
-pub(crate) fn after_access<K: StateKey, N: Namespace, KD: Kind>(t: &mut Table<K, N, KD>, now: i64) {
+pub(crate) fn after_access<K: StateKey, N: Namespace, KD: Kind, T: Stamp>(
+    t: &mut Table<K, N, KD, T>,
+    now: i64,
+) {
     if let Some(inc) = t.ttl.and_then(|c| c.incremental_cleanup()) {
         t.incremental_cleanup(inc.cleanup_size, now);
     }
@@ -783,8 +941,8 @@ pub(crate) fn after_access<K: StateKey, N: Namespace, KD: Kind>(t: &mut Table<K,
 
 /// The timestamp written with a value: now with TTL, 0 without.
 #[inline]
-pub(crate) fn write_ts<K: StateKey, N: Namespace, KD: Kind>(
-    t: &mut Table<K, N, KD>,
+pub(crate) fn write_ts<K: StateKey, N: Namespace, KD: Kind, T: Stamp>(
+    t: &mut Table<K, N, KD, T>,
     clock: &dyn Clock,
 ) -> i64 {
     match t.ttl {
@@ -802,6 +960,8 @@ pub(crate) trait ErasedTable<K>: Send {
     fn name(&self) -> &StateName;
     fn state_kind(&self) -> StateKind;
     fn as_any_mut(&mut self) -> &mut dyn Any;
+    /// [`Self::as_any_mut`], and whether entries carry TTL stamps (one call for both).
+    fn as_any_stamped(&mut self) -> (&mut dyn Any, bool);
     fn len(&self) -> usize;
     fn clear(&mut self, cur: &CurrentKey<K>, ns: &dyn Any) -> Result<()>;
     fn keys(&self, ns: &dyn Any) -> Result<Vec<K>>;
@@ -850,16 +1010,16 @@ pub(crate) trait SharedTable: Send + Sync {
 pub(crate) type RecordSink<'a> =
     dyn FnMut(&dyn Any, &[u8], &mut dyn FnMut(&mut Vec<u8>) -> Result<bool>) -> Result<()> + 'a;
 
-struct Shared<K, N, KD: Kind> {
+struct Shared<K, N, KD: Kind, T: Stamp> {
     meta: StateMeta,
     name: StateName,
     kind: Arc<KD>,
     ttl: Option<StateTtlConfig>,
     ns_ser: Arc<dyn StateSerializer<N>>,
-    parts: Vec<Arc<HashTable<Entry<K, N, KD::Stored>>>>,
+    parts: Vec<Arc<Entries<K, N, KD, T>>>,
 }
 
-impl<K: StateKey, N: Namespace, KD: Kind> SharedTable for Shared<K, N, KD> {
+impl<K: StateKey, N: Namespace, KD: Kind, T: Stamp> SharedTable for Shared<K, N, KD, T> {
     fn meta(&self) -> StateMeta {
         self.meta.clone()
     }
@@ -882,14 +1042,15 @@ impl<K: StateKey, N: Namespace, KD: Kind> SharedTable for Shared<K, N, KD> {
             }
             // The payload goes straight into the snapshot's block (no intermediate copy).
             write(&e.key, &ns_buf, &mut |out: &mut Vec<u8>| {
-                self.kind.encode(&self.name, &e.value, e.ts, &expired, out)
+                self.kind
+                    .encode(&self.name, &e.value, e.ts(), &expired, out)
             })?;
         }
         Ok(())
     }
 }
 
-impl<K: StateKey, N: Namespace, KD: Kind> ErasedTable<K> for Table<K, N, KD> {
+impl<K: StateKey, N: Namespace, KD: Kind, T: Stamp> ErasedTable<K> for Table<K, N, KD, T> {
     fn name(&self) -> &StateName {
         &self.name
     }
@@ -898,6 +1059,9 @@ impl<K: StateKey, N: Namespace, KD: Kind> ErasedTable<K> for Table<K, N, KD> {
     }
     fn as_any_mut(&mut self) -> &mut dyn Any {
         self
+    }
+    fn as_any_stamped(&mut self) -> (&mut dyn Any, bool) {
+        (self, T::STORED)
     }
     fn len(&self) -> usize {
         Table::len(self)
@@ -948,7 +1112,8 @@ impl<K: StateKey, N: Namespace, KD: Kind> ErasedTable<K> for Table<K, N, KD> {
         let mut acc: Option<KD::Stored> = None;
         for ns in sources.iter().filter(|n| *n != target) {
             if let Some(mut e) = self.remove(cur, ns) {
-                if self.kind.drop_expired(&mut e.value, e.ts, &expired) {
+                let ts = e.ts();
+                if self.kind.drop_expired(&mut e.value, ts, &expired) {
                     continue;
                 }
                 acc = Some(match acc {
@@ -960,7 +1125,8 @@ impl<K: StateKey, N: Namespace, KD: Kind> ErasedTable<K> for Table<K, N, KD> {
         let Some(merged) = acc else { return Ok(()) };
         let merged = match self.remove(cur, target) {
             Some(mut t) => {
-                if self.kind.drop_expired(&mut t.value, t.ts, &expired) {
+                let ts = t.ts();
+                if self.kind.drop_expired(&mut t.value, ts, &expired) {
                     merged
                 } else {
                     self.kind.merge(&self.name, t.value, merged)?
@@ -1044,11 +1210,11 @@ impl<K: StateKey, N: Namespace, KD: Kind> ErasedTable<K> for Table<K, N, KD> {
         // Decode everything first: a record that fails leaves the table as it was.
         let mut decoded = Vec::new();
         for (part, key, rec) in records {
-            let (_, e) = self.decode_record(key, &rec, stream, now)?;
-            decoded.push((part, e));
+            let (h, e) = self.decode_record(key, &rec, stream, now)?;
+            decoded.push((part, h, e));
         }
-        for (part, e) in decoded {
-            self.insert_restored(part, e);
+        for (part, h, e) in decoded {
+            self.insert_restored(part, h, e);
         }
         Ok(())
     }
