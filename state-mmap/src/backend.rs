@@ -22,6 +22,10 @@ use crate::typed::*;
 
 #[path = "native.rs"]
 pub(crate) mod native;
+#[path = "timers.rs"]
+mod timers;
+
+use timers::DueIndex;
 
 /// Builds a [`MmapKeyedStateBackend`].
 pub struct MmapBackendBuilder<K> {
@@ -144,9 +148,18 @@ impl<K: StateKey> MmapBackendBuilder<K> {
                     ),
                 });
             }
+            let mut timer_services = Vec::new();
             for (name, p) in groups {
                 backend.next_id = backend.next_id.max(u32::from(p.id) + 1);
+                if p.meta.kind == StateKind::Timers {
+                    timer_services.push((p.id, name.clone()));
+                }
                 backend.pending.entry(name).or_default().push(p);
+            }
+            // Timers a version-1 store (or an interrupted rewrite) left in the old layout are
+            // rewritten now (a seek per key group when there are none).
+            for (id, name) in &timer_services {
+                timers::migrate_v1(&mut backend.db, range, *id, name)?;
             }
         }
         Ok(backend)
@@ -287,9 +300,9 @@ pub struct MmapKeyedStateBackend<K> {
     tbuf: Vec<u8>,
     per_record_cleanup: Vec<usize>,
     ttl_table: TtlTable,
-    /// Due-time queues of the registered timer services, by slot (timers are also stored in
-    /// the engine, which snapshots and checkpoints read).
-    timers: HashMap<usize, KeyGroupTimers>,
+    /// Per registered timer service (by slot), the earliest due time per key group and domain;
+    /// the timers themselves are engine entries in due-time order (module `timers`).
+    timers: HashMap<usize, DueIndex>,
     // Dropped after `db`: removes the temporary directory once the files are closed.
     _temp: Option<TempDir>,
 }
@@ -614,7 +627,11 @@ impl<K: StateKey> MmapKeyedStateBackend<K> {
             return Ok(());
         }
         for (g, plan) in groups.iter().zip(plans) {
-            self.copy_state(g.id, entry.id, plan.as_deref(), &entry.name)?;
+            if entry.kind == StateKind::Timers {
+                self.copy_timers(g.id, entry.id, plan.as_deref(), &entry.name)?;
+            } else {
+                self.copy_state(g.id, entry.id, plan.as_deref(), &entry.name)?;
+            }
         }
         Ok(())
     }
@@ -1489,6 +1506,7 @@ impl<K: StateKey> KeyedStateBackend for MmapKeyedStateBackend<K> {
         Ok(TimerServiceHandle::new(id, name))
     }
 
+    #[inline]
     fn register_timer<N: Namespace>(
         &mut self,
         h: &TimerServiceHandle<N>,
@@ -1496,21 +1514,13 @@ impl<K: StateKey> KeyedStateBackend for MmapKeyedStateBackend<K> {
         ns: &N,
         timestamp: i64,
     ) -> Result<()> {
-        let (e, t, cur) = typed!(self, h.id(), h.name(), TimerT<N>);
-        state_key(&mut self.kbuf, cur.kg, e.id, &cur.bytes, &t.ns, ns, &e.name)?;
-        let ns_at = KEY_PREFIX_LEN + cur.bytes.len() + 4;
-        let timer = (timestamp, cur.bytes.clone(), self.kbuf[ns_at..].to_vec());
-        let kg = cur.kg;
-        self.kbuf
-            .extend_from_slice(&timer_suffix(domain, timestamp));
-        let q = self
-            .timers
+        let kg = self.timer_key(h, domain, ns, timestamp)?;
+        self.timers
             .get_mut(&(h.id().0 as usize))
-            .ok_or_else(|| unknown(h.name()))?;
-        if q.register(domain, kg, timer)? {
-            self.db.put(&self.kbuf, &[])?;
-        }
-        Ok(())
+            .ok_or_else(|| unknown(h.name()))?
+            .note(kg, domain, timestamp);
+        // The key is the whole timer: putting it again changes nothing (dedup without a read).
+        Ok(self.db.put(&self.kbuf, &[])?)
     }
 
     fn delete_timer<N: Namespace>(
@@ -1520,21 +1530,9 @@ impl<K: StateKey> KeyedStateBackend for MmapKeyedStateBackend<K> {
         ns: &N,
         timestamp: i64,
     ) -> Result<()> {
-        let (e, t, cur) = typed!(self, h.id(), h.name(), TimerT<N>);
-        state_key(&mut self.kbuf, cur.kg, e.id, &cur.bytes, &t.ns, ns, &e.name)?;
-        let ns_at = KEY_PREFIX_LEN + cur.bytes.len() + 4;
-        let timer = (timestamp, cur.bytes.clone(), self.kbuf[ns_at..].to_vec());
-        let kg = cur.kg;
-        self.kbuf
-            .extend_from_slice(&timer_suffix(domain, timestamp));
-        let q = self
-            .timers
-            .get_mut(&(h.id().0 as usize))
-            .ok_or_else(|| unknown(h.name()))?;
-        if q.delete(domain, kg, &timer)? {
-            self.db.delete(&self.kbuf)?;
-        }
-        Ok(())
+        self.timer_key(h, domain, ns, timestamp)?;
+        // A blind tombstone; the due-time lower bound stays valid (it may only be early).
+        Ok(self.db.delete(&self.kbuf)?)
     }
 
     fn advance_time<N: Namespace>(
@@ -1554,38 +1552,34 @@ impl<K: StateKey> KeyedStateBackend for MmapKeyedStateBackend<K> {
             .as_any()
             .downcast_ref::<TimerT<N>>()
             .ok_or_else(|| type_mismatch(h.name()))?;
-        let (sid, ns_ser) = (e.id, Arc::clone(&t.ns));
-        let due = self
-            .timers
-            .get_mut(&slot)
-            .ok_or_else(|| unknown(h.name()))?
-            .pop_due(domain, time);
-        let mut fired = Vec::with_capacity(due.len());
+        let index = self.timers.get(&slot).ok_or_else(|| unknown(h.name()))?;
+        let (due, updates) = index.collect_due(&self.db, e.id, domain, time, h.name())?;
+        // Decode everything first: on a decoding error nothing is deleted or marked fired.
         let de = |what, e: SerdeError| Error::Deserialize {
             state: h.name().to_string(),
             what,
             reason: e.0,
         };
-        for (timestamp, key, ns) in due {
-            let kg = assign_to_key_group(&key, self.max_parallelism);
-            push_prefix(&mut self.kbuf, kg, sid, &key);
-            self.kbuf
-                .extend_from_slice(&(ns.len() as u32).to_be_bytes());
-            self.kbuf.extend_from_slice(&ns);
-            self.kbuf
-                .extend_from_slice(&timer_suffix(domain, timestamp));
-            self.db.delete(&self.kbuf)?;
+        let mut fired = Vec::with_capacity(due.len());
+        for d in &due {
             fired.push(Timer {
                 key: self
                     .key_serializer
-                    .deserialize(&key)
+                    .deserialize(d.key())
                     .map_err(|e| de("timer key", e))?,
-                namespace: ns_ser
-                    .deserialize(&ns)
+                namespace: t
+                    .ns
+                    .deserialize(d.ns())
                     .map_err(|e| de("timer namespace", e))?,
-                timestamp,
+                timestamp: d.ts,
                 domain,
             });
+        }
+        for d in &due {
+            self.db.delete(&d.raw)?;
+        }
+        if let Some(index) = self.timers.get_mut(&slot) {
+            index.apply(domain, &updates);
         }
         Ok(fired)
     }
@@ -1696,22 +1690,76 @@ impl<K: StateKey> MmapKeyedStateBackend<K> {
         }
     }
 
-    /// (Re)builds the due-time queues of the timer service at `slot` from the engine.
+    /// (Re)reads the earliest due times of the timer service at `slot` from the engine.
     fn load_timers(&mut self, slot: usize) -> Result<()> {
-        let mut q = KeyGroupTimers::new(self.range);
         let (sid, name) = (self.states[slot].id, self.states[slot].name.clone());
+        let index = DueIndex::load(&self.db, self.range, sid, &name)?;
+        self.timers.insert(slot, index);
+        Ok(())
+    }
+
+    /// Builds the engine key of a timer of the current key into `kbuf`; returns the key group.
+    #[inline]
+    fn timer_key<N: Namespace>(
+        &mut self,
+        h: &TimerServiceHandle<N>,
+        domain: TimeDomain,
+        ns: &N,
+        timestamp: i64,
+    ) -> Result<u32> {
+        let (e, t, cur) = typed!(self, h.id(), h.name(), TimerT<N>);
+        let at =
+            timers::begin_timer_key(&mut self.kbuf, cur.kg, e.id, domain, timestamp, &cur.bytes);
+        t.ns.serialize(ns, &mut self.kbuf)
+            .map_err(ser_err(&e.name, "namespace"))?;
+        timers::end_timer_key(&mut self.kbuf, at);
+        Ok(cur.kg)
+    }
+
+    /// Bytes the timer services hold in memory: per service and owned key group, the earliest
+    /// due time of each domain. It does not grow with the number of timers, which live in the
+    /// engine (write buffer, then sorted runs on disk).
+    pub fn timer_memory_bytes(&self) -> usize {
+        self.timers.values().map(DueIndex::heap_bytes).sum()
+    }
+
+    /// Rewrites every timer of service id `from` under `to` (namespaces through `t` when given).
+    fn copy_timers(
+        &mut self,
+        from: u16,
+        to: u16,
+        t: Option<&dyn Transcoder>,
+        name: &StateName,
+    ) -> Result<()> {
+        const BATCH: usize = 4096;
+        let mut nk = Vec::new();
+        let mut ns = Vec::new();
         for kg in self.range.iter() {
-            let prefix = kg_state(kg, sid);
+            let prefix = kg_state(kg, from);
             let end = end_of(&prefix);
-            let mut it = self.db.iter(&prefix, Some(&end))?;
-            while let Some((k, _)) = it.next()? {
-                let p = parse_key(k, name.as_str())?;
-                let (domain, ts) =
-                    parse_timer_suffix(p.user_key).ok_or_else(|| corrupt_value(&name, "timer"))?;
-                q.register(domain, kg, (ts, p.key.to_vec(), p.ns.to_vec()))?;
+            let mut start = prefix.to_vec();
+            loop {
+                let batch = scan(&self.db, &start, &end, BATCH)?;
+                for (k, _) in &batch {
+                    let p = timers::parse_timer_key(k, name)?;
+                    ns.clear();
+                    match t {
+                        Some(t) => t.ns(p.ns, &mut ns)?,
+                        None => ns.extend_from_slice(p.ns),
+                    }
+                    timers::timer_key(&mut nk, p.kg, to, p.domain, p.ts, p.key, &ns);
+                    self.db.put(&nk, &[])?;
+                    self.db.delete(k)?;
+                }
+                match batch.last() {
+                    Some((k, _)) if batch.len() == BATCH => {
+                        start = k.clone();
+                        start.push(0);
+                    }
+                    _ => break,
+                }
             }
         }
-        self.timers.insert(slot, q);
         Ok(())
     }
 
@@ -1818,11 +1866,26 @@ impl KeyedStateSnapshot for MmapSnapshot {
             let end = kg_prefix(kg + 1);
             let mut it = self.view.iter(&start, Some(&end))?;
             while let Some((k, v)) = it.next()? {
-                let p = parse_key(k, "snapshot")?;
-                let Some(&(idx, kind, ttl)) = self.ids.get(&p.id) else {
+                // The state id decides the key layout (timers have their own).
+                let id = match k.get(2..4) {
+                    Some(b) => u16::from_be_bytes([b[0], b[1]]),
+                    None => {
+                        parse_key(k, "snapshot")?; // names the malformed key
+                        continue;
+                    }
+                };
+                let Some(&(idx, kind, ttl)) = self.ids.get(&id) else {
                     continue;
                 };
                 let name = &self.header.states[idx as usize].name;
+                if kind == StateKind::Timers {
+                    flush_map(&mut w, &mut map, &mut map_count, &mut map_body)?;
+                    let t = timers::parse_timer_key(k, name)?;
+                    let payload = state_api::timer::encode_timer_payload(t.ts, t.domain);
+                    w.write_record(idx, t.key, t.ns, &payload)?;
+                    continue;
+                }
+                let p = parse_key(k, "snapshot")?;
                 let expired = |ts: i64| ttl.is_some_and(|t| t.is_expired(ts, self.now));
                 match kind {
                     StateKind::Map => {
@@ -1866,13 +1929,6 @@ impl KeyedStateSnapshot for MmapSnapshot {
                                 Ok(())
                             })?;
                         }
-                        w.write_record(idx, p.key, p.ns, &payload)?;
-                    }
-                    StateKind::Timers => {
-                        flush_map(&mut w, &mut map, &mut map_count, &mut map_body)?;
-                        let (domain, ts) = parse_timer_suffix(p.user_key)
-                            .ok_or_else(|| corrupt_value(name, "timer"))?;
-                        let payload = state_api::timer::encode_timer_payload(ts, domain);
                         w.write_record(idx, p.key, p.ns, &payload)?;
                     }
                     _ => {
@@ -1981,7 +2037,15 @@ impl RestoreVisitor for RestoreSink<'_> {
             }
             StateKind::Timers => {
                 let (ts, domain) = state_api::timer::decode_timer_payload(&mut d)?;
-                self.kbuf.extend_from_slice(&timer_suffix(domain, ts));
+                timers::timer_key(
+                    &mut self.kbuf,
+                    key_group,
+                    id,
+                    domain,
+                    ts,
+                    r.key,
+                    r.namespace,
+                );
                 self.db.put(&self.kbuf, &[])?;
             }
             _ => {
@@ -1994,6 +2058,9 @@ impl RestoreVisitor for RestoreSink<'_> {
 }
 
 const REGISTRY_MAGIC: [u8; 4] = *b"FLRG";
+/// Version 2: timers are stored in due-time order (module `timers`). Version-1 stores and
+/// checkpoints are still read: their timers are rewritten when they are opened.
+const REGISTRY_VERSION: u8 = 2;
 
 /// Encodes the state registry: per state its id, whether it is pending, and a one-state
 /// canonical snapshot header holding its metadata and key serializer.
@@ -2003,7 +2070,7 @@ pub(crate) fn encode_registry(
     groups: &[(u16, bool, StateMeta, SerializerSnapshot)],
 ) -> Result<Vec<u8>> {
     let mut out = REGISTRY_MAGIC.to_vec();
-    out.push(1);
+    out.push(REGISTRY_VERSION);
     out.extend_from_slice(&(groups.len() as u32).to_be_bytes());
     for (id, pending, meta, key_ser) in groups {
         let header = SnapshotHeader {
@@ -2021,8 +2088,8 @@ pub(crate) fn encode_registry(
     Ok(out)
 }
 
-/// Decodes a registry into `(max parallelism, [(name, group)])`; every entry comes back as
-/// pending (registration binds it again).
+/// Decodes a registry (version 1 or 2) into `(max parallelism, [(name, group)])`; every entry
+/// comes back as pending (registration binds it again).
 pub(crate) fn decode_registry(b: &[u8], dir: &Path) -> Result<(u32, Vec<(StateName, Pending)>)> {
     let what = format!("state registry in {}", dir.display());
     let bad = |off: usize, reason: &str| Error::Corrupt {
@@ -2030,8 +2097,16 @@ pub(crate) fn decode_registry(b: &[u8], dir: &Path) -> Result<(u32, Vec<(StateNa
         offset: off as u64,
         reason: reason.to_string(),
     };
-    if b.len() < 9 || b[..4] != REGISTRY_MAGIC || b[4] != 1 {
-        return Err(bad(0, "bad magic or version"));
+    if b.len() < 9 || b[..4] != REGISTRY_MAGIC {
+        return Err(bad(0, "bad magic"));
+    }
+    let version = b[4];
+    if !(1..=REGISTRY_VERSION).contains(&version) {
+        return Err(Error::UnsupportedVersion {
+            stream: what,
+            found: u16::from(version),
+            supported: u16::from(REGISTRY_VERSION),
+        });
     }
     let n = u32::from_be_bytes([b[5], b[6], b[7], b[8]]) as usize;
     let mut p = 9;

@@ -4,13 +4,12 @@
 //! (big-endian; the lengths make every `(key group, state, key, namespace)` a contiguous
 //! range, one key group a contiguous range, and one map a prefix).
 //!
+//! Timers use a layout of their own, in due-time order (module `backend::timers`).
+//!
 //! Values: value/reducing/aggregating `ts i64 | bytes`; list `(ts i64 | len u32 | element)*`
 //! (so concatenation is the merge operator); one map entry per user key, `ts i64 | bytes`.
 
 use state_api::{Error, Result, StateName};
-
-/// Length of `key_group | state id | key_len`.
-pub(crate) const KEY_PREFIX_LEN: usize = 8;
 
 #[inline]
 pub(crate) fn push_prefix(out: &mut Vec<u8>, kg: u32, id: u16, key: &[u8]) {
@@ -49,7 +48,6 @@ pub(crate) fn kg_prefix(kg: u32) -> [u8; 2] {
 /// The parts of an engine key.
 pub(crate) struct KeyParts<'a> {
     pub kg: u32,
-    pub id: u16,
     pub key: &'a [u8],
     pub ns: &'a [u8],
     pub user_key: &'a [u8],
@@ -72,7 +70,6 @@ pub(crate) fn parse_key<'a>(k: &'a [u8], file: &str) -> Result<KeyParts<'a>> {
         return Err(bad());
     }
     let kg = u32::from(u16::from_be_bytes([k[0], k[1]]));
-    let id = u16::from_be_bytes([k[2], k[3]]);
     let klen = u32_at(k, 4).ok_or_else(bad)?;
     let key = k.get(8..8 + klen).ok_or_else(bad)?;
     let nlen = u32_at(k, 8 + klen).ok_or_else(bad)?;
@@ -81,7 +78,6 @@ pub(crate) fn parse_key<'a>(k: &'a [u8], file: &str) -> Result<KeyParts<'a>> {
     let prefix_len = ns_at + nlen;
     Ok(KeyParts {
         kg,
-        id,
         key,
         ns,
         user_key: &k[prefix_len..],
@@ -135,24 +131,4 @@ pub(crate) fn begin_element(out: &mut Vec<u8>, ts: i64) -> usize {
     let at = out.len();
     out.extend_from_slice(&[0; 4]);
     at
-}
-
-/// The user-key part of a timer entry: `domain u8 | timestamp` as a big-endian u64 with the
-/// sign bit flipped (so timestamps sort numerically).
-pub(crate) fn timer_suffix(domain: state_api::TimeDomain, ts: i64) -> [u8; 9] {
-    let mut b = [0u8; 9];
-    b[0] = domain.code();
-    b[1..].copy_from_slice(&((ts as u64) ^ (1 << 63)).to_be_bytes());
-    b
-}
-
-/// Reads a timer entry's user-key part.
-pub(crate) fn parse_timer_suffix(b: &[u8]) -> Option<(state_api::TimeDomain, i64)> {
-    if b.len() != 9 {
-        return None;
-    }
-    let domain = state_api::TimeDomain::from_code(b[0])?;
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[1..]);
-    Some((domain, (u64::from_be_bytes(a) ^ (1 << 63)) as i64))
 }

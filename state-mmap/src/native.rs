@@ -13,7 +13,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use state_api::{Error, KeyGroupRange, Result, StateKey, StateName};
+use state_api::{Error, KeyGroupRange, Result, StateKey, StateKind, StateName};
 
 use super::{decode_registry, MmapKeyedStateBackend, Pending};
 use crate::codec::kg_prefix;
@@ -248,6 +248,8 @@ impl<K: StateKey> MmapKeyedStateBackend<K> {
         }
         let mut groups: HashMap<u16, (StateName, Pending)> = HashMap::new();
         let mut ingest = Vec::new();
+        // Timer services: entries of version-1 checkpoints are rewritten into the current layout.
+        let mut timer_services: Vec<(u16, StateName)> = Vec::new();
         for src in &sources {
             let meta = NativeCheckpointMeta::decode(&src.metadata)?;
             if meta.max_parallelism != self.max_parallelism {
@@ -260,6 +262,11 @@ impl<K: StateKey> MmapKeyedStateBackend<K> {
             }
             let (_, registry) = decode_registry(&meta.registry, &src.files_dir)?;
             for (name, p) in registry {
+                if p.meta.kind == StateKind::Timers
+                    && !timer_services.iter().any(|(id, _)| *id == p.id)
+                {
+                    timer_services.push((p.id, name.clone()));
+                }
                 match groups.get(&p.id) {
                     Some((n, q)) if *n == name && q.meta == p.meta && q.key_ser == p.key_ser => {}
                     Some((n, _)) => {
@@ -304,6 +311,9 @@ impl<K: StateKey> MmapKeyedStateBackend<K> {
         }
         self.save_registry();
         self.db.ingest(ingest)?;
+        for (id, name) in &timer_services {
+            super::timers::migrate_v1(&mut self.db, self.range, *id, name)?;
+        }
         Ok(())
     }
 }

@@ -1,0 +1,356 @@
+//! Timers of the mmap backend, kept in the engine in due-time order.
+//!
+//! One engine entry per timer, with an empty value:
+//!
+//! `key group u16 | state id u16 | domain u8 | timestamp u64 | key_len u32 | key | ns_len u32 | ns`
+//!
+//! (the timestamp is the `i64` with its sign bit flipped, big-endian, so timestamps sort
+//! numerically). One `(key group, service, domain)` is a contiguous range ordered by due time:
+//! firing is a range scan from the start of the range up to the time, registering is one blind
+//! put (putting the same timer again changes nothing, so a second registration is a no-op
+//! without a read) and deleting one blind tombstone. The only thing held in memory per service is
+//! [`DueIndex`]: a lower bound of the earliest timestamp per key group and domain, which lets an
+//! advance skip key groups with nothing due and start each scan past the tombstones of timers
+//! fired earlier. Millions of timers therefore live in the sorted runs, not on the heap.
+//!
+//! Stores written before this layout (registry version 1) kept timers under the generic state
+//! key (`kg | id | key | ns | domain | timestamp`); [`migrate_v1`] rewrites them when such a
+//! store or native checkpoint is opened.
+
+use state_api::{Error, KeyGroupRange, Result, StateName, TimeDomain};
+
+use crate::codec::{kg_state, parse_key};
+use crate::engine::Db;
+
+/// Length of `key group | state id | domain | timestamp`.
+const HEAD: usize = 13;
+
+/// The domains, in the order of [`DueIndex`] slots.
+const DOMAINS: [TimeDomain; 2] = [TimeDomain::EventTime, TimeDomain::ProcessingTime];
+
+fn slot(domain: TimeDomain) -> usize {
+    match domain {
+        TimeDomain::EventTime => 0,
+        TimeDomain::ProcessingTime => 1,
+    }
+}
+
+/// A timestamp as 8 bytes that sort like the numbers.
+fn ts_bytes(ts: i64) -> [u8; 8] {
+    ((ts as u64) ^ (1 << 63)).to_be_bytes()
+}
+
+fn ts_of_bytes(b: [u8; 8]) -> i64 {
+    (u64::from_be_bytes(b) ^ (1 << 63)) as i64
+}
+
+/// `key group | state id | domain` (the range of one domain of one service in one key group).
+fn domain_prefix(kg: u32, id: u16, domain: TimeDomain) -> [u8; 5] {
+    let mut b = [0u8; 5];
+    b[..4].copy_from_slice(&kg_state(kg, id));
+    b[4] = domain.code();
+    b
+}
+
+/// `key group | state id | domain | timestamp`: the first possible key of a timestamp.
+fn due_bound(kg: u32, id: u16, domain: TimeDomain, ts: i64) -> [u8; HEAD] {
+    let mut b = [0u8; HEAD];
+    b[..5].copy_from_slice(&domain_prefix(kg, id, domain));
+    b[5..].copy_from_slice(&ts_bytes(ts));
+    b
+}
+
+/// The end of a domain's range: the same prefix with the domain byte plus one.
+fn domain_end(kg: u32, id: u16, domain: TimeDomain) -> [u8; 5] {
+    let mut b = domain_prefix(kg, id, domain);
+    // Domain codes are 1 and 2: no overflow.
+    b[4] += 1;
+    b
+}
+
+/// Writes the head of a timer key and the key into `out` (cleared first), and a placeholder for
+/// the namespace length; returns the placeholder's position for [`end_timer_key`].
+pub(crate) fn begin_timer_key(
+    out: &mut Vec<u8>,
+    kg: u32,
+    id: u16,
+    domain: TimeDomain,
+    ts: i64,
+    key: &[u8],
+) -> usize {
+    out.clear();
+    out.extend_from_slice(&due_bound(kg, id, domain, ts));
+    out.extend_from_slice(&(key.len() as u32).to_be_bytes());
+    out.extend_from_slice(key);
+    let at = out.len();
+    out.extend_from_slice(&[0; 4]);
+    at
+}
+
+/// Fills in the namespace length of a key started with [`begin_timer_key`] once the namespace
+/// bytes follow the placeholder.
+pub(crate) fn end_timer_key(out: &mut [u8], at: usize) {
+    let len = (out.len() - at - 4) as u32;
+    out[at..at + 4].copy_from_slice(&len.to_be_bytes());
+}
+
+/// Writes the whole timer key into `out` (cleared first).
+pub(crate) fn timer_key(
+    out: &mut Vec<u8>,
+    kg: u32,
+    id: u16,
+    domain: TimeDomain,
+    ts: i64,
+    key: &[u8],
+    ns: &[u8],
+) {
+    let at = begin_timer_key(out, kg, id, domain, ts, key);
+    out.extend_from_slice(ns);
+    end_timer_key(out, at);
+}
+
+/// The parts of a stored timer key.
+pub(crate) struct TimerKey<'a> {
+    pub kg: u32,
+    pub domain: TimeDomain,
+    pub ts: i64,
+    pub key: &'a [u8],
+    pub ns: &'a [u8],
+}
+
+fn u32_at(b: &[u8], at: usize) -> Option<usize> {
+    let s = b.get(at..at + 4)?;
+    Some(u32::from_be_bytes([s[0], s[1], s[2], s[3]]) as usize)
+}
+
+/// Parses a timer key; a malformed one is `Error::Corrupt` naming the service.
+pub(crate) fn parse_timer_key<'a>(k: &'a [u8], state: &StateName) -> Result<TimerKey<'a>> {
+    let bad = || Error::Corrupt {
+        stream: format!("timers of '{state}'"),
+        offset: 0,
+        reason: format!("malformed stored timer key {:02x?}", &k[..k.len().min(32)]),
+    };
+    let head = k.get(..HEAD).ok_or_else(bad)?;
+    let domain = TimeDomain::from_code(head[4]).ok_or_else(bad)?;
+    let mut ts = [0u8; 8];
+    ts.copy_from_slice(&head[5..]);
+    let klen = u32_at(k, HEAD).ok_or_else(bad)?;
+    let key = k.get(HEAD + 4..HEAD + 4 + klen).ok_or_else(bad)?;
+    let nlen = u32_at(k, HEAD + 4 + klen).ok_or_else(bad)?;
+    let ns_at = HEAD + 8 + klen;
+    if k.len() != ns_at + nlen {
+        return Err(bad());
+    }
+    Ok(TimerKey {
+        kg: u32::from(u16::from_be_bytes([head[0], head[1]])),
+        domain,
+        ts: ts_of_bytes(ts),
+        key,
+        ns: &k[ns_at..],
+    })
+}
+
+/// Per key group and domain of one timer service, a lower bound of the earliest timestamp set
+/// (`None`: no timer). This is all a timer service keeps in memory: 32 bytes per key group,
+/// whatever the number of timers.
+#[derive(Debug)]
+pub(crate) struct DueIndex {
+    range: KeyGroupRange,
+    next: Vec<[Option<i64>; 2]>,
+}
+
+/// A due timer read from the engine: its timestamp, the length of its key and its engine key.
+pub(crate) struct Due {
+    pub ts: i64,
+    klen: usize,
+    pub raw: Vec<u8>,
+}
+
+impl Due {
+    /// The serialized key.
+    pub fn key(&self) -> &[u8] {
+        &self.raw[HEAD + 4..HEAD + 4 + self.klen]
+    }
+    /// The serialized namespace.
+    pub fn ns(&self) -> &[u8] {
+        &self.raw[HEAD + 8 + self.klen..]
+    }
+}
+
+impl DueIndex {
+    /// Reads the earliest timestamp of every owned key group and domain of service `id` (two
+    /// seeks per key group).
+    pub fn load(db: &Db, range: KeyGroupRange, id: u16, name: &StateName) -> Result<DueIndex> {
+        let mut next = Vec::with_capacity(range.len() as usize);
+        for kg in range.iter() {
+            let mut slots = [None; 2];
+            for d in DOMAINS {
+                let mut it = db.iter(&domain_prefix(kg, id, d), Some(&domain_end(kg, id, d)))?;
+                if let Some((k, _)) = it.next()? {
+                    slots[slot(d)] = Some(parse_timer_key(k, name)?.ts);
+                }
+            }
+            next.push(slots);
+        }
+        Ok(DueIndex { range, next })
+    }
+
+    /// Notes a timer registered at `ts` in key group `kg`.
+    #[inline]
+    pub fn note(&mut self, kg: u32, domain: TimeDomain, ts: i64) {
+        let Some(i) = kg.checked_sub(self.range.start()) else {
+            return;
+        };
+        if let Some(s) = self.next.get_mut(i as usize) {
+            let n = &mut s[slot(domain)];
+            if n.is_none_or(|n| ts < n) {
+                *n = Some(ts);
+            }
+        }
+    }
+
+    /// Heap bytes held.
+    pub fn heap_bytes(&self) -> usize {
+        self.next.capacity() * std::mem::size_of::<[Option<i64>; 2]>()
+    }
+
+    /// Reads every timer of `domain` due at `time` (timestamp at or before it) of service `id`,
+    /// in timestamp order (ties: key bytes, then namespace bytes, as the heap backend). Nothing
+    /// is deleted and the index is unchanged: the caller deletes the returned keys and then
+    /// applies the returned new lower bounds with [`DueIndex::apply`].
+    #[allow(clippy::type_complexity)]
+    pub fn collect_due(
+        &self,
+        db: &Db,
+        id: u16,
+        domain: TimeDomain,
+        time: i64,
+        name: &StateName,
+    ) -> Result<(Vec<Due>, Vec<(usize, Option<i64>)>)> {
+        let mut due = Vec::new();
+        let mut updates = Vec::new();
+        let s = slot(domain);
+        for (i, kg) in self.range.iter().enumerate() {
+            let Some(first) = self.next[i][s] else {
+                continue;
+            };
+            if first > time {
+                continue;
+            }
+            let start = due_bound(kg, id, domain, first);
+            let mut it = db.iter(&start, Some(&domain_end(kg, id, domain)))?;
+            let mut next = None;
+            while let Some((k, _)) = it.next()? {
+                let t = parse_timer_key(k, name)?;
+                if t.ts > time {
+                    next = Some(t.ts);
+                    break;
+                }
+                due.push(Due {
+                    ts: t.ts,
+                    klen: t.key.len(),
+                    raw: k.to_vec(),
+                });
+            }
+            updates.push((i, next));
+        }
+        due.sort_unstable_by(|a, b| (a.ts, a.key(), a.ns()).cmp(&(b.ts, b.key(), b.ns())));
+        Ok((due, updates))
+    }
+
+    /// Installs the lower bounds computed by [`DueIndex::collect_due`].
+    pub fn apply(&mut self, domain: TimeDomain, updates: &[(usize, Option<i64>)]) {
+        for &(i, next) in updates {
+            if let Some(s) = self.next.get_mut(i) {
+                s[slot(domain)] = next;
+            }
+        }
+    }
+}
+
+/// Reads the user-key part of a version-1 timer entry: `domain u8 | timestamp u64` (sign bit
+/// flipped).
+fn parse_v1_suffix(b: &[u8]) -> Option<(TimeDomain, i64)> {
+    let (&code, ts) = b.split_first()?;
+    let ts: [u8; 8] = ts.try_into().ok()?;
+    Some((TimeDomain::from_code(code)?, ts_of_bytes(ts)))
+}
+
+/// Rewrites the timers of service `id` stored in the version-1 layout (under the generic state
+/// key, user key `domain | timestamp`) into the due-time layout, in the key groups of `range`.
+/// Version-1 entries sort before every due-time entry of the service (their key length's first
+/// byte is 0, a domain code is 1 or 2), so the scan never meets rewritten entries.
+pub(crate) fn migrate_v1(
+    db: &mut Db,
+    range: KeyGroupRange,
+    id: u16,
+    name: &StateName,
+) -> Result<()> {
+    const BATCH: usize = 4096;
+    let mut nk = Vec::new();
+    for kg in range.iter() {
+        let mut start = kg_state(kg, id).to_vec();
+        start.push(0);
+        let mut end = kg_state(kg, id).to_vec();
+        end.push(1);
+        loop {
+            let mut batch = Vec::new();
+            let mut it = db.iter(&start, Some(&end))?;
+            while batch.len() < BATCH {
+                match it.next()? {
+                    Some((k, _)) => batch.push(k.to_vec()),
+                    None => break,
+                }
+            }
+            drop(it);
+            for k in &batch {
+                let p = parse_key(k, name.as_str())?;
+                let (domain, ts) = parse_v1_suffix(p.user_key).ok_or_else(|| Error::Corrupt {
+                    stream: format!("timers of '{name}'"),
+                    offset: 0,
+                    reason: "malformed version-1 timer entry".into(),
+                })?;
+                timer_key(&mut nk, p.kg, id, domain, ts, p.key, p.ns);
+                db.put(&nk, &[])?;
+                db.delete(k)?;
+            }
+            match batch.last() {
+                Some(k) if batch.len() == BATCH => {
+                    start = k.clone();
+                    start.push(0);
+                }
+                _ => break,
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_round_trip_and_sort_by_due_time() {
+        let name = StateName::new("t").unwrap();
+        let mut keys = Vec::new();
+        for ts in [i64::MIN, -5, 0, 3, i64::MAX] {
+            let mut k = Vec::new();
+            timer_key(&mut k, 7, 3, TimeDomain::EventTime, ts, b"key", b"ns");
+            let p = parse_timer_key(&k, &name).unwrap();
+            assert_eq!((p.kg, p.domain, p.ts), (7, TimeDomain::EventTime, ts));
+            assert_eq!((p.key, p.ns), (&b"key"[..], &b"ns"[..]));
+            keys.push(k);
+        }
+        let mut sorted = keys.clone();
+        sorted.sort();
+        assert_eq!(sorted, keys, "engine order is timestamp order");
+        let mut bad = keys[1].clone();
+        bad.push(0);
+        assert!(parse_timer_key(&bad, &name).is_err(), "trailing byte");
+        bad = keys[1].clone();
+        bad[4] = 9;
+        assert!(parse_timer_key(&bad, &name).is_err(), "unknown domain");
+        assert!(parse_timer_key(&keys[1][..20], &name).is_err(), "truncated");
+    }
+}
