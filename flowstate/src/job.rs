@@ -262,6 +262,35 @@ pub trait JobBackend: KeyedStateBackend<Key = u64> + Sized {
     fn entries(&self) -> Option<usize> {
         None
     }
+    /// Restores subtask `subtask` of `operator` from a completed checkpoint or savepoint.
+    fn restore_from(
+        &mut self,
+        c: &CompletedCheckpoint,
+        storage: &CheckpointStorage,
+        operator: &str,
+        subtask: u32,
+        _config: &Config,
+    ) -> Result<(), JobError> {
+        if has_native_state(c, operator) {
+            return Err(format!(
+                "operator '{operator}' of checkpoint {} holds native mmap files, which only the \
+                 mmap backend reads: use --backend mmap (a savepoint made with --backend mmap \
+                 restores on either backend)",
+                c.path
+            )
+            .into());
+        }
+        c.restore_keyed(storage, operator, subtask, self)?;
+        Ok(())
+    }
+}
+
+/// True when `operator` was checkpointed as native mmap files (incremental mmap checkpoints),
+/// not as canonical streams.
+pub fn has_native_state(c: &CompletedCheckpoint, operator: &str) -> bool {
+    c.metadata
+        .operator(operator)
+        .is_some_and(|o| o.subtasks.iter().any(|s| s.native.is_some()))
 }
 
 impl JobBackend for HeapKeyedStateBackend<u64> {
@@ -308,7 +337,33 @@ impl JobBackend for state_mmap::MmapKeyedStateBackend<u64> {
         ep: &mut SubtaskEndpoint,
         barrier: &Barrier,
     ) -> checkpoint::Result<()> {
-        ep.snapshot(barrier, Some(self), None)
+        // Incremental checkpoints hand in the engine's immutable files (uploaded once, then
+        // referenced); full checkpoints and savepoints are canonical streams.
+        ep.snapshot_mmap(barrier, self, None)
+    }
+    fn restore_from(
+        &mut self,
+        c: &CompletedCheckpoint,
+        storage: &CheckpointStorage,
+        operator: &str,
+        subtask: u32,
+        config: &Config,
+    ) -> Result<(), JobError> {
+        if !has_native_state(c, operator) {
+            c.restore_keyed(storage, operator, subtask, self)?;
+            return Ok(());
+        }
+        // Native files are downloaded next to the backend's own files (so that they can be
+        // hard-linked in), then the download directory goes.
+        let base = config.mmap_dir.clone().unwrap_or_else(std::env::temp_dir);
+        let download = base.join(format!(
+            "flowstate-restore-{}-{operator}-{subtask}",
+            std::process::id()
+        ));
+        let result = c.restore_mmap(storage, operator, subtask, self, &download);
+        let _ = std::fs::remove_dir_all(&download);
+        result?;
+        Ok(())
     }
 }
 
@@ -405,8 +460,8 @@ pub fn run_on<B: JobBackend>(opts: JobOptions) -> Result<JobReport, JobError> {
         let mut a = B::create(config, range)?;
         let mut b = B::create(config, range)?;
         if let Some(c) = &restored {
-            c.restore_keyed(&restore_storage, "auctions", i, &mut a)?;
-            c.restore_keyed(&restore_storage, "bidders", i, &mut b)?;
+            a.restore_from(c, &restore_storage, "auctions", i, config)?;
+            b.restore_from(c, &restore_storage, "bidders", i, config)?;
         }
         auction_states.push(AuctionStates::register(&mut a)?);
         bidder_states.push(BidderStates::register(&mut b)?);

@@ -11,9 +11,7 @@ use checkpoint::{
 use object_store::path::Path as ObjectPath;
 use object_store::ObjectStoreExt;
 use serde_json::json;
-use state_api::{
-    assign_to_key_group, redistribute, KeyGroupRange, KeyedStateBackend, KeyedStateBackendExt,
-};
+use state_api::{assign_to_key_group, redistribute, KeyGroupRange, KeyedStateBackendExt};
 use state_heap::HeapKeyedStateBackend;
 
 use crate::config::{BackendKind, Config};
@@ -398,7 +396,7 @@ fn convert_on<B: JobBackend>(
         for i in 0..p {
             let range = KeyGroupRange::for_operator(max_p, p, i)?;
             let mut b = B::create(&cfg, range)?;
-            c.restore_keyed(&src, op, i, &mut b)?;
+            b.restore_from(&c, &src, op, i, &cfg)?;
             if op == "auctions" {
                 AuctionStates::register(&mut b)?;
             } else {
@@ -471,12 +469,30 @@ pub fn get(
     let kg = assign_to_key_group(&key.to_be_bytes(), max_p);
     let mut cfg = config.clone();
     cfg.max_parallelism = max_p;
-    let mut b =
-        <HeapKeyedStateBackend<u64> as JobBackend>::create(&cfg, KeyGroupRange::new(kg, kg + 1))?;
-    c.restore_keyed(&storage, op, 0, &mut b)?;
+    let range = KeyGroupRange::new(kg, kg + 1);
+    // Native mmap files are read by the mmap backend; canonical streams by the heap.
+    #[cfg(feature = "mmap")]
+    if crate::job::has_native_state(&c, op) {
+        let mut b = <state_mmap::MmapKeyedStateBackend<u64> as JobBackend>::create(&cfg, range)?;
+        b.restore_from(&c, &storage, op, 0, &cfg)?;
+        return print_value(&mut b, op, state, key, namespace);
+    }
+    let mut b = <HeapKeyedStateBackend<u64> as JobBackend>::create(&cfg, range)?;
+    b.restore_from(&c, &storage, op, 0, &cfg)?;
+    print_value(&mut b, op, state, key, namespace)
+}
+
+/// Prints `state` of `key` (in window `namespace`) from a restored backend.
+fn print_value<B: JobBackend>(
+    b: &mut B,
+    op: &str,
+    state: &str,
+    key: u64,
+    namespace: Option<i64>,
+) -> Result<(), JobError> {
     b.set_current_key(key)?;
     let text = if op == "auctions" {
-        let s = AuctionStates::register(&mut b)?;
+        let s = AuctionStates::register(b)?;
         match state {
             "closed-windows" => format!("{:?}", b.value(s.closed()).get()?),
             name => {
@@ -492,7 +508,7 @@ pub fn get(
             }
         }
     } else {
-        let s = BidderStates::register(&mut b)?;
+        let s = BidderStates::register(b)?;
         match state {
             "spend" => format!(
                 "{:?}",

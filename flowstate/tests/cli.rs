@@ -16,7 +16,16 @@ fn flowstate(args: &[&str]) -> Output {
 }
 
 fn ok(args: &[&str]) -> String {
-    let out = flowstate(args);
+    ok_env(args, &[])
+}
+
+fn ok_env(args: &[&str], env: &[(&str, &str)]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_flowstate"))
+        .args(args)
+        .env_remove("FLOWSTATE_STATE_CHECKPOINTS_DIR")
+        .envs(env.iter().copied())
+        .output()
+        .expect("the binary runs");
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(
         out.status.success(),
@@ -174,6 +183,90 @@ fn run_crash_recover_inspect_convert_restore() {
     ]);
     assert_eq!(digest(&resumed), digest(&longer));
     assert_ne!(digest(&longer), clean_digest);
+}
+
+#[test]
+fn mmap_incremental_checkpoints_recover_and_convert() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = |name: &str| tmp.path().join(name).display().to_string();
+    let clean = digest(&ok(&[
+        "run",
+        "--events",
+        "100000",
+        "--checkpoint-dir",
+        &dir("clean"),
+        "--quiet",
+    ]));
+    // The mmap backend with incremental (native) checkpoints: crash after 60,000 events and
+    // recover from the engine files of the latest checkpoint.
+    let incremental = [
+        ("FLOWSTATE_STATE_CHECKPOINTS_INCREMENTAL", "true"),
+        ("FLOWSTATE_STATE_CHECKPOINTS_RETAINED", "2"),
+    ];
+    let crashed = ok_env(
+        &[
+            "run",
+            "--backend",
+            "mmap",
+            "--events",
+            "100000",
+            "--checkpoint-dir",
+            &dir("crash"),
+            "--fail-after",
+            "60000",
+            "--interval",
+            "100ms",
+            "--quiet",
+        ],
+        &incremental,
+    );
+    assert!(crashed.contains("restored checkpoint"), "{crashed}");
+    assert_eq!(digest(&crashed), clean, "native recovery = clean run");
+    let chk = latest_chk(&tmp.path().join("crash"));
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(&["checkpoints", "inspect", &chk, "--json"])).unwrap();
+    assert_eq!(json["incremental"], true, "{json}");
+    assert!(
+        std::fs::read_dir(tmp.path().join("crash/nexmark/shared"))
+            .unwrap()
+            .count()
+            > 0,
+        "engine files are in shared/"
+    );
+    // One key read offline goes through the mmap backend.
+    let got = ok(&["state", "get", &chk, "--state", "spend", "--key", "1001"]);
+    assert!(got.starts_with("spend[1001] = Some(\""), "{got}");
+    // The heap cannot read engine files: a clear error says what to do.
+    let out = flowstate(&[
+        "savepoint",
+        &chk,
+        "--to",
+        &dir("sp-heap"),
+        "--backend",
+        "heap",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--backend mmap"), "{err}");
+    // Converted through mmap into a canonical savepoint, it restores on the heap.
+    ok(&["savepoint", &chk, "--to", &dir("sp"), "--backend", "mmap"]);
+    let sp = std::fs::read_dir(tmp.path().join("sp/savepoints"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let resumed = ok(&[
+        "run",
+        "--restore",
+        &sp.display().to_string(),
+        "--events",
+        "100000",
+        "--checkpoint-dir",
+        &dir("resumed"),
+        "--quiet",
+    ]);
+    assert_eq!(digest(&resumed), clean);
 }
 
 #[test]
