@@ -4,7 +4,8 @@
 //! run over a shuffled key order. Each heap operation includes `set_current_key` (serializing
 //! the key, hashing it into its key group) exactly as Flink's benchmark calls `setCurrentKey`.
 //! Criterion prints its statistics per case; a summary at the end prints ops/s of both sides
-//! measured in the same process and the ratio heap / hashbrown.
+//! measured in the same process and the ratio heap / hashbrown, next to the floor of the
+//! key-group design (stable hash + per-key-group table, no backend API).
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -69,6 +70,52 @@ fn heap_update(b: &mut Heap, h: &ValueStateHandle<u64, ()>, keys: &[u64]) {
     for &k in keys {
         b.set_current_key(k).expect("key");
         b.value(h).update(k + 1).expect("update");
+    }
+}
+
+/// The floor of the design, without a backend around it: the stable key hash (XXH3 of the 8
+/// key bytes, as key groups need) and a lookup in one of 128 per-key-group tables.
+struct Floor {
+    parts: Vec<hashbrown::HashTable<(u64, u64)>>,
+}
+
+fn floor_hash(k: u64) -> u64 {
+    state_api::stable_key_hash(&k.to_be_bytes())
+}
+
+impl Floor {
+    fn new() -> Self {
+        let mut parts: Vec<hashbrown::HashTable<(u64, u64)>> =
+            (0..128).map(|_| hashbrown::HashTable::new()).collect();
+        for k in 0..SETUP_KEYS {
+            let h = floor_hash(k);
+            parts[((h >> 32) & 127) as usize].insert_unique(h, (k, k), |e| floor_hash(e.0));
+        }
+        Floor { parts }
+    }
+
+    fn get(&self, keys: &[u64]) -> u64 {
+        keys.iter()
+            .map(|&k| {
+                let h = floor_hash(k);
+                self.parts[((h >> 32) & 127) as usize]
+                    .find(h, |e| e.0 == k)
+                    .map_or(0, |e| e.1)
+            })
+            .sum()
+    }
+
+    fn update(&mut self, keys: &[u64]) {
+        for &k in keys {
+            let h = floor_hash(k);
+            let t = &mut self.parts[((h >> 32) & 127) as usize];
+            match t.find_mut(h, |e| e.0 == k) {
+                Some(e) => e.1 = k + 1,
+                None => {
+                    t.insert_unique(h, (k, k + 1), |e| floor_hash(e.0));
+                }
+            }
+        }
     }
 }
 
@@ -172,6 +219,11 @@ fn summary() {
     });
     let heap_upd_rate = ops_per_sec(5, n, || heap_update(&mut b, &h, &order));
     let map_upd_rate = ops_per_sec(5, n, || map_update(&mut m, &order));
+    let mut floor = Floor::new();
+    let floor_get_rate = ops_per_sec(5, n, || {
+        black_box(floor.get(&order));
+    });
+    let floor_upd_rate = ops_per_sec(5, n, || floor.update(&order));
     // Add: a fresh pre-filled structure per run, then 500,000 keys it has never seen.
     let new_keys: Vec<u64> = order.iter().map(|k| k + SETUP_KEYS).collect();
     let mut heap_add = Vec::new();
@@ -191,21 +243,29 @@ fn summary() {
     println!();
     println!("ValueState, 500,000 keys (median ops/s, same process)");
     println!(
-        "{:<10} {:>14} {:>14} {:>8}",
-        "workload", "heap backend", "hashbrown", "ratio"
+        "{:<10} {:>14} {:>14} {:>8} {:>16} {:>8}",
+        "workload", "heap backend", "hashbrown", "ratio", "floor (no API)", "ratio"
     );
-    for (name, heap, map) in [
-        ("get", heap_get_rate, map_get_rate),
-        ("update", heap_upd_rate, map_upd_rate),
-        ("add", heap_add[1], map_add[1]),
+    for (name, heap, map, floor) in [
+        ("get", heap_get_rate, map_get_rate, Some(floor_get_rate)),
+        ("update", heap_upd_rate, map_upd_rate, Some(floor_upd_rate)),
+        ("add", heap_add[1], map_add[1], None),
     ] {
+        let floor = floor.map_or_else(
+            || format!("{:>16} {:>8}", "-", "-"),
+            |f| format!("{:>15.2}M {:>7.2}x", f / 1e6, f / map),
+        );
         println!(
-            "{name:<10} {:>12.2}M {:>12.2}M {:>7.2}x",
+            "{name:<10} {:>12.2}M {:>12.2}M {:>7.2}x {floor}",
             heap / 1e6,
             map / 1e6,
             heap / map
         );
     }
+    println!(
+        "floor: XXH3 of the key bytes + lookup in one of 128 key-group tables, i.e. what the \
+         key-group design costs before any backend API"
+    );
 }
 
 criterion_group!(benches, bench);
