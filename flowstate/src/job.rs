@@ -162,6 +162,14 @@ pub fn open_storage(config: &Config, url: &str, job: &str) -> Result<CheckpointS
     )?)
 }
 
+/// Removes the upload staging files a killed run left under the job's checkpoint directory
+/// (local file systems only; see `storage_s3::Storage::remove_staging_files`).
+pub fn remove_staging_files(config: &Config, url: &str, job: &str) -> Result<usize, JobError> {
+    let storage = storage_s3::Storage::from_config(&config.storage_config(url))?;
+    let prefix = storage.child(&[job])?;
+    Ok(storage.remove_staging_files(&prefix)?)
+}
+
 /// Sum and count of bid prices per person.
 struct Spend;
 
@@ -402,6 +410,9 @@ pub fn run_on<B: JobBackend>(opts: JobOptions) -> Result<JobReport, JobError> {
         .clone()
         .ok_or("no checkpoint directory: set state.checkpoints.dir or pass --checkpoint-dir")?;
     let storage = open_storage(config, &dir, &opts.job)?;
+    // This run takes the job's checkpoint directory over: uploads a killed run left half done
+    // (local staging files nothing else ever removes) go now.
+    remove_staging_files(config, &dir, &opts.job)?;
     // The checkpoint to restore and the storage it lives in (a savepoint may live elsewhere).
     let (restore_storage, restored) = match &opts.restore {
         RestoreFrom::Nothing => (storage.clone(), None),

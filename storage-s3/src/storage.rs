@@ -1,6 +1,7 @@
 //! [`Storage`]: an `Arc<dyn ObjectStore>` plus its root prefix, built from a URL or config.
 
 use std::fmt;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use object_store::memory::InMemory;
@@ -58,6 +59,8 @@ pub struct Storage {
     pub(crate) url: String,
     pub(crate) kind: StoreKind,
     pub(crate) config: Arc<StorageConfig>,
+    /// The directory of a `file://` store.
+    pub(crate) local_dir: Option<PathBuf>,
 }
 
 impl fmt::Debug for Storage {
@@ -100,12 +103,13 @@ impl Storage {
             matches!(url.scheme(), "s3" | "s3a"),
             &shown,
         )?;
+        let mut local_dir = None;
         let (store, root, kind): (Arc<dyn ObjectStore>, Path, StoreKind) = match url.scheme() {
-            "file" => (
-                build_local(&url, config, &shown)?,
-                Path::default(),
-                StoreKind::Local,
-            ),
+            "file" => {
+                let (store, dir) = build_local(&url, config, &shown)?;
+                local_dir = Some(dir);
+                (store, Path::default(), StoreKind::Local)
+            }
             "memory" => {
                 if url.host_str().is_some_and(|h| !h.is_empty()) {
                     return Err(Error::InvalidUrl {
@@ -176,6 +180,7 @@ impl Storage {
             url: shown,
             kind,
             config: Arc::new(config.clone()),
+            local_dir,
         })
     }
 
@@ -189,6 +194,7 @@ impl Storage {
             url: redact_url(&label),
             kind: StoreKind::Other,
             config: Arc::new(StorageConfig::new(label)),
+            local_dir: None,
         }
     }
 
@@ -247,6 +253,52 @@ impl Storage {
     /// after validating every segment with [`validate_segment`](crate::validate_segment).
     pub fn child(&self, segments: &[&str]) -> Result<Path> {
         join_segments(&self.root, segments)
+    }
+
+    /// Removes the upload staging files a process killed mid-upload left under `prefix`, and
+    /// returns how many it removed.
+    ///
+    /// A `file://` store writes each object to `<name>#<n>` and renames it when complete; a
+    /// process killed in between leaves the staging file behind, which listings never show and
+    /// prefix deletion never removes, so the disk fills up crash after crash. Call this when no
+    /// other process writes under `prefix` any more (e.g. when a job takes over its checkpoint
+    /// directory after a restart): an upload still running there would fail. Other stores have
+    /// no staging files (`Ok(0)`; S3 aborts incomplete multipart uploads by lifecycle rules).
+    pub fn remove_staging_files(&self, prefix: &Path) -> Result<usize> {
+        self.check_inside(prefix)?;
+        let Some(dir) = &self.local_dir else {
+            return Ok(0);
+        };
+        let mut start = dir.clone();
+        for part in prefix.parts() {
+            start.push(part.as_ref());
+        }
+        let mut removed = 0;
+        let mut todo = vec![start];
+        while let Some(d) = todo.pop() {
+            let entries = match std::fs::read_dir(&d) {
+                Ok(e) => e,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(crate::error::io_error("list directory", &d, e)),
+            };
+            for entry in entries {
+                let entry = entry.map_err(|e| crate::error::io_error("list directory", &d, e))?;
+                // DirEntry::file_type does not follow symbolic links: none is entered or removed.
+                let ty = entry
+                    .file_type()
+                    .map_err(|e| crate::error::io_error("inspect", &entry.path(), e))?;
+                if ty.is_dir() {
+                    todo.push(entry.path());
+                } else if ty.is_file() && is_staging_name(&entry.file_name().to_string_lossy()) {
+                    match std::fs::remove_file(entry.path()) {
+                        Ok(()) => removed += 1,
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(e) => return Err(crate::error::io_error("remove", &entry.path(), e)),
+                    }
+                }
+            }
+        }
+        Ok(removed)
     }
 
     /// Checks that `path` lies inside the root prefix.
@@ -338,7 +390,11 @@ fn percent_decode(s: &str) -> String {
         .unwrap_or_default()
 }
 
-fn build_local(url: &Url, config: &StorageConfig, shown: &str) -> Result<Arc<dyn ObjectStore>> {
+fn build_local(
+    url: &Url,
+    config: &StorageConfig,
+    shown: &str,
+) -> Result<(Arc<dyn ObjectStore>, PathBuf)> {
     if url
         .host_str()
         .is_some_and(|h| !h.is_empty() && h != "localhost")
@@ -372,7 +428,14 @@ fn build_local(url: &Url, config: &StorageConfig, shown: &str) -> Result<Arc<dyn
         })?
         .with_automatic_cleanup(true)
         .with_fsync(config.local.fsync);
-    Ok(Arc::new(fs))
+    Ok((Arc::new(fs), dir))
+}
+
+/// True for the names the local store stages uploads under, `<name>#<digits>`: exactly the
+/// files its listings hide (the same rule as object_store's).
+fn is_staging_name(name: &str) -> bool {
+    name.split_once('#')
+        .is_some_and(|(_, suffix)| !suffix.is_empty() && suffix.bytes().all(|b| b.is_ascii_digit()))
 }
 
 fn check_transfer(t: &TransferOptions, is_s3: bool, shown: &str) -> Result<()> {

@@ -534,3 +534,118 @@ async fn object_replaced_during_parallel_download_is_an_error() {
         .count();
     assert_eq!(leftovers, 0);
 }
+
+/// Files (not directories) under `dir`, as paths relative to it.
+fn files_under(dir: &std::path::Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            if e.file_type().unwrap().is_dir() {
+                todo.push(e.path());
+            } else {
+                let rel = e.path().strip_prefix(dir).unwrap().display().to_string();
+                out.push(rel);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[tokio::test]
+async fn a_killed_upload_leaves_a_staging_file_that_the_sweep_removes() {
+    if let Some(dir) = std::env::var_os("FLOWSTATE_STAGING_CHILD") {
+        // The child process: upload a large file again and again until killed.
+        let dir = std::path::PathBuf::from(dir);
+        let storage = local(&dir.join("root"));
+        let src = dir.join("big.bin");
+        loop {
+            storage
+                .upload_file(&src, &storage.path("job/chk-3/data").unwrap())
+                .await
+                .unwrap();
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("big.bin"), vec![7u8; 64 << 20]).unwrap();
+    let storage = local(&dir.path().join("root"));
+    storage
+        .put(&storage.path("job/chk-2/_metadata").unwrap(), b"m".to_vec())
+        .await
+        .unwrap();
+    let root = dir.path().join("root");
+    // A child process uploads until it is killed with SIGKILL while a staging file exists.
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "a_killed_upload_leaves_a_staging_file_that_the_sweep_removes",
+            "--nocapture",
+        ])
+        .env("FLOWSTATE_STAGING_CHILD", dir.path())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let staged = loop {
+        let staged: Vec<String> = files_under(&root)
+            .into_iter()
+            .filter(|f| f.contains('#'))
+            .collect();
+        if !staged.is_empty() {
+            break staged;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no staging file appeared"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    };
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(staged[0].starts_with("job/chk-3/data#"), "{staged:?}");
+    // Listings never show it, so deleting the prefix leaves it behind.
+    let listed = storage.list(&storage.path("job").unwrap()).await.unwrap();
+    assert!(listed.iter().all(|m| !m.location.as_ref().contains('#')));
+    storage
+        .delete_prefix(&storage.path("job/chk-3").unwrap())
+        .await
+        .unwrap();
+    assert!(files_under(&root).iter().any(|f| f.contains('#')));
+    // The sweep removes staging files only, and only under the prefix it is given.
+    std::fs::write(root.join("job/chk-2/notes#draft"), b"kept").unwrap();
+    std::fs::create_dir_all(root.join("other")).unwrap();
+    std::fs::write(root.join("other/x#1"), b"other job").unwrap();
+    let removed = storage
+        .remove_staging_files(&storage.path("job").unwrap())
+        .unwrap();
+    assert!(removed >= 1, "{removed}");
+    let left = files_under(&root);
+    assert!(
+        left.iter()
+            .all(|f| !f.starts_with("job/") || !f.contains('#') || f.ends_with("#draft")),
+        "{left:?}"
+    );
+    assert!(
+        left.contains(&"job/chk-2/_metadata".to_string()),
+        "{left:?}"
+    );
+    assert!(
+        left.contains(&"job/chk-2/notes#draft".to_string()),
+        "{left:?}"
+    );
+    assert!(left.contains(&"other/x#1".to_string()), "{left:?}");
+    // A prefix with nothing under it, and stores without staging files, remove nothing.
+    assert_eq!(
+        storage
+            .remove_staging_files(&storage.path("nothing/here").unwrap())
+            .unwrap(),
+        0
+    );
+    let mem = Storage::from_url("memory:///x").unwrap();
+    assert_eq!(
+        mem.remove_staging_files(&mem.path("job").unwrap()).unwrap(),
+        0
+    );
+}
