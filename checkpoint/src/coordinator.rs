@@ -185,8 +185,8 @@ struct NativeKnown {
 struct IncrementalState {
     /// The handle of the last checkpoint this subtask heard completed.
     base: Option<(u64, KeyedStateHandle)>,
-    /// Key groups reported changed at each checkpoint after the base.
-    changes: BTreeMap<u64, Vec<u32>>,
+    /// The heap backend's change logs taken at each checkpoint after the base.
+    changes: BTreeMap<u64, Arc<state_heap::HeapChanges>>,
     /// Handles written for checkpoints not yet known complete.
     written: BTreeMap<u64, KeyedStateHandle>,
 }
@@ -299,8 +299,14 @@ impl SubtaskEndpoint {
         }
     }
 
-    /// Snapshots a heap backend (incrementally if configured: only the key groups written
-    /// since the last completed checkpoint) and the operator state, then queues the upload.
+    /// Snapshots a heap backend and the operator state, then queues the upload.
+    ///
+    /// With incremental checkpoints configured, the backend logs changed entries per key
+    /// (from the first checkpoint on) and a checkpoint writes a delta on top of the last one
+    /// this subtask heard completed: the current value or a tombstone of each entry changed
+    /// since then (key groups with too many changes whole). A full snapshot into `shared/`
+    /// starts the chain, and is written again when the deltas a restore would apply exceed
+    /// half of it or [`MAX_DELTA_FILES`] files.
     pub fn snapshot_heap<K: StateKey>(
         &mut self,
         barrier: &Barrier,
@@ -311,29 +317,56 @@ impl SubtaskEndpoint {
         let range = backend.key_group_range();
         let all: Vec<u32> = range.iter().collect();
         let keyed = if self.incremental && barrier.kind == CheckpointKind::Checkpoint {
-            let changed_now = backend.take_changed_key_groups();
+            let tracking = backend.is_tracking_changes();
+            backend.track_changes();
+            let taken = tracking.then(|| Arc::new(backend.take_changes()));
             let Ok(mut inc) = self.inc.lock() else {
                 return self.fail(barrier, "the incremental state lock is poisoned".into());
             };
-            inc.changes.insert(barrier.checkpoint_id, changed_now);
-            let (changed, base) = match inc.base.clone() {
-                None => (all, None),
+            if let Some(t) = taken {
+                inc.changes.insert(barrier.checkpoint_id, t);
+            }
+            // Without logs since the base (tracking just started), only a full one will do.
+            let base = inc
+                .base
+                .clone()
+                .filter(|(_, b)| tracking && !chain_too_long(b));
+            match base {
                 Some((_, base)) => {
-                    let changed: BTreeSet<u32> = inc.changes.values().flatten().copied().collect();
-                    (changed.into_iter().collect::<Vec<u32>>(), Some(base))
+                    let changes: Vec<_> = inc.changes.values().cloned().collect();
+                    drop(inc);
+                    let probe = backend.snapshot_delta(changes.clone());
+                    let changed = probe.changed_key_groups();
+                    let replaced = probe.replaced_key_groups();
+                    drop(probe);
+                    let parts = split_key_groups(&changed, parts)
+                        .into_iter()
+                        .map(|kgs| {
+                            Box::new(backend.snapshot_delta(changes.clone()).restrict_to(kgs))
+                                as Box<dyn KeyedStateSnapshot>
+                        })
+                        .collect();
+                    KeyedSnapshot::Delta {
+                        parts,
+                        replaced,
+                        base,
+                    }
                 }
-            };
-            let parts = split_key_groups(&changed, parts)
-                .into_iter()
-                .map(|kgs| {
-                    Box::new(backend.snapshot_heap().restrict_to(kgs))
-                        as Box<dyn KeyedStateSnapshot>
-                })
-                .collect();
-            KeyedSnapshot::Incremental {
-                parts,
-                changed,
-                base,
+                None => {
+                    drop(inc);
+                    let parts = split_key_groups(&all, parts)
+                        .into_iter()
+                        .map(|kgs| {
+                            Box::new(backend.snapshot_heap().restrict_to(kgs))
+                                as Box<dyn KeyedStateSnapshot>
+                        })
+                        .collect();
+                    KeyedSnapshot::Incremental {
+                        parts,
+                        changed: all,
+                        base: None,
+                    }
+                }
             }
         } else {
             KeyedSnapshot::Full(
@@ -443,8 +476,11 @@ impl SubtaskEndpoint {
         keyed: Option<KeyedSnapshot>,
         operator_state: Option<OperatorStateStore>,
     ) -> Result<()> {
-        let incremental =
-            matches!(keyed, Some(KeyedSnapshot::Incremental { .. })).then(|| Arc::clone(&self.inc));
+        let incremental = matches!(
+            keyed,
+            Some(KeyedSnapshot::Incremental { .. } | KeyedSnapshot::Delta { .. })
+        )
+        .then(|| Arc::clone(&self.inc));
         let native =
             matches!(keyed, Some(KeyedSnapshot::Native { .. })).then(|| Arc::clone(&self.native));
         let job = WriteJob {
@@ -468,6 +504,32 @@ impl SubtaskEndpoint {
         }
         Ok(())
     }
+}
+
+/// Most delta files a heap checkpoint's chain may hold before a full snapshot is written again.
+pub const MAX_DELTA_FILES: usize = 64;
+
+/// True when a restore of `h` would apply too many deltas: their blocks exceed half of the
+/// full snapshot's, or there are more than [`MAX_DELTA_FILES`] delta files.
+fn chain_too_long(h: &KeyedStateHandle) -> bool {
+    let (mut full, mut delta, mut files) = (0u64, 0u64, 0usize);
+    for f in &h.files {
+        let used: u64 = f
+            .key_groups
+            .iter()
+            .chain(&f.tombstones)
+            .map(|b| b.length)
+            .sum();
+        if f.header_bytes.get(4..6)
+            == Some(&state_api::snapshot::SNAPSHOT_DELTA_VERSION.to_be_bytes()[..])
+        {
+            delta += used;
+            files += 1;
+        } else {
+            full += used;
+        }
+    }
+    files > MAX_DELTA_FILES || delta > full / 2
 }
 
 /// Builds a [`CheckpointCoordinator`].

@@ -17,8 +17,9 @@ use crate::storage::validate_name;
 
 /// The magic bytes that open every metadata file.
 pub const METADATA_MAGIC: [u8; 4] = *b"FLWC";
-/// The metadata format version this build writes and reads.
-pub const METADATA_VERSION: u16 = 1;
+/// The metadata format version this build writes (it also reads version 1, which has no
+/// tombstone blocks).
+pub const METADATA_VERSION: u16 = 2;
 /// Largest metadata file accepted (256 MiB).
 pub const MAX_METADATA_LEN: u64 = 256 << 20;
 
@@ -82,10 +83,15 @@ pub struct KeyedStateFile {
     pub header: SnapshotHeader,
     /// The key-group blocks this handle takes from the file, in key-group order.
     pub key_groups: Vec<KeyGroupOffset>,
+    /// The tombstone blocks this handle takes from the file (delta streams only), in
+    /// key-group order.
+    pub tombstones: Vec<KeyGroupOffset>,
 }
 
 /// The keyed state of one subtask: key-group blocks in one file (full snapshots) or spread over
-/// several (incremental snapshots: every key group is taken from exactly one file).
+/// several (incremental snapshots). A key group may appear in several files: the files are in
+/// chain order (a base, then deltas), and a later record or tombstone of the same entry
+/// supersedes an earlier one.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KeyedStateHandle {
     /// The key groups the subtask owned.
@@ -210,6 +216,11 @@ impl CheckpointMetadata {
 
     /// Encodes the metadata file.
     pub fn encode(&self) -> Result<Vec<u8>> {
+        self.encode_version(METADATA_VERSION)
+    }
+
+    /// Encodes in format `version` (1: without tombstone lists; for tests of old files).
+    fn encode_version(&self, version: u16) -> Result<Vec<u8>> {
         let mut b = Vec::new();
         b.push(self.kind.code());
         put_u64(&mut b, self.checkpoint_id);
@@ -257,11 +268,18 @@ impl CheckpointMetadata {
                             put_file_ref(&mut b, &f.file)?;
                             put_u32(&mut b, len32(f.header_bytes.len())?);
                             b.extend_from_slice(&f.header_bytes);
-                            put_u32(&mut b, len32(f.key_groups.len())?);
-                            for kg in &f.key_groups {
-                                put_u32(&mut b, kg.key_group);
-                                put_u64(&mut b, kg.offset);
-                                put_u64(&mut b, kg.length);
+                            let lists: &[&Vec<KeyGroupOffset>] = if version >= 2 {
+                                &[&f.key_groups, &f.tombstones]
+                            } else {
+                                &[&f.key_groups]
+                            };
+                            for list in lists.iter().copied() {
+                                put_u32(&mut b, len32(list.len())?);
+                                for kg in list {
+                                    put_u32(&mut b, kg.key_group);
+                                    put_u64(&mut b, kg.offset);
+                                    put_u64(&mut b, kg.length);
+                                }
                             }
                         }
                     }
@@ -281,7 +299,7 @@ impl CheckpointMetadata {
         }
         let mut out = Vec::with_capacity(b.len() + 18);
         out.extend_from_slice(&METADATA_MAGIC);
-        out.extend_from_slice(&METADATA_VERSION.to_be_bytes());
+        out.extend_from_slice(&version.to_be_bytes());
         put_u64(&mut out, b.len() as u64);
         out.extend_from_slice(&b);
         let crc = crc32c::crc32c(&out);
@@ -305,7 +323,7 @@ impl CheckpointMetadata {
             return Err(truncated(file, 6, bytes.len()));
         }
         let version = u16::from_be_bytes([bytes[4], bytes[5]]);
-        if version != METADATA_VERSION {
+        if version != METADATA_VERSION && version != 1 {
             return Err(Error::UnsupportedVersion {
                 file: file.to_string(),
                 found: version,
@@ -347,7 +365,7 @@ impl CheckpointMetadata {
                 actual,
             });
         }
-        decode_body(&bytes[14..total - 4], file).map_err(|e| corrupt_from(e, file))
+        decode_body(&bytes[14..total - 4], file, version).map_err(|e| corrupt_from(e, file))
     }
 }
 
@@ -382,7 +400,7 @@ fn corrupt_from(e: state_api::Error, file: &str) -> Error {
     }
 }
 
-fn decode_body(body: &[u8], file: &str) -> state_api::Result<CheckpointMetadata> {
+fn decode_body(body: &[u8], file: &str, version: u16) -> state_api::Result<CheckpointMetadata> {
     let mut d = Decoder::new(body, 14, file);
     let kind = match d.u8("snapshot kind")? {
         1 => SnapshotKind::Checkpoint,
@@ -430,6 +448,7 @@ fn decode_body(body: &[u8], file: &str) -> state_api::Result<CheckpointMetadata>
                         parallelism,
                         subtask,
                         file,
+                        version,
                     )?),
                     None,
                 ),
@@ -488,6 +507,7 @@ fn decode_keyed(
     parallelism: u32,
     subtask: u32,
     file: &str,
+    version: u16,
 ) -> state_api::Result<KeyedStateHandle> {
     let start = d.u32("key group range start")?;
     let end = d.u32("key group range end")?;
@@ -501,7 +521,6 @@ fn decode_keyed(
     }
     let n_files = d.u32("file count")?;
     let mut files = Vec::new();
-    let mut seen = vec![false; range.len() as usize];
     for _ in 0..n_files {
         let FileRef {
             location,
@@ -520,40 +539,25 @@ fn decode_keyed(
                 header.max_parallelism
             )));
         }
-        let n_kg = d.u32("key group count")?;
-        if n_kg > range.len() {
-            return Err(d.corrupt(format!("{n_kg} key groups in a range of {}", range.len())));
-        }
-        let mut key_groups = Vec::new();
-        for _ in 0..n_kg {
-            let key_group = d.u32("key group")?;
-            let offset = d.u64("key group offset")?;
-            let length = d.u64("key group length")?;
-            if !range.contains(key_group) || !header.key_group_range.contains(key_group) {
-                return Err(d.corrupt(format!(
-                    "key group {key_group} outside the subtask's range {range}"
-                )));
-            }
-            let slot = &mut seen[(key_group - range.start()) as usize];
-            if *slot {
-                return Err(d.corrupt(format!("key group {key_group} listed twice")));
-            }
-            *slot = true;
-            if offset < header_bytes.len() as u64
-                || offset.checked_add(length).is_none_or(|e| e > size)
-                || length < 17
-            {
-                return Err(d.corrupt(format!(
-                    "key group {key_group}: block at {offset}+{length} does not fit in '{}' \
-                     of {size} bytes",
-                    location.name()
-                )));
-            }
-            key_groups.push(KeyGroupOffset {
-                key_group,
-                offset,
-                length,
-            });
+        let key_groups = decode_blocks(d, &range, &header, &header_bytes, &location, size, "")?;
+        let tombstones = if version >= 2 {
+            decode_blocks(
+                d,
+                &range,
+                &header,
+                &header_bytes,
+                &location,
+                size,
+                "tombstone ",
+            )?
+        } else {
+            Vec::new()
+        };
+        if !tombstones.is_empty() && header_bytes.get(4..6) != Some(&[0, 2]) {
+            return Err(d.corrupt(format!(
+                "'{}' lists tombstone blocks but is not a delta stream",
+                location.name()
+            )));
         }
         files.push(KeyedStateFile {
             file: FileRef {
@@ -564,12 +568,66 @@ fn decode_keyed(
             header_bytes,
             header,
             key_groups,
+            tombstones,
         });
     }
     Ok(KeyedStateHandle {
         key_group_range: range,
         files,
     })
+}
+
+/// Reads a file's list of blocks (`what` is "" or "tombstone "): each in the subtask's range,
+/// at most once, in order, inside the file after the header.
+fn decode_blocks(
+    d: &mut Decoder<'_>,
+    range: &KeyGroupRange,
+    header: &SnapshotHeader,
+    header_bytes: &[u8],
+    location: &FileLocation,
+    size: u64,
+    what: &str,
+) -> state_api::Result<Vec<KeyGroupOffset>> {
+    let n_kg = d.u32("key group count")?;
+    if n_kg > range.len() {
+        return Err(d.corrupt(format!(
+            "{n_kg} {what}key groups in a range of {}",
+            range.len()
+        )));
+    }
+    let mut key_groups: Vec<KeyGroupOffset> = Vec::new();
+    for _ in 0..n_kg {
+        let key_group = d.u32("key group")?;
+        let offset = d.u64("key group offset")?;
+        let length = d.u64("key group length")?;
+        if !range.contains(key_group) || !header.key_group_range.contains(key_group) {
+            return Err(d.corrupt(format!(
+                "{what}key group {key_group} outside the subtask's range {range}"
+            )));
+        }
+        if key_groups.last().is_some_and(|l| l.key_group >= key_group) {
+            return Err(d.corrupt(format!(
+                "{what}key group {key_group} listed twice or out of order in '{}'",
+                location.name()
+            )));
+        }
+        if offset < header_bytes.len() as u64
+            || offset.checked_add(length).is_none_or(|e| e > size)
+            || length < 17
+        {
+            return Err(d.corrupt(format!(
+                "{what}key group {key_group}: block at {offset}+{length} does not fit in '{}' \
+                 of {size} bytes",
+                location.name()
+            )));
+        }
+        key_groups.push(KeyGroupOffset {
+            key_group,
+            offset,
+            length,
+        });
+    }
+    Ok(key_groups)
 }
 
 fn decode_native(
@@ -730,6 +788,7 @@ mod tests {
                         length: 40,
                     },
                 ],
+                tombstones: vec![],
             }],
         };
         CheckpointMetadata {
@@ -776,8 +835,19 @@ mod tests {
     fn round_trip_and_the_fixed_prefix() {
         let m = sample();
         let b = m.encode().unwrap();
-        assert_eq!(&b[0..6], b"FLWC\x00\x01");
+        assert_eq!(&b[0..6], b"FLWC\x00\x02");
         assert_eq!(CheckpointMetadata::decode(&b, "m").unwrap(), m);
+        // Version 1 files (no tombstone lists) are still read.
+        let v1 = m.encode_version(1).unwrap();
+        assert_eq!(&v1[0..6], b"FLWC\x00\x01");
+        assert_eq!(CheckpointMetadata::decode(&v1, "m").unwrap(), m);
+        let mut v3 = b.clone();
+        v3[5] = 3;
+        let err = CheckpointMetadata::decode(&v3, "m").unwrap_err();
+        assert!(
+            matches!(err, Error::UnsupportedVersion { found: 3, .. }),
+            "{err}"
+        );
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! from the key-group ranges it owns (range reads, never whole files) and its share of the
 //! operator state.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::io::Read;
 use std::sync::{Arc, Mutex};
 
@@ -13,7 +13,12 @@ use crate::commit::CommitLog;
 use crate::error::{Error, Result};
 use crate::format::{CheckpointMetadata, FileLocation, KeyedStateFile, MAX_METADATA_LEN};
 use crate::storage::{CheckpointStorage, METADATA_FILE};
-use state_api::snapshot::KeyGroupOffset;
+use state_api::snapshot::{KeyGroupBlock, KeyGroupOffset, RawRecord};
+use state_api::StateKind;
+
+/// Per key group: each entry (its identity bytes) written or removed by a later file of a
+/// chain, with the index of the last file that does so.
+type Superseded = HashMap<u32, Arc<HashMap<Vec<u8>, usize>>>;
 
 /// Options of a restore.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -275,13 +280,94 @@ impl CompletedCheckpoint {
             if k.key_group_range.intersect(&range).is_empty() {
                 continue;
             }
-            for f in &k.files {
+            let superseded = self.superseded(storage, k, range, max_parallelism)?;
+            for (i, f) in k.files.iter().enumerate() {
                 if let Some(s) = self.read_owned(storage, f, range)? {
-                    streams.push(s);
+                    let (name, mut reader) = s;
+                    if !superseded.is_empty() {
+                        reader.filter = Some(Filter {
+                            file: i,
+                            states: state_identities(f),
+                            superseded: superseded.clone(),
+                            max_parallelism,
+                        });
+                    }
+                    streams.push((name, reader));
                 }
             }
         }
         Ok(streams)
+    }
+
+    /// For a chain (a key group in several files, or tombstones): which entries later files
+    /// write or remove, read from the blocks of every file but the first of each owned key
+    /// group. Empty when nothing is superseded.
+    fn superseded(
+        &self,
+        storage: &CheckpointStorage,
+        k: &crate::format::KeyedStateHandle,
+        range: KeyGroupRange,
+        max_parallelism: u32,
+    ) -> Result<Superseded> {
+        let mut first: HashMap<u32, usize> = HashMap::new();
+        for (i, f) in k.files.iter().enumerate() {
+            for b in f.key_groups.iter().chain(&f.tombstones) {
+                if range.contains(b.key_group) {
+                    first.entry(b.key_group).or_insert(i);
+                }
+            }
+        }
+        let mut out: HashMap<u32, HashMap<Vec<u8>, usize>> = HashMap::new();
+        let mut id = Vec::new();
+        for (i, f) in k.files.iter().enumerate() {
+            let blocks: Vec<(KeyGroupOffset, bool)> = f
+                .key_groups
+                .iter()
+                .map(|b| (*b, false))
+                .chain(f.tombstones.iter().map(|b| (*b, true)))
+                .filter(|(b, _)| first.get(&b.key_group).is_some_and(|&j| j < i))
+                .collect();
+            if blocks.is_empty() {
+                continue;
+            }
+            let path = self.file_path(&f.file.location);
+            let ranges: Vec<std::ops::Range<u64>> = blocks
+                .iter()
+                .map(|(b, _)| b.offset..b.offset + b.length)
+                .collect();
+            let bytes = storage.get_ranges(&path, &ranges).map_err(|e| match e {
+                Error::MissingFile { file, .. } => Error::MissingFile {
+                    file,
+                    referenced_by: self.path.to_string(),
+                },
+                e => e,
+            })?;
+            let states = state_identities(f);
+            let stream = path.to_string();
+            for ((b, tombs), data) in blocks.iter().zip(bytes) {
+                let corrupt = |reason: String| Error::Corrupt {
+                    file: stream.clone(),
+                    offset: b.offset,
+                    reason,
+                };
+                let block = KeyGroupBlock::decode(&data, b.offset, &stream, true)
+                    .map_err(|e| corrupt(e.to_string()))?;
+                if block.key_group != b.key_group || block.is_tombstones() != *tombs {
+                    return Err(corrupt(format!(
+                        "no {}block of key group {} at this offset",
+                        if *tombs { "tombstone " } else { "" },
+                        b.key_group
+                    )));
+                }
+                let seen = out.entry(b.key_group).or_default();
+                for r in block.records(&stream, max_parallelism) {
+                    let r = r.map_err(|e| corrupt(e.to_string()))?;
+                    identity(&mut id, &states, &r).map_err(corrupt)?;
+                    seen.insert(id.clone(), i);
+                }
+            }
+        }
+        Ok(out.into_iter().map(|(kg, m)| (kg, Arc::new(m))).collect())
     }
 
     fn read_owned(
@@ -335,6 +421,7 @@ impl CompletedCheckpoint {
                 blocks: owned,
                 end_sent: false,
                 failure: Arc::default(),
+                filter: None,
             },
         )))
     }
@@ -411,6 +498,52 @@ pub struct KeyGroupReader {
     blocks: VecDeque<KeyGroupOffset>,
     end_sent: bool,
     failure: Arc<Mutex<Option<Error>>>,
+    filter: Option<Filter>,
+}
+
+/// Drops the records of a chain's file that later files supersede.
+struct Filter {
+    /// The file's position in its handle.
+    file: usize,
+    /// Per state index of the file's header: name and whether it is a timer service.
+    states: Vec<(Vec<u8>, bool)>,
+    superseded: Superseded,
+    max_parallelism: u32,
+}
+
+/// Names and kinds of a file's states, by index, for [`identity`].
+fn state_identities(f: &KeyedStateFile) -> Vec<(Vec<u8>, bool)> {
+    f.header
+        .states
+        .iter()
+        .map(|s| {
+            (
+                s.name.as_str().as_bytes().to_vec(),
+                s.kind == StateKind::Timers,
+            )
+        })
+        .collect()
+}
+
+/// The identity of a record's entry: state name, key and namespace (and, for timers, the
+/// timer's payload: timestamp and domain), each length-prefixed, into `out`.
+fn identity(
+    out: &mut Vec<u8>,
+    states: &[(Vec<u8>, bool)],
+    r: &RawRecord<'_>,
+) -> std::result::Result<(), String> {
+    let (name, timers) = states
+        .get(r.state_index as usize)
+        .ok_or_else(|| format!("record of state {} of {}", r.state_index, states.len()))?;
+    out.clear();
+    for part in [&name[..], r.key, r.namespace] {
+        out.extend_from_slice(&(part.len() as u32).to_be_bytes());
+        out.extend_from_slice(part);
+    }
+    if *timers {
+        out.extend_from_slice(r.payload);
+    }
+    Ok(())
 }
 
 impl std::fmt::Debug for KeyGroupReader {
@@ -484,8 +617,57 @@ impl KeyGroupReader {
             }
             at += k.length as usize;
         }
-        self.buf.extend_from_slice(&bytes);
+        let Some(filter) = &self.filter else {
+            self.buf.extend_from_slice(&bytes);
+            return Ok(());
+        };
+        let mut at = 0usize;
+        let mut buf = std::mem::take(&mut self.buf);
+        for k in &run {
+            let raw = &bytes[at..at + k.length as usize];
+            at += k.length as usize;
+            match filter.superseded.get(&k.key_group) {
+                None => buf.extend_from_slice(raw),
+                Some(later) => match filter.apply(raw, k, later, &self.path) {
+                    Ok(block) => buf.extend_from_slice(&block),
+                    Err(e) => return Err(self.fail(e)),
+                },
+            }
+        }
+        self.buf = buf;
         Ok(())
+    }
+}
+
+impl Filter {
+    /// The block `raw` without the records that later files supersede.
+    fn apply(
+        &self,
+        raw: &[u8],
+        k: &KeyGroupOffset,
+        later: &HashMap<Vec<u8>, usize>,
+        path: &Path,
+    ) -> Result<Vec<u8>> {
+        let stream = path.to_string();
+        let corrupt = |reason: String| Error::Corrupt {
+            file: stream.clone(),
+            offset: k.offset,
+            reason,
+        };
+        let block = KeyGroupBlock::decode(raw, k.offset, &stream, false)
+            .map_err(|e| corrupt(e.to_string()))?;
+        let mut body = Vec::with_capacity(raw.len());
+        let mut id = Vec::new();
+        for r in block.records(&stream, self.max_parallelism) {
+            let r = r.map_err(|e| corrupt(e.to_string()))?;
+            identity(&mut id, &self.states, &r).map_err(corrupt)?;
+            if later.get(&id[..]).is_some_and(|&j| j > self.file) {
+                continue;
+            }
+            state_api::snapshot::append_record(&mut body, &r)
+                .map_err(|e| corrupt(e.to_string()))?;
+        }
+        Ok(KeyGroupBlock::encode(k.key_group, false, &body))
     }
 }
 

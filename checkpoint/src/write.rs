@@ -54,6 +54,18 @@ pub enum KeyedSnapshot {
         /// The handle the checkpoint builds on, or `None` for a first (full) incremental one.
         base: Option<KeyedStateHandle>,
     },
+    /// A delta on top of `base`: the parts (delta streams, restricted to disjoint subsets of
+    /// the changed key groups) hold, per changed entry, its current value or a tombstone; the
+    /// key groups in `replaced` are written whole (what `base` holds for them is dropped).
+    /// Written into `shared/`; the handle is `base`'s files followed by the new ones.
+    Delta {
+        /// The delta views.
+        parts: Vec<Box<dyn KeyedStateSnapshot>>,
+        /// Key groups written whole (sorted).
+        replaced: Vec<u32>,
+        /// The handle the delta builds on (all its files in `shared/`).
+        base: KeyedStateHandle,
+    },
     /// Backend-native files; those in `known` (already in `shared/`, referenced by a retained
     /// checkpoint) are referenced instead of uploaded.
     Native {
@@ -167,6 +179,24 @@ pub fn write_subtask_snapshot_tracked(
                 files,
             })
         }
+        Some(KeyedSnapshot::Delta {
+            parts,
+            replaced,
+            base,
+        }) => {
+            let range = first_range(&parts, op, sub)?;
+            let written = write_parts(storage, &target.shared_dir, true, &prefix, parts, op, sub)?;
+            let handle = chain_handle(base, range, &replaced, written, |name| {
+                let _ = storage.delete(&target.shared_dir.clone().join(name));
+            });
+            let handle = handle.map_err(|reason| Error::InvalidConfig {
+                reason: format!("operator '{op}' subtask {sub}: {reason}"),
+            })?;
+            for f in &handle.1 {
+                uploaded.push(f.clone());
+            }
+            Some(handle.0)
+        }
         Some(KeyedSnapshot::Incremental {
             parts,
             changed,
@@ -205,7 +235,8 @@ pub fn write_subtask_snapshot_tracked(
                         });
                     }
                     f.key_groups.retain(|k| !changed.contains(&k.key_group));
-                    if !f.key_groups.is_empty() {
+                    f.tombstones.retain(|k| !changed.contains(&k.key_group));
+                    if !f.key_groups.is_empty() || !f.tombstones.is_empty() {
                         files.push(f);
                     }
                 }
@@ -234,6 +265,63 @@ pub fn write_subtask_snapshot_tracked(
             operator_state: snapshot.operator_state,
         },
         uploaded,
+    ))
+}
+
+/// The handle of a delta: `base`'s files without the key groups in `replaced` (files left with
+/// nothing are dropped), then the `written` files that hold anything. Written files that hold
+/// nothing are deleted with `delete`. Returns the handle and the names of the files written.
+fn chain_handle(
+    base: KeyedStateHandle,
+    range: state_api::KeyGroupRange,
+    replaced: &[u32],
+    written: Vec<KeyedStateFile>,
+    delete: impl Fn(&str),
+) -> std::result::Result<(KeyedStateHandle, Vec<String>), String> {
+    let names: Vec<String> = written
+        .iter()
+        .map(|f| f.file.location.name().to_string())
+        .collect();
+    let fail = |reason: String| {
+        for n in &names {
+            delete(n);
+        }
+        Err(reason)
+    };
+    if base.key_group_range != range {
+        return fail(format!(
+            "delta base covers {}, the snapshot {}",
+            base.key_group_range, range
+        ));
+    }
+    let replaced: BTreeSet<u32> = replaced.iter().copied().collect();
+    let mut files = Vec::new();
+    for mut f in base.files {
+        if !matches!(f.file.location, FileLocation::Shared(_)) {
+            return fail(format!(
+                "delta base refers to the exclusive file '{}'",
+                f.file.location.name()
+            ));
+        }
+        f.key_groups.retain(|k| !replaced.contains(&k.key_group));
+        f.tombstones.retain(|k| !replaced.contains(&k.key_group));
+        if !f.key_groups.is_empty() || !f.tombstones.is_empty() {
+            files.push(f);
+        }
+    }
+    for f in written {
+        if f.key_groups.is_empty() && f.tombstones.is_empty() {
+            delete(f.file.location.name());
+        } else {
+            files.push(f);
+        }
+    }
+    Ok((
+        KeyedStateHandle {
+            key_group_range: range,
+            files,
+        },
+        names,
     ))
 }
 
@@ -506,6 +594,7 @@ fn write_stream(
         header_bytes,
         header,
         key_groups: summary.key_groups,
+        tombstones: summary.tombstones,
     })
 }
 

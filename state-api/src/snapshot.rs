@@ -12,6 +12,11 @@
 //! end      0x02 | count u32 | (key_group u32, offset u64, length u64)* | records u64 | crc32c u32
 //! ```
 //!
+//! A *delta* stream (version 2, [`SnapshotWriter::new_delta`]) may also hold tombstone blocks
+//! (tag `0x03`, same layout as a block) listing the (key, namespace) entries removed since the
+//! snapshot it builds on. Only a checkpoint restore that applies deltas in order understands
+//! them; [`restore_streams`] rejects a stream that contains one.
+//!
 //! Every length read from a stream is checked against what remains of its enclosing structure
 //! before use, and bodies are read incrementally, so a hostile stream cannot make the reader
 //! allocate more than the stream holds. Each record's key is re-hashed and must belong to the
@@ -26,8 +31,11 @@ use crate::serializer::SerializerSnapshot;
 
 /// The magic bytes that open every snapshot stream.
 pub const SNAPSHOT_MAGIC: [u8; 4] = *b"FLWS";
-/// The format version this build writes and reads.
+/// The format version of full snapshot streams (this build writes it and reads it).
 pub const SNAPSHOT_VERSION: u16 = 1;
+/// The format version of delta streams: version 1 plus tombstone blocks (tag `0x03`). This
+/// build reads both versions.
+pub const SNAPSHOT_DELTA_VERSION: u16 = 2;
 /// Largest header accepted (64 MiB).
 pub const MAX_HEADER_LEN: u32 = 64 << 20;
 /// Largest key-group block accepted (64 GiB).
@@ -35,6 +43,7 @@ pub const MAX_BLOCK_LEN: u64 = 64 << 30;
 
 const TAG_BLOCK: u8 = 0x01;
 const TAG_END: u8 = 0x02;
+const TAG_TOMBSTONES: u8 = 0x03;
 
 /// What a snapshot stream says about itself before its data.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -71,6 +80,8 @@ pub struct SnapshotSummary {
     pub key_groups: Vec<KeyGroupOffset>,
     /// Number of records written.
     pub records: u64,
+    /// Offsets of the tombstone blocks of a delta stream, in key-group order (empty otherwise).
+    pub tombstones: Vec<KeyGroupOffset>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -334,8 +345,12 @@ pub(crate) fn decode_serializer(d: &mut Decoder<'_>) -> Result<SerializerSnapsho
     })
 }
 
-/// Encodes a header (magic, version, body, checksum).
+/// Encodes a header (magic, version, body, checksum) of a full stream.
 pub fn encode_header(h: &SnapshotHeader) -> Result<Vec<u8>> {
+    encode_header_version(h, SNAPSHOT_VERSION)
+}
+
+fn encode_header_version(h: &SnapshotHeader, version: u16) -> Result<Vec<u8>> {
     let mut body = Vec::new();
     put_u32(&mut body, h.max_parallelism);
     put_u32(&mut body, h.key_group_range.start());
@@ -362,7 +377,7 @@ pub fn encode_header(h: &SnapshotHeader) -> Result<Vec<u8>> {
     }
     let mut out = Vec::with_capacity(body.len() + 14);
     out.extend_from_slice(&SNAPSHOT_MAGIC);
-    put_u16(&mut out, SNAPSHOT_VERSION);
+    put_u16(&mut out, version);
     put_len(&mut out, body.len(), "snapshot header")?;
     out.extend_from_slice(&body);
     put_u32(&mut out, crc32c::crc32c(&body));
@@ -447,12 +462,26 @@ pub struct SnapshotWriter<W: Write> {
     range: KeyGroupRange,
     max_parallelism: u32,
     records: u64,
+    /// Delta streams only: the tombstones of the current key group, and the blocks written.
+    delta: bool,
+    tombs: Vec<u8>,
+    tomb_offsets: Vec<KeyGroupOffset>,
 }
 
 impl<W: Write> SnapshotWriter<W> {
-    /// Writes the header and returns a writer for the blocks.
-    pub fn new(mut out: W, header: &SnapshotHeader) -> Result<Self> {
-        let bytes = encode_header(header)?;
+    /// Writes the header of a full stream and returns a writer for the blocks.
+    pub fn new(out: W, header: &SnapshotHeader) -> Result<Self> {
+        Self::with_version(out, header, SNAPSHOT_VERSION)
+    }
+
+    /// Writes the header of a delta stream (version 2): besides records, each key group may
+    /// carry tombstones ([`SnapshotWriter::write_tombstone`]).
+    pub fn new_delta(out: W, header: &SnapshotHeader) -> Result<Self> {
+        Self::with_version(out, header, SNAPSHOT_DELTA_VERSION)
+    }
+
+    fn with_version(mut out: W, header: &SnapshotHeader, version: u16) -> Result<Self> {
+        let bytes = encode_header_version(header, version)?;
         out.write_all(&bytes)
             .map_err(|e| Error::io("writing the snapshot header", e))?;
         Ok(SnapshotWriter {
@@ -467,7 +496,35 @@ impl<W: Write> SnapshotWriter<W> {
             range: header.key_group_range,
             max_parallelism: header.max_parallelism,
             records: 0,
+            delta: version == SNAPSHOT_DELTA_VERSION,
+            tombs: Vec::new(),
+            tomb_offsets: Vec::new(),
         })
+    }
+
+    /// Delta streams only: records that the entry of `key` and `namespace` of the state at
+    /// `state_index` no longer exists (for timers, `payload` is the timer's payload and names
+    /// the timer; for other states it is empty).
+    pub fn write_tombstone(
+        &mut self,
+        state_index: u32,
+        key: &[u8],
+        namespace: &[u8],
+        payload: &[u8],
+    ) -> Result<()> {
+        if !self.delta || self.current.is_none() || state_index as usize >= self.states {
+            return Err(Error::Unsupported {
+                state: String::new(),
+                reason: format!(
+                    "snapshot writer: tombstone of state {state_index} outside a key group of a \
+                     delta stream"
+                ),
+            });
+        }
+        put_u32(&mut self.tombs, state_index);
+        put_bytes(&mut self.tombs, key, "key")?;
+        put_bytes(&mut self.tombs, namespace, "namespace")?;
+        put_bytes(&mut self.tombs, payload, "tombstone payload")
     }
 
     /// Starts the block of `key_group` (finishing the previous one). Key groups must increase.
@@ -570,27 +627,42 @@ impl<W: Write> SnapshotWriter<W> {
             return Ok(());
         };
         self.last = Some(kg);
-        if self.block.is_empty() {
-            return Ok(());
+        if !self.block.is_empty() {
+            let o = self.emit(TAG_BLOCK, kg, false)?;
+            self.offsets.push(o);
         }
+        if !self.tombs.is_empty() {
+            let o = self.emit(TAG_TOMBSTONES, kg, true)?;
+            self.tomb_offsets.push(o);
+        }
+        Ok(())
+    }
+
+    /// Writes the block buffer (or the tombstone buffer) as a block with `tag`, then clears it.
+    fn emit(&mut self, tag: u8, kg: u32, tombs: bool) -> Result<KeyGroupOffset> {
+        let body = if tombs { &self.tombs } else { &self.block };
         let mut head = [0u8; 13];
-        head[0] = TAG_BLOCK;
+        head[0] = tag;
         head[1..5].copy_from_slice(&kg.to_be_bytes());
-        head[5..13].copy_from_slice(&(self.block.len() as u64).to_be_bytes());
-        let crc = crc32c::crc32c_append(crc32c::crc32c(&head[1..]), &self.block);
+        head[5..13].copy_from_slice(&(body.len() as u64).to_be_bytes());
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&head[1..]), body);
         let ctx = |e| Error::io(format!("writing the block of key group {kg}"), e);
         self.out.write_all(&head).map_err(ctx)?;
-        self.out.write_all(&self.block).map_err(ctx)?;
+        self.out.write_all(body).map_err(ctx)?;
         self.out.write_all(&crc.to_be_bytes()).map_err(ctx)?;
-        let length = 13 + self.block.len() as u64 + 4;
-        self.offsets.push(KeyGroupOffset {
+        let length = 13 + body.len() as u64 + 4;
+        let o = KeyGroupOffset {
             key_group: kg,
             offset: self.written,
             length,
-        });
+        };
         self.written += length;
-        self.block.clear();
-        Ok(())
+        if tombs {
+            self.tombs.clear();
+        } else {
+            self.block.clear();
+        }
+        Ok(o)
     }
 
     /// Writes the end marker, flushes, and reports what was written.
@@ -617,6 +689,7 @@ impl<W: Write> SnapshotWriter<W> {
                 header_length: self.header_length,
                 key_groups: self.offsets,
                 records: self.records,
+                tombstones: self.tomb_offsets,
             },
             self.out,
         ))
@@ -649,9 +722,72 @@ pub struct KeyGroupBlock {
     /// Offset of the block in the stream.
     pub offset: u64,
     body: Vec<u8>,
+    tombstones: bool,
 }
 
 impl KeyGroupBlock {
+    /// True for a tombstone block of a delta stream (its records name removed entries).
+    pub fn is_tombstones(&self) -> bool {
+        self.tombstones
+    }
+
+    /// Decodes one whole block (tag to checksum) held in `bytes`, which start at byte `offset`
+    /// of the stream named `stream`: checks the tag, that the length fits `bytes` exactly and
+    /// the checksum. `tombstones_allowed`: accept a tombstone block (delta streams).
+    pub fn decode(
+        bytes: &[u8],
+        offset: u64,
+        stream: &str,
+        tombstones_allowed: bool,
+    ) -> Result<Self> {
+        let mut d = Decoder::new(bytes, offset, stream);
+        let tag = d.u8("block tag")?;
+        let tombstones = match tag {
+            TAG_BLOCK => false,
+            TAG_TOMBSTONES if tombstones_allowed => true,
+            t => return Err(d.corrupt(format!("expected a key-group block, found tag {t:#04x}"))),
+        };
+        let head = d.take(12, "block header")?;
+        let kg = u32::from_be_bytes([head[0], head[1], head[2], head[3]]);
+        let mut len8 = [0u8; 8];
+        len8.copy_from_slice(&head[4..12]);
+        let len = u64::from_be_bytes(len8);
+        if len != d.remaining().saturating_sub(4) as u64 || d.remaining() < 4 {
+            return Err(d.corrupt(format!(
+                "block of key group {kg} declares {len} bytes, {} are there",
+                d.remaining().saturating_sub(4)
+            )));
+        }
+        let body = d.take(len as usize, "block body")?;
+        let crc = d.u32("block checksum")?;
+        if crc != crc32c::crc32c_append(crc32c::crc32c(head), body) {
+            return Err(d.corrupt(format!("checksum mismatch in the block of key group {kg}")));
+        }
+        Ok(KeyGroupBlock {
+            key_group: kg,
+            offset,
+            body: body.to_vec(),
+            tombstones,
+        })
+    }
+
+    /// Encodes a block of `key_group` (a tombstone block if `tombstones`) around `records`,
+    /// which were appended with [`append_record`].
+    pub fn encode(key_group: u32, tombstones: bool, records: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(records.len() + 17);
+        out.push(if tombstones {
+            TAG_TOMBSTONES
+        } else {
+            TAG_BLOCK
+        });
+        put_u32(&mut out, key_group);
+        put_u64(&mut out, records.len() as u64);
+        out.extend_from_slice(records);
+        let crc = crc32c::crc32c(&out[1..]);
+        put_u32(&mut out, crc);
+        out
+    }
+
     /// The block's records, in the order they were written.
     pub fn records<'a>(&'a self, stream: &'a str, max_parallelism: u32) -> RecordIter<'a> {
         RecordIter {
@@ -660,6 +796,14 @@ impl KeyGroupBlock {
             max_parallelism,
         }
     }
+}
+
+/// Appends `r` to the records of a block being built for [`KeyGroupBlock::encode`].
+pub fn append_record(out: &mut Vec<u8>, r: &RawRecord<'_>) -> Result<()> {
+    put_u32(out, r.state_index);
+    put_bytes(out, r.key, "key")?;
+    put_bytes(out, r.namespace, "namespace")?;
+    put_bytes(out, r.payload, "record payload")
 }
 
 /// Iterates over the records of a [`KeyGroupBlock`].
@@ -718,6 +862,8 @@ pub struct SnapshotReader<R: Read> {
     stream: String,
     finished: bool,
     last: Option<u32>,
+    last_tombs: Option<u32>,
+    version: u16,
 }
 
 fn read_exact_or_corrupt<R: Read>(
@@ -781,7 +927,7 @@ impl<R: Read> SnapshotReader<R> {
             });
         }
         let version = u16::from_be_bytes([head[4], head[5]]);
-        if version != SNAPSHOT_VERSION {
+        if version != SNAPSHOT_VERSION && version != SNAPSHOT_DELTA_VERSION {
             return Err(Error::UnsupportedVersion {
                 stream,
                 found: version,
@@ -815,7 +961,14 @@ impl<R: Read> SnapshotReader<R> {
             stream,
             finished: false,
             last: None,
+            last_tombs: None,
+            version,
         })
+    }
+
+    /// The stream's format version ([`SNAPSHOT_VERSION`] or [`SNAPSHOT_DELTA_VERSION`]).
+    pub fn version(&self) -> u16 {
+        self.version
     }
 
     /// The stream's header.
@@ -836,16 +989,36 @@ impl<R: Read> SnapshotReader<R> {
         }
     }
 
-    /// The next block, or `None` after the end marker (whose checksum is verified).
+    /// The next block, or `None` after the end marker (whose checksum is verified). A
+    /// tombstone block (delta streams) is an error: such a stream must be applied through the
+    /// checkpoint that lists it ([`SnapshotReader::next_any_block`] returns them).
     pub fn next_block(&mut self) -> Result<Option<KeyGroupBlock>> {
+        let at = self.pos;
+        match self.next_any_block()? {
+            Some(b) if b.tombstones => Err(self.corrupt(
+                at,
+                format!(
+                    "tombstone block of key group {}: '{}' is a delta snapshot, restorable only \
+                     through the checkpoint that lists it after its base",
+                    b.key_group, self.stream
+                ),
+            )),
+            other => Ok(other),
+        }
+    }
+
+    /// Like [`SnapshotReader::next_block`], also returning the tombstone blocks of a delta
+    /// stream.
+    pub fn next_any_block(&mut self) -> Result<Option<KeyGroupBlock>> {
         if self.finished {
             return Ok(None);
         }
         let at = self.pos;
         let mut tag = [0u8; 1];
         read_exact_or_corrupt(&mut self.input, &mut tag, &self.stream, at, "end marker")?;
+        let tombstones = tag[0] == TAG_TOMBSTONES && self.version == SNAPSHOT_DELTA_VERSION;
         match tag[0] {
-            TAG_BLOCK => {
+            TAG_BLOCK | TAG_TOMBSTONES if tag[0] == TAG_BLOCK || tombstones => {
                 let mut head = [0u8; 12];
                 read_exact_or_corrupt(
                     &mut self.input,
@@ -867,7 +1040,12 @@ impl<R: Read> SnapshotReader<R> {
                         ),
                     ));
                 }
-                if self.last.is_some_and(|l| kg <= l) {
+                let out_of_order = if tombstones {
+                    self.last.is_some_and(|l| kg < l) || self.last_tombs.is_some_and(|l| kg <= l)
+                } else {
+                    self.last.is_some_and(|l| kg <= l) || self.last_tombs.is_some_and(|l| kg <= l)
+                };
+                if out_of_order {
                     return Err(
                         self.corrupt(at + 1, format!("block of key group {kg} out of order"))
                     );
@@ -900,11 +1078,16 @@ impl<R: Read> SnapshotReader<R> {
                     ));
                 }
                 self.pos = crc_at + 4;
-                self.last = Some(kg);
+                if tombstones {
+                    self.last_tombs = Some(kg);
+                } else {
+                    self.last = Some(kg);
+                }
                 Ok(Some(KeyGroupBlock {
                     key_group: kg,
                     offset: at,
                     body,
+                    tombstones,
                 }))
             }
             TAG_END => {

@@ -33,8 +33,11 @@
 
 #![warn(missing_docs)]
 
+mod changelog;
 mod table;
 mod timers;
+
+pub use changelog::{HeapChanges, HeapDeltaSnapshot};
 
 use std::any::Any;
 use std::collections::HashMap;
@@ -121,6 +124,7 @@ impl<K: StateKey> HeapBackendBuilder<K> {
             timer_services: Vec::new(),
             timer_ids: HashMap::new(),
             timers_dirty: vec![false; range.len() as usize],
+            changes: Default::default(),
         })
     }
 }
@@ -203,6 +207,8 @@ pub struct HeapKeyedStateBackend<K> {
     timer_ids: HashMap<StateName, usize>,
     /// Key groups whose timers changed since the last `take_changed_key_groups`.
     timers_dirty: Vec<bool>,
+    /// Change tracking for delta snapshots (off until `track_changes`).
+    changes: changelog::BackendLog,
 }
 
 impl<K> fmt::Debug for HeapKeyedStateBackend<K> {
@@ -446,6 +452,9 @@ impl<K: StateKey> HeapKeyedStateBackend<K> {
             };
         }
         let mut table = make();
+        if self.changes.is_on() {
+            table.track_changes();
+        }
         if self.timer_ids.contains_key(name) {
             return Err(Error::StateKindMismatch {
                 state: name.to_string(),
@@ -568,6 +577,7 @@ impl<K: StateKey> HeapKeyedStateBackend<K> {
         check_key_serializer(&self.key_serializer, chunk)?;
         self.timer_services[i].restore(chunk)?;
         self.timers_dirty.iter_mut().for_each(|d| *d = true);
+        self.changes.timers_replaced(i);
         Ok(())
     }
 
@@ -656,6 +666,64 @@ impl<K: StateKey> HeapSnapshot<K> {
     }
 }
 
+impl<K: StateKey> HeapSnapshot<K> {
+    /// Writes every record of key group `kg` (at position `part` of the range) into the block
+    /// `w` has begun.
+    pub(crate) fn write_key_group(
+        &self,
+        w: &mut SnapshotWriter<&mut dyn Write>,
+        part: usize,
+        kg: u32,
+        key_buf: &mut Vec<u8>,
+    ) -> Result<()> {
+        for (i, t) in self.tables.iter().enumerate() {
+            let name = &self.header.states[i].name;
+            t.write_part(part, self.now, &mut |key: &dyn Any,
+                                               ns: &[u8],
+                                               payload: &mut dyn FnMut(
+                &mut Vec<u8>,
+            )
+                -> Result<
+                bool,
+            >| {
+                let key = key.downcast_ref::<K>().ok_or_else(|| unknown(name))?;
+                key_buf.clear();
+                self.key_serializer
+                    .serialize(key, key_buf)
+                    .map_err(|e| Error::Serialize {
+                        state: name.to_string(),
+                        what: "key",
+                        reason: e.0,
+                    })?;
+                w.write_record_with(i as u32, &key_buf, ns, payload)?;
+                Ok(())
+            })?;
+        }
+        let base = self.tables.len();
+        for (i, timers) in self.timers.iter().enumerate() {
+            for (domain, (ts, key, ns)) in timers.timers_of(part) {
+                let payload = state_api::timer::encode_timer_payload(*ts, domain);
+                w.write_record((base + i) as u32, key, ns, &payload)?;
+            }
+        }
+        let base = base + self.timers.len();
+        for (i, chunks) in self.pending.iter().enumerate() {
+            for chunk in chunks {
+                // Records of a chunk are in key-group order (they were read that way).
+                let from = chunk.records.partition_point(|r| r.key_group < kg);
+                for r in chunk.records[from..]
+                    .iter()
+                    .take_while(|r| r.key_group == kg)
+                {
+                    let raw = chunk.raw(r);
+                    w.write_record((base + i) as u32, raw.key, raw.namespace, raw.payload)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 impl<K: StateKey> KeyedStateSnapshot for HeapSnapshot<K> {
     fn write_to(&self, out: &mut dyn Write) -> Result<SnapshotSummary> {
         let mut w = SnapshotWriter::new(out, &self.header)?;
@@ -668,50 +736,7 @@ impl<K: StateKey> KeyedStateSnapshot for HeapSnapshot<K> {
                 }
             }
             w.begin_key_group(kg)?;
-            for (i, t) in self.tables.iter().enumerate() {
-                let name = &self.header.states[i].name;
-                t.write_part(part, self.now, &mut |key: &dyn Any,
-                                                   ns: &[u8],
-                                                   payload: &mut dyn FnMut(
-                    &mut Vec<u8>,
-                )
-                    -> Result<
-                    bool,
-                >| {
-                    let key = key.downcast_ref::<K>().ok_or_else(|| unknown(name))?;
-                    key_buf.clear();
-                    self.key_serializer
-                        .serialize(key, &mut key_buf)
-                        .map_err(|e| Error::Serialize {
-                            state: name.to_string(),
-                            what: "key",
-                            reason: e.0,
-                        })?;
-                    w.write_record_with(i as u32, &key_buf, ns, payload)?;
-                    Ok(())
-                })?;
-            }
-            let base = self.tables.len();
-            for (i, timers) in self.timers.iter().enumerate() {
-                for (domain, (ts, key, ns)) in timers.timers_of(part) {
-                    let payload = state_api::timer::encode_timer_payload(*ts, domain);
-                    w.write_record((base + i) as u32, key, ns, &payload)?;
-                }
-            }
-            let base = base + self.timers.len();
-            for (i, chunks) in self.pending.iter().enumerate() {
-                for chunk in chunks {
-                    // Records of a chunk are in key-group order (they were read that way).
-                    let from = chunk.records.partition_point(|r| r.key_group < kg);
-                    for r in chunk.records[from..]
-                        .iter()
-                        .take_while(|r| r.key_group == kg)
-                    {
-                        let raw = chunk.raw(r);
-                        w.write_record((base + i) as u32, raw.key, raw.namespace, raw.payload)?;
-                    }
-                }
-            }
+            self.write_key_group(&mut w, part, kg, &mut key_buf)?;
         }
         Ok(w.finish()?.0)
     }
@@ -1278,6 +1303,7 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
                 service.restore(chunk)?;
             }
             self.pending.remove(&name);
+            self.changes.timers_replaced(self.timer_services.len());
         }
         let i = self.timer_services.len();
         self.timer_services.push(service);
@@ -1295,6 +1321,14 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
     ) -> Result<()> {
         let (kg, timer) = self.timer_for(h, ns, timestamp)?;
         let service = &mut self.timer_services[h.id().0 as usize];
+        let part = (kg - self.range.start()) as usize;
+        self.changes.timer(
+            h.id().0 as usize,
+            part,
+            domain,
+            || timer.clone(),
+            || service.timers.timers_of(part).count(),
+        );
         if service.timers.register(domain, kg, timer)? {
             self.timers_dirty[(kg - self.range.start()) as usize] = true;
         }
@@ -1310,6 +1344,14 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
     ) -> Result<()> {
         let (kg, timer) = self.timer_for(h, ns, timestamp)?;
         let service = &mut self.timer_services[h.id().0 as usize];
+        let part = (kg - self.range.start()) as usize;
+        self.changes.timer(
+            h.id().0 as usize,
+            part,
+            domain,
+            || timer.clone(),
+            || service.timers.timers_of(part).count(),
+        );
         if service.timers.delete(domain, kg, &timer)? {
             self.timers_dirty[(kg - self.range.start()) as usize] = true;
         }
@@ -1332,12 +1374,18 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
         let mut fired = Vec::with_capacity(due.len());
         for (timestamp, key, ns) in due {
             let kg = assign_to_key_group(&key, self.max_parallelism);
-            if let Some(d) = self
-                .timers_dirty
-                .get_mut(kg.wrapping_sub(self.range.start()) as usize)
-            {
+            let part = kg.wrapping_sub(self.range.start()) as usize;
+            if let Some(d) = self.timers_dirty.get_mut(part) {
                 *d = true;
             }
+            let service = &self.timer_services[h.id().0 as usize];
+            self.changes.timer(
+                h.id().0 as usize,
+                part,
+                domain,
+                || (timestamp, key.clone(), ns.clone()),
+                || service.timers.timers_of(part).count(),
+            );
             let de = |what, e: SerdeError| Error::Deserialize {
                 state: h.name().to_string(),
                 what,

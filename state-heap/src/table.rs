@@ -5,6 +5,8 @@ use std::hash::{BuildHasher, Hash};
 use std::sync::Arc;
 
 use hashbrown::HashTable;
+
+use crate::changelog::{changed_in_part, DeltaSink, TableLog, TakenChanges};
 use state_api::snapshot::{payload, Decoder, RawRecord};
 use state_api::{
     AggregateFunction, Clock, Error, MapKey, Namespace, ReduceFn, ResolvedReader, Result,
@@ -623,6 +625,8 @@ pub(crate) struct Table<K, N, KD: Kind, T: Stamp = NoTtl> {
     /// Per key group of the range: entries, and whether written since the last `take_dirty`
     /// (for incremental snapshots).
     parts: Vec<Slot<Entry<K, N, KD::Stored, T>>>,
+    /// Changed (key, namespace) per key group, once change tracking is on (delta snapshots).
+    log: TableLog<K, N>,
     readers: Option<RestoreReaders<N, KD::Readers>>,
     /// Incremental TTL cleanup: entries still to check, and the next partition to scan.
     cleanup_queue: Vec<(usize, K, N)>,
@@ -648,6 +652,7 @@ impl<K: StateKey, N: Namespace, KD: Kind, T: Stamp> Table<K, N, KD, T> {
             ns_ser,
             key_ser,
             parts: (0..parts).map(|_| Slot::new()).collect(),
+            log: TableLog::new(),
             readers: None,
             cleanup_queue: Vec::new(),
             cleanup_next_part: 0,
@@ -690,6 +695,7 @@ impl<K: StateKey, N: Namespace, KD: Kind, T: Stamp> Table<K, N, KD, T> {
             }
             t.parts[i].dirty = part.dirty || !src.is_empty();
         }
+        t.log = self.log.all_replaced();
         t
     }
 
@@ -715,6 +721,9 @@ impl<K: StateKey, N: Namespace, KD: Kind, T: Stamp> Table<K, N, KD, T> {
         ns: &N,
     ) -> Option<&mut Entry<K, N, KD::Stored, T>> {
         let h = table_hash(cur.hash, ns_hash(ns));
+        self.log.record(cur.part, h, &cur.key, ns, || {
+            self.parts[cur.part].get().len()
+        });
         self.parts[cur.part]
             .write()
             .find_mut(h, |e| e.key == cur.key && e.ns == *ns)
@@ -724,6 +733,9 @@ impl<K: StateKey, N: Namespace, KD: Kind, T: Stamp> Table<K, N, KD, T> {
     #[inline]
     pub fn put(&mut self, cur: &CurrentKey<K>, ns: &N, ts: i64, value: KD::Stored) {
         let h = table_hash(cur.hash, ns_hash(ns));
+        self.log.record(cur.part, h, &cur.key, ns, || {
+            self.parts[cur.part].get().len()
+        });
         let t = self.parts[cur.part].write();
         match t.find_mut(h, |e| e.key == cur.key && e.ns == *ns) {
             Some(e) => {
@@ -757,6 +769,9 @@ impl<K: StateKey, N: Namespace, KD: Kind, T: Stamp> Table<K, N, KD, T> {
         self.parts[cur.part]
             .get()
             .find(h, |e| e.key == cur.key && e.ns == *ns)?;
+        self.log.record(cur.part, h, &cur.key, ns, || {
+            self.parts[cur.part].get().len()
+        });
         self.parts[cur.part]
             .write()
             .find_entry(h, |e| e.key == cur.key && e.ns == *ns)
@@ -820,6 +835,8 @@ impl<K: StateKey, N: Namespace, KD: Kind, T: Stamp> Table<K, N, KD, T> {
             if !self.kind.any_expired(&e.value, e.ts(), &expired) {
                 continue;
             }
+            self.log
+                .record(p, h, &key, &ns, || self.parts[p].get().len());
             let t = self.parts[p].write();
             if let Ok(occ) = t.find_entry(h, eq) {
                 let entry = occ.into_mut();
@@ -889,6 +906,8 @@ impl<K: StateKey, N: Namespace, KD: Kind, T: Stamp> Table<K, N, KD, T> {
     /// Inserts a restored entry with table hash `h` into partition `part` (replacing an equal
     /// key and namespace).
     pub fn insert_restored(&mut self, part: usize, h: u64, e: Entry<K, N, KD::Stored, T>) {
+        self.log
+            .record(part, h, &e.key, &e.ns, || self.parts[part].get().len());
         let key_ser = &*self.key_ser;
         let t = self.parts[part].write();
         match t.find_mut(h, |x| x.key == e.key && x.ns == e.ns) {
@@ -988,6 +1007,10 @@ pub(crate) trait ErasedTable<K>: Send {
         clock: &dyn Clock,
     ) -> Result<()>;
     fn take_dirty(&mut self) -> Vec<bool>;
+    /// Starts logging changed entries (delta snapshots).
+    fn track_changes(&mut self);
+    /// Takes the change logs; `None` when not tracking.
+    fn take_changes(&mut self) -> Option<Box<dyn TakenChanges>>;
     fn incremental_cleanup(&mut self, now: i64, per_record: bool);
     fn prepare_restore(&mut self, meta: &StateMeta) -> Result<()>;
     fn restore_records(
@@ -1004,6 +1027,15 @@ pub(crate) trait SharedTable: Send + Sync {
     /// Writes the records of partition `part`: `write` gets the key, the namespace bytes and a
     /// function that appends the payload (false: the entry expired, drop the record).
     fn write_part(&self, part: usize, now: i64, write: &mut RecordSink<'_>) -> Result<()>;
+    /// Delta snapshots: writes the entries of partition `part` named in `logs` (this state's
+    /// change logs), present ones as records, absent or expired ones as tombstones.
+    fn write_changed(
+        &self,
+        part: usize,
+        logs: &[&dyn TakenChanges],
+        now: i64,
+        sink: &mut dyn DeltaSink,
+    ) -> Result<()>;
 }
 
 /// Receives the records of a partition: key, namespace bytes, payload writer.
@@ -1045,6 +1077,35 @@ impl<K: StateKey, N: Namespace, KD: Kind, T: Stamp> SharedTable for Shared<K, N,
                 self.kind
                     .encode(&self.name, &e.value, e.ts(), &expired, out)
             })?;
+        }
+        Ok(())
+    }
+
+    fn write_changed(
+        &self,
+        part: usize,
+        logs: &[&dyn TakenChanges],
+        now: i64,
+        sink: &mut dyn DeltaSink,
+    ) -> Result<()> {
+        let Some(entries) = self.parts.get(part) else {
+            return Ok(());
+        };
+        let ttl = self.ttl.filter(|t| t.is_cleanup_full_snapshot());
+        let expired = move |ts: i64| ttl.is_some_and(|t| t.is_expired(ts, now));
+        let mut ns_buf = Vec::new();
+        for (h, key, ns) in changed_in_part::<K, N>(logs, part) {
+            ns_buf.clear();
+            self.ns_ser
+                .serialize(&ns, &mut ns_buf)
+                .map_err(ser_err(&self.name, "namespace"))?;
+            match entries.find(h, |e| e.key == key && e.ns == ns) {
+                Some(e) => sink.record(&e.key, &ns_buf, &mut |out: &mut Vec<u8>| {
+                    self.kind
+                        .encode(&self.name, &e.value, e.ts(), &expired, out)
+                })?,
+                None => sink.tombstone(&key, &ns_buf)?,
+            }
         }
         Ok(())
     }
@@ -1179,6 +1240,15 @@ impl<K: StateKey, N: Namespace, KD: Kind, T: Stamp> ErasedTable<K> for Table<K, 
 
     fn take_dirty(&mut self) -> Vec<bool> {
         Table::take_dirty(self)
+    }
+
+    fn track_changes(&mut self) {
+        let parts = self.parts.len();
+        self.log.turn_on(parts);
+    }
+
+    fn take_changes(&mut self) -> Option<Box<dyn TakenChanges>> {
+        self.log.take()
     }
 
     fn incremental_cleanup(&mut self, now: i64, per_record: bool) {
