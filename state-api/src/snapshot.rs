@@ -1369,6 +1369,63 @@ mod tests {
     }
 
     #[test]
+    fn delta_streams_carry_tombstone_blocks_that_only_next_any_block_returns() {
+        let mut w = SnapshotWriter::new_delta(Vec::new(), &header(KeyGroupRange::all(8))).unwrap();
+        w.begin_key_group(1).unwrap();
+        w.write_record(0, &key_in(1), b"", &[0; 9]).unwrap();
+        w.write_tombstone(0, &key_in(1), b"ns", &[]).unwrap();
+        w.begin_key_group(3).unwrap();
+        w.write_tombstone(0, &key_in(3), b"", &[]).unwrap();
+        assert!(w.write_tombstone(4, &key_in(3), b"", &[]).is_err());
+        let (summary, bytes) = w.finish().unwrap();
+        assert_eq!(&bytes[4..6], &SNAPSHOT_DELTA_VERSION.to_be_bytes());
+        assert_eq!(summary.key_groups.len(), 1);
+        assert_eq!(
+            summary
+                .tombstones
+                .iter()
+                .map(|t| t.key_group)
+                .collect::<Vec<_>>(),
+            vec![1, 3]
+        );
+        // Read whole, a delta is refused at its first tombstone block.
+        let mut c = Collect(vec![]);
+        let err = restore_streams(
+            [("d".to_string(), &bytes[..])],
+            8,
+            KeyGroupRange::all(8),
+            &mut c,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("delta snapshot"), "{err}");
+        let mut r = SnapshotReader::open(&bytes[..], "d").unwrap();
+        assert_eq!(r.version(), SNAPSHOT_DELTA_VERSION);
+        let kinds: Vec<(u32, bool)> = std::iter::from_fn(|| r.next_any_block().unwrap())
+            .map(|b| (b.key_group, b.is_tombstones()))
+            .collect();
+        assert_eq!(kinds, vec![(1, false), (1, true), (3, true)]);
+        // A block decoded from its offsets and encoded again is the same bytes.
+        let t = summary.tombstones[0];
+        let raw = &bytes[t.offset as usize..(t.offset + t.length) as usize];
+        let b = KeyGroupBlock::decode(raw, t.offset, "d", true).unwrap();
+        assert!(b.is_tombstones());
+        let mut body = Vec::new();
+        for rec in b.records("d", 8) {
+            append_record(&mut body, &rec.unwrap()).unwrap();
+        }
+        assert_eq!(KeyGroupBlock::encode(1, true, &body), raw);
+        assert!(KeyGroupBlock::decode(raw, t.offset, "d", false).is_err());
+        let mut bad = raw.to_vec();
+        bad[15] ^= 1;
+        let err = KeyGroupBlock::decode(&bad, t.offset, "d", true).unwrap_err();
+        assert!(err.to_string().contains("checksum"), "{err}");
+        // Full streams never hold tombstones.
+        let mut full = SnapshotWriter::new(Vec::new(), &header(KeyGroupRange::all(8))).unwrap();
+        full.begin_key_group(1).unwrap();
+        assert!(full.write_tombstone(0, &key_in(1), b"", &[]).is_err());
+    }
+
+    #[test]
     fn hostile_lengths_do_not_allocate() {
         let mut b = Vec::new();
         b.extend_from_slice(&SNAPSHOT_MAGIC);

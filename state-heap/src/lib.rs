@@ -695,7 +695,7 @@ impl<K: StateKey> HeapSnapshot<K> {
                         what: "key",
                         reason: e.0,
                     })?;
-                w.write_record_with(i as u32, &key_buf, ns, payload)?;
+                w.write_record_with(i as u32, key_buf, ns, payload)?;
                 Ok(())
             })?;
         }
