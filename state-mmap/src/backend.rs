@@ -105,9 +105,7 @@ impl<K: StateKey> MmapBackendBuilder<K> {
         };
         let mut options = self.options;
         // One map's entries share the prefix `kg | id | key | namespace`.
-        options.prefix_extractor = Some(Arc::new(|k: &[u8]| {
-            parse_key(k, "").ok().map(|p| p.prefix_len)
-        }));
+        options.prefix_extractor = Some(Arc::new(prefix_len));
         let mut db = Db::open(&dir, options)?;
         let ttl_table: TtlTable = Arc::new(RwLock::new(HashMap::new()));
         db.set_compaction_filter(Some(Arc::new(TtlFilter {

@@ -60,6 +60,17 @@ fn u32_at(b: &[u8], at: usize) -> Option<usize> {
     Some(u32::from_be_bytes([s[0], s[1], s[2], s[3]]) as usize)
 }
 
+/// Length of `kg | id | key | ns` of a generic state key (the map prefix), or `None` for a key
+/// that is not one (timer keys: their fifth byte, a domain code, makes the key length field
+/// larger than the key). Allocation-free: the engine calls it for every key it stores.
+#[inline]
+pub(crate) fn prefix_len(k: &[u8]) -> Option<usize> {
+    let klen = u32_at(k, 4)?;
+    let nlen = u32_at(k, 8usize.checked_add(klen)?)?;
+    let end = (12 + klen).checked_add(nlen)?;
+    (end <= k.len()).then_some(end)
+}
+
 pub(crate) fn parse_key<'a>(k: &'a [u8], file: &str) -> Result<KeyParts<'a>> {
     let bad = || Error::Corrupt {
         stream: file.to_string(),

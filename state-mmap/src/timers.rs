@@ -68,6 +68,19 @@ fn domain_end(kg: u32, id: u16, domain: TimeDomain) -> [u8; 5] {
     b
 }
 
+/// The exclusive end of the timers of a domain due at `time`: the first possible key after
+/// `time`, or past the whole domain for `i64::MAX`.
+fn due_end(kg: u32, id: u16, domain: TimeDomain, time: i64) -> [u8; HEAD] {
+    match time.checked_add(1) {
+        Some(after) => due_bound(kg, id, domain, after),
+        None => {
+            let mut b = [0u8; HEAD];
+            b[..5].copy_from_slice(&domain_end(kg, id, domain));
+            b
+        }
+    }
+}
+
 /// Writes the head of a timer key and the key into `out` (cleared first), and a placeholder for
 /// the namespace length; returns the placeholder's position for [`end_timer_key`].
 pub(crate) fn begin_timer_key(
@@ -218,6 +231,11 @@ impl DueIndex {
     /// in timestamp order (ties: key bytes, then namespace bytes, as the heap backend). Nothing
     /// is deleted and the index is unchanged: the caller deletes the returned keys and then
     /// applies the returned new lower bounds with [`DueIndex::apply`].
+    ///
+    /// A key group is scanned only from its lower bound to `time` (a borrowing range scan that
+    /// reads nothing past the due timers). One that had due timers gets `time + 1` as its new
+    /// bound; one that had none is looked up once for its exact next timestamp, so key groups
+    /// with nothing due are skipped by later advances.
     #[allow(clippy::type_complexity)]
     pub fn collect_due(
         &self,
@@ -238,20 +256,27 @@ impl DueIndex {
                 continue;
             }
             let start = due_bound(kg, id, domain, first);
-            let mut it = db.iter(&start, Some(&domain_end(kg, id, domain)))?;
-            let mut next = None;
-            while let Some((k, _)) = it.next()? {
+            let end = due_end(kg, id, domain, time);
+            let before = due.len();
+            db.scan(&start, &end, |k, _| -> Result<bool> {
                 let t = parse_timer_key(k, name)?;
-                if t.ts > time {
-                    next = Some(t.ts);
-                    break;
-                }
                 due.push(Due {
                     ts: t.ts,
                     klen: t.key.len(),
                     raw: k.to_vec(),
                 });
-            }
+                Ok(true)
+            })?;
+            let next = if due.len() > before || time == i64::MAX {
+                time.checked_add(1)
+            } else {
+                // Nothing due here: find the exact next timestamp (or none) once.
+                let mut it = db.iter(&end, Some(&domain_end(kg, id, domain)))?;
+                match it.next()? {
+                    Some((k, _)) => Some(parse_timer_key(k, name)?.ts),
+                    None => None,
+                }
+            };
             updates.push((i, next));
         }
         due.sort_unstable_by(|a, b| (a.ts, a.key(), a.ns()).cmp(&(b.ts, b.key(), b.ns())));
