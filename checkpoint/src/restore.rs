@@ -16,9 +16,10 @@ use crate::storage::{CheckpointStorage, METADATA_FILE};
 use state_api::snapshot::{KeyGroupBlock, KeyGroupOffset, RawRecord};
 use state_api::StateKind;
 
-/// Per key group: each entry (its identity bytes) written or removed by a later file of a
-/// chain, with the index of the last file that does so.
-type Superseded = HashMap<u32, Arc<HashMap<Vec<u8>, usize>>>;
+/// Per key group: each entry (its identity bytes) written or removed by a file of a chain
+/// after the key group's first, with the index of the last file that does so; and the highest
+/// such index (blocks of files from there on need no filtering).
+type Superseded = HashMap<u32, Arc<(usize, HashMap<Vec<u8>, usize>)>>;
 
 /// Options of a restore.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -367,7 +368,13 @@ impl CompletedCheckpoint {
                 }
             }
         }
-        Ok(out.into_iter().map(|(kg, m)| (kg, Arc::new(m))).collect())
+        Ok(out
+            .into_iter()
+            .map(|(kg, m)| {
+                let last = m.values().copied().max().unwrap_or(0);
+                (kg, Arc::new((last, m)))
+            })
+            .collect())
     }
 
     fn read_owned(
@@ -627,11 +634,13 @@ impl KeyGroupReader {
             let raw = &bytes[at..at + k.length as usize];
             at += k.length as usize;
             match filter.superseded.get(&k.key_group) {
-                None => buf.extend_from_slice(raw),
-                Some(later) => match filter.apply(raw, k, later, &self.path) {
-                    Ok(block) => buf.extend_from_slice(&block),
-                    Err(e) => return Err(self.fail(e)),
-                },
+                Some(later) if later.0 > filter.file => {
+                    match filter.apply(raw, k, &later.1, &self.path) {
+                        Ok(block) => buf.extend_from_slice(&block),
+                        Err(e) => return Err(self.fail(e)),
+                    }
+                }
+                _ => buf.extend_from_slice(raw),
             }
         }
         self.buf = buf;

@@ -628,3 +628,117 @@ impl<K: StateKey> KeyedStateSnapshot for HeapDeltaSnapshot<K> {
         self.view.header.key_group_range
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::HeapKeyedStateBackend;
+    use state_api::snapshot::SnapshotReader;
+    use state_api::{KeyedStateBackend, KeyedStateBackendExt, ValueStateDescriptor};
+
+    fn kg(b: &mut HeapKeyedStateBackend<u64>, k: u64) -> u32 {
+        b.set_current_key(k).unwrap();
+        b.current_key_group().unwrap()
+    }
+
+    /// (key group, tombstone block?, number of records) of each block of a delta stream.
+    fn blocks(bytes: &[u8]) -> Vec<(u32, bool, usize)> {
+        let mut r = SnapshotReader::open(bytes, "delta").unwrap();
+        let mut out = Vec::new();
+        while let Some(b) = r.next_any_block().unwrap() {
+            out.push((b.key_group, b.is_tombstones(), b.records("delta", 4).count()));
+        }
+        out
+    }
+
+    #[test]
+    fn nothing_is_logged_until_tracking_starts() {
+        let mut b = HeapKeyedStateBackend::<u64>::builder()
+            .max_parallelism(4)
+            .build()
+            .unwrap();
+        let v = b
+            .register_value(ValueStateDescriptor::<u64>::new("v").unwrap())
+            .unwrap();
+        for k in 0..100 {
+            b.set_current_key(k).unwrap();
+            b.value(&v).update(k).unwrap();
+        }
+        assert!(!b.is_tracking_changes());
+        let c = b.take_changes();
+        assert!(c.changed_key_groups().is_empty(), "{c:?}");
+        assert!(c.tables.iter().all(Option::is_none));
+    }
+
+    #[test]
+    fn deltas_hold_changed_entries_and_tombstones_and_replace_busy_key_groups() {
+        let mut b = HeapKeyedStateBackend::<u64>::builder()
+            .max_parallelism(4)
+            .build()
+            .unwrap();
+        let v = b
+            .register_value(ValueStateDescriptor::<u64>::new("v").unwrap())
+            .unwrap();
+        for k in 0..10_000 {
+            b.set_current_key(k).unwrap();
+            b.value(&v).update(k).unwrap();
+        }
+        b.track_changes();
+        // One key written many times and another removed: two entries, no replacement.
+        let (hot, gone) = (5u64, 6u64);
+        for i in 0..5000 {
+            b.set_current_key(hot).unwrap();
+            b.value(&v).update(i).unwrap();
+        }
+        b.set_current_key(gone).unwrap();
+        b.value(&v).clear().unwrap();
+        let c = Arc::new(b.take_changes());
+        let mut expect: Vec<u32> = vec![kg(&mut b, hot), kg(&mut b, gone)];
+        expect.sort();
+        expect.dedup();
+        assert_eq!(c.changed_key_groups(), expect);
+        assert!(c.replaced_key_groups().is_empty());
+        let delta = b.snapshot_delta(vec![Arc::clone(&c)]);
+        let mut bytes = Vec::new();
+        let summary = delta.write_to(&mut bytes).unwrap();
+        assert_eq!(summary.records, 1);
+        assert_eq!(summary.tombstones.len(), 1);
+        let records: usize = blocks(&bytes).iter().map(|b| b.2).sum();
+        assert_eq!(records, 2);
+        // A second change set on top: the delta covers both.
+        b.set_current_key(7).unwrap();
+        b.value(&v).update(70).unwrap();
+        let c2 = Arc::new(b.take_changes());
+        let both = b.snapshot_delta(vec![Arc::clone(&c), c2]);
+        let mut bytes = Vec::new();
+        assert_eq!(both.write_to(&mut bytes).unwrap().records, 2);
+
+        // Every key changes: each key group is written whole, without tombstones.
+        for k in 0..10_000 {
+            b.set_current_key(k).unwrap();
+            b.value(&v).update(k + 1).unwrap();
+        }
+        let all = Arc::new(b.take_changes());
+        assert_eq!(all.replaced_key_groups(), vec![0, 1, 2, 3]);
+        let delta = b.snapshot_delta(vec![all]);
+        assert_eq!(delta.replaced_key_groups(), vec![0, 1, 2, 3]);
+        let mut bytes = Vec::new();
+        let summary = delta.write_to(&mut bytes).unwrap();
+        assert_eq!(summary.records, 10_000);
+        assert!(summary.tombstones.is_empty());
+        // Restricted to some key groups, the delta writes only those.
+        let keys: Vec<u64> = (0..40).collect();
+        for &k in &keys {
+            b.set_current_key(k).unwrap();
+            b.value(&v).update(0).unwrap();
+        }
+        let some = Arc::new(b.take_changes());
+        let first = kg(&mut b, 0);
+        let part = b.snapshot_delta(vec![some]).restrict_to(vec![first]);
+        assert_eq!(part.changed_key_groups(), vec![first]);
+        let mut bytes = Vec::new();
+        let n = keys.iter().filter(|&&k| kg(&mut b, k) == first).count();
+        assert_eq!(part.write_to(&mut bytes).unwrap().records, n as u64);
+    }
+}
