@@ -647,7 +647,11 @@ mod tests {
         let mut r = SnapshotReader::open(bytes, "delta").unwrap();
         let mut out = Vec::new();
         while let Some(b) = r.next_any_block().unwrap() {
-            out.push((b.key_group, b.is_tombstones(), b.records("delta", 4).count()));
+            out.push((
+                b.key_group,
+                b.is_tombstones(),
+                b.records("delta", 4).count(),
+            ));
         }
         out
     }
