@@ -303,3 +303,75 @@ fn version_1_stores_and_checkpoints_are_read() {
     .unwrap();
     check_v1(&mut r);
 }
+
+#[test]
+fn sparse_key_groups_and_late_registrations_fire_correctly() {
+    // Few keys, so most key groups have no timers and some run dry between advances; the
+    // per-key-group lower bounds must never hide a timer registered later below them.
+    let mut b = MmapKeyedStateBackend::<u64>::builder()
+        .memory_budget(64 << 10)
+        .build()
+        .unwrap();
+    let h = service(&mut b);
+    for k in 0..6u64 {
+        b.set_current_key(k).unwrap();
+        b.timers(&h)
+            .register_event_time_timer(&0, 100 * (k as i64 + 1))
+            .unwrap();
+    }
+    assert!(b.advance_watermark(&h, 50).unwrap().is_empty());
+    assert_eq!(triples(b.advance_watermark(&h, 250).unwrap()).len(), 2);
+    // Below the bounds now held for keys 0..6 (the next due 300..600, or none).
+    for k in 0..6u64 {
+        b.set_current_key(k).unwrap();
+        b.timers(&h).register_event_time_timer(&1, 260).unwrap();
+    }
+    b.set_current_key(3).unwrap();
+    b.timers(&h).delete_event_time_timer(&0, 400).unwrap();
+    let got = triples(b.advance_watermark(&h, 400).unwrap());
+    let mut want: Fired = (0..6u64).map(|k| (k, 1, 260)).collect();
+    want.push((2, 0, 300));
+    let mut got_sorted = got.clone();
+    got_sorted.sort_by_key(|t| (t.2, t.0));
+    assert_eq!(got_sorted, want);
+    assert_ordered(&got);
+    assert_eq!(
+        triples(b.advance_watermark(&h, i64::MAX).unwrap()),
+        vec![(4, 0, 500), (5, 0, 600)]
+    );
+    // Timers at the extremes of the timestamp range.
+    b.set_current_key(9).unwrap();
+    b.timers(&h)
+        .register_event_time_timer(&0, i64::MIN)
+        .unwrap();
+    b.timers(&h)
+        .register_event_time_timer(&0, i64::MAX)
+        .unwrap();
+    assert_eq!(
+        triples(b.advance_watermark(&h, i64::MAX - 1).unwrap()),
+        vec![(9, 0, i64::MIN)]
+    );
+    assert_eq!(
+        triples(b.advance_watermark(&h, i64::MAX).unwrap()),
+        vec![(9, 0, i64::MAX)]
+    );
+    assert!(b.advance_watermark(&h, i64::MAX).unwrap().is_empty());
+}
+
+#[test]
+fn restored_timers_not_yet_registered_survive_the_next_snapshot() {
+    let mut heap = HeapKeyedStateBackend::<u64>::builder().build().unwrap();
+    let hh = service(&mut heap);
+    fill(&mut heap, &hh);
+    let first = snapshot(&mut heap);
+    let expected = drain(&mut heap, &hh);
+    let mut m = MmapKeyedStateBackend::<u64>::builder().build().unwrap();
+    m.restore(vec![("heap".to_string(), &first[..])]).unwrap();
+    // The service is not registered: its timers are carried over as they are.
+    let second = snapshot(&mut m);
+    let mut back = HeapKeyedStateBackend::<u64>::builder().build().unwrap();
+    back.restore(vec![("mmap".to_string(), &second[..])])
+        .unwrap();
+    let h = service(&mut back);
+    assert_eq!(drain(&mut back, &h), expected);
+}
