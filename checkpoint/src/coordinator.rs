@@ -48,6 +48,7 @@
 //! ```
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -210,6 +211,8 @@ pub struct SubtaskEndpoint {
     commands: Receiver<SubtaskCommand>,
     to_coordinator: Sender<Msg>,
     writes: Sender<WriteJob>,
+    /// Write jobs handed to the writer threads and not finished yet (shared with the core).
+    in_flight: Arc<AtomicUsize>,
     incremental: bool,
     write_parts: usize,
     inc: Arc<Mutex<IncrementalState>>,
@@ -499,7 +502,9 @@ impl SubtaskEndpoint {
             native,
             to_coordinator: self.to_coordinator.clone(),
         };
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
         if self.writes.send(job).is_err() {
+            self.in_flight.fetch_sub(1, Ordering::AcqRel);
             return self.fail(barrier, "the coordinator's writer threads stopped".into());
         }
         Ok(())
@@ -543,6 +548,7 @@ pub struct CoordinatorBuilder {
     restored_from: Option<CompletedCheckpoint>,
     to_coordinator: (Sender<Msg>, Receiver<Msg>),
     writes: (Sender<WriteJob>, Receiver<WriteJob>),
+    in_flight: Arc<AtomicUsize>,
 }
 
 impl std::fmt::Debug for CoordinatorBuilder {
@@ -624,6 +630,7 @@ impl CoordinatorBuilder {
             commands: rx,
             to_coordinator: self.to_coordinator.0.clone(),
             writes: self.writes.0.clone(),
+            in_flight: Arc::clone(&self.in_flight),
             incremental: self.config.incremental,
             write_parts: self.write_parts,
             inc,
@@ -734,9 +741,10 @@ impl CoordinatorBuilder {
         for i in 0..self.write_threads {
             let rx = self.writes.1.clone();
             let st = storage.clone();
+            let in_flight = Arc::clone(&self.in_flight);
             let h = std::thread::Builder::new()
                 .name(format!("flowstate-checkpoint-writer-{i}"))
-                .spawn(move || writer_loop(&st, &rx))
+                .spawn(move || writer_loop(&st, &rx, &in_flight))
                 .map_err(|e| Error::Io {
                     context: "starting a checkpoint writer thread".into(),
                     source: e,
@@ -764,6 +772,7 @@ impl CoordinatorBuilder {
             fenced: None,
             clock: self.clock,
             start: Instant::now(),
+            in_flight: Arc::clone(&self.in_flight),
         };
         let rx = self.to_coordinator.1;
         let thread = std::thread::Builder::new()
@@ -784,7 +793,7 @@ impl CoordinatorBuilder {
     }
 }
 
-fn writer_loop(storage: &CheckpointStorage, rx: &Receiver<WriteJob>) {
+fn writer_loop(storage: &CheckpointStorage, rx: &Receiver<WriteJob>, in_flight: &AtomicUsize) {
     while let Ok(job) = rx.recv() {
         let operator_id = job.snapshot.operator_id.clone();
         let msg = match write_subtask_snapshot_tracked(storage, &job.target, job.snapshot) {
@@ -823,6 +832,8 @@ fn writer_loop(storage: &CheckpointStorage, rx: &Receiver<WriteJob>) {
             },
         };
         let _ = job.to_coordinator.send(msg);
+        // After the result is queued: a core that sees zero finds every result in its queue.
+        in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -887,6 +898,7 @@ impl CheckpointCoordinator {
             restored_from: None,
             to_coordinator: unbounded(),
             writes: (wtx, wrx),
+            in_flight: Arc::default(),
         }
     }
 
@@ -993,6 +1005,8 @@ struct Core {
     fenced: Option<(u64, u64)>,
     clock: Arc<dyn Clock>,
     start: Instant,
+    /// Write jobs the writer threads have not finished (see [`SubtaskEndpoint`]).
+    in_flight: Arc<AtomicUsize>,
 }
 
 impl Core {
@@ -1059,7 +1073,7 @@ impl Core {
                 }
                 Ok(Msg::Stop) => return,
                 Ok(Msg::Shutdown { reply }) => {
-                    let r = self.shutdown();
+                    let r = self.shutdown(rx);
                     let _ = reply.send(r);
                     return;
                 }
@@ -1403,9 +1417,59 @@ impl Core {
         }
     }
 
-    fn shutdown(&mut self) -> Result<()> {
+    /// Waits (at most the checkpoint timeout) for the writes already handed to the writer
+    /// threads, handling their results: the files of checkpoints aborted by the shutdown are
+    /// deleted when their writes end, instead of appearing after the abort deleted the
+    /// directory (or being left as half-written staging files when the process exits).
+    fn drain_writes(&mut self, rx: &Receiver<Msg>) {
+        let deadline = Instant::now() + self.config.timeout;
+        loop {
+            let busy = self.in_flight.load(Ordering::Acquire) > 0;
+            let msg = if busy {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return;
+                }
+                match rx.recv_timeout(left.min(Duration::from_millis(50))) {
+                    Ok(m) => m,
+                    Err(RecvTimeoutError::Timeout) => continue,
+                    Err(RecvTimeoutError::Disconnected) => return,
+                }
+            } else {
+                match rx.try_recv() {
+                    Ok(m) => m,
+                    Err(_) => return,
+                }
+            };
+            let actions = match msg {
+                Msg::Ack {
+                    checkpoint_id,
+                    task,
+                    ack,
+                } => self.protocol.ack(checkpoint_id, task, *ack),
+                Msg::Decline {
+                    checkpoint_id,
+                    task,
+                    reason,
+                } => self.protocol.decline(checkpoint_id, task, reason),
+                Msg::Trigger { reply, .. } => {
+                    let _ = reply.send(Err(stopped()));
+                    Vec::new()
+                }
+                Msg::Shutdown { reply } => {
+                    let _ = reply.send(Ok(()));
+                    Vec::new()
+                }
+                Msg::Stop => Vec::new(),
+            };
+            self.execute(actions);
+        }
+    }
+
+    fn shutdown(&mut self, rx: &Receiver<Msg>) -> Result<()> {
         let actions = self.protocol.shutdown();
         self.execute(actions);
+        self.drain_writes(rx);
         if self.config.retention_on_shutdown == RetentionOnShutdown::Delete && self.fenced.is_none()
         {
             let ids: Vec<u64> = self.completed.keys().copied().collect();

@@ -446,3 +446,105 @@ fn a_restart_with_fewer_retained_checkpoints_discards_the_older_ones() {
     assert_eq!(state_of(&mut restored, 200), expected);
     coord.shutdown().unwrap();
 }
+
+/// An in-memory store whose puts of checkpoint data files take 400 ms once `slow` is set.
+#[derive(Debug)]
+struct SlowPuts {
+    inner: object_store::memory::InMemory,
+    slow: AtomicBool,
+}
+
+impl std::fmt::Display for SlowPuts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SlowPuts")
+    }
+}
+
+#[async_trait::async_trait]
+impl object_store::ObjectStore for SlowPuts {
+    async fn put_opts(
+        &self,
+        location: &object_store::path::Path,
+        payload: object_store::PutPayload,
+        opts: object_store::PutOptions,
+    ) -> object_store::Result<object_store::PutResult> {
+        if self.slow.load(Ordering::SeqCst) && location.as_ref().ends_with(".kst") {
+            std::thread::sleep(Duration::from_millis(400));
+        }
+        self.inner.put_opts(location, payload, opts).await
+    }
+    async fn put_multipart_opts(
+        &self,
+        location: &object_store::path::Path,
+        opts: object_store::PutMultipartOptions,
+    ) -> object_store::Result<Box<dyn object_store::MultipartUpload>> {
+        self.inner.put_multipart_opts(location, opts).await
+    }
+    async fn get_opts(
+        &self,
+        location: &object_store::path::Path,
+        options: object_store::GetOptions,
+    ) -> object_store::Result<object_store::GetResult> {
+        self.inner.get_opts(location, options).await
+    }
+    fn delete_stream(
+        &self,
+        locations: futures::stream::BoxStream<
+            'static,
+            object_store::Result<object_store::path::Path>,
+        >,
+    ) -> futures::stream::BoxStream<'static, object_store::Result<object_store::path::Path>> {
+        self.inner.delete_stream(locations)
+    }
+    fn list(
+        &self,
+        prefix: Option<&object_store::path::Path>,
+    ) -> futures::stream::BoxStream<'static, object_store::Result<object_store::ObjectMeta>> {
+        self.inner.list(prefix)
+    }
+    async fn list_with_delimiter(
+        &self,
+        prefix: Option<&object_store::path::Path>,
+    ) -> object_store::Result<object_store::ListResult> {
+        self.inner.list_with_delimiter(prefix).await
+    }
+    async fn copy_opts(
+        &self,
+        from: &object_store::path::Path,
+        to: &object_store::path::Path,
+        options: object_store::CopyOptions,
+    ) -> object_store::Result<()> {
+        self.inner.copy_opts(from, to, options).await
+    }
+}
+
+#[test]
+fn shutdown_waits_for_writes_in_flight_and_leaves_no_file_of_the_aborted_checkpoint() {
+    let store = Arc::new(SlowPuts {
+        inner: object_store::memory::InMemory::new(),
+        slow: AtomicBool::new(false),
+    });
+    let storage = CheckpointStorage::new(store.clone(), "ck", "job-s").unwrap();
+    let config = CheckpointConfig {
+        retention_on_shutdown: RetentionOnShutdown::Retain,
+        ..Default::default()
+    };
+    let (coord, mut eps) = start(&storage, config, 2);
+    let mut subtasks = keyed(2);
+    mutate(&mut subtasks, 1, 0..200);
+    let pending = coord.trigger_checkpoint().unwrap();
+    answer_barrier(&mut eps, &mut subtasks);
+    assert_eq!(pending.wait(WAIT).unwrap().metadata.checkpoint_id, 1);
+    // Checkpoint 2's files are being written when the job shuts down.
+    store.slow.store(true, Ordering::SeqCst);
+    mutate(&mut subtasks, 2, 0..200);
+    let _pending = coord.trigger_checkpoint().unwrap();
+    assert_eq!(answer_barrier(&mut eps, &mut subtasks), 2);
+    coord.shutdown().unwrap();
+    // The shutdown aborted checkpoint 2 and deleted what its writes produced; nothing of it
+    // shows up later either (the writes ended before the shutdown returned).
+    assert_eq!(checkpoint_dirs(&storage), vec![1]);
+    std::thread::sleep(Duration::from_millis(1_000));
+    assert_eq!(checkpoint_dirs(&storage), vec![1]);
+    drop(eps);
+}

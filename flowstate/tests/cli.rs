@@ -66,6 +66,27 @@ fn latest_chk(root: &Path) -> String {
     .to_string()
 }
 
+/// Upload staging files (`<name>#<digits>`) anywhere under `dir`.
+fn staging_files(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            let name = e.file_name().to_string_lossy().to_string();
+            if e.file_type().unwrap().is_dir() {
+                todo.push(e.path());
+            } else if name
+                .split_once('#')
+                .is_some_and(|(_, n)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+            {
+                out.push(e.path().display().to_string());
+            }
+        }
+    }
+    out
+}
+
 #[test]
 fn run_crash_recover_inspect_convert_restore() {
     let tmp = tempfile::tempdir().unwrap();
@@ -104,6 +125,11 @@ fn run_crash_recover_inspect_convert_restore() {
         digest(&crashed),
         clean_digest,
         "recovery gives the same state as a clean run"
+    );
+    // Whatever uploads the crash cut off, and those in flight at the clean end, left nothing.
+    assert_eq!(
+        staging_files(&tmp.path().join("crash")),
+        Vec::<String>::new()
     );
 
     // List and inspect.
@@ -222,6 +248,10 @@ fn mmap_incremental_checkpoints_recover_and_convert() {
     );
     assert!(crashed.contains("restored checkpoint"), "{crashed}");
     assert_eq!(digest(&crashed), clean, "native recovery = clean run");
+    assert_eq!(
+        staging_files(&tmp.path().join("crash")),
+        Vec::<String>::new()
+    );
     let chk = latest_chk(&tmp.path().join("crash"));
     let json: serde_json::Value =
         serde_json::from_str(&ok(&["checkpoints", "inspect", &chk, "--json"])).unwrap();
