@@ -3,45 +3,12 @@
 //! it, read a key — and the results match runs that never failed.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 
-fn flowstate(args: &[&str]) -> Output {
-    let out = Command::new(env!("CARGO_BIN_EXE_flowstate"))
-        .args(args)
-        .env_remove("FLOWSTATE_STATE_CHECKPOINTS_DIR")
-        .output()
-        .expect("the binary runs");
-    out
-}
-
-fn ok(args: &[&str]) -> String {
-    ok_env(args, &[])
-}
-
-fn ok_env(args: &[&str], env: &[(&str, &str)]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_flowstate"))
-        .args(args)
-        .env_remove("FLOWSTATE_STATE_CHECKPOINTS_DIR")
-        .envs(env.iter().copied())
-        .output()
-        .expect("the binary runs");
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(
-        out.status.success(),
-        "flowstate {args:?} failed: {}\n{text}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    text
-}
-
-fn digest(output: &str) -> String {
-    output
-        .lines()
-        .find_map(|l| l.strip_prefix("state digest: "))
-        .unwrap_or_else(|| panic!("no digest in:\n{output}"))
-        .to_string()
-}
+use common::*;
 
 fn latest_chk(root: &Path) -> String {
     let job = root.join("nexmark");

@@ -8,31 +8,11 @@
 //! --checkpoint-dir <dir>`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::path::Path;
-use std::process::Command;
 
-fn ok(args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_flowstate"))
-        .args(args)
-        .env_remove("FLOWSTATE_STATE_CHECKPOINTS_DIR")
-        .output()
-        .expect("the binary runs");
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(
-        out.status.success(),
-        "flowstate {args:?} failed: {}\n{text}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    text
-}
-
-fn digest(output: &str) -> String {
-    output
-        .lines()
-        .find_map(|l| l.strip_prefix("state digest: "))
-        .unwrap_or_else(|| panic!("no digest in:\n{output}"))
-        .to_string()
-}
+use common::*;
 
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
