@@ -298,8 +298,9 @@ pub struct MmapKeyedStateBackend<K> {
     tbuf: Vec<u8>,
     per_record_cleanup: Vec<usize>,
     ttl_table: TtlTable,
-    /// Per registered timer service (by slot), the earliest due time per key group and domain;
-    /// the timers themselves are engine entries in due-time order (module `timers`).
+    /// Per registered timer service (by slot), a lower bound of the earliest due time per key
+    /// group and domain; the timers themselves are engine entries in due-time order (module
+    /// `timers`).
     timers: HashMap<usize, DueIndex>,
     // Dropped after `db`: removes the temporary directory once the files are closed.
     _temp: Option<TempDir>,
@@ -1714,9 +1715,9 @@ impl<K: StateKey> MmapKeyedStateBackend<K> {
         Ok(cur.kg)
     }
 
-    /// Bytes the timer services hold in memory: per service and owned key group, the earliest
-    /// due time of each domain. It does not grow with the number of timers, which live in the
-    /// engine (write buffer, then sorted runs on disk).
+    /// Bytes the timer services hold in memory: per service and owned key group, a lower bound
+    /// of the earliest due time of each domain (32 bytes). It does not grow with the number of
+    /// timers, which live in the engine (write buffer, then sorted runs on disk).
     pub fn timer_memory_bytes(&self) -> usize {
         self.timers.values().map(DueIndex::heap_bytes).sum()
     }
