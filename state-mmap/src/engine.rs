@@ -18,7 +18,7 @@ use crate::error::{Error, Result};
 use crate::iter::{Cursor, MemCursor, MergeIter, Resolve, RunCursor};
 use crate::manifest::{sync_dir, FileEntry, Manifest};
 use crate::memtable::{Memtable, Op, OpKind};
-use crate::run::{prefix_hash, PrefixExtractor, RunFile, RunWriter};
+use crate::run::{prefix_hash, PrefixExtractor, Probe, RunFile, RunWriter};
 
 /// Options of the engine.
 #[derive(Clone)]
@@ -584,10 +584,30 @@ impl Db {
             }
         }
         let hash = crate::run::key_hash(key);
-        for r in &self.runs {
-            let i = r.partition_point(|f| f.last_key() < key);
-            let Some(f) = r.get(i) else { continue };
-            if let Some(e) = f.get(key, hash)? {
+        let probe = Probe::new(key);
+        // First every run's bloom filter, in a loop of independent loads so their cache misses
+        // overlap (a probe is one cache line of a mapped page, usually a miss); then only the
+        // runs that may hold the key are searched, newest first.
+        let mut maybe = 0u64;
+        let mut files = [0u32; 64];
+        for (i, r) in self.runs.iter().enumerate().take(64) {
+            let fi = r.partition_point(|f| f.before(&probe));
+            files[i] = fi as u32;
+            if r.get(fi).is_some_and(|f| f.may_contain_probe(&probe, hash)) {
+                maybe |= 1 << i;
+            }
+        }
+        for (i, r) in self.runs.iter().enumerate() {
+            let f = if i < 64 {
+                if maybe & (1 << i) == 0 {
+                    continue;
+                }
+                r.get(files[i] as usize)
+            } else {
+                r.get(r.partition_point(|f| f.before(&probe)))
+            };
+            let Some(f) = f else { continue };
+            if let Some(e) = f.get_unfiltered(&probe, hash)? {
                 match e.kind {
                     OpKind::Put => {
                         finish(Some(e.value), &ops, out);
@@ -704,7 +724,26 @@ impl Db {
                 sources.push(v);
             }
         }
-        for r in &self.runs {
+        // With a prefix: first the prefix filters of every run's first candidate file, in a
+        // loop of independent loads (their cache misses overlap), as in `get`.
+        let mut skip = 0u64;
+        if let Some(h) = prefix {
+            for (i, r) in self.runs.iter().enumerate().take(64) {
+                let fi = r.partition_point(|f| f.last_key() < start);
+                // Skipped when the range lies in that file (the next one starts at or after
+                // its end) and the file cannot hold the prefix.
+                let absent = r
+                    .get(fi)
+                    .is_none_or(|f| f.first_key() >= end || !f.may_contain_prefix(h));
+                if absent && r.get(fi + 1).is_none_or(|f| f.first_key() >= end) {
+                    skip |= 1 << i;
+                }
+            }
+        }
+        for (ri, r) in self.runs.iter().enumerate() {
+            if ri < 64 && skip & (1 << ri) != 0 {
+                continue;
+            }
             let mut v = Vec::new();
             let mut fi = r.partition_point(|f| f.last_key() < start);
             'files: while let Some(file) = r.get(fi) {

@@ -1,0 +1,98 @@
+//! Profiling aid: sets up the peer-bench state on state-mmap, then repeats one read workload
+//! (`value-get`, `list-get`, `map-get`, `map-contains`, `map-iter`) so `perf` sees only it.
+//!
+//! `cargo run --release --example prof -- value-get [keys] [passes]`
+
+use state_api::*;
+use state_mmap::MmapKeyedStateBackend;
+use std::time::Instant;
+
+/// Nanoseconds this thread has spent on a CPU (`/proc/thread-self/schedstat`).
+fn cpu_ns() -> u64 {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|x| x.parse().ok()))
+        .unwrap_or(0)
+}
+
+fn main() -> Result<()> {
+    let mut a = std::env::args().skip(1);
+    let what = a.next().unwrap_or_else(|| "value-get".into());
+    let n: u64 = a.next().and_then(|s| s.parse().ok()).unwrap_or(500_000);
+    let passes: u32 = a.next().and_then(|s| s.parse().ok()).unwrap_or(5);
+    let mut b = MmapKeyedStateBackend::<u64>::builder()
+        .key_serializer(FixedWidthSerializer::<u64>::new())
+        .memory_budget(256 << 20)
+        .build()?;
+    let v = b.register_value(ValueStateDescriptor::<u64>::new("value")?)?;
+    let l = b.register_list(ListStateDescriptor::<u64>::new("list")?)?;
+    let m = b.register_map(MapStateDescriptor::<u64, u64>::new("map")?)?;
+    for k in 0..n {
+        b.set_current_key(k)?;
+        b.value(&v).update(k)?;
+        b.list(&l).add(k)?;
+        b.map(&m).put_all((0..10).map(|i| (i, k + i)).collect())?;
+    }
+    eprintln!("after setup: {:?}", b.engine().stats());
+    let mut order: Vec<u64> = (0..n).collect();
+    let mut s = 0x5eedu64;
+    for i in (1..order.len()).rev() {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        order.swap(i, (s % (i as u64 + 1)) as usize);
+    }
+    for _ in 0..passes {
+        let t = Instant::now();
+        let c = cpu_ns();
+        read_pass(&mut b, &what, &order, n, &v, &l, &m)?;
+        eprintln!(
+            "{what}: {:.0}k/s wall, {:.0}k/s on-cpu  stats {:?}",
+            n as f64 / t.elapsed().as_secs_f64() / 1e3,
+            n as f64 / ((cpu_ns() - c) as f64 / 1e9) / 1e3,
+            b.engine().stats()
+        );
+    }
+    // Skip the drop (waiting for a compaction is slow under valgrind).
+    std::process::exit(0)
+}
+
+/// One pass of the workload over every key (a function of its own for
+/// `valgrind --tool=callgrind --toggle-collect=prof::read_pass`).
+#[inline(never)]
+fn read_pass(
+    b: &mut MmapKeyedStateBackend<u64>,
+    what: &str,
+    order: &[u64],
+    n: u64,
+    v: &ValueStateHandle<u64, ()>,
+    l: &ListStateHandle<u64, ()>,
+    m: &MapStateHandle<u64, u64, ()>,
+) -> Result<()> {
+    for &k in order {
+        b.set_current_key(k)?;
+        match what {
+            "value-get" => {
+                std::hint::black_box(b.value(v).get()?);
+            }
+            "list-get" => {
+                std::hint::black_box(b.list(l).get()?);
+            }
+            "map-get" => {
+                std::hint::black_box(b.map(m).get(&(k % 10))?);
+            }
+            "map-contains" => {
+                std::hint::black_box(b.map(m).contains(&(k % 20))?);
+            }
+            "map-iter" => {
+                std::hint::black_box(b.map(m).iter()?);
+            }
+            "list-add-all" => {
+                b.set_current_key(k + 2 * n)?;
+                b.list(l).add_all((0..100).collect())?;
+            }
+            _ => panic!("unknown workload {what}"),
+        }
+    }
+    Ok(())
+}
