@@ -13,8 +13,9 @@
 //!   subtask: state handles with per-key-group offsets, serializer snapshots, operator state;
 //!   CRC32C over everything; every length bounded on read). Byte layout in
 //!   `docs/checkpoint-format.md`.
-//! - [`write`](mod@write): the asynchronous part of a snapshot: full or incremental canonical
-//!   streams (split by key group into parts written in parallel), or a backend's native files
+//! - [`write`](mod@write): the asynchronous part of a snapshot: full, incremental or delta
+//!   canonical streams (split by key group into parts written in parallel; a heap delta holds
+//!   the changed entries and tombstones on top of a chain), or a backend's native files
 //!   (the mmap backend's immutable files, uploaded once and referenced afterwards).
 //! - [`registry`]: reference counts of the incremental files in `shared/`.
 //! - [`commit`]: the commit log that fences stale coordinators with create-only puts.

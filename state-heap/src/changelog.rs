@@ -128,6 +128,8 @@ impl<K: StateKey, N: Eq + Clone + Send + Sync + 'static> TableLog<K, N> {
         }
     }
 
+    // Out of line: with tracking off, a write pays only the branch in `record`.
+    #[inline(never)]
     fn push(&mut self, part: usize, hash: u64, key: &K, ns: &N, entries: impl FnOnce() -> usize) {
         let Some(p) = self.parts.get_mut(part) else {
             return;
