@@ -128,6 +128,7 @@ impl<K: StateKey> MmapBackendBuilder<K> {
             kbuf: Vec::with_capacity(64),
             vbuf: Vec::with_capacity(64),
             tbuf: Vec::new(),
+            key_switches: 0,
             per_record_cleanup: Vec::new(),
             ttl_table,
             timers: HashMap::new(),
@@ -296,6 +297,8 @@ pub struct MmapKeyedStateBackend<K> {
     kbuf: Vec<u8>,
     vbuf: Vec<u8>,
     tbuf: Vec<u8>,
+    /// `set_current_key` calls (every 256th installs finished background work).
+    key_switches: u32,
     per_record_cleanup: Vec<usize>,
     ttl_table: TtlTable,
     /// Per registered timer service (by slot), a lower bound of the earliest due time per key
@@ -851,6 +854,12 @@ impl<K: StateKey> KeyedStateBackend for MmapKeyedStateBackend<K> {
             });
         }
         self.current = Some(Cur { key, bytes, kg });
+        // Reads alone never install a finished compaction (writes do): look now and then, so
+        // a read-mostly phase does not keep searching the compaction's inputs.
+        self.key_switches = self.key_switches.wrapping_add(1);
+        if self.key_switches % 256 == 0 {
+            self.db.install_finished()?;
+        }
         if !self.per_record_cleanup.is_empty() {
             let now = self.clock.now_millis();
             for i in self.per_record_cleanup.clone() {
@@ -1012,15 +1021,15 @@ impl<K: StateKey> KeyedStateBackend for MmapKeyedStateBackend<K> {
         if !self.db.get(&self.kbuf, &mut self.vbuf)? {
             return Ok(None);
         }
-        let items = parse_list(&self.vbuf, &e.name)?;
         let de = de_err(&e.name, "list element");
         let Some(ttl) = e.ttl else {
-            let mut out = Vec::with_capacity(items.len());
-            for (_, b) in items {
-                out.push(t.ser.deserialize(b).map_err(&de)?);
+            let mut out = Vec::new();
+            for item in list_elements(&self.vbuf, &e.name) {
+                out.push(t.ser.deserialize(item?.1).map_err(&de)?);
             }
             return Ok((!out.is_empty()).then_some(out));
         };
+        let items = parse_list(&self.vbuf, &e.name)?;
         let now = self.clock.now_millis();
         let any_expired = items.iter().any(|(ts, _)| ttl.is_expired(*ts, now));
         let mut out = Vec::new();

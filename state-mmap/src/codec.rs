@@ -114,18 +114,47 @@ pub(crate) fn ts_of(v: &[u8]) -> Option<i64> {
 
 /// Splits a stored list into `(ts, element bytes)`.
 pub(crate) fn parse_list<'a>(v: &'a [u8], state: &StateName) -> Result<Vec<(i64, &'a [u8])>> {
-    let mut out = Vec::new();
-    let mut p = 0;
-    while p < v.len() {
-        let ts = ts_of(&v[p..]).ok_or_else(|| corrupt_value(state, "list element"))?;
-        let n = u32_at(v, p + 8).ok_or_else(|| corrupt_value(state, "list element"))?;
-        let e = v
-            .get(p + 12..p + 12 + n)
-            .ok_or_else(|| corrupt_value(state, "list element"))?;
-        out.push((ts, e));
-        p += 12 + n;
+    list_elements(v, state).collect()
+}
+
+/// The `(ts, element bytes)` of a stored list, one at a time (no allocation).
+pub(crate) fn list_elements<'a, 's>(v: &'a [u8], state: &'s StateName) -> ListElements<'a, 's> {
+    ListElements { v, p: 0, state }
+}
+
+/// Iterator of [`list_elements`].
+pub(crate) struct ListElements<'a, 's> {
+    v: &'a [u8],
+    p: usize,
+    state: &'s StateName,
+}
+
+impl<'a> Iterator for ListElements<'a, '_> {
+    type Item = Result<(i64, &'a [u8])>;
+
+    #[inline]
+    fn next(&mut self) -> Option<Self::Item> {
+        let (v, p) = (self.v, self.p);
+        if p >= v.len() {
+            return None;
+        }
+        let element = (|| {
+            let ts = ts_of(&v[p..])?;
+            let n = u32_at(v, p + 8)?;
+            let e = v.get(p + 12..(p + 12).checked_add(n)?)?;
+            Some((ts, e, 12 + n))
+        })();
+        match element {
+            Some((ts, e, len)) => {
+                self.p += len;
+                Some(Ok((ts, e)))
+            }
+            None => {
+                self.p = v.len();
+                Some(Err(corrupt_value(self.state, "list element")))
+            }
+        }
     }
-    Ok(out)
 }
 
 /// Fills in the length of an element started with [`begin_element`].

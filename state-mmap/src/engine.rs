@@ -23,11 +23,13 @@ use crate::run::{prefix_hash, PrefixExtractor, Probe, RunFile, RunWriter};
 /// Options of the engine.
 #[derive(Clone)]
 pub struct EngineOptions {
-    /// The memory budget for the engine's own buffers: the active write buffer gets a third,
-    /// one immutable write buffer waiting for its flush another third (writers wait while it
-    /// is being flushed and the active one is full), and the rest is headroom for compaction's
-    /// block and bloom buffers. Data pages of sorted runs are mapped
-    /// and belong to the OS page cache, outside the budget. Default 256 MiB.
+    /// The memory budget for the engine's own memory: the in-memory block indexes of the
+    /// sorted runs (28 bytes per data block of about 4 KiB) first; of the rest, the active
+    /// write buffer gets a third, one immutable write buffer waiting for its flush another
+    /// third (writers wait while it is being flushed and the active one is full), and the rest
+    /// is headroom for compaction's block and bloom buffers (a write buffer never gets less
+    /// than a twelfth of the budget). Data pages, mapped indexes and bloom filters of sorted
+    /// runs are mapped and belong to the OS page cache, outside the budget. Default 256 MiB.
     pub memory_budget: usize,
     /// Compaction starts when this many sorted runs exist (bounds read amplification). Default 6.
     pub max_sorted_runs: usize,
@@ -70,8 +72,11 @@ impl Default for EngineOptions {
 }
 
 impl EngineOptions {
-    fn write_buffer_bytes(&self) -> usize {
-        (self.memory_budget / 3).max(4096)
+    /// The write buffer size when the block indexes take `index_bytes`.
+    fn write_buffer_bytes(&self, index_bytes: usize) -> usize {
+        (self.memory_budget.saturating_sub(index_bytes) / 3)
+            .max(self.memory_budget / 12)
+            .max(4096)
     }
     const MAX_IMMUTABLE: usize = 1;
 }
@@ -319,6 +324,8 @@ pub struct Db {
     failed: Option<String>,
     flushes: u64,
     compactions: u64,
+    /// The write buffer size: the budget's share left by the runs' block indexes.
+    buffer_bytes: usize,
 }
 
 impl std::fmt::Debug for Db {
@@ -417,7 +424,12 @@ impl Db {
         let (jobs_tx, jobs_rx) = crossbeam_channel::unbounded();
         let (done_tx, done_rx) = crossbeam_channel::unbounded();
         let prefix = opts.prefix_extractor.clone();
-        let buffer = opts.write_buffer_bytes();
+        let index_bytes = runs
+            .iter()
+            .flat_map(|r| r.iter())
+            .map(|f| f.memory_bytes())
+            .sum();
+        let buffer = opts.write_buffer_bytes(index_bytes);
         Ok(Db {
             dir,
             db_id,
@@ -440,6 +452,7 @@ impl Db {
             failed: None,
             flushes: 0,
             compactions: 0,
+            buffer_bytes: buffer,
         }
         .start_worker(jobs_rx, done_tx, None))
     }
@@ -521,6 +534,7 @@ impl Db {
             failed: None,
             flushes: 0,
             compactions: 0,
+            buffer_bytes: 4096,
         }
     }
 
@@ -648,7 +662,7 @@ impl Db {
 
     #[inline]
     fn after_write(&mut self) -> Result<()> {
-        if self.mem.bytes() >= self.opts.write_buffer_bytes() {
+        if self.mem.bytes() >= self.buffer_bytes {
             self.rotate()?;
         }
         Ok(())
@@ -853,10 +867,7 @@ impl Db {
         while self.imm.len() >= EngineOptions::MAX_IMMUTABLE {
             self.wait_one()?;
         }
-        let fresh = Memtable::new(
-            self.opts.prefix_extractor.clone(),
-            self.opts.write_buffer_bytes(),
-        );
+        let fresh = Memtable::new(self.opts.prefix_extractor.clone(), self.buffer_bytes);
         let mem = std::mem::replace(&mut self.mem, Arc::new(fresh));
         self.imm.insert(0, Arc::clone(&mem));
         let number = self.next_file.fetch_add(1, Ordering::SeqCst);
@@ -874,6 +885,13 @@ impl Db {
             return self.check();
         }
         Ok(())
+    }
+
+    /// Installs finished flushes and compactions without waiting (a compaction's output
+    /// replaces its inputs only then, so readers that never write call this now and then).
+    pub fn install_finished(&mut self) -> Result<()> {
+        self.check()?;
+        self.poll()
     }
 
     /// Installs finished background work without waiting.
@@ -987,7 +1005,19 @@ impl Db {
         self.send(job)
     }
 
-    fn store_manifest(&self) -> Result<()> {
+    /// Gives the write buffer what the block indexes of the live runs leave of the budget.
+    fn update_buffer_bytes(&mut self) {
+        let index: usize = self
+            .runs
+            .iter()
+            .flat_map(|r| r.iter())
+            .map(|f| f.memory_bytes())
+            .sum();
+        self.buffer_bytes = self.opts.write_buffer_bytes(index);
+    }
+
+    fn store_manifest(&mut self) -> Result<()> {
+        self.update_buffer_bytes();
         Manifest {
             db_id: self.db_id,
             next_file: self.next_file.load(Ordering::SeqCst),
