@@ -118,6 +118,7 @@ impl<K: StateKey> HeapBackendBuilder<K> {
             key_buf: Vec::with_capacity(64),
             current: None,
             tables: Vec::new(),
+            stamped: Vec::new(),
             ids: HashMap::new(),
             pending: HashMap::new(),
             per_record_cleanup: Vec::new(),
@@ -199,6 +200,9 @@ pub struct HeapKeyedStateBackend<K> {
     key_buf: Vec<u8>,
     current: Option<CurrentKey<K>>,
     tables: Vec<Box<dyn ErasedTable<K>>>,
+    /// Per table: true when its entries carry TTL stamps (single values with TTL); read on
+    /// the hot path instead of asking the table.
+    stamped: Vec<bool>,
     ids: HashMap<StateName, StateId>,
     /// Restored states not registered yet; shared with snapshots, which write them unchanged.
     pending: HashMap<StateName, Vec<Arc<PendingChunk>>>,
@@ -259,6 +263,7 @@ macro_rules! on_single {
 #[inline(always)]
 fn access_single<'a, K: StateKey, N: Namespace, KD: Kind>(
     tables: &'a mut [Box<dyn ErasedTable<K>>],
+    stamped: &[bool],
     current: &'a Option<CurrentKey<K>>,
     id: StateId,
     name: &StateName,
@@ -266,10 +271,9 @@ fn access_single<'a, K: StateKey, N: Namespace, KD: Kind>(
     let cur = current.as_ref().ok_or_else(|| Error::NoCurrentKey {
         state: name.to_string(),
     })?;
-    let (any, stamped) = tables
-        .get_mut(id.0 as usize)
-        .ok_or_else(|| unknown(name))?
-        .as_any_stamped();
+    let table = tables.get_mut(id.0 as usize).ok_or_else(|| unknown(name))?;
+    let stamped = stamped.get(id.0 as usize).copied().unwrap_or(false);
+    let any: &mut dyn Any = &mut **table;
     let table = if !stamped {
         any.downcast_mut::<Table<K, N, KD, NoTtl>>()
             .map(Single::Plain)
@@ -442,6 +446,9 @@ impl<K: StateKey> HeapKeyedStateBackend<K> {
                         self.per_record_cleanup.push(id.0 as usize);
                     }
                     *t = Box::new(converted);
+                    if let Some(s) = self.stamped.get_mut(id.0 as usize) {
+                        *s = T::STORED;
+                    }
                     Ok(id)
                 }
                 None => Err(Error::StateTypeMismatch {
@@ -483,6 +490,7 @@ impl<K: StateKey> HeapKeyedStateBackend<K> {
             self.per_record_cleanup.push(self.tables.len());
         }
         self.tables.push(Box::new(table));
+        self.stamped.push(T::STORED);
         self.ids.insert(name.clone(), id);
         Ok(id)
     }
@@ -910,8 +918,13 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
         h: &ValueStateHandle<V, N>,
         ns: &N,
     ) -> Result<Option<V>> {
-        let (cur, t) =
-            access_single::<K, N, ValueKind<V>>(&mut self.tables, &self.current, h.id(), h.name())?;
+        let (cur, t) = access_single::<K, N, ValueKind<V>>(
+            &mut self.tables,
+            &self.stamped,
+            &self.current,
+            h.id(),
+            h.name(),
+        )?;
         let clock = &*self.clock;
         on_single!(t, |t| match read_single(t, cur, ns, clock, false) {
             Some(v) => Ok(Some(v)),
@@ -926,8 +939,13 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
         ns: &N,
         value: V,
     ) -> Result<()> {
-        let (cur, t) =
-            access_single::<K, N, ValueKind<V>>(&mut self.tables, &self.current, h.id(), h.name())?;
+        let (cur, t) = access_single::<K, N, ValueKind<V>>(
+            &mut self.tables,
+            &self.stamped,
+            &self.current,
+            h.id(),
+            h.name(),
+        )?;
         let clock = &*self.clock;
         on_single!(t, |t| {
             let ts = write_ts(t, clock);
@@ -1185,6 +1203,7 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
     ) -> Result<Option<T>> {
         let (cur, t) = access_single::<K, N, ReducingKind<T>>(
             &mut self.tables,
+            &self.stamped,
             &self.current,
             h.id(),
             h.name(),
@@ -1201,6 +1220,7 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
     ) -> Result<()> {
         let (cur, t) = access_single::<K, N, ReducingKind<T>>(
             &mut self.tables,
+            &self.stamped,
             &self.current,
             h.id(),
             h.name(),

@@ -975,12 +975,10 @@ pub(crate) fn write_ts<K: StateKey, N: Namespace, KD: Kind, T: Stamp>(
 }
 
 /// The type-erased face of a table, for operations that do not know the value types.
-pub(crate) trait ErasedTable<K>: Send {
+pub(crate) trait ErasedTable<K>: Any + Send {
     fn name(&self) -> &StateName;
     fn state_kind(&self) -> StateKind;
     fn as_any_mut(&mut self) -> &mut dyn Any;
-    /// [`Self::as_any_mut`], and whether entries carry TTL stamps (one call for both).
-    fn as_any_stamped(&mut self) -> (&mut dyn Any, bool);
     fn len(&self) -> usize;
     fn clear(&mut self, cur: &CurrentKey<K>, ns: &dyn Any) -> Result<()>;
     fn keys(&self, ns: &dyn Any) -> Result<Vec<K>>;
@@ -1120,9 +1118,6 @@ impl<K: StateKey, N: Namespace, KD: Kind, T: Stamp> ErasedTable<K> for Table<K, 
     }
     fn as_any_mut(&mut self) -> &mut dyn Any {
         self
-    }
-    fn as_any_stamped(&mut self) -> (&mut dyn Any, bool) {
-        (self, T::STORED)
     }
     fn len(&self) -> usize {
         Table::len(self)
