@@ -1237,7 +1237,7 @@ impl<K: StateKey> KeyedStateBackend for MmapKeyedStateBackend<K> {
         state_key(&mut self.kbuf, cur.kg, e.id, &cur.bytes, &t.ns, ns, &e.name)?;
         let prefix = self.kbuf.len();
         let mut out = Vec::new();
-        let now = self.clock.now_millis();
+        let now = now_if(e.ttl, &*self.clock);
         let mut dead: Vec<Vec<u8>> = Vec::new();
         let mut refresh: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
         self.db.scan_prefix(&self.kbuf, |k, v| -> Result<bool> {

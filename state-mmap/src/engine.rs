@@ -740,10 +740,12 @@ impl Db {
         }
         // With a prefix: first the prefix filters of every run's first candidate file, in a
         // loop of independent loads (their cache misses overlap), as in `get`.
+        let probe = Probe::new(start);
+        let end_probe = Probe::new(end);
         let mut skip = 0u64;
         if let Some(h) = prefix {
             for (i, r) in self.runs.iter().enumerate().take(64) {
-                let fi = r.partition_point(|f| f.last_key() < start);
+                let fi = r.partition_point(|f| f.before(&probe));
                 // Skipped when the range lies in that file (the next one starts at or after
                 // its end) and the file cannot hold the prefix.
                 let absent = r
@@ -759,7 +761,7 @@ impl Db {
                 continue;
             }
             let mut v = Vec::new();
-            let mut fi = r.partition_point(|f| f.last_key() < start);
+            let mut fi = r.partition_point(|f| f.before(&probe));
             'files: while let Some(file) = r.get(fi) {
                 if file.first_key() >= end {
                     break;
@@ -784,7 +786,7 @@ impl Db {
                         ei = 0;
                     }
                     let e = blk.entry(ei, file)?;
-                    if e.key >= end {
+                    if !end_probe.after_key(e.key) {
                         break 'files;
                     }
                     if file.visible(e.key) {

@@ -175,6 +175,9 @@ impl MemKey {
 /// The first 16 bytes of `b`, zero-padded, as a big-endian number (orders like the bytes).
 #[inline]
 pub(crate) fn head_of(b: &[u8]) -> u128 {
+    if let Some(h) = b.first_chunk::<16>() {
+        return u128::from_be_bytes(*h);
+    }
     let mut a = [0u8; 16];
     let n = b.len().min(16);
     a[..n].copy_from_slice(&b[..n]);

@@ -362,6 +362,12 @@ impl<'a> Probe<'a> {
             head: head_of(key),
         }
     }
+
+    /// True when the probe's key is larger than `k`.
+    #[inline]
+    pub(crate) fn after_key(&self, k: &[u8]) -> bool {
+        cmp_headed(self.head, self.key, head_of(k), k).is_gt()
+    }
 }
 
 /// Orders `(head, bytes)` pairs like the bytes: heads are the zero-padded first 16 bytes, so a
@@ -886,10 +892,12 @@ impl<'a> Block<'a> {
 
     /// Index of the first entry with key `>= key`.
     pub(crate) fn lower_bound(&self, key: &[u8], run: &RunFile) -> Result<usize> {
+        let hk = head_of(key);
         let (mut lo, mut hi) = (0usize, self.count);
         while lo < hi {
             let mid = (lo + hi) / 2;
-            if self.key_at(mid, run)? < key {
+            let k = self.key_at(mid, run)?;
+            if cmp_headed(head_of(k), k, hk, key).is_lt() {
                 lo = mid + 1;
             } else {
                 hi = mid;
