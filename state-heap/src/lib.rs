@@ -259,6 +259,19 @@ macro_rules! on_single {
     };
 }
 
+/// The table of handle `$h` of kind `$kd` (a single-value kind), and the current key.
+macro_rules! single_table {
+    ($self:ident, $kd:ty, $h:ident) => {
+        access_single::<K, N, $kd>(
+            &mut $self.tables,
+            &$self.stamped,
+            &$self.current,
+            $h.id(),
+            $h.name(),
+        )?
+    };
+}
+
 /// [`access`] for single-value kinds, whose tables come with or without TTL stamps.
 #[inline(always)]
 fn access_single<'a, K: StateKey, N: Namespace, KD: Kind>(
@@ -918,13 +931,7 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
         h: &ValueStateHandle<V, N>,
         ns: &N,
     ) -> Result<Option<V>> {
-        let (cur, t) = access_single::<K, N, ValueKind<V>>(
-            &mut self.tables,
-            &self.stamped,
-            &self.current,
-            h.id(),
-            h.name(),
-        )?;
+        let (cur, t) = single_table!(self, ValueKind<V>, h);
         let clock = &*self.clock;
         on_single!(t, |t| match read_single(t, cur, ns, clock, false) {
             Some(v) => Ok(Some(v)),
@@ -939,13 +946,7 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
         ns: &N,
         value: V,
     ) -> Result<()> {
-        let (cur, t) = access_single::<K, N, ValueKind<V>>(
-            &mut self.tables,
-            &self.stamped,
-            &self.current,
-            h.id(),
-            h.name(),
-        )?;
+        let (cur, t) = single_table!(self, ValueKind<V>, h);
         let clock = &*self.clock;
         on_single!(t, |t| {
             let ts = write_ts(t, clock);
@@ -1201,13 +1202,7 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
         h: &ReducingStateHandle<T, N>,
         ns: &N,
     ) -> Result<Option<T>> {
-        let (cur, t) = access_single::<K, N, ReducingKind<T>>(
-            &mut self.tables,
-            &self.stamped,
-            &self.current,
-            h.id(),
-            h.name(),
-        )?;
+        let (cur, t) = single_table!(self, ReducingKind<T>, h);
         let clock = &*self.clock;
         Ok(on_single!(t, |t| read_single(t, cur, ns, clock, false)))
     }
@@ -1218,13 +1213,7 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
         ns: &N,
         value: T,
     ) -> Result<()> {
-        let (cur, t) = access_single::<K, N, ReducingKind<T>>(
-            &mut self.tables,
-            &self.stamped,
-            &self.current,
-            h.id(),
-            h.name(),
-        )?;
+        let (cur, t) = single_table!(self, ReducingKind<T>, h);
         let clock = &*self.clock;
         on_single!(t, |t| {
             let old = read_single(t, cur, ns, clock, true);
