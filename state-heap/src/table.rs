@@ -1278,6 +1278,19 @@ impl<K: StateKey, N: Namespace, KD: Kind, T: Stamp> ErasedTable<K> for Table<K, 
             let (h, e) = self.decode_record(key, &rec, stream, now)?;
             decoded.push((part, h, e));
         }
+        // Room for every record up front: the tables do not grow (and rehash) step by step.
+        let mut per_part = vec![0usize; self.parts.len()];
+        for (part, _, _) in &decoded {
+            if let Some(n) = per_part.get_mut(*part) {
+                *n += 1;
+            }
+        }
+        let key_ser = &*self.key_ser;
+        for (slot, n) in self.parts.iter_mut().zip(per_part) {
+            if n > 0 {
+                slot.write().reserve(n, |x| rehash(key_ser, &x.key, &x.ns));
+            }
+        }
         for (part, h, e) in decoded {
             self.insert_restored(part, h, e);
         }
