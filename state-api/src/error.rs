@@ -44,7 +44,7 @@ pub enum Error {
     /// A value could not be serialized.
     #[error("failed to serialize the {what} of state '{state}': {reason}")]
     Serialize {
-        /// The state (or "<key>" for the key serializer).
+        /// The state (or `"<key>"` for the key serializer).
         state: String,
         /// Which part (key, namespace, value, user key, ...).
         what: &'static str,
