@@ -228,8 +228,11 @@ impl CompactionFilter for TtlFilter {
         }
         let now = self.clock.now_millis();
         if kind == StateKind::List {
+            // A state with TTL always stores stamped lists (see `StateEntry::list_enc`).
+            let enc = ListEncoding::Stamped;
             let name = StateName::new("list").ok();
-            let Some(Ok(items)) = name.map(|n| parse_list(value, &n).map(|v| v.to_vec())) else {
+            let Some(Ok(items)) = name.map(|n| parse_list(value, enc, &n).map(|v| v.to_vec()))
+            else {
                 return FilterDecision::Keep;
             };
             let live: Vec<_> = items
@@ -243,9 +246,7 @@ impl CompactionFilter for TtlFilter {
                 return FilterDecision::Keep;
             }
             for (ts, e) in live {
-                let at = begin_element(out, *ts);
-                out.extend_from_slice(e);
-                end_element(out, at);
+                enc.push(out, *ts, e);
             }
             return FilterDecision::Change;
         }
@@ -271,6 +272,10 @@ struct StateEntry {
     ttl: Option<StateTtlConfig>,
     typed: Box<dyn TypedState>,
     cleanup_pos: Option<Vec<u8>>,
+    /// List states: how elements are stored. Fixed when the state's data is created (compact
+    /// without TTL); a state with TTL is always stamped (a list that gains a TTL is rewritten),
+    /// one that loses it keeps its stamped data.
+    list_enc: ListEncoding,
 }
 
 /// Restored data of a state that is not registered yet, stored under its own state id.
@@ -279,6 +284,8 @@ pub(crate) struct Pending {
     pub id: u16,
     pub meta: StateMeta,
     pub key_ser: SerializerSnapshot,
+    /// List states: how the stored elements are encoded.
+    pub list_enc: ListEncoding,
 }
 
 /// Keyed state for one subtask in a log-structured merge store on memory-mapped files. See the
@@ -491,21 +498,26 @@ impl<K: StateKey> MmapKeyedStateBackend<K> {
     }
 
     pub(crate) fn save_registry(&mut self) {
-        let mut groups: Vec<(u16, bool, StateMeta, SerializerSnapshot)> = self
+        let mut groups: Vec<RegistryEntry> = self
             .states
             .iter()
-            .map(|s| {
-                (
-                    s.id,
-                    false,
-                    s.typed.meta(&s.name, s.ttl.as_ref()),
-                    self.key_serializer.snapshot(),
-                )
+            .map(|s| RegistryEntry {
+                id: s.id,
+                pending: false,
+                meta: s.typed.meta(&s.name, s.ttl.as_ref()),
+                key_ser: self.key_serializer.snapshot(),
+                list_enc: s.list_enc,
             })
             .collect();
         for ps in self.pending.values() {
             for p in ps {
-                groups.push((p.id, true, p.meta.clone(), p.key_ser.clone()));
+                groups.push(RegistryEntry {
+                    id: p.id,
+                    pending: true,
+                    meta: p.meta.clone(),
+                    key_ser: p.key_ser.clone(),
+                    list_enc: p.list_enc,
+                });
             }
         }
         if let Ok(bytes) = encode_registry(self.max_parallelism, self.range, &groups) {
@@ -547,6 +559,20 @@ impl<K: StateKey> MmapKeyedStateBackend<K> {
             // Re-registration may change the functions or TTL: take the new ones.
             e.typed = Box::new(typed);
             e.ttl = ttl;
+            if e.kind == StateKind::List && ttl.is_some() && e.list_enc == ListEncoding::Compact {
+                // TTL needs timestamps: the compact lists are rewritten, stamped with now.
+                let (id, name) = (e.id, e.name.clone());
+                let meta = e.typed.meta(&name, None);
+                let now = self.clock.now_millis();
+                let t = e.typed.transcoder(
+                    &name,
+                    &meta,
+                    Some(now),
+                    (ListEncoding::Compact, ListEncoding::Stamped),
+                )?;
+                self.copy_state(id, id, t.as_deref(), &name)?;
+                self.states[slot].list_enc = ListEncoding::Stamped;
+            }
             self.after_registration(slot);
             return Ok(StateId(slot as u32));
         }
@@ -557,13 +583,15 @@ impl<K: StateKey> MmapKeyedStateBackend<K> {
             });
         }
         let id = self.alloc_id()?;
+        let kind = typed.kind();
         let mut entry = StateEntry {
             name: name.clone(),
             id,
-            kind: typed.kind(),
+            kind,
             ttl,
             typed: Box::new(typed),
             cleanup_pos: None,
+            list_enc: ListEncoding::for_state(kind, ttl.is_some()),
         };
         if let Some(groups) = self.pending.get(name).cloned() {
             // Restored data waits here; it stays pending if it does not fit this descriptor.
@@ -594,6 +622,14 @@ impl<K: StateKey> MmapKeyedStateBackend<K> {
     /// changes on error), then adopts the data in place or rewrites it.
     fn bind(&mut self, entry: &mut StateEntry, groups: &[Pending], fresh: bool) -> Result<()> {
         let now = self.clock.now_millis();
+        // Data adopted in place keeps its list encoding unless the state now has a TTL and the
+        // data is compact (no timestamps); data copied takes the entry's encoding.
+        let adopt = fresh && groups.len() == 1;
+        let target_enc = if adopt && entry.ttl.is_none() {
+            groups[0].list_enc
+        } else {
+            entry.list_enc
+        };
         let mut plans = Vec::with_capacity(groups.len());
         for g in groups {
             match self.key_serializer.compatibility(&g.key_ser) {
@@ -621,10 +657,18 @@ impl<K: StateKey> MmapKeyedStateBackend<K> {
                     requested: entry.kind,
                 });
             }
-            let stamp = (g.meta.ttl_millis.is_none() && entry.ttl.is_some()).then_some(now);
-            plans.push(entry.typed.transcoder(&entry.name, &g.meta, stamp)?);
+            let unstamped = g.meta.ttl_millis.is_none()
+                || (g.meta.kind == StateKind::List && g.list_enc == ListEncoding::Compact);
+            let stamp = (unstamped && entry.ttl.is_some()).then_some(now);
+            plans.push(entry.typed.transcoder(
+                &entry.name,
+                &g.meta,
+                stamp,
+                (g.list_enc, target_enc),
+            )?);
         }
-        if fresh && groups.len() == 1 && plans[0].is_none() {
+        entry.list_enc = target_enc;
+        if adopt && plans[0].is_none() {
             entry.id = groups[0].id;
             return Ok(());
         }
@@ -676,8 +720,9 @@ impl<K: StateKey> MmapKeyedStateBackend<K> {
                             nv.extend_from_slice(v);
                         }
                     }
-                    self.db.put(&nk, &nv)?;
+                    // Deleted first: with `from == to` the entry is rewritten in place.
                     self.db.delete(k)?;
+                    self.db.put(&nk, &nv)?;
                 }
                 match batch.last() {
                     Some((k, _)) if batch.len() == BATCH => {
@@ -694,10 +739,10 @@ impl<K: StateKey> MmapKeyedStateBackend<K> {
     /// Incremental TTL cleanup: checks up to `n` stored entries of the state at `slot`,
     /// continuing where the previous run stopped.
     fn incremental_cleanup(&mut self, slot: usize, n: usize, now: i64) -> Result<()> {
-        let (id, kind, ttl, name) = {
+        let (id, kind, ttl, name, enc) = {
             let e = &self.states[slot];
             let Some(ttl) = e.ttl else { return Ok(()) };
-            (e.id, e.kind, ttl, e.name.clone())
+            (e.id, e.kind, ttl, e.name.clone(), e.list_enc)
         };
         let first = kg_state(self.range.start(), id).to_vec();
         let mut pos = self.states[slot]
@@ -732,7 +777,7 @@ impl<K: StateKey> MmapKeyedStateBackend<K> {
             for (k, v) in batch {
                 checked += 1;
                 if kind == StateKind::List {
-                    let items = parse_list(&v, &name)?;
+                    let items = parse_list(&v, enc, &name)?;
                     let live: Vec<_> = items
                         .iter()
                         .filter(|(ts, _)| !ttl.is_expired(*ts, now))
@@ -742,9 +787,7 @@ impl<K: StateKey> MmapKeyedStateBackend<K> {
                     } else if live.len() < items.len() {
                         let mut out = Vec::new();
                         for (ts, e) in live {
-                            let at = begin_element(&mut out, *ts);
-                            out.extend_from_slice(e);
-                            end_element(&mut out, at);
+                            enc.push(&mut out, *ts, e);
                         }
                         self.db.put(&k, &out)?;
                     }
@@ -1022,14 +1065,15 @@ impl<K: StateKey> KeyedStateBackend for MmapKeyedStateBackend<K> {
             return Ok(None);
         }
         let de = de_err(&e.name, "list element");
+        let enc = e.list_enc;
         let Some(ttl) = e.ttl else {
             let mut out = Vec::new();
-            for item in list_elements(&self.vbuf, &e.name) {
+            for item in list_elements(&self.vbuf, enc, &e.name) {
                 out.push(t.ser.deserialize(item?.1).map_err(&de)?);
             }
             return Ok((!out.is_empty()).then_some(out));
         };
-        let items = parse_list(&self.vbuf, &e.name)?;
+        let items = parse_list(&self.vbuf, enc, &e.name)?;
         let now = self.clock.now_millis();
         let any_expired = items.iter().any(|(ts, _)| ttl.is_expired(*ts, now));
         let mut out = Vec::new();
@@ -1042,9 +1086,7 @@ impl<K: StateKey> KeyedStateBackend for MmapKeyedStateBackend<K> {
             self.tbuf.clear();
             for (ts, b) in items.iter().filter(|(ts, _)| !ttl.is_expired(*ts, now)) {
                 let ts = if ttl.refresh_on_read() { now } else { *ts };
-                let at = begin_element(&mut self.tbuf, ts);
-                self.tbuf.extend_from_slice(b);
-                end_element(&mut self.tbuf, at);
+                enc.push(&mut self.tbuf, ts, b);
             }
             if self.tbuf.is_empty() {
                 self.db.delete(&self.kbuf)?;
@@ -1066,11 +1108,12 @@ impl<K: StateKey> KeyedStateBackend for MmapKeyedStateBackend<K> {
         let (e, t, cur) = typed!(self, h.id(), h.name(), ListT<T, N>);
         state_key(&mut self.kbuf, cur.kg, e.id, &cur.bytes, &t.ns, ns, &e.name)?;
         self.vbuf.clear();
-        let at = begin_element(&mut self.vbuf, now_if(e.ttl, &*self.clock));
+        let enc = e.list_enc;
+        let at = enc.begin(&mut self.vbuf, now_if(e.ttl, &*self.clock));
         t.ser
             .serialize(&value, &mut self.vbuf)
             .map_err(ser_err(&e.name, "list element"))?;
-        end_element(&mut self.vbuf, at);
+        enc.end(&mut self.vbuf, at);
         Ok(self.db.merge(&self.kbuf, &self.vbuf)?)
     }
 
@@ -1088,12 +1131,13 @@ impl<K: StateKey> KeyedStateBackend for MmapKeyedStateBackend<K> {
         state_key(&mut self.kbuf, cur.kg, e.id, &cur.bytes, &t.ns, ns, &e.name)?;
         self.vbuf.clear();
         let ts = now_if(e.ttl, &*self.clock);
+        let enc = e.list_enc;
         for v in &values {
-            let at = begin_element(&mut self.vbuf, ts);
+            let at = enc.begin(&mut self.vbuf, ts);
             t.ser
                 .serialize(v, &mut self.vbuf)
                 .map_err(ser_err(&e.name, "list element"))?;
-            end_element(&mut self.vbuf, at);
+            enc.end(&mut self.vbuf, at);
         }
         Ok(self.db.merge(&self.kbuf, &self.vbuf)?)
     }
@@ -1112,12 +1156,13 @@ impl<K: StateKey> KeyedStateBackend for MmapKeyedStateBackend<K> {
         }
         self.vbuf.clear();
         let ts = now_if(e.ttl, &*self.clock);
+        let enc = e.list_enc;
         for v in &values {
-            let at = begin_element(&mut self.vbuf, ts);
+            let at = enc.begin(&mut self.vbuf, ts);
             t.ser
                 .serialize(v, &mut self.vbuf)
                 .map_err(ser_err(&e.name, "list element"))?;
-            end_element(&mut self.vbuf, at);
+            enc.end(&mut self.vbuf, at);
         }
         Ok(self.db.put(&self.kbuf, &self.vbuf)?)
     }
@@ -1653,6 +1698,7 @@ fn placeholder_entry(name: &StateName) -> StateEntry {
             default: None,
         }),
         cleanup_pos: None,
+        list_enc: ListEncoding::Stamped,
     }
 }
 
@@ -1669,11 +1715,11 @@ impl<K: StateKey> MmapKeyedStateBackend<K> {
         let e = &self.states[slot];
         if kind == StateKind::List {
             let mut live = Vec::new();
-            for (ts, b) in parse_list(&self.vbuf, &e.name)? {
+            let enc = e.list_enc;
+            for item in list_elements(&self.vbuf, enc, &e.name) {
+                let (ts, b) = item?;
                 if !expired(ts) {
-                    let at = begin_element(&mut live, ts);
-                    live.extend_from_slice(b);
-                    end_element(&mut live, at);
+                    enc.push(&mut live, ts, b);
                 }
             }
             if live.is_empty() {
@@ -1795,6 +1841,7 @@ impl<K: StateKey> MmapKeyedStateBackend<K> {
                     i as u32,
                     s.kind,
                     s.ttl.filter(|t| t.is_cleanup_full_snapshot()),
+                    s.list_enc,
                 ),
             );
             states.push(s.typed.meta(&s.name, s.ttl.as_ref()));
@@ -1806,7 +1853,7 @@ impl<K: StateKey> MmapKeyedStateBackend<K> {
         pending.sort_by(|a, b| a.0.cmp(b.0));
         for (_, groups) in pending {
             if let Some(g) = groups.iter().find(|g| g.key_ser == key_ser) {
-                ids.insert(g.id, (states.len() as u32, g.meta.kind, None));
+                ids.insert(g.id, (states.len() as u32, g.meta.kind, None, g.list_enc));
                 states.push(g.meta.clone());
             }
         }
@@ -1830,7 +1877,8 @@ impl<K: StateKey> MmapKeyedStateBackend<K> {
 pub struct MmapSnapshot {
     header: SnapshotHeader,
     view: DbSnapshot,
-    ids: HashMap<u16, (u32, StateKind, Option<StateTtlConfig>)>,
+    /// Per state id: its index in the header, kind, TTL to apply and list encoding.
+    ids: HashMap<u16, (u32, StateKind, Option<StateTtlConfig>, ListEncoding)>,
     now: i64,
 }
 
@@ -1882,7 +1930,7 @@ impl KeyedStateSnapshot for MmapSnapshot {
                         continue;
                     }
                 };
-                let Some(&(idx, kind, ttl)) = self.ids.get(&id) else {
+                let Some(&(idx, kind, ttl, enc)) = self.ids.get(&id) else {
                     continue;
                 };
                 let name = &self.header.states[idx as usize].name;
@@ -1924,7 +1972,9 @@ impl KeyedStateSnapshot for MmapSnapshot {
                     }
                     StateKind::List => {
                         flush_map(&mut w, &mut map, &mut map_count, &mut map_body)?;
-                        let items = parse_list(v, name)?;
+                        // Compact lists have no timestamps: their elements are written with 0,
+                        // as a state without TTL writes them (the canonical format is the same).
+                        let items = parse_list(v, enc, name)?;
                         let live: Vec<_> = items.iter().filter(|(ts, _)| !expired(*ts)).collect();
                         if live.is_empty() {
                             continue;
@@ -1965,8 +2015,8 @@ struct RestoreSink<'a> {
     next_id: &'a mut u32,
     existing: Vec<(StateName, Pending)>,
     added: Vec<(StateName, Pending)>,
-    /// Per state index of the current stream: its pending id.
-    current: Vec<u16>,
+    /// Per state index of the current stream: its pending id and list encoding.
+    current: Vec<(u16, ListEncoding)>,
     kbuf: Vec<u8>,
     vbuf: Vec<u8>,
 }
@@ -1984,22 +2034,25 @@ impl RestoreVisitor for RestoreSink<'_> {
                 .find(same)
                 .or_else(|| self.added.iter().find(same))
             {
-                Some((_, p)) => p.id,
+                Some((_, p)) => (p.id, p.list_enc),
                 None => {
                     let id = u16::try_from(*self.next_id).map_err(|_| Error::Unsupported {
                         state: meta.name.to_string(),
                         reason: "more than 65536 states in one backend".into(),
                     })?;
                     *self.next_id += 1;
+                    // Restored lists are stored like a new state of this TTL setting stores them.
+                    let list_enc = ListEncoding::for_state(meta.kind, meta.ttl_millis.is_some());
                     self.added.push((
                         meta.name.clone(),
                         Pending {
                             id,
                             meta: meta.clone(),
                             key_ser: header.key_serializer.clone(),
+                            list_enc,
                         },
                     ));
-                    id
+                    (id, list_enc)
                 }
             };
             self.current.push(id);
@@ -2014,7 +2067,7 @@ impl RestoreVisitor for RestoreSink<'_> {
         key_group: u32,
         r: RawRecord<'_>,
     ) -> Result<()> {
-        let Some(&id) = self.current.get(r.state_index as usize) else {
+        let Some(&(id, enc)) = self.current.get(r.state_index as usize) else {
             return Ok(());
         };
         push_prefix(&mut self.kbuf, key_group, id, r.key);
@@ -2026,9 +2079,7 @@ impl RestoreVisitor for RestoreSink<'_> {
             StateKind::List => {
                 self.vbuf.clear();
                 for (ts, b) in payload::decode_list(&mut d)? {
-                    let at = begin_element(&mut self.vbuf, ts);
-                    self.vbuf.extend_from_slice(b);
-                    end_element(&mut self.vbuf, at);
+                    enc.push(&mut self.vbuf, ts, b);
                 }
                 self.db.put(&self.kbuf, &self.vbuf)?;
             }
@@ -2066,37 +2117,48 @@ impl RestoreVisitor for RestoreSink<'_> {
 }
 
 const REGISTRY_MAGIC: [u8; 4] = *b"FLRG";
-/// Version 2: timers are stored in due-time order (module `timers`). Version-1 stores and
-/// checkpoints are still read: their timers are rewritten when they are opened.
-const REGISTRY_VERSION: u8 = 2;
+/// Version 3: every entry records its list encoding (compact lists without TTL). Version 2:
+/// timers are stored in due-time order (module `timers`). Versions 1 and 2 are still read (their
+/// lists are stamped); version-1 timers are rewritten when the store is opened.
+const REGISTRY_VERSION: u8 = 3;
 
-/// Encodes the state registry: per state its id, whether it is pending, and a one-state
-/// canonical snapshot header holding its metadata and key serializer.
+/// One state of the registry.
+pub(crate) struct RegistryEntry {
+    pub id: u16,
+    pub pending: bool,
+    pub meta: StateMeta,
+    pub key_ser: SerializerSnapshot,
+    pub list_enc: ListEncoding,
+}
+
+/// Encodes the state registry: per state its id, whether it is pending, its list encoding and a
+/// one-state canonical snapshot header holding its metadata and key serializer.
 pub(crate) fn encode_registry(
     max_parallelism: u32,
     range: KeyGroupRange,
-    groups: &[(u16, bool, StateMeta, SerializerSnapshot)],
+    groups: &[RegistryEntry],
 ) -> Result<Vec<u8>> {
     let mut out = REGISTRY_MAGIC.to_vec();
     out.push(REGISTRY_VERSION);
     out.extend_from_slice(&(groups.len() as u32).to_be_bytes());
-    for (id, pending, meta, key_ser) in groups {
+    for g in groups {
         let header = SnapshotHeader {
             max_parallelism,
             key_group_range: range,
-            key_serializer: key_ser.clone(),
-            states: vec![meta.clone()],
+            key_serializer: g.key_ser.clone(),
+            states: vec![g.meta.clone()],
         };
         let (_, stream) = SnapshotWriter::new(Vec::new(), &header)?.finish()?;
-        out.extend_from_slice(&id.to_be_bytes());
-        out.push(u8::from(*pending));
+        out.extend_from_slice(&g.id.to_be_bytes());
+        out.push(u8::from(g.pending));
+        out.push(g.list_enc.code());
         out.extend_from_slice(&(stream.len() as u32).to_be_bytes());
         out.extend_from_slice(&stream);
     }
     Ok(out)
 }
 
-/// Decodes a registry (version 1 or 2) into `(max parallelism, [(name, group)])`; every entry
+/// Decodes a registry (version 1 to 3) into `(max parallelism, [(name, group)])`; every entry
 /// comes back as pending (registration binds it again).
 pub(crate) fn decode_registry(b: &[u8], dir: &Path) -> Result<(u32, Vec<(StateName, Pending)>)> {
     let what = format!("state registry in {}", dir.display());
@@ -2116,16 +2178,25 @@ pub(crate) fn decode_registry(b: &[u8], dir: &Path) -> Result<(u32, Vec<(StateNa
             supported: u16::from(REGISTRY_VERSION),
         });
     }
+    // `id u16 | pending u8 [| list encoding u8 (version 3)] | stream_len u32`
+    let head = if version >= 3 { 8 } else { 7 };
     let n = u32::from_be_bytes([b[5], b[6], b[7], b[8]]) as usize;
     let mut p = 9;
     let mut out = Vec::new();
     let mut max_parallelism = 0;
     for _ in 0..n {
-        let h = b.get(p..p + 7).ok_or_else(|| bad(p, "truncated"))?;
+        let h = b.get(p..p + head).ok_or_else(|| bad(p, "truncated"))?;
         let id = u16::from_be_bytes([h[0], h[1]]);
-        let len = u32::from_be_bytes([h[3], h[4], h[5], h[6]]) as usize;
+        let list_enc = if version >= 3 {
+            ListEncoding::from_code(h[3])
+                .ok_or_else(|| bad(p + 3, &format!("unknown list encoding {}", h[3])))?
+        } else {
+            ListEncoding::Stamped
+        };
+        let l = &h[head - 4..];
+        let len = u32::from_be_bytes([l[0], l[1], l[2], l[3]]) as usize;
         let s = b
-            .get(p + 7..p + 7 + len)
+            .get(p + head..p + head + len)
             .ok_or_else(|| bad(p, "truncated"))?;
         let r = SnapshotReader::open(s, what.clone())?;
         let header = r.header();
@@ -2141,9 +2212,10 @@ pub(crate) fn decode_registry(b: &[u8], dir: &Path) -> Result<(u32, Vec<(StateNa
                 id,
                 meta,
                 key_ser: header.key_serializer.clone(),
+                list_enc,
             },
         ));
-        p += 7 + len;
+        p += head + len;
     }
     Ok((max_parallelism, out))
 }

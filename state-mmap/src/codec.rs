@@ -6,10 +6,12 @@
 //!
 //! Timers use a layout of their own, in due-time order (module `backend::timers`).
 //!
-//! Values: value/reducing/aggregating `ts i64 | bytes`; list `(ts i64 | len u32 | element)*`
-//! (so concatenation is the merge operator); one map entry per user key, `ts i64 | bytes`.
+//! Values: value/reducing/aggregating `ts i64 | bytes`; one map entry per user key,
+//! `ts i64 | bytes`; list: a sequence of elements, so concatenation is the merge operator, each
+//! element either `ts i64 | len u32 | element` ([`ListEncoding::Stamped`]) or
+//! `len varint | element` ([`ListEncoding::Compact`], lists without TTL).
 
-use state_api::{Error, Result, StateName};
+use state_api::{Error, Result, StateKind, StateName};
 
 #[inline]
 pub(crate) fn push_prefix(out: &mut Vec<u8>, kg: u32, id: u16, key: &[u8]) {
@@ -112,20 +114,145 @@ pub(crate) fn ts_of(v: &[u8]) -> Option<i64> {
     Some(i64::from_be_bytes(a))
 }
 
-/// Splits a stored list into `(ts, element bytes)`.
-pub(crate) fn parse_list<'a>(v: &'a [u8], state: &StateName) -> Result<Vec<(i64, &'a [u8])>> {
-    list_elements(v, state).collect()
+/// How the elements of a stored list are encoded; fixed per state and recorded in the state
+/// registry (docs/mmap-format.md).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ListEncoding {
+    /// `ts i64 | len u32 | element` (every list of registry versions 1 and 2, lists with TTL).
+    Stamped,
+    /// `len varint | element` (LEB128, at most 5 bytes): lists created without TTL.
+    Compact,
+}
+
+impl ListEncoding {
+    /// The encoding a state of `kind` created with (`ttl`) or without a TTL uses: compact for
+    /// lists without TTL (other kinds record `Stamped`; they have no list elements).
+    pub(crate) fn for_state(kind: StateKind, ttl: bool) -> Self {
+        if kind == StateKind::List && !ttl {
+            ListEncoding::Compact
+        } else {
+            ListEncoding::Stamped
+        }
+    }
+    /// Its code in the state registry.
+    pub(crate) fn code(self) -> u8 {
+        match self {
+            ListEncoding::Stamped => 0,
+            ListEncoding::Compact => 1,
+        }
+    }
+    /// The encoding of a registry code.
+    pub(crate) fn from_code(code: u8) -> Option<Self> {
+        match code {
+            0 => Some(ListEncoding::Stamped),
+            1 => Some(ListEncoding::Compact),
+            _ => None,
+        }
+    }
+    /// Starts an element (see [`ListEncoding::end`]); `ts` is dropped by the compact encoding.
+    #[inline]
+    pub(crate) fn begin(self, out: &mut Vec<u8>, ts: i64) -> usize {
+        match self {
+            ListEncoding::Stamped => begin_element(out, ts),
+            ListEncoding::Compact => {
+                out.push(0);
+                out.len() - 1
+            }
+        }
+    }
+    /// Finishes an element started with [`ListEncoding::begin`] at `at` (its bytes follow).
+    #[inline]
+    pub(crate) fn end(self, out: &mut Vec<u8>, at: usize) {
+        match self {
+            ListEncoding::Stamped => end_element(out, at),
+            ListEncoding::Compact => {
+                let len = out.len() - at - 1;
+                if len < 0x80 {
+                    out[at] = len as u8;
+                } else {
+                    let mut v = [0u8; 5];
+                    let n = varint(len as u32, &mut v);
+                    out.splice(at..at + 1, v[..n].iter().copied());
+                }
+            }
+        }
+    }
+    /// Appends one element.
+    #[inline]
+    pub(crate) fn push(self, out: &mut Vec<u8>, ts: i64, element: &[u8]) {
+        match self {
+            ListEncoding::Stamped => {
+                out.extend_from_slice(&ts.to_be_bytes());
+                out.extend_from_slice(&(element.len() as u32).to_be_bytes());
+            }
+            ListEncoding::Compact => {
+                let mut v = [0u8; 5];
+                let n = varint(element.len() as u32, &mut v);
+                out.extend_from_slice(&v[..n]);
+            }
+        }
+        out.extend_from_slice(element);
+    }
+}
+
+/// LEB128 of `x` into `out`; returns its length.
+#[inline]
+fn varint(mut x: u32, out: &mut [u8; 5]) -> usize {
+    let mut n = 0;
+    while x >= 0x80 {
+        out[n] = (x as u8) | 0x80;
+        x >>= 7;
+        n += 1;
+    }
+    out[n] = x as u8;
+    n + 1
+}
+
+/// Reads a LEB128 `u32` at `p`: `(value, bytes read)`.
+#[inline]
+fn read_varint(v: &[u8], p: usize) -> Option<(usize, usize)> {
+    let mut x: u32 = 0;
+    for i in 0..5 {
+        let b = *v.get(p + i)?;
+        if i == 4 && b > 0x0f {
+            return None;
+        }
+        x |= u32::from(b & 0x7f) << (7 * i);
+        if b < 0x80 {
+            return Some((x as usize, i + 1));
+        }
+    }
+    None
+}
+
+/// Splits a stored list into `(ts, element bytes)` (`ts` is 0 for compact lists).
+pub(crate) fn parse_list<'a>(
+    v: &'a [u8],
+    enc: ListEncoding,
+    state: &StateName,
+) -> Result<Vec<(i64, &'a [u8])>> {
+    list_elements(v, enc, state).collect()
 }
 
 /// The `(ts, element bytes)` of a stored list, one at a time (no allocation).
-pub(crate) fn list_elements<'a, 's>(v: &'a [u8], state: &'s StateName) -> ListElements<'a, 's> {
-    ListElements { v, p: 0, state }
+pub(crate) fn list_elements<'a, 's>(
+    v: &'a [u8],
+    enc: ListEncoding,
+    state: &'s StateName,
+) -> ListElements<'a, 's> {
+    ListElements {
+        v,
+        p: 0,
+        enc,
+        state,
+    }
 }
 
 /// Iterator of [`list_elements`].
 pub(crate) struct ListElements<'a, 's> {
     v: &'a [u8],
     p: usize,
+    enc: ListEncoding,
     state: &'s StateName,
 }
 
@@ -138,12 +265,19 @@ impl<'a> Iterator for ListElements<'a, '_> {
         if p >= v.len() {
             return None;
         }
-        let element = (|| {
-            let ts = ts_of(&v[p..])?;
-            let n = u32_at(v, p + 8)?;
-            let e = v.get(p + 12..(p + 12).checked_add(n)?)?;
-            Some((ts, e, 12 + n))
-        })();
+        let element = match self.enc {
+            ListEncoding::Stamped => (|| {
+                let ts = ts_of(&v[p..])?;
+                let n = u32_at(v, p + 8)?;
+                let e = v.get(p + 12..(p + 12).checked_add(n)?)?;
+                Some((ts, e, 12 + n))
+            })(),
+            ListEncoding::Compact => (|| {
+                let (n, h) = read_varint(v, p)?;
+                let e = v.get(p + h..(p + h).checked_add(n)?)?;
+                Some((0, e, h + n))
+            })(),
+        };
         match element {
             Some((ts, e, len)) => {
                 self.p += len;
@@ -159,16 +293,61 @@ impl<'a> Iterator for ListElements<'a, '_> {
 
 /// Fills in the length of an element started with [`begin_element`].
 #[inline]
-pub(crate) fn end_element(out: &mut [u8], at: usize) {
+fn end_element(out: &mut [u8], at: usize) {
     let len = (out.len() - at - 4) as u32;
     out[at..at + 4].copy_from_slice(&len.to_be_bytes());
 }
 
-/// Starts an element: writes `ts` and a length placeholder; returns the placeholder position.
+/// Starts a stamped element: writes `ts` and a length placeholder; returns the placeholder
+/// position.
 #[inline]
-pub(crate) fn begin_element(out: &mut Vec<u8>, ts: i64) -> usize {
+fn begin_element(out: &mut Vec<u8>, ts: i64) -> usize {
     out.extend_from_slice(&ts.to_be_bytes());
     let at = out.len();
     out.extend_from_slice(&[0; 4]);
     at
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn both_encodings_round_trip_elements_of_every_length_class() {
+        let name = StateName::new("l").unwrap();
+        let elements: Vec<Vec<u8>> = [0usize, 1, 127, 128, 300, 16_383, 16_384, 70_000]
+            .iter()
+            .map(|&n| (0..n).map(|i| i as u8).collect())
+            .collect();
+        for enc in [ListEncoding::Stamped, ListEncoding::Compact] {
+            let mut built = Vec::new();
+            let mut pushed = Vec::new();
+            for (i, e) in elements.iter().enumerate() {
+                let at = enc.begin(&mut built, i as i64 + 5);
+                built.extend_from_slice(e);
+                enc.end(&mut built, at);
+                enc.push(&mut pushed, i as i64 + 5, e);
+            }
+            assert_eq!(built, pushed, "{enc:?}");
+            let got = parse_list(&built, enc, &name).unwrap();
+            assert_eq!(got.len(), elements.len());
+            for (i, (ts, e)) in got.iter().enumerate() {
+                assert_eq!(*e, &elements[i][..]);
+                let want = if enc == ListEncoding::Stamped {
+                    i as i64 + 5
+                } else {
+                    0
+                };
+                assert_eq!(*ts, want);
+            }
+        }
+        // A one-byte element costs two bytes compact, thirteen stamped.
+        let mut c = Vec::new();
+        ListEncoding::Compact.push(&mut c, 0, &[7]);
+        assert_eq!(c, [1, 7]);
+        // Truncated and overlong lengths are corrupt, not a panic.
+        for bad in [&[0x80u8][..], &[5, 1, 2], &[0xff, 0xff, 0xff, 0xff, 0x7f]] {
+            assert!(parse_list(bad, ListEncoding::Compact, &name).is_err());
+        }
+    }
 }

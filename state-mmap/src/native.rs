@@ -268,7 +268,11 @@ impl<K: StateKey> MmapKeyedStateBackend<K> {
                     timer_services.push((p.id, name.clone()));
                 }
                 match groups.get(&p.id) {
-                    Some((n, q)) if *n == name && q.meta == p.meta && q.key_ser == p.key_ser => {}
+                    Some((n, q))
+                        if *n == name
+                            && q.meta == p.meta
+                            && q.key_ser == p.key_ser
+                            && q.list_enc == p.list_enc => {}
                     Some((n, _)) => {
                         return Err(Error::RestoreMismatch {
                             reason: format!(

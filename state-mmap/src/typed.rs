@@ -9,7 +9,7 @@ use state_api::{
     StateMeta, StateName, StateSerializer, StateTtlConfig,
 };
 
-use crate::codec::{begin_element, corrupt_value, end_element, parse_list, ts_of};
+use crate::codec::{corrupt_value, list_elements, ts_of, ListEncoding};
 
 pub(crate) fn ser_err<'a>(
     name: &'a StateName,
@@ -49,11 +49,14 @@ pub(crate) trait TypedState: Send {
     /// Serializes a namespace given as `&N`.
     fn ns_bytes(&self, name: &StateName, ns: &dyn Any, out: &mut Vec<u8>) -> Result<()>;
     /// How to read data restored under `meta`; `None` when the bytes can be kept as they are.
+    /// `lists` is `(from, to)`: the element encodings of the stored and the wanted list values
+    /// (ignored by other kinds).
     fn transcoder(
         &self,
         name: &StateName,
         meta: &StateMeta,
         stamp: Option<i64>,
+        lists: (ListEncoding, ListEncoding),
     ) -> Result<Option<Box<dyn Transcoder>>>;
     /// Reducing and aggregating: combines two stored values (without timestamps).
     fn merge_values(
@@ -176,11 +179,14 @@ struct GenericTranscoder {
     user_key: Option<Box<dyn ValueRecode>>,
     value: Box<dyn ValueRecode>,
     stamp: Option<i64>,
+    /// List element encodings `(stored, wanted)`.
+    lists: (ListEncoding, ListEncoding),
 }
 
 impl GenericTranscoder {
     fn boxed(self) -> Option<Box<dyn Transcoder>> {
         let identity = self.stamp.is_none()
+            && (!matches!(self.layout, Layout::List) || self.lists.0 == self.lists.1)
             && self.ns.is_identity()
             && self.value.is_identity()
             && self.user_key.as_ref().is_none_or(|u| u.is_identity());
@@ -218,10 +224,12 @@ impl Transcoder for GenericTranscoder {
                 self.value.recode(&b[8..], out)
             }
             Layout::List => {
-                for (ts, e) in parse_list(b, &self.name)? {
-                    let at = begin_element(out, fix(ts));
+                let (from, to) = self.lists;
+                for item in list_elements(b, from, &self.name) {
+                    let (ts, e) = item?;
+                    let at = to.begin(out, fix(ts));
                     self.value.recode(e, out)?;
-                    end_element(out, at);
+                    to.end(out, at);
                 }
                 Ok(())
             }
@@ -326,6 +334,7 @@ impl<V: StateType, N: Namespace> TypedState for ValueT<V, N> {
         name: &StateName,
         meta: &StateMeta,
         stamp: Option<i64>,
+        lists: (ListEncoding, ListEncoding),
     ) -> Result<Option<Box<dyn Transcoder>>> {
         Ok(GenericTranscoder {
             name: name.clone(),
@@ -346,6 +355,7 @@ impl<V: StateType, N: Namespace> TypedState for ValueT<V, N> {
                 "value",
             )?),
             stamp,
+            lists,
         }
         .boxed())
     }
@@ -369,6 +379,7 @@ impl<T: StateType, N: Namespace> TypedState for ListT<T, N> {
         name: &StateName,
         meta: &StateMeta,
         stamp: Option<i64>,
+        lists: (ListEncoding, ListEncoding),
     ) -> Result<Option<Box<dyn Transcoder>>> {
         Ok(GenericTranscoder {
             name: name.clone(),
@@ -389,6 +400,7 @@ impl<T: StateType, N: Namespace> TypedState for ListT<T, N> {
                 "list element",
             )?),
             stamp,
+            lists,
         }
         .boxed())
     }
@@ -413,6 +425,7 @@ impl<UK: MapKey, UV: StateType, N: Namespace> TypedState for MapT<UK, UV, N> {
         name: &StateName,
         meta: &StateMeta,
         stamp: Option<i64>,
+        lists: (ListEncoding, ListEncoding),
     ) -> Result<Option<Box<dyn Transcoder>>> {
         Ok(GenericTranscoder {
             name: name.clone(),
@@ -439,6 +452,7 @@ impl<UK: MapKey, UV: StateType, N: Namespace> TypedState for MapT<UK, UV, N> {
                 "map user value",
             )?),
             stamp,
+            lists,
         }
         .boxed())
     }
@@ -462,6 +476,7 @@ impl<T: StateType, N: Namespace> TypedState for ReducingT<T, N> {
         name: &StateName,
         meta: &StateMeta,
         stamp: Option<i64>,
+        lists: (ListEncoding, ListEncoding),
     ) -> Result<Option<Box<dyn Transcoder>>> {
         Ok(GenericTranscoder {
             name: name.clone(),
@@ -482,6 +497,7 @@ impl<T: StateType, N: Namespace> TypedState for ReducingT<T, N> {
                 "value",
             )?),
             stamp,
+            lists,
         }
         .boxed())
     }
@@ -514,6 +530,7 @@ impl<IN: 'static, ACC: StateType, OUT: 'static, N: Namespace> TypedState
         name: &StateName,
         meta: &StateMeta,
         stamp: Option<i64>,
+        lists: (ListEncoding, ListEncoding),
     ) -> Result<Option<Box<dyn Transcoder>>> {
         Ok(GenericTranscoder {
             name: name.clone(),
@@ -534,6 +551,7 @@ impl<IN: 'static, ACC: StateType, OUT: 'static, N: Namespace> TypedState
                 "value",
             )?),
             stamp,
+            lists,
         }
         .boxed())
     }
@@ -617,6 +635,7 @@ impl<N: Namespace> TypedState for TimerT<N> {
         name: &StateName,
         meta: &StateMeta,
         _stamp: Option<i64>,
+        lists: (ListEncoding, ListEncoding),
     ) -> Result<Option<Box<dyn Transcoder>>> {
         Ok(GenericTranscoder {
             name: name.clone(),
@@ -631,6 +650,7 @@ impl<N: Namespace> TypedState for TimerT<N> {
             user_key: None,
             value: Box::new(Same),
             stamp: None,
+            lists,
         }
         .boxed())
     }
