@@ -566,6 +566,82 @@ fn ttl_backend<F: BackendFactory>(f: &F, clock: &ManualClock) -> F::Backend<u64>
     .unwrap()
 }
 
+/// A state registered again with a TTL keeps its values: they count as written at the
+/// re-registration (not at time 0, which would expire them at once), then expire on schedule.
+pub fn ttl_enabled_by_re_registration_keeps_values<F: BackendFactory>(f: &F) {
+    let clock = ManualClock::new(10_000);
+    let mut b = ttl_backend(f, &clock);
+    let v = b
+        .register_value(ValueStateDescriptor::<u64>::new("v").unwrap())
+        .unwrap();
+    let l = b
+        .register_list(ListStateDescriptor::<u64>::new("l").unwrap())
+        .unwrap();
+    let m = b
+        .register_map(MapStateDescriptor::<u64, u64>::new("m").unwrap())
+        .unwrap();
+    let r = b
+        .register_reducing(ReducingStateDescriptor::<u64>::new("r", |a, b| a + b).unwrap())
+        .unwrap();
+    for k in 0..50u64 {
+        b.set_current_key(k).unwrap();
+        b.value(&v).update(k).unwrap();
+        b.list(&l).add_all(vec![k, k + 1]).unwrap();
+        b.map(&m).put(k, k * 2).unwrap();
+        b.reducing(&r).add(k).unwrap();
+    }
+    let ttl = StateTtlConfig::new(Duration::from_millis(100));
+    clock.advance(1_000);
+    let v = b
+        .register_value(ValueStateDescriptor::<u64>::new("v").unwrap().with_ttl(ttl))
+        .unwrap();
+    let l = b
+        .register_list(ListStateDescriptor::<u64>::new("l").unwrap().with_ttl(ttl))
+        .unwrap();
+    let m = b
+        .register_map(
+            MapStateDescriptor::<u64, u64>::new("m")
+                .unwrap()
+                .with_ttl(ttl),
+        )
+        .unwrap();
+    let r = b
+        .register_reducing(
+            ReducingStateDescriptor::<u64>::new("r", |a, b| a + b)
+                .unwrap()
+                .with_ttl(ttl),
+        )
+        .unwrap();
+    clock.advance(50);
+    for k in 0..50u64 {
+        b.set_current_key(k).unwrap();
+        assert_eq!(b.value(&v).get().unwrap(), Some(k), "value of key {k}");
+        assert_eq!(
+            b.list(&l).get().unwrap(),
+            Some(vec![k, k + 1]),
+            "list of key {k}"
+        );
+        assert_eq!(b.map(&m).get(&k).unwrap(), Some(k * 2), "map of key {k}");
+        assert_eq!(
+            b.reducing(&r).get().unwrap(),
+            Some(k),
+            "reducing of key {k}"
+        );
+    }
+    clock.advance(60);
+    for k in 0..50u64 {
+        b.set_current_key(k).unwrap();
+        assert_eq!(b.value(&v).get().unwrap(), None, "value of key {k} expired");
+        assert_eq!(b.list(&l).get().unwrap(), None, "list of key {k} expired");
+        assert_eq!(b.map(&m).get(&k).unwrap(), None, "map of key {k} expired");
+        assert_eq!(
+            b.reducing(&r).get().unwrap(),
+            None,
+            "reducing of key {k} expired"
+        );
+    }
+}
+
 /// TTL update types, visibility, per element and per entry expiry, with a manual clock.
 pub fn ttl_semantics<F: BackendFactory>(f: &F) {
     let clock = ManualClock::new(10_000);
@@ -1359,6 +1435,7 @@ macro_rules! conformance_tests {
             rescale_one_to_two_and_back,
             snapshot_is_isolated_from_later_writes,
             ttl_semantics,
+            ttl_enabled_by_re_registration_keeps_values,
             ttl_cleanup_on_snapshot_and_incrementally,
             schema_evolution,
             corrupt_snapshots_are_errors,

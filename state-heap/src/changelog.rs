@@ -112,6 +112,15 @@ impl<K: StateKey, N: Eq + Clone + Send + Sync + 'static> TableLog<K, N> {
         }
     }
 
+    /// Marks key group `part` replaced: the next delta writes it whole (every entry of it
+    /// changed, e.g. TTL timestamps were set).
+    pub fn part_replaced(&mut self, part: usize) {
+        if let Some(p) = self.parts.get_mut(part) {
+            p.full = true;
+            p.items = Vec::new();
+        }
+    }
+
     /// Records a change of (key, ns), whose hash in the table of key group `part` is `hash`;
     /// `entries` gives the key group's number of entries (asked only when the log is compacted).
     #[inline]

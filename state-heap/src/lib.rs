@@ -446,9 +446,21 @@ impl<K: StateKey> HeapKeyedStateBackend<K> {
             }
             let any = t.as_any_mut();
             if let Some(existing) = any.downcast_mut::<Table<K, N, KD, T>>() {
-                // Re-registration may change the functions or TTL: take the new ones.
+                // Re-registration may change the functions or TTL: take the new ones. List
+                // elements and map entries written without TTL carry time 0: switching TTL on
+                // stamps them with now, as restoring such state does.
+                let gained_ttl = existing.ttl.is_none() && ttl.is_some();
                 existing.kind = kind;
                 existing.ttl = ttl;
+                if gained_ttl && !KD::SINGLE {
+                    existing.stamp_elements(now);
+                }
+                if per_record_cleanup(ttl) != self.per_record_cleanup.contains(&(id.0 as usize)) {
+                    self.per_record_cleanup.retain(|&i| i != id.0 as usize);
+                    if per_record_cleanup(ttl) {
+                        self.per_record_cleanup.push(id.0 as usize);
+                    }
+                }
                 return Ok(id);
             }
             return match any.downcast_mut::<Table<K, N, KD, U>>() {

@@ -254,6 +254,9 @@ pub(crate) trait Kind: Send + Sync + 'static {
     fn drop_expired(&self, _s: &mut Self::Stored, ts: i64, expired: &dyn Fn(i64) -> bool) -> bool {
         expired(ts)
     }
+    /// Sets every element's TTL timestamp to `now` (lists and maps, when TTL is switched on;
+    /// single values carry theirs in the entry).
+    fn stamp_elements(&self, _s: &mut Self::Stored, _now: i64) {}
     /// Combines two stored values when namespaces are merged.
     fn merge(&self, name: &StateName, _a: Self::Stored, _b: Self::Stored) -> Result<Self::Stored> {
         Err(Error::Unsupported {
@@ -517,6 +520,9 @@ impl<T: StateType> Kind for ListKind<T> {
         s.retain(|(_, ts)| !expired(*ts));
         s.is_empty()
     }
+    fn stamp_elements(&self, s: &mut Self::Stored, now: i64) {
+        s.iter_mut().for_each(|(_, ts)| *ts = now);
+    }
 }
 
 pub(crate) type MapStore<UK, UV> = hashbrown::HashMap<UK, (UV, i64)>;
@@ -603,6 +609,9 @@ impl<UK: MapKey, UV: StateType> Kind for MapKind<UK, UV> {
     fn drop_expired(&self, s: &mut Self::Stored, _: i64, expired: &dyn Fn(i64) -> bool) -> bool {
         s.retain(|_, (_, ts)| !expired(*ts));
         s.is_empty()
+    }
+    fn stamp_elements(&self, s: &mut Self::Stored, now: i64) {
+        s.values_mut().for_each(|(_, ts)| *ts = now);
     }
 }
 
@@ -697,6 +706,20 @@ impl<K: StateKey, N: Namespace, KD: Kind, T: Stamp> Table<K, N, KD, T> {
         }
         t.log = self.log.all_replaced();
         t
+    }
+
+    /// Stamps every list element and map entry with `now` (their TTL was just switched on:
+    /// until then they carried 0, which would expire them at once).
+    pub fn stamp_elements(&mut self, now: i64) {
+        for (i, slot) in self.parts.iter_mut().enumerate() {
+            if slot.get().is_empty() {
+                continue;
+            }
+            for e in slot.write().iter_mut() {
+                self.kind.stamp_elements(&mut e.value, now);
+            }
+            self.log.part_replaced(i);
+        }
     }
 
     pub fn meta(&self) -> StateMeta {

@@ -557,21 +557,25 @@ impl<K: StateKey> MmapKeyedStateBackend<K> {
                 return Err(type_mismatch(name));
             }
             // Re-registration may change the functions or TTL: take the new ones.
+            let gained_ttl = e.ttl.is_none() && ttl.is_some();
             e.typed = Box::new(typed);
             e.ttl = ttl;
-            if e.kind == StateKind::List && ttl.is_some() && e.list_enc == ListEncoding::Compact {
-                // TTL needs timestamps: the compact lists are rewritten, stamped with now.
-                let (id, name) = (e.id, e.name.clone());
+            let compact_list = e.kind == StateKind::List && e.list_enc == ListEncoding::Compact;
+            if ttl.is_some() && (gained_ttl || compact_list) && e.kind != StateKind::Timers {
+                // Data written without TTL carries time 0 (or, in compact lists, no time at
+                // all): switching TTL on rewrites it stamped with now, as a restore does, so
+                // that it does not expire at once.
+                let (id, name, from) = (e.id, e.name.clone(), e.list_enc);
+                let to = if e.kind == StateKind::List {
+                    ListEncoding::Stamped
+                } else {
+                    from
+                };
                 let meta = e.typed.meta(&name, None);
                 let now = self.clock.now_millis();
-                let t = e.typed.transcoder(
-                    &name,
-                    &meta,
-                    Some(now),
-                    (ListEncoding::Compact, ListEncoding::Stamped),
-                )?;
+                let t = e.typed.transcoder(&name, &meta, Some(now), (from, to))?;
                 self.copy_state(id, id, t.as_deref(), &name)?;
-                self.states[slot].list_enc = ListEncoding::Stamped;
+                self.states[slot].list_enc = to;
             }
             self.after_registration(slot);
             return Ok(StateId(slot as u32));
