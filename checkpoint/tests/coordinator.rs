@@ -447,29 +447,31 @@ fn a_restart_with_fewer_retained_checkpoints_discards_the_older_ones() {
     coord.shutdown().unwrap();
 }
 
-/// An in-memory store whose puts of checkpoint data files take 400 ms once `slow` is set.
+/// An in-memory store whose puts of checkpoint data files wait while `gate` is closed (true).
 #[derive(Debug)]
-struct SlowPuts {
+struct GatedPuts {
     inner: object_store::memory::InMemory,
-    slow: AtomicBool,
+    gate: AtomicBool,
 }
 
-impl std::fmt::Display for SlowPuts {
+impl std::fmt::Display for GatedPuts {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("SlowPuts")
+        f.write_str("GatedPuts")
     }
 }
 
 #[async_trait::async_trait]
-impl object_store::ObjectStore for SlowPuts {
+impl object_store::ObjectStore for GatedPuts {
     async fn put_opts(
         &self,
         location: &object_store::path::Path,
         payload: object_store::PutPayload,
         opts: object_store::PutOptions,
     ) -> object_store::Result<object_store::PutResult> {
-        if self.slow.load(Ordering::SeqCst) && location.as_ref().ends_with(".kst") {
-            std::thread::sleep(Duration::from_millis(400));
+        if location.as_ref().ends_with(".kst") {
+            while self.gate.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(5));
+            }
         }
         self.inner.put_opts(location, payload, opts).await
     }
@@ -520,9 +522,9 @@ impl object_store::ObjectStore for SlowPuts {
 
 #[test]
 fn shutdown_waits_for_writes_in_flight_and_leaves_no_file_of_the_aborted_checkpoint() {
-    let store = Arc::new(SlowPuts {
+    let store = Arc::new(GatedPuts {
         inner: object_store::memory::InMemory::new(),
-        slow: AtomicBool::new(false),
+        gate: AtomicBool::new(false),
     });
     let storage = CheckpointStorage::new(store.clone(), "ck", "job-s").unwrap();
     let config = CheckpointConfig {
@@ -535,16 +537,24 @@ fn shutdown_waits_for_writes_in_flight_and_leaves_no_file_of_the_aborted_checkpo
     let pending = coord.trigger_checkpoint().unwrap();
     answer_barrier(&mut eps, &mut subtasks);
     assert_eq!(pending.wait(WAIT).unwrap().metadata.checkpoint_id, 1);
-    // Checkpoint 2's files are being written when the job shuts down.
-    store.slow.store(true, Ordering::SeqCst);
+    // Checkpoint 2's files are being written (held at the gate) when the job shuts down.
+    store.gate.store(true, Ordering::SeqCst);
     mutate(&mut subtasks, 2, 0..200);
     let _pending = coord.trigger_checkpoint().unwrap();
     assert_eq!(answer_barrier(&mut eps, &mut subtasks), 2);
-    coord.shutdown().unwrap();
-    // The shutdown aborted checkpoint 2 and deleted what its writes produced; nothing of it
-    // shows up later either (the writes ended before the shutdown returned).
+    let shutdown = std::thread::spawn(move || coord.shutdown());
+    // The shutdown waits for the writes in flight instead of returning under them.
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        !shutdown.is_finished(),
+        "shutdown returned with writes in flight"
+    );
+    store.gate.store(false, Ordering::SeqCst);
+    shutdown.join().unwrap().unwrap();
+    // It aborted checkpoint 2 and deleted what its writes produced; nothing of it shows up
+    // later either (the writes ended before the shutdown returned).
     assert_eq!(checkpoint_dirs(&storage), vec![1]);
-    std::thread::sleep(Duration::from_millis(1_000));
+    std::thread::sleep(Duration::from_millis(300));
     assert_eq!(checkpoint_dirs(&storage), vec![1]);
     drop(eps);
 }
