@@ -124,6 +124,14 @@ impl<T: 'static> Recode<T> {
             what,
         })
     }
+    /// The recoder of a state's namespaces.
+    fn namespace(
+        name: &StateName,
+        meta: &StateMeta,
+        ser: &Arc<dyn StateSerializer<T>>,
+    ) -> Result<Self> {
+        Self::new(name, meta, SerializerRole::Namespace, ser, "namespace")
+    }
     fn is_identity(&self) -> bool {
         !self.reader.is_migration()
     }
@@ -339,13 +347,7 @@ impl<V: StateType, N: Namespace> TypedState for ValueT<V, N> {
         Ok(GenericTranscoder {
             name: name.clone(),
             layout: Layout::Single,
-            ns: Box::new(Recode::new(
-                name,
-                meta,
-                SerializerRole::Namespace,
-                &self.ns,
-                "namespace",
-            )?),
+            ns: Box::new(Recode::namespace(name, meta, &self.ns)?),
             user_key: None,
             value: Box::new(Recode::new(
                 name,
@@ -384,13 +386,7 @@ impl<T: StateType, N: Namespace> TypedState for ListT<T, N> {
         Ok(GenericTranscoder {
             name: name.clone(),
             layout: Layout::List,
-            ns: Box::new(Recode::new(
-                name,
-                meta,
-                SerializerRole::Namespace,
-                &self.ns,
-                "namespace",
-            )?),
+            ns: Box::new(Recode::namespace(name, meta, &self.ns)?),
             user_key: None,
             value: Box::new(Recode::new(
                 name,
@@ -430,13 +426,7 @@ impl<UK: MapKey, UV: StateType, N: Namespace> TypedState for MapT<UK, UV, N> {
         Ok(GenericTranscoder {
             name: name.clone(),
             layout: Layout::MapEntry,
-            ns: Box::new(Recode::new(
-                name,
-                meta,
-                SerializerRole::Namespace,
-                &self.ns,
-                "namespace",
-            )?),
+            ns: Box::new(Recode::namespace(name, meta, &self.ns)?),
             user_key: Some(Box::new(Recode::new(
                 name,
                 meta,
@@ -481,13 +471,7 @@ impl<T: StateType, N: Namespace> TypedState for ReducingT<T, N> {
         Ok(GenericTranscoder {
             name: name.clone(),
             layout: Layout::Single,
-            ns: Box::new(Recode::new(
-                name,
-                meta,
-                SerializerRole::Namespace,
-                &self.ns,
-                "namespace",
-            )?),
+            ns: Box::new(Recode::namespace(name, meta, &self.ns)?),
             user_key: None,
             value: Box::new(Recode::new(
                 name,
@@ -535,13 +519,7 @@ impl<IN: 'static, ACC: StateType, OUT: 'static, N: Namespace> TypedState
         Ok(GenericTranscoder {
             name: name.clone(),
             layout: Layout::Single,
-            ns: Box::new(Recode::new(
-                name,
-                meta,
-                SerializerRole::Namespace,
-                &self.ns,
-                "namespace",
-            )?),
+            ns: Box::new(Recode::namespace(name, meta, &self.ns)?),
             user_key: None,
             value: Box::new(Recode::new(
                 name,
@@ -640,13 +618,7 @@ impl<N: Namespace> TypedState for TimerT<N> {
         Ok(GenericTranscoder {
             name: name.clone(),
             layout: Layout::Timer,
-            ns: Box::new(Recode::new(
-                name,
-                meta,
-                SerializerRole::Namespace,
-                &self.ns,
-                "namespace",
-            )?),
+            ns: Box::new(Recode::namespace(name, meta, &self.ns)?),
             user_key: None,
             value: Box::new(Same),
             stamp: None,
