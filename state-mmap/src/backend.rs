@@ -686,13 +686,13 @@ impl<K: StateKey> MmapKeyedStateBackend<K> {
         Ok(())
     }
 
-    /// Rewrites every entry of state id `from` under `to` (through `t` when given).
-    fn copy_state(
+    /// Calls `each` with the engine and every stored (key, value) of state id `from`, key
+    /// group by key group, in batches; `each` may delete or rewrite what it is given (the scan
+    /// goes on after the batch it read).
+    fn for_each_stored(
         &mut self,
         from: u16,
-        to: u16,
-        t: Option<&dyn Transcoder>,
-        name: &StateName,
+        mut each: impl FnMut(&mut Db, &[u8], &[u8]) -> Result<()>,
     ) -> Result<()> {
         const BATCH: usize = 4096;
         for kg in self.range.iter() {
@@ -702,31 +702,7 @@ impl<K: StateKey> MmapKeyedStateBackend<K> {
             loop {
                 let batch = scan(&self.db, &start, &end, BATCH)?;
                 for (k, v) in &batch {
-                    let p = parse_key(k, name.as_str())?;
-                    let mut nk = Vec::with_capacity(k.len());
-                    push_prefix(&mut nk, p.kg, to, p.key);
-                    let at = nk.len();
-                    nk.extend_from_slice(&[0; 4]);
-                    match t {
-                        Some(t) => t.ns(p.ns, &mut nk)?,
-                        None => nk.extend_from_slice(p.ns),
-                    }
-                    let len = (nk.len() - at - 4) as u32;
-                    nk[at..at + 4].copy_from_slice(&len.to_be_bytes());
-                    let mut nv = Vec::with_capacity(v.len());
-                    match t {
-                        Some(t) => {
-                            t.user_key(p.user_key, &mut nk)?;
-                            t.value(v, &mut nv)?;
-                        }
-                        None => {
-                            nk.extend_from_slice(p.user_key);
-                            nv.extend_from_slice(v);
-                        }
-                    }
-                    // Deleted first: with `from == to` the entry is rewritten in place.
-                    self.db.delete(k)?;
-                    self.db.put(&nk, &nv)?;
+                    each(&mut self.db, k, v)?;
                 }
                 match batch.last() {
                     Some((k, _)) if batch.len() == BATCH => {
@@ -738,6 +714,44 @@ impl<K: StateKey> MmapKeyedStateBackend<K> {
             }
         }
         Ok(())
+    }
+
+    /// Rewrites every entry of state id `from` under `to` (through `t` when given).
+    fn copy_state(
+        &mut self,
+        from: u16,
+        to: u16,
+        t: Option<&dyn Transcoder>,
+        name: &StateName,
+    ) -> Result<()> {
+        self.for_each_stored(from, |db, k, v| {
+            let p = parse_key(k, name.as_str())?;
+            let mut nk = Vec::with_capacity(k.len());
+            push_prefix(&mut nk, p.kg, to, p.key);
+            let at = nk.len();
+            nk.extend_from_slice(&[0; 4]);
+            match t {
+                Some(t) => t.ns(p.ns, &mut nk)?,
+                None => nk.extend_from_slice(p.ns),
+            }
+            let len = (nk.len() - at - 4) as u32;
+            nk[at..at + 4].copy_from_slice(&len.to_be_bytes());
+            let mut nv = Vec::with_capacity(v.len());
+            match t {
+                Some(t) => {
+                    t.user_key(p.user_key, &mut nk)?;
+                    t.value(v, &mut nv)?;
+                }
+                None => {
+                    nk.extend_from_slice(p.user_key);
+                    nv.extend_from_slice(v);
+                }
+            }
+            // Deleted first: with `from == to` the entry is rewritten in place.
+            db.delete(k)?;
+            db.put(&nk, &nv)?;
+            Ok(())
+        })
     }
 
     /// Incremental TTL cleanup: checks up to `n` stored entries of the state at `slot`,
@@ -1789,36 +1803,21 @@ impl<K: StateKey> MmapKeyedStateBackend<K> {
         t: Option<&dyn Transcoder>,
         name: &StateName,
     ) -> Result<()> {
-        const BATCH: usize = 4096;
         let mut nk = Vec::new();
         let mut ns = Vec::new();
-        for kg in self.range.iter() {
-            let prefix = kg_state(kg, from);
-            let end = end_of(&prefix);
-            let mut start = prefix.to_vec();
-            loop {
-                let batch = scan(&self.db, &start, &end, BATCH)?;
-                for (k, _) in &batch {
-                    let p = timers::parse_timer_key(k, name)?;
-                    ns.clear();
-                    match t {
-                        Some(t) => t.ns(p.ns, &mut ns)?,
-                        None => ns.extend_from_slice(p.ns),
-                    }
-                    timers::timer_key(&mut nk, p.kg, to, p.domain, p.ts, p.key, &ns);
-                    self.db.put(&nk, &[])?;
-                    self.db.delete(k)?;
-                }
-                match batch.last() {
-                    Some((k, _)) if batch.len() == BATCH => {
-                        start = k.clone();
-                        start.push(0);
-                    }
-                    _ => break,
-                }
+        self.for_each_stored(from, |db, k, _| {
+            let p = timers::parse_timer_key(k, name)?;
+            ns.clear();
+            match t {
+                Some(t) => t.ns(p.ns, &mut ns)?,
+                None => ns.extend_from_slice(p.ns),
             }
-        }
-        Ok(())
+            timers::timer_key(&mut nk, p.kg, to, p.domain, p.ts, p.key, &ns);
+            // Deleted first, as in `copy_state`: a rewrite in place keeps the timer.
+            db.delete(k)?;
+            db.put(&nk, &[])?;
+            Ok(())
+        })
     }
 
     fn fold_pair(&self, slot: usize, kind: StateKind, a: Vec<u8>, b: Vec<u8>) -> Result<Vec<u8>> {
