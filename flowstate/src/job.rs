@@ -155,6 +155,14 @@ pub struct JobReport {
 /// Opens the checkpoint storage of a URL (`file:///…`, `s3://…`, `memory://`, or a path).
 pub fn open_storage(config: &Config, url: &str, job: &str) -> Result<CheckpointStorage, JobError> {
     let storage = storage_s3::Storage::from_config(&config.storage_config(url))?;
+    checkpoint_storage(&storage, job)
+}
+
+/// The checkpoint storage of `job` in `storage`.
+fn checkpoint_storage(
+    storage: &storage_s3::Storage,
+    job: &str,
+) -> Result<CheckpointStorage, JobError> {
     Ok(CheckpointStorage::new(
         Arc::clone(storage.store()),
         storage.root().as_ref(),
@@ -162,12 +170,13 @@ pub fn open_storage(config: &Config, url: &str, job: &str) -> Result<CheckpointS
     )?)
 }
 
-/// Removes the upload staging files a killed run left under the job's checkpoint directory
-/// (local file systems only; see `storage_s3::Storage::remove_staging_files`).
-pub fn remove_staging_files(config: &Config, url: &str, job: &str) -> Result<usize, JobError> {
+/// Opens the checkpoint storage of a job this process takes over, first removing the upload
+/// staging files a killed run left under the job's directory (local file systems only; see
+/// `storage_s3::Storage::remove_staging_files`).
+fn take_over_storage(config: &Config, url: &str, job: &str) -> Result<CheckpointStorage, JobError> {
     let storage = storage_s3::Storage::from_config(&config.storage_config(url))?;
-    let prefix = storage.child(&[job])?;
-    Ok(storage.remove_staging_files(&prefix)?)
+    storage.remove_staging_files(&storage.child(&[job])?)?;
+    checkpoint_storage(&storage, job)
 }
 
 /// Sum and count of bid prices per person.
@@ -409,10 +418,9 @@ pub fn run_on<B: JobBackend>(opts: JobOptions) -> Result<JobReport, JobError> {
         .dir
         .clone()
         .ok_or("no checkpoint directory: set state.checkpoints.dir or pass --checkpoint-dir")?;
-    let storage = open_storage(config, &dir, &opts.job)?;
     // This run takes the job's checkpoint directory over: uploads a killed run left half done
     // (local staging files nothing else ever removes) go now.
-    remove_staging_files(config, &dir, &opts.job)?;
+    let storage = take_over_storage(config, &dir, &opts.job)?;
     // The checkpoint to restore and the storage it lives in (a savepoint may live elsewhere).
     let (restore_storage, restored) = match &opts.restore {
         RestoreFrom::Nothing => (storage.clone(), None),
