@@ -16,6 +16,12 @@
 //! completes, or at restore for the restored checkpoint (two-phase commit, Flink's
 //! `TwoPhaseCommitSinkFunction`). The committed output must hold every event exactly once.
 //!
+//! The aggregation also fires each (key, window) once through an event-time timer, as Flink's
+//! `WindowOperator` does: each event registers a timer at its window's end; the watermark is
+//! the smallest next offset over all partitions, and a fired timer sends `w key window sum` to
+//! the sink. Every window must be committed exactly once, with the sum of a never-failed run,
+//! so timers that fired after the restored checkpoint fire again and none fires twice.
+//!
 //! The same runs on the mmap backend with its native incremental checkpoints.
 //!
 //! `FLOWSTATE_KILL_CYCLES` raises the number of kills (default 20) for a longer run.
@@ -166,6 +172,12 @@ struct Keyed<B> {
     backend: B,
     total: ValueStateHandle<u64, ()>,
     window: ValueStateHandle<u64, u64>,
+    timers: TimerServiceHandle<u64>,
+}
+
+/// The last millisecond of window `w` (event time of event `i` is `i`).
+fn window_end(w: u64) -> i64 {
+    ((w + 1) * WINDOW - 1) as i64
 }
 
 impl<B: EoBackend> Keyed<B> {
@@ -177,7 +189,26 @@ impl<B: EoBackend> Keyed<B> {
         let s = self.backend.value_in(&self.window, &w).get()?.unwrap_or(0);
         self.backend
             .value_in(&self.window, &w)
-            .update(s + value_of(i))
+            .update(s + value_of(i))?;
+        self.backend
+            .timers(&self.timers)
+            .register_event_time_timer(&w, window_end(w))
+    }
+
+    /// Advances the watermark: one `w key window sum` line per fired window.
+    fn fire(
+        &mut self,
+        watermark: i64,
+        out: &mut String,
+    ) -> std::result::Result<(), Box<dyn std::error::Error>> {
+        for t in self.backend.advance_watermark(&self.timers, watermark)? {
+            self.backend.set_current_key(t.key)?;
+            let sum = self.backend.value_in(&self.window, &t.namespace).get()?;
+            let sum =
+                sum.ok_or_else(|| format!("window {} {} fired without state", t.key, t.namespace))?;
+            out.push_str(&format!("w {} {} {sum}\n", t.key, t.namespace));
+        }
+        Ok(())
     }
 }
 
@@ -302,10 +333,13 @@ fn run_job<B: EoBackend>(dir: &FsPath) -> std::result::Result<(), Box<dyn std::e
         }
         let total = backend.register_value(ValueStateDescriptor::<u64>::new("total")?)?;
         let window = backend.register_value(ValueStateDescriptor::<u64, u64>::new("window")?)?;
+        let timers =
+            backend.register_timer_service(TimerServiceDescriptor::<u64>::new("windows")?)?;
         keyed.push(Keyed {
             backend,
             total,
             window,
+            timers,
         });
     }
     // The sinks: transactions pre-committed at a barrier are committed on completion; those
@@ -359,6 +393,17 @@ fn run_job<B: EoBackend>(dir: &FsPath) -> std::result::Result<(), Box<dyn std::e
                     break;
                 }
             }
+        }
+        // The watermark: every event below the smallest next offset of all partitions has been
+        // processed (an exhausted partition holds nothing back).
+        let next = sources
+            .iter()
+            .flat_map(|(_, parts)| parts.iter().map(|(q, off)| *q + PARTITIONS * *off))
+            .filter(|i| *i < n)
+            .min();
+        let watermark = next.map_or(i64::MAX, |i| i as i64 - 1);
+        for (k, sink) in keyed.iter_mut().zip(sinks.iter_mut()) {
+            k.fire(watermark, &mut sink.buffer)?;
         }
         if !any && exhausted_at.is_none() {
             exhausted_at = Some(last_barrier);
@@ -675,6 +720,7 @@ fn run_with_kills(backend: &str, parallelisms: &[u32], incremental: bool, seed: 
     );
     // The sink's committed output holds every event exactly once.
     let mut seen = vec![0u8; n as usize];
+    let mut fired_windows: BTreeMap<String, Vec<u64>> = BTreeMap::new();
     for entry in std::fs::read_dir(dir.path().join("sink")).unwrap() {
         let entry = entry.unwrap();
         let name = entry.file_name().into_string().unwrap();
@@ -682,6 +728,15 @@ fn run_with_kills(backend: &str, parallelisms: &[u32], incremental: bool, seed: 
             continue;
         }
         for line in std::fs::read_to_string(entry.path()).unwrap().lines() {
+            if let Some(fired) = line.strip_prefix("w ") {
+                let (key_window, sum) = fired.rsplit_once(' ').unwrap();
+                let sum: u64 = sum.parse().unwrap();
+                fired_windows
+                    .entry(format!("window {key_window}"))
+                    .or_default()
+                    .push(sum);
+                continue;
+            }
             let i: usize = line.parse().unwrap();
             seen[i] = seen[i].saturating_add(1);
         }
@@ -694,6 +749,28 @@ fn run_with_kills(backend: &str, parallelisms: &[u32], incremental: bool, seed: 
         .map(|(i, c)| format!("event {i} committed {c} times"))
         .collect();
     assert!(wrong.is_empty(), "after {kills} kills: {wrong:?}");
+    // Every window fired exactly once, with the sum of a never-failed run.
+    let windows: Vec<(&String, &u64)> = expected
+        .iter()
+        .filter(|(k, _)| k.starts_with("window "))
+        .collect();
+    let wrong: Vec<_> = windows
+        .iter()
+        .filter(|(k, v)| fired_windows.get(*k) != Some(&vec![**v]))
+        .take(10)
+        .map(|(k, v)| {
+            format!(
+                "{k}: expected one firing with {v}, got {:?}",
+                fired_windows.get(*k)
+            )
+        })
+        .collect();
+    assert!(wrong.is_empty(), "after {kills} kills: {wrong:?}");
+    assert_eq!(
+        fired_windows.len(),
+        windows.len(),
+        "windows fired that a never-failed run does not have"
+    );
     let got = read_result(&dir.path().join("result"));
     assert_eq!(got.len(), expected.len());
     let diff: Vec<_> = expected
