@@ -34,6 +34,16 @@ fn main() -> Result<()> {
         b.map(&m).put_all((0..10).map(|i| (i, k + i)).collect())?;
     }
     eprintln!("after setup: {:?}", b.engine().stats());
+    // PROF_COMPACT=1: compact everything first (one sorted run, empty write buffer), to see
+    // what the number of runs and the write buffer cost a read.
+    if std::env::var_os("PROF_COMPACT").is_some() {
+        b.compact()?;
+        eprintln!("after compact: {:?}", b.engine().stats());
+    } else if std::env::var_os("PROF_FLUSH").is_some() {
+        // PROF_FLUSH=1: flush only (the same runs, an empty write buffer).
+        b.flush()?;
+        eprintln!("after compact: {:?}", b.engine().stats());
+    }
     let mut order: Vec<u64> = (0..n).collect();
     let mut s = 0x5eedu64;
     for i in (1..order.len()).rev() {
