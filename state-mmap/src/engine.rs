@@ -24,7 +24,7 @@ use crate::run::{prefix_hash, PrefixExtractor, Probe, RunFile, RunWriter};
 #[derive(Clone)]
 pub struct EngineOptions {
     /// The memory budget for the engine's own memory: the in-memory block indexes of the
-    /// sorted runs (28 bytes per data block of about 4 KiB) first; of the rest, the active
+    /// sorted runs (32 bytes per data block of about 4 KiB) first; of the rest, the active
     /// write buffer gets a third, one immutable write buffer waiting for its flush another
     /// third (writers wait while it is being flushed and the active one is full), and the rest
     /// is headroom for compaction's block and bloom buffers (a write buffer never gets less

@@ -45,7 +45,7 @@
 //! # Memory
 //!
 //! One number, [`MmapBackendBuilder::memory_budget`] (default 256 MiB), bounds the engine's own
-//! memory: the in-memory block index of every sorted run (28 bytes per data block of about
+//! memory: the in-memory block index of every sorted run (32 bytes per data block of about
 //! 4 KiB), the write buffer, write buffers waiting for their flush, compaction buffers (the
 //! write buffers get what the block indexes leave). Mapped indexes, bloom filters and data are
 //! read through memory maps and live in the OS page cache. The byte layout of every file is in
