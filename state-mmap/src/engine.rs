@@ -296,6 +296,41 @@ fn worker_loop(ctx: WorkerCtx, jobs: Receiver<Job>, done: Sender<Done>) {
     }
 }
 
+/// The merge operands one [`Db::get`] met, newest first: the first few without allocating.
+#[derive(Default)]
+struct Operands<'a> {
+    few: [&'a [u8]; 6],
+    n: usize,
+    more: Vec<&'a [u8]>,
+}
+
+impl<'a> Operands<'a> {
+    #[inline]
+    fn push(&mut self, op: &'a [u8]) {
+        match self.few.get_mut(self.n) {
+            Some(slot) => *slot = op,
+            None => self.more.push(op),
+        }
+        self.n += 1;
+    }
+
+    #[inline]
+    fn is_empty(&self) -> bool {
+        self.n == 0
+    }
+
+    /// Appends the operands to `out`, oldest first (the order they were written in).
+    #[inline]
+    fn append_oldest_first(&self, out: &mut Vec<u8>) {
+        for op in self.more.iter().rev() {
+            out.extend_from_slice(op);
+        }
+        for op in self.few[..self.n.min(self.few.len())].iter().rev() {
+            out.extend_from_slice(op);
+        }
+    }
+}
+
 /// An embedded ordered key-value store of byte strings over memory-mapped sorted runs, with a
 /// concatenating merge operator (list appends). Single writer (`&mut self`).
 pub struct Db {
@@ -574,15 +609,25 @@ impl Db {
     #[inline]
     pub fn get(&self, key: &[u8], out: &mut Vec<u8>) -> Result<bool> {
         // Merge operands seen so far, newest first.
-        let mut ops: Vec<&[u8]> = Vec::new();
-        let finish = |base: Option<&[u8]>, ops: &[&[u8]], out: &mut Vec<u8>| {
+        let mut ops = Operands::default();
+        let finish = |base: Option<&[u8]>, ops: &Operands, out: &mut Vec<u8>| {
             if let Some(b) = base {
                 out.extend_from_slice(b);
             }
-            for op in ops.iter().rev() {
-                out.extend_from_slice(op);
-            }
+            ops.append_oldest_first(out);
         };
+        let hash = crate::run::key_hash(key);
+        let probe = Probe::new(key);
+        // Start loading every run's bloom-filter line (a miss each, in a mapped page) before
+        // the write buffers are searched (misses of their own), so the two overlap.
+        let mut files = [0u32; 64];
+        for (i, r) in self.runs.iter().enumerate().take(64) {
+            let fi = r.partition_point(|f| f.before(&probe));
+            files[i] = fi as u32;
+            if let Some(f) = r.get(fi) {
+                f.prefetch_filter(hash);
+            }
+        }
         for m in std::iter::once(&self.mem).chain(self.imm.iter()) {
             match m.get(key) {
                 Some(Op::Put(v)) => {
@@ -597,16 +642,12 @@ impl Db {
                 None => {}
             }
         }
-        let hash = crate::run::key_hash(key);
-        let probe = Probe::new(key);
         // First every run's bloom filter, in a loop of independent loads so their cache misses
         // overlap (a probe is one cache line of a mapped page, usually a miss); then only the
         // runs that may hold the key are searched, newest first.
         let mut maybe = 0u64;
-        let mut files = [0u32; 64];
         for (i, r) in self.runs.iter().enumerate().take(64) {
-            let fi = r.partition_point(|f| f.before(&probe));
-            files[i] = fi as u32;
+            let fi = files[i] as usize;
             if r.get(fi).is_some_and(|f| f.may_contain_probe(&probe, hash)) {
                 maybe |= 1 << i;
             }
@@ -1161,6 +1202,41 @@ mod tests {
             target_file_bytes: 32 << 10,
             ..EngineOptions::default()
         }
+    }
+
+    /// A get meets more merge operands (one per sorted run and write buffer) than it keeps
+    /// without allocating, over a base and over none: all are concatenated oldest first.
+    #[test]
+    fn get_concatenates_many_operands_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = EngineOptions {
+            max_sorted_runs: 64,
+            ..small()
+        };
+        let mut db = Db::open(dir.path(), opts).unwrap();
+        db.put(b"based", b"base-").unwrap();
+        db.flush().unwrap();
+        let mut want = b"base-".to_vec();
+        let mut bare = Vec::new();
+        for i in 0..12u8 {
+            db.merge(b"based", &[b'a' + i]).unwrap();
+            db.merge(b"bare", &[b'a' + i]).unwrap();
+            want.push(b'a' + i);
+            bare.push(b'a' + i);
+            if i < 11 {
+                db.flush().unwrap();
+            }
+            db.drain().unwrap();
+            for (key, want) in [(&b"based"[..], &want), (&b"bare"[..], &bare)] {
+                let mut out = b"x".to_vec();
+                assert!(db.get(key, &mut out).unwrap());
+                assert_eq!(&out[1..], &want[..], "after {i} merges");
+            }
+        }
+        assert!(db.stats().2 >= 10, "{:?}", db.stats());
+        let mut out = Vec::new();
+        assert!(!db.get(b"absent", &mut out).unwrap());
+        assert!(out.is_empty());
     }
 
     fn all(db: &Db) -> BTreeMap<Vec<u8>, Vec<u8>> {

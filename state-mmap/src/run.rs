@@ -796,6 +796,17 @@ impl RunFile {
         bloom_bits(h).all(|b| block[b / 8] & (1 << (b % 8)) != 0)
     }
 
+    /// Starts loading the bloom-filter line of a key hash (so a later
+    /// [`RunFile::may_contain_probe`] does not wait for it).
+    #[inline]
+    pub(crate) fn prefetch_filter(&self, h: u64) {
+        let bits = &self.bytes()[self.bloom_off..self.bloom_end];
+        let nblocks = bits.len() / 64;
+        if nblocks > 0 {
+            crate::mapped::prefetch(&bits[bloom_block(h, nblocks) * 64..][..64], 1);
+        }
+    }
+
     /// False when the file cannot hold the probe's key (whose [`key_hash`] is `hash`): outside
     /// its key range or its visible range, or absent from its bloom filter.
     #[inline]

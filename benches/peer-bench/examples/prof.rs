@@ -34,6 +34,15 @@ fn main() -> Result<()> {
         b.map(&m).put_all((0..10).map(|i| (i, k + i)).collect())?;
     }
     eprintln!("after setup: {:?}", b.engine().stats());
+    // PROF_APPEND=1: append to every list first, as the peer bench does before its list get
+    // (every list is then a merge operand in the write buffer over a base in a sorted run).
+    if std::env::var_os("PROF_APPEND").is_some() {
+        for k in 0..n {
+            b.set_current_key(k)?;
+            b.list(&l).add(k)?;
+        }
+        eprintln!("after append: {:?}", b.engine().stats());
+    }
     // PROF_COMPACT=1: compact everything first (one sorted run, empty write buffer), to see
     // what the number of runs and the write buffer cost a read.
     if std::env::var_os("PROF_COMPACT").is_some() {
