@@ -75,6 +75,26 @@ pub trait StateSerializer<T>: Send + Sync + 'static {
     fn serialize(&self, value: &T, out: &mut Vec<u8>) -> Result<(), SerdeError>;
     /// Reads a value from exactly `bytes`.
     fn deserialize(&self, bytes: &[u8]) -> Result<T, SerdeError>;
+    /// Appends the bytes of every value of `values` to `out`, one after the other, and pushes
+    /// to `ends` the offset in `out` where each value's bytes end: the bytes are exactly those
+    /// of [`StateSerializer::serialize`] per value (list `add_all`/`update` write many elements
+    /// with one call instead of one per element).
+    ///
+    /// The default calls `serialize` per value; override it when a batch can be written faster.
+    /// On an error, `out` and `ends` may hold the values before the failing one.
+    fn serialize_all(
+        &self,
+        values: &[T],
+        out: &mut Vec<u8>,
+        ends: &mut Vec<usize>,
+    ) -> Result<(), SerdeError> {
+        ends.reserve(values.len());
+        for v in values {
+            self.serialize(v, out)?;
+            ends.push(out.len());
+        }
+        Ok(())
+    }
     /// What a checkpoint stores about this serializer.
     fn snapshot(&self) -> SerializerSnapshot;
     /// Can bytes written by `previous` be read by this serializer?
@@ -155,17 +175,65 @@ impl<T> fmt::Debug for PostcardSerializer<T> {
     }
 }
 
+/// A postcard output that appends to a borrowed `Vec` with `push`/`extend_from_slice` (postcard's
+/// own `to_extend` moves the vector in and out and extends byte by byte through an iterator).
+struct VecFlavor<'a>(&'a mut Vec<u8>);
+
+impl postcard::ser_flavors::Flavor for VecFlavor<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
+        // Most pieces are a varint of a few bytes: a byte loop beats a `memcpy` call.
+        if data.len() <= 8 {
+            self.0.reserve(8);
+            for &b in data {
+                self.0.push(b);
+            }
+        } else {
+            self.0.extend_from_slice(data);
+        }
+        Ok(())
+    }
+
+    #[inline(always)]
+    fn try_push(&mut self, data: u8) -> postcard::Result<()> {
+        self.0.push(data);
+        Ok(())
+    }
+
+    #[inline(always)]
+    fn finalize(self) -> postcard::Result<()> {
+        Ok(())
+    }
+}
+
 impl<T: Serialize + DeserializeOwned + 'static> StateSerializer<T> for PostcardSerializer<T> {
     #[inline]
     fn serialize(&self, value: &T, out: &mut Vec<u8>) -> Result<(), SerdeError> {
-        let buf = std::mem::take(out);
-        match postcard::to_extend(value, buf) {
-            Ok(buf) => {
-                *out = buf;
-                Ok(())
-            }
-            Err(e) => Err(SerdeError(e.to_string())),
+        value
+            .serialize(&mut postcard::Serializer {
+                output: VecFlavor(out),
+            })
+            .map_err(|e| SerdeError(e.to_string()))
+    }
+
+    fn serialize_all(
+        &self,
+        values: &[T],
+        out: &mut Vec<u8>,
+        ends: &mut Vec<usize>,
+    ) -> Result<(), SerdeError> {
+        ends.reserve(values.len());
+        let mut ser = postcard::Serializer {
+            output: VecFlavor(out),
+        };
+        for v in values {
+            v.serialize(&mut ser)
+                .map_err(|e| SerdeError(e.to_string()))?;
+            ends.push(ser.output.0.len());
         }
+        Ok(())
     }
 
     #[inline]
@@ -264,6 +332,21 @@ impl<T: FixedWidthInt> StateSerializer<T> for FixedWidthSerializer<T> {
     #[inline]
     fn serialize(&self, value: &T, out: &mut Vec<u8>) -> Result<(), SerdeError> {
         value.put(out);
+        Ok(())
+    }
+
+    fn serialize_all(
+        &self,
+        values: &[T],
+        out: &mut Vec<u8>,
+        ends: &mut Vec<usize>,
+    ) -> Result<(), SerdeError> {
+        out.reserve(values.len() * T::WIDTH);
+        ends.reserve(values.len());
+        for v in values {
+            v.put(out);
+            ends.push(out.len());
+        }
         Ok(())
     }
 
@@ -382,6 +465,47 @@ mod tests {
         out.push(0);
         assert!(s.deserialize(&out).unwrap_err().0.contains("trailing"));
         assert!(s.deserialize(&[]).is_err());
+    }
+
+    /// `serialize_all` writes the bytes `serialize` writes per value (postcard's, fixed width's
+    /// and the default of other serializers), appended after what `out` held, with each end.
+    #[test]
+    fn serialize_all_writes_the_bytes_of_serialize_per_value() {
+        fn check<T: fmt::Debug + 'static>(s: &dyn StateSerializer<T>, values: &[T]) {
+            let mut one = vec![0xaa];
+            let mut expected_ends = Vec::new();
+            for v in values {
+                s.serialize(v, &mut one).unwrap();
+                expected_ends.push(one.len());
+            }
+            let (mut all, mut ends) = (vec![0xaa], vec![7]);
+            s.serialize_all(values, &mut all, &mut ends).unwrap();
+            assert_eq!(all, one);
+            assert_eq!(ends[0], 7);
+            assert_eq!(ends[1..], expected_ends);
+        }
+        let strings: Vec<(u64, String)> = (0..50u64)
+            .map(|i| (i * 977 * i, "s".repeat(i as usize * 3)))
+            .collect();
+        check(&PostcardSerializer::new(), &strings);
+        check(
+            &PostcardSerializer::<u64>::new(),
+            &[0, 1, 127, 128, u64::MAX],
+        );
+        check(&FixedWidthSerializer::<i32>::new(), &[-1, 0, 7, i32::MAX]);
+        check(&BytesSerializer, &[vec![], vec![1, 2], vec![3; 300]]);
+        check(&PostcardSerializer::<u8>::new(), &[]);
+    }
+
+    /// The postcard serializer's bytes are postcard's own (canonical savepoints depend on them).
+    #[test]
+    fn postcard_bytes_are_postcards() {
+        let v: (u64, String, Vec<i32>, Option<bool>) = (300, "ab".into(), vec![-1, 64], Some(true));
+        let mut out = vec![5];
+        PostcardSerializer::new().serialize(&v, &mut out).unwrap();
+        let mut expected = vec![5];
+        expected.extend(postcard::to_extend(&v, Vec::new()).unwrap());
+        assert_eq!(out, expected);
     }
 
     #[test]

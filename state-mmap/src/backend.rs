@@ -128,6 +128,7 @@ impl<K: StateKey> MmapBackendBuilder<K> {
             kbuf: Vec::with_capacity(64),
             vbuf: Vec::with_capacity(64),
             tbuf: Vec::new(),
+            ends: Vec::new(),
             key_switches: 0,
             per_record_cleanup: Vec::new(),
             ttl_table,
@@ -304,6 +305,8 @@ pub struct MmapKeyedStateBackend<K> {
     kbuf: Vec<u8>,
     vbuf: Vec<u8>,
     tbuf: Vec<u8>,
+    /// Element ends of a list being written (`StateSerializer::serialize_all`).
+    ends: Vec<usize>,
     /// `set_current_key` calls (every 256th installs finished background work).
     key_switches: u32,
     per_record_cleanup: Vec<usize>,
@@ -439,6 +442,38 @@ fn read_single(
         db.put(key, vbuf)?;
     }
     Ok(true)
+}
+
+/// Writes `values` as list elements into `out` (cleared first): serialized with one
+/// [`StateSerializer::serialize_all`] call into `scratch`, then framed by `enc`.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+fn encode_list<T: 'static>(
+    ser: &dyn StateSerializer<T>,
+    values: &[T],
+    enc: ListEncoding,
+    ts: i64,
+    scratch: &mut Vec<u8>,
+    ends: &mut Vec<usize>,
+    out: &mut Vec<u8>,
+    name: &StateName,
+) -> Result<()> {
+    scratch.clear();
+    ends.clear();
+    ser.serialize_all(values, scratch, ends)
+        .map_err(ser_err(name, "list element"))?;
+    // Slack for `push_all`'s fixed-size copies.
+    scratch.extend_from_slice(&[0; 16]);
+    out.clear();
+    if ends.len() != values.len() || !enc.push_all(out, ts, scratch, ends) {
+        return Err(ser_err(name, "list element")(SerdeError(format!(
+            "serialize_all of {} values reported {} element ends, not all within the {} bytes it wrote",
+            values.len(),
+            ends.len(),
+            scratch.len() - 16
+        ))));
+    }
+    Ok(())
 }
 
 /// Resolved `(key, value)` pairs in `[start, end)`, at most `limit`.
@@ -1147,16 +1182,17 @@ impl<K: StateKey> KeyedStateBackend for MmapKeyedStateBackend<K> {
         self.after_access(h.id().0 as usize)?;
         let (e, t, cur) = typed!(self, h.id(), h.name(), ListT<T, N>);
         state_key(&mut self.kbuf, cur.kg, e.id, &cur.bytes, &t.ns, ns, &e.name)?;
-        self.vbuf.clear();
         let ts = now_if(e.ttl, &*self.clock);
-        let enc = e.list_enc;
-        for v in &values {
-            let at = enc.begin(&mut self.vbuf, ts);
-            t.ser
-                .serialize(v, &mut self.vbuf)
-                .map_err(ser_err(&e.name, "list element"))?;
-            enc.end(&mut self.vbuf, at);
-        }
+        encode_list(
+            &*t.ser,
+            &values,
+            e.list_enc,
+            ts,
+            &mut self.tbuf,
+            &mut self.ends,
+            &mut self.vbuf,
+            &e.name,
+        )?;
         Ok(self.db.merge(&self.kbuf, &self.vbuf)?)
     }
 
@@ -1172,16 +1208,17 @@ impl<K: StateKey> KeyedStateBackend for MmapKeyedStateBackend<K> {
         if values.is_empty() {
             return Ok(self.db.delete(&self.kbuf)?);
         }
-        self.vbuf.clear();
         let ts = now_if(e.ttl, &*self.clock);
-        let enc = e.list_enc;
-        for v in &values {
-            let at = enc.begin(&mut self.vbuf, ts);
-            t.ser
-                .serialize(v, &mut self.vbuf)
-                .map_err(ser_err(&e.name, "list element"))?;
-            enc.end(&mut self.vbuf, at);
-        }
+        encode_list(
+            &*t.ser,
+            &values,
+            e.list_enc,
+            ts,
+            &mut self.tbuf,
+            &mut self.ends,
+            &mut self.vbuf,
+            &e.name,
+        )?;
         Ok(self.db.put(&self.kbuf, &self.vbuf)?)
     }
 

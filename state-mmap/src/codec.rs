@@ -193,6 +193,58 @@ impl ListEncoding {
         }
         out.extend_from_slice(element);
     }
+    /// Appends the elements serialized one after the other in `bytes` (element `i` ends at
+    /// `ends[i]`, the first starts at 0), as [`StateSerializer::serialize_all`] writes them;
+    /// false (nothing appended) when `ends` do not increase within `bytes`. Elements followed
+    /// by 16 bytes of `bytes` (pad it) are copied without a `memcpy` call.
+    ///
+    /// [`StateSerializer::serialize_all`]: state_api::StateSerializer::serialize_all
+    #[inline]
+    pub(crate) fn push_all(self, out: &mut Vec<u8>, ts: i64, bytes: &[u8], ends: &[usize]) -> bool {
+        let base = out.len();
+        let mut start = 0;
+        if self == ListEncoding::Stamped {
+            out.reserve(bytes.len() + ends.len() * 12);
+            for &end in ends {
+                let Some(element) = bytes.get(start..end) else {
+                    out.truncate(base);
+                    return false;
+                };
+                self.push(out, ts, element);
+                start = end;
+            }
+            return true;
+        }
+        // Compact: sized once (a length takes at most 5 bytes), written through a position,
+        // cut to length at the end; 16 bytes of slack for the chunk copies.
+        out.resize(base + bytes.len() + ends.len() * 5 + 16, 0);
+        let mut p = base;
+        for &end in ends {
+            let Some(element) = bytes.get(start..end) else {
+                out.truncate(base);
+                return false;
+            };
+            let n = element.len();
+            match (n < 16, bytes.get(start..start + 16), out.get_mut(p..p + 17)) {
+                (true, Some(chunk), Some(dst)) => {
+                    // One fixed-size 16-byte copy, of which the element's bytes are kept.
+                    dst[0] = n as u8;
+                    dst[1..].copy_from_slice(chunk);
+                    p += 1 + n;
+                }
+                _ => {
+                    let mut v = [0u8; 5];
+                    let h = varint(n as u32, &mut v);
+                    out[p..p + h].copy_from_slice(&v[..h]);
+                    out[p + h..p + h + n].copy_from_slice(element);
+                    p += h + n;
+                }
+            }
+            start = end;
+        }
+        out.truncate(p);
+        true
+    }
 }
 
 /// LEB128 of `x` into `out`; returns its length.
@@ -329,6 +381,30 @@ mod tests {
                 enc.push(&mut pushed, i as i64 + 5, e);
             }
             assert_eq!(built, pushed, "{enc:?}");
+            // The batch path frames the same bytes.
+            let (flat, ends): (Vec<u8>, Vec<usize>) =
+                elements
+                    .iter()
+                    .fold((Vec::new(), Vec::new()), |(mut f, mut e), x| {
+                        f.extend_from_slice(x);
+                        e.push(f.len());
+                        (f, e)
+                    });
+            let mut all = Vec::new();
+            for (i, end) in ends.iter().enumerate() {
+                let start = if i == 0 { 0 } else { ends[i - 1] };
+                assert!(enc.push_all(&mut all, i as i64 + 5, &flat[start..*end], &[end - start]));
+            }
+            assert_eq!(all, pushed, "{enc:?}");
+            let mut all = Vec::new();
+            assert!(enc.push_all(&mut all, 9, &flat, &ends));
+            assert_eq!(parse_list(&all, enc, &name).unwrap().len(), elements.len());
+            // Ends that decrease or run past the bytes are refused, nothing appended.
+            for bad in [&[3usize, 2][..], &[flat.len() + 1]] {
+                let mut out = vec![1];
+                assert!(!enc.push_all(&mut out, 0, &flat, bad));
+                assert_eq!(out, [1]);
+            }
             let got = parse_list(&built, enc, &name).unwrap();
             assert_eq!(got.len(), elements.len());
             for (i, (ts, e)) in got.iter().enumerate() {
