@@ -129,6 +129,7 @@ impl<K: StateKey> MmapBackendBuilder<K> {
             vbuf: Vec::with_capacity(64),
             tbuf: Vec::new(),
             ends: Vec::new(),
+            map_len_hint: 0,
             key_switches: 0,
             per_record_cleanup: Vec::new(),
             ttl_table,
@@ -307,6 +308,8 @@ pub struct MmapKeyedStateBackend<K> {
     tbuf: Vec<u8>,
     /// Element ends of a list being written (`StateSerializer::serialize_all`).
     ends: Vec<usize>,
+    /// Entries of the last map read whole (the next one's vector is sized so).
+    map_len_hint: usize,
     /// `set_current_key` calls (every 256th installs finished background work).
     key_switches: u32,
     per_record_cleanup: Vec<usize>,
@@ -1336,7 +1339,8 @@ impl<K: StateKey> KeyedStateBackend for MmapKeyedStateBackend<K> {
         let (e, t, cur) = typed!(self, h.id(), h.name(), MapT<UK, UV, N>);
         state_key(&mut self.kbuf, cur.kg, e.id, &cur.bytes, &t.ns, ns, &e.name)?;
         let prefix = self.kbuf.len();
-        let mut out = Vec::new();
+        // Sized like the last map read (maps of a state tend to be alike): one allocation.
+        let mut out = Vec::with_capacity(self.map_len_hint);
         let now = now_if(e.ttl, &*self.clock);
         let mut dead: Vec<Vec<u8>> = Vec::new();
         let mut refresh: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
@@ -1366,6 +1370,7 @@ impl<K: StateKey> KeyedStateBackend for MmapKeyedStateBackend<K> {
             out.push((uk, uv));
             Ok(true)
         })?;
+        self.map_len_hint = out.len().min(1024);
         for k in dead {
             self.db.delete(&k)?;
         }

@@ -765,28 +765,39 @@ impl Db {
         mut f: impl FnMut(&[u8], &[u8]) -> Result<bool, E>,
     ) -> Result<(), E> {
         use std::ops::Bound;
-        // Entries per source, newest source first.
-        let mut sources: Vec<Vec<(OpKind, &[u8], &[u8])>> = Vec::new();
+        // The entries of every source in one vector (one allocation), newest source first,
+        // each with the number of its source.
+        let mut entries: Vec<(u32, OpKind, &[u8], &[u8])> = Vec::with_capacity(32);
+        let mut src = 0u32;
+        let probe = Probe::new(start);
+        // With a prefix: start loading every run's prefix-filter line (a miss each) before
+        // the write buffers are searched (misses of their own), so the two overlap.
+        let mut files = [0u32; 64];
+        for (i, r) in self.runs.iter().enumerate().take(64) {
+            let fi = r.partition_point(|f| f.before(&probe));
+            files[i] = fi as u32;
+            if let (Some(h), Some(f)) = (prefix, r.get(fi)) {
+                f.prefetch_filter(h);
+            }
+        }
         for m in std::iter::once(&self.mem).chain(self.imm.iter()) {
             if prefix.is_some_and(|h| !m.may_contain_prefix(h)) {
                 continue;
             }
-            let v: Vec<_> = m
-                .range(Bound::Included(start), Bound::Excluded(end))
-                .map(|(k, op)| (op.kind(), k, op.value()))
-                .collect();
-            if !v.is_empty() {
-                sources.push(v);
+            let before = entries.len();
+            entries.extend(
+                m.range(Bound::Included(start), Bound::Excluded(end))
+                    .map(|(k, op)| (src, op.kind(), k, op.value())),
+            );
+            if entries.len() > before {
+                src += 1;
             }
         }
-        // With a prefix: first the prefix filters of every run's first candidate file, in a
-        // loop of independent loads (their cache misses overlap), as in `get`.
-        let probe = Probe::new(start);
         let end_probe = Probe::new(end);
         let mut skip = 0u64;
         if let Some(h) = prefix {
             for (i, r) in self.runs.iter().enumerate().take(64) {
-                let fi = r.partition_point(|f| f.before(&probe));
+                let fi = files[i] as usize;
                 // Skipped when the range lies in that file (the next one starts at or after
                 // its end) and the file cannot hold the prefix.
                 let absent = r
@@ -797,12 +808,33 @@ impl Db {
                 }
             }
         }
+        // The first block of every run left: start loading what its search reads, so the
+        // searches of several runs overlap.
+        let mut first_blocks = [u32::MAX; 64];
+        for (i, r) in self.runs.iter().enumerate().take(64) {
+            if skip & (1 << i) != 0 {
+                continue;
+            }
+            let Some(file) = r.get(files[i] as usize) else {
+                continue;
+            };
+            if file.first_key() < end && prefix.is_none_or(|h| file.may_contain_prefix(h)) {
+                if let Some(bi) = file.find_block(start)? {
+                    file.block(bi)?.prefetch_search();
+                    first_blocks[i] = bi as u32;
+                }
+            }
+        }
         for (ri, r) in self.runs.iter().enumerate() {
             if ri < 64 && skip & (1 << ri) != 0 {
                 continue;
             }
-            let mut v = Vec::new();
-            let mut fi = r.partition_point(|f| f.before(&probe));
+            let before = entries.len();
+            let mut fi = if ri < 64 {
+                files[ri] as usize
+            } else {
+                r.partition_point(|f| f.before(&probe))
+            };
             'files: while let Some(file) = r.get(fi) {
                 if file.first_key() >= end {
                     break;
@@ -811,12 +843,23 @@ impl Db {
                     fi += 1;
                     continue;
                 }
-                let Some(mut bi) = file.find_block(start)? else {
+                let known = (ri < 64 && fi == files[ri] as usize)
+                    .then(|| first_blocks[ri])
+                    .filter(|b| *b != u32::MAX);
+                let found = match known {
+                    Some(b) => Some(b as usize),
+                    None => file.find_block(start)?,
+                };
+                let Some(mut bi) = found else {
                     fi += 1;
                     continue;
                 };
                 let mut blk = file.block(bi)?;
                 let mut ei = blk.lower_bound(start, file)?;
+                // A prefix (one map) is usually a few entries: load their lines together.
+                if prefix.is_some() {
+                    blk.prefetch_from(ei, 8);
+                }
                 loop {
                     if ei >= blk.len() {
                         bi += 1;
@@ -831,32 +874,40 @@ impl Db {
                         break 'files;
                     }
                     if file.visible(e.key) {
-                        v.push((e.kind, e.key, e.value));
+                        entries.push((src, e.kind, e.key, e.value));
                     }
                     ei += 1;
                 }
                 fi += 1;
             }
-            if !v.is_empty() {
-                sources.push(v);
+            if entries.len() > before {
+                src += 1;
             }
         }
-        if sources.len() == 1 {
+        if src <= 1 {
             // The common case: one source, nothing to merge.
-            for (kind, k, v) in &sources[0] {
-                if *kind != OpKind::Delete && !f(k, v)? {
+            for &(_, kind, k, v) in &entries {
+                if kind != OpKind::Delete && !f(k, v)? {
                     return Ok(());
                 }
             }
             return Ok(());
         }
-        let mut pos = vec![0usize; sources.len()];
+        // Per source: its next entry and its end in `entries`.
+        let mut pos: Vec<(usize, usize)> = Vec::with_capacity(src as usize);
+        for (i, e) in entries.iter().enumerate() {
+            match pos.last_mut() {
+                Some(last) if entries[last.0].0 == e.0 => last.1 = i + 1,
+                _ => pos.push((i, i + 1)),
+            }
+        }
         let mut value = Vec::new();
         loop {
             let mut min: Option<&[u8]> = None;
-            for (s, p) in sources.iter().zip(&pos) {
-                if let Some((_, k, _)) = s.get(*p) {
-                    if min.is_none_or(|m| *k < m) {
+            for &(p, e) in &pos {
+                if p < e {
+                    let k = entries[p].2;
+                    if min.is_none_or(|m| k < m) {
                         min = Some(k);
                     }
                 }
@@ -864,9 +915,10 @@ impl Db {
             let Some(key) = min else { return Ok(()) };
             let mut ops: Vec<&[u8]> = Vec::new();
             let mut base: Option<Option<&[u8]>> = None;
-            for (s, p) in sources.iter().zip(pos.iter_mut()) {
-                if let Some((kind, k, v)) = s.get(*p) {
-                    if *k == key {
+            for (p, e) in pos.iter_mut() {
+                if *p < *e {
+                    let (_, kind, k, v) = entries[*p];
+                    if k == key {
                         *p += 1;
                         if base.is_none() {
                             match kind {
@@ -878,17 +930,22 @@ impl Db {
                     }
                 }
             }
-            if matches!(base, Some(None)) && ops.is_empty() {
-                continue;
-            }
-            value.clear();
-            if let Some(Some(b)) = base {
-                value.extend_from_slice(b);
-            }
-            for op in ops.iter().rev() {
-                value.extend_from_slice(op);
-            }
-            if !f(key, &value)? {
+            let go_on = match (base, ops.is_empty()) {
+                (Some(None), true) => true,
+                // A value as it is: no copy.
+                (Some(Some(b)), true) => f(key, b)?,
+                _ => {
+                    value.clear();
+                    if let Some(Some(b)) = base {
+                        value.extend_from_slice(b);
+                    }
+                    for op in ops.iter().rev() {
+                        value.extend_from_slice(op);
+                    }
+                    f(key, &value)?
+                }
+            };
+            if !go_on {
                 return Ok(());
             }
         }
