@@ -208,9 +208,41 @@ impl postcard::ser_flavors::Flavor for VecFlavor<'_> {
     }
 }
 
+/// The number postcard writes as a LEB128 varint for 32- and 64-bit integers (signed ones
+/// zigzag-encoded first), `None` for other types: integers (the most common state values)
+/// are written without a serde call. The type tests are constants after monomorphization.
+#[inline(always)]
+fn varint_of<T: 'static>(value: &T) -> Option<u64> {
+    let v = value as &dyn std::any::Any;
+    if let Some(x) = v.downcast_ref::<u64>() {
+        Some(*x)
+    } else if let Some(x) = v.downcast_ref::<u32>() {
+        Some(u64::from(*x))
+    } else if let Some(x) = v.downcast_ref::<i64>() {
+        Some(((x << 1) ^ (x >> 63)) as u64)
+    } else {
+        v.downcast_ref::<i32>()
+            .map(|x| u64::from(((x << 1) ^ (x >> 31)) as u32))
+    }
+}
+
+/// Appends the LEB128 bytes of `x`.
+#[inline(always)]
+fn put_varint(out: &mut Vec<u8>, mut x: u64) {
+    while x >= 0x80 {
+        out.push(x as u8 | 0x80);
+        x >>= 7;
+    }
+    out.push(x as u8);
+}
+
 impl<T: Serialize + DeserializeOwned + 'static> StateSerializer<T> for PostcardSerializer<T> {
     #[inline]
     fn serialize(&self, value: &T, out: &mut Vec<u8>) -> Result<(), SerdeError> {
+        if let Some(x) = varint_of(value) {
+            put_varint(out, x);
+            return Ok(());
+        }
         value
             .serialize(&mut postcard::Serializer {
                 output: VecFlavor(out),
@@ -229,8 +261,12 @@ impl<T: Serialize + DeserializeOwned + 'static> StateSerializer<T> for PostcardS
             output: VecFlavor(out),
         };
         for v in values {
-            v.serialize(&mut ser)
-                .map_err(|e| SerdeError(e.to_string()))?;
+            match varint_of(v) {
+                Some(x) => put_varint(ser.output.0, x),
+                None => v
+                    .serialize(&mut ser)
+                    .map_err(|e| SerdeError(e.to_string()))?,
+            }
             ends.push(ser.output.0.len());
         }
         Ok(())
@@ -488,9 +524,34 @@ mod tests {
             .map(|i| (i * 977 * i, "s".repeat(i as usize * 3)))
             .collect();
         check(&PostcardSerializer::new(), &strings);
+        let edges = [
+            0u64,
+            1,
+            63,
+            64,
+            127,
+            128,
+            16_383,
+            16_384,
+            1 << 31,
+            1 << 32,
+            u64::MAX,
+        ];
+        check(&PostcardSerializer::<u64>::new(), &edges);
+        let u32s: Vec<u32> = edges.iter().map(|x| *x as u32).collect();
+        check(&PostcardSerializer::<u32>::new(), &u32s);
+        let i64s: Vec<i64> = edges
+            .iter()
+            .flat_map(|x| [*x as i64, -(*x as i64)])
+            .collect();
         check(
-            &PostcardSerializer::<u64>::new(),
-            &[0, 1, 127, 128, u64::MAX],
+            &PostcardSerializer::<i64>::new(),
+            &[&i64s[..], &[i64::MIN, i64::MAX]].concat(),
+        );
+        let i32s: Vec<i32> = i64s.iter().map(|x| *x as i32).collect();
+        check(
+            &PostcardSerializer::<i32>::new(),
+            &[&i32s[..], &[i32::MIN, i32::MAX]].concat(),
         );
         check(&FixedWidthSerializer::<i32>::new(), &[-1, 0, 7, i32::MAX]);
         check(&BytesSerializer, &[vec![], vec![1, 2], vec![3; 300]]);
@@ -506,6 +567,45 @@ mod tests {
         let mut expected = vec![5];
         expected.extend(postcard::to_extend(&v, Vec::new()).unwrap());
         assert_eq!(out, expected);
+        // Integers take a path of their own: the same bytes, one value or many.
+        fn same<T: Serialize + DeserializeOwned + PartialEq + fmt::Debug + Copy + 'static>(
+            values: &[T],
+        ) {
+            let s = PostcardSerializer::<T>::new();
+            let (mut all, mut ends) = (Vec::new(), Vec::new());
+            s.serialize_all(values, &mut all, &mut ends).unwrap();
+            let mut start = 0;
+            for (v, end) in values.iter().zip(ends) {
+                let theirs = postcard::to_extend(v, Vec::new()).unwrap();
+                let mut ours = Vec::new();
+                s.serialize(v, &mut ours).unwrap();
+                assert_eq!(ours, theirs, "{v:?}");
+                assert_eq!(all[start..end], theirs[..], "{v:?}");
+                assert_eq!(s.deserialize(&ours).unwrap(), *v);
+                start = end;
+            }
+        }
+        let edges = [
+            0u64,
+            1,
+            63,
+            64,
+            127,
+            128,
+            16_383,
+            16_384,
+            1 << 31,
+            1 << 32,
+            u64::MAX,
+        ];
+        same(&edges);
+        same(&edges.map(|x| x as u32));
+        same(&edges.map(|x| x as i64));
+        same(&edges.map(|x| (x as i64).wrapping_neg()));
+        same(&edges.map(|x| x as i32));
+        same(&edges.map(|x| (x as i32).wrapping_neg()));
+        same(&[i64::MIN, i64::MAX]);
+        same(&[i32::MIN, i32::MAX]);
     }
 
     #[test]
