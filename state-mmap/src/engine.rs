@@ -79,6 +79,14 @@ impl EngineOptions {
             .max(4096)
     }
     const MAX_IMMUTABLE: usize = 1;
+    /// Compactions running at once: while one merges large old runs, another keeps the newest
+    /// (small) runs merged, so their number stays bounded.
+    const COMPACTION_THREADS: usize = 2;
+    /// Writers wait for a compaction once this many sorted runs exist (the background cannot
+    /// keep up, and every point read would probe them all).
+    fn stall_runs(&self) -> usize {
+        3 * self.max_sorted_runs
+    }
 }
 
 /// What a compaction filter decides for one value.
@@ -344,16 +352,19 @@ pub struct Db {
     user_meta: Vec<u8>,
     /// Flush jobs (and buffer releases), served in order by the flush thread.
     jobs: Option<Sender<Job>>,
-    /// Compaction jobs, served by the compaction thread (a long compaction never delays a
+    /// Compaction jobs, served by the compaction threads (a long compaction never delays a
     /// flush).
     cjobs: Option<Sender<Job>>,
     done: Receiver<Done>,
     worker: Option<JoinHandle<()>>,
-    cworker: Option<JoinHandle<()>>,
+    cworkers: Vec<JoinHandle<()>>,
     /// Flushed write buffers to free.
     release: Option<Sender<Arc<Memtable>>>,
     rworker: Option<JoinHandle<()>>,
-    compacting: bool,
+    /// The inputs of the running compactions.
+    busy: Vec<SortedRun>,
+    /// Compactions running.
+    compacting: usize,
     filter: Option<Arc<dyn CompactionFilter>>,
     keep: Option<(Vec<u8>, Vec<u8>)>,
     failed: Option<String>,
@@ -478,10 +489,11 @@ impl Db {
             cjobs: None,
             done: done_rx,
             worker: None,
-            cworker: None,
+            cworkers: Vec::new(),
             release: None,
             rworker: None,
-            compacting: false,
+            busy: Vec::new(),
+            compacting: 0,
             filter: None,
             keep: None,
             failed: None,
@@ -511,10 +523,15 @@ impl Db {
             .name("state-mmap-flush".into())
             .spawn(move || worker_loop(ctx, jobs, done))
             .ok();
-        self.cworker = std::thread::Builder::new()
-            .name("state-mmap-compact".into())
-            .spawn(move || worker_loop(cctx, cjobs_rx, cdone))
-            .ok();
+        self.cworkers = (0..EngineOptions::COMPACTION_THREADS)
+            .filter_map(|_| {
+                let (cctx, cdone, crx) = (cctx.clone(), cdone.clone(), cjobs_rx.clone());
+                std::thread::Builder::new()
+                    .name("state-mmap-compact".into())
+                    .spawn(move || worker_loop(cctx, crx, cdone))
+                    .ok()
+            })
+            .collect();
         self.cjobs = Some(cjobs_tx);
         let (release_tx, release_rx) = crossbeam_channel::unbounded::<Arc<Memtable>>();
         self.rworker = std::thread::Builder::new()
@@ -522,7 +539,10 @@ impl Db {
             .spawn(move || while release_rx.recv().is_ok() {})
             .ok();
         self.release = Some(release_tx);
-        if self.worker.is_none() || self.cworker.is_none() || self.rworker.is_none() {
+        if self.worker.is_none()
+            || self.cworkers.len() < EngineOptions::COMPACTION_THREADS
+            || self.rworker.is_none()
+        {
             self.failed = Some("could not spawn the worker threads".into());
         }
         self
@@ -560,10 +580,11 @@ impl Db {
             cjobs: None,
             done,
             worker: None,
-            cworker: None,
+            cworkers: Vec::new(),
             release: None,
             rworker: None,
-            compacting: false,
+            busy: Vec::new(),
+            compacting: 0,
             filter: None,
             keep: None,
             failed: None,
@@ -964,7 +985,9 @@ impl Db {
         if self.mem.is_empty() {
             return Ok(());
         }
-        while self.imm.len() >= EngineOptions::MAX_IMMUTABLE {
+        while self.imm.len() >= EngineOptions::MAX_IMMUTABLE
+            || (self.runs.len() >= self.opts.stall_runs() && self.compacting > 0)
+        {
             self.wait_one()?;
         }
         let fresh = Memtable::new(self.opts.prefix_extractor.clone(), self.buffer_bytes);
@@ -1039,8 +1062,10 @@ impl Db {
                 self.maybe_compact()
             }
             Done::Compacted { inputs, result } => {
+                self.compacting = self.compacting.saturating_sub(1);
+                self.busy
+                    .retain(|b| !inputs.iter().any(|i| Arc::ptr_eq(i, b)));
                 let files = result?;
-                self.compacting = false;
                 self.compactions += 1;
                 // The inputs are still contiguous: flushes only add newer runs in front.
                 let at = inputs
@@ -1069,13 +1094,21 @@ impl Db {
         }
     }
 
-    /// Size-tiered compaction: once there are `max_sorted_runs / 2` runs or more, merge the
-    /// newest runs while each next (older) run is no larger than the ones taken so far
-    /// together (so each byte is rewritten about log2(data / write buffer) times); with
-    /// `max_sorted_runs` runs, merge them all.
+    /// Size-tiered compaction of the runs newer than those a running compaction merges: once
+    /// there are `max_sorted_runs / 2` of them or more, merge the newest runs while each next
+    /// (older) run is no larger than the ones taken so far together (so each byte is rewritten
+    /// about log2(data / write buffer) times); with `max_sorted_runs` of them, merge them all.
+    /// Up to [`EngineOptions::COMPACTION_THREADS`] compactions run at once.
     fn maybe_compact(&mut self) -> Result<()> {
-        let n = self.runs.len();
-        if self.compacting || n < (self.opts.max_sorted_runs / 2).max(2) {
+        if self.compacting >= EngineOptions::COMPACTION_THREADS {
+            return Ok(());
+        }
+        let n = self
+            .runs
+            .iter()
+            .position(|r| self.busy.iter().any(|b| Arc::ptr_eq(r, b)))
+            .unwrap_or(self.runs.len());
+        if n < (self.opts.max_sorted_runs / 2).max(2) {
             return Ok(());
         }
         let size = |r: &SortedRun| r.iter().map(|f| f.size()).sum::<u64>();
@@ -1095,9 +1128,11 @@ impl Db {
     }
 
     fn start_compaction(&mut self, runs: std::ops::Range<usize>) -> Result<()> {
-        self.compacting = true;
+        self.compacting += 1;
+        let inputs = self.runs[runs.clone()].to_vec();
+        self.busy.extend(inputs.iter().cloned());
         let job = Job::Compact {
-            inputs: self.runs[runs.clone()].to_vec(),
+            inputs,
             bottommost: runs.end == self.runs.len(),
             filter: self.filter.clone(),
             keep: self.keep.clone(),
@@ -1152,7 +1187,7 @@ impl Db {
 
     /// Waits for background work (flushes and a running compaction).
     pub fn drain(&mut self) -> Result<()> {
-        while !self.imm.is_empty() || self.compacting {
+        while !self.imm.is_empty() || self.compacting > 0 {
             self.wait_one()?;
         }
         Ok(())
@@ -1229,9 +1264,11 @@ impl Db {
     fn stop_worker(&mut self) {
         self.jobs = None;
         self.cjobs = None;
-        for w in [self.worker.take(), self.cworker.take()]
+        for w in self
+            .worker
+            .take()
             .into_iter()
-            .flatten()
+            .chain(self.cworkers.drain(..))
         {
             let _ = w.join();
         }
@@ -1327,6 +1364,8 @@ mod tests {
                         model.remove(&k);
                     }
                 }
+                // Writers wait for compactions rather than let sorted runs pile up.
+                assert!(db.stats().2 <= db.opts.stall_runs() + 1, "{:?}", db.stats());
                 if i % 997 == 0 {
                     let k = (i % 3000).to_be_bytes();
                     let mut out = Vec::new();

@@ -3,6 +3,8 @@
 use std::collections::BTreeSet;
 use std::ops::Bound;
 
+use hashbrown::hash_map::EntryRef;
+
 use crate::run::{prefix_hash, PrefixExtractor};
 
 /// The kind of an operation stored for a key.
@@ -285,36 +287,50 @@ impl Memtable {
             .filter_map(move |k| self.map.get(&k.bytes[..]).map(|op| (&k.bytes[..], op)))
     }
 
-    fn insert_new(&mut self, key: &[u8], op: Op) {
+    /// Books a key the hash table did not hold (already inserted there): its prefix, its bytes
+    /// and its place in the ordered set.
+    fn note_new(&mut self, key: &[u8], value_len: usize) {
         if let Some(len) = self.prefix.as_ref().and_then(|p| p(key)) {
             self.prefixes
                 .insert(prefix_hash(&key[..len.min(key.len())]));
         }
-        self.bytes += 2 * key.len() + op.value().len() + ENTRY_OVERHEAD;
+        self.bytes += 2 * key.len() + value_len + ENTRY_OVERHEAD;
         self.order.insert(MemKey::new(key));
-        self.map.insert(SmallBytes::new(key), op);
     }
 
+    /// Stores `op` for `key` with one probe of the hash table.
     fn set(&mut self, key: &[u8], op: Op) {
         let add = op.value().len();
-        match self.map.get_mut(key) {
-            Some(old) => {
+        match self.map.entry_ref(key) {
+            EntryRef::Occupied(mut o) => {
+                let old = o.get_mut();
                 self.bytes = self.bytes.saturating_sub(old.value().len()) + add;
                 *old = op;
             }
-            None => self.insert_new(key, op),
+            EntryRef::Vacant(v) => {
+                v.insert_with_key(SmallBytes::new(key), op);
+                self.note_new(key, add);
+            }
         }
     }
 
     #[inline]
     pub(crate) fn put(&mut self, key: &[u8], value: &[u8]) {
-        if let Some(Op::Put(v)) = self.map.get_mut(key) {
-            // Reuse the allocation for the common overwrite.
-            self.bytes = self.bytes.saturating_sub(v.len()) + value.len();
-            v.set(value);
-            return;
+        match self.map.entry_ref(key) {
+            EntryRef::Occupied(mut o) => {
+                let old = o.get_mut();
+                self.bytes = self.bytes.saturating_sub(old.value().len()) + value.len();
+                match old {
+                    // Reuse the allocation for the common overwrite.
+                    Op::Put(v) => v.set(value),
+                    _ => *old = Op::Put(SmallBytes::new(value)),
+                }
+            }
+            EntryRef::Vacant(v) => {
+                v.insert_with_key(SmallBytes::new(key), Op::Put(SmallBytes::new(value)));
+                self.note_new(key, value.len());
+            }
         }
-        self.set(key, Op::Put(SmallBytes::new(value)));
     }
 
     pub(crate) fn delete(&mut self, key: &[u8]) {
@@ -332,7 +348,7 @@ impl Memtable {
                 *op = Op::Put(SmallBytes::new(operand));
                 self.bytes += operand.len();
             }
-            None => self.insert_new(key, Op::Merge(SmallBytes::new(operand))),
+            None => self.set(key, Op::Merge(SmallBytes::new(operand))),
         }
     }
 }

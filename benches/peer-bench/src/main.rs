@@ -468,6 +468,42 @@ fn rss() -> (u64, u64) {
     (field("VmHWM:"), field("RssAnon:"))
 }
 
+/// CPU seconds so far: (this thread, the whole process), from /proc.
+fn cpu() -> (f64, f64) {
+    let thread = std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()
+        .and_then(|s| {
+            s.split_whitespace()
+                .next()
+                .and_then(|x| x.parse::<f64>().ok())
+        })
+        .unwrap_or(0.0)
+        / 1e9;
+    // utime and stime (fields 14 and 15) in clock ticks, assumed 100 per second.
+    let process = std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            let rest = s.rsplit_once(')')?.1.split_whitespace().collect::<Vec<_>>();
+            Some(rest.get(11)?.parse::<f64>().ok()? + rest.get(12)?.parse::<f64>().ok()?)
+        })
+        .unwrap_or(0.0)
+        / 100.0;
+    (thread, process)
+}
+
+/// Prints a phase's wall and CPU time to stderr (the CPU figures do not depend on what else
+/// runs on the machine).
+fn phase(name: &str, ops: u64, start: Instant, cpu0: (f64, f64)) -> (f64, f64) {
+    let now = cpu();
+    eprintln!(
+        "{name}: {:.1} s wall, CPU per op: {:.2} us foreground, {:.2} us all threads",
+        start.elapsed().as_secs_f64(),
+        (now.0 - cpu0.0) / ops as f64 * 1e6,
+        (now.1 - cpu0.1) / ops as f64 * 1e6
+    );
+    now
+}
+
 fn dir_size(dir: &std::path::Path) -> u64 {
     std::fs::read_dir(dir)
         .map(|d| {
@@ -505,6 +541,8 @@ fn large(n: u64, budget_mib: usize, which: &str) -> Res<()> {
     let dir = tempfile::tempdir()?;
     let mut peak_anon = 0u64;
     let t = Instant::now();
+    let t0 = t;
+    let c0 = cpu();
     let (load, get, update);
     if which == "mmap" {
         let mut b = MmapKeyedStateBackend::<u64>::builder()
@@ -522,12 +560,22 @@ fn large(n: u64, budget_mib: usize, which: &str) -> Res<()> {
         }
         b.flush()?;
         load = n as f64 / t.elapsed().as_secs_f64();
+        let c = phase("load", n, t0, c0);
+        eprintln!(
+            "engine (flushes, compactions, runs, buffer): {:?}",
+            b.engine().stats()
+        );
         let t = Instant::now();
         for &k in &order[..ops as usize] {
             b.set_current_key(k)?;
             std::hint::black_box(b.value(&h).get()?);
         }
         get = ops as f64 / t.elapsed().as_secs_f64();
+        let c = phase("get", ops, t, c);
+        eprintln!(
+            "engine (flushes, compactions, runs, buffer): {:?}",
+            b.engine().stats()
+        );
         peak_anon = peak_anon.max(rss().1);
         let t = Instant::now();
         for &k in &order[..ops as usize] {
@@ -538,6 +586,11 @@ fn large(n: u64, budget_mib: usize, which: &str) -> Res<()> {
             }
         }
         update = ops as f64 / t.elapsed().as_secs_f64();
+        phase("update", ops, t, c);
+        eprintln!(
+            "engine (flushes, compactions, runs, buffer): {:?}",
+            b.engine().stats()
+        );
         b.flush()?;
     } else {
         #[cfg(feature = "rocksdb")]
@@ -572,11 +625,13 @@ fn large(n: u64, budget_mib: usize, which: &str) -> Res<()> {
             }
             db.flush()?;
             load = n as f64 / t.elapsed().as_secs_f64();
+            let c = phase("load", n, t0, c0);
             let t = Instant::now();
             for &k in &order[..ops as usize] {
                 std::hint::black_box(db.get_pinned(key(k))?.map(|v| v.len()));
             }
             get = ops as f64 / t.elapsed().as_secs_f64();
+            let c = phase("get", ops, t, c);
             peak_anon = peak_anon.max(rss().1);
             let t = Instant::now();
             for &k in &order[..ops as usize] {
@@ -586,6 +641,7 @@ fn large(n: u64, budget_mib: usize, which: &str) -> Res<()> {
                 }
             }
             update = ops as f64 / t.elapsed().as_secs_f64();
+            phase("update", ops, t, c);
             db.flush()?;
         }
         #[cfg(not(feature = "rocksdb"))]
