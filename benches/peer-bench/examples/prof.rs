@@ -43,6 +43,16 @@ fn main() -> Result<()> {
         }
         eprintln!("after append: {:?}", b.engine().stats());
     }
+    // PROF_MAPPUT=1: overwrite one entry of every map first, as the peer bench does before
+    // its map iterate (a map's entries are then in two sources until a compaction merges them).
+    if std::env::var_os("PROF_MAPPUT").is_some() {
+        for k in 0..n {
+            let k = (k * 7_919) % n;
+            b.set_current_key(k)?;
+            b.map(&m).put(k % 10, k)?;
+        }
+        eprintln!("after map put: {:?}", b.engine().stats());
+    }
     // PROF_COMPACT=1: compact everything first (one sorted run, empty write buffer), to see
     // what the number of runs and the write buffer cost a read.
     if std::env::var_os("PROF_COMPACT").is_some() {
