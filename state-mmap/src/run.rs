@@ -923,7 +923,10 @@ impl<'a> Block<'a> {
         let pattern = u64::from(fingerprint(hash)) * LO;
         let mut chunks = fps.chunks_exact(8);
         let mut tail = [0u8; 8];
-        tail[..chunks.remainder().len()].copy_from_slice(chunks.remainder());
+        // Byte by byte: a `copy_from_slice` of a variable length is a call to `memcpy`.
+        for (t, f) in tail.iter_mut().zip(chunks.remainder()) {
+            *t = *f;
+        }
         let words = chunks
             .by_ref()
             .map(|c| c.try_into().map_or(0, u64::from_le_bytes))
