@@ -3,7 +3,9 @@
 use std::collections::BTreeSet;
 use std::ops::Bound;
 
-use hashbrown::hash_map::EntryRef;
+use std::hash::BuildHasher;
+
+use hashbrown::hash_table::Entry;
 
 use crate::run::{prefix_hash, PrefixExtractor};
 
@@ -151,8 +153,8 @@ impl Op {
     }
 }
 
-/// Bytes charged per entry on top of the key (held twice) and the value: table slot, tree
-/// node share, vectors, enum.
+/// Bytes charged per entry on top of the key (held twice) and the value: table slot, entry,
+/// tree node share, vectors, enum.
 const ENTRY_OVERHEAD: usize = 160;
 
 type Hasher = foldhash::fast::FixedState;
@@ -208,11 +210,14 @@ impl Ord for MemKey {
     }
 }
 
-/// A write buffer with byte accounting: a hash table for point reads and writes, and an ordered
-/// set of its keys (touched only when a key is new) for flushes and range scans.
+/// A write buffer with byte accounting: the entries in insertion order, a hash table of their
+/// positions for point reads and writes (4 bytes a slot: its power-of-two size wastes little),
+/// and an ordered set of the keys (touched only when a key is new) for flushes and range scans.
 #[derive(Clone, Default)]
 pub(crate) struct Memtable {
-    map: hashbrown::HashMap<SmallBytes, Op, Hasher>,
+    map: hashbrown::HashTable<u32>,
+    entries: Vec<(SmallBytes, Op)>,
+    hasher: Hasher,
     order: BTreeSet<MemKey>,
     bytes: usize,
     prefix: Option<PrefixExtractor>,
@@ -222,7 +227,7 @@ pub(crate) struct Memtable {
 impl std::fmt::Debug for Memtable {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Memtable")
-            .field("entries", &self.map.len())
+            .field("entries", &self.entries.len())
             .field("bytes", &self.bytes)
             .finish()
     }
@@ -235,7 +240,8 @@ impl Memtable {
         let entries = bytes / 256;
         Memtable {
             prefix,
-            map: hashbrown::HashMap::with_capacity_and_hasher(entries, Hasher::default()),
+            map: hashbrown::HashTable::with_capacity(entries),
+            entries: Vec::with_capacity(entries),
             ..Memtable::default()
         }
     }
@@ -252,12 +258,43 @@ impl Memtable {
     }
 
     pub(crate) fn is_empty(&self) -> bool {
-        self.map.is_empty()
+        self.entries.is_empty()
     }
 
     #[inline]
     pub(crate) fn get(&self, key: &[u8]) -> Option<&Op> {
-        self.map.get(key)
+        let i = *self.map.find(self.hasher.hash_one(key), |&i| {
+            self.entries.get(i as usize).is_some_and(|e| *e.0 == *key)
+        })?;
+        self.entries.get(i as usize).map(|e| &e.1)
+    }
+
+    /// The position of `key`'s entry, or `None` after reserving the next position for it in
+    /// the hash table (the caller pushes the entry). One probe.
+    #[inline]
+    fn find_or_reserve(&mut self, key: &[u8]) -> Option<usize> {
+        let (entries, hasher) = (&self.entries, &self.hasher);
+        let found = self.map.entry(
+            hasher.hash_one(key),
+            |&i| entries.get(i as usize).is_some_and(|e| *e.0 == *key),
+            |&i| {
+                entries
+                    .get(i as usize)
+                    .map_or(0, |e| hasher.hash_one(&*e.0))
+            },
+        );
+        match found {
+            Entry::Occupied(o) => Some(*o.get() as usize),
+            Entry::Vacant(v) => {
+                // Positions fit: every entry is charged over 160 bytes of the budget.
+                v.insert(entries.len() as u32);
+                None
+            }
+        }
+    }
+
+    fn op_mut(&mut self, i: usize) -> Option<&mut Op> {
+        self.entries.get_mut(i).map(|e| &mut e.1)
     }
 
     /// Entries with keys in the range, in key order. One descent of the ordered set (to the
@@ -284,7 +321,7 @@ impl Memtable {
                     Bound::Unbounded => true,
                 }
             })
-            .filter_map(move |k| self.map.get(&k.bytes[..]).map(|op| (&k.bytes[..], op)))
+            .filter_map(move |k| self.get(&k.bytes[..]).map(|op| (&k.bytes[..], op)))
     }
 
     /// Books a key the hash table did not hold (already inserted there): its prefix, its bytes
@@ -301,14 +338,16 @@ impl Memtable {
     /// Stores `op` for `key` with one probe of the hash table.
     fn set(&mut self, key: &[u8], op: Op) {
         let add = op.value().len();
-        match self.map.entry_ref(key) {
-            EntryRef::Occupied(mut o) => {
-                let old = o.get_mut();
-                self.bytes = self.bytes.saturating_sub(old.value().len()) + add;
-                *old = op;
+        match self.find_or_reserve(key) {
+            Some(i) => {
+                if let Some(old) = self.op_mut(i) {
+                    let sub = old.value().len();
+                    *old = op;
+                    self.bytes = self.bytes.saturating_sub(sub) + add;
+                }
             }
-            EntryRef::Vacant(v) => {
-                v.insert_with_key(SmallBytes::new(key), op);
+            None => {
+                self.entries.push((SmallBytes::new(key), op));
                 self.note_new(key, add);
             }
         }
@@ -316,18 +355,21 @@ impl Memtable {
 
     #[inline]
     pub(crate) fn put(&mut self, key: &[u8], value: &[u8]) {
-        match self.map.entry_ref(key) {
-            EntryRef::Occupied(mut o) => {
-                let old = o.get_mut();
-                self.bytes = self.bytes.saturating_sub(old.value().len()) + value.len();
-                match old {
-                    // Reuse the allocation for the common overwrite.
-                    Op::Put(v) => v.set(value),
-                    _ => *old = Op::Put(SmallBytes::new(value)),
+        match self.find_or_reserve(key) {
+            Some(i) => {
+                if let Some(old) = self.op_mut(i) {
+                    let sub = old.value().len();
+                    match old {
+                        // Reuse the allocation for the common overwrite.
+                        Op::Put(v) => v.set(value),
+                        _ => *old = Op::Put(SmallBytes::new(value)),
+                    }
+                    self.bytes = self.bytes.saturating_sub(sub) + value.len();
                 }
             }
-            EntryRef::Vacant(v) => {
-                v.insert_with_key(SmallBytes::new(key), Op::Put(SmallBytes::new(value)));
+            None => {
+                self.entries
+                    .push((SmallBytes::new(key), Op::Put(SmallBytes::new(value))));
                 self.note_new(key, value.len());
             }
         }
@@ -339,17 +381,18 @@ impl Memtable {
 
     /// Appends `operand` to the key's value (the merge operator).
     pub(crate) fn merge(&mut self, key: &[u8], operand: &[u8]) {
-        match self.map.get_mut(key) {
-            Some(Op::Put(v)) | Some(Op::Merge(v)) => {
-                v.extend(operand);
-                self.bytes += operand.len();
-            }
-            Some(op @ Op::Delete) => {
-                *op = Op::Put(SmallBytes::new(operand));
-                self.bytes += operand.len();
-            }
-            None => self.set(key, Op::Merge(SmallBytes::new(operand))),
+        let Some(i) = self.find_or_reserve(key) else {
+            self.entries
+                .push((SmallBytes::new(key), Op::Merge(SmallBytes::new(operand))));
+            self.note_new(key, operand.len());
+            return;
+        };
+        match self.op_mut(i) {
+            Some(Op::Put(v)) | Some(Op::Merge(v)) => v.extend(operand),
+            Some(op @ Op::Delete) => *op = Op::Put(SmallBytes::new(operand)),
+            None => return,
         }
+        self.bytes += operand.len();
     }
 }
 
