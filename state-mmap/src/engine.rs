@@ -1025,7 +1025,11 @@ impl Db {
         Ok(())
     }
 
+    /// Waits for one finished background job and installs it. After a failure nothing may be
+    /// coming (a failed flush leaves its buffer in `imm`): every waiting loop stops with the
+    /// failure instead of waiting forever.
     fn wait_one(&mut self) -> Result<()> {
+        self.check()?;
         match self.done.recv() {
             Ok(d) => self.install(d),
             Err(_) => {
@@ -1296,6 +1300,35 @@ mod tests {
             target_file_bytes: 32 << 10,
             ..EngineOptions::default()
         }
+    }
+
+    /// A flush that fails (its directory is gone) fails the engine: later writes, flushes and
+    /// drains report it, and dropping the engine returns instead of waiting for the failed
+    /// buffer to be installed.
+    #[test]
+    fn a_failed_flush_is_reported_and_drop_returns() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("db");
+        let mut db = Db::open(&dir, small()).unwrap();
+        db.put(b"a", b"1").unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        let err = db.flush().unwrap_err();
+        assert!(
+            !err.to_string().is_empty(),
+            "the error says what failed: {err}"
+        );
+        for _ in 0..2 {
+            assert!(db.drain().is_err(), "the failure sticks");
+            assert!(db.flush().is_err(), "the failure sticks");
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            drop(db);
+            let _ = tx.send(());
+        });
+        // A hang guard, not a timing measurement: dropping takes milliseconds.
+        rx.recv_timeout(std::time::Duration::from_secs(60))
+            .expect("dropping a failed engine returns");
     }
 
     /// A get meets more merge operands (one per sorted run and write buffer) than it keeps
