@@ -492,6 +492,21 @@ impl<T: 'static> fmt::Debug for ResolvedReader<T> {
 mod tests {
     use super::*;
 
+    /// Where LEB128 varints change length, and the extremes.
+    const VARINT_EDGES: [u64; 11] = [
+        0,
+        1,
+        63,
+        64,
+        127,
+        128,
+        16_383,
+        16_384,
+        1 << 31,
+        1 << 32,
+        u64::MAX,
+    ];
+
     #[test]
     fn postcard_round_trip_and_trailing_bytes() {
         let s = PostcardSerializer::<(u64, String)>::new();
@@ -524,19 +539,7 @@ mod tests {
             .map(|i| (i * 977 * i, "s".repeat(i as usize * 3)))
             .collect();
         check(&PostcardSerializer::new(), &strings);
-        let edges = [
-            0u64,
-            1,
-            63,
-            64,
-            127,
-            128,
-            16_383,
-            16_384,
-            1 << 31,
-            1 << 32,
-            u64::MAX,
-        ];
+        let edges = VARINT_EDGES;
         check(&PostcardSerializer::<u64>::new(), &edges);
         let u32s: Vec<u32> = edges.iter().map(|x| *x as u32).collect();
         check(&PostcardSerializer::<u32>::new(), &u32s);
@@ -585,19 +588,7 @@ mod tests {
                 start = end;
             }
         }
-        let edges = [
-            0u64,
-            1,
-            63,
-            64,
-            127,
-            128,
-            16_383,
-            16_384,
-            1 << 31,
-            1 << 32,
-            u64::MAX,
-        ];
+        let edges = VARINT_EDGES;
         same(&edges);
         same(&edges.map(|x| x as u32));
         same(&edges.map(|x| x as i64));
