@@ -20,9 +20,16 @@ fn main() -> Result<()> {
     let what = a.next().unwrap_or_else(|| "value-get".into());
     let n: u64 = a.next().and_then(|s| s.parse().ok()).unwrap_or(500_000);
     let passes: u32 = a.next().and_then(|s| s.parse().ok()).unwrap_or(5);
+    // A directory of our own, removed before the early exit below (the backend's default
+    // directory is removed by its drop, which that exit skips).
+    let dir = tempfile::tempdir().map_err(|e| Error::Io {
+        context: "creating a directory for the engine".into(),
+        source: e,
+    })?;
     let mut b = MmapKeyedStateBackend::<u64>::builder()
         .key_serializer(FixedWidthSerializer::<u64>::new())
         .memory_budget(256 << 20)
+        .directory(dir.path())
         .build()?;
     let v = b.register_value(ValueStateDescriptor::<u64>::new("value")?)?;
     let l = b.register_list(ListStateDescriptor::<u64>::new("list")?)?;
@@ -82,7 +89,9 @@ fn main() -> Result<()> {
             b.engine().stats()
         );
     }
-    // Skip the drop (waiting for a compaction is slow under valgrind).
+    // Skip the drop (waiting for a compaction is slow under valgrind), but not the directory:
+    // a few hundred MB per run otherwise stay in $TMPDIR.
+    let _ = std::fs::remove_dir_all(dir.path());
     std::process::exit(0)
 }
 
