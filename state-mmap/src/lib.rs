@@ -53,8 +53,9 @@
 //!
 //! # Safety
 //!
-//! The only `unsafe` code maps files read-only (module `mapped`); files are immutable once
-//! published and never truncated by this crate (see `docs/mmap-format.md` on truncation).
+//! The only `unsafe` code (module `mapped`) maps files read-only and issues CPU prefetch
+//! hints; files are immutable once published and never truncated by this crate (see
+//! `docs/mmap-format.md` on truncation).
 //!
 //! The crate has no cargo features.
 #![warn(missing_docs)]

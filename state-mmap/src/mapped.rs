@@ -1,4 +1,5 @@
-//! The only module with `unsafe` code: read-only memory maps of immutable sorted-run files.
+//! The only module with `unsafe` code: read-only memory maps of immutable sorted-run files,
+//! and CPU prefetch hints over their bytes.
 //!
 //! # Truncation underneath a mapping
 //!
