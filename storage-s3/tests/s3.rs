@@ -485,6 +485,13 @@ async fn s3_server_killed_mid_upload_then_retry_succeeds() {
     );
 
     server.restart();
+    // What follows checks correctness after the restart, not bounded failure: a restarted
+    // server can take seconds to allocate its first volume again, so the fault config's tight
+    // timeouts (a 10 s request, 3 s of retries) would make the retry fail on a slow start.
+    let mut relaxed = fault_config(&server, "fault");
+    relaxed.http.request_timeout = Duration::from_secs(120);
+    relaxed.retry.retry_timeout = Duration::from_secs(120);
+    let storage = Storage::from_config(&relaxed).unwrap();
     let err = storage.store().head(&path).await.unwrap_err();
     assert!(matches!(err, object_store::Error::NotFound { .. }), "{err}");
     assert!(storage
