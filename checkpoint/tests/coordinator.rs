@@ -158,7 +158,7 @@ fn periodic_checkpoints_with_subtask_threads() {
                         SubtaskCommand::CheckpointAborted { .. } => {}
                     }
                 }
-                if k % 64 == 0 {
+                if k.is_multiple_of(64) {
                     std::thread::sleep(Duration::from_millis(1));
                 }
             }

@@ -99,15 +99,17 @@ struct Contents {
 fn expected(k: u64) -> Contents {
     Contents {
         value: Some(k * 3),
-        list: (k % 3 == 0).then(|| vec![format!("a{k}"), format!("b{k}")]),
-        map: if k % 2 == 0 {
+        list: k
+            .is_multiple_of(3)
+            .then(|| vec![format!("a{k}"), format!("b{k}")]),
+        map: if k.is_multiple_of(2) {
             vec![(1, format!("x{k}")), (2, format!("y{k}"))]
         } else {
             Vec::new()
         },
-        sums: (Some(k), (k % 4 == 0).then_some(2 * k + 2 * k)),
+        sums: (Some(k), k.is_multiple_of(4).then_some(2 * k + 2 * k)),
         count_sum: Some((2, k + 1 + k + 2)),
-        ttl: (k % 5 == 0).then(|| format!("t{k}")),
+        ttl: k.is_multiple_of(5).then(|| format!("t{k}")),
     }
 }
 

@@ -407,7 +407,7 @@ mod tests {
         let mut m = Memtable::new(None, 1 << 20);
         let key = |i: u8| -> Vec<u8> {
             let mut k = vec![7u8; 16];
-            if i % 2 == 0 {
+            if i.is_multiple_of(2) {
                 k.push(i);
             } else {
                 k.truncate(usize::from(i) % 16);
