@@ -5,7 +5,6 @@ use std::collections::HashMap;
 use std::fmt;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use serde::de::DeserializeOwned;
@@ -18,6 +17,7 @@ use state_api::*;
 
 use crate::codec::*;
 use crate::engine::{CompactionFilter, Db, DbSnapshot, EngineOptions, FilterDecision};
+use crate::tempdir::TempDir;
 use crate::typed::*;
 
 #[path = "native.rs"]
@@ -64,7 +64,9 @@ impl<K: StateKey> MmapBackendBuilder<K> {
 
     /// Keeps the files in `dir` (created if needed). An existing store there is reopened: its
     /// states come back as restored state, bound when they are registered. Without a directory
-    /// the backend uses a fresh temporary directory that is deleted when it is dropped.
+    /// the backend uses a fresh temporary directory that is deleted when it is dropped; one
+    /// left behind by a process that died (even by `kill -9`) is deleted by the next backend
+    /// that makes a temporary directory in the same place (it holds a lock file to tell).
     pub fn directory(mut self, dir: impl AsRef<Path>) -> Self {
         self.dir = Some(dir.as_ref().to_path_buf());
         self
@@ -100,7 +102,7 @@ impl<K: StateKey> MmapBackendBuilder<K> {
             Some(d) => (d, None),
             None => {
                 let t = TempDir::new()?;
-                (t.0.clone(), Some(t))
+                (t.path().to_path_buf(), Some(t))
             }
         };
         let mut options = self.options;
@@ -164,37 +166,6 @@ impl<K: StateKey> MmapBackendBuilder<K> {
             }
         }
         Ok(backend)
-    }
-}
-
-/// A directory under the system temporary directory, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> Result<TempDir> {
-        static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
-        let salt = {
-            use std::hash::{BuildHasher, Hasher};
-            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-            h.write_u64(n);
-            h.finish()
-        };
-        let path = std::env::temp_dir().join(format!(
-            "flowstate-mmap-{}-{n}-{salt:016x}",
-            std::process::id()
-        ));
-        std::fs::create_dir_all(&path).map_err(|e| Error::Io {
-            context: format!("creating the temporary directory {}", path.display()),
-            source: e,
-        })?;
-        Ok(TempDir(path))
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
@@ -956,7 +927,7 @@ impl<K: StateKey> KeyedStateBackend for MmapKeyedStateBackend<K> {
         // Reads alone never install a finished compaction (writes do): look now and then, so
         // a read-mostly phase does not keep searching the compaction's inputs.
         self.key_switches = self.key_switches.wrapping_add(1);
-        if self.key_switches % 256 == 0 {
+        if self.key_switches.is_multiple_of(256) {
             self.db.install_finished()?;
         }
         if !self.per_record_cleanup.is_empty() {

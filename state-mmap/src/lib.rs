@@ -69,6 +69,7 @@ mod manifest;
 mod mapped;
 mod memtable;
 pub mod run;
+mod tempdir;
 mod typed;
 
 pub use backend::native::{
