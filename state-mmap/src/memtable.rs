@@ -213,6 +213,8 @@ impl Ord for MemKey {
 /// A write buffer with byte accounting: the entries in insertion order, a hash table of their
 /// positions for point reads and writes (4 bytes a slot: its power-of-two size wastes little),
 /// and an ordered set of the keys (touched only when a key is new) for flushes and range scans.
+/// With a prefix extractor, the entries of each scan prefix are also chained together, so a
+/// prefix scan (one map) finds its few entries without a search of the ordered set.
 #[derive(Clone, Default)]
 pub(crate) struct Memtable {
     map: hashbrown::HashTable<u32>,
@@ -221,7 +223,36 @@ pub(crate) struct Memtable {
     order: BTreeSet<MemKey>,
     bytes: usize,
     prefix: Option<PrefixExtractor>,
-    prefixes: hashbrown::HashSet<u64, Hasher>,
+    /// Per scan-prefix hash: the newest entry with a prefix of that hash and how many there are.
+    prefixes: hashbrown::HashMap<u64, Chain, Hasher>,
+    /// Per entry (with a prefix extractor): the previous entry with the same prefix hash, or
+    /// [`NO_ENTRY`].
+    chain: Vec<u32>,
+}
+
+/// The entries of one scan-prefix hash: the newest one's position and their number.
+#[derive(Clone, Copy, Debug)]
+struct Chain {
+    newest: u32,
+    len: u32,
+}
+
+/// The end of a prefix chain.
+const NO_ENTRY: u32 = u32::MAX;
+
+/// Prefix scans of up to this many buffered entries with the prefix's hash use the prefix
+/// chain (and sort what they find); longer chains search the ordered set.
+pub(crate) const CHAIN_SCAN_MAX: usize = 16;
+
+/// What [`Memtable::prefix_entries`] found.
+pub(crate) enum PrefixEntries {
+    /// The positions of the entries with the prefix, in key order (`len` of them).
+    Few {
+        at: [u32; CHAIN_SCAN_MAX],
+        len: usize,
+    },
+    /// Too many entries share the prefix hash: use [`Memtable::range`].
+    Many,
 }
 
 impl std::fmt::Debug for Memtable {
@@ -246,10 +277,49 @@ impl Memtable {
         }
     }
 
-    /// False when no key with the scan prefix hashed to `h` is in the buffer.
+    /// The entries whose keys start with `prefix`, a whole scan prefix (what the extractor
+    /// returns for every key that starts with it) hashed to `h` by [`prefix_hash`]: one hash
+    /// lookup and a walk of the prefix's chain instead of a search of the ordered set.
+    /// [`PrefixEntries::Many`] without an extractor or when many entries share the hash.
     #[inline]
-    pub(crate) fn may_contain_prefix(&self, h: u64) -> bool {
-        self.prefix.is_none() || self.prefixes.contains(&h)
+    pub(crate) fn prefix_entries(&self, prefix: &[u8], h: u64) -> PrefixEntries {
+        let mut at = [0u32; CHAIN_SCAN_MAX];
+        let mut len = 0;
+        if self.prefix.is_none() {
+            return PrefixEntries::Many;
+        }
+        let Some(c) = self.prefixes.get(&h) else {
+            return PrefixEntries::Few { at, len };
+        };
+        if c.len as usize > CHAIN_SCAN_MAX {
+            return PrefixEntries::Many;
+        }
+        let mut i = c.newest;
+        while let Some(e) = self.entries.get(i as usize) {
+            if e.0.starts_with(prefix) && len < CHAIN_SCAN_MAX {
+                // Insertion sort by key: a chain is short.
+                let mut j = len;
+                while j > 0
+                    && self
+                        .entries
+                        .get(at[j - 1] as usize)
+                        .is_some_and(|p| *p.0 > *e.0)
+                {
+                    at[j] = at[j - 1];
+                    j -= 1;
+                }
+                at[j] = i;
+                len += 1;
+            }
+            i = self.chain.get(i as usize).copied().unwrap_or(NO_ENTRY);
+        }
+        PrefixEntries::Few { at, len }
+    }
+
+    /// The key and operation of the entry at a position from [`Memtable::prefix_entries`].
+    #[inline]
+    pub(crate) fn entry_at(&self, i: u32) -> Option<(&[u8], &Op)> {
+        self.entries.get(i as usize).map(|e| (&e.0[..], &e.1))
     }
 
     /// Approximate bytes used.
@@ -324,12 +394,27 @@ impl Memtable {
             .filter_map(move |k| self.get(&k.bytes[..]).map(|op| (&k.bytes[..], op)))
     }
 
-    /// Books a key the hash table did not hold (already inserted there): its prefix, its bytes
-    /// and its place in the ordered set.
+    /// Books a key the hash table did not hold (already inserted there, its entry pushed): its
+    /// prefix chain, its bytes and its place in the ordered set.
     fn note_new(&mut self, key: &[u8], value_len: usize) {
-        if let Some(len) = self.prefix.as_ref().and_then(|p| p(key)) {
-            self.prefixes
-                .insert(prefix_hash(&key[..len.min(key.len())]));
+        if let Some(p) = &self.prefix {
+            let mut prev = NO_ENTRY;
+            if let Some(len) = p(key) {
+                let newest = self.entries.len().saturating_sub(1) as u32;
+                let c = self
+                    .prefixes
+                    .entry(prefix_hash(&key[..len.min(key.len())]))
+                    .or_insert(Chain {
+                        newest: NO_ENTRY,
+                        len: 0,
+                    });
+                prev = c.newest;
+                *c = Chain {
+                    newest,
+                    len: c.len.saturating_add(1),
+                };
+            }
+            self.chain.push(prev);
         }
         self.bytes += 2 * key.len() + value_len + ENTRY_OVERHEAD;
         self.order.insert(MemKey::new(key));
@@ -447,6 +532,63 @@ mod tests {
                             })
                             .collect();
                         assert_eq!(got, want, "{from:?} {to:?}");
+                    }
+                }
+            }
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 64, failure_persistence: None, ..Default::default() })]
+        /// `prefix_entries` finds exactly the entries whose keys start with the prefix, in key
+        /// order, or says `Many` only when more than `CHAIN_SCAN_MAX` keys share the prefix
+        /// hash. Keys are `[prefix byte, rest...]`; the rest may be empty or long (heap keys).
+        #[test]
+        fn prefix_entries_match_a_model(
+            ops in proptest::collection::vec(
+                (0u8..6, proptest::collection::vec(0u8..4, 0..40), 0u8..3), 1..200),
+        ) {
+            let extractor: PrefixExtractor =
+                std::sync::Arc::new(|k: &[u8]| (!k.is_empty()).then_some(1));
+            let mut m = Memtable::new(Some(extractor), 1 << 16);
+            let mut model = std::collections::BTreeMap::<Vec<u8>, Op>::new();
+            for (p, rest, kind) in ops {
+                let mut k = vec![p];
+                k.extend_from_slice(&rest);
+                match kind {
+                    0 => {
+                        m.put(&k, &rest);
+                        model.insert(k, Op::Put(SmallBytes::new(&rest)));
+                    }
+                    1 => {
+                        m.merge(&k, b"m");
+                        let op = match model.remove(&k) {
+                            Some(Op::Put(mut v)) => { v.extend(b"m"); Op::Put(v) }
+                            Some(Op::Merge(mut v)) => { v.extend(b"m"); Op::Merge(v) }
+                            Some(Op::Delete) => Op::Put(SmallBytes::new(b"m")),
+                            None => Op::Merge(SmallBytes::new(b"m")),
+                        };
+                        model.insert(k, op);
+                    }
+                    _ => {
+                        m.delete(&k);
+                        model.insert(k, Op::Delete);
+                    }
+                }
+                for q in 0u8..7 {
+                    let want: Vec<(Vec<u8>, Op)> = model
+                        .range(vec![q]..vec![q + 1])
+                        .map(|(k, op)| (k.clone(), op.clone()))
+                        .collect();
+                    match m.prefix_entries(&[q], prefix_hash(&[q])) {
+                        PrefixEntries::Few { at, len } => {
+                            let got: Vec<(Vec<u8>, Op)> = at[..len]
+                                .iter()
+                                .map(|&i| m.entry_at(i).map(|(k, op)| (k.to_vec(), op.clone())).unwrap())
+                                .collect();
+                            proptest::prop_assert_eq!(got, want);
+                        }
+                        PrefixEntries::Many => proptest::prop_assert!(want.len() > CHAIN_SCAN_MAX),
                     }
                 }
             }
