@@ -24,12 +24,14 @@ use crate::run::{prefix_hash, PrefixExtractor, Probe, RunFile, RunWriter};
 #[derive(Clone)]
 pub struct EngineOptions {
     /// The memory budget for the engine's own memory: the in-memory block indexes of the
-    /// sorted runs (32 bytes per data block of about 4 KiB) first; of the rest, the active
-    /// write buffer gets a third, one immutable write buffer waiting for its flush another
-    /// third (writers wait while it is being flushed and the active one is full), and the rest
-    /// is headroom for compaction's block and bloom buffers (a write buffer never gets less
-    /// than a twelfth of the budget). Data pages, mapped indexes and bloom filters of sorted
-    /// runs are mapped and belong to the OS page cache, outside the budget. Default 256 MiB.
+    /// sorted runs (32 bytes per data block of about 4 KiB) and the reservations of running
+    /// compactions (their outputs' block indexes, at most the inputs', and a sixteenth of
+    /// `target_file_bytes` for the file being written) first; of the rest, the active write
+    /// buffer gets a third, one immutable write buffer waiting for its flush another third
+    /// (writers wait while it is being flushed and the active one is full), and the rest is
+    /// headroom for the allocator and small buffers (a write buffer never gets less than a
+    /// twelfth of the budget). Data pages, mapped indexes and bloom filters of sorted runs are
+    /// mapped and belong to the OS page cache, outside the budget. Default 256 MiB.
     pub memory_budget: usize,
     /// Compaction starts when this many sorted runs exist (bounds read amplification). Default 6.
     pub max_sorted_runs: usize,
@@ -79,6 +81,20 @@ impl EngineOptions {
             .max(4096)
     }
     const MAX_IMMUTABLE: usize = 1;
+
+    /// Budget bytes a compaction of `inputs` holds until it is installed: the block indexes
+    /// of its outputs (at most those of its inputs: the outputs hold the inputs' entries or
+    /// fewer) and the buffers of the output file being written (write buffer, index, one
+    /// bloom hash per entry: a sixteenth of [`EngineOptions::target_file_bytes`]).
+    fn compaction_reserve(&self, inputs: &[SortedRun]) -> usize {
+        let outputs: usize = inputs
+            .iter()
+            .flat_map(|r| r.iter())
+            .map(|f| f.memory_bytes())
+            .sum();
+        let writer = usize::try_from(self.target_file_bytes / 16).unwrap_or(usize::MAX);
+        outputs.saturating_add(writer)
+    }
     /// Compactions running at once: while one merges large old runs, another keeps the newest
     /// (small) runs merged, so their number stays bounded.
     const COMPACTION_THREADS: usize = 2;
@@ -135,6 +151,8 @@ enum Job {
     },
     Compact {
         inputs: Vec<SortedRun>,
+        /// Budget bytes reserved for the compaction until it is installed.
+        reserved: usize,
         bottommost: bool,
         filter: Option<Arc<dyn CompactionFilter>>,
         keep: Option<(Vec<u8>, Vec<u8>)>,
@@ -145,6 +163,7 @@ enum Done {
     Flushed(Result<Option<Arc<RunFile>>>),
     Compacted {
         inputs: Vec<SortedRun>,
+        reserved: usize,
         result: Result<Vec<Arc<RunFile>>>,
     },
 }
@@ -284,18 +303,48 @@ impl WorkerCtx {
     }
 }
 
+/// Memory the writer hands to the release thread.
+enum Garbage {
+    /// A flushed write buffer: millions of small allocations, freed off the writer's path.
+    Mem(Arc<Memtable>),
+    /// Memory was freed elsewhere (block indexes of files a compaction replaced).
+    Freed,
+}
+
+/// Frees what it is sent, then hands free heap memory back to the OS once nothing else is
+/// queued (see [`crate::mapped::release_free_memory`]): otherwise the allocator keeps what a
+/// freed write buffer or index held, and the process's resident memory exceeds the budget.
+fn release_loop(garbage: Receiver<Garbage>) {
+    let free = |g: Garbage| match g {
+        Garbage::Mem(mem) => drop(mem),
+        Garbage::Freed => {}
+    };
+    while let Ok(g) = garbage.recv() {
+        free(g);
+        while let Ok(g) = garbage.try_recv() {
+            free(g);
+        }
+        crate::mapped::release_free_memory();
+    }
+}
+
 fn worker_loop(ctx: WorkerCtx, jobs: Receiver<Job>, done: Sender<Done>) {
     while let Ok(job) = jobs.recv() {
         let d = match job {
             Job::Flush { mem, number } => Done::Flushed(ctx.flush(&mem, number)),
             Job::Compact {
                 inputs,
+                reserved,
                 bottommost,
                 filter,
                 keep,
             } => {
                 let result = ctx.compact(&inputs, bottommost, filter.as_ref(), keep.as_ref());
-                Done::Compacted { inputs, result }
+                Done::Compacted {
+                    inputs,
+                    reserved,
+                    result,
+                }
             }
         };
         if done.send(d).is_err() {
@@ -359,12 +408,14 @@ pub struct Db {
     worker: Option<JoinHandle<()>>,
     cworkers: Vec<JoinHandle<()>>,
     /// Flushed write buffers to free.
-    release: Option<Sender<Arc<Memtable>>>,
+    release: Option<Sender<Garbage>>,
     rworker: Option<JoinHandle<()>>,
     /// The inputs of the running compactions.
     busy: Vec<SortedRun>,
     /// Compactions running.
     compacting: usize,
+    /// Budget bytes the running compactions hold (their outputs' block indexes and writers).
+    reserved: usize,
     filter: Option<Arc<dyn CompactionFilter>>,
     keep: Option<(Vec<u8>, Vec<u8>)>,
     failed: Option<String>,
@@ -494,6 +545,7 @@ impl Db {
             rworker: None,
             busy: Vec::new(),
             compacting: 0,
+            reserved: 0,
             filter: None,
             keep: None,
             failed: None,
@@ -533,10 +585,10 @@ impl Db {
             })
             .collect();
         self.cjobs = Some(cjobs_tx);
-        let (release_tx, release_rx) = crossbeam_channel::unbounded::<Arc<Memtable>>();
+        let (release_tx, release_rx) = crossbeam_channel::unbounded::<Garbage>();
         self.rworker = std::thread::Builder::new()
             .name("state-mmap-free".into())
-            .spawn(move || while release_rx.recv().is_ok() {})
+            .spawn(move || release_loop(release_rx))
             .ok();
         self.release = Some(release_tx);
         if self.worker.is_none()
@@ -585,6 +637,7 @@ impl Db {
             rworker: None,
             busy: Vec::new(),
             compacting: 0,
+            reserved: 0,
             filter: None,
             keep: None,
             failed: None,
@@ -1062,7 +1115,7 @@ impl Db {
                     // Freeing millions of small allocations takes a while: a thread of its own
                     // does it at once (not after the next flush, which would hold the memory).
                     if let Some(r) = &self.release {
-                        let _ = r.send(mem);
+                        let _ = r.send(Garbage::Mem(mem));
                     }
                 }
                 if let Some(f) = file {
@@ -1072,8 +1125,13 @@ impl Db {
                 self.store_manifest()?;
                 self.maybe_compact()
             }
-            Done::Compacted { inputs, result } => {
+            Done::Compacted {
+                inputs,
+                reserved,
+                result,
+            } => {
                 self.compacting = self.compacting.saturating_sub(1);
+                self.reserved = self.reserved.saturating_sub(reserved);
                 self.busy
                     .retain(|b| !inputs.iter().any(|i| Arc::ptr_eq(i, b)));
                 let files = result?;
@@ -1099,6 +1157,11 @@ impl Db {
                 self.store_manifest()?;
                 for f in old.iter().flat_map(|r| r.iter()) {
                     f.mark_obsolete();
+                }
+                // The inputs' block indexes are freed here unless a snapshot still reads them.
+                drop((old, inputs));
+                if let Some(r) = &self.release {
+                    let _ = r.send(Garbage::Freed);
                 }
                 self.maybe_compact()
             }
@@ -1142,8 +1205,13 @@ impl Db {
         self.compacting += 1;
         let inputs = self.runs[runs.clone()].to_vec();
         self.busy.extend(inputs.iter().cloned());
+        let reserved = self.opts.compaction_reserve(&inputs);
+        self.reserved += reserved;
+        // The write buffer shrinks now (it rotates sooner), not only after the next flush.
+        self.update_buffer_bytes();
         let job = Job::Compact {
             inputs,
+            reserved,
             bottommost: runs.end == self.runs.len(),
             filter: self.filter.clone(),
             keep: self.keep.clone(),
@@ -1151,15 +1219,22 @@ impl Db {
         self.send(job)
     }
 
-    /// Gives the write buffer what the block indexes of the live runs leave of the budget.
+    /// Gives the write buffers what the block indexes of the live runs and the reservations of
+    /// running compactions leave of the budget.
     fn update_buffer_bytes(&mut self) {
+        self.buffer_bytes = self.opts.write_buffer_bytes(self.charged_bytes());
+    }
+
+    /// Budget bytes not available to write buffers: the in-memory block indexes of the live
+    /// runs plus what running compactions reserved.
+    fn charged_bytes(&self) -> usize {
         let index: usize = self
             .runs
             .iter()
             .flat_map(|r| r.iter())
             .map(|f| f.memory_bytes())
             .sum();
-        self.buffer_bytes = self.opts.write_buffer_bytes(index);
+        index + self.reserved
     }
 
     fn store_manifest(&mut self) -> Result<()> {
@@ -1307,6 +1382,58 @@ mod tests {
             target_file_bytes: 32 << 10,
             ..EngineOptions::default()
         }
+    }
+
+    /// A running compaction is charged to the budget: from its start until it is installed the
+    /// write buffer gets what the live block indexes *and* the compaction's reservation (its
+    /// outputs' block indexes, at most the inputs', plus its writer) leave; afterwards the
+    /// reservation is released and only the live runs' indexes are charged.
+    #[test]
+    fn a_running_compaction_is_charged_to_the_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = EngineOptions {
+            memory_budget: 4 << 20,
+            max_sorted_runs: 64,
+            target_file_bytes: 256 << 10,
+            ..EngineOptions::default()
+        };
+        let mut db = Db::open(dir.path(), opts.clone()).unwrap();
+        for round in 0u32..3 {
+            for i in 0u32..20_000 {
+                db.put(&(i * 3 + round).to_be_bytes(), &[round as u8; 40])
+                    .unwrap();
+            }
+            db.flush().unwrap();
+        }
+        db.drain().unwrap();
+        assert_eq!(db.compacting, 0);
+        assert_eq!(db.reserved, 0);
+        let index = db.charged_bytes();
+        assert!(index > 0);
+        assert_eq!(db.buffer_bytes, opts.write_buffer_bytes(index));
+        let n = db.runs.len();
+        assert!(n >= 2, "{n} runs");
+        // Nothing is installed before the next poll: the reservation is observable.
+        db.start_compaction(0..n).unwrap();
+        let inputs: usize = db
+            .runs
+            .iter()
+            .flat_map(|r| r.iter())
+            .map(|f| f.memory_bytes())
+            .sum();
+        assert_eq!(db.reserved, inputs + (256 << 10) / 16);
+        assert_eq!(db.charged_bytes(), index + db.reserved);
+        assert_eq!(
+            db.buffer_bytes,
+            opts.write_buffer_bytes(index + db.reserved)
+        );
+        assert!(db.buffer_bytes < opts.write_buffer_bytes(index));
+        db.drain().unwrap();
+        assert_eq!(db.reserved, 0);
+        assert_eq!(db.runs.len(), 1);
+        assert_eq!(db.buffer_bytes, opts.write_buffer_bytes(db.charged_bytes()));
+        // The merge was cut into output files of about the target size.
+        assert!(db.runs[0].len() > 1, "{} files", db.runs[0].len());
     }
 
     /// A flush that fails (its directory is gone) fails the engine: later writes, flushes and

@@ -46,10 +46,12 @@
 //!
 //! One number, [`MmapBackendBuilder::memory_budget`] (default 256 MiB), bounds the engine's own
 //! memory: the in-memory block index of every sorted run (32 bytes per data block of about
-//! 4 KiB), the write buffer, write buffers waiting for their flush, compaction buffers (the
-//! write buffers get what the block indexes leave). Mapped indexes, bloom filters and data are
-//! read through memory maps and live in the OS page cache. The byte layout of every file is in
-//! `docs/mmap-format.md`.
+//! 4 KiB), what running compactions reserve (their outputs' block indexes and the buffers of
+//! the file being written, charged from the start of the compaction), the write buffer and
+//! write buffers waiting for their flush (they get what the indexes and reservations leave).
+//! Freed write buffers are handed back to the OS (glibc `malloc_trim`). Mapped indexes, bloom
+//! filters and data are read through memory maps and live in the OS page cache. The split, and
+//! the byte layout of every file, are in `docs/mmap-format.md`.
 //!
 //! # Safety
 //!

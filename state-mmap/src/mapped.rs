@@ -1,5 +1,5 @@
 //! The only module with `unsafe` code: read-only memory maps of immutable sorted-run files,
-//! and CPU prefetch hints over their bytes.
+//! CPU prefetch hints over their bytes, and handing freed heap memory back to the OS.
 //!
 //! # Truncation underneath a mapping
 //!
@@ -91,4 +91,19 @@ pub(crate) fn prefetch(bytes: &[u8], max_lines: usize) {
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = (bytes, max_lines);
+}
+
+/// Hands the allocator's free memory back to the OS (glibc's `malloc_trim`; nothing on other
+/// platforms). Called after a write buffer or the block indexes of replaced files were freed:
+/// glibc keeps freed memory of its heaps for reuse, and the holes that millions of freed small
+/// write-buffer allocations leave would otherwise stay resident (at 50M keys and a 256 MiB
+/// budget, about a third of the process's anonymous memory).
+pub(crate) fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: `malloc_trim` takes no pointer and only returns pages of free chunks to the
+    // kernel (`madvise`/`sbrk`) under the allocator's own locks; memory in use is untouched.
+    // It is glibc's function: the cfg above limits the call to glibc targets.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }

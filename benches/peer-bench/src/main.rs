@@ -524,21 +524,32 @@ fn dir_size(dir: &std::path::Path) -> u64 {
 /// Larger than the budget: `n` keys with 100-byte values, random gets and updates.
 fn large(n: u64, budget_mib: usize, which: &str) -> Res<()> {
     let ops = n.min(2_000_000);
-    // Random keys from a generator (a shuffled array of 50M keys would add 400 MB to the RSS
-    // being measured).
-    let order: Vec<u64> = {
+    // Random keys from a generator, generated again for each phase: a shuffled array of 50M
+    // keys would add 400 MB to the RSS being measured, even 2M keys 16 MB.
+    let order = || {
         let mut s = 0x9e37_79b9_7f4a_7c15u64;
-        (0..ops)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                s % n
-            })
-            .collect()
+        (0..ops).map(move |_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s % n
+        })
     };
     let value = vec![7u8; 100];
     let dir = tempfile::tempdir()?;
+    // Peak anonymous RSS, sampled every 10 ms on a thread of its own (a sample in the loops
+    // would miss short peaks such as the end of a large compaction).
+    let sampled = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let (sampled, stop) = (sampled.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                sampled.fetch_max(rss().1, std::sync::atomic::Ordering::Relaxed);
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        })
+    };
     let mut peak_anon = 0u64;
     let t = Instant::now();
     let t0 = t;
@@ -566,7 +577,7 @@ fn large(n: u64, budget_mib: usize, which: &str) -> Res<()> {
             b.engine().stats()
         );
         let t = Instant::now();
-        for &k in &order[..ops as usize] {
+        for k in order() {
             b.set_current_key(k)?;
             std::hint::black_box(b.value(&h).get()?);
         }
@@ -578,7 +589,7 @@ fn large(n: u64, budget_mib: usize, which: &str) -> Res<()> {
         );
         peak_anon = peak_anon.max(rss().1);
         let t = Instant::now();
-        for &k in &order[..ops as usize] {
+        for k in order() {
             b.set_current_key(k)?;
             b.value(&h).update(value.clone())?;
             if k % 100_000 == 0 {
@@ -627,14 +638,14 @@ fn large(n: u64, budget_mib: usize, which: &str) -> Res<()> {
             load = n as f64 / t.elapsed().as_secs_f64();
             let c = phase("load", n, t0, c0);
             let t = Instant::now();
-            for &k in &order[..ops as usize] {
+            for k in order() {
                 std::hint::black_box(db.get_pinned(key(k))?.map(|v| v.len()));
             }
             get = ops as f64 / t.elapsed().as_secs_f64();
             let c = phase("get", ops, t, c);
             peak_anon = peak_anon.max(rss().1);
             let t = Instant::now();
-            for &k in &order[..ops as usize] {
+            for k in order() {
                 db.put_opt(key(k), &value, &wo)?;
                 if k % 100_000 == 0 {
                     peak_anon = peak_anon.max(rss().1);
@@ -649,6 +660,9 @@ fn large(n: u64, budget_mib: usize, which: &str) -> Res<()> {
             return Err("build with --features rocksdb".into());
         }
     }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = sampler.join();
+    let peak_anon = peak_anon.max(sampled.load(std::sync::atomic::Ordering::Relaxed));
     let (hwm, _) = rss();
     println!(
         "| {which} | {n} | {budget_mib} MiB | {:.0}k | {:.0}k | {:.0}k | {} MiB | {} MiB | {} MiB |",
