@@ -34,6 +34,9 @@ pub struct EngineOptions {
     /// mapped and belong to the OS page cache, outside the budget. Default 256 MiB.
     pub memory_budget: usize,
     /// Compaction starts when this many sorted runs exist (bounds read amplification). Default 6.
+    /// Runs each larger than all newer runs together are left out of such a merge (it would
+    /// rewrite most of the data to remove one run), so up to about log2(data / write buffer)
+    /// such runs may exist on top of this.
     pub max_sorted_runs: usize,
     /// Compaction output files are cut at key-group boundaries once this large. Default 64 MiB.
     pub target_file_bytes: u64,
@@ -301,6 +304,37 @@ impl WorkerCtx {
         sync_dir(&self.dir)?;
         Ok(out)
     }
+}
+
+/// Which of the newest runs to merge, given the sizes of the runs no compaction is merging
+/// (newest first): `Some(k)` merges runs `0..k`. Once there are `max_runs / 2` runs or more,
+/// the newest runs while each next (older) run is no larger than the ones taken so far
+/// together (so each byte is rewritten about log2(data / write buffer) times); with
+/// `max_runs` of them, all but the oldest runs that are each larger than all newer runs
+/// together: merging those would rewrite most of the data (at 50M keys, a 6 GB bottom run
+/// every few flushes) to remove one run; they join a merge once the newer runs have grown.
+fn pick_compaction(sizes: &[u64], max_runs: usize) -> Option<usize> {
+    let n = sizes.len();
+    if n < (max_runs / 2).max(2) {
+        return None;
+    }
+    let mut take = 1;
+    let mut sum = sizes[0];
+    while take < n && sizes[take] <= sum {
+        sum += sizes[take];
+        take += 1;
+    }
+    if take >= 2 {
+        return Some(take);
+    }
+    if n < max_runs {
+        return None;
+    }
+    let mut all = n;
+    while all > 2 && sizes[all - 1] > sizes[..all - 1].iter().sum::<u64>() {
+        all -= 1;
+    }
+    Some(all)
 }
 
 /// Memory the writer hands to the release thread.
@@ -1168,10 +1202,8 @@ impl Db {
         }
     }
 
-    /// Size-tiered compaction of the runs newer than those a running compaction merges: once
-    /// there are `max_sorted_runs / 2` of them or more, merge the newest runs while each next
-    /// (older) run is no larger than the ones taken so far together (so each byte is rewritten
-    /// about log2(data / write buffer) times); with `max_sorted_runs` of them, merge them all.
+    /// Size-tiered compaction of the runs newer than those a running compaction merges (see
+    /// [`pick_compaction`]).
     /// Up to [`EngineOptions::COMPACTION_THREADS`] compactions run at once.
     fn maybe_compact(&mut self) -> Result<()> {
         if self.compacting >= EngineOptions::COMPACTION_THREADS {
@@ -1182,22 +1214,11 @@ impl Db {
             .iter()
             .position(|r| self.busy.iter().any(|b| Arc::ptr_eq(r, b)))
             .unwrap_or(self.runs.len());
-        if n < (self.opts.max_sorted_runs / 2).max(2) {
-            return Ok(());
-        }
         let size = |r: &SortedRun| r.iter().map(|f| f.size()).sum::<u64>();
-        let mut take = 1;
-        let mut sum = size(&self.runs[0]);
-        while take < n && size(&self.runs[take]) <= sum {
-            sum += size(&self.runs[take]);
-            take += 1;
-        }
-        if take >= 2 {
-            self.start_compaction(0..take)
-        } else if n >= self.opts.max_sorted_runs {
-            self.start_compaction(0..n)
-        } else {
-            Ok(())
+        let sizes: Vec<u64> = self.runs[..n].iter().map(size).collect();
+        match pick_compaction(&sizes, self.opts.max_sorted_runs) {
+            Some(take) => self.start_compaction(0..take),
+            None => Ok(()),
         }
     }
 
@@ -1382,6 +1403,23 @@ mod tests {
             target_file_bytes: 32 << 10,
             ..EngineOptions::default()
         }
+    }
+
+    /// Size-tiered picks: the newest runs while each older one is no larger than those taken;
+    /// with `max_runs` runs, all but the oldest runs larger than everything newer together.
+    #[test]
+    fn compaction_picks_leave_out_runs_larger_than_all_newer_ones() {
+        assert_eq!(pick_compaction(&[10, 10], 6), None);
+        assert_eq!(pick_compaction(&[10, 10, 10], 6), Some(3));
+        assert_eq!(pick_compaction(&[10, 10, 30, 5000], 6), Some(2));
+        assert_eq!(pick_compaction(&[10, 20, 40, 5000], 6), None);
+        // Six runs, the oldest three each larger than the newer ones together: they stay.
+        assert_eq!(pick_compaction(&[10, 20, 25, 80, 200, 5000], 6), Some(3));
+        assert_eq!(pick_compaction(&[10, 20, 40, 80, 140, 5000], 6), Some(5));
+        // The bottom run joins once the newer runs are as large together.
+        assert_eq!(pick_compaction(&[10, 20, 40, 80, 160, 300], 6), Some(6));
+        // At least two runs are merged.
+        assert_eq!(pick_compaction(&[10, 20, 40, 80, 160, 320], 6), Some(2));
     }
 
     /// A running compaction is charged to the budget: from its start until it is installed the

@@ -199,9 +199,14 @@ pub(crate) enum Resolve {
     Partial,
 }
 
-/// Merges cursors (newest first) into one resolved, ordered stream.
+/// Merges cursors (newest first) into one resolved, ordered stream. The cursors that have an
+/// entry are kept in a binary min-heap ordered by `(current key, cursor index)`: an entry
+/// costs about `log2(cursors)` key comparisons instead of two passes over every cursor (a
+/// compaction of many runs spent a fifth of the process's CPU choosing the smallest key).
 pub(crate) struct MergeIter {
     sources: Vec<Box<dyn Cursor>>,
+    /// Indexes of the cursors with an entry, a heap (smallest key, then newest cursor, first).
+    heap: Vec<usize>,
     resolve: Resolve,
     key: Vec<u8>,
     value: Vec<u8>,
@@ -209,10 +214,47 @@ pub(crate) struct MergeIter {
     ops: Vec<Vec<u8>>,
 }
 
+/// True when cursor `a`'s entry comes before cursor `b`'s: the smaller key, and for equal keys
+/// the newer cursor (the smaller index).
+#[inline]
+fn before(sources: &[Box<dyn Cursor>], a: usize, b: usize) -> bool {
+    match (sources[a].current(), sources[b].current()) {
+        (Some((_, ka, _)), Some((_, kb, _))) => ka.cmp(kb).then(a.cmp(&b)).is_lt(),
+        (Some(_), None) => true,
+        _ => false,
+    }
+}
+
+/// Restores the heap order below position `i`.
+fn sift_down(sources: &[Box<dyn Cursor>], heap: &mut [usize], mut i: usize) {
+    loop {
+        let (l, r) = (2 * i + 1, 2 * i + 2);
+        let mut m = i;
+        if l < heap.len() && before(sources, heap[l], heap[m]) {
+            m = l;
+        }
+        if r < heap.len() && before(sources, heap[r], heap[m]) {
+            m = r;
+        }
+        if m == i {
+            return;
+        }
+        heap.swap(i, m);
+        i = m;
+    }
+}
+
 impl MergeIter {
     pub(crate) fn new(sources: Vec<Box<dyn Cursor>>, resolve: Resolve) -> MergeIter {
+        let mut heap: Vec<usize> = (0..sources.len())
+            .filter(|&i| sources[i].current().is_some())
+            .collect();
+        for i in (0..heap.len() / 2).rev() {
+            sift_down(&sources, &mut heap, i);
+        }
         MergeIter {
             sources,
+            heap,
             resolve,
             key: Vec::new(),
             value: Vec::new(),
@@ -226,22 +268,9 @@ impl MergeIter {
     #[allow(clippy::should_implement_trait)]
     pub(crate) fn next(&mut self) -> Result<Option<(OpKind, &[u8], &[u8])>> {
         loop {
-            let mut min: Option<usize> = None;
-            for (i, s) in self.sources.iter().enumerate() {
-                if let Some((_, k, _)) = s.current() {
-                    match min {
-                        Some(m) => {
-                            if let Some((_, mk, _)) = self.sources[m].current() {
-                                if k < mk {
-                                    min = Some(i);
-                                }
-                            }
-                        }
-                        None => min = Some(i),
-                    }
-                }
-            }
-            let Some(m) = min else { return Ok(None) };
+            let Some(&m) = self.heap.first() else {
+                return Ok(None);
+            };
             self.key.clear();
             if let Some((_, k, _)) = self.sources[m].current() {
                 self.key.extend_from_slice(k);
@@ -249,13 +278,17 @@ impl MergeIter {
             self.ops.clear();
             let mut base: Option<OpKind> = None;
             self.value.clear();
-            for i in m..self.sources.len() {
+            // The cursors holding this key come off the heap newest first.
+            while let Some(&i) = self.heap.first() {
                 let s = &mut self.sources[i];
                 let Some((kind, k, v)) = s.current() else {
+                    // Not reached: only cursors with an entry are on the heap.
+                    self.heap.swap_remove(0);
+                    sift_down(&self.sources, &mut self.heap, 0);
                     continue;
                 };
                 if k != &self.key[..] {
-                    continue;
+                    break;
                 }
                 if base.is_none() {
                     match kind {
@@ -268,6 +301,10 @@ impl MergeIter {
                     }
                 }
                 s.advance()?;
+                if s.current().is_none() {
+                    self.heap.swap_remove(0);
+                }
+                sift_down(&self.sources, &mut self.heap, 0);
             }
             for op in self.ops.iter().rev() {
                 self.value.extend_from_slice(op);
@@ -286,6 +323,78 @@ impl MergeIter {
                 }
             }
             return Ok(Some((self.kind, &self.key, &self.value)));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    /// The heap merge of many sources (newest first) resolves every key as applying the
+    /// sources oldest to newest would: puts replace, merges append, tombstones delete (kept as
+    /// tombstones and unresolved merges only with `Resolve::Partial`).
+    #[test]
+    fn merging_many_sources_resolves_like_applying_them_in_order() {
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut rand = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        for sources in [1usize, 2, 3, 7, 12] {
+            let mut mems: Vec<Memtable> =
+                (0..sources).map(|_| Memtable::new(None, 1 << 20)).collect();
+            // `(kind, bytes)` per key: the model of what the sources hold together.
+            let mut model: BTreeMap<Vec<u8>, (OpKind, Vec<u8>)> = BTreeMap::new();
+            // Oldest source last: apply in that order.
+            for s in (0..sources).rev() {
+                for _ in 0..300 {
+                    let k = vec![rand(4) as u8, rand(40) as u8];
+                    let v = vec![rand(256) as u8; 1 + rand(3) as usize];
+                    match rand(3) {
+                        0 => {
+                            mems[s].put(&k, &v);
+                            model.insert(k, (OpKind::Put, v));
+                        }
+                        1 => {
+                            mems[s].merge(&k, &v);
+                            let e = model.entry(k).or_insert((OpKind::Merge, Vec::new()));
+                            if e.0 == OpKind::Delete {
+                                *e = (OpKind::Put, Vec::new());
+                            }
+                            e.1.extend_from_slice(&v);
+                        }
+                        _ => {
+                            mems[s].delete(&k);
+                            model.insert(k, (OpKind::Delete, Vec::new()));
+                        }
+                    }
+                }
+            }
+            let mems: Vec<Arc<Memtable>> = mems.into_iter().map(Arc::new).collect();
+            for resolve in [Resolve::Read, Resolve::Partial] {
+                let cursors: Vec<Box<dyn Cursor>> = mems
+                    .iter()
+                    .map(|m| Box::new(MemCursor::new(Arc::clone(m), &[], None)) as Box<dyn Cursor>)
+                    .collect();
+                let mut it = MergeIter::new(cursors, resolve);
+                let mut got = Vec::new();
+                while let Some((kind, k, v)) = it.next().unwrap() {
+                    got.push((k.to_vec(), (kind, v.to_vec())));
+                }
+                let want: Vec<(Vec<u8>, (OpKind, Vec<u8>))> = model
+                    .iter()
+                    .filter_map(|(k, (kind, v))| match (resolve, kind) {
+                        (Resolve::Partial, _) => Some((k.clone(), (*kind, v.clone()))),
+                        (_, OpKind::Delete) => None,
+                        _ => Some((k.clone(), (OpKind::Put, v.clone()))),
+                    })
+                    .collect();
+                assert_eq!(got, want, "{sources} sources, {resolve:?}");
+            }
         }
     }
 }
