@@ -210,8 +210,20 @@ impl WorkerCtx {
     fn flush(&self, mem: &Memtable, number: u64) -> Result<Option<Arc<RunFile>>> {
         let path = self.dir.join(run_file_name(number));
         let mut w = RunWriter::create(&path, self.opts.prefix_extractor.clone())?;
-        for (k, op) in mem.range(std::ops::Bound::Unbounded, std::ops::Bound::Unbounded) {
-            w.add(k, op.kind(), op.value())?;
+        // Entries in key order, each loaded into the cache a few entries ahead (its value
+        // a few entries after it): the entries and values lie all over the heap.
+        const AHEAD: usize = 8;
+        let order = mem.positions_in_key_order();
+        for (n, &i) in order.iter().enumerate() {
+            if let Some(&j) = order.get(n + 2 * AHEAD) {
+                mem.prefetch_entry(j, false);
+            }
+            if let Some(&j) = order.get(n + AHEAD) {
+                mem.prefetch_entry(j, true);
+            }
+            if let Some((k, op)) = mem.entry_at(i) {
+                w.add(k, op.kind(), op.value())?;
+            }
         }
         match w.finish()? {
             Some(p) => {

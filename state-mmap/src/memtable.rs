@@ -322,6 +322,35 @@ impl Memtable {
         self.entries.get(i as usize).map(|e| (&e.0[..], &e.1))
     }
 
+    /// The positions of all entries in key order, for a flush: a sort of the entries' key heads
+    /// (read in one pass over the entries) instead of a walk of the ordered set with a hash
+    /// lookup per key, whose cache misses made most of a flush's time. Holds 32 bytes per entry
+    /// while it sorts (a tenth of what the entries are charged).
+    pub(crate) fn positions_in_key_order(&self) -> Vec<u32> {
+        let mut order: Vec<(u128, u32)> = self
+            .entries
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (head_of(&e.0), i as u32))
+            .collect();
+        let key = |i: u32| self.entries.get(i as usize).map(|e| &e.0[..]);
+        order.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| key(a.1).cmp(&key(b.1))));
+        order.into_iter().map(|(_, i)| i).collect()
+    }
+
+    /// Starts loading the entry at position `i` into the CPU cache; with `value`, also the
+    /// bytes of its value (reads the entry: call it for an entry prefetched a while ago).
+    #[inline]
+    pub(crate) fn prefetch_entry(&self, i: u32, value: bool) {
+        if let Some(e) = self.entries.get(i as usize) {
+            if value {
+                crate::mapped::prefetch(e.1.value(), 4);
+            } else {
+                crate::mapped::prefetch_ref(e);
+            }
+        }
+    }
+
     /// Approximate bytes used.
     pub(crate) fn bytes(&self) -> usize {
         self.bytes
@@ -484,6 +513,37 @@ impl Memtable {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The flush order (a sort of the entries) is the ordered set's order, also for keys that
+    /// differ only after their first 16 bytes or are prefixes of each other.
+    #[test]
+    fn positions_in_key_order_match_the_ordered_set() {
+        let mut m = Memtable::new(None, 1 << 20);
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..2000 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let mut k = vec![7u8; (seed % 20) as usize];
+            k.push((seed >> 8) as u8 % 4);
+            match (seed >> 16) % 3 {
+                0 => m.put(&k, b"v"),
+                1 => m.merge(&k, b"m"),
+                _ => m.delete(&k),
+            }
+        }
+        let sorted: Vec<&[u8]> = m
+            .positions_in_key_order()
+            .into_iter()
+            .filter_map(|i| m.entry_at(i).map(|(k, _)| k))
+            .collect();
+        let walked: Vec<&[u8]> = m
+            .range(Bound::Unbounded, Bound::Unbounded)
+            .map(|(k, _)| k)
+            .collect();
+        assert!(walked.len() > 40, "{}", walked.len());
+        assert_eq!(sorted, walked);
+    }
 
     /// `range` returns the keys within its bounds in order, whatever the bounds' kinds, for
     /// keys that differ only after their first 16 bytes, and nothing for an inverted range.
