@@ -55,9 +55,9 @@
 //!
 //! # Safety
 //!
-//! The only `unsafe` code (module `mapped`) maps files read-only and issues CPU prefetch
-//! hints; files are immutable once published and never truncated by this crate (see
-//! `docs/mmap-format.md` on truncation).
+//! The only `unsafe` code (module `mapped`) maps files read-only, issues CPU prefetch hints
+//! and calls glibc's `malloc_trim`; files are immutable once published and never truncated
+//! by this crate (see `docs/mmap-format.md` on truncation).
 //!
 //! The crate has no cargo features.
 #![warn(missing_docs)]
