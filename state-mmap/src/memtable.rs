@@ -2,6 +2,7 @@
 
 use std::collections::BTreeSet;
 use std::ops::Bound;
+use std::sync::OnceLock;
 
 use std::hash::BuildHasher;
 
@@ -212,7 +213,8 @@ impl Ord for MemKey {
 
 /// A write buffer with byte accounting: the entries in insertion order, a hash table of their
 /// positions for point reads and writes (4 bytes a slot: its power-of-two size wastes little),
-/// and an ordered set of the keys (touched only when a key is new) for flushes and range scans.
+/// and, once a range scan asked for it, an ordered set of the keys (then touched whenever a key
+/// is new; flushes sort the entries instead).
 /// With a prefix extractor, the entries of each scan prefix are also chained together, so a
 /// prefix scan (one map) finds its few entries without a search of the ordered set.
 #[derive(Clone, Default)]
@@ -220,7 +222,9 @@ pub(crate) struct Memtable {
     map: hashbrown::HashTable<u32>,
     entries: Vec<(SmallBytes, Op)>,
     hasher: Hasher,
-    order: BTreeSet<MemKey>,
+    /// Built by the first range scan (a flush sorts the entries instead), then kept up to date:
+    /// a buffer nobody scans never pays for an ordered insert per new key.
+    order: OnceLock<BTreeSet<MemKey>>,
     bytes: usize,
     prefix: Option<PrefixExtractor>,
     /// Per scan-prefix hash: the newest entry with a prefix of that hash and how many there are.
@@ -351,6 +355,12 @@ impl Memtable {
         }
     }
 
+    /// The ordered set of the keys, built from the entries on first use.
+    fn ordered(&self) -> &BTreeSet<MemKey> {
+        self.order
+            .get_or_init(|| self.entries.iter().map(|e| MemKey::new(&e.0)).collect())
+    }
+
     /// Approximate bytes used.
     pub(crate) fn bytes(&self) -> usize {
         self.bytes
@@ -410,7 +420,7 @@ impl Memtable {
             Bound::Unbounded => Bound::Unbounded,
         };
         let to = to.map(|b| (head_of(b), b));
-        self.order
+        self.ordered()
             .range((start, Bound::Unbounded))
             .take_while(move |k| {
                 let below = |h: u128, b: &[u8]| k.head.cmp(&h).then_with(|| k.bytes[..].cmp(b));
@@ -446,7 +456,9 @@ impl Memtable {
             self.chain.push(prev);
         }
         self.bytes += 2 * key.len() + value_len + ENTRY_OVERHEAD;
-        self.order.insert(MemKey::new(key));
+        if let Some(order) = self.order.get_mut() {
+            order.insert(MemKey::new(key));
+        }
     }
 
     /// Stores `op` for `key` with one probe of the hash table.
@@ -543,6 +555,31 @@ mod tests {
             .collect();
         assert!(walked.len() > 40, "{}", walked.len());
         assert_eq!(sorted, walked);
+    }
+
+    /// The ordered set is built by the first range scan and kept up to date by later writes.
+    #[test]
+    fn keys_written_after_the_first_scan_are_scanned() {
+        let mut m = Memtable::new(None, 1 << 20);
+        for i in (0u32..100).step_by(2) {
+            m.put(&i.to_be_bytes(), b"a");
+        }
+        assert_eq!(m.range(Bound::Unbounded, Bound::Unbounded).count(), 50);
+        for i in (1u32..100).step_by(2) {
+            m.merge(&i.to_be_bytes(), b"b");
+        }
+        m.delete(&200u32.to_be_bytes());
+        let keys: Vec<Vec<u8>> = m
+            .range(Bound::Unbounded, Bound::Unbounded)
+            .map(|(k, _)| k.to_vec())
+            .collect();
+        let want: Vec<Vec<u8>> = (0u32..100)
+            .chain([200])
+            .map(|i| i.to_be_bytes().to_vec())
+            .collect();
+        assert_eq!(keys, want);
+        let copy = m.clone();
+        assert_eq!(copy.range(Bound::Unbounded, Bound::Unbounded).count(), 101);
     }
 
     /// `range` returns the keys within its bounds in order, whatever the bounds' kinds, for
