@@ -1550,6 +1550,44 @@ mod tests {
         assert!(out.is_empty());
     }
 
+    /// With more sources than a get's 64-run bit mask (70 sorted runs and a write buffer), a
+    /// scan and a get still merge every source's operands in order.
+    #[test]
+    fn scans_merge_more_than_64_sources() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = EngineOptions {
+            max_sorted_runs: 200,
+            ..small()
+        };
+        let mut db = Db::open(dir.path(), opts).unwrap();
+        let mut model = BTreeMap::<Vec<u8>, Vec<u8>>::new();
+        for i in 0..71u8 {
+            for k in [&b"k1"[..], b"k2"] {
+                db.merge(k, &[i]).unwrap();
+                model.entry(k.to_vec()).or_default().push(i);
+            }
+            db.put(&[b'u', i], &[i]).unwrap();
+            model.insert(vec![b'u', i], vec![i]);
+            if i < 70 {
+                db.flush().unwrap();
+            }
+        }
+        db.drain().unwrap();
+        assert!(db.stats().2 >= 70, "{:?}", db.stats());
+        let mut got = BTreeMap::new();
+        db.scan(b"", b"\xff", |k, v| -> Result<bool> {
+            got.insert(k.to_vec(), v.to_vec());
+            Ok(true)
+        })
+        .unwrap();
+        assert_eq!(got, model);
+        for (k, v) in &model {
+            let mut out = Vec::new();
+            assert!(db.get(k, &mut out).unwrap());
+            assert_eq!(&out, v);
+        }
+    }
+
     fn all(db: &Db) -> BTreeMap<Vec<u8>, Vec<u8>> {
         let mut it = db.iter(&[], None).unwrap();
         let mut out = BTreeMap::new();
