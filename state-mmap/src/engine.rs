@@ -18,7 +18,7 @@ use crate::error::{Error, Result};
 use crate::iter::{Cursor, MemCursor, MergeIter, Resolve, RunCursor};
 use crate::manifest::{sync_dir, FileEntry, Manifest};
 use crate::memtable::{Memtable, Op, OpKind, PrefixEntries};
-use crate::run::{prefix_hash, PrefixExtractor, Probe, RunFile, RunWriter};
+use crate::run::{prefix_hash, Block, PrefixExtractor, Probe, RunFile, RunWriter};
 
 /// Options of the engine.
 #[derive(Clone)]
@@ -772,17 +772,39 @@ impl Db {
                 maybe |= 1 << i;
             }
         }
+        // The blocks of the first few runs that may hold the key, located before any is
+        // searched: their fingerprints load together (a list with appended elements is in
+        // two runs or more).
+        let mut blocks: [Option<Block<'_>>; 4] = [None; 4];
+        let mut left = maybe;
+        for b in blocks.iter_mut() {
+            if left == 0 {
+                break;
+            }
+            let i = left.trailing_zeros() as usize;
+            left &= left - 1;
+            if let Some(f) = self.runs.get(i).and_then(|r| r.get(files[i] as usize)) {
+                *b = f.locate(&probe)?;
+            }
+        }
+        let mut nth = 0usize;
         for (i, r) in self.runs.iter().enumerate() {
             let f = if i < 64 {
                 if maybe & (1 << i) == 0 {
                     continue;
                 }
+                nth += 1;
                 r.get(files[i] as usize)
             } else {
                 r.get(r.partition_point(|f| f.before(&probe)))
             };
             let Some(f) = f else { continue };
-            if let Some(e) = f.get_unfiltered(&probe, hash)? {
+            let found = match blocks.get(nth.wrapping_sub(1)).filter(|_| i < 64) {
+                Some(Some(b)) => b.find(probe.key, hash, f)?,
+                Some(None) => None,
+                None => f.get_unfiltered(&probe, hash)?,
+            };
+            if let Some(e) = found {
                 match e.kind {
                     OpKind::Put => {
                         finish(Some(e.value), &ops, out);

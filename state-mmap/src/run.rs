@@ -824,6 +824,19 @@ impl RunFile {
         self.block(bi)?.find(p.key, hash, self)
     }
 
+    /// The block that would hold the probe's key, with its fingerprints and offsets starting
+    /// to load (a later [`Block::find`] in it waits less): lookups in several runs locate
+    /// every run's block first, so the blocks load together.
+    #[inline]
+    pub(crate) fn locate(&self, p: &Probe) -> Result<Option<Block<'_>>> {
+        let Some(bi) = self.find_block_headed(p.key, p.head)? else {
+            return Ok(None);
+        };
+        let b = self.block(bi)?;
+        b.prefetch_lookup();
+        Ok(Some(b))
+    }
+
     /// The entry stored for exactly `key`, whose [`key_hash`] is `hash`.
     #[cfg(test)]
     pub(crate) fn get(&self, key: &[u8], hash: u64) -> Result<Option<RawEntry<'_>>> {
@@ -916,8 +929,7 @@ impl<'a> Block<'a> {
         // positive; each candidate is checked against the key anyway).
         // The fingerprints and the offsets are contiguous: start loading them all now, so the
         // offset of the matching entry is there when the fingerprints have been compared.
-        crate::mapped::prefetch(fps, 8);
-        crate::mapped::prefetch(&self.data[self.offsets_at..], 16);
+        self.prefetch_lookup();
         const LO: u64 = 0x0101_0101_0101_0101;
         const HI: u64 = 0x8080_8080_8080_8080;
         let pattern = u64::from(fingerprint(hash)) * LO;
@@ -1014,6 +1026,15 @@ impl<'a> Block<'a> {
                 crate::mapped::prefetch(self.data.get(at..self.offsets_at).unwrap_or(&[]), 1);
             }
         }
+    }
+
+    /// Starts loading what a [`Block::find`] reads first: the fingerprints and the offsets
+    /// (contiguous).
+    #[inline]
+    pub(crate) fn prefetch_lookup(&self) {
+        let at = self.offsets_at + self.count * 4;
+        crate::mapped::prefetch(self.data.get(at..).unwrap_or(&[]), 8);
+        crate::mapped::prefetch(self.data.get(self.offsets_at..).unwrap_or(&[]), 16);
     }
 
     /// Starts loading up to `lines` cache lines of the entries from entry `i` on (a scan
