@@ -226,6 +226,27 @@ fn varint_of<T: 'static>(value: &T) -> Option<u64> {
     }
 }
 
+/// The bytes of a `Vec<u8>` or `String` value, `None` for other types: postcard writes them as
+/// a varint length and the bytes, which is done here without a serde call per byte (the
+/// derived `Vec<u8>` serialization is a sequence of one-byte elements).
+#[inline(always)]
+fn bytes_of<T: 'static>(value: &T) -> Option<&[u8]> {
+    let v = value as &dyn std::any::Any;
+    if let Some(b) = v.downcast_ref::<Vec<u8>>() {
+        Some(b)
+    } else {
+        v.downcast_ref::<String>().map(|s| s.as_bytes())
+    }
+}
+
+/// Appends postcard's encoding of a byte string: the varint length, then the bytes.
+#[inline(always)]
+fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
+    out.reserve(b.len() + 10);
+    put_varint(out, b.len() as u64);
+    out.extend_from_slice(b);
+}
+
 /// Appends the LEB128 bytes of `x`.
 #[inline(always)]
 fn put_varint(out: &mut Vec<u8>, mut x: u64) {
@@ -241,6 +262,10 @@ impl<T: Serialize + DeserializeOwned + 'static> StateSerializer<T> for PostcardS
     fn serialize(&self, value: &T, out: &mut Vec<u8>) -> Result<(), SerdeError> {
         if let Some(x) = varint_of(value) {
             put_varint(out, x);
+            return Ok(());
+        }
+        if let Some(b) = bytes_of(value) {
+            put_bytes(out, b);
             return Ok(());
         }
         value
@@ -261,11 +286,13 @@ impl<T: Serialize + DeserializeOwned + 'static> StateSerializer<T> for PostcardS
             output: VecFlavor(out),
         };
         for v in values {
-            match varint_of(v) {
-                Some(x) => put_varint(ser.output.0, x),
-                None => v
-                    .serialize(&mut ser)
-                    .map_err(|e| SerdeError(e.to_string()))?,
+            if let Some(x) = varint_of(v) {
+                put_varint(ser.output.0, x);
+            } else if let Some(b) = bytes_of(v) {
+                put_bytes(ser.output.0, b);
+            } else {
+                v.serialize(&mut ser)
+                    .map_err(|e| SerdeError(e.to_string()))?;
             }
             ends.push(ser.output.0.len());
         }
@@ -491,6 +518,41 @@ impl<T: 'static> fmt::Debug for ResolvedReader<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Byte vectors and strings, written without serde, are byte for byte what postcard
+    /// writes (and read back), at the lengths where the varint length changes size.
+    #[test]
+    fn byte_vectors_and_strings_are_written_as_postcard_does() {
+        for len in [0usize, 1, 127, 128, 300, 16_383, 16_384, 70_000] {
+            let bytes: Vec<u8> = (0..len).map(|i| (i * 7) as u8).collect();
+            let text: String = (0..len)
+                .map(|i| char::from(b'a' + (i % 26) as u8))
+                .collect();
+            let ser = PostcardSerializer::<Vec<u8>>::new();
+            let mut out = vec![9u8];
+            ser.serialize(&bytes, &mut out).unwrap();
+            assert_eq!(
+                out[1..],
+                postcard::to_allocvec(&bytes).unwrap()[..],
+                "{len}"
+            );
+            assert_eq!(ser.deserialize(&out[1..]).unwrap(), bytes);
+            let ser = PostcardSerializer::<String>::new();
+            let mut out = Vec::new();
+            ser.serialize(&text, &mut out).unwrap();
+            assert_eq!(out, postcard::to_allocvec(&text).unwrap(), "{len}");
+            assert_eq!(ser.deserialize(&out).unwrap(), text);
+            let (mut all, mut ends) = (Vec::new(), Vec::new());
+            let values = [text.clone(), String::new(), text.clone()];
+            ser.serialize_all(&values, &mut all, &mut ends).unwrap();
+            let mut want = Vec::new();
+            for v in &values {
+                want.extend(postcard::to_allocvec(v).unwrap());
+            }
+            assert_eq!(all, want);
+            assert_eq!(ends.len(), 3);
+        }
+    }
 
     /// Where LEB128 varints change length, and the extremes.
     const VARINT_EDGES: [u64; 11] = [
