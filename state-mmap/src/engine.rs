@@ -353,8 +353,12 @@ fn pick_compaction(sizes: &[u64], max_runs: usize) -> Option<usize> {
 enum Garbage {
     /// A flushed write buffer: millions of small allocations, freed off the writer's path.
     Mem(Arc<Memtable>),
-    /// Memory was freed elsewhere (block indexes of files a compaction replaced).
-    Freed,
+    /// The runs a compaction replaced (and its inputs): the last reference to a file unmaps
+    /// and deletes it, which takes milliseconds for a large file (page tables, page cache)
+    /// that the writer, or a reader installing the compaction, would otherwise wait for.
+    Runs(Vec<SortedRun>, Vec<SortedRun>),
+    /// Answered once everything sent before it is freed.
+    Barrier(Sender<()>),
 }
 
 /// Frees what it is sent, then hands free heap memory back to the OS once nothing else is
@@ -363,7 +367,10 @@ enum Garbage {
 fn release_loop(garbage: Receiver<Garbage>) {
     let free = |g: Garbage| match g {
         Garbage::Mem(mem) => drop(mem),
-        Garbage::Freed => {}
+        Garbage::Runs(old, inputs) => drop((old, inputs)),
+        Garbage::Barrier(done) => {
+            let _ = done.send(());
+        }
     };
     while let Ok(g) = garbage.recv() {
         free(g);
@@ -1226,10 +1233,11 @@ impl Db {
                 for f in old.iter().flat_map(|r| r.iter()) {
                     f.mark_obsolete();
                 }
-                // The inputs' block indexes are freed here unless a snapshot still reads them.
-                drop((old, inputs));
-                if let Some(r) = &self.release {
-                    let _ = r.send(Garbage::Freed);
+                // The inputs' files are unmapped and deleted, and their block indexes freed, on
+                // the release thread (unless a snapshot still reads them).
+                match &self.release {
+                    Some(r) => drop(r.send(Garbage::Runs(old, inputs))),
+                    None => drop((old, inputs)),
                 }
                 self.maybe_compact()
             }
@@ -1330,6 +1338,13 @@ impl Db {
     pub fn drain(&mut self) -> Result<()> {
         while !self.imm.is_empty() || self.compacting > 0 {
             self.wait_one()?;
+        }
+        // Files replaced by compactions are deleted by the release thread: wait for it too.
+        if let Some(r) = &self.release {
+            let (tx, rx) = crossbeam_channel::bounded(1);
+            if r.send(Garbage::Barrier(tx)).is_ok() {
+                let _ = rx.recv();
+            }
         }
         Ok(())
     }

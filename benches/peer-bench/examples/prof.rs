@@ -41,6 +41,27 @@ fn main() -> Result<()> {
         b.map(&m).put_all((0..10).map(|i| (i, k + i)).collect())?;
     }
     eprintln!("after setup: {:?}", b.engine().stats());
+    // PROF_WRITES=1: the peer bench's write workloads before its list get, in its order
+    // (value update, value add, list add, list append), so the reads meet the same runs.
+    if std::env::var_os("PROF_WRITES").is_some() {
+        for k in 0..n {
+            b.set_current_key(k)?;
+            b.value(&v).update(k + 1)?;
+        }
+        for k in 0..n {
+            b.set_current_key(k + n)?;
+            b.value(&v).update(k)?;
+        }
+        for k in 0..n {
+            b.set_current_key(k + n)?;
+            b.list(&l).add(k)?;
+        }
+        for k in 0..n {
+            b.set_current_key(k)?;
+            b.list(&l).add(k)?;
+        }
+        eprintln!("after the bench's writes: {:?}", b.engine().stats());
+    }
     // PROF_APPEND=1: append to every list first, as the peer bench does before its list get
     // (every list is then a merge operand in the write buffer over a base in a sorted run).
     if std::env::var_os("PROF_APPEND").is_some() {
