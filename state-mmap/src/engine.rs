@@ -29,8 +29,9 @@ pub struct EngineOptions {
     /// `target_file_bytes` for the file being written) first; of the rest, the active write
     /// buffer gets a third, one immutable write buffer waiting for its flush another third
     /// (writers wait while it is being flushed and the active one is full), and the rest is
-    /// headroom for the allocator and small buffers (a write buffer never gets less than a
-    /// twelfth of the budget). Data pages, mapped indexes and bloom filters of sorted runs are
+    /// headroom for the allocator, small buffers and the last flushed write buffer while a
+    /// thread of its own frees it (a flush waits for the one before it to be freed; a write
+    /// buffer never gets less than a twelfth of the budget). Data pages, mapped indexes and bloom filters of sorted runs are
     /// mapped and belong to the OS page cache, outside the budget. Default 256 MiB.
     pub memory_budget: usize,
     /// Compaction starts when this many sorted runs exist (bounds read amplification). Default 6.
@@ -349,7 +350,7 @@ fn pick_compaction(sizes: &[u64], max_runs: usize) -> Option<usize> {
     Some(all)
 }
 
-/// Memory the writer hands to the release thread.
+/// What the engine hands to its release threads (write buffers to one, replaced runs to another).
 enum Garbage {
     /// A flushed write buffer: millions of small allocations, freed off the writer's path.
     Mem(Arc<Memtable>),
@@ -460,9 +461,15 @@ pub struct Db {
     done: Receiver<Done>,
     worker: Option<JoinHandle<()>>,
     cworkers: Vec<JoinHandle<()>>,
-    /// Flushed write buffers to free.
+    /// Flushed write buffers to free: a rendezvous channel, so a writer that flushes faster
+    /// than buffers are freed waits instead of holding more buffers than the budget allows.
     release: Option<Sender<Garbage>>,
     rworker: Option<JoinHandle<()>>,
+    /// Runs replaced by compactions, to unmap and delete: a thread of their own, since
+    /// unmapping and deleting a large file can take most of a second, and write buffers must
+    /// not wait behind that to be freed.
+    unmap: Option<Sender<Garbage>>,
+    uworker: Option<JoinHandle<()>>,
     /// The inputs of the running compactions.
     busy: Vec<SortedRun>,
     /// Compactions running.
@@ -596,6 +603,8 @@ impl Db {
             cworkers: Vec::new(),
             release: None,
             rworker: None,
+            unmap: None,
+            uworker: None,
             busy: Vec::new(),
             compacting: 0,
             reserved: 0,
@@ -638,15 +647,22 @@ impl Db {
             })
             .collect();
         self.cjobs = Some(cjobs_tx);
-        let (release_tx, release_rx) = crossbeam_channel::unbounded::<Garbage>();
+        let (release_tx, release_rx) = crossbeam_channel::bounded::<Garbage>(0);
         self.rworker = std::thread::Builder::new()
             .name("state-mmap-free".into())
             .spawn(move || release_loop(release_rx))
             .ok();
         self.release = Some(release_tx);
+        let (unmap_tx, unmap_rx) = crossbeam_channel::unbounded::<Garbage>();
+        self.uworker = std::thread::Builder::new()
+            .name("state-mmap-unmap".into())
+            .spawn(move || release_loop(unmap_rx))
+            .ok();
+        self.unmap = Some(unmap_tx);
         if self.worker.is_none()
             || self.cworkers.len() < EngineOptions::COMPACTION_THREADS
             || self.rworker.is_none()
+            || self.uworker.is_none()
         {
             self.failed = Some("could not spawn the worker threads".into());
         }
@@ -688,6 +704,8 @@ impl Db {
             cworkers: Vec::new(),
             release: None,
             rworker: None,
+            unmap: None,
+            uworker: None,
             busy: Vec::new(),
             compacting: 0,
             reserved: 0,
@@ -1188,7 +1206,8 @@ impl Db {
                 let file = result?;
                 if let Some(mem) = self.imm.pop() {
                     // Freeing millions of small allocations takes a while: a thread of its own
-                    // does it at once (not after the next flush, which would hold the memory).
+                    // does it at once (not after the next flush, which would hold the memory);
+                    // should it still be freeing the previous buffer, this waits for it.
                     if let Some(r) = &self.release {
                         let _ = r.send(Garbage::Mem(mem));
                     }
@@ -1234,8 +1253,8 @@ impl Db {
                     f.mark_obsolete();
                 }
                 // The inputs' files are unmapped and deleted, and their block indexes freed, on
-                // the release thread (unless a snapshot still reads them).
-                match &self.release {
+                // the unmap thread (unless a snapshot still reads them).
+                match &self.unmap {
                     Some(r) => drop(r.send(Garbage::Runs(old, inputs))),
                     None => drop((old, inputs)),
                 }
@@ -1339,8 +1358,9 @@ impl Db {
         while !self.imm.is_empty() || self.compacting > 0 {
             self.wait_one()?;
         }
-        // Files replaced by compactions are deleted by the release thread: wait for it too.
-        if let Some(r) = &self.release {
+        // Files replaced by compactions are deleted, and write buffers freed, by threads of
+        // their own: wait for both too.
+        for r in [&self.release, &self.unmap].into_iter().flatten() {
             let (tx, rx) = crossbeam_channel::bounded(1);
             if r.send(Garbage::Barrier(tx)).is_ok() {
                 let _ = rx.recv();
@@ -1521,6 +1541,45 @@ mod tests {
         assert_eq!(db.buffer_bytes, opts.write_buffer_bytes(db.charged_bytes()));
         // The merge was cut into output files of about the target size.
         assert!(db.runs[0].len() > 1, "{} files", db.runs[0].len());
+    }
+
+    /// Flushed write buffers are freed while the thread that unmaps and deletes replaced files
+    /// is busy (a large file takes most of a second): they used to queue behind it, and a 50M
+    /// key run held nine write buffers at once, 700 MiB against a 256 MiB budget.
+    #[test]
+    fn write_buffers_are_freed_while_replaced_files_wait() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut db = Db::open(dir.path(), small()).unwrap();
+        // Stall the unmap thread: it answers this barrier only when `stalled` is read.
+        let (stall_tx, stalled) = crossbeam_channel::bounded(0);
+        db.unmap
+            .as_ref()
+            .unwrap()
+            .send(Garbage::Barrier(stall_tx))
+            .unwrap();
+        let mut buffers = Vec::new();
+        for round in 0u32..4 {
+            for i in 0u32..2_000 {
+                db.put(&(i * 4 + round).to_be_bytes(), &[round as u8; 40])
+                    .unwrap();
+            }
+            buffers.push(Arc::downgrade(&db.mem));
+            db.flush().unwrap();
+        }
+        // Everything sent to the buffer thread so far is freed once it answers a barrier.
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        db.release
+            .as_ref()
+            .unwrap()
+            .send(Garbage::Barrier(tx))
+            .unwrap();
+        rx.recv().unwrap();
+        for (i, b) in buffers.iter().enumerate() {
+            assert!(b.upgrade().is_none(), "write buffer {i} is still held");
+        }
+        // Only now does the unmap thread go on.
+        stalled.recv().unwrap();
+        db.drain().unwrap();
     }
 
     /// A flush that fails (its directory is gone) fails the engine: later writes, flushes and
