@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
 use serde::de::DeserializeOwned;
@@ -109,7 +110,7 @@ impl<K: StateKey> MmapBackendBuilder<K> {
         // One map's entries share the prefix `kg | id | key | namespace`.
         options.prefix_extractor = Some(Arc::new(prefix_len));
         let mut db = Db::open(&dir, options)?;
-        let ttl_table: TtlTable = Arc::new(RwLock::new(HashMap::new()));
+        let ttl_table: TtlTable = Arc::default();
         db.set_compaction_filter(Some(Arc::new(TtlFilter {
             table: Arc::clone(&ttl_table),
             clock: Arc::clone(&self.clock),
@@ -176,7 +177,16 @@ fn keep_range(range: KeyGroupRange) -> (Vec<u8>, Vec<u8>) {
     )
 }
 
-type TtlTable = Arc<RwLock<HashMap<u16, (StateKind, StateTtlConfig)>>>;
+/// The states whose expired entries compaction drops, by state id, shared with the filter.
+#[derive(Default)]
+struct TtlStates {
+    by_id: RwLock<HashMap<u16, (StateKind, StateTtlConfig)>>,
+    /// False while no state cleans up in compaction: the filter then keeps every entry without
+    /// taking the lock (it is asked for every entry a compaction writes, on two threads).
+    any: AtomicBool,
+}
+
+type TtlTable = Arc<TtlStates>;
 
 /// Drops expired TTL state during compaction (Flink's RocksDB compaction filter).
 struct TtlFilter {
@@ -189,7 +199,10 @@ impl CompactionFilter for TtlFilter {
         let Some(id) = key.get(2..4).map(|b| u16::from_be_bytes([b[0], b[1]])) else {
             return FilterDecision::Keep;
         };
-        let found = match self.table.read() {
+        if !self.table.any.load(Ordering::Relaxed) {
+            return FilterDecision::Keep;
+        }
+        let found = match self.table.by_id.read() {
             Ok(t) => t.get(&id).copied(),
             Err(p) => p.into_inner().get(&id).copied(),
         };
@@ -535,16 +548,17 @@ impl<K: StateKey> MmapKeyedStateBackend<K> {
     }
 
     fn update_ttl_table(&self) {
-        let mut t = match self.ttl_table.write() {
+        let mut t = match self.ttl_table.by_id.write() {
             Ok(t) => t,
             Err(p) => p.into_inner(),
         };
         t.clear();
         for s in &self.states {
-            if let Some(ttl) = s.ttl {
+            if let Some(ttl) = s.ttl.filter(|t| t.is_cleanup_in_compaction()) {
                 t.insert(s.id, (s.kind, ttl));
             }
         }
+        self.ttl_table.any.store(!t.is_empty(), Ordering::Relaxed);
     }
 
     fn register_typed<T: TypedState + 'static>(
