@@ -239,6 +239,25 @@ fn bytes_of<T: 'static>(value: &T) -> Option<&[u8]> {
     }
 }
 
+/// Appends postcard's encoding of `value` to the serializer's vector: integers and byte
+/// strings directly (the same bytes), everything else through serde.
+#[inline(always)]
+fn write_postcard<T: Serialize + 'static>(
+    value: &T,
+    ser: &mut postcard::Serializer<VecFlavor<'_>>,
+) -> Result<(), SerdeError> {
+    if let Some(x) = varint_of(value) {
+        put_varint(ser.output.0, x);
+    } else if let Some(b) = bytes_of(value) {
+        put_bytes(ser.output.0, b);
+    } else {
+        value
+            .serialize(ser)
+            .map_err(|e| SerdeError(e.to_string()))?;
+    }
+    Ok(())
+}
+
 /// Appends postcard's encoding of a byte string: the varint length, then the bytes.
 #[inline(always)]
 fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
@@ -260,19 +279,12 @@ fn put_varint(out: &mut Vec<u8>, mut x: u64) {
 impl<T: Serialize + DeserializeOwned + 'static> StateSerializer<T> for PostcardSerializer<T> {
     #[inline]
     fn serialize(&self, value: &T, out: &mut Vec<u8>) -> Result<(), SerdeError> {
-        if let Some(x) = varint_of(value) {
-            put_varint(out, x);
-            return Ok(());
-        }
-        if let Some(b) = bytes_of(value) {
-            put_bytes(out, b);
-            return Ok(());
-        }
-        value
-            .serialize(&mut postcard::Serializer {
+        write_postcard(
+            value,
+            &mut postcard::Serializer {
                 output: VecFlavor(out),
-            })
-            .map_err(|e| SerdeError(e.to_string()))
+            },
+        )
     }
 
     fn serialize_all(
@@ -286,14 +298,7 @@ impl<T: Serialize + DeserializeOwned + 'static> StateSerializer<T> for PostcardS
             output: VecFlavor(out),
         };
         for v in values {
-            if let Some(x) = varint_of(v) {
-                put_varint(ser.output.0, x);
-            } else if let Some(b) = bytes_of(v) {
-                put_bytes(ser.output.0, b);
-            } else {
-                v.serialize(&mut ser)
-                    .map_err(|e| SerdeError(e.to_string()))?;
-            }
+            write_postcard(v, &mut ser)?;
             ends.push(ser.output.0.len());
         }
         Ok(())
