@@ -1912,6 +1912,40 @@ mod model_tests {
         ]
     }
 
+    /// Applies `op` to the engine and the model at `key` (the op's own key is not used; a put
+    /// writes `len` copies of its byte); `Reopen` flushes, drops and calls `reopen`.
+    fn apply(
+        mut db: Db,
+        model: &mut BTreeMap<Vec<u8>, Vec<u8>>,
+        key: &[u8],
+        op: &Op,
+        len: usize,
+        reopen: impl FnOnce() -> Db,
+    ) -> Db {
+        match *op {
+            Op::Put(_, v) => {
+                db.put(key, &vec![v; len]).unwrap();
+                model.insert(key.to_vec(), vec![v; len]);
+            }
+            Op::Merge(_, v) => {
+                db.merge(key, &[v]).unwrap();
+                model.entry(key.to_vec()).or_default().push(v);
+            }
+            Op::Delete(_) => {
+                db.delete(key).unwrap();
+                model.remove(key);
+            }
+            Op::Flush => db.flush().unwrap(),
+            Op::Compact => db.compact().unwrap(),
+            Op::Reopen => {
+                db.flush().unwrap();
+                drop(db);
+                return reopen();
+            }
+        }
+        db
+    }
+
     fn opts() -> EngineOptions {
         EngineOptions {
             // Tiny buffers: background flushes and tiered (partial) compactions all the time.
@@ -1929,27 +1963,13 @@ mod model_tests {
             let mut db = Db::open(dir.path(), opts()).unwrap();
             let mut model = BTreeMap::<Vec<u8>, Vec<u8>>::new();
             for op in ops {
-                match op {
-                    Op::Put(k, v) => {
-                        db.put(&[k], &[v; 40]).unwrap();
-                        model.insert(vec![k], vec![v; 40]);
-                    }
-                    Op::Merge(k, v) => {
-                        db.merge(&[k], &[v]).unwrap();
-                        model.entry(vec![k]).or_default().push(v);
-                    }
-                    Op::Delete(k) => {
-                        db.delete(&[k]).unwrap();
-                        model.remove(&vec![k]);
-                    }
-                    Op::Flush => db.flush().unwrap(),
-                    Op::Compact => db.compact().unwrap(),
-                    Op::Reopen => {
-                        db.flush().unwrap();
-                        drop(db);
-                        db = Db::open(dir.path(), opts()).unwrap();
-                    }
-                }
+                let key = match op {
+                    Op::Put(k, _) | Op::Merge(k, _) | Op::Delete(k) => k,
+                    _ => 0,
+                };
+                db = apply(db, &mut model, &[key], &op, 40, || {
+                    Db::open(dir.path(), opts()).unwrap()
+                });
                 for k in 0u8..24 {
                     let mut out = Vec::new();
                     let found = db.get(&[k], &mut out).unwrap();
@@ -1989,28 +2009,9 @@ mod model_tests {
             let mut db = Db::open(dir.path(), opts()).unwrap();
             let mut model = BTreeMap::<Vec<u8>, Vec<u8>>::new();
             for (p, suffix, op) in ops {
-                let k = [p, suffix];
-                match op {
-                    Op::Put(_, v) => {
-                        db.put(&k, &[v; 3]).unwrap();
-                        model.insert(k.to_vec(), vec![v; 3]);
-                    }
-                    Op::Merge(_, v) => {
-                        db.merge(&k, &[v]).unwrap();
-                        model.entry(k.to_vec()).or_default().push(v);
-                    }
-                    Op::Delete(_) => {
-                        db.delete(&k).unwrap();
-                        model.remove(k.as_slice());
-                    }
-                    Op::Flush => db.flush().unwrap(),
-                    Op::Compact => db.compact().unwrap(),
-                    Op::Reopen => {
-                        db.flush().unwrap();
-                        drop(db);
-                        db = Db::open(dir.path(), opts()).unwrap();
-                    }
-                }
+                db = apply(db, &mut model, &[p, suffix], &op, 3, || {
+                    Db::open(dir.path(), opts()).unwrap()
+                });
                 for q in 0u8..5 {
                     let mut got = Vec::new();
                     db.scan_prefix(&[q], |k, v| -> Result<bool> {
