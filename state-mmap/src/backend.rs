@@ -66,8 +66,9 @@ impl<K: StateKey> MmapBackendBuilder<K> {
     /// Keeps the files in `dir` (created if needed). An existing store there is reopened: its
     /// states come back as restored state, bound when they are registered. Without a directory
     /// the backend uses a fresh temporary directory that is deleted when it is dropped; one
-    /// left behind by a process that died (even by `kill -9`) is deleted by the next backend
-    /// that makes a temporary directory in the same place (it holds a lock file to tell).
+    /// left behind by a process that died (even by `kill -9`) is deleted by the next process
+    /// whose first such backend makes its temporary directory in the same place (each holds a
+    /// lock file to tell).
     pub fn directory(mut self, dir: impl AsRef<Path>) -> Self {
         self.dir = Some(dir.as_ref().to_path_buf());
         self
@@ -196,12 +197,13 @@ struct TtlFilter {
 
 impl CompactionFilter for TtlFilter {
     fn filter(&self, key: &[u8], value: &[u8], out: &mut Vec<u8>) -> FilterDecision {
-        let Some(id) = key.get(2..4).map(|b| u16::from_be_bytes([b[0], b[1]])) else {
-            return FilterDecision::Keep;
-        };
         if !self.table.any.load(Ordering::Relaxed) {
             return FilterDecision::Keep;
         }
+        let Some(id) = key.get(2..4).map(|b| u16::from_be_bytes([b[0], b[1]])) else {
+            return FilterDecision::Keep;
+        };
+        // The table holds only states that clean up in compaction.
         let found = match self.table.by_id.read() {
             Ok(t) => t.get(&id).copied(),
             Err(p) => p.into_inner().get(&id).copied(),
@@ -209,9 +211,6 @@ impl CompactionFilter for TtlFilter {
         let Some((kind, ttl)) = found else {
             return FilterDecision::Keep;
         };
-        if !ttl.is_cleanup_in_compaction() {
-            return FilterDecision::Keep;
-        }
         let now = self.clock.now_millis();
         if kind == StateKind::List {
             // A state with TTL always stores stamped lists (see `StateEntry::list_enc`).

@@ -3,11 +3,11 @@
 //!
 //! Each directory holds an `owner.lock` file on which its backend keeps an exclusive lock for
 //! its whole life. The operating system releases the lock when the process ends however it
-//! ends (`kill -9` included), so a later backend that can take the lock of such a directory knows
-//! no one uses it any more and removes it. A directory whose lock is held is left alone, whatever
-//! process (container, PID namespace) holds it; so is anything without a lock file. Directories
-//! are created under a `.creating` name and renamed once locked, so a sweep never sees one
-//! half made.
+//! ends (`kill -9` included), so a later process (its first such backend) that can take the lock
+//! of such a directory knows no one uses it any more and removes it. A directory whose lock is
+//! held is left alone, whatever process (container, PID namespace) holds it; so is anything
+//! without a lock file. Directories are created under a `.creating` name and renamed once
+//! locked, so a sweep never sees one half made.
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::path::{Path, PathBuf};
@@ -30,11 +30,14 @@ pub(crate) struct TempDir {
 }
 
 impl TempDir {
-    /// Creates a fresh locked directory under [`std::env::temp_dir`], after removing the
-    /// directories that processes which died without dropping their backends left there.
+    /// Creates a fresh locked directory under [`std::env::temp_dir`]. The first call in a
+    /// process first removes the directories that processes which died without dropping
+    /// their backends left there (once: a process building many backends reads the
+    /// temporary directory once).
     pub(crate) fn new() -> Result<TempDir> {
+        static SWEPT: std::sync::Once = std::sync::Once::new();
         let parent = std::env::temp_dir();
-        sweep(&parent);
+        SWEPT.call_once(|| sweep(&parent));
         TempDir::create_in(&parent)
     }
 
