@@ -21,6 +21,34 @@ pub const RUN_VERSION_MIN: u16 = 1;
 pub const FOOTER_LEN: usize = 48;
 const HEADER_LEN: usize = 8;
 const BLOCK_TARGET: usize = 4096;
+
+/// Block heads per entry of a file's [`RunFile::tops`] (16 heads: four cache lines).
+const HEAD_STRIDE: usize = 16;
+
+/// `heads.partition_point(|h| *h < hk)` for sorted `heads`, whose [`RunFile::tops`] are
+/// `tops`, in two steps: the stretch of [`HEAD_STRIDE`] heads from `tops`, then the heads of
+/// that stretch.
+#[inline]
+fn first_at_least(heads: &[u128], tops: &[u128], hk: u128) -> usize {
+    let s = tops.partition_point(|h| *h < hk);
+    let start = s * HEAD_STRIDE;
+    let Some(stretch) = heads.get(start..) else {
+        return heads.len();
+    };
+    let stretch = &stretch[..stretch.len().min(HEAD_STRIDE)];
+    if let Some(whole) = stretch.first_chunk::<HEAD_STRIDE>() {
+        crate::mapped::prefetch_ref(whole);
+    }
+    start + stretch.partition_point(|h| *h < hk)
+}
+
+/// [`RunFile::tops`] of `heads`.
+fn tops_of(heads: &[u128]) -> Vec<u128> {
+    heads
+        .chunks(HEAD_STRIDE)
+        .filter_map(|c| c.last().copied())
+        .collect()
+}
 const BLOOM_BITS_PER_KEY: usize = 10;
 const BLOOM_K: u8 = 7;
 
@@ -342,6 +370,10 @@ pub struct RunFile {
     /// and reads the mapped index only when several blocks share a head) and its
     /// [`BlockMeta`]: 32 bytes per block of about 4 KiB, 0.8 % of the data.
     heads: Vec<u128>,
+    /// The last head of every [`HEAD_STRIDE`] heads (the last one of a shorter tail too): a
+    /// search of these (few, so they stay in cache) picks the stretch of `heads` to search,
+    /// whose cache lines then load together instead of one after the other.
+    tops: Vec<u128>,
     blocks: Vec<BlockMeta>,
     first_key: Vec<u8>,
     last_key: Vec<u8>,
@@ -515,6 +547,7 @@ impl RunFile {
             bloom_k,
             bloom_flags,
             heads: Vec::new(),
+            tops: Vec::new(),
             blocks: Vec::new(),
             first_head: head_of(&first_key),
             last_head: head_of(&last_key),
@@ -554,6 +587,7 @@ impl RunFile {
                 count: AtomicU32::new(count),
             });
         }
+        run.tops = tops_of(&heads);
         run.heads = heads;
         run.blocks = blocks;
         Ok(run)
@@ -634,7 +668,7 @@ impl RunFile {
 
     /// Bytes of memory the file's in-memory block index holds.
     pub fn memory_bytes(&self) -> usize {
-        self.heads.capacity() * 16
+        (self.heads.capacity() + self.tops.capacity()) * 16
             + self.blocks.capacity() * std::mem::size_of::<BlockMeta>()
             + self.first_key.capacity()
             + self.last_key.capacity()
@@ -756,12 +790,18 @@ impl RunFile {
         self.find_block_headed(key, head_of(key))
     }
 
+    /// The first block whose head is `>= hk` ([`first_at_least`] of the file's heads).
+    #[inline]
+    fn first_head_at_least(&self, hk: u128) -> usize {
+        first_at_least(&self.heads, &self.tops, hk)
+    }
+
     /// [`RunFile::find_block`] of a key whose [`head_of`] is `hk`.
     #[inline]
     fn find_block_headed(&self, key: &[u8], hk: u128) -> Result<Option<usize>> {
         // The in-memory heads decide unless blocks end in keys with the key's head: a smaller
         // head is a smaller key, a larger head a larger one.
-        let mut lo = self.heads.partition_point(|h| *h < hk);
+        let mut lo = self.first_head_at_least(hk);
         // Usually no block ends in a key with the key's head: then block `lo` is the one.
         let mut hi = match self.heads.get(lo) {
             Some(h) if *h == hk => lo + self.heads[lo..].partition_point(|h| *h <= hk),
@@ -1071,6 +1111,26 @@ impl Drop for RunFile {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// The two-step search of block heads finds what one binary search of them finds,
+        /// with runs of equal heads, probes between, on and beyond them, and any length.
+        #[test]
+        fn head_search_in_two_steps_matches_one_binary_search(
+            mut heads in proptest::collection::vec(0u128..64, 0..200),
+            probes in proptest::collection::vec(0u128..70, 1..20),
+        ) {
+            heads.sort_unstable();
+            let tops = tops_of(&heads);
+            for hk in probes {
+                prop_assert_eq!(
+                    first_at_least(&heads, &tops, hk),
+                    heads.partition_point(|h| *h < hk)
+                );
+            }
+        }
+    }
 
     /// Version 1 files (no fingerprints in data blocks) are still read: point lookups, absent
     /// keys and block scans.
