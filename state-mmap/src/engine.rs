@@ -787,7 +787,7 @@ impl Db {
             }
         }
         for m in std::iter::once(&self.mem).chain(self.imm.iter()) {
-            match m.get(key) {
+            match m.get(key, hash) {
                 Some(Op::Put(v)) => {
                     finish(Some(&v[..]), &ops, out);
                     return Ok(true);

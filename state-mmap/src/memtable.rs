@@ -4,11 +4,9 @@ use std::collections::BTreeSet;
 use std::ops::Bound;
 use std::sync::OnceLock;
 
-use std::hash::BuildHasher;
-
 use hashbrown::hash_table::Entry;
 
-use crate::run::{prefix_hash, PrefixExtractor};
+use crate::run::{key_hash, prefix_hash, PrefixExtractor};
 
 /// The kind of an operation stored for a key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -221,7 +219,6 @@ impl Ord for MemKey {
 pub(crate) struct Memtable {
     map: hashbrown::HashTable<u32>,
     entries: Vec<(SmallBytes, Op)>,
-    hasher: Hasher,
     /// Built by the first range scan (a flush sorts the entries instead), then kept up to date:
     /// a buffer nobody scans never pays for an ordered insert per new key.
     order: OnceLock<BTreeSet<MemKey>>,
@@ -370,14 +367,17 @@ impl Memtable {
         self.entries.is_empty()
     }
 
+    /// The operation buffered for `key`, whose [`key_hash`] is `hash` (a read computes it once
+    /// for the bloom filters of the sorted runs and the write buffers' tables alike).
     #[inline]
-    pub(crate) fn get(&self, key: &[u8]) -> Option<&Op> {
+    pub(crate) fn get(&self, key: &[u8], hash: u64) -> Option<&Op> {
         // An empty buffer keeps the table sized for a full one: a probe would still miss the
         // cache on a random control group.
         if self.entries.is_empty() {
             return None;
         }
-        let i = *self.map.find(self.hasher.hash_one(key), |&i| {
+        debug_assert_eq!(hash, key_hash(key));
+        let i = *self.map.find(hash, |&i| {
             self.entries.get(i as usize).is_some_and(|e| *e.0 == *key)
         })?;
         self.entries.get(i as usize).map(|e| &e.1)
@@ -387,15 +387,11 @@ impl Memtable {
     /// the hash table (the caller pushes the entry). One probe.
     #[inline]
     fn find_or_reserve(&mut self, key: &[u8]) -> Option<usize> {
-        let (entries, hasher) = (&self.entries, &self.hasher);
+        let entries = &self.entries;
         let found = self.map.entry(
-            hasher.hash_one(key),
+            key_hash(key),
             |&i| entries.get(i as usize).is_some_and(|e| *e.0 == *key),
-            |&i| {
-                entries
-                    .get(i as usize)
-                    .map_or(0, |e| hasher.hash_one(&*e.0))
-            },
+            |&i| entries.get(i as usize).map_or(0, |e| key_hash(&e.0)),
         );
         match found {
             Entry::Occupied(o) => Some(*o.get() as usize),
@@ -435,7 +431,10 @@ impl Memtable {
                     Bound::Unbounded => true,
                 }
             })
-            .filter_map(move |k| self.get(&k.bytes[..]).map(|op| (&k.bytes[..], op)))
+            .filter_map(move |k| {
+                self.get(&k.bytes[..], key_hash(&k.bytes[..]))
+                    .map(|op| (&k.bytes[..], op))
+            })
     }
 
     /// Books a key the hash table did not hold (already inserted there, its entry pushed): its
