@@ -861,7 +861,16 @@ impl RunFile {
         let Some(bi) = self.find_block_headed(p.key, p.head)? else {
             return Ok(None);
         };
-        self.block(bi)?.find(p.key, hash, self)
+        self.locate_block(bi)?.find(p.key, hash, self)
+    }
+
+    /// Block `i`, with its fingerprints and offsets starting to load (what a [`Block::find`]
+    /// in it reads first).
+    #[inline]
+    fn locate_block(&self, i: usize) -> Result<Block<'_>> {
+        let b = self.block(i)?;
+        b.prefetch_lookup();
+        Ok(b)
     }
 
     /// The block that would hold the probe's key, with its fingerprints and offsets starting
@@ -872,9 +881,7 @@ impl RunFile {
         let Some(bi) = self.find_block_headed(p.key, p.head)? else {
             return Ok(None);
         };
-        let b = self.block(bi)?;
-        b.prefetch_lookup();
-        Ok(Some(b))
+        self.locate_block(bi).map(Some)
     }
 
     /// The entry stored for exactly `key`, whose [`key_hash`] is `hash`.
@@ -945,7 +952,8 @@ impl<'a> Block<'a> {
     }
 
     /// The entry of exactly `key` (whose [`key_hash`] is `hash`): with fingerprints, only
-    /// entries with the key's fingerprint are read; without, a binary search.
+    /// entries with the key's fingerprint are read; without, a binary search. The block should
+    /// come from [`RunFile::locate`] (its fingerprints and offsets are then loading).
     #[inline]
     pub(crate) fn find(
         &self,
@@ -964,33 +972,31 @@ impl<'a> Block<'a> {
             }
             return Ok(None);
         }
-        // Eight fingerprints at a time: a zero byte of `chunk ^ fp * 0x0101..` is a match (the
+        // Eight fingerprints at a time: a zero byte of `word ^ fp * 0x0101..` is a match (the
         // classic has-zero-byte test flags every zero byte exactly, below the first false
-        // positive; each candidate is checked against the key anyway).
-        // The fingerprints and the offsets are contiguous: start loading them all now, so the
-        // offset of the matching entry is there when the fingerprints have been compared.
-        self.prefetch_lookup();
+        // positive; each candidate is checked against the key anyway). The last few are
+        // padded with zeros: a match there lies past the last entry and is skipped.
         const LO: u64 = 0x0101_0101_0101_0101;
         const HI: u64 = 0x8080_8080_8080_8080;
         let pattern = u64::from(fingerprint(hash)) * LO;
-        let mut chunks = fps.chunks_exact(8);
+        let (words, rest) = fps.as_chunks::<8>();
         let mut tail = [0u8; 8];
         // Byte by byte: a `copy_from_slice` of a variable length is a call to `memcpy`.
-        for (t, f) in tail.iter_mut().zip(chunks.remainder()) {
+        for (t, f) in tail.iter_mut().zip(rest) {
             *t = *f;
         }
-        let words = chunks
-            .by_ref()
-            .map(|c| c.try_into().map_or(0, u64::from_le_bytes))
-            .chain(std::iter::once(u64::from_le_bytes(tail)));
-        for (c, w) in words.enumerate() {
-            let x = w ^ pattern;
+        let last = (!rest.is_empty()).then_some(&tail);
+        for (c, w) in words.iter().chain(last).enumerate() {
+            let x = u64::from_le_bytes(*w) ^ pattern;
             let mut hits = x.wrapping_sub(LO) & !x & HI;
             while hits != 0 {
                 let i = c * 8 + (hits.trailing_zeros() / 8) as usize;
                 hits &= hits - 1;
-                if i < self.count && self.key_at(i, run)? == key {
-                    return self.entry(i, run).map(Some);
+                if i < self.count {
+                    let e = self.entry(i, run)?;
+                    if e.key == key {
+                        return Ok(Some(e));
+                    }
                 }
             }
         }
