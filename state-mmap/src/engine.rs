@@ -928,13 +928,28 @@ impl Db {
         prefix: &[u8],
         f: impl FnMut(&[u8], &[u8]) -> Result<bool, E>,
     ) -> Result<(), E> {
-        let end = crate::codec::successor(prefix).unwrap_or_else(|| vec![0xff; prefix.len() + 1]);
+        // The end of the range: [`crate::codec::successor`] of the prefix, on the stack when it
+        // is short (a scan is a few entries: an allocation is a noticeable part of it).
+        let mut small = [0u8; 64];
+        let large;
+        let end: &[u8] = match prefix.iter().rposition(|&b| b < 0xff) {
+            Some(i) if i < small.len() => {
+                small[..i].copy_from_slice(&prefix[..i]);
+                small[i] = prefix[i] + 1;
+                &small[..=i]
+            }
+            _ => {
+                large =
+                    crate::codec::successor(prefix).unwrap_or_else(|| vec![0xff; prefix.len() + 1]);
+                &large
+            }
+        };
         let h = self
             .opts
             .prefix_extractor
             .as_ref()
             .map(|_| prefix_hash(prefix));
-        self.scan_filtered(prefix, &end, h, f)
+        self.scan_filtered(prefix, end, h, f)
     }
 
     fn scan_filtered<E: From<Error>>(
@@ -947,7 +962,8 @@ impl Db {
         use std::ops::Bound;
         // The entries of every source in one vector (one allocation), newest source first,
         // each with the number of its source.
-        let mut entries: Vec<(u32, OpKind, &[u8], &[u8])> = Vec::with_capacity(32);
+        // 24 of 40 bytes: below the size the allocator serves from its per-thread cache.
+        let mut entries: Vec<(u32, OpKind, &[u8], &[u8])> = Vec::with_capacity(24);
         let mut src = 0u32;
         let probe = Probe::new(start);
         // With a prefix: start loading every run's prefix-filter line (a miss each) before
@@ -1694,6 +1710,60 @@ mod tests {
             let mut out = Vec::new();
             assert!(db.get(k, &mut out).unwrap());
             assert_eq!(&out, v);
+        }
+    }
+
+    /// A prefix scan ends right after the prefix's keys whether the prefix ends in 0xff bytes
+    /// (its end is then shorter than the prefix) and whether it is short (the end is built on
+    /// the stack) or long (on the heap), with keys in the write buffer and in sorted runs.
+    #[test]
+    fn prefix_scans_end_after_the_prefix_at_any_length() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut db = Db::open(dir.path(), small()).unwrap();
+        let mut long = vec![7u8; 98];
+        long.extend([0xff, 0xff]);
+        let prefixes = [vec![1u8, 0xff, 0xff], vec![1u8, 0xfe], long.clone()];
+        let mut keys = Vec::new();
+        for p in &prefixes {
+            // The prefix's neighbours: the keys just past it and the last key before it.
+            let mut next = p.clone();
+            while next.last() == Some(&0xff) {
+                next.pop();
+            }
+            if let Some(l) = next.last_mut() {
+                *l += 1;
+            }
+            let mut before = p.clone();
+            if let Some(l) = before.last_mut() {
+                *l -= 1;
+            }
+            for tail in [&[][..], &[0][..], &[0xff][..], &[0xff, 0xff, 3][..]] {
+                for base in [p, &next, &before] {
+                    let mut k = base.clone();
+                    k.extend_from_slice(tail);
+                    keys.push(k);
+                }
+            }
+        }
+        for (i, k) in keys.iter().enumerate() {
+            db.put(k, &[i as u8]).unwrap();
+            if i % 5 == 0 {
+                db.flush().unwrap();
+            }
+        }
+        for p in &prefixes {
+            let mut got = Vec::new();
+            db.scan_prefix(p, |k, _| -> Result<bool> {
+                got.push(k.to_vec());
+                Ok(true)
+            })
+            .unwrap();
+            let mut want: Vec<Vec<u8>> =
+                keys.iter().filter(|k| k.starts_with(p)).cloned().collect();
+            want.sort();
+            want.dedup();
+            assert_eq!(got, want, "prefix {p:?}");
+            assert!(!got.is_empty());
         }
     }
 

@@ -298,13 +298,15 @@ impl Memtable {
         let mut i = c.newest;
         while let Some(e) = self.entries.get(i as usize) {
             if e.0.starts_with(prefix) && len < CHAIN_SCAN_MAX {
-                // Insertion sort by key: a chain is short.
+                // Insertion sort by key, descending (reversed below): a chain is short, and
+                // walked newest first it usually comes in descending order (a map's entries
+                // are mostly written in key order), which then costs one compare an entry.
                 let mut j = len;
                 while j > 0
                     && self
                         .entries
                         .get(at[j - 1] as usize)
-                        .is_some_and(|p| *p.0 > *e.0)
+                        .is_some_and(|p| *p.0 < *e.0)
                 {
                     at[j] = at[j - 1];
                     j -= 1;
@@ -314,6 +316,7 @@ impl Memtable {
             }
             i = self.chain.get(i as usize).copied().unwrap_or(NO_ENTRY);
         }
+        at[..len].reverse();
         PrefixEntries::Few { at, len }
     }
 
