@@ -134,6 +134,7 @@ impl<K: StateKey> MmapBackendBuilder<K> {
             tbuf: Vec::new(),
             ends: Vec::new(),
             map_len_hint: 0,
+            list_len_hint: 0,
             key_switches: 0,
             per_record_cleanup: Vec::new(),
             ttl_table,
@@ -293,6 +294,8 @@ pub struct MmapKeyedStateBackend<K> {
     ends: Vec<usize>,
     /// Entries of the last map read whole (the next one's vector is sized so).
     map_len_hint: usize,
+    /// Elements of the last list read (the next one's vector is sized so).
+    list_len_hint: usize,
     /// `set_current_key` calls (every 256th installs finished background work).
     key_switches: u32,
     per_record_cleanup: Vec<usize>,
@@ -1107,10 +1110,13 @@ impl<K: StateKey> KeyedStateBackend for MmapKeyedStateBackend<K> {
         let de = de_err(&e.name, "list element");
         let enc = e.list_enc;
         let Some(ttl) = e.ttl else {
-            let mut out = Vec::new();
+            // Sized like the last list read (lists of a state tend to be alike): one
+            // allocation, without the growth path.
+            let mut out = Vec::with_capacity(self.list_len_hint);
             for item in list_elements(&self.vbuf, enc, &e.name) {
                 out.push(t.ser.deserialize(item?.1).map_err(&de)?);
             }
+            self.list_len_hint = out.len().min(1024);
             return Ok((!out.is_empty()).then_some(out));
         };
         let items = parse_list(&self.vbuf, enc, &e.name)?;

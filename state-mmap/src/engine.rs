@@ -806,7 +806,8 @@ impl Db {
         let mut maybe = 0u64;
         for (i, r) in self.runs.iter().enumerate().take(64) {
             let fi = files[i] as usize;
-            if r.get(fi).is_some_and(|f| f.may_contain_probe(&probe, hash)) {
+            // `fi` is the first file whose last key is not below the key.
+            if r.get(fi).is_some_and(|f| f.may_contain_located(&probe, hash)) {
                 maybe |= 1 << i;
             }
         }

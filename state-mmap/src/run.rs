@@ -363,8 +363,9 @@ pub struct RunFile {
     index_end: usize,
     index_count: usize,
     bloom_off: usize,
-    bloom_end: usize,
-    bloom_k: u8,
+    /// The bloom filter's 64-byte blocks; 0 when the file has no filter this version can use
+    /// (then every probe may match).
+    bloom_blocks: usize,
     bloom_flags: u8,
     /// Per data block, in memory: the [`head_of`] its last key (a lookup binary-searches these
     /// and reads the mapped index only when several blocks share a head) and its
@@ -543,8 +544,11 @@ impl RunFile {
             index_end,
             index_count,
             bloom_off,
-            bloom_end,
-            bloom_k,
+            bloom_blocks: if bloom_k == BLOOM_K {
+                (bloom_end - bloom_off) / 64
+            } else {
+                0
+            },
             bloom_flags,
             heads: Vec::new(),
             tops: Vec::new(),
@@ -825,37 +829,44 @@ impl RunFile {
         self.bloom_flags & BLOOM_HAS_PREFIXES == 0 || self.may_contain_hash(h)
     }
 
+    /// The bloom-filter block of a key hash (`None`: no usable filter).
+    #[inline]
+    fn filter_block(&self, h: u64) -> Option<&[u8; 64]> {
+        if self.bloom_blocks == 0 {
+            return None;
+        }
+        let at = self.bloom_off + bloom_block(h, self.bloom_blocks) * 64;
+        self.bytes().get(at..)?.first_chunk::<64>()
+    }
+
     #[inline]
     fn may_contain_hash(&self, h: u64) -> bool {
-        let bits = &self.bytes()[self.bloom_off..self.bloom_end];
-        let nblocks = bits.len() / 64;
-        if nblocks == 0 || self.bloom_k != BLOOM_K {
-            return true;
+        match self.filter_block(h) {
+            Some(block) => bloom_bits(h).all(|b| block[b / 8] & (1 << (b % 8)) != 0),
+            None => true,
         }
-        let block = &bits[bloom_block(h, nblocks) * 64..][..64];
-        bloom_bits(h).all(|b| block[b / 8] & (1 << (b % 8)) != 0)
     }
 
     /// Starts loading the bloom-filter line of a key hash (so a later
-    /// [`RunFile::may_contain_probe`] does not wait for it).
+    /// [`RunFile::may_contain_located`] does not wait for it).
     #[inline]
     pub(crate) fn prefetch_filter(&self, h: u64) {
-        let bits = &self.bytes()[self.bloom_off..self.bloom_end];
-        let nblocks = bits.len() / 64;
-        if nblocks > 0 {
-            crate::mapped::prefetch(&bits[bloom_block(h, nblocks) * 64..][..64], 1);
+        if let Some(block) = self.filter_block(h) {
+            crate::mapped::prefetch_ref(block);
         }
     }
 
-    /// False when the file cannot hold the probe's key (whose [`key_hash`] is `hash`): outside
-    /// its key range or its visible range, or absent from its bloom filter.
+    /// False when the file cannot hold the probe's key (whose [`key_hash`] is `hash`): above
+    /// its key range, outside its visible range, or absent from its bloom filter. For a file
+    /// its run's search picked, the first whose last key is not below the probe's: that check
+    /// is not repeated here.
     #[inline]
-    pub(crate) fn may_contain_probe(&self, p: &Probe, hash: u64) -> bool {
-        !self.before(p) && !self.after(p) && self.visible(p.key) && self.may_contain_hash(hash)
+    pub(crate) fn may_contain_located(&self, p: &Probe, hash: u64) -> bool {
+        !self.after(p) && self.visible(p.key) && self.may_contain_hash(hash)
     }
 
     /// The entry stored for exactly `key` (whose [`key_hash`] is `hash`), without the filter
-    /// check [`RunFile::may_contain_probe`] (done already).
+    /// check [`RunFile::may_contain_located`] (done already).
     #[inline]
     pub(crate) fn get_unfiltered(&self, p: &Probe, hash: u64) -> Result<Option<RawEntry<'_>>> {
         let Some(bi) = self.find_block_headed(p.key, p.head)? else {
@@ -888,7 +899,7 @@ impl RunFile {
     #[cfg(test)]
     pub(crate) fn get(&self, key: &[u8], hash: u64) -> Result<Option<RawEntry<'_>>> {
         let p = Probe::new(key);
-        if !self.may_contain_probe(&p, hash) {
+        if self.before(&p) || !self.may_contain_located(&p, hash) {
             return Ok(None);
         }
         self.get_unfiltered(&p, hash)
