@@ -807,7 +807,9 @@ impl Db {
         for (i, r) in self.runs.iter().enumerate().take(64) {
             let fi = files[i] as usize;
             // `fi` is the first file whose last key is not below the key.
-            if r.get(fi).is_some_and(|f| f.may_contain_located(&probe, hash)) {
+            if r.get(fi)
+                .is_some_and(|f| f.may_contain_located(&probe, hash))
+            {
                 maybe |= 1 << i;
             }
         }
