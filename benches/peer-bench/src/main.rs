@@ -32,23 +32,60 @@ fn shuffled(n: u64, seed: u64) -> Vec<u64> {
     v
 }
 
+/// Per workload: ops/s of wall-clock time, and ops per second this (the calling) thread spent
+/// on a CPU (background threads of a store are not counted: meaningful for reads, which do
+/// all their work on the calling thread, and shows what a read costs apart from the CPU
+/// share other threads leave it).
 #[derive(Default)]
-struct Figures(BTreeMap<&'static str, Vec<f64>>);
+struct Figures(
+    BTreeMap<&'static str, Vec<f64>>,
+    BTreeMap<&'static str, Vec<f64>>,
+);
+
+/// Nanoseconds the calling thread has spent on a CPU (`/proc/thread-self/schedstat`; 0
+/// where that file does not exist).
+fn thread_cpu_ns() -> u64 {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|x| x.parse().ok()))
+        .unwrap_or(0)
+}
 
 impl Figures {
     fn time(&mut self, name: &'static str, ops: u64, f: impl FnOnce() -> Res<()>) -> Res<()> {
         let t = Instant::now();
+        let c = thread_cpu_ns();
         f()?;
         let s = t.elapsed().as_secs_f64();
+        let cpu = (thread_cpu_ns() - c) as f64 / 1e9;
         self.0.entry(name).or_default().push(ops as f64 / s);
+        if cpu > 0.0 {
+            self.1.entry(name).or_default().push(ops as f64 / cpu);
+        }
         Ok(())
     }
     fn median(&self, name: &str) -> f64 {
-        let mut v = self.0.get(name).cloned().unwrap_or_default();
-        v.sort_by(|a, b| a.total_cmp(b));
-        v.get(v.len() / 2).copied().unwrap_or(0.0)
+        median_of(&self.0, name)
+    }
+    fn median_on_cpu(&self, name: &str) -> f64 {
+        median_of(&self.1, name)
     }
 }
+
+fn median_of(m: &BTreeMap<&'static str, Vec<f64>>, name: &str) -> f64 {
+    let mut v = m.get(name).cloned().unwrap_or_default();
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// The read workloads (all their work on the calling thread).
+const READS: [&str; 5] = [
+    "value get",
+    "list get",
+    "map get",
+    "map contains",
+    "map iterate(10)",
+];
 
 const WORKLOADS: [&str; 11] = [
     "value get",
@@ -774,6 +811,33 @@ fn main() -> Res<()> {
             " {} | {} |",
             ratio(results[2].1.median(w)),
             ratio(results[3].1.median(w))
+        );
+    }
+    println!();
+    println!("Reads per second of the reading thread's CPU time (median; background threads not counted):");
+    print!("| workload |");
+    for (name, _) in &results {
+        print!(" {name} |");
+    }
+    println!(" mmap / LMDB | mmap / RocksDB |");
+    println!("|---|{}---|---|", "---|".repeat(results.len()));
+    for w in READS {
+        print!("| {w} |");
+        for (_, f) in &results {
+            print!(" {} |", fmt(f.median_on_cpu(w)));
+        }
+        let m = results[0].1.median_on_cpu(w);
+        let ratio = |d: f64| {
+            if d > 0.0 {
+                format!("{:.2}", m / d)
+            } else {
+                "-".into()
+            }
+        };
+        println!(
+            " {} | {} |",
+            ratio(results[2].1.median_on_cpu(w)),
+            ratio(results[3].1.median_on_cpu(w))
         );
     }
     Ok(())
