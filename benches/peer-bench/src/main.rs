@@ -72,6 +72,40 @@ impl Figures {
     }
 }
 
+/// A markdown table of `figure` per workload and store, with the ratios of state-mmap (the
+/// first store) to LMDB (the third) and RocksDB (the fourth).
+fn print_table(
+    results: &[(&str, Figures)],
+    workloads: &[&str],
+    figure: impl Fn(&Figures, &str) -> f64,
+) {
+    print!("| workload |");
+    for (name, _) in results {
+        print!(" {name} |");
+    }
+    println!(" mmap / LMDB | mmap / RocksDB |");
+    println!("|---|{}---|---|", "---|".repeat(results.len()));
+    let fmt = |x: f64| {
+        if x >= 1e6 {
+            format!("{:.2}M", x / 1e6)
+        } else {
+            format!("{:.0}k", x / 1e3)
+        }
+    };
+    for &w in workloads {
+        print!("| {w} |");
+        for (_, f) in results {
+            print!(" {} |", fmt(figure(f, w)));
+        }
+        let m = figure(&results[0].1, w);
+        let ratio = |i: usize| match results.get(i).map(|r| figure(&r.1, w)) {
+            Some(d) if d > 0.0 => format!("{:.2}", m / d),
+            _ => "-".into(),
+        };
+        println!(" {} | {} |", ratio(2), ratio(3));
+    }
+}
+
 fn median_of(m: &BTreeMap<&'static str, Vec<f64>>, name: &str) -> f64 {
     let mut v = m.get(name).cloned().unwrap_or_default();
     v.sort_by(|a, b| a.total_cmp(b));
@@ -781,64 +815,9 @@ fn main() -> Res<()> {
     println!(
         "{n} keys, {MAP_ENTRIES} map entries per key, add_all of {ADD_ALL}; median of {rounds} rounds, ops/s"
     );
-    print!("| workload |");
-    for (name, _) in &results {
-        print!(" {name} |");
-    }
-    println!(" mmap / LMDB | mmap / RocksDB |");
-    println!("|---|{}---|---|", "---|".repeat(results.len()));
-    let fmt = |x: f64| {
-        if x >= 1e6 {
-            format!("{:.2}M", x / 1e6)
-        } else {
-            format!("{:.0}k", x / 1e3)
-        }
-    };
-    for w in WORKLOADS {
-        print!("| {w} |");
-        for (_, f) in &results {
-            print!(" {} |", fmt(f.median(w)));
-        }
-        let m = results[0].1.median(w);
-        let ratio = |d: f64| {
-            if d > 0.0 {
-                format!("{:.2}", m / d)
-            } else {
-                "-".into()
-            }
-        };
-        println!(
-            " {} | {} |",
-            ratio(results[2].1.median(w)),
-            ratio(results[3].1.median(w))
-        );
-    }
+    print_table(&results, &WORKLOADS, Figures::median);
     println!();
     println!("Reads per second of the reading thread's CPU time (median; background threads not counted):");
-    print!("| workload |");
-    for (name, _) in &results {
-        print!(" {name} |");
-    }
-    println!(" mmap / LMDB | mmap / RocksDB |");
-    println!("|---|{}---|---|", "---|".repeat(results.len()));
-    for w in READS {
-        print!("| {w} |");
-        for (_, f) in &results {
-            print!(" {} |", fmt(f.median_on_cpu(w)));
-        }
-        let m = results[0].1.median_on_cpu(w);
-        let ratio = |d: f64| {
-            if d > 0.0 {
-                format!("{:.2}", m / d)
-            } else {
-                "-".into()
-            }
-        };
-        println!(
-            " {} | {} |",
-            ratio(results[2].1.median_on_cpu(w)),
-            ratio(results[3].1.median_on_cpu(w))
-        );
-    }
+    print_table(&results, &READS, Figures::median_on_cpu);
     Ok(())
 }
