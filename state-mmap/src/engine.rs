@@ -494,6 +494,9 @@ pub struct Db {
     failed: Option<String>,
     flushes: u64,
     compactions: u64,
+    /// Bytes of the sorted-run files written by flushes and by compactions (installed ones).
+    flushed_bytes: u64,
+    compacted_bytes: u64,
     /// The write buffer size: the budget's share left by the runs' block indexes.
     buffer_bytes: usize,
 }
@@ -626,6 +629,8 @@ impl Db {
             failed: None,
             flushes: 0,
             compactions: 0,
+            flushed_bytes: 0,
+            compacted_bytes: 0,
             buffer_bytes: buffer,
         }
         .start_worker(jobs_rx, done_tx, None))
@@ -727,6 +732,8 @@ impl Db {
             failed: None,
             flushes: 0,
             compactions: 0,
+            flushed_bytes: 0,
+            compacted_bytes: 0,
             buffer_bytes: 4096,
         }
     }
@@ -1245,6 +1252,7 @@ impl Db {
                     }
                 }
                 if let Some(f) = file {
+                    self.flushed_bytes += f.size();
                     self.runs.insert(0, Arc::new(vec![f]));
                 }
                 self.flushes += 1;
@@ -1262,6 +1270,7 @@ impl Db {
                     .retain(|b| !inputs.iter().any(|i| Arc::ptr_eq(i, b)));
                 let files = result?;
                 self.compactions += 1;
+                self.compacted_bytes += files.iter().map(|f| f.size()).sum::<u64>();
                 // The inputs are still contiguous: flushes only add newer runs in front.
                 let at = inputs
                     .first()
@@ -1467,6 +1476,12 @@ impl Db {
             self.runs.len(),
             self.mem.bytes(),
         )
+    }
+
+    /// Bytes of sorted-run files written so far: (by flushes, by compactions), counting
+    /// installed ones. Their sum over the flushed bytes is the write amplification.
+    pub fn bytes_written(&self) -> (u64, u64) {
+        (self.flushed_bytes, self.compacted_bytes)
     }
 
     fn stop_worker(&mut self) {
@@ -1815,9 +1830,14 @@ mod tests {
             assert_eq!(all(&db), model);
             db.flush().unwrap();
             assert_eq!(all(&db), model);
+            let (flushed, compacted) = db.bytes_written();
             db.compact().unwrap();
             assert_eq!(db.stats().2, 1);
             assert_eq!(all(&db), model);
+            // The full merge wrote the one run left; flushes wrote at least its live data.
+            let run: u64 = db.sorted_runs()[0].iter().map(|f| f.size()).sum();
+            assert!(flushed >= run, "{flushed} bytes flushed, {run} in the run");
+            assert!(db.bytes_written().1 >= compacted + run);
         }
         let db = Db::open(dir.path(), small()).unwrap();
         assert_eq!(all(&db), model);

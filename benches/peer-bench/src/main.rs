@@ -649,8 +649,9 @@ fn large(n: u64, budget_mib: usize, which: &str) -> Res<()> {
         load = n as f64 / t.elapsed().as_secs_f64();
         let c = phase("load", n, t0, c0);
         eprintln!(
-            "engine (flushes, compactions, runs, buffer): {:?}",
-            b.engine().stats()
+            "engine (flushes, compactions, runs, buffer): {:?}, bytes written (flush, compaction): {:?}",
+            b.engine().stats(),
+            b.engine().bytes_written()
         );
         let t = Instant::now();
         for k in order(ops) {
@@ -660,8 +661,9 @@ fn large(n: u64, budget_mib: usize, which: &str) -> Res<()> {
         get = ops as f64 / t.elapsed().as_secs_f64();
         let c = phase("get", ops, t, c);
         eprintln!(
-            "engine (flushes, compactions, runs, buffer): {:?}",
-            b.engine().stats()
+            "engine (flushes, compactions, runs, buffer): {:?}, bytes written (flush, compaction): {:?}",
+            b.engine().stats(),
+            b.engine().bytes_written()
         );
         peak_anon = peak_anon.max(rss().1);
         let t = Instant::now();
@@ -676,8 +678,9 @@ fn large(n: u64, budget_mib: usize, which: &str) -> Res<()> {
         update = update_ops as f64 / t.elapsed().as_secs_f64();
         phase("update", update_ops, t, c);
         eprintln!(
-            "engine (flushes, compactions, runs, buffer): {:?}",
-            b.engine().stats()
+            "engine (flushes, compactions, runs, buffer): {:?}, bytes written (flush, compaction): {:?}",
+            b.engine().stats(),
+            b.engine().bytes_written()
         );
     } else {
         #[cfg(feature = "rocksdb")]
