@@ -5,7 +5,7 @@ use std::ops::Bound;
 use std::sync::Arc;
 
 use crate::error::Result;
-use crate::memtable::{Memtable, Op, OpKind};
+use crate::memtable::{head_of, Memtable, Op, OpKind};
 use crate::run::{BlockPos, RunFile};
 
 /// A forward cursor over one source, positioned on an entry or exhausted.
@@ -203,8 +203,13 @@ pub(crate) enum Resolve {
 /// entry are kept in a binary min-heap ordered by `(current key, cursor index)`: an entry
 /// costs about `log2(cursors)` key comparisons instead of two passes over every cursor (a
 /// compaction of many runs spent a fifth of the process's CPU choosing the smallest key).
+/// Each cursor's current key is also kept as its first 16 bytes in a number
+/// ([`head_of`]), so most comparisons are one integer comparison, without fetching the
+/// cursor's entry or a `memcmp` (those were a fifth of a compaction's CPU again).
 pub(crate) struct MergeIter {
     sources: Vec<Box<dyn Cursor>>,
+    /// The head of each cursor's current key (meaningless for an exhausted cursor).
+    heads: Vec<u128>,
     /// Indexes of the cursors with an entry, a heap (smallest key, then newest cursor, first).
     heap: Vec<usize>,
     resolve: Resolve,
@@ -215,9 +220,14 @@ pub(crate) struct MergeIter {
 }
 
 /// True when cursor `a`'s entry comes before cursor `b`'s: the smaller key, and for equal keys
-/// the newer cursor (the smaller index).
+/// the newer cursor (the smaller index). Both are on the heap (have an entry).
 #[inline]
-fn before(sources: &[Box<dyn Cursor>], a: usize, b: usize) -> bool {
+fn before(sources: &[Box<dyn Cursor>], heads: &[u128], a: usize, b: usize) -> bool {
+    match heads[a].cmp(&heads[b]) {
+        std::cmp::Ordering::Less => return true,
+        std::cmp::Ordering::Greater => return false,
+        std::cmp::Ordering::Equal => {}
+    }
     match (sources[a].current(), sources[b].current()) {
         (Some((_, ka, _)), Some((_, kb, _))) => ka.cmp(kb).then(a.cmp(&b)).is_lt(),
         (Some(_), None) => true,
@@ -226,14 +236,14 @@ fn before(sources: &[Box<dyn Cursor>], a: usize, b: usize) -> bool {
 }
 
 /// Restores the heap order below position `i`.
-fn sift_down(sources: &[Box<dyn Cursor>], heap: &mut [usize], mut i: usize) {
+fn sift_down(sources: &[Box<dyn Cursor>], heads: &[u128], heap: &mut [usize], mut i: usize) {
     loop {
         let (l, r) = (2 * i + 1, 2 * i + 2);
         let mut m = i;
-        if l < heap.len() && before(sources, heap[l], heap[m]) {
+        if l < heap.len() && before(sources, heads, heap[l], heap[m]) {
             m = l;
         }
-        if r < heap.len() && before(sources, heap[r], heap[m]) {
+        if r < heap.len() && before(sources, heads, heap[r], heap[m]) {
             m = r;
         }
         if m == i {
@@ -246,14 +256,19 @@ fn sift_down(sources: &[Box<dyn Cursor>], heap: &mut [usize], mut i: usize) {
 
 impl MergeIter {
     pub(crate) fn new(sources: Vec<Box<dyn Cursor>>, resolve: Resolve) -> MergeIter {
+        let heads: Vec<u128> = sources
+            .iter()
+            .map(|s| s.current().map_or(u128::MAX, |(_, k, _)| head_of(k)))
+            .collect();
         let mut heap: Vec<usize> = (0..sources.len())
             .filter(|&i| sources[i].current().is_some())
             .collect();
         for i in (0..heap.len() / 2).rev() {
-            sift_down(&sources, &mut heap, i);
+            sift_down(&sources, &heads, &mut heap, i);
         }
         MergeIter {
             sources,
+            heads,
             heap,
             resolve,
             key: Vec::new(),
@@ -271,6 +286,7 @@ impl MergeIter {
             let Some(&m) = self.heap.first() else {
                 return Ok(None);
             };
+            let head = self.heads[m];
             self.key.clear();
             if let Some((_, k, _)) = self.sources[m].current() {
                 self.key.extend_from_slice(k);
@@ -280,11 +296,14 @@ impl MergeIter {
             self.value.clear();
             // The cursors holding this key come off the heap newest first.
             while let Some(&i) = self.heap.first() {
+                if self.heads[i] != head {
+                    break;
+                }
                 let s = &mut self.sources[i];
                 let Some((kind, k, v)) = s.current() else {
                     // Not reached: only cursors with an entry are on the heap.
                     self.heap.swap_remove(0);
-                    sift_down(&self.sources, &mut self.heap, 0);
+                    sift_down(&self.sources, &self.heads, &mut self.heap, 0);
                     continue;
                 };
                 if k != &self.key[..] {
@@ -301,10 +320,13 @@ impl MergeIter {
                     }
                 }
                 s.advance()?;
-                if s.current().is_none() {
-                    self.heap.swap_remove(0);
+                match s.current() {
+                    Some((_, k, _)) => self.heads[i] = head_of(k),
+                    None => {
+                        self.heap.swap_remove(0);
+                    }
                 }
-                sift_down(&self.sources, &mut self.heap, 0);
+                sift_down(&self.sources, &self.heads, &mut self.heap, 0);
             }
             for op in self.ops.iter().rev() {
                 self.value.extend_from_slice(op);
@@ -352,7 +374,10 @@ mod tests {
             // Oldest source last: apply in that order.
             for s in (0..sources).rev() {
                 for _ in 0..300 {
-                    let k = vec![rand(4) as u8, rand(40) as u8];
+                    // Keys of 2, 11 and 20 bytes, zeros first: keys that tie in their first 16
+                    // bytes (the merge's key heads, zero-padded) are ordered by the rest.
+                    let mut k = vec![0u8; 9 * rand(3) as usize];
+                    k.extend([rand(4) as u8, rand(40) as u8]);
                     let v = vec![rand(256) as u8; 1 + rand(3) as usize];
                     match rand(3) {
                         0 => {
