@@ -301,7 +301,16 @@ impl RunWriter {
             .div_ceil(512)
             .max(1);
         let mut bits = vec![0u8; nblocks * 64];
-        for h in &self.hashes {
+        // Each hash sets bits in a random block: the block of a hash some hashes ahead is
+        // loaded meanwhile (waiting for each block was most of a large compaction's finish).
+        const AHEAD: usize = 16;
+        for (i, h) in self.hashes.iter().enumerate() {
+            if let Some(&next) = self.hashes.get(i + AHEAD) {
+                let at = bloom_block(next, nblocks) * 64;
+                if let Some(line) = bits.get(at..at + 64) {
+                    crate::mapped::prefetch(line, 1);
+                }
+            }
             let base = bloom_block(*h, nblocks) * 512;
             for bit in bloom_bits(*h) {
                 let b = base + bit;
