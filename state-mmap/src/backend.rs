@@ -1104,7 +1104,7 @@ impl<K: StateKey> KeyedStateBackend for MmapKeyedStateBackend<K> {
         let (e, t, cur) = typed!(self, h.id(), h.name(), ListT<T, N>);
         state_key(&mut self.kbuf, cur.kg, e.id, &cur.bytes, &t.ns, ns, &e.name)?;
         self.vbuf.clear();
-        if !self.db.get(&self.kbuf, &mut self.vbuf)? {
+        if !self.db.get_merged(&self.kbuf, &mut self.vbuf)? {
             return Ok(None);
         }
         let de = de_err(&e.name, "list element");

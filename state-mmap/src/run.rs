@@ -839,7 +839,7 @@ impl RunFile {
     }
 
     /// The bloom-filter block of a key hash (`None`: no usable filter).
-    #[inline]
+    #[inline(always)]
     fn filter_block(&self, h: u64) -> Option<&[u8; 64]> {
         if self.bloom_blocks == 0 {
             return None;
@@ -848,7 +848,7 @@ impl RunFile {
         self.bytes().get(at..)?.first_chunk::<64>()
     }
 
-    #[inline]
+    #[inline(always)]
     fn may_contain_hash(&self, h: u64) -> bool {
         match self.filter_block(h) {
             Some(block) => bloom_bits(h).all(|b| block[b / 8] & (1 << (b % 8)) != 0),
@@ -869,7 +869,7 @@ impl RunFile {
     /// its key range, outside its visible range, or absent from its bloom filter. For a file
     /// its run's search picked, the first whose last key is not below the probe's: that check
     /// is not repeated here.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn may_contain_located(&self, p: &Probe, hash: u64) -> bool {
         !self.after(p) && self.visible(p.key) && self.may_contain_hash(hash)
     }
