@@ -1038,8 +1038,8 @@ impl Db {
                 // its end) and the file cannot hold the prefix.
                 let absent = r
                     .get(fi)
-                    .is_none_or(|f| f.first_key() >= end || !f.may_contain_prefix(h));
-                if absent && r.get(fi + 1).is_none_or(|f| f.first_key() >= end) {
+                    .is_none_or(|f| !f.starts_before(&end_probe) || !f.may_contain_prefix(h));
+                if absent && r.get(fi + 1).is_none_or(|f| !f.starts_before(&end_probe)) {
                     skip |= 1 << i;
                 }
             }
@@ -1054,7 +1054,7 @@ impl Db {
             let Some(file) = r.get(files[i] as usize) else {
                 continue;
             };
-            if file.first_key() < end && prefix.is_none_or(|h| file.may_contain_prefix(h)) {
+            if file.starts_before(&end_probe) && prefix.is_none_or(|h| file.may_contain_prefix(h)) {
                 if let Some(bi) = file.find_block(start)? {
                     file.block(bi)?.prefetch_search();
                     first_blocks[i] = bi as u32;
@@ -1072,7 +1072,7 @@ impl Db {
                 r.partition_point(|f| f.before(&probe))
             };
             'files: while let Some(file) = r.get(fi) {
-                if file.first_key() >= end {
+                if !file.starts_before(&end_probe) {
                     break;
                 }
                 if prefix.is_some_and(|h| !file.may_contain_prefix(h)) {

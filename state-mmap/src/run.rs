@@ -415,6 +415,22 @@ struct BlockMeta {
 pub(crate) struct Probe<'a> {
     pub key: &'a [u8],
     pub head: u128,
+    /// Bytes 16..24 of the key, zero-padded, as a big-endian number (see [`tail_of`]).
+    tail: u64,
+}
+
+/// Bytes 16..24 of `b` (after its [`head_of`]), zero-padded, as a big-endian number: the keys
+/// of one map share their first 16 bytes and usually differ in these.
+#[inline]
+fn tail_of(b: &[u8]) -> u64 {
+    let s = b.get(16..).unwrap_or(&[]);
+    match s.first_chunk::<8>() {
+        Some(c) => u64::from_be_bytes(*c),
+        None => s
+            .iter()
+            .enumerate()
+            .fold(0, |x, (i, b)| x | u64::from(*b) << (56 - 8 * i)),
+    }
 }
 
 impl<'a> Probe<'a> {
@@ -423,13 +439,23 @@ impl<'a> Probe<'a> {
         Probe {
             key,
             head: head_of(key),
+            tail: tail_of(key),
         }
     }
 
-    /// True when the probe's key is larger than `k`.
+    /// True when the probe's key is larger than `k`: by the first 16 bytes as a number, then
+    /// (keys of one map share those) the next 8, then as bytes.
     #[inline]
     pub(crate) fn after_key(&self, k: &[u8]) -> bool {
-        cmp_headed(self.head, self.key, head_of(k), k).is_gt()
+        let h = head_of(k);
+        if self.head != h {
+            return self.head > h;
+        }
+        let t = tail_of(k);
+        if self.tail != t {
+            return self.tail > t;
+        }
+        self.key > k
     }
 }
 
@@ -671,6 +697,13 @@ impl RunFile {
     #[inline]
     pub(crate) fn before(&self, p: &Probe) -> bool {
         cmp_headed(self.last_head, &self.last_key, p.head, p.key).is_lt()
+    }
+
+    /// True when the file's first key is below the probe's key (by the first 16 bytes as a
+    /// number, then as bytes).
+    #[inline]
+    pub(crate) fn starts_before(&self, p: &Probe) -> bool {
+        cmp_headed(self.first_head, &self.first_key, p.head, p.key).is_lt()
     }
 
     /// True when every key of the file is larger than the probe's.
