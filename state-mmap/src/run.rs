@@ -1173,6 +1173,20 @@ mod tests {
     use proptest::prelude::*;
 
     proptest! {
+        /// A probe orders keys as their bytes do, for keys around the 16- and 24-byte marks
+        /// where its numeric heads and tails end, sharing long prefixes and zero bytes.
+        #[test]
+        fn probes_order_keys_as_bytes(
+            common in proptest::collection::vec(prop_oneof![Just(0u8), Just(1u8), Just(0xffu8)], 0..26),
+            a in proptest::collection::vec(prop_oneof![Just(0u8), Just(1u8), Just(0xffu8)], 0..10),
+            b in proptest::collection::vec(prop_oneof![Just(0u8), Just(1u8), Just(0xffu8)], 0..10),
+        ) {
+            let ka = [&common[..], &a[..]].concat();
+            let kb = [&common[..], &b[..]].concat();
+            prop_assert_eq!(Probe::new(&ka).after_key(&kb), ka > kb, "{:?} vs {:?}", ka, kb);
+            prop_assert_eq!(Probe::new(&kb).after_key(&ka), kb > ka);
+        }
+
         /// The two-step search of block heads finds what one binary search of them finds,
         /// with runs of equal heads, probes between, on and beyond them, and any length.
         #[test]
