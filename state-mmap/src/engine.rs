@@ -975,8 +975,20 @@ impl Db {
     pub fn scan_prefix<E: From<Error>>(
         &self,
         prefix: &[u8],
-        f: impl FnMut(&[u8], &[u8]) -> Result<bool, E>,
+        mut f: impl FnMut(&[u8], &[u8]) -> Result<bool, E>,
     ) -> Result<(), E> {
+        if prefix.iter().all(|&b| b == 0xff) {
+            // No key bounds the range from above (every key from the prefix on starts with
+            // it): an unbounded iteration. State keys never get here (they start with a key
+            // group below 0x8000).
+            let mut it = self.iter(prefix, None)?;
+            while let Some((k, v)) = it.next()? {
+                if !k.starts_with(prefix) || !f(k, v)? {
+                    break;
+                }
+            }
+            return Ok(());
+        }
         // The end of the range: [`crate::codec::successor`] of the prefix, on the stack when it
         // is short (a scan is a few entries: an allocation is a noticeable part of it).
         let mut small = [0u8; 64];
@@ -988,8 +1000,7 @@ impl Db {
                 &small[..=i]
             }
             _ => {
-                large =
-                    crate::codec::successor(prefix).unwrap_or_else(|| vec![0xff; prefix.len() + 1]);
+                large = crate::codec::successor(prefix).unwrap_or_default();
                 &large
             }
         };
@@ -1824,6 +1835,43 @@ mod tests {
             want.dedup();
             assert_eq!(got, want, "prefix {p:?}");
             assert!(!got.is_empty());
+        }
+    }
+
+    /// A prefix of 0xff bytes has no key above all keys that start with it: its scan reaches
+    /// every such key however long (it used to end at `prefix + 0xff`).
+    #[test]
+    fn prefix_scans_of_0xff_bytes_reach_every_longer_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut db = Db::open(dir.path(), small()).unwrap();
+        let keys: [&[u8]; 6] = [
+            b"\xfe\xff",
+            b"\xff",
+            b"\xff\x00",
+            b"\xff\xff",
+            b"\xff\xff\x01",
+            b"\xff\xff\xff\xff",
+        ];
+        for (i, k) in keys.iter().enumerate() {
+            db.put(k, &[i as u8]).unwrap();
+            if i == 2 {
+                db.flush().unwrap();
+            }
+        }
+        for (prefix, want) in [
+            (&b"\xff"[..], 5),
+            (&b"\xff\xff"[..], 3),
+            (&b"\xff\xff\xff"[..], 1),
+        ] {
+            let mut got = Vec::new();
+            db.scan_prefix(prefix, |k, _| -> Result<bool> {
+                got.push(k.to_vec());
+                Ok(true)
+            })
+            .unwrap();
+            assert_eq!(got.len(), want, "prefix {prefix:?}: {got:?}");
+            assert!(got.iter().all(|k| k.starts_with(prefix)));
+            assert!(got.windows(2).all(|w| w[0] < w[1]));
         }
     }
 
