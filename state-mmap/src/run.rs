@@ -904,7 +904,7 @@ impl RunFile {
     /// is not repeated here.
     #[inline(always)]
     pub(crate) fn may_contain_located(&self, p: &Probe, hash: u64) -> bool {
-        !self.after(p) && self.visible(p.key) && self.may_contain_hash(hash)
+        self.may_contain_hash(hash) && !self.after(p) && self.visible(p.key)
     }
 
     /// The entry stored for exactly `key` (whose [`key_hash`] is `hash`), without the filter
