@@ -810,13 +810,18 @@ impl Db {
         // version is often in a newer run, and the early work was for nothing (value gets
         // after updates 15% slower when the oldest of several runs was located early).
         let mut files = [0u32; 64];
+        // The filter lines of the first runs (the rest are looked up again).
+        let mut lines: [Option<&[u8; 64]>; 16] = [None; 16];
         let oldest = if self.runs.len() == 1 { 0 } else { usize::MAX };
         let mut early: Option<Block<'_>> = None;
         for (i, r) in self.runs.iter().enumerate().take(64) {
             let fi = r.partition_point(|f| f.before(&probe));
             files[i] = fi as u32;
             if let Some(f) = r.get(fi) {
-                f.prefetch_filter(hash);
+                let line = f.prefetch_filter(hash);
+                if let Some(l) = lines.get_mut(i) {
+                    *l = line;
+                }
                 if i == oldest {
                     early = f.locate(&probe)?;
                 }
@@ -844,7 +849,11 @@ impl Db {
             let fi = files[i] as usize;
             // `fi` is the first file whose last key is not below the key.
             if let Some(f) = r.get(fi) {
-                if f.may_contain_located(&probe, hash) {
+                let passes = match lines.get(i) {
+                    Some(&line) => f.may_contain_at(line, &probe, hash),
+                    None => f.may_contain_located(&probe, hash),
+                };
+                if passes {
                     maybe |= 1 << i;
                 }
             }

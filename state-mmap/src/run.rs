@@ -22,6 +22,15 @@ pub const FOOTER_LEN: usize = 48;
 const HEADER_LEN: usize = 8;
 const BLOCK_TARGET: usize = 4096;
 
+/// Whether the bloom-filter block `line` (`None`: no filter) may hold hash `h`.
+#[inline(always)]
+fn bloom_passes(line: Option<&[u8; 64]>, h: u64) -> bool {
+    match line {
+        Some(block) => bloom_bits(h).all(|b| block[b / 8] & (1 << (b % 8)) != 0),
+        None => true,
+    }
+}
+
 /// Block heads per entry of a file's [`RunFile::tops`] (16 heads: four cache lines).
 const HEAD_STRIDE: usize = 16;
 
@@ -883,19 +892,19 @@ impl RunFile {
 
     #[inline(always)]
     fn may_contain_hash(&self, h: u64) -> bool {
-        match self.filter_block(h) {
-            Some(block) => bloom_bits(h).all(|b| block[b / 8] & (1 << (b % 8)) != 0),
-            None => true,
-        }
+        bloom_passes(self.filter_block(h), h)
     }
 
     /// Starts loading the bloom-filter line of a key hash (so a later
     /// [`RunFile::may_contain_located`] does not wait for it).
+    /// Returns that line (`None`: no filter), for [`RunFile::may_contain_at`].
     #[inline]
-    pub(crate) fn prefetch_filter(&self, h: u64) {
-        if let Some(block) = self.filter_block(h) {
+    pub(crate) fn prefetch_filter(&self, h: u64) -> Option<&[u8; 64]> {
+        let block = self.filter_block(h);
+        if let Some(block) = block {
             crate::mapped::prefetch_ref(block);
         }
+        block
     }
 
     /// False when the file cannot hold the probe's key (whose [`key_hash`] is `hash`): above
@@ -904,7 +913,14 @@ impl RunFile {
     /// is not repeated here.
     #[inline(always)]
     pub(crate) fn may_contain_located(&self, p: &Probe, hash: u64) -> bool {
-        self.may_contain_hash(hash) && !self.after(p) && self.visible(p.key)
+        self.may_contain_at(self.filter_block(hash), p, hash)
+    }
+
+    /// [`RunFile::may_contain_located`] with the filter line [`RunFile::prefetch_filter`]
+    /// returned for `hash`.
+    #[inline(always)]
+    pub(crate) fn may_contain_at(&self, line: Option<&[u8; 64]>, p: &Probe, hash: u64) -> bool {
+        bloom_passes(line, hash) && !self.after(p) && self.visible(p.key)
     }
 
     /// The entry stored for exactly `key` (whose [`key_hash`] is `hash`), without the filter
