@@ -505,6 +505,12 @@ impl<K: StateKey> MmapKeyedStateBackend<K> {
         Ok(self.db.flush()?)
     }
 
+    /// Waits until the background flushes and compactions under way, and those they start,
+    /// are done (benchmarks count the background work of a phase this way).
+    pub fn wait_for_background_work(&mut self) -> Result<()> {
+        Ok(self.db.drain()?)
+    }
+
     /// Flushes and compacts every sorted run into one (drops tombstones, expired TTL state,
     /// merges list appends, drops key groups outside the backend's range).
     pub fn compact(&mut self) -> Result<()> {

@@ -575,6 +575,17 @@ fn phase(name: &str, ops: u64, start: Instant, cpu0: (f64, f64)) -> (f64, f64) {
     now
 }
 
+/// Prints how long the background work left before the updates took (wall and CPU seconds).
+fn settled_phase(start: Instant, cpu0: (f64, f64)) -> (f64, f64) {
+    let now = cpu();
+    eprintln!(
+        "background work before the updates: {:.1} s wall, {:.1} s CPU",
+        start.elapsed().as_secs_f64(),
+        now.1 - cpu0.1
+    );
+    now
+}
+
 fn dir_size(dir: &std::path::Path) -> u64 {
     std::fs::read_dir(dir)
         .map(|d| {
@@ -630,7 +641,10 @@ fn large(n: u64, budget_mib: usize, which: &str) -> Res<()> {
     let t = Instant::now();
     let t0 = t;
     let c0 = cpu();
-    let (load, get, update);
+    // `update` stops at the flush of the last write buffer; `settled` also at the end of the
+    // compactions the updates left (both stores start the update phase with no background
+    // work: what the load left was finished before, untimed).
+    let (load, get, update, settled);
     if which == "mmap" {
         let mut b = MmapKeyedStateBackend::<u64>::builder()
             .key_serializer(FixedWidthSerializer::<u64>::new())
@@ -667,6 +681,14 @@ fn large(n: u64, budget_mib: usize, which: &str) -> Res<()> {
         );
         peak_anon = peak_anon.max(rss().1);
         let t = Instant::now();
+        b.wait_for_background_work()?;
+        let c = settled_phase(t, c);
+        eprintln!(
+            "engine (flushes, compactions, runs, buffer): {:?}, bytes written (flush, compaction): {:?}",
+            b.engine().stats(),
+            b.engine().bytes_written()
+        );
+        let t = Instant::now();
         for k in order(update_ops) {
             b.set_current_key(k)?;
             b.value(&h).update(value.clone())?;
@@ -677,6 +699,14 @@ fn large(n: u64, budget_mib: usize, which: &str) -> Res<()> {
         b.flush()?;
         update = update_ops as f64 / t.elapsed().as_secs_f64();
         phase("update", update_ops, t, c);
+        eprintln!(
+            "engine (flushes, compactions, runs, buffer): {:?}, bytes written (flush, compaction): {:?}",
+            b.engine().stats(),
+            b.engine().bytes_written()
+        );
+        b.wait_for_background_work()?;
+        settled = update_ops as f64 / t.elapsed().as_secs_f64();
+        phase("update and its compactions", update_ops, t, c);
         eprintln!(
             "engine (flushes, compactions, runs, buffer): {:?}, bytes written (flush, compaction): {:?}",
             b.engine().stats(),
@@ -723,6 +753,21 @@ fn large(n: u64, budget_mib: usize, which: &str) -> Res<()> {
             get = ops as f64 / t.elapsed().as_secs_f64();
             let c = phase("get", ops, t, c);
             peak_anon = peak_anon.max(rss().1);
+            // No flush or compaction running or pending (polled: the crate has no wait).
+            let settle = || -> Res<()> {
+                let busy = |p: &str| db.property_int_value(p).ok().flatten().unwrap_or(0) > 0;
+                while busy("rocksdb.compaction-pending")
+                    || busy("rocksdb.num-running-compactions")
+                    || busy("rocksdb.num-running-flushes")
+                    || busy("rocksdb.mem-table-flush-pending")
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Ok(())
+            };
+            let t = Instant::now();
+            settle()?;
+            let c = settled_phase(t, c);
             let t = Instant::now();
             for k in order(update_ops) {
                 db.put_opt(key(k), &value, &wo)?;
@@ -733,6 +778,9 @@ fn large(n: u64, budget_mib: usize, which: &str) -> Res<()> {
             db.flush()?;
             update = update_ops as f64 / t.elapsed().as_secs_f64();
             phase("update", update_ops, t, c);
+            settle()?;
+            settled = update_ops as f64 / t.elapsed().as_secs_f64();
+            phase("update and its compactions", update_ops, t, c);
         }
         #[cfg(not(feature = "rocksdb"))]
         {
@@ -744,10 +792,11 @@ fn large(n: u64, budget_mib: usize, which: &str) -> Res<()> {
     let peak_anon = peak_anon.max(sampled.load(std::sync::atomic::Ordering::Relaxed));
     let (hwm, _) = rss();
     println!(
-        "| {which} | {n} | {budget_mib} MiB | {:.0}k | {:.0}k | {:.0}k | {} MiB | {} MiB | {} MiB |",
+        "| {which} | {n} | {budget_mib} MiB | {:.0}k | {:.0}k | {:.0}k | {:.0}k | {} MiB | {} MiB | {} MiB |",
         load / 1e3,
         get / 1e3,
         update / 1e3,
+        settled / 1e3,
         peak_anon / 1024,
         hwm / 1024,
         dir_size(dir.path()) >> 20
@@ -766,8 +815,8 @@ fn main() -> Res<()> {
             .unwrap_or(5_000_000);
         let budget: usize = args.next().map(|a| a.parse()).transpose()?.unwrap_or(64);
         let which = args.next().unwrap_or_else(|| "mmap".into());
-        println!("| backend | keys | budget | load/s | random get/s | random update/s | peak anon RSS | peak RSS (incl. mapped pages) | disk |");
-        println!("|---|---|---|---|---|---|---|---|---|");
+        println!("| backend | keys | budget | load/s | random get/s | random update/s | update/s incl. its compactions | peak anon RSS | peak RSS (incl. mapped pages) | disk |");
+        println!("|---|---|---|---|---|---|---|---|---|---|");
         return large(n, budget, &which);
     }
     let n: u64 = args
