@@ -604,6 +604,15 @@ fn dir_size(dir: &std::path::Path) -> u64 {
 }
 
 /// Larger than the budget: `n` keys with 100-byte values, random gets and updates.
+/// Prints the engine's counters and the bytes its flushes and compactions wrote (stderr).
+fn engine_report(b: &MmapKeyedStateBackend<u64>) {
+    eprintln!(
+        "engine (flushes, compactions, runs, buffer): {:?}, bytes written (flush, compaction): {:?}",
+        b.engine().stats(),
+        b.engine().bytes_written()
+    );
+}
+
 fn large(n: u64, budget_mib: usize, which: &str) -> Res<()> {
     let ops = n.min(2_000_000);
     // Updates run longer than gets: 2M updates of 100 bytes fill only a few write buffers, so
@@ -662,11 +671,7 @@ fn large(n: u64, budget_mib: usize, which: &str) -> Res<()> {
         b.flush()?;
         load = n as f64 / t.elapsed().as_secs_f64();
         let c = phase("load", n, t0, c0);
-        eprintln!(
-            "engine (flushes, compactions, runs, buffer): {:?}, bytes written (flush, compaction): {:?}",
-            b.engine().stats(),
-            b.engine().bytes_written()
-        );
+        engine_report(&b);
         let t = Instant::now();
         for k in order(ops) {
             b.set_current_key(k)?;
@@ -674,20 +679,12 @@ fn large(n: u64, budget_mib: usize, which: &str) -> Res<()> {
         }
         get = ops as f64 / t.elapsed().as_secs_f64();
         let c = phase("get", ops, t, c);
-        eprintln!(
-            "engine (flushes, compactions, runs, buffer): {:?}, bytes written (flush, compaction): {:?}",
-            b.engine().stats(),
-            b.engine().bytes_written()
-        );
+        engine_report(&b);
         peak_anon = peak_anon.max(rss().1);
         let t = Instant::now();
         b.wait_for_background_work()?;
         let c = settled_phase(t, c);
-        eprintln!(
-            "engine (flushes, compactions, runs, buffer): {:?}, bytes written (flush, compaction): {:?}",
-            b.engine().stats(),
-            b.engine().bytes_written()
-        );
+        engine_report(&b);
         let t = Instant::now();
         for k in order(update_ops) {
             b.set_current_key(k)?;
@@ -699,19 +696,11 @@ fn large(n: u64, budget_mib: usize, which: &str) -> Res<()> {
         b.flush()?;
         update = update_ops as f64 / t.elapsed().as_secs_f64();
         phase("update", update_ops, t, c);
-        eprintln!(
-            "engine (flushes, compactions, runs, buffer): {:?}, bytes written (flush, compaction): {:?}",
-            b.engine().stats(),
-            b.engine().bytes_written()
-        );
+        engine_report(&b);
         b.wait_for_background_work()?;
         settled = update_ops as f64 / t.elapsed().as_secs_f64();
         phase("update and its compactions", update_ops, t, c);
-        eprintln!(
-            "engine (flushes, compactions, runs, buffer): {:?}, bytes written (flush, compaction): {:?}",
-            b.engine().stats(),
-            b.engine().bytes_written()
-        );
+        engine_report(&b);
     } else {
         #[cfg(feature = "rocksdb")]
         {
