@@ -465,9 +465,14 @@ fn encode_list<T: 'static>(
     Ok(())
 }
 
-/// Resolved `(key, value)` pairs in `[start, end)`, at most `limit`.
-fn scan(db: &Db, start: &[u8], end: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
-    let mut it = db.iter(start, Some(end))?;
+/// Resolved `(key, value)` pairs in `[start, end)` (`None`: no upper bound), at most `limit`.
+fn scan(
+    db: &Db,
+    start: &[u8],
+    end: Option<&[u8]>,
+    limit: usize,
+) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    let mut it = db.iter(start, end)?;
     let mut out = Vec::new();
     while out.len() < limit {
         match it.next()? {
@@ -478,8 +483,10 @@ fn scan(db: &Db, start: &[u8], end: &[u8], limit: usize) -> Result<Vec<(Vec<u8>,
     Ok(out)
 }
 
-fn end_of(prefix: &[u8]) -> Vec<u8> {
-    successor(prefix).unwrap_or_else(|| vec![0xff; prefix.len() + 1])
+/// The end of the keys that start with `prefix`: its successor, `None` (no upper bound) for a
+/// prefix of 0xff bytes.
+fn end_of(prefix: &[u8]) -> Option<Vec<u8>> {
+    successor(prefix)
 }
 
 impl<K: StateKey> MmapKeyedStateBackend<K> {
@@ -731,7 +738,7 @@ impl<K: StateKey> MmapKeyedStateBackend<K> {
             let end = end_of(&prefix);
             let mut start = prefix.to_vec();
             loop {
-                let batch = scan(&self.db, &start, &end, BATCH)?;
+                let batch = scan(&self.db, &start, end.as_deref(), BATCH)?;
                 for (k, v) in &batch {
                     each(&mut self.db, k, v)?;
                 }
@@ -814,7 +821,7 @@ impl<K: StateKey> MmapKeyedStateBackend<K> {
                 continue;
             }
             let end = end_of(&kg_state(kg, id));
-            let batch = scan(&self.db, &pos, &end, n - checked)?;
+            let batch = scan(&self.db, &pos, end.as_deref(), n - checked)?;
             pos = match batch.last() {
                 Some((k, _)) if checked + batch.len() >= n => {
                     let mut p = k.clone();
@@ -1577,7 +1584,7 @@ impl<K: StateKey> KeyedStateBackend for MmapKeyedStateBackend<K> {
         for kg in self.range.iter() {
             let prefix = kg_state(kg, id);
             let end = end_of(&prefix);
-            let mut it = self.db.iter(&prefix, Some(&end))?;
+            let mut it = self.db.iter(&prefix, end.as_deref())?;
             while let Some((k, _)) = it.next()? {
                 let p = parse_key(k, name.as_str())?;
                 if p.ns != &ns_bytes[..] || last.as_deref() == Some(p.key) {
