@@ -1057,9 +1057,11 @@ impl Db {
         prefix: &[u8],
         mut f: impl FnMut(&[u8], &[u8]) -> Result<bool, E>,
     ) -> Result<(), E> {
-        if prefix.iter().all(|&b| b == 0xff) {
-            // No key bounds the range from above (every key from the prefix on starts with
-            // it): an unbounded iteration. State keys never get here (they start with a key
+        // The end of the range: the prefix up to its last byte below 0xff, that byte plus one
+        // (on the stack when short: a scan is a few entries, an allocation a noticeable part).
+        let Some(i) = prefix.iter().rposition(|&b| b < 0xff) else {
+            // Only 0xff bytes (or none): no key bounds the range from above, every key from
+            // the prefix on starts with it. State keys never get here (they start with a key
             // group below 0x8000).
             let mut it = self.iter(prefix, None)?;
             while let Some((k, v)) = it.next()? {
@@ -1068,21 +1070,16 @@ impl Db {
                 }
             }
             return Ok(());
-        }
-        // The end of the range: [`crate::codec::successor`] of the prefix, on the stack when it
-        // is short (a scan is a few entries: an allocation is a noticeable part of it).
+        };
         let mut small = [0u8; 64];
-        let large;
-        let end: &[u8] = match prefix.iter().rposition(|&b| b < 0xff) {
-            Some(i) if i < small.len() => {
-                small[..i].copy_from_slice(&prefix[..i]);
-                small[i] = prefix[i] + 1;
-                &small[..=i]
-            }
-            _ => {
-                large = crate::codec::successor(prefix).unwrap_or_default();
-                &large
-            }
+        let large: Vec<u8>;
+        let end: &[u8] = if i < small.len() {
+            small[..i].copy_from_slice(&prefix[..i]);
+            small[i] = prefix[i] + 1;
+            &small[..=i]
+        } else {
+            large = [&prefix[..i], &[prefix[i] + 1]].concat();
+            &large
         };
         let h = self
             .opts
@@ -1689,6 +1686,14 @@ mod tests {
         }
     }
 
+    /// [`small`] options allowing up to `max_sorted_runs` runs before compacting.
+    fn small_with_runs(max_sorted_runs: usize) -> EngineOptions {
+        EngineOptions {
+            max_sorted_runs,
+            ..small()
+        }
+    }
+
     /// Size-tiered picks: the newest runs while each older one is no larger than those taken;
     /// with `max_runs` runs, all but the oldest runs larger than everything newer together.
     #[test]
@@ -1831,11 +1836,7 @@ mod tests {
     #[test]
     fn get_concatenates_many_operands_in_order() {
         let dir = tempfile::tempdir().unwrap();
-        let opts = EngineOptions {
-            max_sorted_runs: 64,
-            ..small()
-        };
-        let mut db = Db::open(dir.path(), opts).unwrap();
+        let mut db = Db::open(dir.path(), small_with_runs(64)).unwrap();
         db.put(b"based", b"base-").unwrap();
         db.flush().unwrap();
         let mut want = b"base-".to_vec();
@@ -1866,11 +1867,7 @@ mod tests {
     #[test]
     fn scans_merge_more_than_64_sources() {
         let dir = tempfile::tempdir().unwrap();
-        let opts = EngineOptions {
-            max_sorted_runs: 200,
-            ..small()
-        };
-        let mut db = Db::open(dir.path(), opts).unwrap();
+        let mut db = Db::open(dir.path(), small_with_runs(200)).unwrap();
         let mut model = BTreeMap::<Vec<u8>, Vec<u8>>::new();
         for i in 0..71u8 {
             for k in [&b"k1"[..], b"k2"] {
