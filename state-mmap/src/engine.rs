@@ -440,6 +440,15 @@ fn manifest_loop(
     }
 }
 
+/// Waits until the thread behind `queue` has handled everything sent to it before (returns at
+/// once if that thread is gone).
+fn wait_for(queue: &Sender<Garbage>) {
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    if queue.send(Garbage::Barrier(tx)).is_ok() {
+        let _ = rx.recv();
+    }
+}
+
 fn worker_loop(ctx: WorkerCtx, jobs: Receiver<Job>, done: Sender<Done>) {
     while let Ok(job) = jobs.recv() {
         let d = match job {
@@ -1534,10 +1543,7 @@ impl Db {
     /// Waits until every manifest queued so far is durable (or its write failed).
     fn sync_manifest(&mut self) -> Result<()> {
         if let Some(q) = &self.manifest {
-            let (tx, rx) = crossbeam_channel::bounded(1);
-            if q.send(Garbage::Barrier(tx)).is_ok() {
-                let _ = rx.recv();
-            }
+            wait_for(q);
         }
         self.check()
     }
@@ -1566,10 +1572,7 @@ impl Db {
             .into_iter()
             .flatten()
         {
-            let (tx, rx) = crossbeam_channel::bounded(1);
-            if r.send(Garbage::Barrier(tx)).is_ok() {
-                let _ = rx.recv();
-            }
+            wait_for(r);
         }
         Ok(())
     }
