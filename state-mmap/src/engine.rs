@@ -998,9 +998,11 @@ impl Db {
         Ok(!ops.is_empty())
     }
 
-    /// Sets `key` to `value`.
+    /// Sets `key` to `value`. Like every write, refused once a background flush, compaction or
+    /// manifest write has failed (the engine must be reopened).
     #[inline]
     pub fn put(&mut self, key: &[u8], value: &[u8]) -> Result<()> {
+        self.check()?;
         Arc::make_mut(&mut self.mem).put(key, value);
         self.after_write()
     }
@@ -1008,6 +1010,7 @@ impl Db {
     /// Appends `operand` to the value of `key` (no read).
     #[inline]
     pub fn merge(&mut self, key: &[u8], operand: &[u8]) -> Result<()> {
+        self.check()?;
         Arc::make_mut(&mut self.mem).merge(key, operand);
         self.after_write()
     }
@@ -1015,6 +1018,7 @@ impl Db {
     /// Deletes `key` (writes a tombstone).
     #[inline]
     pub fn delete(&mut self, key: &[u8]) -> Result<()> {
+        self.check()?;
         Arc::make_mut(&mut self.mem).delete(key);
         self.after_write()
     }
