@@ -956,6 +956,13 @@ impl Db {
                 *b = f.locate(&probe)?;
             }
         }
+        // With blocks in two runs or more, each block's likely entry starts loading before any
+        // is read (each is a miss after its fingerprints: otherwise one after the other).
+        if blocks.get(1).is_some_and(Option::is_some) {
+            for b in blocks.iter().flatten() {
+                b.prefetch_match(hash);
+            }
+        }
         let mut nth = 0usize;
         for (i, r) in self.runs.iter().enumerate() {
             let f = if i < 64 {

@@ -1020,6 +1020,25 @@ impl<'a> Block<'a> {
         }
     }
 
+    /// Starts loading the first entry whose fingerprint matches `hash` (the entry a
+    /// [`Block::find`] most likely reads), so that the entry misses of blocks in several runs
+    /// overlap instead of following one another. Waits for the fingerprints.
+    #[inline]
+    pub(crate) fn prefetch_match(&self, hash: u64) {
+        const LO: u64 = 0x0101_0101_0101_0101;
+        const HI: u64 = 0x8080_8080_8080_8080;
+        let pattern = u64::from(fingerprint(hash)) * LO;
+        let (words, _) = self.fingerprints().as_chunks::<8>();
+        for (c, w) in words.iter().enumerate() {
+            let x = u64::from_le_bytes(*w) ^ pattern;
+            let hits = x.wrapping_sub(LO) & !x & HI;
+            if hits != 0 {
+                self.prefetch_entry(c * 8 + (hits.trailing_zeros() / 8) as usize);
+                return;
+            }
+        }
+    }
+
     /// The entry of exactly `key` (whose [`key_hash`] is `hash`): with fingerprints, only
     /// entries with the key's fingerprint are read; without, a binary search. The block should
     /// come from [`RunFile::locate`] (its fingerprints and offsets are then loading).
