@@ -83,6 +83,12 @@ fn main() -> Result<()> {
     }
     // PROF_COMPACT=1: compact everything first (one sorted run, empty write buffer), to see
     // what the number of runs and the write buffer cost a read.
+    // PROF_DRAIN=1: wait for the flushes and compactions under way (reads then meet a run
+    // structure that does not change under them).
+    if std::env::var_os("PROF_DRAIN").is_some() {
+        b.wait_for_background_work()?;
+        eprintln!("after drain: {:?}", b.engine().stats());
+    }
     if std::env::var_os("PROF_COMPACT").is_some() {
         b.compact()?;
         eprintln!("after compact: {:?}", b.engine().stats());
@@ -99,6 +105,17 @@ fn main() -> Result<()> {
         s ^= s << 17;
         order.swap(i, (s % (i as u64 + 1)) as usize);
     }
+    let runs = |b: &MmapKeyedStateBackend<u64>| -> Vec<(usize, u64, u64)> {
+        b.engine()
+            .sorted_runs()
+            .iter()
+            .map(|r| {
+                let mb = r.iter().map(|f| f.size()).sum::<u64>() >> 20;
+                (r.len(), mb, r.iter().map(|f| f.entries()).sum::<u64>())
+            })
+            .collect()
+    };
+    eprintln!("runs (files, MiB, entries), newest first: {:?}", runs(&b));
     for _ in 0..passes {
         let t = Instant::now();
         let c = cpu_ns();
