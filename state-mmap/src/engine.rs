@@ -5,6 +5,7 @@
 //! There is no write-ahead log (Flink runs RocksDB without one too): what was not flushed is
 //! lost by a crash, and durability comes from [`Db::flush`] / checkpoints.
 
+use std::cmp::Ordering as Cmp;
 use std::collections::HashSet;
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -316,6 +317,62 @@ impl WorkerCtx {
         }
         sync_dir(&self.dir)?;
         Ok(out)
+    }
+}
+
+/// The resolved entries of two sources, `entries` holding the newer source's entries (source
+/// 0) and then the older one's (source 1), each in key order and within `[start, end)`, passed
+/// to `f` in key order until it returns false. Keys are compared after the bytes that `start`
+/// and `end` share (every key between them shares them): a map's entries differ only in their
+/// last few bytes.
+fn merge_two<E: From<Error>>(
+    entries: &[(u32, OpKind, &[u8], &[u8])],
+    start: &[u8],
+    end: &[u8],
+    mut f: impl FnMut(&[u8], &[u8]) -> Result<bool, E>,
+) -> Result<(), E> {
+    let common = start.iter().zip(end).take_while(|(a, b)| a == b).count();
+    let split = entries.partition_point(|e| e.0 == 0);
+    let (newer, older) = entries.split_at(split);
+    let (mut i, mut j) = (0, 0);
+    let mut value = Vec::new();
+    loop {
+        let (n, o) = (newer.get(i), older.get(j));
+        let order = match (n, o) {
+            (None, None) => return Ok(()),
+            (Some(_), None) => Cmp::Less,
+            (None, Some(_)) => Cmp::Greater,
+            (Some(n), Some(o)) => n.2.get(common..).cmp(&o.2.get(common..)),
+        };
+        let go_on = match (order, n, o) {
+            (Cmp::Less, Some(&(_, kind, k, v)), _) => {
+                i += 1;
+                kind == OpKind::Delete || f(k, v)?
+            }
+            (Cmp::Greater, _, Some(&(_, kind, k, v))) => {
+                j += 1;
+                kind == OpKind::Delete || f(k, v)?
+            }
+            (Cmp::Equal, Some(&(_, nk, k, nv)), Some(&(_, ok, _, ov))) => {
+                i += 1;
+                j += 1;
+                match (nk, ok) {
+                    (OpKind::Delete, _) => true,
+                    (OpKind::Put, _) | (OpKind::Merge, OpKind::Delete) => f(k, nv)?,
+                    // Operands over a value or over older operands: oldest first.
+                    (OpKind::Merge, _) => {
+                        value.clear();
+                        value.extend_from_slice(ov);
+                        value.extend_from_slice(nv);
+                        f(k, &value)?
+                    }
+                }
+            }
+            _ => return Ok(()),
+        };
+        if !go_on {
+            return Ok(());
+        }
     }
 }
 
@@ -1253,6 +1310,10 @@ impl Db {
             }
             return Ok(());
         }
+        if src == 2 {
+            // Two sources (a map with a newer entry over its older ones): a two-way merge.
+            return merge_two(&entries, start, end, f);
+        }
         // Per source: its next entry and its end in `entries`.
         let mut pos: Vec<(usize, usize)> = Vec::with_capacity(src as usize);
         for (i, e) in entries.iter().enumerate() {
@@ -1911,6 +1972,74 @@ mod tests {
             assert!(db.get_merged(k, &mut out).unwrap());
             assert_eq!(&out, v);
         }
+    }
+
+    /// A scan of exactly two sources (a sorted run under the write buffer) resolves every pair
+    /// of operations on a key, keys in one source only, and keys that differ after the bytes
+    /// the scan's bounds share only in their length; it stops when asked to.
+    #[test]
+    fn scans_of_two_sources_resolve_every_pair_of_operations() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut db = Db::open(dir.path(), small()).unwrap();
+        let mut model = BTreeMap::<Vec<u8>, Vec<u8>>::new();
+        // 0: nothing, 1: put, 2: merge, 3: delete.
+        let apply =
+            |db: &mut Db, model: &mut BTreeMap<Vec<u8>, Vec<u8>>, key: &[u8], op, v| match op {
+                1 => {
+                    db.put(key, &[v]).unwrap();
+                    model.insert(key.to_vec(), vec![v]);
+                }
+                2 => {
+                    db.merge(key, &[v]).unwrap();
+                    model.entry(key.to_vec()).or_default().push(v);
+                }
+                3 => {
+                    db.delete(key).unwrap();
+                    model.remove(key);
+                }
+                _ => {}
+            };
+        // A short key and a longer one that starts with it, per pair of operations.
+        let keys = |older: u8, newer: u8| {
+            let short = vec![b'p', b'q', older * 4 + newer];
+            [[&short[..], &[0]].concat(), short]
+        };
+        for older in 0..4u8 {
+            for newer in 0..4u8 {
+                for k in keys(older, newer) {
+                    apply(&mut db, &mut model, &k, older, 10 + older);
+                }
+            }
+        }
+        db.flush().unwrap();
+        for older in 0..4u8 {
+            for newer in 0..4u8 {
+                for k in keys(older, newer) {
+                    apply(&mut db, &mut model, &k, newer, 20 + newer);
+                }
+            }
+        }
+        db.put(b"pr", b"outside").unwrap();
+        assert_eq!(db.stats().2, 1, "one sorted run under the write buffer");
+        let want: Vec<(Vec<u8>, Vec<u8>)> = model
+            .range(b"pq".to_vec()..b"pr".to_vec())
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        assert!(want.len() > 12, "{want:?}");
+        let mut got = Vec::new();
+        db.scan_prefix(b"pq", |k, v| -> Result<bool> {
+            got.push((k.to_vec(), v.to_vec()));
+            Ok(true)
+        })
+        .unwrap();
+        assert_eq!(got, want);
+        let mut got = Vec::new();
+        db.scan(b"pq", b"pr", |k, v| -> Result<bool> {
+            got.push((k.to_vec(), v.to_vec()));
+            Ok(got.len() < 5)
+        })
+        .unwrap();
+        assert_eq!(got, want[..5]);
     }
 
     /// A prefix scan ends right after the prefix's keys whether the prefix ends in 0xff bytes
