@@ -320,6 +320,11 @@ impl WorkerCtx {
     }
 }
 
+/// The number of leading bytes `a` and `b` share: every key between them has those bytes.
+fn shared_len(a: &[u8], b: &[u8]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
 /// The resolved entries of two sources, `entries` holding the newer source's entries (source
 /// 0) and then the older one's (source 1), each in key order and within `[start, end)`, passed
 /// to `f` in key order until it returns false. Keys are compared after the bytes that `start`
@@ -331,7 +336,7 @@ fn merge_two<E: From<Error>>(
     end: &[u8],
     mut f: impl FnMut(&[u8], &[u8]) -> Result<bool, E>,
 ) -> Result<(), E> {
-    let common = start.iter().zip(end).take_while(|(a, b)| a == b).count();
+    let common = shared_len(start, end);
     let split = entries.partition_point(|e| e.0 == 0);
     let (newer, older) = entries.split_at(split);
     let (mut i, mut j) = (0, 0);
@@ -1322,13 +1327,15 @@ impl Db {
                 _ => pos.push((i, i + 1)),
             }
         }
+        // Keys are compared after the bytes the bounds share (see `merge_two`).
+        let common = shared_len(start, end);
         let mut value = Vec::new();
         loop {
             let mut min: Option<&[u8]> = None;
             for &(p, e) in &pos {
                 if p < e {
                     let k = entries[p].2;
-                    if min.is_none_or(|m| k < m) {
+                    if min.is_none_or(|m| k.get(common..) < m.get(common..)) {
                         min = Some(k);
                     }
                 }
@@ -1339,7 +1346,7 @@ impl Db {
             for (p, e) in pos.iter_mut() {
                 if *p < *e {
                     let (_, kind, k, v) = entries[*p];
-                    if k == key {
+                    if k.get(common..) == key.get(common..) {
                         *p += 1;
                         if base.is_none() {
                             match kind {
