@@ -1093,9 +1093,9 @@ impl<'a> Block<'a> {
 
     /// Index of the first entry with key `>= key`.
     ///
-    /// A search in rounds of up to seven pivots whose keys are loaded together (the block is
-    /// usually not in cache: a binary search would wait for seven key reads in a row, this
-    /// waits for three rounds): the offsets first, then per round the pivots' keys.
+    /// A first round of up to seven pivots whose keys are loaded together (the block is
+    /// usually not in cache: a binary search would wait for seven key reads in a row), then a
+    /// binary search of the eighth of the block they leave, whose lines load together.
     pub(crate) fn lower_bound(&self, key: &[u8], run: &RunFile) -> Result<usize> {
         const WAYS: usize = 8;
         let hk = head_of(key);
@@ -1141,6 +1141,17 @@ impl<'a> Block<'a> {
             };
             if let Some(range) = self.data.get(from..to.min(self.offsets_at)) {
                 crate::mapped::prefetch(range, 16);
+            }
+            // Those lines load together: a plain binary search over them waits for them once
+            // and compares fewer keys than more rounds of pivots.
+            while lo < hi {
+                let mid = (lo + hi) / 2;
+                let k = self.key_at(mid, run)?;
+                if cmp_headed(head_of(k), k, hk, key).is_lt() {
+                    lo = mid + 1;
+                } else {
+                    hi = mid;
+                }
             }
         }
         Ok(lo)
