@@ -28,6 +28,14 @@ fn main() -> Result<()> {
     })?;
     let mut b = MmapKeyedStateBackend::<u64>::builder()
         .key_serializer(FixedWidthSerializer::<u64>::new())
+        .engine_options(state_mmap::engine::EngineOptions {
+            // PROF_RUNS=k: at most k sorted runs before compacting (the engine's default else).
+            max_sorted_runs: std::env::var("PROF_RUNS")
+                .ok()
+                .and_then(|r| r.parse().ok())
+                .unwrap_or(state_mmap::engine::EngineOptions::default().max_sorted_runs),
+            ..state_mmap::engine::EngineOptions::default()
+        })
         .memory_budget(256 << 20)
         .directory(dir.path())
         .build()?;
@@ -44,6 +52,7 @@ fn main() -> Result<()> {
     // PROF_WRITES=1: the peer bench's write workloads before its list get, in its order
     // (value update, value add, list add, list append), so the reads meet the same runs.
     if std::env::var_os("PROF_WRITES").is_some() {
+        let t = Instant::now();
         for k in 0..n {
             b.set_current_key(k)?;
             b.value(&v).update(k + 1)?;
@@ -60,7 +69,11 @@ fn main() -> Result<()> {
             b.set_current_key(k)?;
             b.list(&l).add(k)?;
         }
-        eprintln!("after the bench's writes: {:?}", b.engine().stats());
+        eprintln!(
+            "after the bench's writes ({:.0}k/s): {:?}",
+            4.0 * n as f64 / t.elapsed().as_secs_f64() / 1e3,
+            b.engine().stats()
+        );
     }
     // PROF_APPEND=1: append to every list first, as the peer bench does before its list get
     // (every list is then a merge operand in the write buffer over a base in a sorted run).
