@@ -1185,34 +1185,15 @@ impl Db {
         let mut entries: Vec<(u32, OpKind, &[u8], &[u8])> = Vec::with_capacity(24);
         let mut src = 0u32;
         let probe = Probe::new(start);
-        // With a prefix: start loading every run's prefix-filter line (a miss each) before
-        // the write buffers are searched (misses of their own), so the two overlap.
+        // With a prefix: start loading every run's prefix-filter line (a miss each) first; the
+        // runs' first blocks start loading once those are checked, and only then are the write
+        // buffers searched (misses of their own, overlapping with the blocks').
         let mut files = [0u32; 64];
         for (i, r) in self.runs.iter().enumerate().take(64) {
             let fi = r.partition_point(|f| f.before(&probe));
             files[i] = fi as u32;
             if let (Some(h), Some(f)) = (prefix, r.get(fi)) {
                 f.prefetch_filter(h);
-            }
-        }
-        for m in std::iter::once(&self.mem).chain(self.imm.iter()) {
-            let before = entries.len();
-            // A prefix's few entries come from its chain (`start` is the prefix); a search of
-            // the ordered set otherwise.
-            match prefix.map(|h| m.prefix_entries(start, h)) {
-                Some(PrefixEntries::Few { at, len }) => entries.extend(
-                    at[..len]
-                        .iter()
-                        .filter_map(|&i| m.entry_at(i))
-                        .map(|(k, op)| (src, op.kind(), k, op.value())),
-                ),
-                _ => entries.extend(
-                    m.range(Bound::Included(start), Bound::Excluded(end))
-                        .map(|(k, op)| (src, op.kind(), k, op.value())),
-                ),
-            }
-            if entries.len() > before {
-                src += 1;
             }
         }
         let end_probe = Probe::new(end);
@@ -1245,6 +1226,27 @@ impl Db {
                     file.block(bi)?.prefetch_search();
                     first_blocks[i] = bi as u32;
                 }
+            }
+        }
+        for m in std::iter::once(&self.mem).chain(self.imm.iter()) {
+            let before = entries.len();
+            // A prefix's few entries come from its chain (`start` is the prefix); a search of
+            // the ordered set otherwise. After the runs' first blocks started loading: the
+            // buffers' misses overlap with theirs.
+            match prefix.map(|h| m.prefix_entries(start, h)) {
+                Some(PrefixEntries::Few { at, len }) => entries.extend(
+                    at[..len]
+                        .iter()
+                        .filter_map(|&i| m.entry_at(i))
+                        .map(|(k, op)| (src, op.kind(), k, op.value())),
+                ),
+                _ => entries.extend(
+                    m.range(Bound::Included(start), Bound::Excluded(end))
+                        .map(|(k, op)| (src, op.kind(), k, op.value())),
+                ),
+            }
+            if entries.len() > before {
+                src += 1;
             }
         }
         for (ri, r) in self.runs.iter().enumerate() {
