@@ -4,6 +4,17 @@
 //! timing.
 //!
 //! `cargo run --release -- [keys] [rounds]` (default 500000 keys, 3 rounds, median printed).
+//!
+//! Read workloads run as flink-benchmarks runs them: on state the store had time to settle
+//! (JMH measures reads after warm-up iterations, each benchmark on its own freshly written
+//! state), so before each read workload the log-structured stores (state-mmap, RocksDB) finish
+//! their flushes and compactions, untimed; before the list get they compact their state, as
+//! flink-benchmarks' `ListStateBenchmark` compacts RocksDB's list state ("so all get
+//! invocations access a single file"). LMDB and the heap have nothing to settle. The map reads
+//! come before the map put: in flink-benchmarks every benchmark reads the state its setup
+//! wrote, not another benchmark's overwrites. With
+//! `PEER_BENCH_BACK_TO_BACK=1` every workload runs right after the previous one instead: reads
+//! then meet the runs a write burst left and the compactions it started.
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -130,17 +141,34 @@ const WORKLOADS: [&str; 11] = [
     "list get",
     "list add_all(100)",
     "map get",
-    "map put",
     "map contains",
     "map iterate(10)",
+    "map put",
 ];
 
+/// Whether the read workloads run on settled stores (see the crate doc).
+fn settle_before_reads() -> bool {
+    std::env::var("PEER_BENCH_BACK_TO_BACK").map_or(true, |v| v.is_empty() || v == "0")
+}
+
+/// Runs the workloads in order. Before each read workload, `settle(&mut b, compact)` lets a
+/// store finish its background work, and before the list get compact its state (`compact`
+/// true), as flink-benchmarks does (see the crate doc); with `PEER_BENCH_BACK_TO_BACK=1` the
+/// reads run right after the writes instead.
 fn run_backend<B: KeyedStateBackend<Key = u64>>(
     figs: &mut Figures,
     mut b: B,
     n: u64,
     seed: u64,
+    mut settle: impl FnMut(&mut B, bool) -> Res<()>,
 ) -> Res<()> {
+    let settling = settle_before_reads();
+    let mut settle = |b: &mut B, compact: bool| -> Res<()> {
+        if settling {
+            settle(b, compact)?;
+        }
+        Ok(())
+    };
     let v = b.register_value(ValueStateDescriptor::<u64>::new("value")?)?;
     let l = b.register_list(ListStateDescriptor::<u64>::new("list")?)?;
     let m = b.register_map(MapStateDescriptor::<u64, u64>::new("map")?)?;
@@ -152,6 +180,7 @@ fn run_backend<B: KeyedStateBackend<Key = u64>>(
             .put_all((0..MAP_ENTRIES).map(|i| (i, k + i)).collect())?;
     }
     let order = shuffled(n, seed);
+    settle(&mut b, false)?;
     figs.time("value get", n, || {
         for &k in &order {
             b.set_current_key(k)?;
@@ -187,6 +216,7 @@ fn run_backend<B: KeyedStateBackend<Key = u64>>(
         }
         Ok(())
     })?;
+    settle(&mut b, true)?;
     figs.time("list get", n, || {
         for &k in &order {
             b.set_current_key(k)?;
@@ -203,6 +233,7 @@ fn run_backend<B: KeyedStateBackend<Key = u64>>(
         }
         Ok(())
     })?;
+    settle(&mut b, false)?;
     figs.time("map get", n, || {
         for &k in &order {
             b.set_current_key(k)?;
@@ -210,13 +241,7 @@ fn run_backend<B: KeyedStateBackend<Key = u64>>(
         }
         Ok(())
     })?;
-    figs.time("map put", n, || {
-        for &k in &order {
-            b.set_current_key(k)?;
-            b.map(&m).put(k % MAP_ENTRIES, k)?;
-        }
-        Ok(())
-    })?;
+    settle(&mut b, false)?;
     figs.time("map contains", n, || {
         for &k in &order {
             b.set_current_key(k)?;
@@ -224,10 +249,18 @@ fn run_backend<B: KeyedStateBackend<Key = u64>>(
         }
         Ok(())
     })?;
+    settle(&mut b, false)?;
     figs.time("map iterate(10)", n, || {
         for &k in &order {
             b.set_current_key(k)?;
             std::hint::black_box(b.map(&m).iter()?);
+        }
+        Ok(())
+    })?;
+    figs.time("map put", n, || {
+        for &k in &order {
+            b.set_current_key(k)?;
+            b.map(&m).put(k % MAP_ENTRIES, k)?;
         }
         Ok(())
     })?;
@@ -345,12 +378,6 @@ fn run_lmdb(figs: &mut Figures, n: u64, seed: u64) -> Res<()> {
         }
         Ok(())
     })?;
-    figs.time("map put", n, || {
-        write(
-            &mut |w, k| Ok(mdb.put(w, &mkey(k, k % MAP_ENTRIES), &k.to_be_bytes())?),
-            &order,
-        )
-    })?;
     figs.time("map contains", n, || {
         let r = env.read_txn()?;
         for &k in &order {
@@ -369,6 +396,12 @@ fn run_lmdb(figs: &mut Figures, n: u64, seed: u64) -> Res<()> {
             std::hint::black_box(out);
         }
         Ok(())
+    })?;
+    figs.time("map put", n, || {
+        write(
+            &mut |w, k| Ok(mdb.put(w, &mkey(k, k % MAP_ENTRIES), &k.to_be_bytes())?),
+            &order,
+        )
     })?;
     Ok(())
 }
@@ -431,7 +464,30 @@ fn run_rocksdb(figs: &mut Figures, n: u64, seed: u64) -> Res<()> {
             db.put_cf_opt(&mcf, mkey(k, i), (k + i).to_be_bytes(), &wo)?;
         }
     }
+    // Before a read workload (see the crate doc): no flush or compaction running or pending
+    // (polled: the crate has no wait); before the list get, every column family compacted.
+    let settling = settle_before_reads();
+    let settle = |compact: bool| -> Res<()> {
+        if !settling {
+            return Ok(());
+        }
+        if compact {
+            for cf in [&vcf, &lcf, &mcf] {
+                db.compact_range_cf(cf, None::<&[u8]>, None::<&[u8]>);
+            }
+        }
+        let busy = |p: &str| db.property_int_value(p).ok().flatten().unwrap_or(0) > 0;
+        while busy("rocksdb.compaction-pending")
+            || busy("rocksdb.num-running-compactions")
+            || busy("rocksdb.num-running-flushes")
+            || busy("rocksdb.mem-table-flush-pending")
+        {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        Ok(())
+    };
     let order = shuffled(n, seed);
+    settle(false)?;
     figs.time("value get", n, || {
         for &k in &order {
             std::hint::black_box(db.get_pinned_cf(&vcf, key(k))?.map(|v| v.len()));
@@ -462,6 +518,7 @@ fn run_rocksdb(figs: &mut Figures, n: u64, seed: u64) -> Res<()> {
         }
         Ok(())
     })?;
+    settle(true)?;
     figs.time("list get", n, || {
         for &k in &order {
             let v: Vec<u64> = db
@@ -484,6 +541,7 @@ fn run_rocksdb(figs: &mut Figures, n: u64, seed: u64) -> Res<()> {
         }
         Ok(())
     })?;
+    settle(false)?;
     figs.time("map get", n, || {
         for &k in &order {
             std::hint::black_box(
@@ -493,12 +551,7 @@ fn run_rocksdb(figs: &mut Figures, n: u64, seed: u64) -> Res<()> {
         }
         Ok(())
     })?;
-    figs.time("map put", n, || {
-        for &k in &order {
-            db.put_cf_opt(&mcf, mkey(k, k % MAP_ENTRIES), k.to_be_bytes(), &wo)?;
-        }
-        Ok(())
-    })?;
+    settle(false)?;
     figs.time("map contains", n, || {
         for &k in &order {
             std::hint::black_box(
@@ -508,6 +561,7 @@ fn run_rocksdb(figs: &mut Figures, n: u64, seed: u64) -> Res<()> {
         }
         Ok(())
     })?;
+    settle(false)?;
     figs.time("map iterate(10)", n, || {
         for &k in &order {
             let prefix = key(k);
@@ -520,6 +574,12 @@ fn run_rocksdb(figs: &mut Figures, n: u64, seed: u64) -> Res<()> {
                 out.push((k.len(), v.len()));
             }
             std::hint::black_box(out);
+        }
+        Ok(())
+    })?;
+    figs.time("map put", n, || {
+        for &k in &order {
+            db.put_cf_opt(&mcf, mkey(k, k % MAP_ENTRIES), k.to_be_bytes(), &wo)?;
         }
         Ok(())
     })?;
@@ -832,13 +892,20 @@ fn main() -> Res<()> {
                 .key_serializer(FixedWidthSerializer::<u64>::new())
                 .memory_budget(256 << 20)
                 .build()?;
-            run_backend(&mut mmap, b, n, seed)?;
+            run_backend(&mut mmap, b, n, seed, |b, compact| {
+                if compact {
+                    b.compact()?;
+                } else {
+                    b.wait_for_background_work()?;
+                }
+                Ok(())
+            })?;
         }
         if want("heap") {
             let b = HeapKeyedStateBackend::<u64>::builder()
                 .key_serializer(FixedWidthSerializer::<u64>::new())
                 .build()?;
-            run_backend(&mut heap, b, n, seed)?;
+            run_backend(&mut heap, b, n, seed, |_, _| Ok(()))?;
         }
         if want("lmdb") {
             run_lmdb(&mut lmdb, n, seed)?;
@@ -854,7 +921,12 @@ fn main() -> Res<()> {
     results.push(("LMDB (heed)", lmdb));
     results.push(("RocksDB", rocks));
     println!(
-        "{n} keys, {MAP_ENTRIES} map entries per key, add_all of {ADD_ALL}; median of {rounds} rounds, ops/s"
+        "{n} keys, {MAP_ENTRIES} map entries per key, add_all of {ADD_ALL}; median of {rounds} rounds, ops/s; {}",
+        if settle_before_reads() {
+            "reads on settled stores (log-structured stores finish background work before each read workload and compact before the list get, as flink-benchmarks does)"
+        } else {
+            "reads right after the writes (PEER_BENCH_BACK_TO_BACK)"
+        }
     );
     print_table(&results, &WORKLOADS, Figures::median);
     println!();
