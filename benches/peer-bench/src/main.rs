@@ -476,14 +476,7 @@ fn run_rocksdb(figs: &mut Figures, n: u64, seed: u64) -> Res<()> {
                 db.compact_range_cf(cf, None::<&[u8]>, None::<&[u8]>);
             }
         }
-        let busy = |p: &str| db.property_int_value(p).ok().flatten().unwrap_or(0) > 0;
-        while busy("rocksdb.compaction-pending")
-            || busy("rocksdb.num-running-compactions")
-            || busy("rocksdb.num-running-flushes")
-            || busy("rocksdb.mem-table-flush-pending")
-        {
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
+        rocksdb_wait_idle(&db);
         Ok(())
     };
     let order = shuffled(n, seed);
@@ -584,6 +577,20 @@ fn run_rocksdb(figs: &mut Figures, n: u64, seed: u64) -> Res<()> {
         Ok(())
     })?;
     Ok(())
+}
+
+/// Waits until RocksDB has no flush or compaction running or pending (polled: the crate has
+/// no wait).
+#[cfg(feature = "rocksdb")]
+fn rocksdb_wait_idle(db: &rocksdb::DB) {
+    let busy = |p: &str| db.property_int_value(p).ok().flatten().unwrap_or(0) > 0;
+    while busy("rocksdb.compaction-pending")
+        || busy("rocksdb.num-running-compactions")
+        || busy("rocksdb.num-running-flushes")
+        || busy("rocksdb.mem-table-flush-pending")
+    {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }
 
 /// Resident memory of the process from /proc/self/status: (peak total kB, current anonymous kB).
@@ -802,20 +809,8 @@ fn large(n: u64, budget_mib: usize, which: &str) -> Res<()> {
             get = ops as f64 / t.elapsed().as_secs_f64();
             let c = phase("get", ops, t, c);
             peak_anon = peak_anon.max(rss().1);
-            // No flush or compaction running or pending (polled: the crate has no wait).
-            let settle = || -> Res<()> {
-                let busy = |p: &str| db.property_int_value(p).ok().flatten().unwrap_or(0) > 0;
-                while busy("rocksdb.compaction-pending")
-                    || busy("rocksdb.num-running-compactions")
-                    || busy("rocksdb.num-running-flushes")
-                    || busy("rocksdb.mem-table-flush-pending")
-                {
-                    std::thread::sleep(std::time::Duration::from_millis(20));
-                }
-                Ok(())
-            };
             let t = Instant::now();
-            settle()?;
+            rocksdb_wait_idle(&db);
             let c = settled_phase(t, c);
             let t = Instant::now();
             for k in order(update_ops) {
@@ -827,7 +822,7 @@ fn large(n: u64, budget_mib: usize, which: &str) -> Res<()> {
             db.flush()?;
             update = update_ops as f64 / t.elapsed().as_secs_f64();
             phase("update", update_ops, t, c);
-            settle()?;
+            rocksdb_wait_idle(&db);
             settled = update_ops as f64 / t.elapsed().as_secs_f64();
             phase("update and its compactions", update_ops, t, c);
         }
