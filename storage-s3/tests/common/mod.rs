@@ -157,6 +157,40 @@ pub fn assert_same_file(a: &FsPath, b: &FsPath) {
     }
 }
 
+/// `n` ports nothing listens on, below the kernel's range of ephemeral ports: a port the
+/// kernel handed out (`bind` to port 0) can be taken again by an outgoing connection (the
+/// tests' own, or weed's between its services) before weed binds it or while the server is
+/// stopped for a restart ("bind: address already in use"); outgoing connections never get
+/// ports below that range. Parallel test processes start at different places of it.
+fn free_ports(n: usize) -> Vec<u16> {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let ephemeral_start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| {
+            r.split_whitespace()
+                .next()
+                .and_then(|p| p.parse::<u64>().ok())
+        })
+        .unwrap_or(32768);
+    let (low, high) = (15_000u64, ephemeral_start.max(20_000));
+    let span = high - low;
+    let start = u64::from(std::process::id()).wrapping_mul(2_654_435_761) % span;
+    let mut held = Vec::new();
+    for _ in 0..span {
+        let port = low + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span;
+        if let Ok(l) = TcpListener::bind(("127.0.0.1", port as u16)) {
+            held.push(l);
+            if held.len() == n {
+                break;
+            }
+        }
+    }
+    assert_eq!(held.len(), n, "no {n} free ports in {low}..{high}");
+    held.iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect()
+}
+
 /// A private SeaweedFS instance on its own free ports and data directory, for tests that stop
 /// and restart the server. Killed when dropped.
 pub struct WeedServer {
@@ -179,14 +213,7 @@ impl WeedServer {
 
     /// Starts a new instance and waits until its bucket is ready.
     pub fn start(weed: PathBuf) -> Self {
-        let listeners: Vec<TcpListener> = (0..10)
-            .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
-            .collect();
-        let ports = listeners
-            .iter()
-            .map(|l| l.local_addr().unwrap().port())
-            .collect();
-        drop(listeners);
+        let ports = free_ports(10);
         let mut server = Self {
             weed,
             dir: tempfile::tempdir().unwrap(),
