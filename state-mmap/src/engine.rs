@@ -383,8 +383,10 @@ fn merge_two<E: From<Error>>(
 
 /// Which of the newest runs to merge, given the sizes of the runs no compaction is merging
 /// (newest first): `Some(k)` merges runs `0..k`. Once there are `max_runs / 2` runs or more,
-/// the newest runs while each next (older) run is no larger than the ones taken so far
-/// together (so each byte is rewritten about log2(data / write buffer) times); with
+/// the newest runs while each next (older) run is at most twice the ones taken so far
+/// together (so each byte is rewritten about log3(data / write buffer) times, and runs of
+/// similar sizes, e.g. 55, 93 and 113 MB after a bulk load, do not stay apart for reads to
+/// probe one by one); with
 /// `max_runs` of them, all but the oldest runs that are each larger than all newer runs
 /// together: merging those would rewrite most of the data (at 50M keys, a 6 GB bottom run
 /// every few flushes) to remove one run; they join a merge once the newer runs have grown.
@@ -395,7 +397,7 @@ fn pick_compaction(sizes: &[u64], max_runs: usize) -> Option<usize> {
     }
     let mut take = 1;
     let mut sum = sizes[0];
-    while take < n && sizes[take] <= sum {
+    while take < n && sizes[take] <= 2 * sum {
         sum += sizes[take];
         take += 1;
     }
@@ -1778,21 +1780,25 @@ mod tests {
         }
     }
 
-    /// Size-tiered picks: the newest runs while each older one is no larger than those taken;
+    /// Size-tiered picks: the newest runs while each older one is at most twice those taken;
     /// with `max_runs` runs, all but the oldest runs larger than everything newer together.
     #[test]
     fn compaction_picks_leave_out_runs_larger_than_all_newer_ones() {
         assert_eq!(pick_compaction(&[10, 10], 6), None);
         assert_eq!(pick_compaction(&[10, 10, 10], 6), Some(3));
-        assert_eq!(pick_compaction(&[10, 10, 30, 5000], 6), Some(2));
-        assert_eq!(pick_compaction(&[10, 20, 40, 5000], 6), None);
-        // Six runs, the oldest three each larger than the newer ones together: they stay.
-        assert_eq!(pick_compaction(&[10, 20, 25, 80, 200, 5000], 6), Some(3));
-        assert_eq!(pick_compaction(&[10, 20, 40, 80, 140, 5000], 6), Some(5));
-        // The bottom run joins once the newer runs are as large together.
-        assert_eq!(pick_compaction(&[10, 20, 40, 80, 160, 300], 6), Some(6));
-        // At least two runs are merged.
-        assert_eq!(pick_compaction(&[10, 20, 40, 80, 160, 320], 6), Some(2));
+        assert_eq!(pick_compaction(&[10, 10, 30, 5000], 6), Some(3));
+        // Runs of similar sizes (a bulk load's) merge, each older one a bit larger.
+        assert_eq!(pick_compaction(&[55, 93, 113], 6), Some(3));
+        assert_eq!(pick_compaction(&[10, 21, 40, 5000], 6), None);
+        assert_eq!(pick_compaction(&[10, 20, 25, 80, 200, 5000], 6), Some(5));
+        // The bottom run joins once the newer runs are half as large together.
+        assert_eq!(pick_compaction(&[10, 20, 40, 80, 160, 600], 6), Some(6));
+        assert_eq!(pick_compaction(&[10, 20, 40, 80, 160, 700], 6), Some(5));
+        // Below `max_runs` runs that grow too fast stay; at `max_runs`, all but the oldest
+        // runs larger than all newer ones together, and at least two, are merged.
+        assert_eq!(pick_compaction(&[10, 30, 100, 300, 1000], 6), None);
+        assert_eq!(pick_compaction(&[10, 30, 100, 300, 1000, 5000], 6), Some(2));
+        assert_eq!(pick_compaction(&[10, 25, 30, 300, 1000, 5000], 6), Some(3));
     }
 
     /// A running compaction is charged to the budget: from its start until it is installed the
