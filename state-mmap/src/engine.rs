@@ -384,9 +384,10 @@ fn merge_two<E: From<Error>>(
 /// Which of the newest runs to merge, given the sizes of the runs no compaction is merging
 /// (newest first): `Some(k)` merges runs `0..k`. Once there are `max_runs / 2` runs or more,
 /// the newest runs while each next (older) run is at most twice the ones taken so far
-/// together (so each byte is rewritten about log3(data / write buffer) times, and runs of
-/// similar sizes, e.g. 55, 93 and 113 MB after a bulk load, do not stay apart for reads to
-/// probe one by one); with
+/// together: runs of similar sizes (55, 93 and 113 MB after a bulk load) do not stay apart
+/// for every point read to probe, at the price of more rewrites (a merge grows a run by half
+/// or more, so a byte is rewritten up to about log1.5(data / write buffer) times; with the
+/// factor one it was log2); with
 /// `max_runs` of them, all but the oldest runs that are each larger than all newer runs
 /// together: merging those would rewrite most of the data (at 50M keys, a 6 GB bottom run
 /// every few flushes) to remove one run; they join a merge once the newer runs have grown.
