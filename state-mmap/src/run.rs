@@ -92,6 +92,17 @@ pub(crate) fn fingerprint(hash: u64) -> u8 {
     (hash >> 16) as u8
 }
 
+/// The high bit of byte `i` set in the result where `fps[i] == fp` (the classic has-zero-byte
+/// test on `word ^ fp * 0x0101..` flags every zero byte exactly below the first false positive;
+/// callers check each candidate against the key anyway): eight fingerprints at a time.
+#[inline(always)]
+fn fingerprint_hits(fps: &[u8; 8], fp: u8) -> u64 {
+    const LO: u64 = 0x0101_0101_0101_0101;
+    const HI: u64 = 0x8080_8080_8080_8080;
+    let x = u64::from_le_bytes(*fps) ^ (u64::from(fp) * LO);
+    x.wrapping_sub(LO) & !x & HI
+}
+
 /// The bloom-filter hash of a scan prefix (another seed than whole keys).
 #[inline]
 pub(crate) fn prefix_hash(prefix: &[u8]) -> u64 {
@@ -1025,13 +1036,10 @@ impl<'a> Block<'a> {
     /// overlap instead of following one another. Waits for the fingerprints.
     #[inline]
     pub(crate) fn prefetch_match(&self, hash: u64) {
-        const LO: u64 = 0x0101_0101_0101_0101;
-        const HI: u64 = 0x8080_8080_8080_8080;
-        let pattern = u64::from(fingerprint(hash)) * LO;
+        let fp = fingerprint(hash);
         let (words, _) = self.fingerprints().as_chunks::<8>();
         for (c, w) in words.iter().enumerate() {
-            let x = u64::from_le_bytes(*w) ^ pattern;
-            let hits = x.wrapping_sub(LO) & !x & HI;
+            let hits = fingerprint_hits(w, fp);
             if hits != 0 {
                 self.prefetch_entry(c * 8 + (hits.trailing_zeros() / 8) as usize);
                 return;
@@ -1060,13 +1068,9 @@ impl<'a> Block<'a> {
             }
             return Ok(None);
         }
-        // Eight fingerprints at a time: a zero byte of `word ^ fp * 0x0101..` is a match (the
-        // classic has-zero-byte test flags every zero byte exactly, below the first false
-        // positive; each candidate is checked against the key anyway). The last few are
-        // padded with zeros: a match there lies past the last entry and is skipped.
-        const LO: u64 = 0x0101_0101_0101_0101;
-        const HI: u64 = 0x8080_8080_8080_8080;
-        let pattern = u64::from(fingerprint(hash)) * LO;
+        // Eight fingerprints at a time ([`fingerprint_hits`]). The last few are padded with
+        // zeros: a match there lies past the last entry and is skipped.
+        let fp = fingerprint(hash);
         let (words, rest) = fps.as_chunks::<8>();
         let mut tail = [0u8; 8];
         // Byte by byte: a `copy_from_slice` of a variable length is a call to `memcpy`.
@@ -1075,8 +1079,7 @@ impl<'a> Block<'a> {
         }
         let last = (!rest.is_empty()).then_some(&tail);
         for (c, w) in words.iter().chain(last).enumerate() {
-            let x = u64::from_le_bytes(*w) ^ pattern;
-            let mut hits = x.wrapping_sub(LO) & !x & HI;
+            let mut hits = fingerprint_hits(w, fp);
             while hits != 0 {
                 let i = c * 8 + (hits.trailing_zeros() / 8) as usize;
                 hits &= hits - 1;
