@@ -24,14 +24,16 @@ pub(crate) fn push_prefix(out: &mut Vec<u8>, kg: u32, id: u16, key: &[u8]) {
 
 /// The smallest key greater than every key starting with `prefix` (`None`: no such key).
 pub(crate) fn successor(prefix: &[u8]) -> Option<Vec<u8>> {
-    let mut p = prefix.to_vec();
-    while let Some(last) = p.pop() {
-        if last < 0xff {
-            p.push(last + 1);
-            return Some(p);
-        }
-    }
-    None
+    let i = successor_at(prefix)?;
+    Some([&prefix[..i], &[prefix[i] + 1]].concat())
+}
+
+/// Where [`successor`] of `prefix` ends: it is `prefix[..i]` and then `prefix[i] + 1`, for the
+/// last byte `i` below 0xff (`None`: only 0xff bytes, no key is greater than all with the
+/// prefix).
+#[inline]
+pub(crate) fn successor_at(prefix: &[u8]) -> Option<usize> {
+    prefix.iter().rposition(|&b| b < 0xff)
 }
 
 /// `[kg | id]` as a 4-byte prefix.

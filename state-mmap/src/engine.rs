@@ -1142,9 +1142,9 @@ impl Db {
         prefix: &[u8],
         mut f: impl FnMut(&[u8], &[u8]) -> Result<bool, E>,
     ) -> Result<(), E> {
-        // The end of the range: the prefix up to its last byte below 0xff, that byte plus one
-        // (on the stack when short: a scan is a few entries, an allocation a noticeable part).
-        let Some(i) = prefix.iter().rposition(|&b| b < 0xff) else {
+        // The end of the range: `codec::successor` of the prefix, on the stack when short (a
+        // scan is a few entries, an allocation a noticeable part).
+        let Some(i) = crate::codec::successor_at(prefix) else {
             // Only 0xff bytes (or none): no key bounds the range from above, every key from
             // the prefix on starts with it. State keys never get here (they start with a key
             // group below 0x8000).
