@@ -487,21 +487,33 @@ fn manifest_loop(
                 }
             }
             Garbage::Runs(old, inputs) => {
-                if failed.get().is_none() {
-                    for f in old.iter().flat_map(|r| r.iter()) {
-                        f.mark_obsolete();
-                    }
-                }
-                match &unmap {
-                    Some(u) => drop(u.send(Garbage::Runs(old, inputs))),
-                    None => drop((old, inputs)),
-                }
+                retire(old, inputs, failed.get().is_none(), unmap.as_ref());
             }
             Garbage::Barrier(done) => {
                 let _ = done.send(());
             }
             Garbage::Mem(mem) => drop(mem),
         }
+    }
+}
+
+/// Retires the runs a compaction replaced (and its inputs): their files are marked obsolete
+/// (deleted once unmapped) when `obsolete`, then handed to the unmap thread, or dropped here
+/// without one.
+fn retire(
+    old: Vec<SortedRun>,
+    inputs: Vec<SortedRun>,
+    obsolete: bool,
+    unmap: Option<&Sender<Garbage>>,
+) {
+    if obsolete {
+        for f in old.iter().flat_map(|r| r.iter()) {
+            f.mark_obsolete();
+        }
+    }
+    match unmap {
+        Some(u) => drop(u.send(Garbage::Runs(old, inputs))),
+        None => drop((old, inputs)),
     }
 }
 
@@ -1513,19 +1525,9 @@ impl Db {
                 // The inputs' files are marked obsolete once the manifest that drops them is
                 // durable, then unmapped and deleted, and their block indexes freed, on the
                 // unmap thread (unless a snapshot still reads them).
-                match (&self.manifest, &self.unmap) {
-                    (Some(m), _) => drop(m.send(Garbage::Runs(old, inputs))),
-                    (None, Some(u)) => {
-                        for f in old.iter().flat_map(|r| r.iter()) {
-                            f.mark_obsolete();
-                        }
-                        drop(u.send(Garbage::Runs(old, inputs)));
-                    }
-                    (None, None) => {
-                        for f in old.iter().flat_map(|r| r.iter()) {
-                            f.mark_obsolete();
-                        }
-                    }
+                match &self.manifest {
+                    Some(m) => drop(m.send(Garbage::Runs(old, inputs))),
+                    None => retire(old, inputs, true, self.unmap.as_ref()),
                 }
                 self.maybe_compact()
             }
