@@ -435,8 +435,9 @@ impl CompletedCheckpoint {
 
     /// The operator state of subtask `subtask` of `parallelism` for `operator`, redistributed
     /// from the checkpoint's subtasks (even split or union; broadcast state to everyone). Even
-    /// split lists are concatenated in subtask order and cut into contiguous parts, so they stay
-    /// in place when the parallelism is unchanged and every subtask had the same count.
+    /// split lists stay where they were when the parallelism is unchanged (a subtask that never
+    /// registered a list gets it empty); otherwise they are concatenated in subtask order and cut
+    /// into contiguous, even parts.
     pub fn operator_state(
         &self,
         operator: &str,
@@ -451,11 +452,16 @@ impl CompletedCheckpoint {
         let Some(op) = self.metadata.operator(operator) else {
             return Ok(OperatorStateStore::new());
         };
-        let old: Vec<OperatorStateStore> = op
-            .subtasks
-            .iter()
-            .map(|s| s.operator_state.clone().unwrap_or_default())
-            .collect();
+        // One store per old subtask, in subtask order: a subtask that reported no operator
+        // state still counts, so an unchanged parallelism keeps every list where it was.
+        // (The metadata's decoder checked one entry per subtask of a valid parallelism.)
+        let mut old = vec![OperatorStateStore::new(); op.parallelism as usize];
+        for s in &op.subtasks {
+            if let (Some(slot), Some(state)) = (old.get_mut(s.subtask as usize), &s.operator_state)
+            {
+                *slot = state.clone();
+            }
+        }
         if old.iter().all(|s| s.is_empty()) {
             return Ok(OperatorStateStore::new());
         }

@@ -225,7 +225,7 @@ fn an_expired_checkpoint_is_aborted_and_late_files_are_deleted() {
     let storage = memory_storage("job-t");
     let config = CheckpointConfig {
         timeout: Duration::from_millis(50),
-        tolerable_failures: 10,
+        tolerable_failures: 100,
         ..Default::default()
     };
     let (coord, mut eps) = start(&storage, config, 2);
@@ -261,10 +261,21 @@ fn an_expired_checkpoint_is_aborted_and_late_files_are_deleted() {
         std::thread::sleep(Duration::from_millis(5));
     }
     assert!(checkpoint_dirs(&storage).is_empty());
-    // The job goes on: the next checkpoint completes.
-    let pending = coord.trigger_checkpoint().unwrap();
-    answer_barrier(&mut eps, &mut subtasks);
-    assert_eq!(pending.wait(WAIT).unwrap().metadata.checkpoint_id, 2);
+    // The job goes on: a later checkpoint completes. (Each attempt has the 50 ms timeout too, so
+    // on a loaded machine one may expire as well: try again, as the job would.)
+    let mut completed = None;
+    for _ in 0..50 {
+        let pending = coord.trigger_checkpoint().unwrap();
+        answer_barrier(&mut eps, &mut subtasks);
+        match pending.wait(WAIT) {
+            Ok(c) => {
+                completed = Some(c.metadata.checkpoint_id);
+                break;
+            }
+            Err(e) => assert!(e.to_string().contains("expired"), "{e}"),
+        }
+    }
+    assert!(completed.is_some_and(|id| id >= 2), "{completed:?}");
     coord.shutdown().unwrap();
 }
 

@@ -404,8 +404,9 @@ impl OperatorStateStore {
 ///
 /// Even-split lists: all elements in subtask order, cut into contiguous parts whose sizes differ
 /// by at most one (the first parts get the extra elements); at an unchanged parallelism each
-/// subtask keeps exactly its own elements. Union lists: every subtask gets all
-/// elements. Broadcast state: subtask `i` gets the copy of old subtask `i % old.len()`.
+/// subtask keeps exactly its own elements (an empty list where an old subtask never registered
+/// the state). Union lists: every subtask gets all elements. Broadcast state: every subtask gets
+/// the complete state, copied from an old subtask that holds it (round robin over those).
 pub fn redistribute(old: &[OperatorStateStore], new_parallelism: u32) -> Vec<OperatorStateStore> {
     let p = new_parallelism.max(1) as usize;
     let mut out = vec![OperatorStateStore::new(); p];
@@ -431,10 +432,17 @@ pub fn redistribute(old: &[OperatorStateStore], new_parallelism: u32) -> Vec<Ope
                     );
                 }
             }
-            // At the same parallelism every subtask keeps its own elements, as Flink does.
-            RedistributionMode::EvenSplit if old.len() == p && parts.len() == p => {
-                for (s, part) in out.iter_mut().zip(&parts) {
-                    s.lists.insert(name.clone(), (*part).clone());
+            // At the same parallelism every subtask keeps its own elements, as Flink does; a
+            // subtask that never registered the state gets an empty one (source offsets of a
+            // plain recovery must not move).
+            RedistributionMode::EvenSplit if old.len() == p => {
+                for (s, o) in out.iter_mut().zip(old) {
+                    let entry = o.lists.get(name).cloned().unwrap_or_else(|| ListEntry {
+                        mode: first.mode,
+                        serializer: first.serializer.clone(),
+                        elements: Vec::new(),
+                    });
+                    s.lists.insert(name.clone(), entry);
                 }
             }
             RedistributionMode::EvenSplit => {
@@ -454,9 +462,17 @@ pub fn redistribute(old: &[OperatorStateStore], new_parallelism: u32) -> Vec<Ope
             }
         }
     }
-    if !old.is_empty() {
+    // Broadcast state: each new subtask copies the state from one old subtask that reported it
+    // (round robin over those, as Flink does), never from one that has none.
+    let mut names: Vec<&StateName> = old.iter().flat_map(|s| s.broadcast.keys()).collect();
+    names.sort();
+    names.dedup();
+    for name in names {
+        let having: Vec<&BroadcastEntry> =
+            old.iter().filter_map(|s| s.broadcast.get(name)).collect();
         for (i, s) in out.iter_mut().enumerate() {
-            s.broadcast = old[i % old.len()].broadcast.clone();
+            s.broadcast
+                .insert(name.clone(), having[i % having.len()].clone());
         }
     }
     out
@@ -608,6 +624,77 @@ mod tests {
         let mut new = redistribute(&old, 2);
         assert_eq!(new[0].list_state(&d).unwrap().get().unwrap(), vec![1, 2, 3]);
         assert_eq!(new[1].list_state(&d).unwrap().get().unwrap(), vec![4]);
+    }
+
+    #[test]
+    fn same_parallelism_keeps_elements_in_place_when_some_subtasks_lack_the_state() {
+        // Old subtask 0 holds [1, 2]; subtask 1 never registered the state (Flink: [1, 2] | []).
+        let d =
+            OperatorListStateDescriptor::<u64>::new("t-1", RedistributionMode::EvenSplit).unwrap();
+        let mut first = OperatorStateStore::new();
+        first.list_state(&d).unwrap().update(&[1, 2]).unwrap();
+        let old = [first, OperatorStateStore::new()];
+        let mut new = redistribute(&old, 2);
+        assert_eq!(new[0].list_state(&d).unwrap().get().unwrap(), vec![1, 2]);
+        assert_eq!(
+            new[1].list_state(&d).unwrap().get().unwrap(),
+            Vec::<u64>::new()
+        );
+        // The other way round too: the elements stay with subtask 1.
+        let old = [old[1].clone(), old[0].clone()];
+        let mut new = redistribute(&old, 2);
+        assert_eq!(
+            new[0].list_state(&d).unwrap().get().unwrap(),
+            Vec::<u64>::new()
+        );
+        assert_eq!(new[1].list_state(&d).unwrap().get().unwrap(), vec![1, 2]);
+        // A changed parallelism still splits evenly.
+        let mut new = redistribute(&old, 3);
+        let parts: Vec<Vec<u64>> = new
+            .iter_mut()
+            .map(|s| s.list_state(&d).unwrap().get().unwrap())
+            .collect();
+        assert_eq!(parts, vec![vec![1], vec![2], vec![]]);
+    }
+
+    #[test]
+    fn every_subtask_gets_the_broadcast_state_of_a_subtask_that_has_it() {
+        let b = BroadcastStateDescriptor::<String, u32>::new("rules").unwrap();
+        let mut with = OperatorStateStore::new();
+        with.broadcast_state(&b)
+            .unwrap()
+            .put(&"r1".into(), &7)
+            .unwrap();
+        // Only old subtask 1 of 3 reported the broadcast state.
+        let old = [OperatorStateStore::new(), with, OperatorStateStore::new()];
+        for p in [1, 2, 3, 4, 7] {
+            for (i, mut s) in redistribute(&old, p).into_iter().enumerate() {
+                assert_eq!(
+                    s.broadcast_state(&b).unwrap().entries().unwrap(),
+                    vec![("r1".to_string(), 7)],
+                    "subtask {i} of {p}"
+                );
+            }
+        }
+        // Two broadcast states held by different subtasks: everyone gets both.
+        let c = BroadcastStateDescriptor::<String, u32>::new("limits").unwrap();
+        let mut other = OperatorStateStore::new();
+        other
+            .broadcast_state(&c)
+            .unwrap()
+            .put(&"l".into(), &1)
+            .unwrap();
+        let old = [old[1].clone(), other];
+        for mut s in redistribute(&old, 3) {
+            assert_eq!(
+                s.broadcast_state(&b).unwrap().get(&"r1".into()).unwrap(),
+                Some(7)
+            );
+            assert_eq!(
+                s.broadcast_state(&c).unwrap().get(&"l".into()).unwrap(),
+                Some(1)
+            );
+        }
     }
 
     #[test]

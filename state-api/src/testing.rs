@@ -872,6 +872,78 @@ pub fn schema_evolution<F: BackendFactory>(f: &F) {
     assert!(err.to_string().contains("key"), "{err}");
 }
 
+/// Namespace serializers migrate like value serializers (Flink refuses a namespace serializer
+/// that needs migration; Flowstate runs the user's migration): windows written as `u32` starts
+/// come back as `u64` starts, and without a migration the change is a clear error.
+pub fn namespace_serializer_migration<F: BackendFactory>(f: &F) {
+    let mut b = f.create::<u64>(BackendConfig::full(128)).unwrap();
+    let v1 = ValueStateDescriptor::<u64, u32>::new("per-window")
+        .unwrap()
+        .with_namespace_serializer(PostcardSerializer::<u32>::new().with_schema("window"));
+    let h = b.register_value(v1).unwrap();
+    for k in 0..40u64 {
+        b.set_current_key(k).unwrap();
+        for w in [10u32, 20] {
+            b.value_in(&h, &w).update(k * 100 + u64::from(w)).unwrap();
+        }
+    }
+    let bytes = snapshot_bytes(&mut b);
+
+    // No migration from version 1: refused, naming the state; the data stays pending.
+    let mut r = f.create::<u64>(BackendConfig::full(128)).unwrap();
+    restore_from(&mut r, &[&bytes]).unwrap();
+    let err = r
+        .register_value(
+            ValueStateDescriptor::<u64, u64>::new("per-window")
+                .unwrap()
+                .with_namespace_serializer(
+                    PostcardSerializer::<u64>::new()
+                        .with_schema("window")
+                        .with_version(2),
+                ),
+        )
+        .unwrap_err();
+    assert!(matches!(err, Error::IncompatibleSerializer { .. }), "{err}");
+    assert!(err.to_string().contains("'per-window'"), "{err}");
+
+    // With a migration u32 -> u64 (x 1000): every (key, window) is found under its new window.
+    let v2 = ValueStateDescriptor::<u64, u64>::new("per-window")
+        .unwrap()
+        .with_namespace_serializer(
+            PostcardSerializer::<u64>::new()
+                .with_schema("window")
+                .with_version(2)
+                .with_migration(1, |bytes| {
+                    PostcardSerializer::<u32>::new()
+                        .deserialize(bytes)
+                        .map(|w| u64::from(w) * 1000)
+                }),
+        );
+    let hm = r.register_value(v2.clone()).unwrap();
+    for k in 0..40u64 {
+        r.set_current_key(k).unwrap();
+        for w in [10u32, 20] {
+            let new_w = u64::from(w) * 1000;
+            assert_eq!(
+                r.value_in(&hm, &new_w).get().unwrap(),
+                Some(k * 100 + u64::from(w)),
+                "key {k} window {w}"
+            );
+            assert_eq!(r.value_in(&hm, &u64::from(w)).get().unwrap(), None);
+        }
+    }
+    // The migrated state is written in the new format: it restores as is.
+    r.set_current_key(3).unwrap();
+    r.value_in(&hm, &30_000).update(7).unwrap();
+    let migrated = snapshot_bytes(&mut r);
+    let mut again = f.create::<u64>(BackendConfig::full(128)).unwrap();
+    restore_from(&mut again, &[&migrated]).unwrap();
+    let ha = again.register_value(v2).unwrap();
+    again.set_current_key(3).unwrap();
+    assert_eq!(again.value_in(&ha, &10_000).get().unwrap(), Some(310));
+    assert_eq!(again.value_in(&ha, &30_000).get().unwrap(), Some(7));
+}
+
 /// Flipped bytes and truncations are errors naming the stream, never panics.
 pub fn corrupt_snapshots_are_errors<F: BackendFactory>(f: &F) {
     let mut b = f.create::<u64>(BackendConfig::full(16)).unwrap();
@@ -1438,6 +1510,7 @@ macro_rules! conformance_tests {
             ttl_enabled_by_re_registration_keeps_values,
             ttl_cleanup_on_snapshot_and_incrementally,
             schema_evolution,
+            namespace_serializer_migration,
             corrupt_snapshots_are_errors,
             operator_state_round_trip,
             unregistered_restored_state_survives_snapshots,
