@@ -94,6 +94,13 @@ impl Storage {
         Self::from_config(&StorageConfig::new(url))
     }
 
+    /// Checks that `url` is a storage URL [`Storage::from_config`] would accept (its syntax:
+    /// no `.`/`..` segments, no credentials, query or fragment), without touching the file
+    /// system or the network. Callers that create directories check the URL with this first.
+    pub fn check_url(url: &str) -> Result<()> {
+        parse_url(url, &redact_url(url)).map(|_| ())
+    }
+
     /// Builds a store from a configuration.
     pub fn from_config(config: &StorageConfig) -> Result<Self> {
         let shown = redact_url(&config.url);
@@ -232,6 +239,24 @@ impl Storage {
         &self.url
     }
 
+    /// What to put before an object path of this store to name the object for a person: a
+    /// path or URL that can be pasted into the next command. For `file://` stores the local
+    /// directory with a trailing `/` (object paths are relative to it), otherwise the URL's
+    /// scheme and bucket, `s3://bucket/` (object paths include the root prefix).
+    pub fn location_prefix(&self) -> String {
+        if let Some(dir) = &self.local_dir {
+            let dir = dir.display().to_string();
+            return format!("{}/", dir.trim_end_matches('/'));
+        }
+        match self.url.split_once("://") {
+            Some((scheme, rest)) => {
+                let authority = rest.split('/').next().unwrap_or("");
+                format!("{scheme}://{authority}/")
+            }
+            None => String::new(),
+        }
+    }
+
     /// The kind of store.
     pub fn kind(&self) -> StoreKind {
         self.kind
@@ -255,12 +280,14 @@ impl Storage {
         join_segments(&self.root, segments)
     }
 
-    /// Removes the upload staging files a process killed mid-upload left under `prefix`, and
-    /// returns how many it removed.
+    /// Removes the upload staging files a process killed mid-upload left under `prefix`, then
+    /// the directories under `prefix` left empty, and returns how many files it removed.
     ///
     /// A `file://` store writes each object to `<name>#<n>` and renames it when complete; a
     /// process killed in between leaves the staging file behind, which listings never show and
-    /// prefix deletion never removes, so the disk fills up crash after crash. Call this when no
+    /// prefix deletion never removes, so the disk fills up crash after crash. An empty
+    /// directory (a checkpoint folder whose only file was such a staging file, say) is
+    /// invisible to listings too, so nothing else would ever remove it. Call this when no
     /// other process writes under `prefix` any more (e.g. when a job takes over its checkpoint
     /// directory after a restart): an upload still running there would fail. Other stores have
     /// no staging files (`Ok(0)`; S3 aborts incomplete multipart uploads by lifecycle rules).
@@ -275,6 +302,8 @@ impl Storage {
         }
         let mut removed = 0;
         let mut todo = vec![start];
+        // Directories below `prefix`, parents before their children.
+        let mut below = Vec::new();
         while let Some(d) = todo.pop() {
             let entries = match std::fs::read_dir(&d) {
                 Ok(e) => e,
@@ -289,6 +318,7 @@ impl Storage {
                     .map_err(|e| crate::error::io_error("inspect", &entry.path(), e))?;
                 if ty.is_dir() {
                     todo.push(entry.path());
+                    below.push(entry.path());
                 } else if ty.is_file() && is_staging_name(&entry.file_name().to_string_lossy()) {
                     match std::fs::remove_file(entry.path()) {
                         Ok(()) => removed += 1,
@@ -296,6 +326,18 @@ impl Storage {
                         Err(e) => return Err(crate::error::io_error("remove", &entry.path(), e)),
                     }
                 }
+            }
+        }
+        // Children first, so a directory holding only empty directories goes too.
+        for d in below.iter().rev() {
+            match std::fs::remove_dir(d) {
+                Ok(()) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::DirectoryNotEmpty | std::io::ErrorKind::NotFound
+                    ) => {}
+                Err(e) => return Err(crate::error::io_error("remove", d, e)),
             }
         }
         Ok(removed)
@@ -507,6 +549,21 @@ mod tests {
         assert_eq!(redact_url("/tmp/x?secret"), "/tmp/x?<redacted>");
         assert_eq!(redact_url("s3://bucket/a/../b"), "s3://bucket/a/../b");
         assert_eq!(redact_url("s3://k:s@b@bucket"), "s3://***@bucket");
+    }
+
+    #[test]
+    fn locations_are_pasteable() {
+        let tmp = std::env::temp_dir().join(format!("fs-loc-{}", std::process::id()));
+        let s = Storage::from_url(&format!("file://{}", tmp.display())).unwrap();
+        let p = s.path("job/chk-1/_metadata").unwrap();
+        let shown = format!("{}{p}", s.location_prefix());
+        assert_eq!(shown, format!("{}/job/chk-1/_metadata", tmp.display()));
+        let root = Storage::from_url("file:///").unwrap();
+        assert_eq!(root.location_prefix(), "/");
+        let m = Storage::from_url("memory:///a/b").unwrap();
+        let p = m.path("x").unwrap();
+        assert_eq!(format!("{}{p}", m.location_prefix()), "memory:///a/b/x");
+        let _ = std::fs::remove_dir_all(&tmp);
     }
 
     #[test]

@@ -629,6 +629,9 @@ async fn a_killed_upload_leaves_a_staging_file_that_the_sweep_removes() {
     std::fs::write(root.join("job/chk-2/notes#draft"), b"kept").unwrap();
     std::fs::create_dir_all(root.join("other")).unwrap();
     std::fs::write(root.join("other/x#1"), b"other job").unwrap();
+    // Empty folders (a checkpoint folder a kill left with no file) go too, nested ones first.
+    std::fs::create_dir_all(root.join("job/chk-9/empty")).unwrap();
+    std::fs::create_dir_all(root.join("other/empty")).unwrap();
     let removed = storage
         .remove_staging_files(&storage.path("job").unwrap())
         .unwrap();
@@ -648,6 +651,13 @@ async fn a_killed_upload_leaves_a_staging_file_that_the_sweep_removes() {
         "{left:?}"
     );
     assert!(left.contains(&"other/x#1".to_string()), "{left:?}");
+    assert!(
+        !root.join("job/chk-3").exists(),
+        "the killed upload's folder"
+    );
+    assert!(!root.join("job/chk-9").exists(), "an empty folder");
+    assert!(root.join("job/chk-2").is_dir() && root.join("job").is_dir());
+    assert!(root.join("other/empty").is_dir(), "outside the prefix");
     // A prefix with nothing under it, and stores without staging files, remove nothing.
     assert_eq!(
         storage
