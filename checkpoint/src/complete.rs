@@ -78,12 +78,14 @@ pub fn assemble_operators(acks: Vec<SubtaskAck>) -> Result<Vec<OperatorSnapshot>
 
 /// Writes `_metadata` of checkpoint `checkpoint_id` (create-only) and appends its completion
 /// to the commit log. If a newer coordinator fenced this one, the metadata is deleted again and
-/// [`Error::Fenced`] is returned: no completed checkpoint is left behind.
+/// [`Error::Fenced`] is returned: no completed checkpoint is left behind. `duration_millis` is
+/// how long the checkpoint took until now by the writer's clock (recorded in the metadata).
 pub fn commit_checkpoint(
     storage: &CheckpointStorage,
     log: &mut CommitLog,
     checkpoint_id: u64,
     timestamp_millis: i64,
+    duration_millis: Option<u64>,
     operators: Vec<OperatorSnapshot>,
 ) -> Result<CompletedCheckpoint> {
     let metadata = CheckpointMetadata {
@@ -93,6 +95,7 @@ pub fn commit_checkpoint(
         timestamp_millis,
         epoch: log.epoch(),
         operators,
+        duration_millis,
     };
     let bytes = metadata.encode()?;
     log.check_not_fenced(checkpoint_id)?;
@@ -109,14 +112,20 @@ pub fn commit_checkpoint(
         if !stale {
             return Err(Error::CheckpointFailed {
                 checkpoint_id,
-                reason: format!("'{path}' already exists (written by another coordinator?)"),
+                reason: format!(
+                    "'{}' already exists (written by another coordinator?)",
+                    storage.location(&path)
+                ),
             });
         }
         storage.delete(&path)?;
         if !storage.put_if_absent(&path, bytes)? {
             return Err(Error::CheckpointFailed {
                 checkpoint_id,
-                reason: format!("'{path}' was written again by another coordinator"),
+                reason: format!(
+                    "'{}' was written again by another coordinator",
+                    storage.location(&path)
+                ),
             });
         }
     }
@@ -124,16 +133,17 @@ pub fn commit_checkpoint(
         let _ = storage.delete(&path);
         return Err(e);
     }
-    Ok(CompletedCheckpoint { metadata, path })
+    Ok(CompletedCheckpoint::new(storage, metadata, path))
 }
 
 /// Writes the `_metadata` of a savepoint into `dir` (create-only). The state files must already
-/// be in `dir` (savepoints are self-contained).
+/// be in `dir` (savepoints are self-contained). `duration_millis` as for [`commit_checkpoint`].
 pub fn commit_savepoint(
     storage: &CheckpointStorage,
     dir: &Path,
     checkpoint_id: u64,
     timestamp_millis: i64,
+    duration_millis: Option<u64>,
     epoch: u64,
     operators: Vec<OperatorSnapshot>,
 ) -> Result<CompletedCheckpoint> {
@@ -144,6 +154,7 @@ pub fn commit_savepoint(
         timestamp_millis,
         epoch,
         operators,
+        duration_millis,
     };
     if metadata
         .operators
@@ -161,10 +172,10 @@ pub fn commit_savepoint(
     if !storage.put_if_absent(&path, metadata.encode()?)? {
         return Err(Error::CheckpointFailed {
             checkpoint_id,
-            reason: format!("savepoint '{path}' already exists"),
+            reason: format!("savepoint '{}' already exists", storage.location(&path)),
         });
     }
-    Ok(CompletedCheckpoint { metadata, path })
+    Ok(CompletedCheckpoint::new(storage, metadata, path))
 }
 
 /// Deletes the files of a checkpoint that only it uses (its directory); shared files are left

@@ -1265,6 +1265,9 @@ impl Core {
         states: Vec<Acked>,
     ) -> Result<CompletedCheckpoint> {
         let ts = self.timestamps.remove(&checkpoint_id).unwrap_or(0);
+        // Trigger and completion read the same clock (the coordinator's): a duration, never a
+        // difference between two machines' clocks.
+        let duration = u64::try_from(self.clock.now_millis().saturating_sub(ts)).ok();
         let uploaded: BTreeSet<String> = states
             .iter()
             .flat_map(|a| a.uploaded.iter().cloned())
@@ -1297,8 +1300,14 @@ impl Core {
                         }
                     }
                 }
-                let c =
-                    commit_checkpoint(&self.storage, &mut self.log, checkpoint_id, ts, operators)?;
+                let c = commit_checkpoint(
+                    &self.storage,
+                    &mut self.log,
+                    checkpoint_id,
+                    ts,
+                    duration,
+                    operators,
+                )?;
                 self.registry.register(&c.metadata);
                 self.completed.insert(checkpoint_id, c.clone());
                 Ok(c)
@@ -1316,6 +1325,7 @@ impl Core {
                     &dir,
                     checkpoint_id,
                     ts,
+                    duration,
                     self.log.epoch(),
                     operators,
                 )
@@ -1344,7 +1354,7 @@ impl Core {
             self.emit(CheckpointEvent::Completed {
                 checkpoint_id,
                 kind,
-                path: c.path.to_string(),
+                path: c.location(),
             });
             if let Some(w) = self.waiters.remove(&checkpoint_id) {
                 let _ = w.send(Ok(c));

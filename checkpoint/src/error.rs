@@ -115,8 +115,9 @@ pub enum Error {
     },
     /// Another coordinator took over the job: this one must stop.
     #[error(
-        "fenced: coordinator epoch {epoch} of job '{job}' was superseded by epoch {newer_epoch}; \
-         checkpoint {checkpoint_id} was not committed"
+        "fenced: another coordinator took over job '{job}' in this checkpoint directory (epoch \
+         {newer_epoch}, after this one's {epoch}), so this one stopped; checkpoint \
+         {checkpoint_id} was not committed"
     )]
     Fenced {
         /// The job.
@@ -203,11 +204,8 @@ impl Error {
         matches!(self, Error::Fenced { .. })
     }
 
-    pub(crate) fn storage(
-        context: &'static str,
-        path: &object_store::path::Path,
-        source: object_store::Error,
-    ) -> Self {
+    /// A store error on `path` (as [`crate::CheckpointStorage::location`] shows it).
+    pub(crate) fn storage(context: &'static str, path: &str, source: object_store::Error) -> Self {
         match source {
             object_store::Error::NotFound { .. } => Error::MissingFile {
                 file: path.to_string(),

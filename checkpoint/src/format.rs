@@ -17,9 +17,9 @@ use crate::storage::validate_name;
 
 /// The magic bytes that open every metadata file.
 pub const METADATA_MAGIC: [u8; 4] = *b"FLWC";
-/// The metadata format version this build writes (it also reads version 1, which has no
-/// tombstone blocks).
-pub const METADATA_VERSION: u16 = 2;
+/// The metadata format version this build writes (it also reads version 2, which has no
+/// recorded duration, and version 1, which has no tombstone blocks either).
+pub const METADATA_VERSION: u16 = 3;
 /// Largest metadata file accepted (256 MiB).
 pub const MAX_METADATA_LEN: u64 = 256 << 20;
 
@@ -191,6 +191,10 @@ pub struct CheckpointMetadata {
     pub epoch: u64,
     /// The operators, by id.
     pub operators: Vec<OperatorSnapshot>,
+    /// How long the checkpoint took from its trigger until its metadata was written, measured
+    /// by the writer's own clock (`None` in files of format versions 1 and 2, and where not
+    /// measured). Never derived from storage timestamps, which come from another clock.
+    pub duration_millis: Option<u64>,
 }
 
 impl CheckpointMetadata {
@@ -219,7 +223,8 @@ impl CheckpointMetadata {
         self.encode_version(METADATA_VERSION)
     }
 
-    /// Encodes in format `version` (1: without tombstone lists; for tests of old files).
+    /// Encodes in format `version` (1: without tombstone lists, 2: without the duration; for
+    /// tests of old files).
     fn encode_version(&self, version: u16) -> Result<Vec<u8>> {
         let mut b = Vec::new();
         b.push(self.kind.code());
@@ -297,6 +302,10 @@ impl CheckpointMetadata {
                 }
             }
         }
+        if version >= 3 {
+            // u64::MAX: not measured.
+            put_u64(&mut b, self.duration_millis.unwrap_or(u64::MAX));
+        }
         let mut out = Vec::with_capacity(b.len() + 18);
         out.extend_from_slice(&METADATA_MAGIC);
         out.extend_from_slice(&version.to_be_bytes());
@@ -323,7 +332,7 @@ impl CheckpointMetadata {
             return Err(truncated(file, 6, bytes.len()));
         }
         let version = u16::from_be_bytes([bytes[4], bytes[5]]);
-        if version != METADATA_VERSION && version != 1 {
+        if !(1..=METADATA_VERSION).contains(&version) {
             return Err(Error::UnsupportedVersion {
                 file: file.to_string(),
                 found: version,
@@ -487,6 +496,11 @@ fn decode_body(body: &[u8], file: &str, version: u16) -> state_api::Result<Check
             subtasks,
         });
     }
+    let duration_millis = if version >= 3 {
+        Some(d.u64("duration")?).filter(|&ms| ms != u64::MAX)
+    } else {
+        None
+    };
     if !d.is_empty() {
         return Err(d.corrupt("bytes after the last operator"));
     }
@@ -497,6 +511,7 @@ fn decode_body(body: &[u8], file: &str, version: u16) -> state_api::Result<Check
         timestamp_millis,
         epoch,
         operators,
+        duration_millis,
     })
 }
 
@@ -797,6 +812,7 @@ mod tests {
             job_id: "job".into(),
             timestamp_millis: 1_700_000_000_000,
             epoch: 2,
+            duration_millis: Some(1234),
             operators: vec![OperatorSnapshot {
                 operator_id: "op".into(),
                 max_parallelism: 8,
@@ -835,19 +851,31 @@ mod tests {
     fn round_trip_and_the_fixed_prefix() {
         let m = sample();
         let b = m.encode().unwrap();
-        assert_eq!(&b[0..6], b"FLWC\x00\x02");
+        assert_eq!(&b[0..6], b"FLWC\x00\x03");
         assert_eq!(CheckpointMetadata::decode(&b, "m").unwrap(), m);
-        // Version 1 files (no tombstone lists) are still read.
+        let unmeasured = CheckpointMetadata {
+            duration_millis: None,
+            ..m.clone()
+        };
+        let b = unmeasured.encode().unwrap();
+        assert_eq!(CheckpointMetadata::decode(&b, "m").unwrap(), unmeasured);
+        // Version 2 files (no duration) and version 1 files (no tombstone lists either) are
+        // still read.
+        let v2 = m.encode_version(2).unwrap();
+        assert_eq!(&v2[0..6], b"FLWC\x00\x02");
+        assert_eq!(CheckpointMetadata::decode(&v2, "m").unwrap(), unmeasured);
         let v1 = m.encode_version(1).unwrap();
         assert_eq!(&v1[0..6], b"FLWC\x00\x01");
-        assert_eq!(CheckpointMetadata::decode(&v1, "m").unwrap(), m);
-        let mut v3 = b.clone();
-        v3[5] = 3;
-        let err = CheckpointMetadata::decode(&v3, "m").unwrap_err();
-        assert!(
-            matches!(err, Error::UnsupportedVersion { found: 3, .. }),
-            "{err}"
-        );
+        assert_eq!(CheckpointMetadata::decode(&v1, "m").unwrap(), unmeasured);
+        for version in [0u16, 4] {
+            let mut other = m.encode().unwrap();
+            other[4..6].copy_from_slice(&version.to_be_bytes());
+            let err = CheckpointMetadata::decode(&other, "m").unwrap_err();
+            assert!(
+                matches!(err, Error::UnsupportedVersion { found, .. } if found == version),
+                "{err}"
+            );
+        }
     }
 
     #[test]

@@ -68,7 +68,7 @@
 //!     let state = write_subtask_snapshot(&storage, &target, snapshot)?;
 //!     acks.push(SubtaskAck { operator_id: "sums".into(), parallelism: 2, max_parallelism: 128, state });
 //! }
-//! commit_checkpoint(&storage, &mut log, 1, 0, assemble_operators(acks)?)?;
+//! commit_checkpoint(&storage, &mut log, 1, 0, None, assemble_operators(acks)?)?;
 //!
 //! let latest = CompletedCheckpoint::latest(&storage)?.expect("one checkpoint");
 //! let mut restored = HeapKeyedStateBackend::<u64>::builder().build()?;

@@ -36,9 +36,39 @@ pub struct CompletedCheckpoint {
     pub metadata: CheckpointMetadata,
     /// The path of the `_metadata` file.
     pub path: Path,
+    /// The storage's location prefix (see [`CheckpointStorage::location`]).
+    pub(crate) location_prefix: Arc<str>,
 }
 
 impl CompletedCheckpoint {
+    pub(crate) fn new(
+        storage: &CheckpointStorage,
+        metadata: CheckpointMetadata,
+        path: Path,
+    ) -> Self {
+        CompletedCheckpoint {
+            metadata,
+            path,
+            location_prefix: storage.location_prefix(),
+        }
+    }
+
+    /// The `_metadata` file as a person should see it: a path or URL that can be pasted into
+    /// the next command (see [`CheckpointStorage::with_location_prefix`]).
+    pub fn location(&self) -> String {
+        self.location_of(&self.path)
+    }
+
+    /// The checkpoint's directory as a person should see it.
+    pub fn dir_location(&self) -> String {
+        self.location_of(&self.dir())
+    }
+
+    /// A path of this checkpoint's store as a person should see it.
+    pub fn location_of(&self, path: &Path) -> String {
+        format!("{}{path}", self.location_prefix)
+    }
+
     /// Reads and validates the metadata at `path` (the `_metadata` file, or the directory
     /// holding it).
     pub fn load(storage: &CheckpointStorage, path: &Path) -> Result<Self> {
@@ -48,8 +78,8 @@ impl CompletedCheckpoint {
             path.clone().join(METADATA_FILE)
         };
         let bytes = storage.get(&path, MAX_METADATA_LEN + 18)?;
-        let metadata = CheckpointMetadata::decode(&bytes, path.as_ref())?;
-        Ok(CompletedCheckpoint { metadata, path })
+        let metadata = CheckpointMetadata::decode(&bytes, &storage.location(&path))?;
+        Ok(CompletedCheckpoint::new(storage, metadata, path))
     }
 
     /// The latest completed checkpoint of the storage's job (by the commit log), or `None`.
@@ -100,7 +130,7 @@ impl CompletedCheckpoint {
             if !job_operators.contains(&op.operator_id.as_str()) {
                 return Err(Error::UnknownOperator {
                     operator: op.operator_id.clone(),
-                    checkpoint: self.path.to_string(),
+                    checkpoint: self.location(),
                 });
             }
         }
@@ -160,7 +190,7 @@ impl CompletedCheckpoint {
         }
         let mismatch = |reason: String| Error::RestoreMismatch {
             operator: operator.to_string(),
-            checkpoint: self.path.to_string(),
+            checkpoint: self.location(),
             reason,
         };
         if op.max_parallelism != backend.max_parallelism() {
@@ -200,7 +230,7 @@ impl CompletedCheckpoint {
                     .iter()
                     .find(|x| x.file.location.name() == f.name)
                     .ok_or_else(|| Error::Corrupt {
-                        file: self.path.to_string(),
+                        file: self.location(),
                         offset: 0,
                         reason: format!(
                             "the native metadata of subtask {} names '{}', which its handle \
@@ -212,7 +242,7 @@ impl CompletedCheckpoint {
                 let bytes = storage.get(&path, r.file.size)?;
                 if bytes.len() as u64 != r.file.size {
                     return Err(Error::Truncated {
-                        file: path.to_string(),
+                        file: self.location_of(&path),
                         expected: r.file.size,
                         found: bytes.len() as u64,
                     });
@@ -220,7 +250,7 @@ impl CompletedCheckpoint {
                 let actual = crc32c::crc32c(&bytes);
                 if actual != r.file.crc32c {
                     return Err(Error::ChecksumMismatch {
-                        file: path.to_string(),
+                        file: self.location_of(&path),
                         expected: r.file.crc32c,
                         actual,
                     });
@@ -258,7 +288,7 @@ impl CompletedCheckpoint {
         if op.max_parallelism != max_parallelism {
             return Err(Error::RestoreMismatch {
                 operator: operator.to_string(),
-                checkpoint: self.path.to_string(),
+                checkpoint: self.location(),
                 reason: format!(
                     "the checkpoint has max parallelism {}, the job {max_parallelism}; max \
                      parallelism cannot change across a restore",
@@ -269,7 +299,7 @@ impl CompletedCheckpoint {
         if op.subtasks.iter().any(|s| s.native.is_some()) {
             return Err(Error::RestoreMismatch {
                 operator: operator.to_string(),
-                checkpoint: self.path.to_string(),
+                checkpoint: self.location(),
                 reason: "the checkpoint holds the mmap backend's native files: restore them into \
                          mmap backends (restore_mmap), or restore from a savepoint"
                     .into(),
@@ -339,12 +369,12 @@ impl CompletedCheckpoint {
             let bytes = storage.get_ranges(&path, &ranges).map_err(|e| match e {
                 Error::MissingFile { file, .. } => Error::MissingFile {
                     file,
-                    referenced_by: self.path.to_string(),
+                    referenced_by: self.location(),
                 },
                 e => e,
             })?;
             let states = state_identities(f);
-            let stream = path.to_string();
+            let stream = self.location_of(&path);
             for ((b, tombs), data) in blocks.iter().zip(bytes) {
                 let corrupt = |reason: String| Error::Corrupt {
                     file: stream.clone(),
@@ -397,20 +427,20 @@ impl CompletedCheckpoint {
         let size = storage.size(&path).map_err(|e| match e {
             Error::MissingFile { file, .. } => Error::MissingFile {
                 file,
-                referenced_by: self.path.to_string(),
+                referenced_by: self.location(),
             },
             e => e,
         })?;
         if size < end || size < f.file.size {
             return Err(Error::Truncated {
-                file: path.to_string(),
+                file: self.location_of(&path),
                 expected: f.file.size,
                 found: size,
             });
         }
         if size != f.file.size {
             return Err(Error::Corrupt {
-                file: path.to_string(),
+                file: self.location_of(&path),
                 offset: f.file.size,
                 reason: format!(
                     "the file has {size} bytes, the metadata recorded {}",
@@ -419,7 +449,7 @@ impl CompletedCheckpoint {
             });
         }
         Ok(Some((
-            path.to_string(),
+            self.location_of(&path),
             KeyGroupReader {
                 storage: storage.clone(),
                 path,
@@ -479,7 +509,7 @@ impl CompletedCheckpoint {
             let bytes = storage.get(&path, f.size)?;
             if bytes.len() as u64 != f.size {
                 return Err(Error::Truncated {
-                    file: path.to_string(),
+                    file: self.location_of(&path),
                     expected: f.size,
                     found: bytes.len() as u64,
                 });
@@ -487,7 +517,7 @@ impl CompletedCheckpoint {
             let actual = crc32c::crc32c(&bytes);
             if actual != f.crc32c {
                 return Err(Error::ChecksumMismatch {
-                    file: path.to_string(),
+                    file: self.location_of(&path),
                     expected: f.crc32c,
                     actual,
                 });
@@ -623,7 +653,7 @@ impl KeyGroupReader {
             let head = bytes.get(at..at + 5).unwrap_or(&[]);
             if head.len() < 5 || head[0] != 0x01 || head[1..5] != k.key_group.to_be_bytes() {
                 return Err(self.fail(Error::Corrupt {
-                    file: self.path.to_string(),
+                    file: self.storage.location(&self.path),
                     offset: k.offset,
                     reason: format!("no block of key group {} at this offset", k.key_group),
                 }));
@@ -641,7 +671,7 @@ impl KeyGroupReader {
             at += k.length as usize;
             match filter.superseded.get(&k.key_group) {
                 Some(later) if later.0 > filter.file => {
-                    match filter.apply(raw, k, &later.1, &self.path) {
+                    match filter.apply(raw, k, &later.1, &self.storage.location(&self.path)) {
                         Ok(block) => buf.extend_from_slice(&block),
                         Err(e) => return Err(self.fail(e)),
                     }
@@ -661,9 +691,9 @@ impl Filter {
         raw: &[u8],
         k: &KeyGroupOffset,
         later: &HashMap<Vec<u8>, usize>,
-        path: &Path,
+        stream: &str,
     ) -> Result<Vec<u8>> {
-        let stream = path.to_string();
+        let stream = stream.to_string();
         let corrupt = |reason: String| Error::Corrupt {
             file: stream.clone(),
             offset: k.offset,

@@ -66,6 +66,8 @@ pub struct CheckpointStorage {
     root: Path,
     job: String,
     rt: Arc<tokio::runtime::Runtime>,
+    /// Put before an object path to name it for a person (see [`CheckpointStorage::location`]).
+    location_prefix: Arc<str>,
 }
 
 impl std::fmt::Debug for CheckpointStorage {
@@ -100,7 +102,26 @@ impl CheckpointStorage {
             root,
             job: job.to_string(),
             rt: Arc::new(rt),
+            location_prefix: Arc::from(""),
         })
+    }
+
+    /// Names objects in messages with `prefix` in front of their object path, so that what is
+    /// printed can be pasted into the next command: the local directory of a `file://` store
+    /// (`/var/lib/ck/`), or `s3://bucket/`. Without it messages show bare object paths.
+    pub fn with_location_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.location_prefix = Arc::from(prefix.into());
+        self
+    }
+
+    /// The prefix set by [`CheckpointStorage::with_location_prefix`] (empty by default).
+    pub(crate) fn location_prefix(&self) -> Arc<str> {
+        Arc::clone(&self.location_prefix)
+    }
+
+    /// The object at `path` as a person should see it: the location prefix, then the path.
+    pub fn location(&self, path: &Path) -> String {
+        format!("{}{path}", self.location_prefix)
     }
 
     /// The same store and runtime for another job.
@@ -191,7 +212,7 @@ impl CheckpointStorage {
     /// Writes `bytes` at `path`, replacing what is there.
     pub(crate) fn put(&self, path: &Path, bytes: Vec<u8>) -> Result<()> {
         self.block_on(self.store.put(path, PutPayload::from(bytes)))
-            .map_err(|e| Error::storage("writing", path, e))?;
+            .map_err(|e| Error::storage("writing", &self.location(path), e))?;
         Ok(())
     }
 
@@ -204,7 +225,7 @@ impl CheckpointStorage {
         match self.block_on(self.store.put_opts(path, PutPayload::from(bytes), opts)) {
             Ok(_) => Ok(true),
             Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
-            Err(e) => Err(Error::storage("writing", path, e)),
+            Err(e) => Err(Error::storage("writing", &self.location(path), e)),
         }
     }
 
@@ -215,11 +236,11 @@ impl CheckpointStorage {
                 .store
                 .get(path)
                 .await
-                .map_err(|e| Error::storage("reading", path, e))?;
+                .map_err(|e| Error::storage("reading", &self.location(path), e))?;
             let size = r.meta.size;
             if size > max_len {
                 return Err(Error::Corrupt {
-                    file: path.to_string(),
+                    file: self.location(path),
                     offset: 0,
                     reason: format!("{size} bytes is more than the limit of {max_len}"),
                 });
@@ -227,10 +248,10 @@ impl CheckpointStorage {
             let bytes = r
                 .bytes()
                 .await
-                .map_err(|e| Error::storage("reading", path, e))?;
+                .map_err(|e| Error::storage("reading", &self.location(path), e))?;
             if bytes.len() as u64 != size {
                 return Err(Error::Truncated {
-                    file: path.to_string(),
+                    file: self.location(path),
                     expected: size,
                     found: bytes.len() as u64,
                 });
@@ -243,7 +264,7 @@ impl CheckpointStorage {
     pub(crate) fn size(&self, path: &Path) -> Result<u64> {
         let meta = self
             .block_on(self.store.head(path))
-            .map_err(|e| Error::storage("reading", path, e))?;
+            .map_err(|e| Error::storage("reading", &self.location(path), e))?;
         Ok(meta.size)
     }
 
@@ -258,7 +279,7 @@ impl CheckpointStorage {
             Ok(p) => p,
             Err(object_store::Error::NotFound { .. }) => {
                 return Err(Error::MissingFile {
-                    file: path.to_string(),
+                    file: self.location(path),
                     referenced_by: "a state handle".into(),
                 })
             }
@@ -267,18 +288,18 @@ impl CheckpointStorage {
                 let size = self.size(path)?;
                 if size < end {
                     return Err(Error::Truncated {
-                        file: path.to_string(),
+                        file: self.location(path),
                         expected: end,
                         found: size,
                     });
                 }
-                return Err(Error::storage("reading", path, e));
+                return Err(Error::storage("reading", &self.location(path), e));
             }
         };
         for (r, b) in ranges.iter().zip(&parts) {
             if b.len() as u64 != r.end - r.start {
                 return Err(Error::Truncated {
-                    file: path.to_string(),
+                    file: self.location(path),
                     expected: r.end,
                     found: r.start + b.len() as u64,
                 });
@@ -290,14 +311,14 @@ impl CheckpointStorage {
     /// Every object under `prefix`.
     pub(crate) fn list(&self, prefix: &Path) -> Result<Vec<ObjectMeta>> {
         self.block_on(self.store.list(Some(prefix)).try_collect::<Vec<_>>())
-            .map_err(|e| Error::storage("listing", prefix, e))
+            .map_err(|e| Error::storage("listing", &self.location(prefix), e))
     }
 
     /// The immediate "directories" under `prefix`.
     pub(crate) fn list_dirs(&self, prefix: &Path) -> Result<Vec<Path>> {
         let r = self
             .block_on(self.store.list_with_delimiter(Some(prefix)))
-            .map_err(|e| Error::storage("listing", prefix, e))?;
+            .map_err(|e| Error::storage("listing", &self.location(prefix), e))?;
         Ok(r.common_prefixes)
     }
 
@@ -305,7 +326,7 @@ impl CheckpointStorage {
     pub(crate) fn delete(&self, path: &Path) -> Result<()> {
         match self.block_on(self.store.delete(path)) {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(e) => Err(Error::storage("deleting", path, e)),
+            Err(e) => Err(Error::storage("deleting", &self.location(path), e)),
         }
     }
 
@@ -384,7 +405,7 @@ impl ObjectWriter<'_> {
     /// Completes the upload; returns `(length, crc32c)` of the object.
     pub(crate) fn finish(mut self) -> Result<(u64, u32)> {
         if let Some(e) = self.failed.take() {
-            let path = self.path.clone();
+            let path = self.storage.location(&self.path);
             self.abort();
             return Err(Error::storage("writing", &path, e));
         }
@@ -401,7 +422,7 @@ impl ObjectWriter<'_> {
                     up.put(Bytes::from(buf));
                     storage.block_on(up.finish())
                 };
-                res.map_err(|e| Error::storage("writing", &self.path, e))?;
+                res.map_err(|e| Error::storage("writing", &storage.location(&self.path), e))?;
             }
         }
         Ok((self.len, self.crc))

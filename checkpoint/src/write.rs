@@ -408,7 +408,7 @@ fn upload_file(
         if let Err(e) = w.write_all(&buf[..n]) {
             w.abort();
             return Err(Error::Io {
-                context: format!("uploading '{path}'"),
+                context: format!("uploading '{}'", storage.location(path)),
                 source: e,
             });
         }
@@ -573,14 +573,14 @@ fn write_stream(
             r.into_iter().next().map(|b| b.to_vec()).unwrap_or_default()
         }
     };
-    let header = SnapshotReader::open(&header_bytes[..], path.to_string())
+    let header = SnapshotReader::open(&header_bytes[..], storage.location(path))
         .map_err(|e| Error::state(op, sub, e))?
         .header()
         .clone();
     if size != summary.bytes {
         let _ = storage.delete(path);
         return Err(Error::Truncated {
-            file: path.to_string(),
+            file: storage.location(path),
             expected: summary.bytes,
             found: size,
         });

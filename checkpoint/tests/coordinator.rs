@@ -301,7 +301,10 @@ fn a_second_coordinator_fences_the_first_which_leaves_nothing_behind() {
     answer_barrier(&mut eps1, &mut subtasks);
     let err = p.wait(WAIT).unwrap_err();
     assert!(err.is_fenced(), "{err}");
-    assert!(err.to_string().contains("superseded"), "{err}");
+    assert!(
+        err.to_string().contains("another coordinator took over"),
+        "{err}"
+    );
     loop {
         if let CheckpointEvent::JobFailed { reason } = events.recv_timeout(WAIT).unwrap() {
             assert!(reason.contains("fenced"), "{reason}");

@@ -208,7 +208,7 @@ fn an_unknown_version_is_reported() {
             err,
             Error::UnsupportedVersion {
                 found: 9,
-                supported: 2,
+                supported: 3,
                 ..
             }
         ),

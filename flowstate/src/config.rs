@@ -519,9 +519,27 @@ impl ConfigLoader {
         Ok(self)
     }
 
-    /// Applies the process's environment.
+    /// Applies the process's environment. Variables whose name or value is not valid UTF-8 are
+    /// not ours and are skipped, unless the name is one of our keys' variables: then the value
+    /// is an error naming it.
     pub fn env(self) -> Result<Self, ConfigError> {
-        self.env_vars(std::env::vars())
+        let mut vars = Vec::new();
+        for (name, value) in std::env::vars_os() {
+            let Some(name) = name.to_str() else { continue };
+            match value.into_string() {
+                Ok(value) => vars.push((name.to_string(), value)),
+                Err(raw) => {
+                    if let Some(doc) = KEYS.iter().find(|k| k.env_var() == name) {
+                        return Err(ConfigError::Invalid {
+                            key: doc.key.to_string(),
+                            origin: Origin::Env(name.to_string()),
+                            message: format!("{raw:?} is not valid UTF-8"),
+                        });
+                    }
+                }
+            }
+        }
+        self.env_vars(vars)
     }
 
     /// Sets a key from the job's code (wins over file and environment).
@@ -756,6 +774,8 @@ fn parse_size(v: &str) -> Result<u64, String> {
 /// A checkpoint or savepoint URL must parse, have a supported scheme, and for local
 /// directories be creatable and writable.
 fn check_dir_url(url: &str) -> Result<(), String> {
+    // Syntax first (`..` segments, credentials): nothing is created for a URL that is refused.
+    storage_s3::Storage::check_url(url).map_err(|e| e.to_string())?;
     let local = if let Some(rest) = url.strip_prefix("file://") {
         if !rest.starts_with('/') {
             return Err(format!("'{url}' must be an absolute file:/// URL"));

@@ -76,8 +76,11 @@ impl std::error::Error for SimulatedCrash {}
 pub enum RestoreFrom {
     /// Start empty.
     Nothing,
-    /// The latest completed checkpoint of the job, if any.
+    /// The latest completed checkpoint of the job; an error when there is none.
     Latest,
+    /// The latest completed checkpoint of the job, or empty when there is none (recovery of a
+    /// run that may have crashed before its first checkpoint).
+    LatestIfAny,
     /// A given checkpoint or savepoint: its directory or `_metadata`, as a URL or a path.
     Path(String),
 }
@@ -163,11 +166,10 @@ fn checkpoint_storage(
     storage: &storage_s3::Storage,
     job: &str,
 ) -> Result<CheckpointStorage, JobError> {
-    Ok(CheckpointStorage::new(
-        Arc::clone(storage.store()),
-        storage.root().as_ref(),
-        job,
-    )?)
+    Ok(
+        CheckpointStorage::new(Arc::clone(storage.store()), storage.root().as_ref(), job)?
+            .with_location_prefix(storage.location_prefix()),
+    )
 }
 
 /// Opens the checkpoint storage of a job this process takes over, first removing the upload
@@ -424,7 +426,19 @@ pub fn run_on<B: JobBackend>(opts: JobOptions) -> Result<JobReport, JobError> {
     // The checkpoint to restore and the storage it lives in (a savepoint may live elsewhere).
     let (restore_storage, restored) = match &opts.restore {
         RestoreFrom::Nothing => (storage.clone(), None),
-        RestoreFrom::Latest => (storage.clone(), CompletedCheckpoint::latest(&storage)?),
+        RestoreFrom::LatestIfAny => (storage.clone(), CompletedCheckpoint::latest(&storage)?),
+        RestoreFrom::Latest => match CompletedCheckpoint::latest(&storage)? {
+            Some(c) => (storage.clone(), Some(c)),
+            None => {
+                return Err(format!(
+                    "nothing to restore: no completed checkpoint of job '{}' under {}{}",
+                    opts.job,
+                    crate::tools::shown_dir(&dir),
+                    crate::tools::jobs_hint(&storage)?
+                )
+                .into())
+            }
+        },
         RestoreFrom::Path(path) => {
             let (s, c) = crate::tools::open_checkpoint(config, path)?;
             (s, Some(c))
@@ -570,8 +584,20 @@ pub fn run_on<B: JobBackend>(opts: JobOptions) -> Result<JobReport, JobError> {
             &mut bidders,
         )?;
         while let Ok(ev) = events_rx.try_recv() {
-            if let CheckpointEvent::Completed { checkpoint_id, .. } = ev {
-                checkpoints.push(checkpoint_id);
+            match ev {
+                CheckpointEvent::Completed { checkpoint_id, .. } => checkpoints.push(checkpoint_id),
+                // The coordinator gave up (fenced by a newer run, or too many failed
+                // checkpoints): no work of this run can be checkpointed any more, so stop now
+                // with the coordinator's own error (the next request returns it, typed).
+                CheckpointEvent::JobFailed { reason } => {
+                    return Err(match coordinator.trigger_checkpoint() {
+                        Err(e) => e.into(),
+                        Ok(_) => {
+                            format!("the checkpoint coordinator failed the job: {reason}").into()
+                        }
+                    });
+                }
+                _ => {}
             }
         }
         if let Some(progress) = &opts.progress {

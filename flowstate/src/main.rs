@@ -12,6 +12,13 @@ use flowstate::config::{BackendKind, Config, ConfigLoader};
 use flowstate::job::{self, JobError, JobOptions, RestoreFrom};
 use flowstate::tools;
 
+/// Writes a line to standard output; a closed one ends the command quietly (see `main`).
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        tools::print_line(format_args!($($arg)*))?
+    };
+}
+
 const EXAMPLES_RUN: &str = "Examples:
   flowstate run
   flowstate run --events 5000000 --parallelism 4 --checkpoint-dir file:///tmp/fs-ckpt
@@ -20,15 +27,15 @@ const EXAMPLES_RUN: &str = "Examples:
   flowstate run --config flowstate.toml --backend mmap";
 
 const EXAMPLES_CHECKPOINTS: &str = "Examples:
-  flowstate checkpoints list /tmp/flowstate/checkpoints
-  flowstate checkpoints inspect /tmp/flowstate/checkpoints/nexmark/chk-7 --json";
+  flowstate checkpoints list /tmp/flowstate-$USER/checkpoints
+  flowstate checkpoints inspect /tmp/flowstate-$USER/checkpoints/nexmark/chk-7 --json";
 
 const EXAMPLES_SAVEPOINT: &str = "Examples:
-  flowstate savepoint /tmp/flowstate/checkpoints/nexmark/chk-7 --to /tmp/flowstate/savepoints
+  flowstate savepoint /tmp/flowstate-$USER/checkpoints/nexmark/chk-7 --to /tmp/flowstate-$USER/savepoints
   flowstate savepoint /tmp/ck/nexmark/chk-7 --to /tmp/sp --backend mmap --parallelism 3";
 
 const EXAMPLES_STATE: &str = "Examples:
-  flowstate state get /tmp/flowstate/checkpoints/nexmark/chk-7 --state spend --key 1001
+  flowstate state get /tmp/flowstate-$USER/checkpoints/nexmark/chk-7 --state spend --key 1001
   flowstate state get /tmp/sp/nexmark/savepoints/savepoint-3 --state closed-windows --key 1005";
 
 /// Keyed state, checkpoints and savepoints for stream processors.
@@ -111,7 +118,7 @@ struct RunArgs {
 enum CheckpointsCmd {
     /// Completed checkpoints of a job: id, time, size, full/incremental, duration.
     #[command(
-        after_help = "Example:\n  flowstate checkpoints list /tmp/flowstate/checkpoints --job nexmark"
+        after_help = "Example:\n  flowstate checkpoints list /tmp/flowstate-$USER/checkpoints --job nexmark"
     )]
     List {
         /// The checkpoint root (URL or path).
@@ -125,7 +132,7 @@ enum CheckpointsCmd {
     },
     /// Operators, states (kind, serializers), key groups, entries and bytes of a checkpoint or savepoint.
     #[command(
-        after_help = "Examples:\n  flowstate checkpoints inspect /tmp/flowstate/checkpoints/nexmark/chk-7\n  flowstate checkpoints inspect s3://bucket/ck/nexmark/chk-7 --json --config flowstate.toml"
+        after_help = "Examples:\n  flowstate checkpoints inspect /tmp/flowstate-$USER/checkpoints/nexmark/chk-7\n  flowstate checkpoints inspect s3://bucket/ck/nexmark/chk-7 --json --config flowstate.toml"
     )]
     Inspect {
         /// The checkpoint or savepoint directory (or its `_metadata`), as a URL or path.
@@ -179,6 +186,27 @@ enum StateCmd {
     },
 }
 
+/// `$TMPDIR/flowstate-<user>/checkpoints`: one default directory per user, so runs of
+/// different users of a machine never share (and fence each other in) one directory.
+fn default_checkpoint_dir() -> PathBuf {
+    let user = ["USER", "LOGNAME"]
+        .iter()
+        .filter_map(|v| std::env::var_os(v)?.into_string().ok())
+        .find(|u| {
+            !u.is_empty()
+                && u.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        })
+        .unwrap_or_else(|| {
+            // No usable name: the user id, from the owner of this process's /proc entry.
+            use std::os::unix::fs::MetadataExt;
+            std::fs::metadata("/proc/self").map_or_else(|_| "user".into(), |m| m.uid().to_string())
+        });
+    std::env::temp_dir()
+        .join(format!("flowstate-{user}"))
+        .join("checkpoints")
+}
+
 fn load_config(file: Option<&PathBuf>) -> Result<ConfigLoader, JobError> {
     let mut loader = ConfigLoader::new();
     let default_file = PathBuf::from("flowstate.toml");
@@ -206,7 +234,7 @@ fn run(args: RunArgs) -> Result<(), JobError> {
     if let Some(dir) = &args.checkpoint_dir {
         loader = loader.set("state.checkpoints.dir", tools::to_url(dir)?)?;
     } else if loader.origin("state.checkpoints.dir") == flowstate::config::Origin::Default {
-        let dir = std::env::temp_dir().join("flowstate").join("checkpoints");
+        let dir = default_checkpoint_dir();
         loader = loader.set(
             "state.checkpoints.dir",
             tools::to_url(&dir.to_string_lossy())?,
@@ -261,11 +289,11 @@ fn run(args: RunArgs) -> Result<(), JobError> {
         }
         let status = cmd.status()?;
         if status.success() {
-            println!("the job finished before crashing ({n} events requested)");
+            outln!("the job finished before crashing ({n} events requested)");
             return Ok(());
         }
-        println!("the job crashed ({status}); recovering from the latest completed checkpoint");
-        return run_job(config, &args, RestoreFrom::Latest, None);
+        outln!("the job crashed ({status}); recovering from the latest completed checkpoint");
+        return run_job(config, &args, RestoreFrom::LatestIfAny, None);
     }
     run_job(config, &args, restore, args.crash_after)
 }
@@ -326,9 +354,9 @@ fn run_job(
         bar.finish_and_clear();
     }
     if let Some((id, offset)) = report.restored {
-        println!("restored checkpoint {id} (source offset {offset})");
+        outln!("restored checkpoint {id} (source offset {offset})");
     }
-    println!(
+    outln!(
         "{} {} events (offset {}) in {:.2}s, {:.0} events/s on the {:?} backend, parallelism {}",
         if report.stopped {
             "stopped after"
@@ -342,20 +370,34 @@ fn run_job(
         backend,
         args.parallelism
     );
-    println!(
-        "checkpoints completed: {} (last: {}) in {dir}",
+    outln!(
+        "checkpoints completed: {} (last: {}) in {}",
         report.checkpoints.len(),
         report
             .checkpoints
             .last()
-            .map_or("-".into(), |c| c.to_string())
+            .map_or("-".into(), |c| c.to_string()),
+        tools::shown_dir(&dir)
     );
-    println!(
+    outln!(
         "closed windows: {}, bids in them: {}, bidders: {}",
-        report.windows_closed, report.bids_in_closed_windows, report.bidders
+        report.windows_closed,
+        report.bids_in_closed_windows,
+        report.bidders
     );
-    println!("state digest: {:016x}", report.digest);
+    outln!("state digest: {:016x}", report.digest);
     Ok(())
+}
+
+/// A hint for what to do about `e`.
+fn hint(e: &(dyn std::error::Error + 'static)) -> &'static str {
+    match e.downcast_ref::<checkpoint::Error>() {
+        Some(c) if c.is_fenced() => {
+            "two runs used one job's checkpoint directory: give each run that runs at the \
+             same time its own --job or --checkpoint-dir"
+        }
+        _ => "run with --help for usage and examples",
+    }
 }
 
 fn main() -> ExitCode {
@@ -387,9 +429,16 @@ fn main() -> ExitCode {
             eprintln!("{e}");
             std::process::exit(3)
         }
+        // The reader of our output went away (`| head -1`): nothing more to say to anyone.
+        Err(e)
+            if e.downcast_ref::<std::io::Error>()
+                .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe) =>
+        {
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             eprintln!("error: {e}");
-            eprintln!("hint: run with --help for usage and examples");
+            eprintln!("hint: {}", hint(e.as_ref()));
             ExitCode::FAILURE
         }
     }

@@ -31,6 +31,64 @@ pub fn to_url(path_or_url: &str) -> Result<String, JobError> {
     Ok(format!("file://{}", abs.display()))
 }
 
+/// Writes one line to standard output. A closed standard output (`flowstate ... | head -1`)
+/// is an error the caller returns, which `main` turns into a quiet exit, never a panic.
+pub fn print_line(args: std::fmt::Arguments<'_>) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    out.write_fmt(args)?;
+    out.write_all(b"\n")
+}
+
+/// [`print_line`] with `format!` syntax, returning its error from the calling function.
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        $crate::tools::print_line(format_args!($($arg)*))?
+    };
+}
+
+/// A checkpoint root as the user should see it: a `file://` URL as its path, anything else as
+/// given (pasteable into the next command either way).
+pub fn shown_dir(url: &str) -> String {
+    match url.strip_prefix("file://") {
+        Some(path) if path.starts_with('/') => path.to_string(),
+        _ => url.to_string(),
+    }
+}
+
+/// The jobs that have checkpoints under the root of `storage` (the folders beside its job's).
+pub fn jobs_under(storage: &CheckpointStorage) -> Result<Vec<String>, JobError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let root = storage.root();
+    let listed = rt.block_on(storage.store().list_with_delimiter(Some(root)));
+    let listed = match listed {
+        Ok(l) => l,
+        Err(object_store::Error::NotFound { .. }) => return Ok(Vec::new()),
+        Err(e) => return Err(e.into()),
+    };
+    let mut jobs: Vec<String> = listed
+        .common_prefixes
+        .iter()
+        .filter_map(|p| p.filename().map(str::to_string))
+        .filter(|name| name != "savepoints")
+        .collect();
+    jobs.sort();
+    Ok(jobs)
+}
+
+/// `" (jobs there: a, b)"`, `" (no job has checkpoints there)"`: what a user who named the
+/// wrong job or directory needs to know.
+pub fn jobs_hint(storage: &CheckpointStorage) -> Result<String, JobError> {
+    let jobs = jobs_under(storage)?;
+    Ok(if jobs.is_empty() {
+        " (no job has checkpoints there)".to_string()
+    } else {
+        format!(" (jobs there: {}; choose one with --job)", jobs.join(", "))
+    })
+}
+
 /// Splits a URL into the store's URL and the object path inside it: local paths get a store at
 /// `/`, `s3://bucket/a/b` a store for the bucket and the path `a/b`.
 fn split(url: &str) -> Result<(String, String), JobError> {
@@ -58,7 +116,8 @@ pub fn open_checkpoint(
         Arc::clone(storage.store()),
         storage.root().as_ref(),
         "offline",
-    )?;
+    )?
+    .with_location_prefix(storage.location_prefix());
     let object = ObjectPath::parse(&path).map_err(|e| format!("bad path '{path}': {e}"))?;
     let c = CompletedCheckpoint::load(&storage, &object)
         .map_err(|e| format!("cannot read the checkpoint at {path_or_url}: {e}"))?;
@@ -80,29 +139,41 @@ fn size(c: &CompletedCheckpoint) -> u64 {
     c.metadata.files().map(|f| f.size).sum()
 }
 
-/// Prints the completed checkpoints of `job` under `dir`.
+/// Prints the completed checkpoints of `job` under `dir`. A directory or job without any
+/// checkpoint is an error that says what was not found.
 pub fn list(config: &Config, dir: &str, job: &str) -> Result<(), JobError> {
-    let storage = crate::job::open_storage(config, &to_url(dir)?, job)?;
+    let url = to_url(dir)?;
+    if let Some(path) = url.strip_prefix("file://") {
+        if !std::path::Path::new(path).is_dir() {
+            return Err(format!("no checkpoint directory at {path}: it does not exist").into());
+        }
+    }
+    let storage = crate::job::open_storage(config, &url, job)?;
     let all = CompletedCheckpoint::retained(&storage, usize::MAX)?;
     if all.is_empty() {
-        println!("no completed checkpoint of job '{job}' under {dir}");
-        return Ok(());
+        return Err(format!(
+            "no completed checkpoint of job '{job}' under {}{}",
+            shown_dir(&url),
+            jobs_hint(&storage)?
+        )
+        .into());
     }
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    println!(
+    outln!(
         "{:>6}  {:<20}  {:>12}  {:<11}  {:>10}  path",
-        "id", "time (UTC)", "size", "kind", "duration"
+        "id",
+        "time (UTC)",
+        "size",
+        "kind",
+        "duration"
     );
     for c in all {
-        // Duration: from the trigger to the moment `_metadata` was written.
-        let duration = rt
-            .block_on(storage.store().head(&c.path))
-            .ok()
-            .map(|m| m.last_modified.timestamp_millis() - c.metadata.timestamp_millis)
+        // Recorded by the coordinator from its own clock (trigger to `_metadata`); never the
+        // store's Last-Modified minus the trigger time, which mixes two clocks.
+        let duration = c
+            .metadata
+            .duration_millis
             .map_or("-".to_string(), |ms| format!("{ms} ms"));
-        println!(
+        outln!(
             "{:>6}  {:<20}  {:>12}  {:<11}  {:>10}  {}",
             c.metadata.checkpoint_id,
             time(c.metadata.timestamp_millis),
@@ -113,7 +184,7 @@ pub fn list(config: &Config, dir: &str, job: &str) -> Result<(), JobError> {
                 "full"
             },
             duration,
-            c.dir()
+            c.dir_location()
         );
     }
     Ok(())
@@ -425,10 +496,11 @@ fn convert_on<B: JobBackend>(
         &dir,
         m.checkpoint_id,
         m.timestamp_millis,
+        None,
         0,
         assemble_operators(acks)?,
     )?;
-    println!(
+    outln!(
         "savepoint of {} {} written at parallelism {p}: {}",
         if m.kind == SnapshotKind::Checkpoint {
             "checkpoint"
@@ -436,7 +508,7 @@ fn convert_on<B: JobBackend>(
             "savepoint"
         },
         m.checkpoint_id,
-        done.dir()
+        done.dir_location()
     );
     Ok(())
 }
@@ -519,6 +591,6 @@ fn print_value<B: JobBackend>(
             _ => format!("{:?}", b.value(s.city()).get()?),
         }
     };
-    println!("{state}[{key}] = {text}");
+    outln!("{state}[{key}] = {text}");
     Ok(())
 }

@@ -153,6 +153,7 @@ pub fn checkpoint(
         log,
         id,
         id as i64 * 1000,
+        Some(id),
         assemble_operators(acks)?,
     )
 }
