@@ -170,7 +170,7 @@ pub const KEYS: &[KeyDoc] = &[
         key: "state.mmap.dir",
         ty: KeyType::Str,
         default: "",
-        doc: "local working directory of the mmap backend (default: a temporary directory)",
+        doc: "local folder under which each mmap backend gets a fresh working folder of its own, deleted when it ends and swept by the next run after a crash (default: the system temporary directory)",
     },
     KeyDoc {
         key: "s3.endpoint",
@@ -365,7 +365,7 @@ pub struct Config {
     pub savepoints_dir: Option<String>,
     /// mmap memory budget in bytes.
     pub mmap_memory_budget: u64,
-    /// mmap working directory.
+    /// Parent of the mmap backends' working folders (each backend makes a fresh one under it).
     pub mmap_dir: Option<PathBuf>,
     /// S3 settings.
     pub s3: S3Settings,

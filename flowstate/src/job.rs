@@ -340,14 +340,11 @@ impl JobBackend for state_mmap::MmapKeyedStateBackend<u64> {
             .key_group_range(range)
             .key_serializer(FixedWidthSerializer::<u64>::new())
             .memory_budget(usize::try_from(config.mmap_memory_budget).unwrap_or(usize::MAX));
+        // Every backend gets a fresh folder of its own under `state.mmap.dir` (the stores of
+        // one process never share one), deleted when it is dropped; the folders of a run that
+        // crashed are swept by the next run's first backend.
         if let Some(dir) = &config.mmap_dir {
-            let sub = dir.join(format!(
-                "{}-{}-{}",
-                std::process::id(),
-                range.start(),
-                range.end()
-            ));
-            b = b.directory(sub);
+            b = b.working_directory_in(dir);
         }
         Ok(b.build()?)
     }
@@ -366,19 +363,16 @@ impl JobBackend for state_mmap::MmapKeyedStateBackend<u64> {
         storage: &CheckpointStorage,
         operator: &str,
         subtask: u32,
-        config: &Config,
+        _config: &Config,
     ) -> Result<(), JobError> {
         if !has_native_state(c, operator) {
             c.restore_keyed(storage, operator, subtask, self)?;
             return Ok(());
         }
-        // Native files are downloaded next to the backend's own files (so that they can be
-        // hard-linked in), then the download directory goes.
-        let base = config.mmap_dir.clone().unwrap_or_else(std::env::temp_dir);
-        let download = base.join(format!(
-            "flowstate-restore-{}-{operator}-{subtask}",
-            std::process::id()
-        ));
+        // Native files are downloaded into the backend's own folder (so that they can be
+        // hard-linked in, and a crash leaves them where the sweep of that folder finds them),
+        // then the download directory goes.
+        let download = self.engine().dir().join("restore-download");
         let result = c.restore_mmap(storage, operator, subtask, self, &download);
         let _ = std::fs::remove_dir_all(&download);
         result?;

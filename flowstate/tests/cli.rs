@@ -376,3 +376,164 @@ fn latest_chk_opt(root: &Path) -> Option<String> {
         .find(|id| job.join(format!("chk-{id}/_metadata")).exists())
         .map(|id| id.to_string())
 }
+
+/// Entries left in `dir` (names), sorted.
+fn leftovers(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| Some(e.ok()?.file_name().to_string_lossy().into_owned()))
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+/// Issue 15, item 4: with `state.mmap.dir` set, the stores of one process (auctions and
+/// bidders of every subtask) each get their own folder under it, a run restores from its
+/// checkpoints, a crashed run recovers, and no folder outlives the runs.
+#[test]
+fn mmap_with_a_working_directory_runs_restores_and_recovers_without_leftovers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = |name: &str| tmp.path().join(name).display().to_string();
+    let work = tmp.path().join("mmap-work");
+    let cfg = tmp.path().join("m.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[state.checkpoints]\nincremental = true\nretained = 2\n\n[state.mmap]\ndir = {:?}\n",
+            work.display().to_string()
+        ),
+    )
+    .unwrap();
+    let cfg = cfg.display().to_string();
+    let run = |extra: &[&str]| {
+        let mut args = vec!["run", "--backend", "mmap", "--config", &cfg];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--parallelism", "2", "--interval", "100ms", "--quiet"]);
+        ok(&args.iter().map(|s| &**s).collect::<Vec<_>>())
+    };
+    let clean = digest(&ok(&[
+        "run",
+        "--events",
+        "100000",
+        "--parallelism",
+        "2",
+        "--checkpoint-dir",
+        &dir("clean"),
+        "--quiet",
+    ]));
+
+    // An uninterrupted run on mmap gives the heap's state.
+    let whole = run(&["--events", "100000", "--checkpoint-dir", &dir("whole")]);
+    assert_eq!(digest(&whole), clean, "mmap with state.mmap.dir = heap");
+    assert_eq!(leftovers(&work), Vec::<String>::new(), "after a clean run");
+
+    // A run that stops at 60,000 events, then a restore of its latest checkpoint that goes on.
+    run(&["--events", "60000", "--checkpoint-dir", &dir("resume")]);
+    let resumed = run(&[
+        "--events",
+        "100000",
+        "--checkpoint-dir",
+        &dir("resume"),
+        "--restore",
+        "latest",
+    ]);
+    assert!(resumed.contains("restored checkpoint"), "{resumed}");
+    assert_eq!(digest(&resumed), clean, "restored run = uninterrupted run");
+    assert_eq!(leftovers(&work), Vec::<String>::new(), "after a restore");
+
+    // A crash after 60,000 events (the child leaves its folders), then recovery in this process.
+    let crashed = run(&[
+        "--events",
+        "100000",
+        "--checkpoint-dir",
+        &dir("crash"),
+        "--fail-after",
+        "60000",
+    ]);
+    assert!(crashed.contains("restored checkpoint"), "{crashed}");
+    assert_eq!(digest(&crashed), clean, "recovered run = uninterrupted run");
+    assert_eq!(
+        leftovers(&work),
+        Vec::<String>::new(),
+        "the crashed run's folders are swept, the recovered run's removed"
+    );
+
+    // A real crash: SIGKILL after a completed checkpoint leaves the folders of all four stores
+    // behind; the restarted run sweeps them, restores and ends with nothing left.
+    let ck = tmp.path().join("killed");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_flowstate"))
+        .args(["run", "--backend", "mmap", "--config", &cfg])
+        .args([
+            "--events",
+            "100000",
+            "--parallelism",
+            "2",
+            "--interval",
+            "100ms",
+        ])
+        .arg("--checkpoint-dir")
+        .arg(&ck)
+        .arg("--quiet")
+        .env_remove("FLOWSTATE_STATE_CHECKPOINTS_DIR")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Checkpoint 2's metadata is written once checkpoint 1 is complete (one at a time).
+    let second_written = || {
+        std::fs::read_dir(ck.join("nexmark")).is_ok_and(|rd| {
+            rd.filter_map(|e| e.ok())
+                .filter_map(|e| {
+                    e.file_name()
+                        .to_str()?
+                        .strip_prefix("chk-")?
+                        .parse::<u64>()
+                        .ok()
+                        .filter(|id| *id >= 2 && e.path().join("_metadata").exists())
+                })
+                .next()
+                .is_some()
+        })
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while !second_written() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no checkpoint appeared"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the job ended before it could be killed"
+    );
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert_eq!(
+        leftovers(&work).len(),
+        4,
+        "a killed run leaves its folders: {:?}",
+        leftovers(&work)
+    );
+    let restarted = run(&[
+        "--events",
+        "100000",
+        "--checkpoint-dir",
+        ck.to_str().unwrap(),
+        "--restore",
+        "latest",
+    ]);
+    assert!(restarted.contains("restored checkpoint"), "{restarted}");
+    assert_eq!(
+        digest(&restarted),
+        clean,
+        "restarted run = uninterrupted run"
+    );
+    assert_eq!(
+        leftovers(&work),
+        Vec::<String>::new(),
+        "the killed run's folders are swept"
+    );
+}

@@ -22,9 +22,16 @@
 //! the sink. Every window must be committed exactly once, with the sum of a never-failed run,
 //! so timers that fired after the restored checkpoint fire again and none fires twice.
 //!
-//! The same runs on the mmap backend with its native incremental checkpoints.
+//! The same runs on the mmap backend with its native incremental checkpoints: once with the
+//! engine files in a directory per process and backend that a kill leaves behind, and once
+//! built as the `flowstate` job builds them with `state.mmap.dir` set (a fresh working folder
+//! per backend under one parent, `working_directory_in`): a kill leaves its folders behind, the
+//! next start must sweep them, and none is left once the last run has ended.
 //!
-//! `FLOWSTATE_KILL_CYCLES` raises the number of kills (default 20) for a longer run.
+//! The variants: heap with full checkpoints, heap with incremental checkpoints, both at
+//! parallelism 2; heap incremental and mmap native with rescaling; mmap native in a working
+//! directory at parallelism 2. `FLOWSTATE_KILL_CYCLES` sets the number of kills per variant
+//! (default 20, 10 for the last two) for a longer run.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
@@ -133,25 +140,39 @@ impl EoBackend for HeapKeyedStateBackend<u64> {
     }
 }
 
-/// The mmap backend: its engine files in a directory of this process (a killed process's
-/// directory is simply left behind), native incremental checkpoints when configured.
+/// The parent of the backends' working folders in the `mmap-workdir` variant.
+const WORK_PARENT: &str = "mmap-work";
+
+/// True in a child of the `mmap-workdir` variant.
+fn in_working_directory() -> bool {
+    std::env::var("FLOWSTATE_EO_BACKEND").as_deref() == Ok("mmap-workdir")
+}
+
+/// The mmap backend, native incremental checkpoints when configured. Variant `mmap`: its engine
+/// files in a directory of this process and subtask (a killed process's directory is simply
+/// left behind). Variant `mmap-workdir`: as the `flowstate` job with `state.mmap.dir` builds
+/// it, a fresh folder per backend under [`WORK_PARENT`], removed on drop and swept by the next
+/// process after a kill; restores download into that folder.
 impl EoBackend for MmapKeyedStateBackend<u64> {
     fn create(
         range: KeyGroupRange,
         dir: &FsPath,
     ) -> std::result::Result<Self, Box<dyn std::error::Error>> {
-        let own = dir.join(format!(
-            "mmap-{}-{}-{}",
-            std::process::id(),
-            range.start(),
-            range.end()
-        ));
-        Ok(MmapKeyedStateBackend::<u64>::builder()
+        let builder = MmapKeyedStateBackend::<u64>::builder()
             .max_parallelism(MAX_P)
             .key_group_range(range)
-            .memory_budget(32 << 20)
-            .directory(own)
-            .build()?)
+            .memory_budget(32 << 20);
+        let builder = if in_working_directory() {
+            builder.working_directory_in(dir.join(WORK_PARENT))
+        } else {
+            builder.directory(dir.join(format!(
+                "mmap-{}-{}-{}",
+                std::process::id(),
+                range.start(),
+                range.end()
+            )))
+        };
+        Ok(builder.build()?)
     }
     fn restore_from(
         &mut self,
@@ -160,6 +181,12 @@ impl EoBackend for MmapKeyedStateBackend<u64> {
         subtask: u32,
         dir: &FsPath,
     ) -> checkpoint::Result<()> {
+        if in_working_directory() {
+            let download = self.engine().dir().join("restore-download");
+            let result = c.restore_mmap(storage, "sum", subtask, self, &download);
+            let _ = std::fs::remove_dir_all(&download);
+            return result;
+        }
         let download = dir.join(format!("download-{}-{subtask}", std::process::id()));
         c.restore_mmap(storage, "sum", subtask, self, &download)
     }
@@ -261,7 +288,7 @@ fn exactly_once_child() {
         return;
     };
     let result = match std::env::var("FLOWSTATE_EO_BACKEND").as_deref() {
-        Ok("mmap") => run_job::<MmapKeyedStateBackend<u64>>(FsPath::new(&dir)),
+        Ok("mmap" | "mmap-workdir") => run_job::<MmapKeyedStateBackend<u64>>(FsPath::new(&dir)),
         _ => run_job::<HeapKeyedStateBackend<u64>>(FsPath::new(&dir)),
     };
     if let Err(e) = result {
@@ -625,11 +652,24 @@ impl Rng {
     }
 }
 
-fn kill_cycles() -> usize {
+/// Kills per variant: `FLOWSTATE_KILL_CYCLES`, else `default`.
+fn kill_cycles(default: usize) -> usize {
     std::env::var("FLOWSTATE_KILL_CYCLES")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(20)
+        .unwrap_or(default)
+}
+
+/// Working folders of the `mmap-workdir` variant's backends under `dir`.
+fn working_folders(dir: &FsPath) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir.join(WORK_PARENT))
+        .map(|rd| {
+            rd.filter_map(|e| Some(e.ok()?.file_name().to_string_lossy().into_owned()))
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
 }
 
 fn read_result(path: &FsPath) -> Output {
@@ -644,11 +684,24 @@ fn read_result(path: &FsPath) -> Output {
 }
 
 fn run_with_kills(backend: &str, parallelisms: &[u32], incremental: bool, seed: u64) {
+    run_with_kills_n(backend, parallelisms, incremental, seed, 20)
+}
+
+/// Kills the job `FLOWSTATE_KILL_CYCLES` (else `default_kills`) times at random moments, then
+/// lets it finish, and checks its committed output and state against a never-failed run.
+fn run_with_kills_n(
+    backend: &str,
+    parallelisms: &[u32],
+    incremental: bool,
+    seed: u64,
+    default_kills: usize,
+) {
     let dir = tempfile::tempdir().unwrap();
     let n = events();
     let expected = reference(n);
     let mut rng = Rng(seed);
-    let target_kills = kill_cycles();
+    let target_kills = kill_cycles(default_kills);
+    let max_p = *parallelisms.iter().max().unwrap() as usize;
     let mut kills = 0;
     let exe = std::env::current_exe().unwrap();
     for cycle in 0.. {
@@ -681,6 +734,15 @@ fn run_with_kills(backend: &str, parallelisms: &[u32], incremental: bool, seed: 
                     child.kill().unwrap(); // SIGKILL
                     child.wait().unwrap();
                     kills += 1;
+                    // Only the killed run's folders are left: each start swept its
+                    // predecessors' (without the sweep they would pile up kill after kill).
+                    let left = working_folders(dir.path());
+                    assert!(
+                        left.len() <= max_p,
+                        "after kill {kills}: {} working folders left, more than one run's \
+                         {max_p}: {left:?}",
+                        left.len()
+                    );
                     continue;
                 }
                 Some(status) => assert!(
@@ -717,6 +779,12 @@ fn run_with_kills(backend: &str, parallelisms: &[u32], incremental: bool, seed: 
     assert!(
         kills >= target_kills.min(20),
         "only {kills} kills: the job finished too early"
+    );
+    // The last run ended normally: it swept the killed runs' folders and removed its own.
+    assert_eq!(
+        working_folders(dir.path()),
+        Vec::<String>::new(),
+        "working folders left after the last run"
     );
     // The sink's committed output holds every event exactly once.
     let mut seen = vec![0u8; n as usize];
@@ -780,6 +848,11 @@ fn run_with_kills(backend: &str, parallelisms: &[u32], incremental: bool, seed: 
         .map(|(k, v)| format!("{k}: expected {v}, got {:?}", got.get(k)))
         .collect();
     assert!(diff.is_empty(), "after {kills} kills: {diff:?}");
+    // For long runs (`--nocapture`): how many kills this variant took.
+    eprintln!(
+        "{backend} at parallelism {parallelisms:?}, incremental {incremental}: exactly once \
+         after {kills} kills, {n} events"
+    );
     if std::env::var("FLOWSTATE_EO_KEEP").is_ok() {
         eprintln!("kill test directory kept: {}", dir.keep().display());
     }
@@ -813,4 +886,29 @@ fn exactly_once_under_sigkill_with_rescaling() {
 #[test]
 fn exactly_once_under_sigkill_on_mmap_with_rescaling() {
     run_with_kills("mmap", &[1, 2, 3], true, 0x8a5c_d789_635d_2dff);
+}
+
+/// Default kills of the two variants added last (fewer than the first three's 20, so that
+/// the file's run time in CI stays close to what it was; `FLOWSTATE_KILL_CYCLES` overrides it).
+const NEW_VARIANT_KILLS: usize = 10;
+
+/// Heap with incremental checkpoints (delta chains) at unchanged parallelism.
+#[test]
+fn exactly_once_under_sigkill_incremental() {
+    run_with_kills_n("heap", &[2], true, 0x5851_f42d_4c95_7f2d, NEW_VARIANT_KILLS);
+}
+
+/// The mmap backend built as the `flowstate` job builds it with `state.mmap.dir` set: a fresh
+/// working folder per backend under one parent, native incremental checkpoints restored into
+/// that folder. Each kill leaves the run's folders behind; the next start sweeps them, and the
+/// last run leaves none.
+#[test]
+fn exactly_once_under_sigkill_on_mmap_in_a_working_directory() {
+    run_with_kills_n(
+        "mmap-workdir",
+        &[2],
+        true,
+        0x1405_7b7e_f767_814f,
+        NEW_VARIANT_KILLS,
+    );
 }

@@ -34,8 +34,18 @@ pub struct MmapBackendBuilder<K> {
     range: Option<KeyGroupRange>,
     key_serializer: Arc<dyn StateSerializer<K>>,
     clock: Arc<dyn Clock>,
-    dir: Option<PathBuf>,
+    location: Location,
     options: EngineOptions,
+}
+
+/// Where a backend keeps its files.
+enum Location {
+    /// A fresh private directory under the system temporary directory.
+    Temporary,
+    /// A fresh private directory under this parent.
+    FreshIn(PathBuf),
+    /// Exactly this directory (an existing store there is reopened).
+    Exactly(PathBuf),
 }
 
 impl<K: StateKey> MmapBackendBuilder<K> {
@@ -63,14 +73,34 @@ impl<K: StateKey> MmapBackendBuilder<K> {
         self
     }
 
-    /// Keeps the files in `dir` (created if needed). An existing store there is reopened: its
-    /// states come back as restored state, bound when they are registered. Without a directory
-    /// the backend uses a fresh temporary directory that is deleted when it is dropped; one
-    /// left behind by a process that died (even by `kill -9`) is deleted by the next process
-    /// whose first such backend makes its temporary directory in the same place (each holds a
-    /// lock file to tell).
+    /// Keeps the files in exactly `dir` (created if needed). An existing store there is
+    /// reopened: its states come back as restored state, bound when they are registered. The
+    /// directory is the caller's: it is never deleted, and two backends open at once must not
+    /// share it (use [`working_directory_in`](Self::working_directory_in) for a folder of
+    /// their own under a common parent).
+    ///
+    /// Without a directory the backend uses a fresh private directory under the system
+    /// temporary directory, as [`working_directory_in`](Self::working_directory_in) does under
+    /// its parent.
     pub fn directory(mut self, dir: impl AsRef<Path>) -> Self {
-        self.dir = Some(dir.as_ref().to_path_buf());
+        self.location = Location::Exactly(dir.as_ref().to_path_buf());
+        self
+    }
+
+    /// Keeps the files in a fresh private directory under `parent` (created if needed), named
+    /// `flowstate-mmap-<pid>-<n>-<salt>`, that no other backend of this or any other process
+    /// shares, and that is deleted when the backend is dropped. Each such directory holds an
+    /// `owner.lock` file that its backend keeps locked for its whole life; the operating system
+    /// releases the lock however the process ends (`kill -9` included), so the first backend a
+    /// later process makes under the same parent deletes the directories whose lock is free:
+    /// those of finished or crashed processes. Directories whose lock is held (live backends,
+    /// of any process) and anything else under `parent` are left alone.
+    ///
+    /// The store always starts empty (restore it from a checkpoint); to reopen a store in
+    /// place, use [`directory`](Self::directory). This is the default with the system
+    /// temporary directory as the parent.
+    pub fn working_directory_in(mut self, parent: impl AsRef<Path>) -> Self {
+        self.location = Location::FreshIn(parent.as_ref().to_path_buf());
         self
     }
 
@@ -100,10 +130,14 @@ impl<K: StateKey> MmapBackendBuilder<K> {
                 ),
             });
         }
-        let (dir, temp) = match self.dir {
-            Some(d) => (d, None),
-            None => {
+        let (dir, temp) = match self.location {
+            Location::Exactly(d) => (d, None),
+            Location::Temporary => {
                 let t = TempDir::new()?;
+                (t.path().to_path_buf(), Some(t))
+            }
+            Location::FreshIn(parent) => {
+                let t = TempDir::new_in(&parent)?;
                 (t.path().to_path_buf(), Some(t))
             }
         };
@@ -331,7 +365,7 @@ impl<K: StateKey + Serialize + DeserializeOwned> MmapKeyedStateBackend<K> {
             range: None,
             key_serializer: Arc::new(PostcardSerializer::<K>::new()),
             clock: Arc::new(SystemClock),
-            dir: None,
+            location: Location::Temporary,
             options: EngineOptions::default(),
         }
     }

@@ -1,5 +1,7 @@
-//! The backend's default working directory: a fresh directory under the system temporary
-//! directory, removed on drop, and swept up later should its process die without dropping it.
+//! The backend's private working directory: a fresh directory under the system temporary
+//! directory (the default) or under a parent the user names
+//! ([`MmapBackendBuilder::working_directory_in`](crate::MmapBackendBuilder::working_directory_in)),
+//! removed on drop, and swept up later should its process die without dropping it.
 //!
 //! Each directory holds an `owner.lock` file on which its backend keeps an exclusive lock for
 //! its whole life. The operating system releases the lock when the process ends however it
@@ -12,6 +14,7 @@
 use std::fs::{File, OpenOptions, TryLockError};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 
 use state_api::{Error, Result};
 
@@ -22,7 +25,7 @@ const LOCK_FILE: &str = "owner.lock";
 /// The suffix of a directory still being set up.
 const CREATING: &str = ".creating";
 
-/// A directory under the system temporary directory, removed on drop.
+/// A fresh directory of one backend, removed on drop.
 pub(crate) struct TempDir {
     path: PathBuf,
     /// Holds the exclusive lock on `owner.lock` until the directory is removed.
@@ -30,15 +33,32 @@ pub(crate) struct TempDir {
 }
 
 impl TempDir {
-    /// Creates a fresh locked directory under [`std::env::temp_dir`]. The first call in a
-    /// process first removes the directories that processes which died without dropping
-    /// their backends left there (once: a process building many backends reads the
-    /// temporary directory once).
+    /// Creates a fresh locked directory under [`std::env::temp_dir`] (see [`TempDir::new_in`]).
     pub(crate) fn new() -> Result<TempDir> {
-        static SWEPT: std::sync::Once = std::sync::Once::new();
-        let parent = std::env::temp_dir();
-        SWEPT.call_once(|| sweep(&parent));
-        TempDir::create_in(&parent)
+        TempDir::new_in(&std::env::temp_dir())
+    }
+
+    /// Creates a fresh locked directory under `parent` (created if needed). The first call in
+    /// a process for a given parent first removes the directories there that processes which
+    /// died without dropping their backends left behind (once per parent: a process building
+    /// many backends reads each parent once).
+    pub(crate) fn new_in(parent: &Path) -> Result<TempDir> {
+        /// The parents swept by this process (canonical paths where they resolve).
+        static SWEPT: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+        std::fs::create_dir_all(parent).map_err(|e| Error::Io {
+            context: format!("creating the parent directory {}", parent.display()),
+            source: e,
+        })?;
+        let key = std::fs::canonicalize(parent).unwrap_or_else(|_| parent.to_path_buf());
+        {
+            // A poisoned list only means a sweep panicked; the list itself is intact.
+            let mut swept = SWEPT.lock().unwrap_or_else(|p| p.into_inner());
+            if !swept.contains(&key) {
+                sweep(parent);
+                swept.push(key);
+            }
+        }
+        TempDir::create_in(parent)
     }
 
     /// The directory.
@@ -59,7 +79,7 @@ impl TempDir {
         let path = parent.join(&name);
         let creating = parent.join(format!("{name}{CREATING}"));
         let io = |what: &str, p: &Path, e: std::io::Error| Error::Io {
-            context: format!("{what} the temporary directory {}", p.display()),
+            context: format!("{what} the working directory {}", p.display()),
             source: e,
         };
         std::fs::create_dir_all(&creating).map_err(|e| io("creating", &creating, e))?;
@@ -174,5 +194,31 @@ mod tests {
         assert!(live.path().is_dir());
         drop(live);
         let _ = std::fs::remove_dir_all(&parent);
+    }
+
+    #[test]
+    fn the_first_directory_under_each_parent_sweeps_that_parent() {
+        let dead_in = |parent: &Path| {
+            let dead = parent.join(format!("{PREFIX}1-0-00"));
+            std::fs::create_dir_all(&dead).expect("dir");
+            std::fs::write(dead.join(LOCK_FILE), b"").expect("lock file");
+            dead
+        };
+        // Two parents, each with a folder a dead process left (a sweep of one parent per
+        // process, as for the temporary directory, would miss the second).
+        let (p1, p2) = (scratch("parent-1"), scratch("parent-2"));
+        let (d1, d2) = (dead_in(&p1), dead_in(&p2));
+        let t1 = TempDir::new_in(&p1).expect("create");
+        assert!(!d1.exists(), "swept on the first directory under p1");
+        assert!(d2.is_dir(), "p2 is not touched");
+        let t2 = TempDir::new_in(&p2).expect("create");
+        assert!(!d2.exists(), "swept on the first directory under p2");
+        let t3 = TempDir::new_in(&p1).expect("create");
+        assert_ne!(t1.path(), t3.path(), "fresh names under one parent");
+        drop((t1, t2, t3));
+        for p in [p1, p2] {
+            assert_eq!(std::fs::read_dir(&p).expect("list").count(), 0);
+            let _ = std::fs::remove_dir_all(&p);
+        }
     }
 }
