@@ -1,0 +1,322 @@
+//! Inspecting a checkpoint or savepoint offline: what each subtask holds, read through the same
+//! verifying readers a restore uses.
+//!
+//! Every file the metadata names is checked against its recorded size (the object's size, not
+//! a guess) and its CRC32C, streaming in chunks of [`VERIFY_CHUNK`] bytes (never a whole file
+//! in memory). Entry counts of canonical state come from the verified data itself: the streams
+//! a restore would hand a backend ([`CompletedCheckpoint::keyed_streams`]: owned blocks of
+//! every file of a chain, with the records later deltas supersede or remove dropped), read
+//! block by block with each block's checksum verified. Native (mmap) state is described by its
+//! files and the key groups they cover, after its metadata is decoded and checked against the
+//! handle. Any damage is an [`Error`] naming the file.
+
+use std::collections::BTreeSet;
+
+use state_api::snapshot::SnapshotReader;
+use state_api::KeyGroupRange;
+
+use crate::error::{Error, Result};
+use crate::format::{FileLocation, FileRef, KeyedStateHandle, NativeKeyedHandle};
+use crate::restore::CompletedCheckpoint;
+use crate::storage::CheckpointStorage;
+
+/// Most bytes [`CompletedCheckpoint::verify_file`] reads with one range read.
+pub const VERIFY_CHUNK: u64 = 8 << 20;
+
+/// One file of a subtask's keyed state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FileSummary {
+    /// Where the file is.
+    pub location: FileLocation,
+    /// Its size in bytes (verified against the object).
+    pub size: u64,
+    /// Native files: the key groups whose state it holds.
+    pub key_groups: Option<KeyGroupRange>,
+    /// Canonical files: true for a delta stream (on top of earlier files of the chain).
+    pub delta: bool,
+}
+
+/// How a subtask's keyed state is stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KeyedFormat {
+    /// The subtask has no keyed state.
+    None,
+    /// Canonical snapshot streams (full or a chain of deltas).
+    Canonical,
+    /// A backend's native files; the backend's id (`"mmap"`).
+    Native(String),
+}
+
+/// What one subtask of an operator holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SubtaskSummary {
+    /// The subtask index.
+    pub subtask: u32,
+    /// How its keyed state is stored.
+    pub format: KeyedFormat,
+    /// The key groups the subtask owned (`None` without keyed state).
+    pub key_group_range: Option<KeyGroupRange>,
+    /// Canonical: key groups with at least one live entry. Native: key groups some file
+    /// covers.
+    pub key_groups_with_data: u32,
+    /// Canonical: live entries (what a restore hands the backend). Native: `None`, the native
+    /// metadata does not record entry counts.
+    pub entries: Option<u64>,
+    /// Bytes of all its files.
+    pub bytes: u64,
+    /// Its files, in handle order.
+    pub files: Vec<FileSummary>,
+}
+
+/// What one operator holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OperatorSummary {
+    /// The operator's stable id.
+    pub operator_id: String,
+    /// One entry per subtask, in subtask order.
+    pub subtasks: Vec<SubtaskSummary>,
+}
+
+impl CompletedCheckpoint {
+    /// Verifies every file and summarizes every subtask of every operator (see the module
+    /// docs). Fails with an error naming the file at the first damage found.
+    pub fn inspect(&self, storage: &CheckpointStorage) -> Result<Vec<OperatorSummary>> {
+        let mut out = Vec::new();
+        for op in &self.metadata.operators {
+            let mut subtasks = Vec::new();
+            for st in &op.subtasks {
+                let summary = match (&st.keyed, &st.native) {
+                    (Some(k), _) => self.inspect_canonical(
+                        storage,
+                        &op.operator_id,
+                        op.max_parallelism,
+                        st.subtask,
+                        k,
+                    )?,
+                    (None, Some(n)) => self.inspect_native(
+                        storage,
+                        &op.operator_id,
+                        op.max_parallelism,
+                        st.subtask,
+                        n,
+                    )?,
+                    (None, None) => SubtaskSummary {
+                        subtask: st.subtask,
+                        format: KeyedFormat::None,
+                        key_group_range: None,
+                        key_groups_with_data: 0,
+                        entries: None,
+                        bytes: 0,
+                        files: Vec::new(),
+                    },
+                };
+                subtasks.push(summary);
+            }
+            out.push(OperatorSummary {
+                operator_id: op.operator_id.clone(),
+                subtasks,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Checks that the file `f` refers to has exactly the recorded size and CRC32C, reading it
+    /// in chunks of at most [`VERIFY_CHUNK`] bytes.
+    pub fn verify_file(&self, storage: &CheckpointStorage, f: &FileRef) -> Result<()> {
+        let path = self.file_path(&f.location);
+        let size = storage.size(&path).map_err(|e| match e {
+            Error::MissingFile { .. } => Error::MissingFile {
+                file: path.to_string(),
+                referenced_by: self.path.to_string(),
+            },
+            e => e,
+        })?;
+        if size < f.size {
+            return Err(Error::Truncated {
+                file: path.to_string(),
+                expected: f.size,
+                found: size,
+            });
+        }
+        if size != f.size {
+            return Err(Error::Corrupt {
+                file: path.to_string(),
+                offset: f.size,
+                reason: format!(
+                    "the file has {size} bytes, the metadata recorded {}",
+                    f.size
+                ),
+            });
+        }
+        let mut crc = 0u32;
+        let mut at = 0u64;
+        while at < size {
+            let end = size.min(at + VERIFY_CHUNK);
+            let parts = storage.get_ranges(&path, std::slice::from_ref(&(at..end)))?;
+            for p in &parts {
+                crc = crc32c::crc32c_append(crc, p);
+            }
+            at = end;
+        }
+        if crc != f.crc32c {
+            return Err(Error::ChecksumMismatch {
+                file: path.to_string(),
+                expected: f.crc32c,
+                actual: crc,
+            });
+        }
+        Ok(())
+    }
+
+    fn inspect_canonical(
+        &self,
+        storage: &CheckpointStorage,
+        operator: &str,
+        max_parallelism: u32,
+        subtask: u32,
+        k: &KeyedStateHandle,
+    ) -> Result<SubtaskSummary> {
+        for f in &k.files {
+            self.verify_file(storage, &f.file)?;
+        }
+        let streams = self.keyed_streams(storage, operator, max_parallelism, k.key_group_range)?;
+        let mut entries = 0u64;
+        let mut with_data = BTreeSet::new();
+        for (name, reader) in streams {
+            let failure = reader.failure();
+            // A storage failure while streaming is reported as itself.
+            let fail = |e: state_api::Error| -> Error {
+                if let Ok(mut slot) = failure.lock() {
+                    if let Some(err) = slot.take() {
+                        return err;
+                    }
+                }
+                match e {
+                    state_api::Error::Corrupt {
+                        stream,
+                        offset,
+                        reason,
+                    } => Error::Corrupt {
+                        file: stream,
+                        offset,
+                        reason,
+                    },
+                    e => Error::state(operator, subtask, e),
+                }
+            };
+            let mut r = SnapshotReader::open(reader, name.clone()).map_err(&fail)?;
+            let states = r.header().states.len();
+            while let Some(block) = r.next_block().map_err(&fail)? {
+                let mut n = 0u64;
+                for rec in block.records(&name, max_parallelism) {
+                    let rec = rec.map_err(&fail)?;
+                    if rec.state_index as usize >= states {
+                        return Err(Error::Corrupt {
+                            file: name.clone(),
+                            offset: block.offset,
+                            reason: format!(
+                                "a record of state {} in a stream of {states} states",
+                                rec.state_index
+                            ),
+                        });
+                    }
+                    n += 1;
+                }
+                if n > 0 {
+                    with_data.insert(block.key_group);
+                }
+                entries += n;
+            }
+        }
+        Ok(SubtaskSummary {
+            subtask,
+            format: KeyedFormat::Canonical,
+            key_group_range: Some(k.key_group_range),
+            key_groups_with_data: with_data.len() as u32,
+            entries: Some(entries),
+            bytes: k.files.iter().map(|f| f.file.size).sum(),
+            files: k
+                .files
+                .iter()
+                .map(|f| FileSummary {
+                    location: f.file.location.clone(),
+                    size: f.file.size,
+                    key_groups: None,
+                    delta: f.header_bytes.get(4..6) == Some(&[0, 2]),
+                })
+                .collect(),
+        })
+    }
+
+    fn inspect_native(
+        &self,
+        storage: &CheckpointStorage,
+        operator: &str,
+        max_parallelism: u32,
+        subtask: u32,
+        n: &NativeKeyedHandle,
+    ) -> Result<SubtaskSummary> {
+        let corrupt = |reason: String| Error::Corrupt {
+            file: self.path.to_string(),
+            offset: 0,
+            reason: format!("operator '{operator}' subtask {subtask}: {reason}"),
+        };
+        if n.backend != "mmap" {
+            return Err(corrupt(format!(
+                "native state of unknown backend '{}'",
+                n.backend
+            )));
+        }
+        let meta = state_mmap::NativeCheckpointMeta::decode(&n.metadata)
+            .map_err(|e| Error::state(operator, subtask, e))?;
+        if meta.max_parallelism != max_parallelism || meta.key_group_range != n.key_group_range {
+            return Err(corrupt(format!(
+                "the native metadata is for max parallelism {} and key groups {}, the handle \
+                 for {max_parallelism} and {}",
+                meta.max_parallelism, meta.key_group_range, n.key_group_range
+            )));
+        }
+        let mut covered = BTreeSet::new();
+        for f in meta.runs.iter().flatten() {
+            let r = n
+                .files
+                .iter()
+                .find(|x| x.file.location.name() == f.name)
+                .ok_or_else(|| {
+                    corrupt(format!(
+                        "the native metadata names '{}', which the handle does not list",
+                        f.name
+                    ))
+                })?;
+            if r.file.size != f.size || r.key_groups != f.key_groups {
+                return Err(corrupt(format!(
+                    "'{}' has {} bytes and key groups {} in the native metadata, {} bytes and \
+                     {} in the handle",
+                    f.name, f.size, f.key_groups, r.file.size, r.key_groups
+                )));
+            }
+            covered.extend(f.key_groups.intersect(&n.key_group_range).iter());
+        }
+        for f in &n.files {
+            self.verify_file(storage, &f.file)?;
+        }
+        Ok(SubtaskSummary {
+            subtask,
+            format: KeyedFormat::Native(n.backend.clone()),
+            key_group_range: Some(n.key_group_range),
+            key_groups_with_data: covered.len() as u32,
+            entries: None,
+            bytes: n.files.iter().map(|f| f.file.size).sum(),
+            files: n
+                .files
+                .iter()
+                .map(|f| FileSummary {
+                    location: f.file.location.clone(),
+                    size: f.file.size,
+                    key_groups: Some(f.key_groups),
+                    delta: false,
+                })
+                .collect(),
+        })
+    }
+}
