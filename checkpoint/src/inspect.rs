@@ -267,34 +267,9 @@ impl CompletedCheckpoint {
                 n.backend
             )));
         }
-        let meta = state_mmap::NativeCheckpointMeta::decode(&n.metadata)
-            .map_err(|e| Error::state(operator, subtask, e))?;
-        if meta.max_parallelism != max_parallelism || meta.key_group_range != n.key_group_range {
-            return Err(corrupt(format!(
-                "the native metadata is for max parallelism {} and key groups {}, the handle \
-                 for {max_parallelism} and {}",
-                meta.max_parallelism, meta.key_group_range, n.key_group_range
-            )));
-        }
+        let meta = self.native_meta(operator, max_parallelism, subtask, n)?;
         let mut covered = BTreeSet::new();
         for f in meta.runs.iter().flatten() {
-            let r = n
-                .files
-                .iter()
-                .find(|x| x.file.location.name() == f.name)
-                .ok_or_else(|| {
-                    corrupt(format!(
-                        "the native metadata names '{}', which the handle does not list",
-                        f.name
-                    ))
-                })?;
-            if r.file.size != f.size || r.key_groups != f.key_groups {
-                return Err(corrupt(format!(
-                    "'{}' has {} bytes and key groups {} in the native metadata, {} bytes and \
-                     {} in the handle",
-                    f.name, f.size, f.key_groups, r.file.size, r.key_groups
-                )));
-            }
             covered.extend(f.key_groups.intersect(&n.key_group_range).iter());
         }
         for f in &n.files {

@@ -184,8 +184,7 @@ impl CompletedCheckpoint {
             if n.key_group_range.intersect(&range).is_empty() {
                 continue;
             }
-            let meta = state_mmap::NativeCheckpointMeta::decode(&n.metadata)
-                .map_err(|e| Error::state(operator, st.subtask, e))?;
+            let meta = self.native_meta(operator, op.max_parallelism, st.subtask, n)?;
             let dir = download_dir.join(format!(
                 "chk-{}-{operator}-{}",
                 self.metadata.checkpoint_id, st.subtask
@@ -239,6 +238,53 @@ impl CompletedCheckpoint {
         backend
             .restore_native(sources)
             .map_err(|e| Error::state(operator, subtask, e))
+    }
+
+    /// Decodes the native metadata of subtask `subtask` of `operator` and checks it against
+    /// its handle: the same max parallelism and key groups, and every file it names listed by
+    /// the handle with the same size and key groups (a file restored under other key groups
+    /// would silently lose or add state).
+    pub(crate) fn native_meta(
+        &self,
+        operator: &str,
+        max_parallelism: u32,
+        subtask: u32,
+        n: &crate::format::NativeKeyedHandle,
+    ) -> Result<state_mmap::NativeCheckpointMeta> {
+        let corrupt = |reason: String| Error::Corrupt {
+            file: self.path.to_string(),
+            offset: 0,
+            reason: format!("operator '{operator}' subtask {subtask}: {reason}"),
+        };
+        let meta = state_mmap::NativeCheckpointMeta::decode(&n.metadata)
+            .map_err(|e| Error::state(operator, subtask, e))?;
+        if meta.max_parallelism != max_parallelism || meta.key_group_range != n.key_group_range {
+            return Err(corrupt(format!(
+                "the native metadata is for max parallelism {} and key groups {}, the handle \
+                 for {max_parallelism} and {}",
+                meta.max_parallelism, meta.key_group_range, n.key_group_range
+            )));
+        }
+        for f in meta.runs.iter().flatten() {
+            let r = n
+                .files
+                .iter()
+                .find(|x| x.file.location.name() == f.name)
+                .ok_or_else(|| {
+                    corrupt(format!(
+                        "the native metadata names '{}', which the handle does not list",
+                        f.name
+                    ))
+                })?;
+            if r.file.size != f.size || r.key_groups != f.key_groups {
+                return Err(corrupt(format!(
+                    "'{}' has {} bytes and key groups {} in the native metadata, {} bytes and \
+                     {} in the handle",
+                    f.name, f.size, f.key_groups, r.file.size, r.key_groups
+                )));
+            }
+        }
+        Ok(meta)
     }
 
     /// The canonical snapshot streams holding the key groups of `range` of `operator`: each
