@@ -74,8 +74,15 @@ const ALLOC_BOUND: usize = 256 << 20;
 const MAX_P: u32 = 16;
 const KEYS: u64 = 300;
 const WAIT: Duration = Duration::from_secs(60);
-/// Mutations per file kind.
+/// Mutations per file kind (`MUT_N` overrides it, `MUT_SEED` the seed, to explore further).
 const N: usize = 40;
+
+fn mutations() -> usize {
+    std::env::var("MUT_N")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(N)
+}
 
 /// A tiny seeded xorshift.
 struct Rng(u64);
@@ -631,7 +638,7 @@ fn fix_metadata(meta_file: &Path, pristine: &[u8], name: &str, bytes: &[u8]) {
     std::fs::write(meta_file, m.encode().unwrap()).unwrap();
 }
 
-/// Applies `N` mutations to the file `file` (referenced as `name` by the metadata of
+/// Applies [`mutations()`] mutations to the file `file` (referenced as `name` by the metadata of
 /// `target`), reading everything after each, then puts the file back.
 #[allow(clippy::too_many_arguments)]
 fn campaign(
@@ -646,7 +653,7 @@ fn campaign(
     let orig = std::fs::read(file).unwrap();
     let meta_file = local_of_meta(target);
     let meta = std::fs::read(&meta_file).unwrap();
-    for i in 0..N {
+    for i in 0..mutations() {
         let (desc, bytes) = mutate(kind, &orig, i, rng, blocks);
         std::fs::write(file, &bytes).unwrap();
         // Every other mutation also rewrites the metadata to match the damaged file.
@@ -694,7 +701,11 @@ fn damaged_files_are_errors_never_panics_or_different_data() {
     let scratch = tmp.path().join("scratch");
     std::fs::create_dir_all(&root).unwrap();
     std::fs::create_dir_all(&scratch).unwrap();
-    let mut rng = Rng(0x5eed_1234_abcd_0015);
+    let seed = std::env::var("MUT_SEED")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0x5eed_1234_abcd_0015);
+    let mut rng = Rng(seed);
     let config = CheckpointConfig {
         incremental: true,
         retained: 5,
@@ -839,7 +850,7 @@ fn damaged_files_are_errors_never_panics_or_different_data() {
     entries.sort();
     let entry = entries.last().unwrap().clone();
     let orig = std::fs::read(&entry).unwrap();
-    for i in 0..N {
+    for i in 0..mutations() {
         let (desc, bytes) = mutate(Kind::CommitLog, &orig, i, &mut rng, &[]);
         std::fs::write(&entry, &bytes).unwrap();
         let what = format!("CommitLog #{i} {desc}");
@@ -877,7 +888,7 @@ fn damaged_files_are_errors_never_panics_or_different_data() {
     }
     let meta_file = local(&root, &mm_chk.path);
     let pristine = std::fs::read(&meta_file).unwrap();
-    for i in 0..N {
+    for i in 0..mutations() {
         let (desc, bytes) = mutate(Kind::NativeMeta, &native.metadata, i, &mut rng, &[]);
         let mut m = mm_chk.metadata.clone();
         if let Some(n) = m.operators[0].subtasks[0].native.as_mut() {
@@ -937,7 +948,7 @@ fn damaged_files_are_errors_never_panics_or_different_data() {
     for (kind, victim) in victims {
         let orig = std::fs::read(&victim).unwrap();
         let rel = victim.file_name().unwrap().to_owned();
-        for i in 0..N {
+        for i in 0..mutations() {
             let (desc, bytes) = mutate(kind, &orig, i, &mut rng, &[]);
             let copy = scratch.join(format!("store-{i}"));
             std::fs::create_dir_all(&copy).unwrap();
@@ -962,8 +973,9 @@ fn damaged_files_are_errors_never_panics_or_different_data() {
 
     let elapsed = started.elapsed();
     eprintln!(
-        "mutation test: {N} mutations per file kind, {} reads ({:?}), {} errors, {} \
+        "mutation test: {} mutations per file kind, {} reads ({:?}), {} errors, {} \
          successes with the original data, peak allocation of one read {} KiB, {:.1}s",
+        mutations(),
         report.runs.values().sum::<usize>(),
         report.runs,
         report.errors,
