@@ -7,13 +7,13 @@
 //! a restore would hand a backend ([`CompletedCheckpoint::keyed_streams`]: owned blocks of
 //! every file of a chain, with the records later deltas supersede or remove dropped), read
 //! block by block with each block's checksum verified. Native (mmap) state is described by its
-//! files and the key groups they cover, after its metadata is decoded and checked against the
-//! handle. Any damage is an [`Error`] naming the file.
+//! files, the key groups they cover and the states of its registry, after its metadata is
+//! decoded and checked against the handle. Any damage is an [`Error`] naming the file.
 
 use std::collections::BTreeSet;
 
 use state_api::snapshot::SnapshotReader;
-use state_api::KeyGroupRange;
+use state_api::{KeyGroupRange, StateMeta};
 
 use crate::error::{Error, Result};
 use crate::format::{FileLocation, FileRef, KeyedStateHandle, NativeKeyedHandle};
@@ -64,6 +64,8 @@ pub struct SubtaskSummary {
     pub entries: Option<u64>,
     /// Bytes of all its files.
     pub bytes: u64,
+    /// Its keyed states (from the canonical files' headers, or the native state registry).
+    pub states: Vec<StateMeta>,
     /// Its files, in handle order.
     pub files: Vec<FileSummary>,
 }
@@ -107,6 +109,7 @@ impl CompletedCheckpoint {
                         key_groups_with_data: 0,
                         entries: None,
                         bytes: 0,
+                        states: Vec::new(),
                         files: Vec::new(),
                     },
                 };
@@ -178,6 +181,17 @@ impl CompletedCheckpoint {
     ) -> Result<SubtaskSummary> {
         for f in &k.files {
             self.verify_file(storage, &f.file)?;
+            // The header a restore takes from the metadata is the file's own.
+            let path = self.file_path(&f.file.location);
+            let head_range = 0..f.header_bytes.len() as u64;
+            let head = storage.get_ranges(&path, std::slice::from_ref(&head_range))?;
+            if head.first().map(|h| &h[..]) != Some(&f.header_bytes[..]) {
+                return Err(Error::Corrupt {
+                    file: path.to_string(),
+                    offset: 0,
+                    reason: "the stream's header differs from the one in the metadata".into(),
+                });
+            }
         }
         let streams = self.keyed_streams(storage, operator, max_parallelism, k.key_group_range)?;
         let mut entries = 0u64;
@@ -235,6 +249,7 @@ impl CompletedCheckpoint {
             key_groups_with_data: with_data.len() as u32,
             entries: Some(entries),
             bytes: k.files.iter().map(|f| f.file.size).sum(),
+            states: k.states(),
             files: k
                 .files
                 .iter()
@@ -268,6 +283,9 @@ impl CompletedCheckpoint {
             )));
         }
         let meta = self.native_meta(operator, max_parallelism, subtask, n)?;
+        let states = meta
+            .states()
+            .map_err(|e| Error::state(operator, subtask, e))?;
         let mut covered = BTreeSet::new();
         for f in meta.runs.iter().flatten() {
             covered.extend(f.key_groups.intersect(&n.key_group_range).iter());
@@ -282,6 +300,7 @@ impl CompletedCheckpoint {
             key_groups_with_data: covered.len() as u32,
             entries: None,
             bytes: n.files.iter().map(|f| f.file.size).sum(),
+            states,
             files: n
                 .files
                 .iter()

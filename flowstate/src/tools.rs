@@ -162,20 +162,19 @@ pub fn inspect(config: &Config, path: &str, json_out: bool) -> Result<(), JobErr
         let mut states = std::collections::BTreeMap::new();
         let mut subtasks = Vec::new();
         for (s, ss) in op.subtasks.iter().zip(&sum.subtasks) {
-            for f in s.keyed.iter().flat_map(|k| k.files.iter()) {
-                for st in &f.header.states {
-                    states.insert(
-                        st.name.to_string(),
-                        json!({
-                            "kind": st.kind.to_string(),
-                            "ttl_millis": st.ttl_millis,
-                            "serializers": st.serializers.iter().map(|(r, s)| json!({
-                                "role": r.name(), "id": s.id, "version": s.version,
-                                "schema": String::from_utf8_lossy(&s.schema),
-                            })).collect::<Vec<_>>(),
-                        }),
-                    );
-                }
+            // Canonical files' headers, or the native state registry.
+            for st in &ss.states {
+                states.insert(
+                    st.name.to_string(),
+                    json!({
+                        "kind": st.kind.to_string(),
+                        "ttl_millis": st.ttl_millis,
+                        "serializers": st.serializers.iter().map(|(r, s)| json!({
+                            "role": r.name(), "id": s.id, "version": s.version,
+                            "schema": String::from_utf8_lossy(&s.schema),
+                        })).collect::<Vec<_>>(),
+                    }),
+                );
             }
             let mut sub = subtask_json(ss);
             sub["operator_state"] = json!(s.operator_state.as_ref().map(|o| o

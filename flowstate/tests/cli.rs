@@ -667,8 +667,14 @@ fn inspect_shows_native_mmap_state() {
                 .sum::<u64>()
         );
     }
+    // The states come from the native state registry.
+    assert_eq!(
+        bidders["states"]["spend"]["kind"], "aggregating",
+        "{bidders}"
+    );
     let text = ok(&["checkpoints", "inspect", &chk]);
     assert!(text.contains("native mmap files covering"), "{text}");
+    assert!(text.contains("state 'spend'"), "{text}");
 }
 
 /// Issue 15 item 6: inspect on a damaged file printed nonsense and exited 0. It must verify

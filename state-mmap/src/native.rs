@@ -179,6 +179,14 @@ impl NativeCheckpointMeta {
         })
     }
 
+    /// The states the checkpoint holds (name, kind, TTL and serializer snapshots), decoded and
+    /// verified from its state registry, in registry order.
+    pub fn states(&self) -> Result<Vec<state_api::StateMeta>> {
+        let (_, registry) =
+            decode_registry(&self.registry, Path::new("native checkpoint metadata"))?;
+        Ok(registry.into_iter().map(|(_, p)| p.meta).collect())
+    }
+
     /// The files a backend owning `range` needs (to download before restoring).
     pub fn files_for(&self, range: KeyGroupRange) -> Vec<&FileRef> {
         self.runs
