@@ -512,26 +512,11 @@ impl CompletedCheckpoint {
             .unwrap_or_default())
     }
 
-    /// Reads every file the checkpoint refers to in full and checks its size and CRC32C.
+    /// Reads every file the checkpoint refers to and checks its size and CRC32C (streaming,
+    /// see [`CompletedCheckpoint::verify_file`]).
     pub fn verify_files(&self, storage: &CheckpointStorage) -> Result<()> {
         for f in self.metadata.files() {
-            let path = self.file_path(&f.location);
-            let bytes = storage.get(&path, f.size)?;
-            if bytes.len() as u64 != f.size {
-                return Err(Error::Truncated {
-                    file: path.to_string(),
-                    expected: f.size,
-                    found: bytes.len() as u64,
-                });
-            }
-            let actual = crc32c::crc32c(&bytes);
-            if actual != f.crc32c {
-                return Err(Error::ChecksumMismatch {
-                    file: path.to_string(),
-                    expected: f.crc32c,
-                    actual,
-                });
-            }
+            self.verify_file(storage, f)?;
         }
         Ok(())
     }
