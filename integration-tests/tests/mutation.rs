@@ -506,8 +506,13 @@ struct Report {
 
 impl Report {
     /// Runs `op` (one read of damaged files) catching panics and measuring its allocations;
-    /// `Ok(false)` from `op` is a success that yielded different data.
-    fn check(&mut self, what: &str, op: impl FnOnce() -> std::result::Result<bool, String>) {
+    /// `Ok(false)` from `op` is a success that yielded different data. Returns true when `op`
+    /// succeeded with the original data.
+    fn check(
+        &mut self,
+        what: &str,
+        op: impl FnOnce() -> std::result::Result<bool, String>,
+    ) -> bool {
         *self
             .runs
             .entry(what.split(':').next().unwrap_or(what).to_string())
@@ -521,6 +526,7 @@ impl Report {
             self.failures
                 .push(format!("{what}: allocated {} MiB", grew >> 20));
         }
+        let original = matches!(r, Ok(Ok(true)));
         match r {
             Err(p) => {
                 let msg = p
@@ -542,6 +548,7 @@ impl Report {
                 .push(format!("{what}: success with different data")),
             Ok(Err(_)) => self.errors += 1,
         }
+        original
     }
 }
 
@@ -582,13 +589,13 @@ impl Target<'_> {
 
     /// Inspect, restore into the heap (canonical checkpoints) and into mmap, read every key.
     fn read_all(&self, report: &mut Report, what: &str) {
-        report.check(&format!("inspect: {what}"), || {
+        let inspected = report.check(&format!("inspect: {what}"), || {
             let c = self.load()?;
             let got = c.inspect(self.storage).map_err(s)?;
             Ok(inspect_digest(&got) == self.inspected)
         });
         if !self.native {
-            report.check(&format!("restore heap: {what}"), || {
+            let restored = report.check(&format!("restore heap: {what}"), || {
                 let c = self.load()?;
                 let mut b = HeapKeyedStateBackend::<u64>::builder()
                     .max_parallelism(MAX_P)
@@ -597,6 +604,12 @@ impl Target<'_> {
                 c.restore_keyed(self.storage, "op", 0, &mut b).map_err(s)?;
                 Ok(dump(&mut b).map_err(s)? == *self.expected)
             });
+            // Inspect verifies at least what a restore verifies.
+            if inspected && !restored {
+                report
+                    .failures
+                    .push(format!("inspect: {what}: accepted what restore rejected"));
+            }
         }
         report.check(&format!("restore mmap: {what}"), || {
             let c = self.load()?;
