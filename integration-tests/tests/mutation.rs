@@ -578,6 +578,8 @@ struct Target<'a> {
     metadata: object_store::path::Path,
     native: bool,
     expected: &'a Dump,
+    /// Heap entries of the original (a restore must not add entries outside the keys dumped).
+    entries: usize,
     inspected: Vec<(String, u32, Option<u64>, u32)>,
     scratch: &'a Path,
 }
@@ -602,7 +604,7 @@ impl Target<'_> {
                     .build()
                     .map_err(s)?;
                 c.restore_keyed(self.storage, "op", 0, &mut b).map_err(s)?;
-                Ok(dump(&mut b).map_err(s)? == *self.expected)
+                Ok(dump(&mut b).map_err(s)? == *self.expected && b.num_entries() == self.entries)
             });
             // Inspect verifies at least what a restore verifies.
             if inspected && !restored {
@@ -744,6 +746,7 @@ fn damaged_files_are_errors_never_panics_or_different_data() {
     drop(coord);
     let heap_chk = last.unwrap();
     let heap_expected = dump(&mut heap).unwrap();
+    let heap_entries = heap.num_entries();
     let files = &heap_chk.metadata.operators[0].subtasks[0]
         .keyed
         .as_ref()
@@ -793,6 +796,7 @@ fn damaged_files_are_errors_never_panics_or_different_data() {
         metadata: heap_chk.path.clone(),
         native: false,
         expected: &heap_expected,
+        entries: heap_entries,
         inspected: inspect_digest(&heap_chk.inspect(&heap_storage).unwrap()),
         scratch: &scratch,
     };
@@ -801,6 +805,7 @@ fn damaged_files_are_errors_never_panics_or_different_data() {
         metadata: mm_chk.path.clone(),
         native: true,
         expected: &mm_expected,
+        entries: 0,
         inspected: inspect_digest(&mm_chk.inspect(&mm_storage).unwrap()),
         scratch: &scratch,
     };
@@ -880,7 +885,7 @@ fn damaged_files_are_errors_never_panics_or_different_data() {
                 .build()
                 .map_err(s)?;
             c.restore_keyed(&heap_storage, "op", 0, &mut b).map_err(s)?;
-            Ok(dump(&mut b).map_err(s)? == heap_expected)
+            Ok(dump(&mut b).map_err(s)? == heap_expected && b.num_entries() == heap_entries)
         });
     }
     std::fs::write(&entry, &orig).unwrap();
