@@ -126,6 +126,18 @@ impl CompletedCheckpoint {
     /// Checks that the file `f` refers to has exactly the recorded size and CRC32C, reading it
     /// in chunks of at most [`VERIFY_CHUNK`] bytes.
     pub fn verify_file(&self, storage: &CheckpointStorage, f: &FileRef) -> Result<()> {
+        self.stream_file(storage, f, |_| Ok(()))
+    }
+
+    /// Reads the file `f` refers to in chunks of at most [`VERIFY_CHUNK`] bytes, handing each
+    /// to `sink`, after checking its size; fails if its CRC32C differs from the recorded one
+    /// (after the last chunk: what `sink` received must be discarded then).
+    pub(crate) fn stream_file(
+        &self,
+        storage: &CheckpointStorage,
+        f: &FileRef,
+        mut sink: impl FnMut(&[u8]) -> Result<()>,
+    ) -> Result<()> {
         let path = self.file_path(&f.location);
         let size = storage.size(&path).map_err(|e| match e {
             Error::MissingFile { .. } => Error::MissingFile {
@@ -158,6 +170,7 @@ impl CompletedCheckpoint {
             let parts = storage.get_ranges(&path, std::slice::from_ref(&(at..end)))?;
             for p in &parts {
                 crc = crc32c::crc32c_append(crc, p);
+                sink(p)?;
             }
             at = end;
         }

@@ -207,27 +207,15 @@ impl CompletedCheckpoint {
                             st.subtask, f.name
                         ),
                     })?;
-                let path = self.file_path(&r.file.location);
-                let bytes = storage.get(&path, r.file.size)?;
-                if bytes.len() as u64 != r.file.size {
-                    return Err(Error::Truncated {
-                        file: path.to_string(),
-                        expected: r.file.size,
-                        found: bytes.len() as u64,
-                    });
-                }
-                let actual = crc32c::crc32c(&bytes);
-                if actual != r.file.crc32c {
-                    return Err(Error::ChecksumMismatch {
-                        file: path.to_string(),
-                        expected: r.file.crc32c,
-                        actual,
-                    });
-                }
+                // Streamed to disk in chunks, its size and CRC32C checked on the way.
                 let local = dir.join(&f.name);
-                std::fs::write(&local, &bytes).map_err(|e| Error::Io {
+                let io = |e: std::io::Error| Error::Io {
                     context: format!("writing '{}'", local.display()),
                     source: e,
+                };
+                let mut out = std::fs::File::create(&local).map_err(io)?;
+                self.stream_file(storage, &r.file, |chunk| {
+                    std::io::Write::write_all(&mut out, chunk).map_err(io)
                 })?;
             }
             sources.push(state_mmap::NativeRestore {
