@@ -8,7 +8,8 @@
 //! every file of a chain, with the records later deltas supersede or remove dropped), read
 //! block by block with each block's checksum verified. Native (mmap) state is described by its
 //! files, the key groups they cover and the states of its registry, after its metadata is
-//! decoded and checked against the handle. Any damage is an [`Error`] naming the file.
+//! decoded and checked against the handle; each file is copied (streaming) into a private
+//! temporary directory and opened as the store opens it, every block's checksum verified. Any damage is an [`Error`] naming the file.
 
 use std::collections::BTreeSet;
 
@@ -303,8 +304,28 @@ impl CompletedCheckpoint {
         for f in meta.runs.iter().flatten() {
             covered.extend(f.key_groups.intersect(&n.key_group_range).iter());
         }
+        // Each file is verified as a restore does: size and CRC32C on the way to a local
+        // copy, then opened as the store opens it (footer, index, bloom, every block).
+        let scratch = Scratch::new()?;
         for f in &n.files {
-            self.verify_file(storage, &f.file)?;
+            let path = self.file_path(&f.file.location);
+            let local = scratch.0.join(f.file.location.name());
+            let io = |e: std::io::Error| Error::Io {
+                context: format!("writing '{}'", local.display()),
+                source: e,
+            };
+            let mut out = std::fs::File::create(&local).map_err(io)?;
+            self.stream_file(storage, &f.file, |chunk| {
+                std::io::Write::write_all(&mut out, chunk).map_err(io)
+            })?;
+            drop(out);
+            let opened = state_mmap::run::RunFile::verify(&local).map_err(|e| Error::Corrupt {
+                file: path.to_string(),
+                offset: 0,
+                reason: e.to_string(),
+            });
+            let _ = std::fs::remove_file(&local);
+            opened?;
         }
         Ok(SubtaskSummary {
             subtask,
@@ -325,5 +346,28 @@ impl CompletedCheckpoint {
                 })
                 .collect(),
         })
+    }
+}
+
+/// A private directory for the local copies of native files, removed when dropped.
+struct Scratch(std::path::PathBuf);
+
+impl Scratch {
+    fn new() -> Result<Self> {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir =
+            std::env::temp_dir().join(format!("flowstate-inspect-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(|e| Error::Io {
+            context: format!("creating '{}'", dir.display()),
+            source: e,
+        })?;
+        Ok(Scratch(dir))
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }

@@ -608,12 +608,12 @@ impl Target<'_> {
             });
             // Inspect verifies at least what a restore verifies.
             if inspected && !restored {
-                report
-                    .failures
-                    .push(format!("inspect: {what}: accepted what restore rejected"));
+                report.failures.push(format!(
+                    "inspect: {what}: accepted what a heap restore rejected"
+                ));
             }
         }
-        report.check(&format!("restore mmap: {what}"), || {
+        let restored = report.check(&format!("restore mmap: {what}"), || {
             let c = self.load()?;
             let mut b = MmapKeyedStateBackend::<u64>::builder()
                 .max_parallelism(MAX_P)
@@ -625,6 +625,11 @@ impl Target<'_> {
             r.map_err(s)?;
             Ok(dump(&mut b).map_err(s)? == *self.expected)
         });
+        if inspected && !restored {
+            report.failures.push(format!(
+                "inspect: {what}: accepted what an mmap restore rejected"
+            ));
+        }
     }
 }
 
