@@ -19,6 +19,8 @@
 //!   (the mmap backend's immutable files, uploaded once and referenced afterwards).
 //! - [`registry`]: reference counts of the incremental files in `shared/`.
 //! - [`commit`]: the commit log that fences stale coordinators with create-only puts.
+//! - [`inspect`]: what a checkpoint holds per subtask, every file verified (size, CRC32C,
+//!   block checksums) and entries counted from the verified data.
 //! - [`restore`]: restore the latest checkpoint or a given checkpoint/savepoint path at the same
 //!   or another parallelism, reading only the owned key groups by range reads (or, for the mmap
 //!   backend's native checkpoints, downloading only the files holding owned key groups);
@@ -91,6 +93,7 @@ pub mod complete;
 pub mod coordinator;
 pub mod error;
 pub mod format;
+pub mod inspect;
 pub mod protocol;
 pub mod registry;
 pub mod restore;
@@ -110,6 +113,7 @@ pub use format::{
     CheckpointMetadata, FileLocation, FileRef, KeyedStateFile, KeyedStateHandle, NativeFile,
     NativeKeyedHandle, OperatorSnapshot, SnapshotKind, SubtaskState,
 };
+pub use inspect::{FileSummary, KeyedFormat, OperatorSummary, SubtaskSummary};
 pub use protocol::{
     AbortReason, Action, CheckpointConfig, CheckpointKind, Protocol, RetentionOnShutdown,
 };

@@ -214,8 +214,7 @@ impl CompletedCheckpoint {
             if n.key_group_range.intersect(&range).is_empty() {
                 continue;
             }
-            let meta = state_mmap::NativeCheckpointMeta::decode(&n.metadata)
-                .map_err(|e| Error::state(operator, st.subtask, e))?;
+            let meta = self.native_meta(operator, op.max_parallelism, st.subtask, n)?;
             let dir = download_dir.join(format!(
                 "chk-{}-{operator}-{}",
                 self.metadata.checkpoint_id, st.subtask
@@ -238,27 +237,15 @@ impl CompletedCheckpoint {
                             st.subtask, f.name
                         ),
                     })?;
-                let path = self.file_path(&r.file.location);
-                let bytes = storage.get(&path, r.file.size)?;
-                if bytes.len() as u64 != r.file.size {
-                    return Err(Error::Truncated {
-                        file: self.location_of(&path),
-                        expected: r.file.size,
-                        found: bytes.len() as u64,
-                    });
-                }
-                let actual = crc32c::crc32c(&bytes);
-                if actual != r.file.crc32c {
-                    return Err(Error::ChecksumMismatch {
-                        file: self.location_of(&path),
-                        expected: r.file.crc32c,
-                        actual,
-                    });
-                }
+                // Streamed to disk in chunks, its size and CRC32C checked on the way.
                 let local = dir.join(&f.name);
-                std::fs::write(&local, &bytes).map_err(|e| Error::Io {
+                let io = |e: std::io::Error| Error::Io {
                     context: format!("writing '{}'", local.display()),
                     source: e,
+                };
+                let mut out = std::fs::File::create(&local).map_err(io)?;
+                self.stream_file(storage, &r.file, |chunk| {
+                    std::io::Write::write_all(&mut out, chunk).map_err(io)
                 })?;
             }
             sources.push(state_mmap::NativeRestore {
@@ -269,6 +256,53 @@ impl CompletedCheckpoint {
         backend
             .restore_native(sources)
             .map_err(|e| Error::state(operator, subtask, e))
+    }
+
+    /// Decodes the native metadata of subtask `subtask` of `operator` and checks it against
+    /// its handle: the same max parallelism and key groups, and every file it names listed by
+    /// the handle with the same size and key groups (a file restored under other key groups
+    /// would silently lose or add state).
+    pub(crate) fn native_meta(
+        &self,
+        operator: &str,
+        max_parallelism: u32,
+        subtask: u32,
+        n: &crate::format::NativeKeyedHandle,
+    ) -> Result<state_mmap::NativeCheckpointMeta> {
+        let corrupt = |reason: String| Error::Corrupt {
+            file: self.location(),
+            offset: 0,
+            reason: format!("operator '{operator}' subtask {subtask}: {reason}"),
+        };
+        let meta = state_mmap::NativeCheckpointMeta::decode(&n.metadata)
+            .map_err(|e| Error::state(operator, subtask, e))?;
+        if meta.max_parallelism != max_parallelism || meta.key_group_range != n.key_group_range {
+            return Err(corrupt(format!(
+                "the native metadata is for max parallelism {} and key groups {}, the handle \
+                 for {max_parallelism} and {}",
+                meta.max_parallelism, meta.key_group_range, n.key_group_range
+            )));
+        }
+        for f in meta.runs.iter().flatten() {
+            let r = n
+                .files
+                .iter()
+                .find(|x| x.file.location.name() == f.name)
+                .ok_or_else(|| {
+                    corrupt(format!(
+                        "the native metadata names '{}', which the handle does not list",
+                        f.name
+                    ))
+                })?;
+            if r.file.size != f.size || r.key_groups != f.key_groups {
+                return Err(corrupt(format!(
+                    "'{}' has {} bytes and key groups {} in the native metadata, {} bytes and \
+                     {} in the handle",
+                    f.name, f.size, f.key_groups, r.file.size, r.key_groups
+                )));
+            }
+        }
+        Ok(meta)
     }
 
     /// The canonical snapshot streams holding the key groups of `range` of `operator`: each
@@ -502,26 +536,11 @@ impl CompletedCheckpoint {
             .unwrap_or_default())
     }
 
-    /// Reads every file the checkpoint refers to in full and checks its size and CRC32C.
+    /// Reads every file the checkpoint refers to and checks its size and CRC32C (streaming,
+    /// see [`CompletedCheckpoint::verify_file`]).
     pub fn verify_files(&self, storage: &CheckpointStorage) -> Result<()> {
         for f in self.metadata.files() {
-            let path = self.file_path(&f.location);
-            let bytes = storage.get(&path, f.size)?;
-            if bytes.len() as u64 != f.size {
-                return Err(Error::Truncated {
-                    file: self.location_of(&path),
-                    expected: f.size,
-                    found: bytes.len() as u64,
-                });
-            }
-            let actual = crc32c::crc32c(&bytes);
-            if actual != f.crc32c {
-                return Err(Error::ChecksumMismatch {
-                    file: self.location_of(&path),
-                    expected: f.crc32c,
-                    actual,
-                });
-            }
+            self.verify_file(storage, f)?;
         }
         Ok(())
     }

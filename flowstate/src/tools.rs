@@ -9,7 +9,6 @@ use checkpoint::{
     SubtaskSnapshot,
 };
 use object_store::path::Path as ObjectPath;
-use object_store::ObjectStoreExt;
 use serde_json::json;
 use state_api::{assign_to_key_group, redistribute, KeyGroupRange, KeyedStateBackendExt};
 use state_heap::HeapKeyedStateBackend;
@@ -199,97 +198,61 @@ fn c_size(bytes: u64) -> String {
     }
 }
 
-/// The number of records of a keyed state file, read from its end marker (the last
-/// `17 + 20 × blocks` bytes: tag, block count, block index, record count, checksum).
-fn records_of(
-    rt: &tokio::runtime::Runtime,
-    storage: &CheckpointStorage,
-    c: &CompletedCheckpoint,
-    f: &checkpoint::KeyedStateFile,
-) -> Result<u64, JobError> {
-    let tail = 17 + 20 * f.key_groups.len() as u64;
-    let size = f.file.size;
-    if size < tail {
-        return Err(format!(
-            "state file {} is shorter than its end marker",
-            f.file.location.name()
-        )
-        .into());
-    }
-    let path = c.file_path(&f.file.location);
-    let bytes = rt.block_on(storage.store().get_range(&path, size - tail..size))?;
-    let at = bytes.len().saturating_sub(12);
-    let raw: [u8; 8] = bytes
-        .get(at..at + 8)
-        .and_then(|b| b.try_into().ok())
-        .ok_or_else(|| {
-            format!(
-                "state file {} has a short end marker",
-                f.file.location.name()
-            )
-        })?;
-    if bytes.first() != Some(&0x02) {
-        return Err(format!(
-            "state file {}: no end marker where the metadata says",
-            f.file.location.name()
-        )
-        .into());
-    }
-    Ok(u64::from_be_bytes(raw))
+/// A subtask's summary as JSON (`checkpoint::CompletedCheckpoint::inspect` verified it).
+fn subtask_json(s: &checkpoint::SubtaskSummary) -> serde_json::Value {
+    json!({
+        "subtask": s.subtask,
+        "format": match &s.format {
+            checkpoint::KeyedFormat::None => None,
+            checkpoint::KeyedFormat::Canonical => Some("canonical".to_string()),
+            checkpoint::KeyedFormat::Native(b) => Some(format!("native {b}")),
+        },
+        "key_groups": s.key_group_range.map(|r| r.to_string()),
+        "key_groups_with_data": s.key_groups_with_data,
+        "entries": s.entries,
+        "bytes": s.bytes,
+        "files": s.files.iter().map(|f| json!({
+            "name": f.location.name(),
+            "shared": matches!(f.location, FileLocation::Shared(_)),
+            "size": f.size,
+            "delta": f.delta,
+            "key_groups": f.key_groups.map(|r| r.to_string()),
+        })).collect::<Vec<_>>(),
+    })
 }
 
 /// Prints what a checkpoint or savepoint holds (`json` for machines).
 pub fn inspect(config: &Config, path: &str, json_out: bool) -> Result<(), JobError> {
     let (storage, c) = open_checkpoint(config, path)?;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    // Every file verified (size, CRC32C, blocks); entries counted from the verified data.
+    let summary = c.inspect(&storage)?;
     let m = &c.metadata;
     let mut operators = Vec::new();
-    for op in &m.operators {
+    for (op, sum) in m.operators.iter().zip(&summary) {
         let mut states = std::collections::BTreeMap::new();
         let mut subtasks = Vec::new();
-        for s in &op.subtasks {
-            let (range, bytes, key_groups) = match &s.keyed {
-                Some(k) => (
-                    Some(k.key_group_range),
-                    k.files.iter().map(|f| f.file.size).sum::<u64>(),
-                    k.files.iter().map(|f| f.key_groups.len()).sum::<usize>(),
-                ),
-                None => (None, 0, 0),
-            };
-            let mut entries = 0u64;
-            for f in s.keyed.iter().flat_map(|k| k.files.iter()) {
-                entries += records_of(&rt, &storage, &c, f)?;
+        for (s, ss) in op.subtasks.iter().zip(&sum.subtasks) {
+            // Canonical files' headers, or the native state registry.
+            for st in &ss.states {
+                states.insert(
+                    st.name.to_string(),
+                    json!({
+                        "kind": st.kind.to_string(),
+                        "ttl_millis": st.ttl_millis,
+                        "serializers": st.serializers.iter().map(|(r, s)| json!({
+                            "role": r.name(), "id": s.id, "version": s.version,
+                            "schema": String::from_utf8_lossy(&s.schema),
+                        })).collect::<Vec<_>>(),
+                    }),
+                );
             }
-            for f in s.keyed.iter().flat_map(|k| k.files.iter()) {
-                for st in &f.header.states {
-                    states.insert(
-                        st.name.to_string(),
-                        json!({
-                            "kind": st.kind.to_string(),
-                            "ttl_millis": st.ttl_millis,
-                            "serializers": st.serializers.iter().map(|(r, s)| json!({
-                                "role": r.name(), "id": s.id, "version": s.version,
-                                "schema": String::from_utf8_lossy(&s.schema),
-                            })).collect::<Vec<_>>(),
-                        }),
-                    );
-                }
-            }
-            subtasks.push(json!({
-                "subtask": s.subtask,
-                "key_groups": range.map(|r| r.to_string()),
-                "key_groups_with_data": key_groups,
-                "entries": entries,
-                "bytes": bytes,
-                "files": s.keyed.iter().flat_map(|k| k.files.iter()).map(|f| json!({
-                    "name": f.file.location.name(),
-                    "shared": matches!(f.file.location, FileLocation::Shared(_)),
-                    "size": f.file.size,
-                })).collect::<Vec<_>>(),
-                "operator_state": s.operator_state.as_ref().map(|o| o.state_names().iter().map(|n| n.to_string()).collect::<Vec<_>>()),
-            }));
+            let mut sub = subtask_json(ss);
+            sub["operator_state"] = json!(s.operator_state.as_ref().map(|o| o
+                .state_names()
+                .iter()
+                .map(|n| n.to_string())
+                .collect::<Vec<_>>()));
+            subtasks.push(sub);
         }
         operators.push(json!({
             "operator": op.operator_id,
@@ -310,10 +273,10 @@ pub fn inspect(config: &Config, path: &str, json_out: bool) -> Result<(), JobErr
         "operators": operators,
     });
     if json_out {
-        println!("{}", serde_json::to_string_pretty(&doc)?);
+        outln!("{}", serde_json::to_string_pretty(&doc)?);
         return Ok(());
     }
-    println!(
+    outln!(
         "{} {} of job '{}' at {} ({}, {})",
         doc["kind"].as_str().unwrap_or("?"),
         m.checkpoint_id,
@@ -327,9 +290,11 @@ pub fn inspect(config: &Config, path: &str, json_out: bool) -> Result<(), JobErr
         c_size(size(&c))
     );
     for op in &m.operators {
-        println!(
+        outln!(
             "operator '{}': parallelism {}, max parallelism {}",
-            op.operator_id, op.parallelism, op.max_parallelism
+            op.operator_id,
+            op.parallelism,
+            op.max_parallelism
         );
         if let Some(states) = doc["operators"]
             .as_array()
@@ -355,27 +320,35 @@ pub fn inspect(config: &Config, path: &str, json_out: bool) -> Result<(), JobErr
                             .collect()
                     })
                     .unwrap_or_default();
-                println!(
+                outln!(
                     "  state '{name}': {} [{}]",
                     s["kind"].as_str().unwrap_or("?"),
                     sers.join(", ")
                 );
             }
         }
-        for s in &op.subtasks {
-            match &s.keyed {
-                Some(k) => println!(
-                    "  subtask {}: key groups {}, {} entries, {} files, {}",
+        let subs = summary
+            .iter()
+            .find(|o| o.operator_id == op.operator_id)
+            .map(|o| &o.subtasks[..])
+            .unwrap_or_default();
+        for (s, ss) in op.subtasks.iter().zip(subs) {
+            match (&ss.format, ss.key_group_range) {
+                (checkpoint::KeyedFormat::Native(b), Some(r)) => outln!(
+                    "  subtask {}: key groups {r}, native {b} files covering {} key groups, {} files, {}",
                     s.subtask,
-                    k.key_group_range,
-                    k.files
-                        .iter()
-                        .map(|f| records_of(&rt, &storage, &c, f))
-                        .sum::<Result<u64, JobError>>()?,
-                    k.files.len(),
-                    c_size(k.files.iter().map(|f| f.file.size).sum())
+                    ss.key_groups_with_data,
+                    ss.files.len(),
+                    c_size(ss.bytes)
                 ),
-                None => println!(
+                (_, Some(r)) => outln!(
+                    "  subtask {}: key groups {r}, {} entries, {} files, {}",
+                    s.subtask,
+                    ss.entries.unwrap_or(0),
+                    ss.files.len(),
+                    c_size(ss.bytes)
+                ),
+                (_, None) => outln!(
                     "  subtask {}: operator state {:?}",
                     s.subtask,
                     s.operator_state

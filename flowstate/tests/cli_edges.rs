@@ -99,6 +99,8 @@ fn a_closed_stdout_ends_the_command_quietly() {
     let chk = listed_paths(&list).pop().unwrap();
     for args in [
         &["checkpoints", "list", root.to_str().unwrap()][..],
+        &["checkpoints", "inspect", &chk, "--json"],
+        &["checkpoints", "inspect", &chk],
         &["state", "get", &chk, "--state", "spend", "--key", "1001"],
     ] {
         let out = with_closed_stdout(args);

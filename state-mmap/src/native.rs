@@ -131,6 +131,16 @@ impl NativeCheckpointMeta {
         let max_parallelism = u32_of(take(4)?);
         let start = u32_of(take(4)?);
         let end = u32_of(take(4)?);
+        if state_api::validate_max_parallelism(max_parallelism).is_err()
+            || start > end
+            || end > max_parallelism
+        {
+            return Err(bad(
+                10,
+                &format!("key groups [{start}, {end}) of max parallelism {max_parallelism}"),
+            ));
+        }
+        let range = KeyGroupRange::new(start, end);
         let n = u32_of(take(4)?) as usize;
         let registry = take(n)?.to_vec();
         let nruns = u32_of(take(4)?) as usize;
@@ -144,6 +154,13 @@ impl NativeCheckpointMeta {
                     .map_err(|_| bad(0, "file name is not UTF-8"))?;
                 let s = u32_of(take(4)?);
                 let e = u32_of(take(4)?);
+                // The writer records the visible part of each file inside its own range.
+                if s > e || (s < e && (s < range.start() || e > range.end())) {
+                    return Err(bad(
+                        0,
+                        &format!("file '{name}' holds key groups [{s}, {e}) outside {range}"),
+                    ));
+                }
                 let mut size = [0u8; 8];
                 size.copy_from_slice(take(8)?);
                 files.push(FileRef {
@@ -156,10 +173,18 @@ impl NativeCheckpointMeta {
         }
         Ok(NativeCheckpointMeta {
             max_parallelism,
-            key_group_range: KeyGroupRange::new(start, end),
+            key_group_range: range,
             runs,
             registry,
         })
+    }
+
+    /// The states the checkpoint holds (name, kind, TTL and serializer snapshots), decoded and
+    /// verified from its state registry, in registry order.
+    pub fn states(&self) -> Result<Vec<state_api::StateMeta>> {
+        let (_, registry) =
+            decode_registry(&self.registry, Path::new("native checkpoint metadata"))?;
+        Ok(registry.into_iter().map(|(_, p)| p.meta).collect())
     }
 
     /// The files a backend owning `range` needs (to download before restoring).

@@ -652,6 +652,15 @@ impl RunFile {
         Ok(run)
     }
 
+    /// Opens the sorted-run file at `path` read-only and verifies it as a store opening it
+    /// with `verify_on_open` does: magics, version, footer, index, bloom filter and properties
+    /// checksums, every offset and length against the file size, and every data block's
+    /// checksum and entry count. For tools that check a file without a store (`entries()`
+    /// then gives the count its properties record).
+    pub fn verify(path: &Path) -> Result<RunFile> {
+        Self::open(path, 0, true, false)
+    }
+
     #[inline]
     fn bytes(&self) -> &[u8] {
         self.map.bytes()

@@ -302,3 +302,55 @@ fn sigkill_during_flush_and_compaction_loses_nothing_completed() {
         "the child made progress"
     );
 }
+
+/// The metadata of a native checkpoint with the first file's key groups replaced by
+/// `[start, end)` and the checksum recomputed (as a buggy or hostile writer would leave it).
+fn with_file_key_groups(meta: &[u8], start: u32, end: u32) -> Vec<u8> {
+    let u32_at = |b: &[u8], p: usize| u32::from_be_bytes(b[p..p + 4].try_into().unwrap()) as usize;
+    let mut b = meta.to_vec();
+    // magic, version, max parallelism, range | registry | run count | file count | name
+    let registry = u32_at(&b, 18);
+    let name_at = 22 + registry + 4 + 4;
+    let at = name_at + 4 + u32_at(&b, name_at);
+    b[at..at + 4].copy_from_slice(&start.to_be_bytes());
+    b[at + 4..at + 8].copy_from_slice(&end.to_be_bytes());
+    let n = b.len() - 4;
+    let crc = crc32c::crc32c(&b[..n]);
+    b[n..].copy_from_slice(&crc.to_be_bytes());
+    b
+}
+
+/// A file recorded with key groups outside the writer's range (or a reversed range) is
+/// corrupt metadata: restored, it would be skipped or clipped away and its state silently
+/// lost. Found by the mutation test (integration-tests/tests/mutation.rs).
+#[test]
+fn file_key_groups_outside_the_writers_range_are_corrupt() {
+    let range = KeyGroupRange::new(0, 64);
+    let mut b = backend(range);
+    let h = register(&mut b);
+    write_round(&mut b, &h, 1, 0..200);
+    let chk = b.checkpoint().unwrap();
+    let meta = chk.metadata().to_vec();
+    let first = &NativeCheckpointMeta::decode(&meta).unwrap().runs[0][0];
+    let kgs = first.key_groups;
+    assert_eq!(
+        NativeCheckpointMeta::decode(&with_file_key_groups(&meta, kgs.start(), kgs.end()))
+            .unwrap()
+            .runs[0][0],
+        *first,
+        "the walk finds the field"
+    );
+    for (s, e) in [
+        (u32::MAX - 7, kgs.end()),
+        (0, u32::MAX - 7),
+        (10, 5),
+        (0, 65),
+    ] {
+        let err = NativeCheckpointMeta::decode(&with_file_key_groups(&meta, s, e));
+        assert!(err.is_err(), "[{s}, {e}) accepted");
+        assert!(
+            err.unwrap_err().to_string().contains("outside"),
+            "[{s}, {e})"
+        );
+    }
+}
