@@ -44,6 +44,13 @@ const EXAMPLES_STATE: &str = "Examples:
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Show the library's log events: -v info, -vv debug, -vvv trace (RUST_LOG, when set,
+    /// decides instead, e.g. RUST_LOG=checkpoint=debug).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    /// Only errors: no progress bar, no log events below error.
+    #[arg(short, long, global = true)]
+    quiet: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -91,7 +98,7 @@ struct RunArgs {
     /// Parallelism of the keyed operators.
     #[arg(long, default_value_t = 2)]
     parallelism: u32,
-    /// Configuration file (TOML).
+    /// Configuration file (TOML; default: ./flowstate.toml when it exists).
     #[arg(long)]
     config: Option<PathBuf>,
     /// Restore from `latest` or from a checkpoint/savepoint path.
@@ -106,9 +113,6 @@ struct RunArgs {
     /// Job id: the directory under the checkpoint root.
     #[arg(long, default_value = "nexmark")]
     job: String,
-    /// No progress bar.
-    #[arg(long)]
-    quiet: bool,
     /// Internal: crash after this many events (used by --fail-after).
     #[arg(long, hide = true)]
     crash_after: Option<u64>,
@@ -126,7 +130,7 @@ enum CheckpointsCmd {
         /// The job id.
         #[arg(long, default_value = "nexmark")]
         job: String,
-        /// Configuration file (for S3 settings).
+        /// Configuration file, for S3 settings (default: ./flowstate.toml when it exists).
         #[arg(long)]
         config: Option<PathBuf>,
     },
@@ -140,7 +144,7 @@ enum CheckpointsCmd {
         /// Machine-readable JSON.
         #[arg(long)]
         json: bool,
-        /// Configuration file (for S3 settings).
+        /// Configuration file, for S3 settings (default: ./flowstate.toml when it exists).
         #[arg(long)]
         config: Option<PathBuf>,
     },
@@ -159,7 +163,7 @@ struct SavepointArgs {
     /// Parallelism of the keyed operators in the savepoint (default: as in the source).
     #[arg(long)]
     parallelism: Option<u32>,
-    /// Configuration file (for S3 settings).
+    /// Configuration file, for S3 settings (default: ./flowstate.toml when it exists).
     #[arg(long)]
     config: Option<PathBuf>,
 }
@@ -180,7 +184,7 @@ enum StateCmd {
         /// The namespace of windowed states: the window start (ms).
         #[arg(long, allow_hyphen_values = true)]
         namespace: Option<i64>,
-        /// Configuration file (for S3 settings).
+        /// Configuration file, for S3 settings (default: ./flowstate.toml when it exists).
         #[arg(long)]
         config: Option<PathBuf>,
     },
@@ -222,7 +226,7 @@ fn config_only(file: Option<&PathBuf>) -> Result<Config, JobError> {
     Ok(load_config(file)?.load()?)
 }
 
-fn run(args: RunArgs) -> Result<(), JobError> {
+fn run(args: RunArgs, quiet: bool) -> Result<(), JobError> {
     let mut loader = load_config(args.config.as_ref())?;
     if let Some(b) = args.backend {
         let name = match b {
@@ -293,14 +297,15 @@ fn run(args: RunArgs) -> Result<(), JobError> {
             return Ok(());
         }
         outln!("the job crashed ({status}); recovering from the latest completed checkpoint");
-        return run_job(config, &args, RestoreFrom::LatestIfAny, None);
+        return run_job(config, &args, quiet, RestoreFrom::LatestIfAny, None);
     }
-    run_job(config, &args, restore, args.crash_after)
+    run_job(config, &args, quiet, restore, args.crash_after)
 }
 
 fn run_job(
     config: Config,
     args: &RunArgs,
+    quiet: bool,
     restore: RestoreFrom,
     crash_after: Option<u64>,
 ) -> Result<(), JobError> {
@@ -314,7 +319,7 @@ fn run_job(
             }
         });
     }
-    let show = !args.quiet && std::io::stderr().is_terminal();
+    let show = !quiet && std::io::stderr().is_terminal();
     let bar = if show {
         let bar = indicatif::ProgressBar::new(args.events);
         bar.set_style(
@@ -400,10 +405,31 @@ fn hint(e: &(dyn std::error::Error + 'static)) -> &'static str {
     }
 }
 
+/// Sends the library's `tracing` events to standard error: RUST_LOG when set, otherwise
+/// warnings and errors, more with `-v`, only errors with `--quiet`.
+fn install_subscriber(verbose: u8, quiet: bool) {
+    let default = match (quiet, verbose) {
+        (true, _) => "error",
+        (false, 0) => "warn",
+        (false, 1) => "info",
+        (false, 2) => "debug",
+        (false, _) => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .try_init();
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    install_subscriber(cli.verbose, cli.quiet);
+    let quiet = cli.quiet;
     let result = match cli.command {
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(args, quiet),
         Command::Checkpoints(CheckpointsCmd::List { dir, job, config }) => {
             config_only(config.as_ref()).and_then(|c| tools::list(&c, &dir, &job))
         }
