@@ -11,26 +11,7 @@ use std::process::Command;
 use common::*;
 
 fn latest_chk(root: &Path) -> String {
-    let job = root.join("nexmark");
-    let mut ids: Vec<u64> = std::fs::read_dir(&job)
-        .unwrap()
-        .filter_map(|e| {
-            e.ok()?
-                .file_name()
-                .to_str()?
-                .strip_prefix("chk-")?
-                .parse()
-                .ok()
-        })
-        .filter(|id| job.join(format!("chk-{id}/_metadata")).exists())
-        .collect();
-    ids.sort();
-    job.join(format!(
-        "chk-{}",
-        ids.last().expect("a completed checkpoint")
-    ))
-    .display()
-    .to_string()
+    all_chks(root).pop().expect("a completed checkpoint")
 }
 
 /// Upload staging files (`<name>#<digits>`) anywhere under `dir`.
@@ -362,19 +343,10 @@ fn ctrl_c_stops_after_a_final_checkpoint() {
 }
 
 fn latest_chk_opt(root: &Path) -> Option<String> {
-    let job = root.join("nexmark");
-    std::fs::read_dir(&job)
-        .ok()?
-        .filter_map(|e| {
-            e.ok()?
-                .file_name()
-                .to_str()?
-                .strip_prefix("chk-")?
-                .parse::<u64>()
-                .ok()
-        })
-        .find(|id| job.join(format!("chk-{id}/_metadata")).exists())
-        .map(|id| id.to_string())
+    if !root.join("nexmark").is_dir() {
+        return None;
+    }
+    all_chks(root).pop()
 }
 
 /// Entries left in `dir` (names), sorted.
