@@ -89,6 +89,24 @@ pub(crate) fn build_s3(
     if let Some(virtual_hosted) = s3.virtual_hosted_style {
         builder = builder.with_virtual_hosted_style_request(virtual_hosted);
     }
+    // A plain-http endpoint (a local server) is refused by every request later, with an error
+    // that does not say why: say it now, naming the setting.
+    let endpoint = builder.get_config_value(&AmazonS3ConfigKey::Endpoint);
+    let allow_http = builder
+        .get_config_value(&AmazonS3ConfigKey::Client(ClientConfigKey::AllowHttp))
+        .is_some_and(|v| v.eq_ignore_ascii_case("true"));
+    if let Some(endpoint) = endpoint.filter(|e| e.starts_with("http://")) {
+        if !allow_http {
+            return Err(Error::InvalidConfig {
+                url: shown.to_owned(),
+                field: "s3.allow-http",
+                reason: format!(
+                    "is off but the endpoint {endpoint} is plain http://: set s3.allow-http = \
+                     true (or AWS_ALLOW_HTTP=true) for a local server, or use https://"
+                ),
+            });
+        }
+    }
     let store = builder.build().map_err(|e| build_error(shown, e))?;
     Ok(Arc::new(store))
 }
@@ -139,4 +157,50 @@ pub(crate) fn build_azure(
     }
     let store = builder.build().map_err(|e| build_error(shown, e))?;
     Ok((Arc::new(store), root))
+}
+
+#[cfg(all(test, feature = "s3"))]
+mod tests {
+    use super::*;
+
+    fn config(endpoint: &str, allow_http: Option<bool>) -> StorageConfig {
+        let mut c = StorageConfig::new("s3://bucket/prefix");
+        c.s3.from_env = Some(false);
+        c.s3.endpoint = Some(endpoint.to_string());
+        c.s3.region = Some("us-east-1".into());
+        c.s3.allow_http = allow_http;
+        c
+    }
+
+    #[test]
+    fn a_plain_http_endpoint_without_allow_http_is_refused_by_name() {
+        let url = Url::parse("s3://bucket/prefix").expect("a URL");
+        let err = build_s3(
+            &url,
+            &config("http://127.0.0.1:8333", None),
+            "s3://bucket/prefix",
+        )
+        .err()
+        .expect("refused")
+        .to_string();
+        assert!(
+            err.contains("s3.allow-http") && err.contains("http://127.0.0.1:8333"),
+            "{err}"
+        );
+        let off = build_s3(
+            &url,
+            &config("http://127.0.0.1:8333", Some(false)),
+            "s3://bucket/prefix",
+        );
+        assert!(off.is_err());
+        for (endpoint, allow) in [
+            ("http://127.0.0.1:8333", Some(true)),
+            ("https://s3.example.com", None),
+        ] {
+            assert!(
+                build_s3(&url, &config(endpoint, allow), "s3://bucket/prefix").is_ok(),
+                "{endpoint}"
+            );
+        }
+    }
 }
