@@ -175,14 +175,14 @@ mod tests {
     #[test]
     fn a_plain_http_endpoint_without_allow_http_is_refused_by_name() {
         let url = Url::parse("s3://bucket/prefix").expect("a URL");
-        let err = build_s3(
+        let Err(err) = build_s3(
             &url,
             &config("http://127.0.0.1:8333", None),
             "s3://bucket/prefix",
-        )
-        .err()
-        .expect("refused")
-        .to_string();
+        ) else {
+            panic!("a plain http endpoint without allow-http was accepted");
+        };
+        let err = err.to_string();
         assert!(
             err.contains("s3.allow-http") && err.contains("http://127.0.0.1:8333"),
             "{err}"
