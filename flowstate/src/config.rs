@@ -606,18 +606,20 @@ impl ConfigLoader {
         let max_parallelism = count("state.max-parallelism")?;
         state_api::validate_max_parallelism(max_parallelism)
             .map_err(|e| invalid("state.max-parallelism", e.to_string()))?;
+        // Flink's bounds, which the checkpoint coordinator enforces too: checked here so the
+        // error names the key and where its value came from.
         let interval = duration("state.checkpoints.interval")?;
-        if interval.is_zero() {
+        if interval < Duration::from_millis(10) {
             return Err(invalid(
                 "state.checkpoints.interval",
-                "must be greater than 0".into(),
+                "must be at least 10ms".into(),
             ));
         }
         let timeout = duration("state.checkpoints.timeout")?;
-        if timeout.is_zero() {
+        if timeout < Duration::from_millis(10) {
             return Err(invalid(
                 "state.checkpoints.timeout",
-                "must be greater than 0".into(),
+                "must be at least 10ms".into(),
             ));
         }
         let max_concurrent = count("state.checkpoints.max-concurrent")?;

@@ -616,7 +616,9 @@ pub fn run_on<B: JobBackend>(opts: JobOptions) -> Result<JobReport, JobError> {
 
     // A final checkpoint, so the next run (or a --restore latest) continues from here.
     let pending = coordinator.trigger_checkpoint()?;
-    let deadline = Instant::now() + config.checkpoints.timeout;
+    // The coordinator aborts the checkpoint at its timeout and says why; this deadline, a little
+    // later, only guards against a coordinator that never answers.
+    let deadline = Instant::now() + config.checkpoints.timeout + Duration::from_secs(5);
     let id = pending.id();
     loop {
         handle_barriers(
@@ -636,19 +638,37 @@ pub fn run_on<B: JobBackend>(opts: JobOptions) -> Result<JobReport, JobError> {
                     checkpoints.push(checkpoint_id);
                     done |= checkpoint_id >= id;
                 }
-                other => {
-                    if matches!(&other, CheckpointEvent::Aborted { checkpoint_id, .. } if *checkpoint_id == id)
-                    {
-                        return Err(format!("the final checkpoint {id} failed: {other:?}").into());
-                    }
+                CheckpointEvent::Aborted {
+                    checkpoint_id,
+                    reason,
+                } if checkpoint_id == id => {
+                    let saved = match checkpoints.last() {
+                        Some(c) => format!("the last saved state is checkpoint {c}'s"),
+                        None => "no checkpoint of this run completed".to_string(),
+                    };
+                    return Err(format!(
+                        "the final checkpoint {id} was aborted: {reason} (state.checkpoints.\
+                         timeout is {}); {saved}",
+                        humantime::format_duration(config.checkpoints.timeout)
+                    )
+                    .into());
                 }
+                CheckpointEvent::JobFailed { reason } => {
+                    return Err(format!("the final checkpoint {id} failed: {reason}").into());
+                }
+                _ => {}
             }
         }
         if done {
             break;
         }
         if Instant::now() > deadline {
-            return Err(format!("the final checkpoint {id} did not complete in time").into());
+            return Err(format!(
+                "the final checkpoint {id} got no answer within state.checkpoints.timeout ({}) \
+                 and 5s more",
+                humantime::format_duration(config.checkpoints.timeout)
+            )
+            .into());
         }
         std::thread::sleep(Duration::from_millis(2));
     }

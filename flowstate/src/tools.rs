@@ -349,11 +349,16 @@ pub fn inspect(config: &Config, path: &str, json_out: bool) -> Result<(), JobErr
                     c_size(ss.bytes)
                 ),
                 (_, None) => outln!(
-                    "  subtask {}: operator state {:?}",
+                    "  subtask {}: operator state [{}]",
                     s.subtask,
                     s.operator_state
                         .as_ref()
-                        .map(|o| o.state_names())
+                        .map(|o| o
+                            .state_names()
+                            .iter()
+                            .map(|n| n.to_string())
+                            .collect::<Vec<_>>()
+                            .join(", "))
                         .unwrap_or_default()
                 ),
             }

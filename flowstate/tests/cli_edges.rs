@@ -340,3 +340,31 @@ fn a_run_fenced_by_another_says_what_happened_and_what_to_do() {
         "{err}"
     );
 }
+
+#[test]
+fn checkpoint_bounds_are_checked_at_start_naming_key_and_source() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("ck");
+    for (var, key) in [
+        (
+            "FLOWSTATE_STATE_CHECKPOINTS_TIMEOUT",
+            "state.checkpoints.timeout",
+        ),
+        (
+            "FLOWSTATE_STATE_CHECKPOINTS_INTERVAL",
+            "state.checkpoints.interval",
+        ),
+    ] {
+        let out = bin()
+            .args(["run", "--events", "10", "--checkpoint-dir"])
+            .arg(&dir)
+            .env(var, "5ms")
+            .output()
+            .unwrap();
+        let err = failed(&out);
+        assert!(
+            err.contains(&format!("'{key}'")) && err.contains(var) && err.contains("10ms"),
+            "{err}"
+        );
+    }
+}
