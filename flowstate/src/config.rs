@@ -867,7 +867,7 @@ mod tests {
         );
         let e = err("[state.checkpoints]\ninterval = \"0s\"\n");
         assert!(
-            e.contains("state.checkpoints.interval") && e.contains("greater than 0"),
+            e.contains("state.checkpoints.interval") && e.contains("at least 10ms"),
             "{e}"
         );
         let e = err("[state.checkpoints]\ninterval = 10\n");
