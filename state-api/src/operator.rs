@@ -727,7 +727,6 @@ mod tests {
                 .with_serializer(
                     PostcardSerializer::<String>::new()
                         .with_version(2)
-                        .with_schema(std::any::type_name::<u64>())
                         .with_migration(1, |b| {
                             PostcardSerializer::<u64>::new()
                                 .deserialize(b)

@@ -872,6 +872,150 @@ pub fn schema_evolution<F: BackendFactory>(f: &F) {
     assert!(err.to_string().contains("key"), "{err}");
 }
 
+/// An order as version 1 of an application wrote it.
+mod shop_v1 {
+    /// The order.
+    #[derive(serde::Serialize, serde::Deserialize, Clone, Debug, PartialEq)]
+    pub struct Order {
+        pub id: u64,
+        pub item: String,
+    }
+}
+
+/// The same order after the type moved to another module (its `type_name` changed).
+mod shop_v2 {
+    pub mod model {
+        /// The order, moved.
+        #[derive(serde::Serialize, serde::Deserialize, Clone, Debug, PartialEq)]
+        pub struct Order {
+            pub id: u64,
+            pub item: String,
+        }
+    }
+}
+
+/// Schema names decide compatibility, never Rust type names: an unnamed type moved to another
+/// module restores as is; an explicit rename without a declared alias or migration is a clear
+/// `IncompatibleSerializer` error naming both schemas and the ways out (the data stays pending);
+/// with an alias it restores as is, with a version bump and a migration it is migrated.
+pub fn schema_names<F: BackendFactory>(f: &F) {
+    use shop_v1::Order as Old;
+    use shop_v2::model::Order as New;
+    let write = |ser: PostcardSerializer<Old>| {
+        let mut b = f.create::<u64>(BackendConfig::full(128)).unwrap();
+        let h = b
+            .register_value(
+                ValueStateDescriptor::<Old>::new("orders")
+                    .unwrap()
+                    .with_value_serializer(ser),
+            )
+            .unwrap();
+        for k in 0..30u64 {
+            b.set_current_key(k).unwrap();
+            let order = Old {
+                id: k,
+                item: format!("item-{k}"),
+            };
+            b.value(&h).update(order).unwrap();
+        }
+        snapshot_bytes(&mut b)
+    };
+    let read = |bytes: &Vec<u8>, ser: PostcardSerializer<New>| -> Result<Vec<Option<New>>> {
+        let mut r = f.create::<u64>(BackendConfig::full(128)).unwrap();
+        restore_from(&mut r, &[bytes]).unwrap();
+        let h = r.register_value(
+            ValueStateDescriptor::<New>::new("orders")
+                .unwrap()
+                .with_value_serializer(ser),
+        )?;
+        (0..30u64)
+            .map(|k| {
+                r.set_current_key(k).unwrap();
+                r.value(&h).get()
+            })
+            .collect()
+    };
+    let expected: Vec<Option<New>> = (0..30u64)
+        .map(|k| {
+            Some(New {
+                id: k,
+                item: format!("item-{k}"),
+            })
+        })
+        .collect();
+
+    // Unnamed, moved to another module: as is.
+    let unnamed = write(PostcardSerializer::new());
+    assert_eq!(read(&unnamed, PostcardSerializer::new()).unwrap(), expected);
+    // Naming a previously unnamed state is not a rename.
+    assert_eq!(
+        read(&unnamed, PostcardSerializer::named("shop.Order")).unwrap(),
+        expected
+    );
+
+    // Named, moved and renamed without a word: refused, saying how to resolve it.
+    let named = write(PostcardSerializer::named("shop.Order"));
+    assert_eq!(
+        read(&named, PostcardSerializer::named("shop.Order")).unwrap(),
+        expected,
+        "same name, moved type"
+    );
+    let err = read(&named, PostcardSerializer::named("shop.Purchase")).unwrap_err();
+    assert!(matches!(err, Error::IncompatibleSerializer { .. }), "{err}");
+    let msg = err.to_string();
+    for part in [
+        "'orders'",
+        "'shop.Order'",
+        "'shop.Purchase'",
+        "rename the schema back",
+        "with_migration",
+        "with_alias(\"shop.Order\")",
+    ] {
+        assert!(msg.contains(part), "{part} missing from: {msg}");
+    }
+    // The rename declared compatible: as is.
+    assert_eq!(
+        read(
+            &named,
+            PostcardSerializer::named("shop.Purchase").with_alias("shop.Order")
+        )
+        .unwrap(),
+        expected
+    );
+    // The rename with a migration: every value goes through it.
+    let migrated = read(
+        &named,
+        PostcardSerializer::named("shop.Purchase")
+            .with_version(2)
+            .with_migration(1, |bytes| {
+                let old: Old = PostcardSerializer::new().deserialize(bytes)?;
+                Ok(New {
+                    id: old.id,
+                    item: old.item.to_uppercase(),
+                })
+            }),
+    )
+    .unwrap();
+    assert_eq!(
+        migrated[3].as_ref().map(|o| o.item.as_str()),
+        Some("ITEM-3")
+    );
+
+    // A snapshot from before schema names holds the old type name: an unnamed type reads it
+    // as is, a named one once the old type name is declared.
+    let legacy = write(PostcardSerializer::new().with_schema("my_app::shop::Order"));
+    assert_eq!(read(&legacy, PostcardSerializer::new()).unwrap(), expected);
+    assert!(read(&legacy, PostcardSerializer::named("shop.Order")).is_err());
+    assert_eq!(
+        read(
+            &legacy,
+            PostcardSerializer::named("shop.Order").with_alias("my_app::shop::Order")
+        )
+        .unwrap(),
+        expected
+    );
+}
+
 /// Namespace serializers migrate like value serializers (Flink refuses a namespace serializer
 /// that needs migration; Flowstate runs the user's migration): windows written as `u32` starts
 /// come back as `u64` starts, and without a migration the change is a clear error.
@@ -1510,6 +1654,7 @@ macro_rules! conformance_tests {
             ttl_enabled_by_re_registration_keeps_values,
             ttl_cleanup_on_snapshot_and_incrementally,
             schema_evolution,
+            schema_names,
             namespace_serializer_migration,
             corrupt_snapshots_are_errors,
             operator_state_round_trip,

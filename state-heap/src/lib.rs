@@ -335,7 +335,7 @@ fn is_int_key<K: Any>() -> bool {
 /// True when the key serializer is [`FixedWidthSerializer<K>`] for the integer type `K`.
 fn is_fixed_width_for<K: Any>(snapshot: &state_api::SerializerSnapshot) -> bool {
     snapshot.id == state_api::FIXED_WIDTH_SERIALIZER_ID
-        && snapshot.schema == std::any::type_name::<K>().as_bytes()
+        && state_api::builtin_schema_name::<K>().is_some_and(|n| snapshot.schema == n.as_bytes())
 }
 
 /// True when TTL cleanup runs on every record (`set_current_key`).
