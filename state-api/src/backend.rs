@@ -128,6 +128,10 @@ pub trait KeyedStateSnapshot: Send {
     fn key_group_range(&self) -> KeyGroupRange;
 }
 
+/// The keys of a state, one at a time ([`KeyedStateBackend::keys`]); an item is an error when a
+/// key cannot be read (a damaged file, a key that does not deserialize).
+pub type KeyIter<'a, K> = Box<dyn Iterator<Item = Result<K>> + 'a>;
+
 /// Keyed state storage for one subtask: the primitive operations every backend provides.
 ///
 /// Users normally go through the accessors of [`KeyedStateBackendExt`]. Semantics follow
@@ -308,8 +312,19 @@ pub trait KeyedStateBackend: Send {
         sources: &[N],
     ) -> Result<()>;
 
-    /// Every key with state in `ns` for this state (Flink's `getKeys`), in no particular order.
-    fn keys<N: Namespace>(&mut self, h: &dyn StateHandle<N>, ns: &N) -> Result<Vec<Self::Key>>;
+    /// Every key with state in `ns` for this state (Flink's `getKeys`), in no particular order,
+    /// produced as the iterator is advanced: on the mmap backend the keys stream from the
+    /// engine, so iterating a state larger than memory keeps memory flat.
+    ///
+    /// The iterator borrows the backend: a caller that wants to `set_current_key` (or write)
+    /// while going through the keys collects them first
+    /// (`backend.keys(h, ns)?.collect::<Result<Vec<_>>>()?`), as in Flink, where changing
+    /// state while iterating `getKeys` is not supported either.
+    fn keys<'a, N: Namespace>(
+        &'a mut self,
+        h: &dyn StateHandle<N>,
+        ns: &N,
+    ) -> Result<KeyIter<'a, Self::Key>>;
 
     /// Registers (or re-obtains) a timer service; restored timers of that name are checked and
     /// loaded here.

@@ -129,7 +129,11 @@ pub fn value_state_semantics<F: BackendFactory>(f: &F) {
     assert_eq!(b.value_in(&hn, &"w2".to_string()).get().unwrap(), Some(2));
     b.set_current_key(3).unwrap();
     b.value_in(&hn, &"w2".to_string()).update(3).unwrap();
-    let mut keys = b.keys(&hn, &"w2".to_string()).unwrap();
+    let mut keys = b
+        .keys(&hn, &"w2".to_string())
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
     keys.sort();
     assert_eq!(keys, vec![1, 3]);
 }
@@ -154,7 +158,12 @@ pub fn list_state_semantics<F: BackendFactory>(f: &F) {
     b.list(&h).add_all(vec![5, 6]).unwrap();
     b.list(&h).clear().unwrap();
     assert_eq!(b.list(&h).get().unwrap(), None);
-    assert!(b.keys(&h, &()).unwrap().is_empty());
+    assert!(b
+        .keys(&h, &())
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap()
+        .is_empty());
 }
 
 /// Map state: put, put_all, get, contains, remove, iteration, emptiness.
@@ -193,7 +202,11 @@ pub fn map_state_semantics<F: BackendFactory>(f: &F) {
     b.map(&h).remove(&"c".into()).unwrap();
     assert!(b.map(&h).is_empty().unwrap());
     assert!(
-        b.keys(&h, &()).unwrap().is_empty(),
+        b.keys(&h, &())
+            .unwrap()
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap()
+            .is_empty(),
         "an empty map is absent"
     );
     b.map(&h).put("x".into(), 1).unwrap();
@@ -771,28 +784,52 @@ pub fn ttl_cleanup_on_snapshot_and_incrementally<F: BackendFactory>(f: &F) {
         )
         .unwrap();
     assert!(
-        r.keys(&rf, &()).unwrap().is_empty(),
+        r.keys(&rf, &())
+            .unwrap()
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap()
+            .is_empty(),
         "full-snapshot cleanup dropped expired entries"
     );
     assert_eq!(
-        r.keys(&rn, &()).unwrap().len(),
+        r.keys(&rn, &())
+            .unwrap()
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap()
+            .len(),
         100,
         "without cleanup they survive the snapshot"
     );
 
     // Incremental cleanup: accessing one key checks 10 other entries each time.
     b.set_current_key(0).unwrap();
-    assert_eq!(b.keys(&inc, &()).unwrap().len(), 100);
+    assert_eq!(
+        b.keys(&inc, &())
+            .unwrap()
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap()
+            .len(),
+        100
+    );
     for _ in 0..30 {
         b.value(&inc).update(1).unwrap();
     }
-    let left = b.keys(&inc, &()).unwrap().len();
+    let left = b
+        .keys(&inc, &())
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap()
+        .len();
     assert!(
         left <= 1,
         "incremental cleanup removed expired entries ({left} left)"
     );
     assert_eq!(
-        b.keys(&none, &()).unwrap().len(),
+        b.keys(&none, &())
+            .unwrap()
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap()
+            .len(),
         100,
         "states without it keep theirs"
     );

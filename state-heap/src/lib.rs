@@ -1280,7 +1280,11 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
         t.merge(cur, target, &sources.to_vec(), now)
     }
 
-    fn keys<N: Namespace>(&mut self, h: &dyn StateHandle<N>, ns: &N) -> Result<Vec<K>> {
+    fn keys<'a, N: Namespace>(
+        &'a mut self,
+        h: &dyn StateHandle<N>,
+        ns: &N,
+    ) -> Result<KeyIter<'a, K>> {
         let name = h.state_name().clone();
         self.tables
             .get(h.state_id().0 as usize)

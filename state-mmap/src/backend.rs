@@ -1607,32 +1607,24 @@ impl<K: StateKey> KeyedStateBackend for MmapKeyedStateBackend<K> {
         Ok(self.db.put(&target_key, &out)?)
     }
 
-    fn keys<N: Namespace>(&mut self, h: &dyn StateHandle<N>, ns: &N) -> Result<Vec<K>> {
+    fn keys<'a, N: Namespace>(
+        &'a mut self,
+        h: &dyn StateHandle<N>,
+        ns: &N,
+    ) -> Result<KeyIter<'a, K>> {
         let name = h.state_name().clone();
         let (_, e) = self.erased(h.state_id(), &name)?;
         let id = e.id;
         let mut ns_bytes = Vec::new();
         e.typed.ns_bytes(&name, ns, &mut ns_bytes)?;
-        let mut out = Vec::new();
-        let mut last: Option<Vec<u8>> = None;
-        for kg in self.range.iter() {
-            let prefix = kg_state(kg, id);
-            let end = end_of(&prefix);
-            let mut it = self.db.iter(&prefix, end.as_deref())?;
-            while let Some((k, _)) = it.next()? {
-                let p = parse_key(k, name.as_str())?;
-                if p.ns != &ns_bytes[..] || last.as_deref() == Some(p.key) {
-                    continue;
-                }
-                last = Some(p.key.to_vec());
-                out.push(
-                    self.key_serializer
-                        .deserialize(p.key)
-                        .map_err(de_err(&name, "key"))?,
-                );
-            }
-        }
-        Ok(out)
+        Ok(Box::new(crate::keys::Keys::new(
+            self.db.snapshot(),
+            self.range.iter(),
+            id,
+            ns_bytes,
+            name,
+            Arc::clone(&self.key_serializer),
+        )))
     }
 
     fn register_timer_service<N: Namespace>(
