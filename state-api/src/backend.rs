@@ -132,6 +132,10 @@ pub trait KeyedStateSnapshot: Send {
 /// key cannot be read (a damaged file, a key that does not deserialize).
 pub type KeyIter<'a, K> = Box<dyn Iterator<Item = Result<K>> + 'a>;
 
+/// The entries of a map state, one at a time ([`KeyedStateBackend::map_entries`]); an item is
+/// an error when an entry cannot be read.
+pub type MapIter<'a, UK, UV> = Box<dyn Iterator<Item = Result<(UK, UV)>> + 'a>;
+
 /// Keyed state storage for one subtask: the primitive operations every backend provides.
 ///
 /// Users normally go through the accessors of [`KeyedStateBackendExt`]. Semantics follow
@@ -258,12 +262,14 @@ pub trait KeyedStateBackend: Send {
         ns: &N,
         user_key: &UK,
     ) -> Result<bool>;
-    /// Every visible entry, in the backend's order.
-    fn map_entries<UK: MapKey, UV: StateType, N: Namespace>(
-        &mut self,
+    /// Every visible entry, in the backend's order, produced as the iterator is advanced (on
+    /// the mmap backend a map without TTL streams from the engine). The iterator borrows the
+    /// backend; collect it to write while going through the entries.
+    fn map_entries<'a, UK: MapKey, UV: StateType, N: Namespace>(
+        &'a mut self,
         h: &MapStateHandle<UK, UV, N>,
         ns: &N,
-    ) -> Result<Vec<(UK, UV)>>;
+    ) -> Result<MapIter<'a, UK, UV>>;
     /// True when the map has no visible entry.
     fn map_is_empty<UK: MapKey, UV: StateType, N: Namespace>(
         &mut self,
@@ -579,17 +585,18 @@ impl<B: KeyedStateBackend, UK: MapKey, UV: StateType, N: Namespace> MapState<'_,
     pub fn contains(&mut self, user_key: &UK) -> Result<bool> {
         self.b.map_contains(self.h, self.ns, user_key)
     }
-    /// Every entry.
-    pub fn iter(&mut self) -> Result<Vec<(UK, UV)>> {
+    /// Every entry, as the iterator is advanced (collect it with
+    /// `.collect::<Result<Vec<_>>>()`).
+    pub fn iter(&mut self) -> Result<MapIter<'_, UK, UV>> {
         self.b.map_entries(self.h, self.ns)
     }
-    /// Every user key.
-    pub fn keys(&mut self) -> Result<Vec<UK>> {
-        Ok(self.iter()?.into_iter().map(|(k, _)| k).collect())
+    /// Every user key, as the iterator is advanced.
+    pub fn keys(&mut self) -> Result<impl Iterator<Item = Result<UK>> + '_> {
+        Ok(self.iter()?.map(|e| e.map(|(k, _)| k)))
     }
-    /// Every user value.
-    pub fn values(&mut self) -> Result<Vec<UV>> {
-        Ok(self.iter()?.into_iter().map(|(_, v)| v).collect())
+    /// Every user value, as the iterator is advanced.
+    pub fn values(&mut self) -> Result<impl Iterator<Item = Result<UV>> + '_> {
+        Ok(self.iter()?.map(|e| e.map(|(_, v)| v)))
     }
     /// True when the map has no entry.
     pub fn is_empty(&mut self) -> Result<bool> {

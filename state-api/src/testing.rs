@@ -183,15 +183,32 @@ pub fn map_state_semantics<F: BackendFactory>(f: &F) {
     assert_eq!(b.map(&h).get(&"a".into()).unwrap(), Some(10));
     assert!(b.map(&h).contains(&"b".into()).unwrap());
     assert!(!b.map(&h).contains(&"z".into()).unwrap());
-    let mut entries = b.map(&h).iter().unwrap();
+    let mut entries = b
+        .map(&h)
+        .iter()
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
     entries.sort();
     assert_eq!(
         entries,
         vec![("a".into(), 10), ("b".into(), 2), ("c".into(), 3)]
     );
-    let keys: BTreeSet<String> = b.map(&h).keys().unwrap().into_iter().collect();
+    let keys: BTreeSet<String> = b
+        .map(&h)
+        .keys()
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap()
+        .into_iter()
+        .collect();
     assert_eq!(keys.len(), 3);
-    let mut values = b.map(&h).values().unwrap();
+    let mut values = b
+        .map(&h)
+        .values()
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
     values.sort();
     assert_eq!(values, vec![2, 3, 10]);
     b.map(&h).remove(&"a".into()).unwrap();
@@ -410,7 +427,15 @@ fn check<B: KeyedStateBackend<Key = u64>>(b: &mut B, h: &AllKinds, k: u64) -> bo
     );
     assert_eq!(b.list(&h.l).get().unwrap(), Some(vec![k, k + 1]));
     assert_eq!(b.map(&h.m).get(&2).unwrap(), Some(format!("b{k}")));
-    assert_eq!(b.map(&h.m).iter().unwrap().len(), 2);
+    assert_eq!(
+        b.map(&h.m)
+            .iter()
+            .unwrap()
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap()
+            .len(),
+        2
+    );
     assert_eq!(b.reducing(&h.r).get().unwrap(), Some(k + 1));
     assert_eq!(b.aggregating(&h.a).get().unwrap(), Some(k as f64 + 1.0));
     true
@@ -721,7 +746,14 @@ pub fn ttl_semantics<F: BackendFactory>(f: &F) {
     );
     assert_eq!(b.list(&l).get().unwrap(), Some(vec![11]), "per element TTL");
     assert_eq!(b.map(&m).get(&1).unwrap(), None, "per entry TTL");
-    assert_eq!(b.map(&m).iter().unwrap(), vec![(2, 200)]);
+    assert_eq!(
+        b.map(&m)
+            .iter()
+            .unwrap()
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap(),
+        vec![(2, 200)]
+    );
     clock.advance(1000);
     assert_eq!(b.list(&l).get().unwrap(), None);
     assert!(b.map(&m).is_empty().unwrap());
@@ -1260,7 +1292,14 @@ fn compare<B: KeyedStateBackend<Key = u8>>(
                 b.list_in(&h.1, &ns).get().unwrap(),
                 model.lists.get(&(k, ns)).cloned()
             );
-            let got: BTreeMap<u8, u16> = b.map_in(&h.2, &ns).iter().unwrap().into_iter().collect();
+            let got: BTreeMap<u8, u16> = b
+                .map_in(&h.2, &ns)
+                .iter()
+                .unwrap()
+                .collect::<Result<Vec<_>, _>>()
+                .unwrap()
+                .into_iter()
+                .collect();
             prop_assert_eq!(&got, &model.maps.get(&(k, ns)).cloned().unwrap_or_default());
             prop_assert_eq!(b.map_in(&h.2, &ns).is_empty().unwrap(), got.is_empty());
         }
@@ -1370,6 +1409,8 @@ pub fn model_based_property_test<F: BackendFactory>(f: &F) {
                         let map: BTreeMap<u8, u16> = half
                             .map_in(&hh.2, &ns)
                             .iter()
+                            .unwrap()
+                            .collect::<Result<Vec<_>, _>>()
                             .unwrap()
                             .into_iter()
                             .collect();

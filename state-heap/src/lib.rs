@@ -1147,28 +1147,26 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
         Ok(self.map_get(h, ns, user_key)?.is_some())
     }
 
-    fn map_entries<UK: MapKey, UV: StateType, N: Namespace>(
-        &mut self,
+    fn map_entries<'a, UK: MapKey, UV: StateType, N: Namespace>(
+        &'a mut self,
         h: &MapStateHandle<UK, UV, N>,
         ns: &N,
-    ) -> Result<Vec<(UK, UV)>> {
+    ) -> Result<MapIter<'a, UK, UV>> {
         let (cur, t) =
             access::<K, N, MapKind<UK, UV>>(&mut self.tables, &self.current, h.id(), h.name())?;
         let Some(ttl) = t.ttl else {
-            return Ok(t
-                .find(cur, ns)
-                .map(|e| {
-                    e.value
-                        .iter()
-                        .map(|(k, (v, _))| (k.clone(), v.clone()))
-                        .collect()
-                })
-                .unwrap_or_default());
+            // Without TTL nothing is written on a read: the entries are cloned as they go.
+            let Some(e) = t.find(cur, ns) else {
+                return Ok(Box::new(std::iter::empty()));
+            };
+            return Ok(Box::new(
+                e.value.iter().map(|(k, (v, _))| Ok((k.clone(), v.clone()))),
+            ));
         };
         let now = self.clock.now_millis();
         after_access(t, now);
         let Some(e) = t.find(cur, ns) else {
-            return Ok(Vec::new());
+            return Ok(Box::new(std::iter::empty()));
         };
         let any_expired = e.value.values().any(|(_, ts)| ttl.is_expired(*ts, now));
         let out: Vec<(UK, UV)> = e
@@ -1188,7 +1186,7 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
                 }
             }
         }
-        Ok(out)
+        Ok(Box::new(out.into_iter().map(Ok)))
     }
 
     fn map_is_empty<UK: MapKey, UV: StateType, N: Namespace>(

@@ -81,7 +81,12 @@ fn compaction_drops_expired_entries_and_elements() {
             Some(vec![2]),
             "expired element dropped"
         );
-        let mut entries = b.map(&m).iter().unwrap();
+        let mut entries = b
+            .map(&m)
+            .iter()
+            .unwrap()
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
         entries.sort();
         let want = if k % 2 == 0 { vec![(2, k)] } else { vec![] };
         assert_eq!(entries, want);
