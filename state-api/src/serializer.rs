@@ -136,10 +136,11 @@ pub trait StateSerializer<T>: Send + Sync + 'static {
 /// output is unspecified and changes when a type moves to another module or crate):
 ///
 /// - **Built-in types** get a fixed name: the integers, `f32`, `f64`, `bool`, `char`, `()`,
-///   `String` and `Vec<u8>`, and `Vec`, `Option` and tuples (up to three) of the common ones
-///   (`u64`, `i64`, `u32`, `i32`, `String`), named as they are written in Rust (`"u64"`,
-///   `"String"`, `"(u64, String)"`, `"Vec<u64>"`): [`builtin_schema_name`] lists them. A state
-///   restored with another built-in type (a `u64` state read as a `String`) is incompatible.
+///   `String`, `Vec<u8>`, and a fixed set of common `Vec`s, `Option`s and tuples of `u64`,
+///   `i64`, `u32`, `i32` and `String`, named as they are written in Rust (`"u64"`, `"String"`,
+///   `"(u64, String)"`, `"Vec<u64>"`); [`builtin_schema_name`] tells whether a type has one
+///   (other tuples and containers are unnamed, as your own types). A state restored with
+///   another built-in type (a `u64` state read as a `String`) is incompatible.
 /// - **Your own types** are unnamed unless you name them with [`PostcardSerializer::named`]
 ///   (`PostcardSerializer::<Order>::named("shop.Order")`). An unnamed type is compatible with any
 ///   snapshot that is not of a built-in type: moving or renaming the Rust type changes nothing,
@@ -195,13 +196,16 @@ macro_rules! builtin_names {
     };
 }
 
-const S: &str = "alloc::string::String";
+/// `type_name::<String>()` as earlier releases stored it.
+const LEGACY_STRING: &str = "alloc::string::String";
 
+// The list is part of the snapshot format: a type added later turns its default from unnamed
+// (empty schema) into named, so an addition must also read the empty schema as is.
 builtin_names! {
     u8 => "u8", u16 => "u16", u32 => "u32", u64 => "u64", u128 => "u128", usize => "usize",
     i8 => "i8", i16 => "i16", i32 => "i32", i64 => "i64", i128 => "i128", isize => "isize",
     f32 => "f32", f64 => "f64", bool => "bool", char => "char", () => "()",
-    String => S,
+    String => LEGACY_STRING,
     Vec<u8> => "alloc::vec::Vec<u8>",
     Vec<u32> => "alloc::vec::Vec<u32>",
     Vec<u64> => "alloc::vec::Vec<u64>",
