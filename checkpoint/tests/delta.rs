@@ -103,7 +103,12 @@ fn dump(tasks: &mut [Task], keys: u64) -> BTreeMap<(u64, u32), String> {
             for ns in 0..3u32 {
                 let v = t.b.value_in(&t.h.v, &ns).get().unwrap();
                 let l = t.b.list_in(&t.h.l, &ns).get().unwrap();
-                let mut m = t.b.map_in(&t.h.m, &ns).iter().unwrap();
+                let mut m =
+                    t.b.map_in(&t.h.m, &ns)
+                        .iter()
+                        .unwrap()
+                        .collect::<state_api::Result<Vec<_>>>()
+                        .unwrap();
                 m.sort();
                 let r = t.b.reducing_in(&t.h.r, &ns).get().unwrap();
                 let a = t.b.aggregating_in(&t.h.a, &ns).get().unwrap();

@@ -677,7 +677,9 @@ pub fn run_on<B: JobBackend>(opts: JobOptions) -> Result<JobReport, JobError> {
     let mut lines = BTreeMap::new();
     let (mut windows_closed, mut bids_closed, mut bidders_n) = (0, 0, 0);
     for (a, s) in auctions.iter_mut().zip(&auction_states) {
-        for key in a.backend.keys(&s.closed, &())? {
+        // Collected: the loop sets the current key, which the keys' iterator would borrow.
+        let keys: Vec<u64> = a.backend.keys(&s.closed, &())?.collect::<Result<_, _>>()?;
+        for key in keys {
             a.backend.set_current_key(key)?;
             if let Some((w, n, m)) = a.backend.value(&s.closed).get()? {
                 windows_closed += w;
@@ -687,8 +689,10 @@ pub fn run_on<B: JobBackend>(opts: JobOptions) -> Result<JobReport, JobError> {
         }
     }
     for (b, s) in bidders.iter_mut().zip(&bidder_states) {
-        let mut keys = b.backend.keys(&s.spend, &())?;
-        keys.extend(b.backend.keys(&s.city, &())?);
+        let mut keys: Vec<u64> = b.backend.keys(&s.spend, &())?.collect::<Result<_, _>>()?;
+        for key in b.backend.keys(&s.city, &())? {
+            keys.push(key?);
+        }
         keys.sort_unstable();
         keys.dedup();
         for key in keys {

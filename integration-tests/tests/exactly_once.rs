@@ -505,7 +505,11 @@ fn run_job<B: EoBackend>(dir: &FsPath) -> std::result::Result<(), Box<dyn std::e
     // Every input is processed and checkpointed: write the result.
     let mut out = Output::new();
     for k in keyed.iter_mut() {
-        for key in k.backend.keys(&k.total, &())? {
+        let keys = k
+            .backend
+            .keys(&k.total, &())?
+            .collect::<state_api::Result<Vec<_>>>()?;
+        for key in keys {
             k.backend.set_current_key(key)?;
             let t = k.backend.value(&k.total).get()?.unwrap_or(0);
             out.insert(format!("total {key}"), t);

@@ -176,7 +176,12 @@ fn check<B: KeyedStateBackend<Key = u64>>(b: &mut B, snapshot: &[u8], what: &str
     let mut seen = 0;
     for k in (0..KEYS).filter(|k| range.contains(kg(*k))) {
         b.set_current_key(k).unwrap();
-        let mut map = b.map(&h.map).iter().unwrap();
+        let mut map = b
+            .map(&h.map)
+            .iter()
+            .unwrap()
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
         map.sort();
         let got = Contents {
             value: b.value(&h.value).get().unwrap(),

@@ -85,7 +85,7 @@ fn dump<B: KeyedStateBackend<Key = u64>>(b: &mut B) -> state_api::Result<Dump> {
         b.set_current_key(k)?;
         let v = b.value(&s.v).get()?;
         let l = b.list(&s.l).get()?;
-        let mut m = b.map(&s.m).iter()?;
+        let mut m = b.map(&s.m).iter()?.collect::<state_api::Result<Vec<_>>>()?;
         m.sort();
         if v.is_some() || l.is_some() || !m.is_empty() {
             out.insert(k, format!("{v:?} {l:?} {m:?}"));

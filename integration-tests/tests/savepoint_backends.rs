@@ -56,7 +56,12 @@ fn dump<B: KeyedStateBackend<Key = u64>>(b: &mut B) -> BTreeMap<u64, (u64, Vec<(
     for k in (0..KEYS).filter(|k| r.contains(kg(*k))) {
         b.set_current_key(k).unwrap();
         if let Some(x) = b.value(&v).get().unwrap() {
-            let mut e = b.map(&m).iter().unwrap();
+            let mut e = b
+                .map(&m)
+                .iter()
+                .unwrap()
+                .collect::<state_api::Result<Vec<_>>>()
+                .unwrap();
             e.sort();
             out.insert(k, (x, e));
         }

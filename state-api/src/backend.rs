@@ -128,6 +128,14 @@ pub trait KeyedStateSnapshot: Send {
     fn key_group_range(&self) -> KeyGroupRange;
 }
 
+/// The keys of a state, one at a time ([`KeyedStateBackend::keys`]); an item is an error when a
+/// key cannot be read (a damaged file, a key that does not deserialize).
+pub type KeyIter<'a, K> = Box<dyn Iterator<Item = Result<K>> + 'a>;
+
+/// The entries of a map state, one at a time ([`KeyedStateBackend::map_entries`]); an item is
+/// an error when an entry cannot be read.
+pub type MapIter<'a, UK, UV> = Box<dyn Iterator<Item = Result<(UK, UV)>> + 'a>;
+
 /// Keyed state storage for one subtask: the primitive operations every backend provides.
 ///
 /// Users normally go through the accessors of [`KeyedStateBackendExt`]. Semantics follow
@@ -254,12 +262,14 @@ pub trait KeyedStateBackend: Send {
         ns: &N,
         user_key: &UK,
     ) -> Result<bool>;
-    /// Every visible entry, in the backend's order.
-    fn map_entries<UK: MapKey, UV: StateType, N: Namespace>(
-        &mut self,
+    /// Every visible entry, in the backend's order, produced as the iterator is advanced (on
+    /// the mmap backend a map without TTL streams from the engine). The iterator borrows the
+    /// backend; collect it to write while going through the entries.
+    fn map_entries<'a, UK: MapKey, UV: StateType, N: Namespace>(
+        &'a mut self,
         h: &MapStateHandle<UK, UV, N>,
         ns: &N,
-    ) -> Result<Vec<(UK, UV)>>;
+    ) -> Result<MapIter<'a, UK, UV>>;
     /// True when the map has no visible entry.
     fn map_is_empty<UK: MapKey, UV: StateType, N: Namespace>(
         &mut self,
@@ -308,8 +318,19 @@ pub trait KeyedStateBackend: Send {
         sources: &[N],
     ) -> Result<()>;
 
-    /// Every key with state in `ns` for this state (Flink's `getKeys`), in no particular order.
-    fn keys<N: Namespace>(&mut self, h: &dyn StateHandle<N>, ns: &N) -> Result<Vec<Self::Key>>;
+    /// Every key with state in `ns` for this state (Flink's `getKeys`), in no particular order,
+    /// produced as the iterator is advanced: on the mmap backend the keys stream from the
+    /// engine, so iterating a state larger than memory keeps memory flat.
+    ///
+    /// The iterator borrows the backend: a caller that wants to `set_current_key` (or write)
+    /// while going through the keys collects them first
+    /// (`backend.keys(h, ns)?.collect::<Result<Vec<_>>>()?`), as in Flink, where changing
+    /// state while iterating `getKeys` is not supported either.
+    fn keys<'a, N: Namespace>(
+        &'a mut self,
+        h: &dyn StateHandle<N>,
+        ns: &N,
+    ) -> Result<KeyIter<'a, Self::Key>>;
 
     /// Registers (or re-obtains) a timer service; restored timers of that name are checked and
     /// loaded here.
@@ -564,17 +585,18 @@ impl<B: KeyedStateBackend, UK: MapKey, UV: StateType, N: Namespace> MapState<'_,
     pub fn contains(&mut self, user_key: &UK) -> Result<bool> {
         self.b.map_contains(self.h, self.ns, user_key)
     }
-    /// Every entry.
-    pub fn iter(&mut self) -> Result<Vec<(UK, UV)>> {
+    /// Every entry, as the iterator is advanced (collect it with
+    /// `.collect::<Result<Vec<_>>>()`).
+    pub fn iter(&mut self) -> Result<MapIter<'_, UK, UV>> {
         self.b.map_entries(self.h, self.ns)
     }
-    /// Every user key.
-    pub fn keys(&mut self) -> Result<Vec<UK>> {
-        Ok(self.iter()?.into_iter().map(|(k, _)| k).collect())
+    /// Every user key, as the iterator is advanced.
+    pub fn keys(&mut self) -> Result<impl Iterator<Item = Result<UK>> + '_> {
+        Ok(self.iter()?.map(|e| e.map(|(k, _)| k)))
     }
-    /// Every user value.
-    pub fn values(&mut self) -> Result<Vec<UV>> {
-        Ok(self.iter()?.into_iter().map(|(_, v)| v).collect())
+    /// Every user value, as the iterator is advanced.
+    pub fn values(&mut self) -> Result<impl Iterator<Item = Result<UV>> + '_> {
+        Ok(self.iter()?.map(|e| e.map(|(_, v)| v)))
     }
     /// True when the map has no entry.
     pub fn is_empty(&mut self) -> Result<bool> {

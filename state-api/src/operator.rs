@@ -712,6 +712,86 @@ mod tests {
         }
     }
 
+    /// Operator state follows schema names as keyed state does: an unnamed type moved to
+    /// another module restores as is, a rename is refused until declared, the old built-in
+    /// type name of the v1 format (`alloc::string::String`) still restores.
+    #[test]
+    fn operator_state_schema_names() {
+        mod before {
+            #[derive(serde::Serialize, serde::Deserialize, Clone, Debug, PartialEq)]
+            pub struct Offset(pub u64);
+        }
+        mod after {
+            #[derive(serde::Serialize, serde::Deserialize, Clone, Debug, PartialEq)]
+            pub struct Offset(pub u64);
+        }
+        let list = |name: &str, ser: PostcardSerializer<after::Offset>| {
+            OperatorListStateDescriptor::<after::Offset>::new(name, RedistributionMode::Union)
+                .unwrap()
+                .with_serializer(ser)
+        };
+        let mut s = OperatorStateStore::new();
+        for (name, ser) in [
+            ("unnamed", PostcardSerializer::<before::Offset>::new()),
+            ("named", PostcardSerializer::named("src.Offset")),
+        ] {
+            let d =
+                OperatorListStateDescriptor::<before::Offset>::new(name, RedistributionMode::Union)
+                    .unwrap()
+                    .with_serializer(ser);
+            s.list_state(&d)
+                .unwrap()
+                .update(&[before::Offset(5)])
+                .unwrap();
+        }
+        let mut r = OperatorStateStore::decode(&s.encode().unwrap(), "op").unwrap();
+        let got = |r: &mut OperatorStateStore, d: &OperatorListStateDescriptor<after::Offset>| {
+            r.list_state(d).map(|l| l.get().unwrap())
+        };
+        assert_eq!(
+            got(&mut r, &list("unnamed", PostcardSerializer::new())).unwrap(),
+            vec![after::Offset(5)]
+        );
+        let err = got(
+            &mut r,
+            &list("named", PostcardSerializer::named("src.Position")),
+        )
+        .err()
+        .unwrap();
+        assert!(matches!(err, Error::IncompatibleSerializer { .. }), "{err}");
+        assert!(err.to_string().contains("'src.Offset'"), "{err}");
+        assert!(err.to_string().contains("with_alias"), "{err}");
+        assert_eq!(
+            got(
+                &mut r,
+                &list(
+                    "named",
+                    PostcardSerializer::named("src.Position").with_alias("src.Offset")
+                )
+            )
+            .unwrap(),
+            vec![after::Offset(5)]
+        );
+
+        // A v1 element serializer snapshot of a String list, as the fixtures hold it.
+        let mut v1 = store_with(&[], &["x"]);
+        v1.lists
+            .get_mut(&StateName::new("seen").unwrap())
+            .unwrap()
+            .serializer
+            .schema = b"alloc::string::String".to_vec();
+        let v1 = v1.encode().unwrap();
+        let strings =
+            OperatorListStateDescriptor::<String>::new("seen", RedistributionMode::Union).unwrap();
+        let mut r = OperatorStateStore::decode(&v1, "op").unwrap();
+        assert_eq!(r.list_state(&strings).unwrap().get().unwrap(), vec!["x"]);
+        let numbers =
+            OperatorListStateDescriptor::<u64>::new("seen", RedistributionMode::Union).unwrap();
+        let mut r = OperatorStateStore::decode(&v1, "op").unwrap();
+        let err = r.list_state(&numbers).err().unwrap();
+        assert!(matches!(err, Error::IncompatibleSerializer { .. }), "{err}");
+    }
+
     #[test]
     fn restored_elements_with_other_types_are_rejected_or_migrated() {
         let s = store_with(&[1, 2], &[]);
@@ -727,7 +807,6 @@ mod tests {
                 .with_serializer(
                     PostcardSerializer::<String>::new()
                         .with_version(2)
-                        .with_schema(std::any::type_name::<u64>())
                         .with_migration(1, |b| {
                             PostcardSerializer::<u64>::new()
                                 .deserialize(b)

@@ -30,7 +30,10 @@ pub struct SerializerSnapshot {
     pub id: String,
     /// The format version within the family.
     pub version: u32,
-    /// Free-form schema information (for postcard: the Rust type name, or what the user set).
+    /// Schema information: for postcard the schema name (a fixed name for built-in types, the
+    /// name the user gave, or empty for an unnamed type); snapshots written before schema names
+    /// existed hold the Rust type name of the time (read as a legacy alias, see
+    /// [`PostcardSerializer`]).
     pub schema: Vec<u8>,
 }
 
@@ -41,8 +44,21 @@ impl fmt::Display for SerializerSnapshot {
             "{} v{} ({})",
             self.id,
             self.version,
-            String::from_utf8_lossy(&self.schema)
+            SchemaShown(&self.schema)
         )
+    }
+}
+
+/// Shows schema bytes in messages: the name in quotes, or "an unnamed type".
+struct SchemaShown<'a>(&'a [u8]);
+
+impl fmt::Display for SchemaShown<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.is_empty() {
+            f.write_str("an unnamed type")
+        } else {
+            write!(f, "schema '{}'", String::from_utf8_lossy(self.0))
+        }
     }
 }
 
@@ -110,14 +126,46 @@ pub trait StateSerializer<T>: Send + Sync + 'static {
     }
 }
 
-/// The default serializer: serde + postcard, with a version and optional migrations.
+/// The default serializer: serde + postcard, with a schema name, a version and optional
+/// migrations.
 ///
-/// The schema stored in checkpoints defaults to the Rust type name, so restoring a state with a
-/// different type is reported as incompatible instead of producing garbage. Set a schema of your
-/// own with [`PostcardSerializer::with_schema`] when you rename a type.
+/// # Schema names
+///
+/// Checkpoints store the name of the schema a state was written with, and a restore compares it
+/// with the name of the new job's serializer. Names never come from `std::any::type_name` (whose
+/// output is unspecified and changes when a type moves to another module or crate):
+///
+/// - **Built-in types** get a fixed name: the integers, `f32`, `f64`, `bool`, `char`, `()`,
+///   `String`, `Vec<u8>`, and a fixed set of common `Vec`s, `Option`s and tuples of `u64`,
+///   `i64`, `u32`, `i32` and `String`, named as they are written in Rust (`"u64"`, `"String"`,
+///   `"(u64, String)"`, `"Vec<u64>"`); [`builtin_schema_name`] tells whether a type has one
+///   (other tuples and containers are unnamed, as your own types). A state restored with
+///   another built-in type (a `u64` state read as a `String`) is incompatible.
+/// - **Your own types** are unnamed unless you name them with [`PostcardSerializer::named`]
+///   (`PostcardSerializer::<Order>::named("shop.Order")`). An unnamed type is compatible with any
+///   snapshot that is not of a built-in type: moving or renaming the Rust type changes nothing,
+///   and [`PostcardSerializer::with_version`] plus a migration is how you say the bytes changed.
+///   Naming a previously unnamed state is accepted as is.
+/// - **A changed name** is a decision, never an accident: restoring bytes written under
+///   `"shop.Order"` with a serializer named `"shop.Purchase"` is an
+///   [`Error::IncompatibleSerializer`](crate::Error::IncompatibleSerializer) whose message names
+///   both schemas and the three ways out: rename it back, bump the version and add a migration
+///   ([`PostcardSerializer::with_migration`]), or declare the rename compatible with
+///   [`PostcardSerializer::with_alias`].
+/// - **Legacy snapshots** (written before schema names, holding the Rust type name of the time,
+///   e.g. `alloc::string::String` or `(u64, u64)`) restore as they did: a built-in type accepts
+///   the type name it used to be written with, an unnamed type accepts any non-built-in one, and
+///   a named type accepts the old type name once declared with `with_alias`.
+///
+/// When the versions differ, the schema names are not compared: the migration registered for
+/// the old version decides.
 pub struct PostcardSerializer<T> {
     version: u32,
     schema: Vec<u8>,
+    /// Legacy names (`type_name` of built-ins before schema names existed) read as is.
+    legacy: Option<&'static str>,
+    /// Names the user declared as the same schema (renames).
+    aliases: Vec<Vec<u8>>,
     migrations: Vec<(u32, Migration<T>)>,
     _marker: PhantomData<fn() -> T>,
 }
@@ -125,15 +173,108 @@ pub struct PostcardSerializer<T> {
 /// The serializer id postcard serializers write into snapshots.
 pub const POSTCARD_SERIALIZER_ID: &str = "postcard";
 
+/// Fixed schema names of built-in types, each with the `std::any::type_name` the type was
+/// written with before schema names existed (a constant here, recorded from Rust 1.x; never
+/// computed at run time).
+macro_rules! builtin_names {
+    ($($t:ty => $legacy:expr),* $(,)?) => {
+        /// The fixed schema name of a built-in type and the legacy type name it was stored
+        /// under by earlier releases.
+        fn builtin_entry<T: 'static>() -> Option<(&'static str, &'static str)> {
+            use std::any::TypeId;
+            let id = TypeId::of::<T>();
+            $(
+                if id == TypeId::of::<$t>() {
+                    return Some((stringify!($t), $legacy));
+                }
+            )*
+            None
+        }
+
+        /// Every built-in name and legacy type name (to tell built-in snapshots apart).
+        const BUILTIN_NAMES: &[(&str, &str)] = &[$((stringify!($t), $legacy)),*];
+    };
+}
+
+/// `type_name::<String>()` as earlier releases stored it.
+const LEGACY_STRING: &str = "alloc::string::String";
+
+// The list is part of the snapshot format: a type added later turns its default from unnamed
+// (empty schema) into named, so an addition must also read the empty schema as is.
+builtin_names! {
+    u8 => "u8", u16 => "u16", u32 => "u32", u64 => "u64", u128 => "u128", usize => "usize",
+    i8 => "i8", i16 => "i16", i32 => "i32", i64 => "i64", i128 => "i128", isize => "isize",
+    f32 => "f32", f64 => "f64", bool => "bool", char => "char", () => "()",
+    String => LEGACY_STRING,
+    Vec<u8> => "alloc::vec::Vec<u8>",
+    Vec<u32> => "alloc::vec::Vec<u32>",
+    Vec<u64> => "alloc::vec::Vec<u64>",
+    Vec<i32> => "alloc::vec::Vec<i32>",
+    Vec<i64> => "alloc::vec::Vec<i64>",
+    Vec<String> => "alloc::vec::Vec<alloc::string::String>",
+    Option<u32> => "core::option::Option<u32>",
+    Option<u64> => "core::option::Option<u64>",
+    Option<i32> => "core::option::Option<i32>",
+    Option<i64> => "core::option::Option<i64>",
+    Option<String> => "core::option::Option<alloc::string::String>",
+    (u64, u64) => "(u64, u64)",
+    (u64, i64) => "(u64, i64)",
+    (i64, i64) => "(i64, i64)",
+    (i64, u64) => "(i64, u64)",
+    (u32, u32) => "(u32, u32)",
+    (u32, u64) => "(u32, u64)",
+    (u64, u32) => "(u64, u32)",
+    (i32, i32) => "(i32, i32)",
+    (u64, String) => "(u64, alloc::string::String)",
+    (String, u64) => "(alloc::string::String, u64)",
+    (i64, String) => "(i64, alloc::string::String)",
+    (String, i64) => "(alloc::string::String, i64)",
+    (u32, String) => "(u32, alloc::string::String)",
+    (String, u32) => "(alloc::string::String, u32)",
+    (String, String) => "(alloc::string::String, alloc::string::String)",
+    (u64, u64, u64) => "(u64, u64, u64)",
+    (i64, i64, i64) => "(i64, i64, i64)",
+    (u64, u64, i64) => "(u64, u64, i64)",
+    (u64, i64, i64) => "(u64, i64, i64)",
+    (u32, u32, u32) => "(u32, u32, u32)",
+    (u64, String, u64) => "(u64, alloc::string::String, u64)",
+}
+
+/// The fixed schema name of `T` if it is a built-in type (see [`PostcardSerializer`]), `None`
+/// for other types.
+pub fn builtin_schema_name<T: 'static>() -> Option<&'static str> {
+    builtin_entry::<T>().map(|(name, _)| name)
+}
+
+/// True when `schema` is a built-in name or the legacy type name of a built-in.
+fn is_builtin_schema(schema: &[u8]) -> bool {
+    BUILTIN_NAMES
+        .iter()
+        .any(|(name, legacy)| schema == name.as_bytes() || schema == legacy.as_bytes())
+}
+
 impl<T: Serialize + DeserializeOwned + 'static> PostcardSerializer<T> {
-    /// Version 1, schema = the type name of `T`.
+    /// Version 1; the fixed name of a built-in `T`, otherwise unnamed (see the type's docs).
     pub fn new() -> Self {
+        let (schema, legacy) = match builtin_entry::<T>() {
+            Some((name, legacy)) => (name.as_bytes().to_vec(), Some(legacy)),
+            None => (Vec::new(), None),
+        };
         PostcardSerializer {
             version: 1,
-            schema: std::any::type_name::<T>().as_bytes().to_vec(),
+            schema,
+            legacy,
+            aliases: Vec::new(),
             migrations: Vec::new(),
             _marker: PhantomData,
         }
+    }
+
+    /// Version 1 with the schema name `name`, a stable name you control (e.g. `"shop.Order"`):
+    /// a snapshot written under another name is incompatible unless declared with
+    /// [`PostcardSerializer::with_alias`] or migrated.
+    pub fn named(name: impl Into<String>) -> Self {
+        Self::new().with_schema(name.into())
     }
 
     /// Sets the format version written to snapshots.
@@ -142,9 +283,19 @@ impl<T: Serialize + DeserializeOwned + 'static> PostcardSerializer<T> {
         self
     }
 
-    /// Sets the schema bytes written to snapshots (instead of the type name).
+    /// Sets the schema name written to snapshots (what [`PostcardSerializer::named`] sets);
+    /// empty bytes make the type unnamed.
     pub fn with_schema(mut self, schema: impl Into<Vec<u8>>) -> Self {
         self.schema = schema.into();
+        self.legacy = None;
+        self
+    }
+
+    /// Declares that bytes written under the schema name `old_name` (at the same version) are
+    /// read as they are: a rename that changed nothing in the bytes. Also accepts the Rust type
+    /// name a snapshot from before schema names holds (e.g. `"my_app::model::Order"`).
+    pub fn with_alias(mut self, old_name: impl Into<Vec<u8>>) -> Self {
+        self.aliases.push(old_name.into());
         self
     }
 
@@ -156,6 +307,23 @@ impl<T: Serialize + DeserializeOwned + 'static> PostcardSerializer<T> {
     ) -> Self {
         self.migrations.push((from_version, Arc::new(migrate)));
         self
+    }
+
+    /// Whether bytes stored under `previous` (at this serializer's version) read as they are.
+    fn same_schema(&self, previous: &[u8]) -> bool {
+        if previous == self.schema.as_slice()
+            || self.legacy.is_some_and(|l| previous == l.as_bytes())
+            || self.aliases.iter().any(|a| a.as_slice() == previous)
+        {
+            return true;
+        }
+        if self.schema.is_empty() {
+            // Unnamed: anything that is not of a built-in type (a legacy type name, or a
+            // snapshot of another unnamed type) is the user's to vouch for.
+            return !is_builtin_schema(previous);
+        }
+        // Named now, unnamed before: naming a state is not a rename.
+        previous.is_empty() && self.legacy.is_none()
     }
 }
 
@@ -170,6 +338,7 @@ impl<T> fmt::Debug for PostcardSerializer<T> {
         f.debug_struct("PostcardSerializer")
             .field("version", &self.version)
             .field("schema", &String::from_utf8_lossy(&self.schema))
+            .field("aliases", &self.aliases.len())
             .field("migrations", &self.migrations.len())
             .finish()
     }
@@ -332,13 +501,22 @@ impl<T: Serialize + DeserializeOwned + 'static> StateSerializer<T> for PostcardS
             ));
         }
         if previous.version == self.version {
-            if previous.schema == self.schema {
+            if self.same_schema(&previous.schema) {
                 return Compatibility::CompatibleAsIs;
             }
             return Compatibility::Incompatible(format!(
-                "schema changed from '{}' to '{}' without a version bump and migration",
+                "written as {} (postcard v{}), now {} of Rust type {} (postcard v{}); \
+                 rename the schema back, or bump the version (with_version({})) and add a \
+                 migration from version {} (with_migration), or declare the bytes unchanged \
+                 (with_alias({:?}))",
+                SchemaShown(&previous.schema),
+                previous.version,
+                SchemaShown(&self.schema),
+                std::any::type_name::<T>(),
+                self.version,
+                self.version.saturating_add(1),
+                self.version,
                 String::from_utf8_lossy(&previous.schema),
-                String::from_utf8_lossy(&self.schema)
             ));
         }
         match self.migrations.iter().find(|(v, _)| *v == previous.version) {
@@ -355,6 +533,8 @@ impl<T: Serialize + DeserializeOwned + 'static> StateSerializer<T> for PostcardS
 pub trait FixedWidthInt: Copy + Send + Sync + 'static {
     /// Width in bytes.
     const WIDTH: usize;
+    /// The schema name written to snapshots (the Rust name of the type, e.g. `"u64"`).
+    const NAME: &'static str;
     /// Appends the big-endian bytes.
     fn put(self, out: &mut Vec<u8>);
     /// Reads exactly `WIDTH` big-endian bytes.
@@ -365,6 +545,7 @@ macro_rules! fixed_width {
     ($($t:ty),*) => {$(
         impl FixedWidthInt for $t {
             const WIDTH: usize = std::mem::size_of::<$t>();
+            const NAME: &'static str = stringify!($t);
             #[inline]
             fn put(self, out: &mut Vec<u8>) {
                 out.extend_from_slice(&self.to_be_bytes());
@@ -434,7 +615,7 @@ impl<T: FixedWidthInt> StateSerializer<T> for FixedWidthSerializer<T> {
         SerializerSnapshot {
             id: FIXED_WIDTH_SERIALIZER_ID.to_string(),
             version: 1,
-            schema: std::any::type_name::<T>().as_bytes().to_vec(),
+            schema: T::NAME.as_bytes().to_vec(),
         }
     }
 }
@@ -700,6 +881,134 @@ mod tests {
         assert!(matches!(
             s.compatibility(&PostcardSerializer::<u64>::new().snapshot()),
             Compatibility::Incompatible(_)
+        ));
+    }
+
+    /// Built-in types have fixed names written as in Rust, never `type_name`'s output.
+    #[test]
+    fn built_in_types_have_fixed_names() {
+        let name = |s: SerializerSnapshot| String::from_utf8(s.schema).unwrap();
+        assert_eq!(name(PostcardSerializer::<u64>::new().snapshot()), "u64");
+        assert_eq!(
+            name(PostcardSerializer::<String>::new().snapshot()),
+            "String"
+        );
+        assert_eq!(
+            name(PostcardSerializer::<Vec<u8>>::new().snapshot()),
+            "Vec<u8>"
+        );
+        assert_eq!(
+            name(PostcardSerializer::<Option<String>>::new().snapshot()),
+            "Option<String>"
+        );
+        assert_eq!(
+            name(PostcardSerializer::<(u64, String)>::new().snapshot()),
+            "(u64, String)"
+        );
+        assert_eq!(name(PostcardSerializer::<()>::new().snapshot()), "()");
+        assert_eq!(name(FixedWidthSerializer::<i32>::new().snapshot()), "i32");
+        #[derive(serde::Serialize, serde::Deserialize)]
+        struct Mine(u64);
+        assert_eq!(name(PostcardSerializer::<Mine>::new().snapshot()), "");
+        assert_eq!(builtin_schema_name::<Mine>(), None);
+        assert_eq!(
+            builtin_schema_name::<(u64, u64, u64)>(),
+            Some("(u64, u64, u64)")
+        );
+    }
+
+    /// Snapshots from before schema names (type names of the time) keep reading as they did:
+    /// built-ins accept their old type name and nothing else; an unnamed type accepts any
+    /// non-built-in; a named one only a declared old name.
+    #[test]
+    fn legacy_type_names_read_as_before() {
+        let legacy = |schema: &str| SerializerSnapshot {
+            id: POSTCARD_SERIALIZER_ID.into(),
+            version: 1,
+            schema: schema.as_bytes().to_vec(),
+        };
+        fn as_is<T>(c: Compatibility<T>) -> bool {
+            matches!(c, Compatibility::CompatibleAsIs)
+        }
+        let string = PostcardSerializer::<String>::new();
+        assert!(as_is(
+            string.compatibility(&legacy("alloc::string::String"))
+        ));
+        assert!(!as_is(string.compatibility(&legacy("u64"))));
+        assert!(!as_is(string.compatibility(&legacy("app::Order"))));
+        assert!(!as_is(string.compatibility(&legacy(""))));
+        let pair = PostcardSerializer::<(u64, u64)>::new();
+        assert!(as_is(pair.compatibility(&legacy("(u64, u64)"))));
+        assert!(!as_is(pair.compatibility(&legacy("(u64, u64, u64)"))));
+        assert!(as_is(
+            PostcardSerializer::<Vec<String>>::new()
+                .compatibility(&legacy("alloc::vec::Vec<alloc::string::String>"))
+        ));
+
+        #[derive(serde::Serialize, serde::Deserialize)]
+        struct Order(u64);
+        let unnamed = PostcardSerializer::<Order>::new();
+        assert!(as_is(
+            unnamed.compatibility(&legacy("old_crate::model::Order"))
+        ));
+        assert!(as_is(unnamed.compatibility(&legacy(""))));
+        // Not a built-in state, under any of its names.
+        for builtin in ["u64", "String", "alloc::string::String", "(u64, u64)"] {
+            assert!(!as_is(unnamed.compatibility(&legacy(builtin))), "{builtin}");
+        }
+        let named = PostcardSerializer::<Order>::named("shop.Order");
+        assert!(!as_is(
+            named.compatibility(&legacy("old_crate::model::Order"))
+        ));
+        assert!(as_is(
+            named
+                .with_alias("old_crate::model::Order")
+                .compatibility(&legacy("old_crate::model::Order"))
+        ));
+    }
+
+    /// A rename is refused with a message naming both schemas, the Rust type and the way out;
+    /// an alias or a migration resolves it.
+    #[test]
+    fn renames_are_decisions() {
+        #[derive(serde::Serialize, serde::Deserialize)]
+        struct Order(u64);
+        let before = PostcardSerializer::<Order>::named("shop.Order").snapshot();
+        match PostcardSerializer::<Order>::named("shop.Purchase").compatibility(&before) {
+            Compatibility::Incompatible(r) => {
+                for part in [
+                    "'shop.Order'",
+                    "'shop.Purchase'",
+                    "Order",
+                    "with_version(2)",
+                    "with_migration",
+                    "with_alias(\"shop.Order\")",
+                ] {
+                    assert!(r.contains(part), "{part} missing from: {r}");
+                }
+            }
+            other => panic!("expected incompatible, got {other:?}"),
+        }
+        assert!(matches!(
+            PostcardSerializer::<Order>::named("shop.Purchase")
+                .with_alias("shop.Order")
+                .compatibility(&before),
+            Compatibility::CompatibleAsIs
+        ));
+        assert!(matches!(
+            PostcardSerializer::<Order>::named("shop.Purchase")
+                .with_version(2)
+                .with_migration(1, |b| PostcardSerializer::<u64>::new()
+                    .deserialize(b)
+                    .map(Order))
+                .compatibility(&before),
+            Compatibility::CompatibleAfterMigration(_)
+        ));
+        // Naming a previously unnamed state is not a rename.
+        let unnamed = PostcardSerializer::<Order>::new().snapshot();
+        assert!(matches!(
+            PostcardSerializer::<Order>::named("shop.Order").compatibility(&unnamed),
+            Compatibility::CompatibleAsIs
         ));
     }
 

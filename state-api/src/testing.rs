@@ -129,7 +129,11 @@ pub fn value_state_semantics<F: BackendFactory>(f: &F) {
     assert_eq!(b.value_in(&hn, &"w2".to_string()).get().unwrap(), Some(2));
     b.set_current_key(3).unwrap();
     b.value_in(&hn, &"w2".to_string()).update(3).unwrap();
-    let mut keys = b.keys(&hn, &"w2".to_string()).unwrap();
+    let mut keys = b
+        .keys(&hn, &"w2".to_string())
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
     keys.sort();
     assert_eq!(keys, vec![1, 3]);
 }
@@ -154,7 +158,12 @@ pub fn list_state_semantics<F: BackendFactory>(f: &F) {
     b.list(&h).add_all(vec![5, 6]).unwrap();
     b.list(&h).clear().unwrap();
     assert_eq!(b.list(&h).get().unwrap(), None);
-    assert!(b.keys(&h, &()).unwrap().is_empty());
+    assert!(b
+        .keys(&h, &())
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap()
+        .is_empty());
 }
 
 /// Map state: put, put_all, get, contains, remove, iteration, emptiness.
@@ -174,15 +183,32 @@ pub fn map_state_semantics<F: BackendFactory>(f: &F) {
     assert_eq!(b.map(&h).get(&"a".into()).unwrap(), Some(10));
     assert!(b.map(&h).contains(&"b".into()).unwrap());
     assert!(!b.map(&h).contains(&"z".into()).unwrap());
-    let mut entries = b.map(&h).iter().unwrap();
+    let mut entries = b
+        .map(&h)
+        .iter()
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
     entries.sort();
     assert_eq!(
         entries,
         vec![("a".into(), 10), ("b".into(), 2), ("c".into(), 3)]
     );
-    let keys: BTreeSet<String> = b.map(&h).keys().unwrap().into_iter().collect();
+    let keys: BTreeSet<String> = b
+        .map(&h)
+        .keys()
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap()
+        .into_iter()
+        .collect();
     assert_eq!(keys.len(), 3);
-    let mut values = b.map(&h).values().unwrap();
+    let mut values = b
+        .map(&h)
+        .values()
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
     values.sort();
     assert_eq!(values, vec![2, 3, 10]);
     b.map(&h).remove(&"a".into()).unwrap();
@@ -193,7 +219,11 @@ pub fn map_state_semantics<F: BackendFactory>(f: &F) {
     b.map(&h).remove(&"c".into()).unwrap();
     assert!(b.map(&h).is_empty().unwrap());
     assert!(
-        b.keys(&h, &()).unwrap().is_empty(),
+        b.keys(&h, &())
+            .unwrap()
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap()
+            .is_empty(),
         "an empty map is absent"
     );
     b.map(&h).put("x".into(), 1).unwrap();
@@ -397,7 +427,15 @@ fn check<B: KeyedStateBackend<Key = u64>>(b: &mut B, h: &AllKinds, k: u64) -> bo
     );
     assert_eq!(b.list(&h.l).get().unwrap(), Some(vec![k, k + 1]));
     assert_eq!(b.map(&h.m).get(&2).unwrap(), Some(format!("b{k}")));
-    assert_eq!(b.map(&h.m).iter().unwrap().len(), 2);
+    assert_eq!(
+        b.map(&h.m)
+            .iter()
+            .unwrap()
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap()
+            .len(),
+        2
+    );
     assert_eq!(b.reducing(&h.r).get().unwrap(), Some(k + 1));
     assert_eq!(b.aggregating(&h.a).get().unwrap(), Some(k as f64 + 1.0));
     true
@@ -708,7 +746,14 @@ pub fn ttl_semantics<F: BackendFactory>(f: &F) {
     );
     assert_eq!(b.list(&l).get().unwrap(), Some(vec![11]), "per element TTL");
     assert_eq!(b.map(&m).get(&1).unwrap(), None, "per entry TTL");
-    assert_eq!(b.map(&m).iter().unwrap(), vec![(2, 200)]);
+    assert_eq!(
+        b.map(&m)
+            .iter()
+            .unwrap()
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap(),
+        vec![(2, 200)]
+    );
     clock.advance(1000);
     assert_eq!(b.list(&l).get().unwrap(), None);
     assert!(b.map(&m).is_empty().unwrap());
@@ -771,28 +816,52 @@ pub fn ttl_cleanup_on_snapshot_and_incrementally<F: BackendFactory>(f: &F) {
         )
         .unwrap();
     assert!(
-        r.keys(&rf, &()).unwrap().is_empty(),
+        r.keys(&rf, &())
+            .unwrap()
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap()
+            .is_empty(),
         "full-snapshot cleanup dropped expired entries"
     );
     assert_eq!(
-        r.keys(&rn, &()).unwrap().len(),
+        r.keys(&rn, &())
+            .unwrap()
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap()
+            .len(),
         100,
         "without cleanup they survive the snapshot"
     );
 
     // Incremental cleanup: accessing one key checks 10 other entries each time.
     b.set_current_key(0).unwrap();
-    assert_eq!(b.keys(&inc, &()).unwrap().len(), 100);
+    assert_eq!(
+        b.keys(&inc, &())
+            .unwrap()
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap()
+            .len(),
+        100
+    );
     for _ in 0..30 {
         b.value(&inc).update(1).unwrap();
     }
-    let left = b.keys(&inc, &()).unwrap().len();
+    let left = b
+        .keys(&inc, &())
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap()
+        .len();
     assert!(
         left <= 1,
         "incremental cleanup removed expired entries ({left} left)"
     );
     assert_eq!(
-        b.keys(&none, &()).unwrap().len(),
+        b.keys(&none, &())
+            .unwrap()
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap()
+            .len(),
         100,
         "states without it keep theirs"
     );
@@ -870,6 +939,150 @@ pub fn schema_evolution<F: BackendFactory>(f: &F) {
         )
         .unwrap_err();
     assert!(err.to_string().contains("key"), "{err}");
+}
+
+/// An order as version 1 of an application wrote it.
+mod shop_v1 {
+    /// The order.
+    #[derive(serde::Serialize, serde::Deserialize, Clone, Debug, PartialEq)]
+    pub struct Order {
+        pub id: u64,
+        pub item: String,
+    }
+}
+
+/// The same order after the type moved to another module (its `type_name` changed).
+mod shop_v2 {
+    pub mod model {
+        /// The order, moved.
+        #[derive(serde::Serialize, serde::Deserialize, Clone, Debug, PartialEq)]
+        pub struct Order {
+            pub id: u64,
+            pub item: String,
+        }
+    }
+}
+
+/// Schema names decide compatibility, never Rust type names: an unnamed type moved to another
+/// module restores as is; an explicit rename without a declared alias or migration is a clear
+/// `IncompatibleSerializer` error naming both schemas and the ways out (the data stays pending);
+/// with an alias it restores as is, with a version bump and a migration it is migrated.
+pub fn schema_names<F: BackendFactory>(f: &F) {
+    use shop_v1::Order as Old;
+    use shop_v2::model::Order as New;
+    let write = |ser: PostcardSerializer<Old>| {
+        let mut b = f.create::<u64>(BackendConfig::full(128)).unwrap();
+        let h = b
+            .register_value(
+                ValueStateDescriptor::<Old>::new("orders")
+                    .unwrap()
+                    .with_value_serializer(ser),
+            )
+            .unwrap();
+        for k in 0..30u64 {
+            b.set_current_key(k).unwrap();
+            let order = Old {
+                id: k,
+                item: format!("item-{k}"),
+            };
+            b.value(&h).update(order).unwrap();
+        }
+        snapshot_bytes(&mut b)
+    };
+    let read = |bytes: &Vec<u8>, ser: PostcardSerializer<New>| -> Result<Vec<Option<New>>> {
+        let mut r = f.create::<u64>(BackendConfig::full(128)).unwrap();
+        restore_from(&mut r, &[bytes]).unwrap();
+        let h = r.register_value(
+            ValueStateDescriptor::<New>::new("orders")
+                .unwrap()
+                .with_value_serializer(ser),
+        )?;
+        (0..30u64)
+            .map(|k| {
+                r.set_current_key(k).unwrap();
+                r.value(&h).get()
+            })
+            .collect()
+    };
+    let expected: Vec<Option<New>> = (0..30u64)
+        .map(|k| {
+            Some(New {
+                id: k,
+                item: format!("item-{k}"),
+            })
+        })
+        .collect();
+
+    // Unnamed, moved to another module: as is.
+    let unnamed = write(PostcardSerializer::new());
+    assert_eq!(read(&unnamed, PostcardSerializer::new()).unwrap(), expected);
+    // Naming a previously unnamed state is not a rename.
+    assert_eq!(
+        read(&unnamed, PostcardSerializer::named("shop.Order")).unwrap(),
+        expected
+    );
+
+    // Named, moved and renamed without a word: refused, saying how to resolve it.
+    let named = write(PostcardSerializer::named("shop.Order"));
+    assert_eq!(
+        read(&named, PostcardSerializer::named("shop.Order")).unwrap(),
+        expected,
+        "same name, moved type"
+    );
+    let err = read(&named, PostcardSerializer::named("shop.Purchase")).unwrap_err();
+    assert!(matches!(err, Error::IncompatibleSerializer { .. }), "{err}");
+    let msg = err.to_string();
+    for part in [
+        "'orders'",
+        "'shop.Order'",
+        "'shop.Purchase'",
+        "rename the schema back",
+        "with_migration",
+        "with_alias(\"shop.Order\")",
+    ] {
+        assert!(msg.contains(part), "{part} missing from: {msg}");
+    }
+    // The rename declared compatible: as is.
+    assert_eq!(
+        read(
+            &named,
+            PostcardSerializer::named("shop.Purchase").with_alias("shop.Order")
+        )
+        .unwrap(),
+        expected
+    );
+    // The rename with a migration: every value goes through it.
+    let migrated = read(
+        &named,
+        PostcardSerializer::named("shop.Purchase")
+            .with_version(2)
+            .with_migration(1, |bytes| {
+                let old: Old = PostcardSerializer::new().deserialize(bytes)?;
+                Ok(New {
+                    id: old.id,
+                    item: old.item.to_uppercase(),
+                })
+            }),
+    )
+    .unwrap();
+    assert_eq!(
+        migrated[3].as_ref().map(|o| o.item.as_str()),
+        Some("ITEM-3")
+    );
+
+    // A snapshot from before schema names holds the old type name: an unnamed type reads it
+    // as is, a named one once the old type name is declared.
+    let legacy = write(PostcardSerializer::new().with_schema("my_app::shop::Order"));
+    assert_eq!(read(&legacy, PostcardSerializer::new()).unwrap(), expected);
+    assert!(read(&legacy, PostcardSerializer::named("shop.Order")).is_err());
+    assert_eq!(
+        read(
+            &legacy,
+            PostcardSerializer::named("shop.Order").with_alias("my_app::shop::Order")
+        )
+        .unwrap(),
+        expected
+    );
 }
 
 /// Namespace serializers migrate like value serializers (Flink refuses a namespace serializer
@@ -1079,7 +1292,14 @@ fn compare<B: KeyedStateBackend<Key = u8>>(
                 b.list_in(&h.1, &ns).get().unwrap(),
                 model.lists.get(&(k, ns)).cloned()
             );
-            let got: BTreeMap<u8, u16> = b.map_in(&h.2, &ns).iter().unwrap().into_iter().collect();
+            let got: BTreeMap<u8, u16> = b
+                .map_in(&h.2, &ns)
+                .iter()
+                .unwrap()
+                .collect::<Result<Vec<_>, _>>()
+                .unwrap()
+                .into_iter()
+                .collect();
             prop_assert_eq!(&got, &model.maps.get(&(k, ns)).cloned().unwrap_or_default());
             prop_assert_eq!(b.map_in(&h.2, &ns).is_empty().unwrap(), got.is_empty());
         }
@@ -1189,6 +1409,8 @@ pub fn model_based_property_test<F: BackendFactory>(f: &F) {
                         let map: BTreeMap<u8, u16> = half
                             .map_in(&hh.2, &ns)
                             .iter()
+                            .unwrap()
+                            .collect::<Result<Vec<_>, _>>()
                             .unwrap()
                             .into_iter()
                             .collect();
@@ -1510,6 +1732,7 @@ macro_rules! conformance_tests {
             ttl_enabled_by_re_registration_keeps_values,
             ttl_cleanup_on_snapshot_and_incrementally,
             schema_evolution,
+            schema_names,
             namespace_serializer_migration,
             corrupt_snapshots_are_errors,
             operator_state_round_trip,

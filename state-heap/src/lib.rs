@@ -335,7 +335,7 @@ fn is_int_key<K: Any>() -> bool {
 /// True when the key serializer is [`FixedWidthSerializer<K>`] for the integer type `K`.
 fn is_fixed_width_for<K: Any>(snapshot: &state_api::SerializerSnapshot) -> bool {
     snapshot.id == state_api::FIXED_WIDTH_SERIALIZER_ID
-        && snapshot.schema == std::any::type_name::<K>().as_bytes()
+        && state_api::builtin_schema_name::<K>().is_some_and(|n| snapshot.schema == n.as_bytes())
 }
 
 /// True when TTL cleanup runs on every record (`set_current_key`).
@@ -1147,28 +1147,26 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
         Ok(self.map_get(h, ns, user_key)?.is_some())
     }
 
-    fn map_entries<UK: MapKey, UV: StateType, N: Namespace>(
-        &mut self,
+    fn map_entries<'a, UK: MapKey, UV: StateType, N: Namespace>(
+        &'a mut self,
         h: &MapStateHandle<UK, UV, N>,
         ns: &N,
-    ) -> Result<Vec<(UK, UV)>> {
+    ) -> Result<MapIter<'a, UK, UV>> {
         let (cur, t) =
             access::<K, N, MapKind<UK, UV>>(&mut self.tables, &self.current, h.id(), h.name())?;
         let Some(ttl) = t.ttl else {
-            return Ok(t
-                .find(cur, ns)
-                .map(|e| {
-                    e.value
-                        .iter()
-                        .map(|(k, (v, _))| (k.clone(), v.clone()))
-                        .collect()
-                })
-                .unwrap_or_default());
+            // Without TTL nothing is written on a read: the entries are cloned as they go.
+            let Some(e) = t.find(cur, ns) else {
+                return Ok(Box::new(std::iter::empty()));
+            };
+            return Ok(Box::new(
+                e.value.iter().map(|(k, (v, _))| Ok((k.clone(), v.clone()))),
+            ));
         };
         let now = self.clock.now_millis();
         after_access(t, now);
         let Some(e) = t.find(cur, ns) else {
-            return Ok(Vec::new());
+            return Ok(Box::new(std::iter::empty()));
         };
         let any_expired = e.value.values().any(|(_, ts)| ttl.is_expired(*ts, now));
         let out: Vec<(UK, UV)> = e
@@ -1188,7 +1186,7 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
                 }
             }
         }
-        Ok(out)
+        Ok(Box::new(out.into_iter().map(Ok)))
     }
 
     fn map_is_empty<UK: MapKey, UV: StateType, N: Namespace>(
@@ -1280,7 +1278,11 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
         t.merge(cur, target, &sources.to_vec(), now)
     }
 
-    fn keys<N: Namespace>(&mut self, h: &dyn StateHandle<N>, ns: &N) -> Result<Vec<K>> {
+    fn keys<'a, N: Namespace>(
+        &'a mut self,
+        h: &dyn StateHandle<N>,
+        ns: &N,
+    ) -> Result<KeyIter<'a, K>> {
         let name = h.state_name().clone();
         self.tables
             .get(h.state_id().0 as usize)

@@ -9,7 +9,7 @@ use hashbrown::HashTable;
 use crate::changelog::{changed_in_part, DeltaSink, TableLog, TakenChanges};
 use state_api::snapshot::{payload, Decoder, RawRecord};
 use state_api::{
-    AggregateFunction, Clock, Error, MapKey, Namespace, ReduceFn, ResolvedReader, Result,
+    AggregateFunction, Clock, Error, KeyIter, MapKey, Namespace, ReduceFn, ResolvedReader, Result,
     SerializerRole, StateKey, StateKind, StateMeta, StateName, StateSerializer, StateTtlConfig,
     StateType,
 };
@@ -803,13 +803,12 @@ impl<K: StateKey, N: Namespace, KD: Kind, T: Stamp> Table<K, N, KD, T> {
     }
 
     /// Keys with an entry in `ns`.
-    pub fn keys_in(&self, ns: &N) -> Vec<K> {
+    pub fn keys_in(&self, ns: N) -> impl Iterator<Item = K> + '_ {
         self.parts
             .iter()
             .flat_map(|p| p.get().iter())
-            .filter(|e| e.ns == *ns)
+            .filter(move |e| e.ns == ns)
             .map(|e| e.key.clone())
-            .collect()
     }
 
     /// Number of (key, namespace) entries.
@@ -1004,7 +1003,7 @@ pub(crate) trait ErasedTable<K>: Any + Send {
     fn as_any_mut(&mut self) -> &mut dyn Any;
     fn len(&self) -> usize;
     fn clear(&mut self, cur: &CurrentKey<K>, ns: &dyn Any) -> Result<()>;
-    fn keys(&self, ns: &dyn Any) -> Result<Vec<K>>;
+    fn keys(&self, ns: &dyn Any) -> Result<KeyIter<'_, K>>;
     fn merge(
         &mut self,
         cur: &CurrentKey<K>,
@@ -1157,14 +1156,14 @@ impl<K: StateKey, N: Namespace, KD: Kind, T: Stamp> ErasedTable<K> for Table<K, 
         Ok(())
     }
 
-    fn keys(&self, ns: &dyn Any) -> Result<Vec<K>> {
+    fn keys(&self, ns: &dyn Any) -> Result<KeyIter<'_, K>> {
         let ns = ns
             .downcast_ref::<N>()
             .ok_or_else(|| Error::StateTypeMismatch {
                 state: self.name.to_string(),
                 reason: "namespace type differs from the registered one".into(),
             })?;
-        Ok(self.keys_in(ns))
+        Ok(Box::new(self.keys_in(ns.clone()).map(Ok)))
     }
 
     fn merge(

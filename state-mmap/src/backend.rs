@@ -1367,15 +1367,26 @@ impl<K: StateKey> KeyedStateBackend for MmapKeyedStateBackend<K> {
         Ok(self.map_get(h, ns, user_key)?.is_some())
     }
 
-    fn map_entries<UK: MapKey, UV: StateType, N: Namespace>(
-        &mut self,
+    fn map_entries<'a, UK: MapKey, UV: StateType, N: Namespace>(
+        &'a mut self,
         h: &MapStateHandle<UK, UV, N>,
         ns: &N,
-    ) -> Result<Vec<(UK, UV)>> {
+    ) -> Result<MapIter<'a, UK, UV>> {
         self.after_access(h.id().0 as usize)?;
         let (e, t, cur) = typed!(self, h.id(), h.name(), MapT<UK, UV, N>);
         state_key(&mut self.kbuf, cur.kg, e.id, &cur.bytes, &t.ns, ns, &e.name)?;
         let prefix = self.kbuf.len();
+        if e.ttl.is_none() {
+            // Nothing to delete or refresh: stream the entries from the engine.
+            let end = end_of(&self.kbuf);
+            return Ok(Box::new(crate::keys::Entries::new(
+                self.db.iter(&self.kbuf, end.as_deref())?,
+                prefix,
+                e.name.clone(),
+                Arc::clone(&t.key_ser),
+                Arc::clone(&t.value_ser),
+            )));
+        }
         // Sized like the last map read (maps of a state tend to be alike): one allocation.
         let mut out = Vec::with_capacity(self.map_len_hint);
         let now = now_if(e.ttl, &*self.clock);
@@ -1414,7 +1425,7 @@ impl<K: StateKey> KeyedStateBackend for MmapKeyedStateBackend<K> {
         for (k, v) in refresh {
             self.db.put(&k, &v)?;
         }
-        Ok(out)
+        Ok(Box::new(out.into_iter().map(Ok)))
     }
 
     fn map_is_empty<UK: MapKey, UV: StateType, N: Namespace>(
@@ -1607,32 +1618,24 @@ impl<K: StateKey> KeyedStateBackend for MmapKeyedStateBackend<K> {
         Ok(self.db.put(&target_key, &out)?)
     }
 
-    fn keys<N: Namespace>(&mut self, h: &dyn StateHandle<N>, ns: &N) -> Result<Vec<K>> {
+    fn keys<'a, N: Namespace>(
+        &'a mut self,
+        h: &dyn StateHandle<N>,
+        ns: &N,
+    ) -> Result<KeyIter<'a, K>> {
         let name = h.state_name().clone();
         let (_, e) = self.erased(h.state_id(), &name)?;
         let id = e.id;
         let mut ns_bytes = Vec::new();
         e.typed.ns_bytes(&name, ns, &mut ns_bytes)?;
-        let mut out = Vec::new();
-        let mut last: Option<Vec<u8>> = None;
-        for kg in self.range.iter() {
-            let prefix = kg_state(kg, id);
-            let end = end_of(&prefix);
-            let mut it = self.db.iter(&prefix, end.as_deref())?;
-            while let Some((k, _)) = it.next()? {
-                let p = parse_key(k, name.as_str())?;
-                if p.ns != &ns_bytes[..] || last.as_deref() == Some(p.key) {
-                    continue;
-                }
-                last = Some(p.key.to_vec());
-                out.push(
-                    self.key_serializer
-                        .deserialize(p.key)
-                        .map_err(de_err(&name, "key"))?,
-                );
-            }
-        }
-        Ok(out)
+        Ok(Box::new(crate::keys::Keys::new(
+            self.db.snapshot(),
+            self.range.iter(),
+            id,
+            ns_bytes,
+            name,
+            Arc::clone(&self.key_serializer),
+        )))
     }
 
     fn register_timer_service<N: Namespace>(

@@ -67,6 +67,7 @@ mod codec;
 pub mod engine;
 pub mod error;
 mod iter;
+mod keys;
 mod manifest;
 mod mapped;
 mod memtable;

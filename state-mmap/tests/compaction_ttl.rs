@@ -56,9 +56,21 @@ fn compaction_drops_expired_entries_and_elements() {
     }
     clock.advance(60); // first writes expired, the second ones alive
     b.compact().unwrap();
-    assert_eq!(b.keys(&v, &()).unwrap().len(), 50, "expired values dropped");
     assert_eq!(
-        b.keys(&kept, &()).unwrap().len(),
+        b.keys(&v, &())
+            .unwrap()
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap()
+            .len(),
+        50,
+        "expired values dropped"
+    );
+    assert_eq!(
+        b.keys(&kept, &())
+            .unwrap()
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap()
+            .len(),
         100,
         "cleanup_in_compaction(false)"
     );
@@ -69,7 +81,12 @@ fn compaction_drops_expired_entries_and_elements() {
             Some(vec![2]),
             "expired element dropped"
         );
-        let mut entries = b.map(&m).iter().unwrap();
+        let mut entries = b
+            .map(&m)
+            .iter()
+            .unwrap()
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
         entries.sort();
         let want = if k % 2 == 0 { vec![(2, k)] } else { vec![] };
         assert_eq!(entries, want);

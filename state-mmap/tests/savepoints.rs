@@ -44,7 +44,12 @@ fn check<B: KeyedStateBackend<Key = u64>>(b: &mut B, h: &Handles) {
             b.list_in(&h.l, &((k % 4) as u32)).get().unwrap(),
             Some(vec![k, k * 2])
         );
-        let mut m = b.map(&h.m).iter().unwrap();
+        let mut m = b
+            .map(&h.m)
+            .iter()
+            .unwrap()
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
         m.sort();
         let want: Vec<_> = (0..(k % 5) as u32)
             .map(|i| (i, format!("{k}-{i}")))
