@@ -76,47 +76,14 @@ pub enum KeyedSnapshot {
     },
 }
 
-/// A snapshot in a backend's native format: immutable local files (uploaded to `shared/`
-/// unless already there) and the backend's metadata.
-pub struct NativeSnapshot {
-    /// Which backend (`"mmap"`).
-    pub backend: String,
-    /// The key groups the subtask owns.
-    pub key_group_range: state_api::KeyGroupRange,
-    /// The backend's metadata blob.
-    pub metadata: Vec<u8>,
-    /// The files.
-    pub files: Vec<NativeLocalFile>,
-    /// Whatever keeps the local files alive until they are uploaded.
-    pub keep_alive: Box<dyn std::any::Any + Send>,
-}
+/// A snapshot in a backend's native format (the contract's type, under its former name here).
+pub use state_api::checkpointing::NativeSnapshot;
 
-/// A local file of a [`NativeSnapshot`].
-#[derive(Clone, Debug)]
-pub struct NativeLocalFile {
-    /// Its unique, immutable name.
-    pub name: String,
-    /// Where to read it.
-    pub path: std::path::PathBuf,
-    /// Its size.
-    pub size: u64,
-    /// The key groups it holds.
-    pub key_groups: state_api::KeyGroupRange,
-}
+/// A local file of a [`NativeSnapshot`] (the contract's `NativeFileSpec`).
+pub use state_api::checkpointing::NativeFileSpec as NativeLocalFile;
 
-/// Splits `key_groups` into at most `parts` contiguous, non-empty chunks of similar size.
-pub fn split_key_groups(key_groups: &[u32], parts: usize) -> Vec<Vec<u32>> {
-    let parts = parts.clamp(1, key_groups.len().max(1));
-    let (base, extra) = (key_groups.len() / parts, key_groups.len() % parts);
-    let mut out = Vec::with_capacity(parts);
-    let mut at = 0;
-    for i in 0..parts {
-        let n = base + usize::from(i < extra);
-        out.push(key_groups[at..at + n].to_vec());
-        at += n;
-    }
-    out
-}
+/// Splits key groups into at most `parts` contiguous chunks of similar size.
+pub use state_api::checkpointing::split_key_groups;
 
 /// Where a checkpoint's files go.
 #[derive(Clone, Debug)]
@@ -377,7 +344,7 @@ fn write_native(
     Ok(crate::format::NativeKeyedHandle {
         backend: n.backend,
         key_group_range: n.key_group_range,
-        metadata: n.metadata,
+        metadata: n.manifest,
         files,
     })
 }

@@ -225,7 +225,12 @@ fn subtask_json(s: &checkpoint::SubtaskSummary) -> serde_json::Value {
 pub fn inspect(config: &Config, path: &str, json_out: bool) -> Result<(), JobError> {
     let (storage, c) = open_checkpoint(config, path)?;
     // Every file verified (size, CRC32C, blocks); entries counted from the verified data.
-    let summary = c.inspect(&storage)?;
+    // Native state is read through its backend's format (the mmap one, when compiled in).
+    #[cfg(feature = "mmap")]
+    let formats: &[&dyn state_api::checkpointing::NativeFormat] = &[&state_mmap::MmapNativeFormat];
+    #[cfg(not(feature = "mmap"))]
+    let formats: &[&dyn state_api::checkpointing::NativeFormat] = &[];
+    let summary = c.inspect_with(&storage, formats)?;
     let m = &c.metadata;
     let mut operators = Vec::new();
     for (op, sum) in m.operators.iter().zip(&summary) {
