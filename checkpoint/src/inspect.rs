@@ -154,6 +154,35 @@ impl CompletedCheckpoint {
         f: &FileRef,
         mut sink: impl FnMut(&[u8]) -> Result<()>,
     ) -> Result<()> {
+        let (path, size) = self.checked_size(storage, f)?;
+        let mut crc = 0u32;
+        let mut at = 0u64;
+        while at < size {
+            let end = size.min(at + VERIFY_CHUNK);
+            let parts = storage.get_ranges(&path, std::slice::from_ref(&(at..end)))?;
+            for p in &parts {
+                crc = crc32c::crc32c_append(crc, p);
+                sink(p)?;
+            }
+            at = end;
+        }
+        if crc != f.crc32c {
+            return Err(Error::ChecksumMismatch {
+                file: self.location_of(&path),
+                expected: f.crc32c,
+                actual: crc,
+            });
+        }
+        Ok(())
+    }
+
+    /// The object `f` refers to and its size, checked against the recorded size (missing,
+    /// truncated and too long are each their own error).
+    pub(crate) fn checked_size(
+        &self,
+        storage: &CheckpointStorage,
+        f: &FileRef,
+    ) -> Result<(object_store::path::Path, u64)> {
         let path = self.file_path(&f.location);
         let size = storage.size(&path).map_err(|e| match e {
             Error::MissingFile { .. } => Error::MissingFile {
@@ -179,25 +208,7 @@ impl CompletedCheckpoint {
                 ),
             });
         }
-        let mut crc = 0u32;
-        let mut at = 0u64;
-        while at < size {
-            let end = size.min(at + VERIFY_CHUNK);
-            let parts = storage.get_ranges(&path, std::slice::from_ref(&(at..end)))?;
-            for p in &parts {
-                crc = crc32c::crc32c_append(crc, p);
-                sink(p)?;
-            }
-            at = end;
-        }
-        if crc != f.crc32c {
-            return Err(Error::ChecksumMismatch {
-                file: self.location_of(&path),
-                expected: f.crc32c,
-                actual: crc,
-            });
-        }
-        Ok(())
+        Ok((path, size))
     }
 
     fn inspect_canonical(

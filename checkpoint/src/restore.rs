@@ -295,23 +295,25 @@ impl CompletedCheckpoint {
         self.restore_backend(storage, operator, subtask, backend, download_dir)
     }
 
-    /// Streams the file `f` refers to into the local file `local`, checking its size and
-    /// CRC32C on the way.
+    /// Streams the file `f` refers to into the local file `local` through the storage layer
+    /// (memory bounded by its buffers, not the file's size), checking its size and CRC32C on
+    /// the way; `local` appears only once complete and verified.
     pub(crate) fn download_file(
         &self,
         storage: &CheckpointStorage,
         f: &FileRef,
         local: &std::path::Path,
     ) -> Result<()> {
-        let io = |e: std::io::Error| Error::Io {
-            context: format!("writing '{}'", local.display()),
-            source: e,
-        };
-        let mut out = std::fs::File::create(local).map_err(io)?;
-        self.stream_file(storage, f, |chunk| {
-            std::io::Write::write_all(&mut out, chunk).map_err(io)
-        })?;
-        out.sync_all().map_err(io)
+        let (path, size) = self.checked_size(storage, f)?;
+        storage
+            .download_file(&path, local, size, f.crc32c)
+            .map_err(|e| match e {
+                Error::MissingFile { file, .. } => Error::MissingFile {
+                    file,
+                    referenced_by: self.location(),
+                },
+                e => e,
+            })
     }
 
     /// The stored native state of subtask `subtask` of `operator` as the contract hands it to

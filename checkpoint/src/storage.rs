@@ -18,9 +18,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures::TryStreamExt;
 use object_store::path::Path;
-use object_store::{
-    ObjectMeta, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, WriteMultipart,
-};
+use object_store::{ObjectMeta, ObjectStore, ObjectStoreExt, WriteMultipart};
 
 use crate::error::{Error, Result};
 
@@ -66,6 +64,9 @@ pub struct CheckpointStorage {
     root: Path,
     job: String,
     rt: Arc<tokio::runtime::Runtime>,
+    /// The storage layer over the same store: file transfers and create-only puts go through
+    /// it (verified, streaming, paths checked to stay under `root`).
+    transfer: storage_s3::Storage,
     /// Put before an object path to name it for a person (see [`CheckpointStorage::location`]).
     location_prefix: Arc<str>,
 }
@@ -97,11 +98,17 @@ impl CheckpointStorage {
                 context: "starting the checkpoint I/O runtime".into(),
                 source: e,
             })?;
+        let transfer = storage_s3::Storage::from_store(
+            Arc::clone(&store),
+            root.clone(),
+            format!("checkpoint storage under '{root}'"),
+        );
         Ok(CheckpointStorage {
             store,
             root,
             job: job.to_string(),
             rt: Arc::new(rt),
+            transfer,
             location_prefix: Arc::from(""),
         })
     }
@@ -211,22 +218,56 @@ impl CheckpointStorage {
 
     /// Writes `bytes` at `path`, replacing what is there.
     pub(crate) fn put(&self, path: &Path, bytes: Vec<u8>) -> Result<()> {
-        self.block_on(self.store.put(path, PutPayload::from(bytes)))
-            .map_err(|e| Error::storage("writing", &self.location(path), e))?;
+        self.block_on(self.transfer.put(path, bytes))
+            .map_err(|e| Error::transfer("writing", &self.location(path), e))?;
         Ok(())
     }
 
-    /// Writes `bytes` at `path` only if nothing is there; `Ok(false)` when something is.
+    /// Writes `bytes` at `path` only if nothing is there (a create-only put); `Ok(false)` when
+    /// something is.
     pub(crate) fn put_if_absent(&self, path: &Path, bytes: Vec<u8>) -> Result<bool> {
-        let opts = PutOptions {
-            mode: PutMode::Create,
-            ..Default::default()
-        };
-        match self.block_on(self.store.put_opts(path, PutPayload::from(bytes), opts)) {
+        match self.block_on(self.transfer.put_if_absent(path, bytes)) {
             Ok(_) => Ok(true),
-            Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
-            Err(e) => Err(Error::storage("writing", &self.location(path), e)),
+            Err(storage_s3::Error::AlreadyExists { .. }) => Ok(false),
+            Err(e) => Err(Error::transfer("writing", &self.location(path), e)),
         }
+    }
+
+    /// Uploads the local file `local` to `path` (streaming, multipart for large files, with
+    /// the storage layer's part size and concurrency); returns its length and CRC32C.
+    pub(crate) fn upload_file(&self, local: &std::path::Path, path: &Path) -> Result<(u64, u32)> {
+        let up = self
+            .block_on(self.transfer.upload_file(local, path))
+            .map_err(|e| Error::transfer("uploading", &self.location(path), e))?;
+        Ok((up.checksum.len, up.checksum.crc32c))
+    }
+
+    /// Downloads `path` into the local file `local`, streaming (memory bounded by the storage
+    /// layer's buffers and parts, never the object's size), checked against `size` and
+    /// `crc32c`; `local` appears only once complete and verified.
+    pub(crate) fn download_file(
+        &self,
+        path: &Path,
+        local: &std::path::Path,
+        size: u64,
+        crc32c: u32,
+    ) -> Result<()> {
+        let expected = storage_s3::Checksum { crc32c, len: size };
+        self.block_on(self.transfer.download_file(path, local, Some(expected)))
+            .map_err(|e| Error::transfer("downloading", &self.location(path), e))?;
+        Ok(())
+    }
+
+    /// Uses `options` for file transfers (part size and parts in flight: what bounds the
+    /// memory of an upload or a download) instead of `storage-s3`'s defaults.
+    pub fn with_transfer_options(mut self, options: storage_s3::TransferOptions) -> Result<Self> {
+        self.transfer =
+            self.transfer
+                .with_transfer_options(options)
+                .map_err(|e| Error::InvalidConfig {
+                    reason: e.to_string(),
+                })?;
+        Ok(self)
     }
 
     /// Reads a whole object of at most `max_len` bytes (checked before reading).

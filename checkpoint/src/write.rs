@@ -349,38 +349,13 @@ fn write_native(
     })
 }
 
-/// Streams a local file to `path`; returns its length and CRC32C.
+/// Streams a local file to `path` through the storage layer; returns its length and CRC32C.
 fn upload_file(
     storage: &CheckpointStorage,
     path: &Path,
     local: &std::path::Path,
 ) -> Result<(u64, u32)> {
-    use std::io::Read;
-    let io = |e: std::io::Error| Error::Io {
-        context: format!("reading '{}' to upload it", local.display()),
-        source: e,
-    };
-    let mut input = std::fs::File::open(local).map_err(io)?;
-    let mut w = storage.writer(path.clone());
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = match input.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) => {
-                w.abort();
-                return Err(io(e));
-            }
-        };
-        if let Err(e) = w.write_all(&buf[..n]) {
-            w.abort();
-            return Err(Error::Io {
-                context: format!("uploading '{}'", storage.location(path)),
-                source: e,
-            });
-        }
-    }
-    w.finish()
+    storage.upload_file(local, path)
 }
 
 fn first_range(
