@@ -491,7 +491,7 @@ fn write_stream(
     sub: u32,
 ) -> Result<KeyedStateFile> {
     let mut tap = HeaderTap {
-        inner: storage.writer(path.clone()),
+        inner: storage.writer(path.clone())?,
         first: None,
     };
     let summary = match snapshot.write_to(&mut tap) {
