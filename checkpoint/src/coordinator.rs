@@ -816,8 +816,21 @@ impl CoordinatorBuilder {
 fn writer_loop(storage: &CheckpointStorage, rx: &Receiver<WriteJob>, in_flight: &AtomicUsize) {
     while let Ok(job) = rx.recv() {
         let operator_id = job.snapshot.operator_id.clone();
+        let subtask = job.snapshot.subtask;
+        let started = Instant::now();
         let msg = match write_subtask_snapshot_tracked(storage, &job.target, job.snapshot) {
             Ok((state, uploaded)) => {
+                let (bytes, new_bytes) = state_bytes(&state, &uploaded);
+                tracing::info!(
+                    checkpoint_id = job.checkpoint_id,
+                    operator = %operator_id,
+                    subtask,
+                    bytes,
+                    delta_bytes = new_bytes,
+                    files_uploaded = uploaded.len(),
+                    async_millis = started.elapsed().as_millis() as u64,
+                    "subtask state written"
+                );
                 if let (Some(native), Some(h)) = (&job.native, &state.native) {
                     if let Ok(mut n) = native.lock() {
                         n.written.insert(
@@ -845,16 +858,51 @@ fn writer_loop(storage: &CheckpointStorage, rx: &Receiver<WriteJob>, in_flight: 
                     }),
                 }
             }
-            Err(e) => Msg::Decline {
-                checkpoint_id: job.checkpoint_id,
-                task: job.task,
-                reason: e.to_string(),
-            },
+            Err(e) => {
+                tracing::warn!(
+                    checkpoint_id = job.checkpoint_id,
+                    operator = %operator_id,
+                    subtask,
+                    async_millis = started.elapsed().as_millis() as u64,
+                    reason = %e,
+                    "writing subtask state failed"
+                );
+                Msg::Decline {
+                    checkpoint_id: job.checkpoint_id,
+                    task: job.task,
+                    reason: e.to_string(),
+                }
+            }
         };
         let _ = job.to_coordinator.send(msg);
         // After the result is queued: a core that sees zero finds every result in its queue.
         in_flight.fetch_sub(1, Ordering::AcqRel);
     }
+}
+
+/// Bytes of all files a subtask's state refers to, and of those written for this checkpoint
+/// (exclusive files and the shared files uploaded now: the delta of an incremental one).
+fn state_bytes(state: &crate::format::SubtaskState, uploaded: &[String]) -> (u64, u64) {
+    let keyed = state
+        .keyed
+        .iter()
+        .flat_map(|k| k.files.iter().map(|f| &f.file));
+    let native = state
+        .native
+        .iter()
+        .flat_map(|n| n.files.iter().map(|f| &f.file));
+    let (mut all, mut new) = (0, 0);
+    for f in keyed.chain(native) {
+        all += f.size;
+        let fresh = match &f.location {
+            FileLocation::Exclusive(_) => true,
+            FileLocation::Shared(name) => uploaded.iter().any(|u| u == name),
+        };
+        if fresh {
+            new += f.size;
+        }
+    }
+    (all, new)
 }
 
 /// Waits for a triggered checkpoint or savepoint.
@@ -1052,7 +1100,18 @@ impl Core {
                     checkpoint_id,
                     task,
                     reason,
-                }) => actions.extend(self.protocol.decline(checkpoint_id, task, reason)),
+                }) => {
+                    if let Some(t) = self.tasks.get(task) {
+                        tracing::warn!(
+                            checkpoint_id,
+                            operator = %t.operator_id,
+                            subtask = t.subtask,
+                            reason = %reason,
+                            "checkpoint declined"
+                        );
+                    }
+                    actions.extend(self.protocol.decline(checkpoint_id, task, reason))
+                }
                 Ok(Msg::Trigger {
                     kind,
                     savepoint_name,
@@ -1182,6 +1241,7 @@ impl Core {
                     states,
                 } => {
                     self.timestamps.remove(&checkpoint_id);
+                    tracing::warn!(checkpoint_id, reason = %reason, "checkpoint aborted");
                     self.notify_tasks(SubtaskCommand::CheckpointAborted { checkpoint_id });
                     self.discard(checkpoint_id, &states);
                     let reason = reason.to_string();
@@ -1233,6 +1293,13 @@ impl Core {
 
     fn send_barrier(&mut self, checkpoint_id: u64, kind: CheckpointKind) {
         let timestamp_millis = self.clock.now_millis();
+        tracing::info!(
+            checkpoint_id,
+            kind = ?kind,
+            job = %self.storage.job(),
+            subtasks = self.tasks.len(),
+            "checkpoint triggered"
+        );
         self.timestamps.insert(checkpoint_id, timestamp_millis);
         let dir = match kind {
             CheckpointKind::Checkpoint => self.storage.checkpoint_dir(checkpoint_id),
@@ -1359,6 +1426,7 @@ impl Core {
         // Notify first: barriers sent after this point build on this checkpoint.
         self.notify_tasks(SubtaskCommand::CheckpointComplete { checkpoint_id });
         let next_id = self.protocol.next_id();
+        let subsumed_count = subsumed.len();
         for old in subsumed {
             if let Some(c) = self.completed.remove(&old) {
                 self.registry.unregister(&c.metadata, next_id);
@@ -1371,6 +1439,16 @@ impl Core {
             }
         }
         if let Some(c) = done {
+            let bytes: u64 = c.metadata.files().map(|f| f.size).sum();
+            tracing::info!(
+                checkpoint_id,
+                kind = ?kind,
+                path = %c.location(),
+                bytes,
+                subsumed = subsumed_count,
+                millis = ?c.metadata.duration_millis,
+                "checkpoint completed"
+            );
             self.emit(CheckpointEvent::Completed {
                 checkpoint_id,
                 kind,

@@ -150,15 +150,37 @@ impl CompletedCheckpoint {
         subtask: u32,
         backend: &mut B,
     ) -> Result<()> {
-        let streams = self.keyed_streams(
-            storage,
-            operator,
-            backend.max_parallelism(),
-            backend.key_group_range(),
-        )?;
+        let started = std::time::Instant::now();
+        let range = backend.key_group_range();
+        let streams = self.keyed_streams(storage, operator, backend.max_parallelism(), range)?;
         let failures: Vec<_> = streams.iter().map(|(_, r)| r.failure()).collect();
+        let files = streams.len();
         match backend.restore(streams) {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                // The owned blocks (records and tombstones) the streams read.
+                let bytes: u64 = self
+                    .metadata
+                    .operator(operator)
+                    .into_iter()
+                    .flat_map(|op| op.subtasks.iter())
+                    .filter_map(|s| s.keyed.as_ref())
+                    .flat_map(|k| k.files.iter())
+                    .flat_map(|f| f.key_groups.iter().chain(&f.tombstones))
+                    .filter(|b| range.contains(b.key_group))
+                    .map(|b| b.length)
+                    .sum();
+                tracing::info!(
+                    checkpoint = %self.location(),
+                    operator,
+                    subtask,
+                    what = "canonical",
+                    files,
+                    bytes,
+                    millis = started.elapsed().as_millis() as u64,
+                    "restored keyed state"
+                );
+                Ok(())
+            }
             Err(e) => {
                 // A storage failure while streaming is reported as itself, not as an I/O
                 // error inside the state API's.
