@@ -120,6 +120,15 @@ impl CheckpointStorage {
         })
     }
 
+    /// The checkpoints of job `job` in `storage`: its store and root, its transfer options
+    /// (part size, parts in flight) for every upload and download, and objects named in
+    /// messages as it names them ([`storage_s3::Storage::location_prefix`]).
+    pub fn from_storage(storage: &storage_s3::Storage, job: &str) -> Result<Self> {
+        let mut s = Self::new(Arc::clone(storage.store()), storage.root().as_ref(), job)?;
+        s.transfer = storage.clone();
+        Ok(s.with_location_prefix(storage.location_prefix()))
+    }
+
     /// Names objects in messages with `prefix` in front of their object path, so that what is
     /// printed can be pasted into the next command: the local directory of a `file://` store
     /// (`/var/lib/ck/`), or `s3://bucket/`. Without it messages show bare object paths.

@@ -1,7 +1,6 @@
 //! Offline tools behind the CLI: list and inspect checkpoints, convert savepoints between
 //! backends and parallelisms, read one key (in the spirit of Flink's State Processor API).
 
-use std::sync::Arc;
 
 use checkpoint::{
     assemble_operators, commit_savepoint, write_subtask_snapshot, CheckpointStorage,
@@ -111,12 +110,7 @@ pub fn open_checkpoint(
 ) -> Result<(CheckpointStorage, CompletedCheckpoint), JobError> {
     let (store_url, path) = split(&to_url(path_or_url)?)?;
     let storage = storage_s3::Storage::from_config(&config.storage_config(&store_url))?;
-    let storage = CheckpointStorage::new(
-        Arc::clone(storage.store()),
-        storage.root().as_ref(),
-        "offline",
-    )?
-    .with_location_prefix(storage.location_prefix());
+    let storage = CheckpointStorage::from_storage(&storage, "offline")?;
     let object = ObjectPath::parse(&path).map_err(|e| format!("bad path '{path}': {e}"))?;
     let c = CompletedCheckpoint::load(&storage, &object)
         .map_err(|e| format!("cannot read the checkpoint at {path_or_url}: {e}"))?;
