@@ -6,9 +6,10 @@
 //! sans-IO [`Protocol`]; it carries out the protocol's actions: writing `_metadata` (then the
 //! checkpoint is complete), notifying subtasks, discarding subsumed and aborted checkpoints.
 //!
-//! A subtask handles a barrier on its own thread: [`SubtaskEndpoint::snapshot_heap`] (or
-//! [`SubtaskEndpoint::snapshot`]) takes the short synchronous snapshot and queues the upload on
-//! the coordinator's writer threads, which acknowledge when the files are written.
+//! A subtask handles a barrier on its own thread: [`SubtaskEndpoint::snapshot_backend`] (any
+//! backend of the snapshot contract, `state_api::checkpointing`; or
+//! [`SubtaskEndpoint::snapshot`]) takes the short synchronous snapshot and queues the upload
+//! on the coordinator's writer threads, which acknowledge when the files are written.
 //!
 //! ```
 //! use std::sync::Arc;
@@ -55,11 +56,8 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, unbounded, Receiver, RecvTimeoutError, Sender};
 use object_store::path::Path;
-use state_api::{
-    Clock, KeyGroupRange, KeyedStateBackend, KeyedStateSnapshot, OperatorStateStore, StateKey,
-    SystemClock,
-};
-use state_heap::HeapKeyedStateBackend;
+use state_api::checkpointing::{BackendSnapshot, CheckpointableBackend, SnapshotRequest};
+use state_api::{Clock, KeyGroupRange, KeyedStateBackend, OperatorStateStore, SystemClock};
 
 use crate::commit::{CommitLog, LogEntry};
 use crate::complete::{
@@ -72,8 +70,7 @@ use crate::registry::{shared_files, SharedStateRegistry};
 use crate::restore::CompletedCheckpoint;
 use crate::storage::{validate_name, CheckpointStorage};
 use crate::write::{
-    split_key_groups, write_subtask_snapshot_tracked, KeyedSnapshot, SnapshotTarget,
-    SubtaskSnapshot,
+    write_subtask_snapshot_tracked, KeyedSnapshot, SnapshotTarget, SubtaskSnapshot,
 };
 
 /// A checkpoint barrier as a subtask receives it.
@@ -186,8 +183,6 @@ struct NativeKnown {
 struct IncrementalState {
     /// The handle of the last checkpoint this subtask heard completed.
     base: Option<(u64, KeyedStateHandle)>,
-    /// The heap backend's change logs taken at each checkpoint after the base.
-    changes: BTreeMap<u64, Arc<state_heap::HeapChanges>>,
     /// Handles written for checkpoints not yet known complete.
     written: BTreeMap<u64, KeyedStateHandle>,
 }
@@ -217,6 +212,15 @@ pub struct SubtaskEndpoint {
     write_parts: usize,
     inc: Arc<Mutex<IncrementalState>>,
     native: Arc<Mutex<NativeKnown>>,
+    /// Notifications received and not yet handed to a backend.
+    notes: Vec<Note>,
+}
+
+/// A notification for the backend, queued until its next snapshot.
+#[derive(Clone, Copy, Debug)]
+enum Note {
+    Complete(u64),
+    Aborted(u64),
 }
 
 impl std::fmt::Debug for SubtaskEndpoint {
@@ -268,6 +272,15 @@ impl SubtaskEndpoint {
     }
 
     fn observe(&mut self, c: &SubtaskCommand) {
+        match *c {
+            SubtaskCommand::CheckpointComplete { checkpoint_id } => {
+                self.notes.push(Note::Complete(checkpoint_id))
+            }
+            SubtaskCommand::CheckpointAborted { checkpoint_id } => {
+                self.notes.push(Note::Aborted(checkpoint_id))
+            }
+            SubtaskCommand::Barrier(_) => {}
+        }
         if let Ok(mut n) = self.native.lock() {
             match *c {
                 SubtaskCommand::CheckpointComplete { checkpoint_id } => {
@@ -291,9 +304,6 @@ impl SubtaskEndpoint {
                     inc.base = Some((checkpoint_id, h));
                 }
                 inc.written.retain(|id, _| *id > checkpoint_id);
-                if inc.base.as_ref().is_some_and(|(b, _)| *b == checkpoint_id) {
-                    inc.changes.retain(|id, _| *id > checkpoint_id);
-                }
             }
             SubtaskCommand::CheckpointAborted { checkpoint_id } => {
                 inc.written.remove(&checkpoint_id);
@@ -302,138 +312,145 @@ impl SubtaskEndpoint {
         }
     }
 
-    /// Snapshots a heap backend and the operator state, then queues the upload.
+    /// Hands `backend` the completion and abort notifications this endpoint received since
+    /// the last call (in order), so it can release or keep what later snapshots build on.
+    /// Every snapshot method calls it first; call it yourself to release files sooner.
+    pub fn deliver_notifications<B: CheckpointableBackend>(&mut self, backend: &mut B) {
+        for note in std::mem::take(&mut self.notes) {
+            match note {
+                Note::Complete(id) => backend.notify_checkpoint_complete(id),
+                Note::Aborted(id) => backend.notify_checkpoint_aborted(id),
+            }
+        }
+    }
+
+    /// Snapshots `backend` through the snapshot contract (and the operator state), then queues
+    /// the upload.
     ///
-    /// With incremental checkpoints configured, the backend logs changed entries per key
-    /// (from the first checkpoint on) and a checkpoint writes a delta on top of the last one
-    /// this subtask heard completed: the current value or a tombstone of each entry changed
-    /// since then (key groups with too many changes whole). A full snapshot into `shared/`
-    /// starts the chain, and is written again when the deltas a restore would apply exceed
-    /// half of it or [`MAX_DELTA_FILES`] files.
-    pub fn snapshot_heap<K: StateKey>(
+    /// Savepoints and checkpoints without incremental checkpoints configured ask for canonical
+    /// streams (in [`CoordinatorBuilder::write_parts`] parts). With incremental checkpoints
+    /// the backend may answer with a delta on the last checkpoint this subtask heard completed
+    /// (offered unless a restore of its chain would apply more than half as much delta as
+    /// full state or more than [`MAX_DELTA_FILES`] files), with native files (those already
+    /// uploaded by a completed checkpoint are only referenced), or with canonical streams,
+    /// which go into `shared/` and start a new chain.
+    pub fn snapshot_backend<B: CheckpointableBackend>(
         &mut self,
         barrier: &Barrier,
-        backend: &mut HeapKeyedStateBackend<K>,
+        backend: &mut B,
         operator_state: Option<&OperatorStateStore>,
     ) -> Result<()> {
+        self.deliver_notifications(backend);
+        let started = Instant::now();
         let parts = self.write_parts.max(1);
-        let range = backend.key_group_range();
-        let all: Vec<u32> = range.iter().collect();
-        let keyed = if self.incremental && barrier.kind == CheckpointKind::Checkpoint {
-            let tracking = backend.is_tracking_changes();
-            backend.track_changes();
-            let taken = tracking.then(|| Arc::new(backend.take_changes()));
-            let Ok(mut inc) = self.inc.lock() else {
-                return self.fail(barrier, "the incremental state lock is poisoned".into());
-            };
-            if let Some(t) = taken {
-                inc.changes.insert(barrier.checkpoint_id, t);
-            }
-            // Without logs since the base (tracking just started), only a full one will do.
-            let base = inc
-                .base
-                .clone()
-                .filter(|(_, b)| tracking && !chain_too_long(b));
-            match base {
-                Some((_, base)) => {
-                    let changes: Vec<_> = inc.changes.values().cloned().collect();
-                    drop(inc);
-                    let probe = backend.snapshot_delta(changes.clone());
-                    let changed = probe.changed_key_groups();
-                    let replaced = probe.replaced_key_groups();
-                    drop(probe);
-                    let parts = split_key_groups(&changed, parts)
-                        .into_iter()
-                        .map(|kgs| {
-                            Box::new(backend.snapshot_delta(changes.clone()).restrict_to(kgs))
-                                as Box<dyn KeyedStateSnapshot>
-                        })
-                        .collect();
-                    KeyedSnapshot::Delta {
-                        parts,
-                        replaced,
-                        base,
-                    }
-                }
-                None => {
-                    drop(inc);
-                    let parts = split_key_groups(&all, parts)
-                        .into_iter()
-                        .map(|kgs| {
-                            Box::new(backend.snapshot_heap().restrict_to(kgs))
-                                as Box<dyn KeyedStateSnapshot>
-                        })
-                        .collect();
-                    KeyedSnapshot::Incremental {
-                        parts,
-                        changed: all,
-                        base: None,
-                    }
+        let id = barrier.checkpoint_id;
+        let incremental = self.incremental && barrier.kind == CheckpointKind::Checkpoint;
+        let base = if incremental {
+            match self.inc.lock() {
+                Ok(inc) => inc.base.clone().filter(|(_, b)| !chain_too_long(b)),
+                Err(_) => {
+                    return self.fail(barrier, "the incremental state lock is poisoned".into())
                 }
             }
         } else {
-            KeyedSnapshot::Full(
-                split_key_groups(&all, parts)
-                    .into_iter()
-                    .map(|kgs| {
-                        Box::new(backend.snapshot_heap().restrict_to(kgs))
-                            as Box<dyn KeyedStateSnapshot>
-                    })
-                    .collect(),
-            )
+            None
         };
-        self.submit(barrier, Some(keyed), operator_state.cloned())
-    }
-
-    /// Snapshots an mmap backend: with incremental checkpoints configured, natively (a flush,
-    /// then its immutable files; files already uploaded by a completed checkpoint are only
-    /// referenced); otherwise, and for savepoints, as a canonical stream. Then queues the
-    /// upload.
-    pub fn snapshot_mmap<K: StateKey>(
-        &mut self,
-        barrier: &Barrier,
-        backend: &mut state_mmap::MmapKeyedStateBackend<K>,
-        operator_state: Option<&OperatorStateStore>,
-    ) -> Result<()> {
-        if !(self.incremental && barrier.kind == CheckpointKind::Checkpoint) {
-            return self.snapshot(barrier, Some(backend), operator_state);
-        }
-        let cp = match backend.checkpoint() {
-            Ok(c) => c,
+        let request = if incremental {
+            SnapshotRequest::incremental(id, base.as_ref().map(|(b, _)| *b), parts)
+        } else {
+            SnapshotRequest::canonical(id, parts)
+        };
+        let snapshot = match backend.snapshot_for_checkpoint(&request) {
+            Ok(s) => s,
             Err(e) => {
                 let err = Error::state(&self.operator_id, self.subtask, e);
                 return self.fail(barrier, err.to_string());
             }
         };
-        let files: Vec<crate::write::NativeLocalFile> = cp
-            .files()
-            .iter()
-            .map(|f| crate::write::NativeLocalFile {
-                name: f.name().to_string(),
-                path: f.path().to_path_buf(),
-                size: f.size(),
-                key_groups: f.key_groups(),
-            })
-            .collect();
-        let known = match self.native.lock() {
-            Ok(mut n) => {
-                let live: BTreeSet<&str> = files.iter().map(|f| f.name.as_str()).collect();
-                n.confirmed.retain(|name, _| live.contains(name.as_str()));
-                n.confirmed.clone()
-            }
-            Err(_) => HashMap::new(),
-        };
-        let keyed = KeyedSnapshot::Native {
-            snapshot: crate::write::NativeSnapshot {
-                backend: "mmap".into(),
-                key_group_range: backend.key_group_range(),
-                metadata: cp.metadata().to_vec(),
-                files,
-                keep_alive: Box::new(cp),
+        let kind = snapshot.kind_name();
+        let keyed = match snapshot {
+            BackendSnapshot::Canonical(parts) if incremental => KeyedSnapshot::Incremental {
+                parts,
+                changed: backend.key_group_range().iter().collect(),
+                base: None,
             },
-            known,
+            BackendSnapshot::Canonical(parts) => KeyedSnapshot::Full(parts),
+            BackendSnapshot::Delta { parts, replaced } => match base {
+                Some((_, base)) => KeyedSnapshot::Delta {
+                    parts,
+                    replaced,
+                    base,
+                },
+                None => {
+                    return self.fail(
+                        barrier,
+                        "the backend answered with a delta where no base was offered".into(),
+                    )
+                }
+            },
+            BackendSnapshot::Native(n) => {
+                if !incremental {
+                    return self.fail(
+                        barrier,
+                        "the backend answered with native files where canonical streams were \
+                         asked for"
+                            .into(),
+                    );
+                }
+                if n.backend.is_empty()
+                    || n.backend.len() > 32
+                    || !n.backend.bytes().all(|b| b.is_ascii_graphic())
+                {
+                    return self.fail(
+                        barrier,
+                        format!("invalid native backend id {:?}", n.backend),
+                    );
+                }
+                let known = match self.native.lock() {
+                    Ok(mut known) => {
+                        let live: BTreeSet<&str> =
+                            n.files.iter().map(|f| f.name.as_str()).collect();
+                        known
+                            .confirmed
+                            .retain(|name, _| live.contains(name.as_str()));
+                        known.confirmed.clone()
+                    }
+                    Err(_) => HashMap::new(),
+                };
+                KeyedSnapshot::Native { snapshot: n, known }
+            }
         };
+        tracing::debug!(
+            checkpoint_id = id,
+            operator = %self.operator_id,
+            subtask = self.subtask,
+            kind,
+            sync_micros = started.elapsed().as_micros() as u64,
+            "synchronous part of the snapshot taken"
+        );
         self.submit(barrier, Some(keyed), operator_state.cloned())
+    }
+
+    /// The same as [`Self::snapshot_backend`] (the heap backend answers with canonical streams
+    /// or deltas); kept under its earlier name.
+    pub fn snapshot_heap<B: CheckpointableBackend>(
+        &mut self,
+        barrier: &Barrier,
+        backend: &mut B,
+        operator_state: Option<&OperatorStateStore>,
+    ) -> Result<()> {
+        self.snapshot_backend(barrier, backend, operator_state)
+    }
+
+    /// The same as [`Self::snapshot_backend`] (the mmap backend answers with native files for
+    /// incremental checkpoints); kept under its earlier name.
+    pub fn snapshot_mmap<B: CheckpointableBackend>(
+        &mut self,
+        barrier: &Barrier,
+        backend: &mut B,
+        operator_state: Option<&OperatorStateStore>,
+    ) -> Result<()> {
+        self.snapshot_backend(barrier, backend, operator_state)
     }
 
     /// Snapshots any keyed backend in full (and the operator state), then queues the upload.
@@ -443,6 +460,8 @@ impl SubtaskEndpoint {
         backend: Option<&mut B>,
         operator_state: Option<&OperatorStateStore>,
     ) -> Result<()> {
+        // A backend outside the contract takes no notifications.
+        self.notes.clear();
         let keyed = match backend {
             None => None,
             Some(b) => match b.snapshot() {
@@ -635,6 +654,7 @@ impl CoordinatorBuilder {
             write_parts: self.write_parts,
             inc,
             native,
+            notes: Vec::new(),
         })
     }
 
@@ -796,8 +816,21 @@ impl CoordinatorBuilder {
 fn writer_loop(storage: &CheckpointStorage, rx: &Receiver<WriteJob>, in_flight: &AtomicUsize) {
     while let Ok(job) = rx.recv() {
         let operator_id = job.snapshot.operator_id.clone();
+        let subtask = job.snapshot.subtask;
+        let started = Instant::now();
         let msg = match write_subtask_snapshot_tracked(storage, &job.target, job.snapshot) {
             Ok((state, uploaded)) => {
+                let (bytes, new_bytes) = state_bytes(&state, &uploaded);
+                tracing::info!(
+                    checkpoint_id = job.checkpoint_id,
+                    operator = %operator_id,
+                    subtask,
+                    bytes,
+                    delta_bytes = new_bytes,
+                    files_uploaded = uploaded.len(),
+                    async_millis = started.elapsed().as_millis() as u64,
+                    "subtask state written"
+                );
                 if let (Some(native), Some(h)) = (&job.native, &state.native) {
                     if let Ok(mut n) = native.lock() {
                         n.written.insert(
@@ -825,16 +858,51 @@ fn writer_loop(storage: &CheckpointStorage, rx: &Receiver<WriteJob>, in_flight: 
                     }),
                 }
             }
-            Err(e) => Msg::Decline {
-                checkpoint_id: job.checkpoint_id,
-                task: job.task,
-                reason: e.to_string(),
-            },
+            Err(e) => {
+                tracing::warn!(
+                    checkpoint_id = job.checkpoint_id,
+                    operator = %operator_id,
+                    subtask,
+                    async_millis = started.elapsed().as_millis() as u64,
+                    reason = %e,
+                    "writing subtask state failed"
+                );
+                Msg::Decline {
+                    checkpoint_id: job.checkpoint_id,
+                    task: job.task,
+                    reason: e.to_string(),
+                }
+            }
         };
         let _ = job.to_coordinator.send(msg);
         // After the result is queued: a core that sees zero finds every result in its queue.
         in_flight.fetch_sub(1, Ordering::AcqRel);
     }
+}
+
+/// Bytes of all files a subtask's state refers to, and of those written for this checkpoint
+/// (exclusive files and the shared files uploaded now: the delta of an incremental one).
+fn state_bytes(state: &crate::format::SubtaskState, uploaded: &[String]) -> (u64, u64) {
+    let keyed = state
+        .keyed
+        .iter()
+        .flat_map(|k| k.files.iter().map(|f| &f.file));
+    let native = state
+        .native
+        .iter()
+        .flat_map(|n| n.files.iter().map(|f| &f.file));
+    let (mut all, mut new) = (0, 0);
+    for f in keyed.chain(native) {
+        all += f.size;
+        let fresh = match &f.location {
+            FileLocation::Exclusive(_) => true,
+            FileLocation::Shared(name) => uploaded.iter().any(|u| u == name),
+        };
+        if fresh {
+            new += f.size;
+        }
+    }
+    (all, new)
 }
 
 /// Waits for a triggered checkpoint or savepoint.
@@ -1032,7 +1100,18 @@ impl Core {
                     checkpoint_id,
                     task,
                     reason,
-                }) => actions.extend(self.protocol.decline(checkpoint_id, task, reason)),
+                }) => {
+                    if let Some(t) = self.tasks.get(task) {
+                        tracing::warn!(
+                            checkpoint_id,
+                            operator = %t.operator_id,
+                            subtask = t.subtask,
+                            reason = %reason,
+                            "checkpoint declined"
+                        );
+                    }
+                    actions.extend(self.protocol.decline(checkpoint_id, task, reason))
+                }
                 Ok(Msg::Trigger {
                     kind,
                     savepoint_name,
@@ -1162,6 +1241,7 @@ impl Core {
                     states,
                 } => {
                     self.timestamps.remove(&checkpoint_id);
+                    tracing::warn!(checkpoint_id, reason = %reason, "checkpoint aborted");
                     self.notify_tasks(SubtaskCommand::CheckpointAborted { checkpoint_id });
                     self.discard(checkpoint_id, &states);
                     let reason = reason.to_string();
@@ -1213,6 +1293,13 @@ impl Core {
 
     fn send_barrier(&mut self, checkpoint_id: u64, kind: CheckpointKind) {
         let timestamp_millis = self.clock.now_millis();
+        tracing::info!(
+            checkpoint_id,
+            kind = ?kind,
+            job = %self.storage.job(),
+            subtasks = self.tasks.len(),
+            "checkpoint triggered"
+        );
         self.timestamps.insert(checkpoint_id, timestamp_millis);
         let dir = match kind {
             CheckpointKind::Checkpoint => self.storage.checkpoint_dir(checkpoint_id),
@@ -1339,6 +1426,7 @@ impl Core {
         // Notify first: barriers sent after this point build on this checkpoint.
         self.notify_tasks(SubtaskCommand::CheckpointComplete { checkpoint_id });
         let next_id = self.protocol.next_id();
+        let subsumed_count = subsumed.len();
         for old in subsumed {
             if let Some(c) = self.completed.remove(&old) {
                 self.registry.unregister(&c.metadata, next_id);
@@ -1351,6 +1439,16 @@ impl Core {
             }
         }
         if let Some(c) = done {
+            let bytes: u64 = c.metadata.files().map(|f| f.size).sum();
+            tracing::info!(
+                checkpoint_id,
+                kind = ?kind,
+                path = %c.location(),
+                bytes,
+                subsumed = subsumed_count,
+                millis = ?c.metadata.duration_millis,
+                "checkpoint completed"
+            );
             self.emit(CheckpointEvent::Completed {
                 checkpoint_id,
                 kind,

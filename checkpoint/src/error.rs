@@ -21,6 +21,17 @@ pub enum Error {
         #[source]
         source: object_store::Error,
     },
+    /// A transfer through `storage-s3` (upload, download, create-only put) failed.
+    #[error("storage error while {context} '{path}': {source}")]
+    Transfer {
+        /// What was being done (`uploading`, `downloading`, `writing`).
+        context: &'static str,
+        /// The object.
+        path: String,
+        /// The storage layer's error (boxed: it is large).
+        #[source]
+        source: Box<storage_s3::Error>,
+    },
     /// A file the checkpoint refers to does not exist.
     #[error("missing file '{file}' (referenced by {referenced_by})")]
     MissingFile {
@@ -205,6 +216,43 @@ impl Error {
     }
 
     /// A store error on `path` (as [`crate::CheckpointStorage::location`] shows it).
+    /// A `storage-s3` error as this crate reports it: a missing object, a size or checksum
+    /// mismatch are the same errors as when this crate finds them itself.
+    pub(crate) fn transfer(context: &'static str, path: &str, source: storage_s3::Error) -> Self {
+        match source {
+            storage_s3::Error::NotFound { .. } => Error::MissingFile {
+                file: path.to_string(),
+                referenced_by: context.to_string(),
+            },
+            storage_s3::Error::ChecksumMismatch {
+                expected, actual, ..
+            } if expected.len == actual.len => Error::ChecksumMismatch {
+                file: path.to_string(),
+                expected: expected.crc32c,
+                actual: actual.crc32c,
+            },
+            storage_s3::Error::ChecksumMismatch {
+                expected, actual, ..
+            } => Error::Truncated {
+                file: path.to_string(),
+                expected: expected.len,
+                found: actual.len,
+            },
+            storage_s3::Error::SizeMismatch {
+                expected, actual, ..
+            } => Error::Truncated {
+                file: path.to_string(),
+                expected,
+                found: actual,
+            },
+            source => Error::Transfer {
+                context,
+                path: path.to_string(),
+                source: Box::new(source),
+            },
+        }
+    }
+
     pub(crate) fn storage(context: &'static str, path: &str, source: object_store::Error) -> Self {
         match source {
             object_store::Error::NotFound { .. } => Error::MissingFile {

@@ -13,6 +13,7 @@
 
 use std::collections::BTreeSet;
 
+use state_api::checkpointing::NativeFormat;
 use state_api::snapshot::SnapshotReader;
 use state_api::{KeyGroupRange, StateMeta};
 
@@ -83,7 +84,20 @@ pub struct OperatorSummary {
 impl CompletedCheckpoint {
     /// Verifies every file and summarizes every subtask of every operator (see the module
     /// docs). Fails with an error naming the file at the first damage found.
+    /// Native state needs its backend's format: see [`Self::inspect_with`]; here it is an
+    /// error.
     pub fn inspect(&self, storage: &CheckpointStorage) -> Result<Vec<OperatorSummary>> {
+        self.inspect_with(storage, &[])
+    }
+
+    /// [`Self::inspect`], reading native state through the backend format among `formats`
+    /// whose id it carries (for the mmap backend, `state_mmap::MmapNativeFormat`). Native
+    /// state of a backend without a format here is an error.
+    pub fn inspect_with(
+        &self,
+        storage: &CheckpointStorage,
+        formats: &[&dyn NativeFormat],
+    ) -> Result<Vec<OperatorSummary>> {
         let mut out = Vec::new();
         for op in &self.metadata.operators {
             let mut subtasks = Vec::new();
@@ -102,6 +116,7 @@ impl CompletedCheckpoint {
                         op.max_parallelism,
                         st.subtask,
                         n,
+                        formats,
                     )?,
                     (None, None) => SubtaskSummary {
                         subtask: st.subtask,
@@ -139,6 +154,35 @@ impl CompletedCheckpoint {
         f: &FileRef,
         mut sink: impl FnMut(&[u8]) -> Result<()>,
     ) -> Result<()> {
+        let (path, size) = self.checked_size(storage, f)?;
+        let mut crc = 0u32;
+        let mut at = 0u64;
+        while at < size {
+            let end = size.min(at + VERIFY_CHUNK);
+            let parts = storage.get_ranges(&path, std::slice::from_ref(&(at..end)))?;
+            for p in &parts {
+                crc = crc32c::crc32c_append(crc, p);
+                sink(p)?;
+            }
+            at = end;
+        }
+        if crc != f.crc32c {
+            return Err(Error::ChecksumMismatch {
+                file: self.location_of(&path),
+                expected: f.crc32c,
+                actual: crc,
+            });
+        }
+        Ok(())
+    }
+
+    /// The object `f` refers to and its size, checked against the recorded size (missing,
+    /// truncated and too long are each their own error).
+    pub(crate) fn checked_size(
+        &self,
+        storage: &CheckpointStorage,
+        f: &FileRef,
+    ) -> Result<(object_store::path::Path, u64)> {
         let path = self.file_path(&f.location);
         let size = storage.size(&path).map_err(|e| match e {
             Error::MissingFile { .. } => Error::MissingFile {
@@ -164,25 +208,7 @@ impl CompletedCheckpoint {
                 ),
             });
         }
-        let mut crc = 0u32;
-        let mut at = 0u64;
-        while at < size {
-            let end = size.min(at + VERIFY_CHUNK);
-            let parts = storage.get_ranges(&path, std::slice::from_ref(&(at..end)))?;
-            for p in &parts {
-                crc = crc32c::crc32c_append(crc, p);
-                sink(p)?;
-            }
-            at = end;
-        }
-        if crc != f.crc32c {
-            return Err(Error::ChecksumMismatch {
-                file: self.location_of(&path),
-                expected: f.crc32c,
-                actual: crc,
-            });
-        }
-        Ok(())
+        Ok((path, size))
     }
 
     fn inspect_canonical(
@@ -284,42 +310,33 @@ impl CompletedCheckpoint {
         max_parallelism: u32,
         subtask: u32,
         n: &NativeKeyedHandle,
+        formats: &[&dyn NativeFormat],
     ) -> Result<SubtaskSummary> {
         let corrupt = |reason: String| Error::Corrupt {
             file: self.location(),
             offset: 0,
             reason: format!("operator '{operator}' subtask {subtask}: {reason}"),
         };
-        if n.backend != "mmap" {
+        let Some(format) = formats.iter().find(|f| f.backend_id() == n.backend) else {
             return Err(corrupt(format!(
-                "native state of unknown backend '{}'",
+                "native state of backend '{}', whose format was not given to read it",
                 n.backend
             )));
-        }
-        let meta = self.native_meta(operator, max_parallelism, subtask, n)?;
-        let states = meta
-            .states()
-            .map_err(|e| Error::state(operator, subtask, e))?;
+        };
+        let (source, states) =
+            self.native_source(*format, operator, max_parallelism, subtask, n)?;
         let mut covered = BTreeSet::new();
-        for f in meta.runs.iter().flatten() {
+        for f in &source.files {
             covered.extend(f.key_groups.intersect(&n.key_group_range).iter());
         }
         // Each file is verified as a restore does: size and CRC32C on the way to a local
-        // copy, then opened as the store opens it (footer, index, bloom, every block).
+        // copy, then opened as the backend opens it.
         let scratch = Scratch::new()?;
         for f in &n.files {
             let path = self.file_path(&f.file.location);
             let local = scratch.0.join(f.file.location.name());
-            let io = |e: std::io::Error| Error::Io {
-                context: format!("writing '{}'", local.display()),
-                source: e,
-            };
-            let mut out = std::fs::File::create(&local).map_err(io)?;
-            self.stream_file(storage, &f.file, |chunk| {
-                std::io::Write::write_all(&mut out, chunk).map_err(io)
-            })?;
-            drop(out);
-            let opened = state_mmap::run::RunFile::verify(&local).map_err(|e| Error::Corrupt {
+            self.download_file(storage, &f.file, &local)?;
+            let opened = format.verify_file(&local).map_err(|e| Error::Corrupt {
                 file: self.location_of(&path),
                 offset: 0,
                 reason: e.to_string(),

@@ -22,9 +22,15 @@
 //! - [`inspect`]: what a checkpoint holds per subtask, every file verified (size, CRC32C,
 //!   block checksums) and entries counted from the verified data.
 //! - [`restore`]: restore the latest checkpoint or a given checkpoint/savepoint path at the same
-//!   or another parallelism, reading only the owned key groups by range reads (or, for the mmap
-//!   backend's native checkpoints, downloading only the files holding owned key groups);
+//!   or another parallelism, reading only the owned key groups by range reads (or, for a
+//!   backend's native checkpoints, streaming to disk only the files its format says hold owned
+//!   key groups);
 //!   operator state redistributed (even split, union, broadcast); every damage a named error.
+//!
+//! The crate knows backends only through the snapshot contract of `state-api`
+//! (`state_api::checkpointing::CheckpointableBackend`: canonical streams, deltas on earlier
+//! checkpoints, or immutable native files with the backend's manifest); it depends on no
+//! backend crate. See `docs/snapshot-contract.md`.
 //!
 //! The crate talks to storage only through `object_store`; `storage-s3` builds stores from URLs.
 //! Its blocking calls run on a small internal tokio runtime: do not call them from inside an

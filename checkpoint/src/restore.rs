@@ -7,11 +7,14 @@ use std::io::Read;
 use std::sync::{Arc, Mutex};
 
 use object_store::path::Path;
+use state_api::checkpointing::{
+    CheckpointableBackend, NativeFileRef, NativeFormat, NativeRestoreSource, NativeSource,
+};
 use state_api::{redistribute, KeyGroupRange, KeyedStateBackend, OperatorStateStore};
 
 use crate::commit::CommitLog;
 use crate::error::{Error, Result};
-use crate::format::{CheckpointMetadata, FileLocation, KeyedStateFile, MAX_METADATA_LEN};
+use crate::format::{CheckpointMetadata, FileLocation, FileRef, KeyedStateFile, MAX_METADATA_LEN};
 use crate::storage::{CheckpointStorage, METADATA_FILE};
 use state_api::snapshot::{KeyGroupBlock, KeyGroupOffset, RawRecord};
 use state_api::StateKind;
@@ -147,15 +150,37 @@ impl CompletedCheckpoint {
         subtask: u32,
         backend: &mut B,
     ) -> Result<()> {
-        let streams = self.keyed_streams(
-            storage,
-            operator,
-            backend.max_parallelism(),
-            backend.key_group_range(),
-        )?;
+        let started = std::time::Instant::now();
+        let range = backend.key_group_range();
+        let streams = self.keyed_streams(storage, operator, backend.max_parallelism(), range)?;
         let failures: Vec<_> = streams.iter().map(|(_, r)| r.failure()).collect();
+        let files = streams.len();
         match backend.restore(streams) {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                // The owned blocks (records and tombstones) the streams read.
+                let bytes: u64 = self
+                    .metadata
+                    .operator(operator)
+                    .into_iter()
+                    .flat_map(|op| op.subtasks.iter())
+                    .filter_map(|s| s.keyed.as_ref())
+                    .flat_map(|k| k.files.iter())
+                    .flat_map(|f| f.key_groups.iter().chain(&f.tombstones))
+                    .filter(|b| range.contains(b.key_group))
+                    .map(|b| b.length)
+                    .sum();
+                tracing::info!(
+                    checkpoint = %self.location(),
+                    operator,
+                    subtask,
+                    what = "canonical",
+                    files,
+                    bytes,
+                    millis = started.elapsed().as_millis() as u64,
+                    "restored keyed state"
+                );
+                Ok(())
+            }
             Err(e) => {
                 // A storage failure while streaming is reported as itself, not as an I/O
                 // error inside the state API's.
@@ -171,15 +196,20 @@ impl CompletedCheckpoint {
         }
     }
 
-    /// Restores `operator` into an mmap backend: from native files (downloaded into
-    /// `download_dir`, only those holding owned key groups, each verified against its size and
-    /// CRC32C), or from canonical streams when the checkpoint has those.
-    pub fn restore_mmap<K: state_api::StateKey>(
+    /// Restores `operator` into `backend` through the snapshot contract: canonical state as
+    /// [`Self::restore_keyed`] does; native state (written by a backend of the same
+    /// [`NativeFormat::backend_id`]) by checking each intersecting old subtask's manifest
+    /// against its handle ([`NativeFormat::check`]), streaming the files the backend needs for
+    /// its range ([`NativeFormat::files_needed`]) into a directory of its own under
+    /// `download_dir` (in chunks, each file checked against its size and CRC32C on the way,
+    /// never whole in memory), then calling
+    /// [`CheckpointableBackend::restore_from_native`].
+    pub fn restore_backend<B: CheckpointableBackend>(
         &self,
         storage: &CheckpointStorage,
         operator: &str,
         subtask: u32,
-        backend: &mut state_mmap::MmapKeyedStateBackend<K>,
+        backend: &mut B,
         download_dir: &std::path::Path,
     ) -> Result<()> {
         let Some(op) = self.metadata.operator(operator) else {
@@ -188,6 +218,7 @@ impl CompletedCheckpoint {
         if op.subtasks.iter().all(|s| s.native.is_none()) {
             return self.restore_keyed(storage, operator, subtask, backend);
         }
+        let started = std::time::Instant::now();
         let mismatch = |reason: String| Error::RestoreMismatch {
             operator: operator.to_string(),
             checkpoint: self.location(),
@@ -203,18 +234,33 @@ impl CompletedCheckpoint {
         }
         let range = backend.key_group_range();
         let mut sources = Vec::new();
+        let (mut files, mut bytes) = (0usize, 0u64);
         for st in &op.subtasks {
             if st.keyed.is_some() {
                 return Err(mismatch("canonical and native state mixed".into()));
             }
             let Some(n) = &st.native else { continue };
-            if n.backend != "mmap" {
-                return Err(mismatch(format!("native state of backend '{}'", n.backend)));
+            let Some(format) = backend.native_format() else {
+                return Err(mismatch(format!(
+                    "native state of backend '{}', which this backend cannot read",
+                    n.backend
+                )));
+            };
+            if n.backend != format.backend_id() {
+                return Err(mismatch(format!(
+                    "native state of backend '{}', this backend reads '{}'",
+                    n.backend,
+                    format.backend_id()
+                )));
             }
             if n.key_group_range.intersect(&range).is_empty() {
                 continue;
             }
-            let meta = self.native_meta(operator, op.max_parallelism, st.subtask, n)?;
+            let (source, _) =
+                self.native_source(format, operator, op.max_parallelism, st.subtask, n)?;
+            let needed = format
+                .files_needed(&source, range)
+                .map_err(|e| Error::state(operator, subtask, e))?;
             let dir = download_dir.join(format!(
                 "chk-{}-{operator}-{}",
                 self.metadata.checkpoint_id, st.subtask
@@ -223,86 +269,108 @@ impl CompletedCheckpoint {
                 context: format!("creating '{}'", dir.display()),
                 source: e,
             })?;
-            for f in meta.files_for(range) {
+            for name in needed {
                 let r = n
                     .files
                     .iter()
-                    .find(|x| x.file.location.name() == f.name)
+                    .find(|x| x.file.location.name() == name)
                     .ok_or_else(|| Error::Corrupt {
                         file: self.location(),
                         offset: 0,
                         reason: format!(
-                            "the native metadata of subtask {} names '{}', which its handle \
+                            "the native metadata of subtask {} names '{name}', which its handle \
                              does not list",
-                            st.subtask, f.name
+                            st.subtask
                         ),
                     })?;
-                // Streamed to disk in chunks, its size and CRC32C checked on the way.
-                let local = dir.join(&f.name);
-                let io = |e: std::io::Error| Error::Io {
-                    context: format!("writing '{}'", local.display()),
-                    source: e,
-                };
-                let mut out = std::fs::File::create(&local).map_err(io)?;
-                self.stream_file(storage, &r.file, |chunk| {
-                    std::io::Write::write_all(&mut out, chunk).map_err(io)
-                })?;
+                self.download_file(storage, &r.file, &dir.join(&name))?;
+                files += 1;
+                bytes += r.file.size;
             }
-            sources.push(state_mmap::NativeRestore {
-                metadata: n.metadata.clone(),
-                files_dir: dir,
-            });
+            sources.push(NativeRestoreSource { source, dir });
         }
         backend
-            .restore_native(sources)
-            .map_err(|e| Error::state(operator, subtask, e))
+            .restore_from_native(sources)
+            .map_err(|e| Error::state(operator, subtask, e))?;
+        tracing::info!(
+            checkpoint = %self.location(),
+            operator,
+            subtask,
+            what = "native",
+            files,
+            bytes,
+            millis = started.elapsed().as_millis() as u64,
+            "restored keyed state"
+        );
+        Ok(())
     }
 
-    /// Decodes the native metadata of subtask `subtask` of `operator` and checks it against
-    /// its handle: the same max parallelism and key groups, and every file it names listed by
-    /// the handle with the same size and key groups (a file restored under other key groups
-    /// would silently lose or add state).
-    pub(crate) fn native_meta(
+    /// The same as [`Self::restore_backend`]; kept under its earlier name.
+    pub fn restore_mmap<B: CheckpointableBackend>(
         &self,
+        storage: &CheckpointStorage,
+        operator: &str,
+        subtask: u32,
+        backend: &mut B,
+        download_dir: &std::path::Path,
+    ) -> Result<()> {
+        self.restore_backend(storage, operator, subtask, backend, download_dir)
+    }
+
+    /// Streams the file `f` refers to into the local file `local` through the storage layer
+    /// (memory bounded by its buffers, not the file's size), checking its size and CRC32C on
+    /// the way; `local` appears only once complete and verified.
+    pub(crate) fn download_file(
+        &self,
+        storage: &CheckpointStorage,
+        f: &FileRef,
+        local: &std::path::Path,
+    ) -> Result<()> {
+        let (path, size) = self.checked_size(storage, f)?;
+        storage
+            .download_file(&path, local, size, f.crc32c)
+            .map_err(|e| match e {
+                Error::MissingFile { file, .. } => Error::MissingFile {
+                    file,
+                    referenced_by: self.location(),
+                },
+                e => e,
+            })
+    }
+
+    /// The stored native state of subtask `subtask` of `operator` as the contract hands it to
+    /// a backend, after `format` checked its manifest against the handle (the same max
+    /// parallelism and key groups, every file listed with the same size and key groups).
+    pub(crate) fn native_source(
+        &self,
+        format: &dyn NativeFormat,
         operator: &str,
         max_parallelism: u32,
         subtask: u32,
         n: &crate::format::NativeKeyedHandle,
-    ) -> Result<state_mmap::NativeCheckpointMeta> {
-        let corrupt = |reason: String| Error::Corrupt {
-            file: self.location(),
-            offset: 0,
-            reason: format!("operator '{operator}' subtask {subtask}: {reason}"),
-        };
-        let meta = state_mmap::NativeCheckpointMeta::decode(&n.metadata)
-            .map_err(|e| Error::state(operator, subtask, e))?;
-        if meta.max_parallelism != max_parallelism || meta.key_group_range != n.key_group_range {
-            return Err(corrupt(format!(
-                "the native metadata is for max parallelism {} and key groups {}, the handle \
-                 for {max_parallelism} and {}",
-                meta.max_parallelism, meta.key_group_range, n.key_group_range
-            )));
-        }
-        for f in meta.runs.iter().flatten() {
-            let r = n
+    ) -> Result<(NativeSource, Vec<state_api::StateMeta>)> {
+        let source = NativeSource {
+            backend: n.backend.clone(),
+            key_group_range: n.key_group_range,
+            manifest: n.metadata.clone(),
+            files: n
                 .files
                 .iter()
-                .find(|x| x.file.location.name() == f.name)
-                .ok_or_else(|| {
-                    corrupt(format!(
-                        "the native metadata names '{}', which the handle does not list",
-                        f.name
-                    ))
-                })?;
-            if r.file.size != f.size || r.key_groups != f.key_groups {
-                return Err(corrupt(format!(
-                    "'{}' has {} bytes and key groups {} in the native metadata, {} bytes and \
-                     {} in the handle",
-                    f.name, f.size, f.key_groups, r.file.size, r.key_groups
-                )));
-            }
-        }
-        Ok(meta)
+                .map(|f| NativeFileRef {
+                    name: f.file.location.name().to_string(),
+                    size: f.file.size,
+                    key_groups: f.key_groups,
+                })
+                .collect(),
+        };
+        let states = format
+            .check(&source, max_parallelism)
+            .map_err(|e| Error::Corrupt {
+                file: self.location(),
+                offset: 0,
+                reason: format!("operator '{operator}' subtask {subtask}: {e}"),
+            })?;
+        Ok((source, states))
     }
 
     /// The canonical snapshot streams holding the key groups of `range` of `operator`: each

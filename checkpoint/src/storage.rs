@@ -18,9 +18,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures::TryStreamExt;
 use object_store::path::Path;
-use object_store::{
-    ObjectMeta, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, WriteMultipart,
-};
+use object_store::{ObjectMeta, ObjectStore, ObjectStoreExt};
 
 use crate::error::{Error, Result};
 
@@ -66,6 +64,9 @@ pub struct CheckpointStorage {
     root: Path,
     job: String,
     rt: Arc<tokio::runtime::Runtime>,
+    /// The storage layer over the same store: file transfers and create-only puts go through
+    /// it (verified, streaming, paths checked to stay under `root`).
+    transfer: storage_s3::Storage,
     /// Put before an object path to name it for a person (see [`CheckpointStorage::location`]).
     location_prefix: Arc<str>,
 }
@@ -97,13 +98,35 @@ impl CheckpointStorage {
                 context: "starting the checkpoint I/O runtime".into(),
                 source: e,
             })?;
+        let mut options = storage_s3::TransferOptions::default();
+        options.part_size = UPLOAD_PART_SIZE;
+        options.max_concurrency = UPLOAD_CONCURRENCY;
+        let transfer = storage_s3::Storage::from_store(
+            Arc::clone(&store),
+            root.clone(),
+            format!("checkpoint storage under '{root}'"),
+        )
+        .with_transfer_options(options)
+        .map_err(|e| Error::InvalidConfig {
+            reason: e.to_string(),
+        })?;
         Ok(CheckpointStorage {
             store,
             root,
             job: job.to_string(),
             rt: Arc::new(rt),
+            transfer,
             location_prefix: Arc::from(""),
         })
+    }
+
+    /// The checkpoints of job `job` in `storage`: its store and root, its transfer options
+    /// (part size, parts in flight) for every upload and download, and objects named in
+    /// messages as it names them ([`storage_s3::Storage::location_prefix`]).
+    pub fn from_storage(storage: &storage_s3::Storage, job: &str) -> Result<Self> {
+        let mut s = Self::new(Arc::clone(storage.store()), storage.root().as_ref(), job)?;
+        s.transfer = storage.clone();
+        Ok(s.with_location_prefix(storage.location_prefix()))
     }
 
     /// Names objects in messages with `prefix` in front of their object path, so that what is
@@ -209,24 +232,51 @@ impl CheckpointStorage {
         self.rt.block_on(f)
     }
 
-    /// Writes `bytes` at `path`, replacing what is there.
-    pub(crate) fn put(&self, path: &Path, bytes: Vec<u8>) -> Result<()> {
-        self.block_on(self.store.put(path, PutPayload::from(bytes)))
-            .map_err(|e| Error::storage("writing", &self.location(path), e))?;
+    /// Writes `bytes` at `path` only if nothing is there (a create-only put); `Ok(false)` when
+    /// something is.
+    pub(crate) fn put_if_absent(&self, path: &Path, bytes: Vec<u8>) -> Result<bool> {
+        match self.block_on(self.transfer.put_if_absent(path, bytes)) {
+            Ok(_) => Ok(true),
+            Err(storage_s3::Error::AlreadyExists { .. }) => Ok(false),
+            Err(e) => Err(Error::transfer("writing", &self.location(path), e)),
+        }
+    }
+
+    /// Uploads the local file `local` to `path` (streaming, multipart for large files, with
+    /// the storage layer's part size and concurrency); returns its length and CRC32C.
+    pub(crate) fn upload_file(&self, local: &std::path::Path, path: &Path) -> Result<(u64, u32)> {
+        let up = self
+            .block_on(self.transfer.upload_file(local, path))
+            .map_err(|e| Error::transfer("uploading", &self.location(path), e))?;
+        Ok((up.checksum.len, up.checksum.crc32c))
+    }
+
+    /// Downloads `path` into the local file `local`, streaming (memory bounded by the storage
+    /// layer's buffers and parts, never the object's size), checked against `size` and
+    /// `crc32c`; `local` appears only once complete and verified.
+    pub(crate) fn download_file(
+        &self,
+        path: &Path,
+        local: &std::path::Path,
+        size: u64,
+        crc32c: u32,
+    ) -> Result<()> {
+        let expected = storage_s3::Checksum { crc32c, len: size };
+        self.block_on(self.transfer.download_file(path, local, Some(expected)))
+            .map_err(|e| Error::transfer("downloading", &self.location(path), e))?;
         Ok(())
     }
 
-    /// Writes `bytes` at `path` only if nothing is there; `Ok(false)` when something is.
-    pub(crate) fn put_if_absent(&self, path: &Path, bytes: Vec<u8>) -> Result<bool> {
-        let opts = PutOptions {
-            mode: PutMode::Create,
-            ..Default::default()
-        };
-        match self.block_on(self.store.put_opts(path, PutPayload::from(bytes), opts)) {
-            Ok(_) => Ok(true),
-            Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
-            Err(e) => Err(Error::storage("writing", &self.location(path), e)),
-        }
+    /// Uses `options` for file transfers (part size and parts in flight: what bounds the
+    /// memory of an upload or a download) instead of `storage-s3`'s defaults.
+    pub fn with_transfer_options(mut self, options: storage_s3::TransferOptions) -> Result<Self> {
+        self.transfer =
+            self.transfer
+                .with_transfer_options(options)
+                .map_err(|e| Error::InvalidConfig {
+                    reason: e.to_string(),
+                })?;
+        Ok(self)
     }
 
     /// Reads a whole object of at most `max_len` bytes (checked before reading).
@@ -340,122 +390,49 @@ impl CheckpointStorage {
     }
 
     /// A streaming writer of a new object at `path`.
-    pub(crate) fn writer(&self, path: Path) -> ObjectWriter<'_> {
-        ObjectWriter {
-            storage: self,
-            path,
-            buf: Vec::new(),
-            upload: None,
-            crc: 0,
-            len: 0,
-            failed: None,
-        }
+    pub(crate) fn writer(&self, path: Path) -> Result<ObjectWriter> {
+        let location = self.location(&path);
+        let inner = self
+            .transfer
+            .blocking_writer(&path, self.rt.handle().clone())
+            .map_err(|e| Error::transfer("writing", &location, e))?;
+        Ok(ObjectWriter { inner, location })
     }
 }
 
 /// The name of the metadata file of a checkpoint or savepoint.
 pub const METADATA_FILE: &str = "_metadata";
 
-/// A streaming upload behind `std::io::Write`: small objects go in one put, large ones as a
-/// multipart upload of [`UPLOAD_PART_SIZE`] parts. Computes the CRC32C and length of what it
-/// sends.
-pub(crate) struct ObjectWriter<'a> {
-    storage: &'a CheckpointStorage,
-    path: Path,
-    buf: Vec<u8>,
-    upload: Option<WriteMultipart>,
-    crc: u32,
-    len: u64,
-    failed: Option<object_store::Error>,
+/// A streaming upload behind `std::io::Write` (the storage layer's
+/// [`storage_s3::BlockingWriter`]: one put for small objects, multipart in
+/// [`UPLOAD_PART_SIZE`] parts for large ones), with errors named as this crate names them.
+pub(crate) struct ObjectWriter {
+    inner: storage_s3::BlockingWriter,
+    location: String,
 }
 
-impl ObjectWriter<'_> {
-    fn flush_parts(&mut self) -> std::io::Result<()> {
-        let storage = self.storage;
-        if self.upload.is_none() {
-            let upload = storage
-                .block_on(storage.store.put_multipart(&self.path))
-                .map_err(|e| self.fail(e))?;
-            self.upload = Some(WriteMultipart::new_with_chunk_size(
-                upload,
-                UPLOAD_PART_SIZE,
-            ));
-        }
-        let buf = std::mem::replace(
-            &mut self.buf,
-            Vec::with_capacity(UPLOAD_PART_SIZE + (1 << 20)),
-        );
-        let res = match self.upload.as_mut() {
-            Some(up) => {
-                let _enter = storage.rt.enter();
-                up.put(Bytes::from(buf));
-                storage.block_on(up.wait_for_capacity(UPLOAD_CONCURRENCY))
-            }
-            None => Ok(()),
-        };
-        res.map_err(|e| self.fail(e))
-    }
-
-    fn fail(&mut self, e: object_store::Error) -> std::io::Error {
-        let msg = e.to_string();
-        self.failed = Some(e);
-        std::io::Error::other(msg)
-    }
-
+impl ObjectWriter {
     /// Completes the upload; returns `(length, crc32c)` of the object.
-    pub(crate) fn finish(mut self) -> Result<(u64, u32)> {
-        if let Some(e) = self.failed.take() {
-            let path = self.storage.location(&self.path);
-            self.abort();
-            return Err(Error::storage("writing", &path, e));
-        }
-        let storage = self.storage;
-        match self.upload.take() {
-            None => {
-                let buf = std::mem::take(&mut self.buf);
-                storage.put(&self.path, buf)?;
-            }
-            Some(mut up) => {
-                let buf = std::mem::take(&mut self.buf);
-                let res = {
-                    let _enter = storage.rt.enter();
-                    up.put(Bytes::from(buf));
-                    storage.block_on(up.finish())
-                };
-                res.map_err(|e| Error::storage("writing", &storage.location(&self.path), e))?;
-            }
-        }
-        Ok((self.len, self.crc))
+    pub(crate) fn finish(self) -> Result<(u64, u32)> {
+        let up = self
+            .inner
+            .finish()
+            .map_err(|e| Error::transfer("writing", &self.location, e))?;
+        Ok((up.checksum.len, up.checksum.crc32c))
     }
 
     /// Abandons the upload (best effort).
-    pub(crate) fn abort(mut self) {
-        if let Some(up) = self.upload.take() {
-            let storage = self.storage;
-            let _enter = storage.rt.enter();
-            let _ = storage.block_on(up.abort());
-        }
+    pub(crate) fn abort(self) {
+        self.inner.abort();
     }
 }
 
-impl Write for ObjectWriter<'_> {
+impl Write for ObjectWriter {
     fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
-        if self.failed.is_some() {
-            return Err(std::io::Error::other("the upload already failed"));
-        }
-        self.crc = crc32c::crc32c_append(self.crc, data);
-        self.len += data.len() as u64;
-        if self.buf.capacity() == 0 {
-            self.buf.reserve(UPLOAD_PART_SIZE + (1 << 20));
-        }
-        self.buf.extend_from_slice(data);
-        if self.buf.len() >= UPLOAD_PART_SIZE {
-            self.flush_parts()?;
-        }
-        Ok(data.len())
+        self.inner.write(data)
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
+        self.inner.flush()
     }
 }

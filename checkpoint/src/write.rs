@@ -76,47 +76,14 @@ pub enum KeyedSnapshot {
     },
 }
 
-/// A snapshot in a backend's native format: immutable local files (uploaded to `shared/`
-/// unless already there) and the backend's metadata.
-pub struct NativeSnapshot {
-    /// Which backend (`"mmap"`).
-    pub backend: String,
-    /// The key groups the subtask owns.
-    pub key_group_range: state_api::KeyGroupRange,
-    /// The backend's metadata blob.
-    pub metadata: Vec<u8>,
-    /// The files.
-    pub files: Vec<NativeLocalFile>,
-    /// Whatever keeps the local files alive until they are uploaded.
-    pub keep_alive: Box<dyn std::any::Any + Send>,
-}
+/// A snapshot in a backend's native format (the contract's type, under its former name here).
+pub use state_api::checkpointing::NativeSnapshot;
 
-/// A local file of a [`NativeSnapshot`].
-#[derive(Clone, Debug)]
-pub struct NativeLocalFile {
-    /// Its unique, immutable name.
-    pub name: String,
-    /// Where to read it.
-    pub path: std::path::PathBuf,
-    /// Its size.
-    pub size: u64,
-    /// The key groups it holds.
-    pub key_groups: state_api::KeyGroupRange,
-}
+/// A local file of a [`NativeSnapshot`] (the contract's `NativeFileSpec`).
+pub use state_api::checkpointing::NativeFileSpec as NativeLocalFile;
 
-/// Splits `key_groups` into at most `parts` contiguous, non-empty chunks of similar size.
-pub fn split_key_groups(key_groups: &[u32], parts: usize) -> Vec<Vec<u32>> {
-    let parts = parts.clamp(1, key_groups.len().max(1));
-    let (base, extra) = (key_groups.len() / parts, key_groups.len() % parts);
-    let mut out = Vec::with_capacity(parts);
-    let mut at = 0;
-    for i in 0..parts {
-        let n = base + usize::from(i < extra);
-        out.push(key_groups[at..at + n].to_vec());
-        at += n;
-    }
-    out
-}
+/// Splits key groups into at most `parts` contiguous chunks of similar size.
+pub use state_api::checkpointing::split_key_groups;
 
 /// Where a checkpoint's files go.
 #[derive(Clone, Debug)]
@@ -377,43 +344,18 @@ fn write_native(
     Ok(crate::format::NativeKeyedHandle {
         backend: n.backend,
         key_group_range: n.key_group_range,
-        metadata: n.metadata,
+        metadata: n.manifest,
         files,
     })
 }
 
-/// Streams a local file to `path`; returns its length and CRC32C.
+/// Streams a local file to `path` through the storage layer; returns its length and CRC32C.
 fn upload_file(
     storage: &CheckpointStorage,
     path: &Path,
     local: &std::path::Path,
 ) -> Result<(u64, u32)> {
-    use std::io::Read;
-    let io = |e: std::io::Error| Error::Io {
-        context: format!("reading '{}' to upload it", local.display()),
-        source: e,
-    };
-    let mut input = std::fs::File::open(local).map_err(io)?;
-    let mut w = storage.writer(path.clone());
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = match input.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) => {
-                w.abort();
-                return Err(io(e));
-            }
-        };
-        if let Err(e) = w.write_all(&buf[..n]) {
-            w.abort();
-            return Err(Error::Io {
-                context: format!("uploading '{}'", storage.location(path)),
-                source: e,
-            });
-        }
-    }
-    w.finish()
+    storage.upload_file(local, path)
 }
 
 fn first_range(
@@ -549,7 +491,7 @@ fn write_stream(
     sub: u32,
 ) -> Result<KeyedStateFile> {
     let mut tap = HeaderTap {
-        inner: storage.writer(path.clone()),
+        inner: storage.writer(path.clone())?,
         first: None,
     };
     let summary = match snapshot.write_to(&mut tap) {

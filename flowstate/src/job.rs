@@ -166,10 +166,8 @@ fn checkpoint_storage(
     storage: &storage_s3::Storage,
     job: &str,
 ) -> Result<CheckpointStorage, JobError> {
-    Ok(
-        CheckpointStorage::new(Arc::clone(storage.store()), storage.root().as_ref(), job)?
-            .with_location_prefix(storage.location_prefix()),
-    )
+    // The configured transfer options apply to checkpoint uploads and downloads too.
+    Ok(CheckpointStorage::from_storage(storage, job)?)
 }
 
 /// Opens the checkpoint storage of a job this process takes over, first removing the upload

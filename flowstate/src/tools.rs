@@ -1,8 +1,6 @@
 //! Offline tools behind the CLI: list and inspect checkpoints, convert savepoints between
 //! backends and parallelisms, read one key (in the spirit of Flink's State Processor API).
 
-use std::sync::Arc;
-
 use checkpoint::{
     assemble_operators, commit_savepoint, write_subtask_snapshot, CheckpointStorage,
     CompletedCheckpoint, FileLocation, KeyedSnapshot, SnapshotKind, SnapshotTarget, SubtaskAck,
@@ -111,12 +109,7 @@ pub fn open_checkpoint(
 ) -> Result<(CheckpointStorage, CompletedCheckpoint), JobError> {
     let (store_url, path) = split(&to_url(path_or_url)?)?;
     let storage = storage_s3::Storage::from_config(&config.storage_config(&store_url))?;
-    let storage = CheckpointStorage::new(
-        Arc::clone(storage.store()),
-        storage.root().as_ref(),
-        "offline",
-    )?
-    .with_location_prefix(storage.location_prefix());
+    let storage = CheckpointStorage::from_storage(&storage, "offline")?;
     let object = ObjectPath::parse(&path).map_err(|e| format!("bad path '{path}': {e}"))?;
     let c = CompletedCheckpoint::load(&storage, &object)
         .map_err(|e| format!("cannot read the checkpoint at {path_or_url}: {e}"))?;
@@ -225,7 +218,12 @@ fn subtask_json(s: &checkpoint::SubtaskSummary) -> serde_json::Value {
 pub fn inspect(config: &Config, path: &str, json_out: bool) -> Result<(), JobError> {
     let (storage, c) = open_checkpoint(config, path)?;
     // Every file verified (size, CRC32C, blocks); entries counted from the verified data.
-    let summary = c.inspect(&storage)?;
+    // Native state is read through its backend's format (the mmap one, when compiled in).
+    #[cfg(feature = "mmap")]
+    let formats: &[&dyn state_api::checkpointing::NativeFormat] = &[&state_mmap::MmapNativeFormat];
+    #[cfg(not(feature = "mmap"))]
+    let formats: &[&dyn state_api::checkpointing::NativeFormat] = &[];
+    let summary = c.inspect_with(&storage, formats)?;
     let m = &c.metadata;
     let mut operators = Vec::new();
     for (op, sum) in m.operators.iter().zip(&summary) {

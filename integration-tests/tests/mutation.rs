@@ -560,7 +560,9 @@ impl Target<'_> {
     fn read_all(&self, report: &mut Report, what: &str) {
         let inspected = report.check(&format!("inspect: {what}"), || {
             let c = self.load()?;
-            let got = c.inspect(self.storage).map_err(s)?;
+            let got = c
+                .inspect_with(self.storage, &[&state_mmap::MmapNativeFormat])
+                .map_err(s)?;
             Ok(inspect_digest(&got) == self.inspected)
         });
         if !self.native {
@@ -778,7 +780,11 @@ fn damaged_files_are_errors_never_panics_or_different_data() {
         native: true,
         expected: &mm_expected,
         entries: 0,
-        inspected: inspect_digest(&mm_chk.inspect(&mm_storage).unwrap()),
+        inspected: inspect_digest(
+            &mm_chk
+                .inspect_with(&mm_storage, &[&state_mmap::MmapNativeFormat])
+                .unwrap(),
+        ),
         scratch: &scratch,
     };
     // The pristine checkpoints read back whole.

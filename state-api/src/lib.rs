@@ -13,6 +13,9 @@
 //!   schema evolution (as is / after migration / incompatible).
 //! - [`snapshot`]: the canonical, backend-independent snapshot stream, grouped by key group with
 //!   offsets, magic, version and checksums.
+//! - [`checkpointing`]: the snapshot contract between backends and checkpoints: canonical
+//!   streams, deltas on earlier checkpoints, or immutable native files with a manifest;
+//!   completion and abort notifications; which native files a restore needs.
 //! - `testing` (feature `test-util`): the conformance suite every backend runs.
 //!
 //! This crate does no I/O beyond `std::io::{Read, Write}`.
@@ -39,6 +42,7 @@
 #![warn(missing_docs)]
 
 pub mod backend;
+pub mod checkpointing;
 pub mod descriptor;
 pub mod error;
 pub mod key_group;

@@ -34,6 +34,7 @@
 #![warn(missing_docs)]
 
 mod changelog;
+mod checkpointing;
 mod table;
 mod timers;
 
@@ -126,6 +127,7 @@ impl<K: StateKey> HeapBackendBuilder<K> {
             timer_ids: HashMap::new(),
             timers_dirty: vec![false; range.len() as usize],
             changes: Default::default(),
+            checkpoints: Default::default(),
         })
     }
 }
@@ -213,6 +215,8 @@ pub struct HeapKeyedStateBackend<K> {
     timers_dirty: Vec<bool>,
     /// Change tracking for delta snapshots (off until `track_changes`).
     changes: changelog::BackendLog,
+    /// Change logs kept for delta checkpoints (see `checkpointing`).
+    checkpoints: checkpointing::CheckpointLogs,
 }
 
 impl<K> fmt::Debug for HeapKeyedStateBackend<K> {

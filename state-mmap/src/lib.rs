@@ -76,7 +76,8 @@ mod tempdir;
 mod typed;
 
 pub use backend::native::{
-    CheckpointFile, FileRef, NativeCheckpoint, NativeCheckpointMeta, NativeRestore,
+    CheckpointFile, FileRef, MmapNativeFormat, NativeCheckpoint, NativeCheckpointMeta,
+    NativeRestore, MMAP_BACKEND_ID,
 };
 pub use backend::{MmapBackendBuilder, MmapKeyedStateBackend, MmapSnapshot};
 pub use error::{Error, Result};

@@ -13,6 +13,10 @@ use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use state_api::checkpointing::{
+    BackendSnapshot, CheckpointableBackend, NativeFileSpec, NativeFormat, NativeRestoreSource,
+    NativeSnapshot, NativeSource, SnapshotRequest,
+};
 use state_api::{Error, KeyGroupRange, Result, StateKey, StateKind, StateName};
 
 use super::{decode_registry, MmapKeyedStateBackend, Pending};
@@ -344,5 +348,128 @@ impl<K: StateKey> MmapKeyedStateBackend<K> {
             super::timers::migrate_v1(&mut self.db, self.range, *id, name)?;
         }
         Ok(())
+    }
+}
+
+/// The mmap backend's native checkpoint format, for restore and offline inspection through
+/// [`state_api::checkpointing::NativeFormat`]: the manifest is [`NativeCheckpointMeta`], the
+/// files are sorted runs.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MmapNativeFormat;
+
+/// The backend id the mmap backend stores with its native snapshots.
+pub const MMAP_BACKEND_ID: &str = "mmap";
+
+impl NativeFormat for MmapNativeFormat {
+    fn backend_id(&self) -> &str {
+        MMAP_BACKEND_ID
+    }
+
+    fn check(
+        &self,
+        source: &NativeSource,
+        max_parallelism: u32,
+    ) -> Result<Vec<state_api::StateMeta>> {
+        let corrupt = |reason: String| Error::Corrupt {
+            stream: "native checkpoint metadata".into(),
+            offset: 0,
+            reason,
+        };
+        let meta = NativeCheckpointMeta::decode(&source.manifest)?;
+        if meta.max_parallelism != max_parallelism || meta.key_group_range != source.key_group_range
+        {
+            return Err(corrupt(format!(
+                "the native metadata is for max parallelism {} and key groups {}, the handle \
+                 for {max_parallelism} and {}",
+                meta.max_parallelism, meta.key_group_range, source.key_group_range
+            )));
+        }
+        for f in meta.runs.iter().flatten() {
+            let r = source
+                .files
+                .iter()
+                .find(|x| x.name == f.name)
+                .ok_or_else(|| {
+                    corrupt(format!(
+                        "the native metadata names '{}', which the handle does not list",
+                        f.name
+                    ))
+                })?;
+            if r.size != f.size || r.key_groups != f.key_groups {
+                return Err(corrupt(format!(
+                    "'{}' has {} bytes and key groups {} in the native metadata, {} bytes and \
+                     {} in the handle",
+                    f.name, f.size, f.key_groups, r.size, r.key_groups
+                )));
+            }
+        }
+        meta.states()
+    }
+
+    fn files_needed(&self, source: &NativeSource, range: KeyGroupRange) -> Result<Vec<String>> {
+        let meta = NativeCheckpointMeta::decode(&source.manifest)?;
+        Ok(meta
+            .files_for(range)
+            .into_iter()
+            .map(|f| f.name.clone())
+            .collect())
+    }
+
+    fn verify_file(&self, path: &Path) -> Result<()> {
+        crate::run::RunFile::verify(path)
+            .map(drop)
+            .map_err(|e| Error::Corrupt {
+                stream: path.display().to_string(),
+                offset: 0,
+                reason: e.to_string(),
+            })
+    }
+}
+
+impl<K: StateKey> CheckpointableBackend for MmapKeyedStateBackend<K> {
+    /// Native files for incremental checkpoints ([`MmapKeyedStateBackend::checkpoint`]: a
+    /// flush, then every live immutable file); a canonical stream otherwise.
+    fn snapshot_for_checkpoint(&mut self, request: &SnapshotRequest) -> Result<BackendSnapshot> {
+        if request.canonical_only {
+            return Ok(BackendSnapshot::Canonical(vec![
+                state_api::KeyedStateBackend::snapshot(self)?,
+            ]));
+        }
+        let cp = self.checkpoint()?;
+        let files = cp
+            .files()
+            .iter()
+            .map(|f| NativeFileSpec {
+                name: f.name().to_string(),
+                path: f.path().to_path_buf(),
+                size: f.size(),
+                key_groups: f.key_groups(),
+            })
+            .collect();
+        Ok(BackendSnapshot::Native(NativeSnapshot {
+            backend: MMAP_BACKEND_ID.into(),
+            key_group_range: self.range,
+            manifest: cp.metadata().to_vec(),
+            files,
+            keep_alive: Box::new(cp),
+        }))
+    }
+
+    fn native_format(&self) -> Option<&dyn NativeFormat> {
+        Some(&MmapNativeFormat)
+    }
+
+    /// Opens the downloaded files in place (hard links, no rewrite), clipped to this
+    /// backend's range ([`MmapKeyedStateBackend::restore_native`]).
+    fn restore_from_native(&mut self, sources: Vec<NativeRestoreSource>) -> Result<()> {
+        self.restore_native(
+            sources
+                .into_iter()
+                .map(|s| NativeRestore {
+                    metadata: s.source.manifest,
+                    files_dir: s.dir,
+                })
+                .collect(),
+        )
     }
 }

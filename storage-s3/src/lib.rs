@@ -10,6 +10,8 @@
 //!   configurable part size and concurrency, aborted cleanly on failure;
 //! - [`Storage::download_file`]: streaming download into a local file (parallel range requests
 //!   for large objects), atomically renamed into place once complete and verified;
+//! - [`Storage::blocking_writer`]: a streaming upload behind `std::io::Write` for synchronous
+//!   writers (bounded memory, checksum computed on the way);
 //! - [`Storage::put_if_absent`]: create-only put; a lost race is [`Error::AlreadyExists`];
 //! - [`Storage::list`], [`Storage::list_children`], [`Storage::delete_prefix`];
 //! - end-to-end [`Checksum`]s (CRC32C + length) computed over exactly the bytes sent and
@@ -93,6 +95,7 @@ mod error;
 mod paths;
 mod storage;
 mod transfer;
+mod writer;
 
 pub use checksum::{Checksum, ParseChecksumError, CHECKSUM_METADATA_KEY};
 pub use config::{
@@ -105,6 +108,7 @@ pub use paths::{
 };
 pub use storage::{Storage, StoreKind};
 pub use transfer::Uploaded;
+pub use writer::BlockingWriter;
 
 /// The object_store crate this crate builds on, re-exported so users name the same version.
 pub use object_store;

@@ -40,7 +40,7 @@ pub struct Uploaded {
 }
 
 impl Uploaded {
-    fn new(path: &Path, checksum: Checksum, result: PutResult, parts: usize) -> Self {
+    pub(crate) fn new(path: &Path, checksum: Checksum, result: PutResult, parts: usize) -> Self {
         Self {
             path: path.clone(),
             checksum,
