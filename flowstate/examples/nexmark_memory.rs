@@ -39,7 +39,10 @@ fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let config = ConfigLoader::new()
         .set("state.backend", "mmap")?
         .set("state.mmap.memory-budget", budget.clone())?
-        .set("state.mmap.dir", work.path().join("mmap").display().to_string())?
+        .set(
+            "state.mmap.dir",
+            work.path().join("mmap").display().to_string(),
+        )?
         .set(
             "state.checkpoints.dir",
             format!("file://{}", checkpoints.display()),
