@@ -526,4 +526,17 @@ mod tests {
         blockers[1].send(()).unwrap();
         drop(env);
     }
+
+    /// The process default is one environment while a handle lives, a fresh one after.
+    #[test]
+    fn the_process_default_is_shared_while_it_lives() {
+        let a = MmapEnvironment::default_for_process().unwrap();
+        let b = MmapEnvironment::default_for_process().unwrap();
+        assert_eq!(a.thread_name_prefix(), b.thread_name_prefix());
+        assert_eq!(a.options(), &EnvOptions::default());
+        let first = a.thread_name_prefix();
+        drop((a, b));
+        let c = MmapEnvironment::default_for_process().unwrap();
+        assert_ne!(c.thread_name_prefix(), first);
+    }
 }
