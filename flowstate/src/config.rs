@@ -164,7 +164,7 @@ pub const KEYS: &[KeyDoc] = &[
         key: "state.mmap.memory-budget",
         ty: KeyType::Size,
         default: "256MiB",
-        doc: "memory the mmap backend may use for its own buffers (>= 16MiB)",
+        doc: "memory the mmap backends of the process may use together for their own buffers (>= 16MiB): one environment per process holds it, every backend (each operator and subtask) gets an even share, and all share one pool of background threads",
     },
     KeyDoc {
         key: "state.mmap.dir",
@@ -363,7 +363,7 @@ pub struct Config {
     pub checkpoints: CheckpointSettings,
     /// Savepoint directory URL.
     pub savepoints_dir: Option<String>,
-    /// mmap memory budget in bytes.
+    /// mmap memory budget in bytes, per process: every mmap backend of a job shares it.
     pub mmap_memory_budget: u64,
     /// Parent of the mmap backends' working folders (each backend makes a fresh one under it).
     pub mmap_dir: Option<PathBuf>,

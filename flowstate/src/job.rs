@@ -267,8 +267,22 @@ fn offset_desc() -> state_api::Result<OperatorListStateDescriptor<u64>> {
 
 /// A keyed backend the job can run on and checkpoint.
 pub trait JobBackend: KeyedStateBackend<Key = u64> + Sized {
-    /// Creates the backend of one subtask.
-    fn create(config: &Config, range: KeyGroupRange) -> Result<Self, JobError>;
+    /// What the backends of one run share, made once per run: for the mmap backend one
+    /// environment, i.e. one memory budget (`state.mmap.memory-budget`, per process) and one
+    /// pool of background threads for every operator and subtask.
+    type Shared;
+    /// Makes what the backends of one run share.
+    fn shared(config: &Config) -> Result<Self::Shared, JobError>;
+    /// Creates the backend of one subtask from the parts every backend of the run shares.
+    fn create_in(
+        config: &Config,
+        range: KeyGroupRange,
+        shared: &Self::Shared,
+    ) -> Result<Self, JobError>;
+    /// Creates a backend alone (with shared parts of its own).
+    fn create(config: &Config, range: KeyGroupRange) -> Result<Self, JobError> {
+        Self::create_in(config, range, &Self::shared(config)?)
+    }
     /// Snapshots for a barrier (heap: incremental when configured).
     fn snapshot_for(
         &mut self,
@@ -311,7 +325,11 @@ pub fn has_native_state(c: &CompletedCheckpoint, operator: &str) -> bool {
 }
 
 impl JobBackend for HeapKeyedStateBackend<u64> {
-    fn create(config: &Config, range: KeyGroupRange) -> Result<Self, JobError> {
+    type Shared = ();
+    fn shared(_config: &Config) -> Result<(), JobError> {
+        Ok(())
+    }
+    fn create_in(config: &Config, range: KeyGroupRange, _shared: &()) -> Result<Self, JobError> {
         Ok(HeapKeyedStateBackend::<u64>::builder()
             .max_parallelism(config.max_parallelism)
             .key_group_range(range)
@@ -332,12 +350,25 @@ impl JobBackend for HeapKeyedStateBackend<u64> {
 
 #[cfg(feature = "mmap")]
 impl JobBackend for state_mmap::MmapKeyedStateBackend<u64> {
-    fn create(config: &Config, range: KeyGroupRange) -> Result<Self, JobError> {
+    /// One environment for the whole run: the memory budget is the process's, shared evenly
+    /// by every backend, and so are the background threads.
+    type Shared = state_mmap::MmapEnvironment;
+    fn shared(config: &Config) -> Result<state_mmap::MmapEnvironment, JobError> {
+        Ok(state_mmap::MmapEnvironment::new(state_mmap::EnvOptions {
+            memory_budget: usize::try_from(config.mmap_memory_budget).unwrap_or(usize::MAX),
+            ..state_mmap::EnvOptions::default()
+        })?)
+    }
+    fn create_in(
+        config: &Config,
+        range: KeyGroupRange,
+        env: &state_mmap::MmapEnvironment,
+    ) -> Result<Self, JobError> {
         let mut b = state_mmap::MmapKeyedStateBackend::<u64>::builder()
             .max_parallelism(config.max_parallelism)
             .key_group_range(range)
             .key_serializer(FixedWidthSerializer::<u64>::new())
-            .memory_budget(usize::try_from(config.mmap_memory_budget).unwrap_or(usize::MAX));
+            .environment(env.clone());
         // Every backend gets a fresh folder of its own under `state.mmap.dir` (the stores of
         // one process never share one), deleted when it is dropped; the folders of a run that
         // crashed are swept by the next run's first backend.
@@ -480,10 +511,12 @@ pub fn run_on<B: JobBackend>(opts: JobOptions) -> Result<JobReport, JobError> {
     let mut bidders: Vec<Subtask<B>> = Vec::new();
     let mut auction_states = Vec::new();
     let mut bidder_states = Vec::new();
+    // Every backend of the run shares one memory budget and one set of background threads.
+    let shared = B::shared(config)?;
     for i in 0..p {
         let range = KeyGroupRange::for_operator(config.max_parallelism, p, i)?;
-        let mut a = B::create(config, range)?;
-        let mut b = B::create(config, range)?;
+        let mut a = B::create_in(config, range, &shared)?;
+        let mut b = B::create_in(config, range, &shared)?;
         if let Some(c) = &restored {
             a.restore_from(c, &restore_storage, "auctions", i, config)?;
             b.restore_from(c, &restore_storage, "bidders", i, config)?;

@@ -439,10 +439,12 @@ fn convert_on<B: JobBackend>(
         max_parallelism: max_p,
         state,
     });
+    // One memory budget and one set of background threads for every backend converted.
+    let shared = B::shared(&cfg)?;
     for op in ["auctions", "bidders"] {
         for i in 0..p {
             let range = KeyGroupRange::for_operator(max_p, p, i)?;
-            let mut b = B::create(&cfg, range)?;
+            let mut b = B::create_in(&cfg, range, &shared)?;
             b.restore_from(&c, &src, op, i, &cfg)?;
             if op == "auctions" {
                 AuctionStates::register(&mut b)?;

@@ -18,6 +18,7 @@ use state_api::*;
 
 use crate::codec::*;
 use crate::engine::{CompactionFilter, Db, DbSnapshot, EngineOptions, FilterDecision};
+use crate::environment::MmapEnvironment;
 use crate::tempdir::TempDir;
 use crate::typed::*;
 
@@ -36,6 +37,7 @@ pub struct MmapBackendBuilder<K> {
     clock: Arc<dyn Clock>,
     location: Location,
     options: EngineOptions,
+    environment: Option<MmapEnvironment>,
 }
 
 /// Where a backend keeps its files.
@@ -104,7 +106,18 @@ impl<K: StateKey> MmapBackendBuilder<K> {
         self
     }
 
-    /// Sets the memory budget of the engine's own buffers (see [`EngineOptions::memory_budget`]).
+    /// Opens the backend in `env`, sharing its memory budget and background threads with
+    /// every other backend built from it (one environment per process: see
+    /// [`MmapEnvironment`]). The backend's budget is then its share of the environment's, and
+    /// [`memory_budget`](Self::memory_budget) is ignored. Without an environment the backend
+    /// starts one of its own with its memory budget.
+    pub fn environment(mut self, env: MmapEnvironment) -> Self {
+        self.environment = Some(env);
+        self
+    }
+
+    /// Sets the memory budget of the engine's own buffers (see [`EngineOptions::memory_budget`])
+    /// when the backend has no [`environment`](Self::environment).
     pub fn memory_budget(mut self, bytes: usize) -> Self {
         self.options.memory_budget = bytes;
         self
@@ -144,7 +157,10 @@ impl<K: StateKey> MmapBackendBuilder<K> {
         let mut options = self.options;
         // One map's entries share the prefix `kg | id | key | namespace`.
         options.prefix_extractor = Some(Arc::new(prefix_len));
-        let mut db = Db::open(&dir, options)?;
+        let mut db = match &self.environment {
+            Some(env) => Db::open_in(&dir, options, env)?,
+            None => Db::open(&dir, options)?,
+        };
         let ttl_table: TtlTable = Arc::default();
         db.set_compaction_filter(Some(Arc::new(TtlFilter {
             table: Arc::clone(&ttl_table),
@@ -367,6 +383,7 @@ impl<K: StateKey + Serialize + DeserializeOwned> MmapKeyedStateBackend<K> {
             clock: Arc::new(SystemClock),
             location: Location::Temporary,
             options: EngineOptions::default(),
+            environment: None,
         }
     }
 }

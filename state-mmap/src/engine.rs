@@ -1,6 +1,8 @@
 //! The log-structured merge engine: a memtable with a byte budget, immutable memtables flushed
-//! to sorted runs by a background flush thread, size-tiered compaction on a compaction thread
-//! (crossbeam channels in both directions), and a manifest naming the live files.
+//! to sorted runs in the background, size-tiered compaction in the background, and a manifest
+//! naming the live files. The background work runs on the threads of the engine's
+//! [`MmapEnvironment`], shared with every other engine of that environment (finished work comes
+//! back on a crossbeam channel and is installed by the engine's own thread).
 //!
 //! There is no write-ahead log (Flink runs RocksDB without one too): what was not flushed is
 //! lost by a crash, and durability comes from [`Db::flush`] / checkpoints.
@@ -11,10 +13,10 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::thread::JoinHandle;
 
 use crossbeam_channel::{Receiver, Sender};
 
+use crate::environment::{EnvOptions, Lane, MmapEnvironment};
 use crate::error::{Error, Result};
 use crate::iter::{Cursor, MemCursor, MergeIter, Resolve, RunCursor};
 use crate::manifest::{sync_dir, FileEntry, Manifest};
@@ -34,6 +36,10 @@ pub struct EngineOptions {
     /// thread of its own frees it (a flush waits for the one before it to be freed; a write
     /// buffer never gets less than a twelfth of the budget). Data pages, mapped indexes and bloom filters of sorted runs are
     /// mapped and belong to the OS page cache, outside the budget. Default 256 MiB.
+    ///
+    /// An engine opened in an [`MmapEnvironment`] ([`Db::open_in`]) ignores this: its budget is
+    /// its share of the environment's ([`Db::memory_share`]). [`Db::open`] starts an
+    /// environment of its own with this budget.
     pub memory_budget: usize,
     /// Compaction starts when this many sorted runs exist (bounds read amplification). Default 6.
     /// Runs each larger than all newer runs together are left out of such a merge (it would
@@ -78,13 +84,15 @@ impl Default for EngineOptions {
     }
 }
 
+/// The write buffer size of an engine with budget `budget` when its block indexes (and
+/// compaction reservations) take `index_bytes`.
+fn write_buffer_bytes(budget: usize, index_bytes: usize) -> usize {
+    (budget.saturating_sub(index_bytes) / 3)
+        .max(budget / 12)
+        .max(4096)
+}
+
 impl EngineOptions {
-    /// The write buffer size when the block indexes take `index_bytes`.
-    fn write_buffer_bytes(&self, index_bytes: usize) -> usize {
-        (self.memory_budget.saturating_sub(index_bytes) / 3)
-            .max(self.memory_budget / 12)
-            .max(4096)
-    }
     const MAX_IMMUTABLE: usize = 1;
 
     /// Budget bytes a compaction of `inputs` holds until it is installed: the block indexes
@@ -100,8 +108,9 @@ impl EngineOptions {
         let writer = usize::try_from(self.target_file_bytes / 16).unwrap_or(usize::MAX);
         outputs.saturating_add(writer)
     }
-    /// Compactions running at once: while one merges large old runs, another keeps the newest
-    /// (small) runs merged, so their number stays bounded.
+    /// Compactions of one engine queued or running at once: while one merges large old runs,
+    /// another keeps the newest (small) runs merged, so their number stays bounded. (How many
+    /// run at once over all engines is the environment's pool's limit.)
     const COMPACTION_THREADS: usize = 2;
     /// Writers wait for a compaction once this many sorted runs exist (the background cannot
     /// keep up, and every point read would probe them all).
@@ -165,6 +174,8 @@ enum Job {
 }
 
 enum Done {
+    /// A background job panicked (the pool's thread goes on; the engine fails).
+    Panicked(String),
     Flushed(Result<Option<Arc<RunFile>>>),
     Compacted {
         inputs: Vec<SortedRun>,
@@ -415,16 +426,21 @@ fn pick_compaction(sizes: &[u64], max_runs: usize) -> Option<usize> {
     Some(all)
 }
 
-/// What the engine hands to its release threads (write buffers to one, replaced runs to another).
-enum Garbage {
+/// What the engine hands to the release threads of its environment (write buffers to one,
+/// replaced runs to another, manifests to a third).
+pub(crate) enum Garbage {
     /// A flushed write buffer: millions of small allocations, freed off the writer's path.
     Mem(Arc<Memtable>),
     /// The runs a compaction replaced (and its inputs): the last reference to a file unmaps
     /// and deletes it, which takes milliseconds for a large file (page tables, page cache)
     /// that the writer, or a reader installing the compaction, would otherwise wait for.
     Runs(Vec<SortedRun>, Vec<SortedRun>),
-    /// A manifest to make durable (to the manifest thread).
-    Manifest(Box<Manifest>),
+    /// The runs a compaction replaced and its inputs, to the manifest thread: retired after
+    /// the manifests sent before (marked obsolete unless the engine's manifest failed).
+    Retire(Vec<SortedRun>, Vec<SortedRun>, Arc<OnceLock<String>>),
+    /// A manifest to make durable in a directory (to the manifest thread); a failure is set
+    /// in the engine's flag.
+    Manifest(Box<Manifest>, PathBuf, Arc<OnceLock<String>>),
     /// Answered once everything sent before it is freed.
     Barrier(Sender<()>),
 }
@@ -436,13 +452,13 @@ enum Garbage {
 /// under the allocator's lock and the pages it returns fault back in on reuse, which took
 /// list gets (an allocation each) from 0.96M/s to 0.65M/s while compactions of earlier writes
 /// were installed; a run's block index is one large allocation, reused by the next index.
-fn release_loop(garbage: Receiver<Garbage>) {
+pub(crate) fn release_loop(garbage: Receiver<Garbage>) {
     let free = |g: Garbage| match g {
         Garbage::Mem(mem) => {
             drop(mem);
             true
         }
-        Garbage::Runs(old, inputs) => {
+        Garbage::Runs(old, inputs) | Garbage::Retire(old, inputs, _) => {
             drop((old, inputs));
             false
         }
@@ -451,7 +467,7 @@ fn release_loop(garbage: Receiver<Garbage>) {
             false
         }
         // Only the manifest thread is sent manifests.
-        Garbage::Manifest(_) => false,
+        Garbage::Manifest(..) => false,
     };
     while let Ok(g) = garbage.recv() {
         let mut trim = free(g);
@@ -464,31 +480,27 @@ fn release_loop(garbage: Receiver<Garbage>) {
     }
 }
 
-/// Writes the manifests it is sent, in order, off the threads that install flushes and
-/// compactions (a read or write that installs one no longer waits for two fsyncs: 157 ms were
+/// Writes the manifests it is sent (of every engine of an environment), in order, off the
+/// threads that install flushes and compactions (a read or write that installs one no longer waits for two fsyncs: 157 ms were
 /// seen while compactions were writing). The runs a compaction replaced come after the
 /// manifest that drops them: their files are marked obsolete (deleted once unmapped) only
 /// once that manifest is durable, then go to the unmap thread. After a failed write nothing is
-/// marked obsolete any more (the manifest on disk still names those files) and the engine
+/// marked obsolete any more (the manifest on disk still names those files) and that engine
 /// reports the failure.
-fn manifest_loop(
-    dir: PathBuf,
-    queue: Receiver<Garbage>,
-    unmap: Option<Sender<Garbage>>,
-    failed: Arc<OnceLock<String>>,
-) {
+pub(crate) fn manifest_loop(queue: Receiver<Garbage>, unmap: Sender<Garbage>) {
     while let Ok(g) = queue.recv() {
         match g {
-            Garbage::Manifest(m) => {
+            Garbage::Manifest(m, dir, failed) => {
                 if failed.get().is_none() {
                     if let Err(e) = m.store(&dir) {
                         let _ = failed.set(e.to_string());
                     }
                 }
             }
-            Garbage::Runs(old, inputs) => {
-                retire(old, inputs, failed.get().is_none(), unmap.as_ref());
+            Garbage::Retire(old, inputs, failed) => {
+                retire(old, inputs, failed.get().is_none(), Some(&unmap));
             }
+            Garbage::Runs(old, inputs) => drop((old, inputs)),
             Garbage::Barrier(done) => {
                 let _ = done.send(());
             }
@@ -526,27 +538,23 @@ fn wait_for(queue: &Sender<Garbage>) {
     }
 }
 
-fn worker_loop(ctx: WorkerCtx, jobs: Receiver<Job>, done: Sender<Done>) {
-    while let Ok(job) = jobs.recv() {
-        let d = match job {
-            Job::Flush { mem, number } => Done::Flushed(ctx.flush(&mem, number)),
-            Job::Compact {
+/// Runs a flush or compaction on a thread of the environment's pool.
+fn run_job(ctx: &WorkerCtx, job: Job) -> Done {
+    match job {
+        Job::Flush { mem, number } => Done::Flushed(ctx.flush(&mem, number)),
+        Job::Compact {
+            inputs,
+            reserved,
+            bottommost,
+            filter,
+            keep,
+        } => {
+            let result = ctx.compact(&inputs, bottommost, filter.as_ref(), keep.as_ref());
+            Done::Compacted {
                 inputs,
                 reserved,
-                bottommost,
-                filter,
-                keep,
-            } => {
-                let result = ctx.compact(&inputs, bottommost, filter.as_ref(), keep.as_ref());
-                Done::Compacted {
-                    inputs,
-                    reserved,
-                    result,
-                }
+                result,
             }
-        };
-        if done.send(d).is_err() {
-            return;
         }
     }
 }
@@ -597,26 +605,28 @@ pub struct Db {
     runs: Vec<SortedRun>,
     next_file: Arc<AtomicU64>,
     user_meta: Vec<u8>,
-    /// Flush jobs (and buffer releases), served in order by the flush thread.
-    jobs: Option<Sender<Job>>,
-    /// Compaction jobs, served by the compaction threads (a long compaction never delays a
-    /// flush).
-    cjobs: Option<Sender<Job>>,
+    /// The environment whose budget share and threads the engine uses.
+    env: MmapEnvironment,
+    /// This engine's key in the environment's pool.
+    env_key: u64,
+    /// The environment's generation the budget share was taken at.
+    env_generation: u64,
+    /// The budget share in use (of the environment's budget).
+    share: usize,
+    /// What a background job of this engine needs (directory, options, file boundary).
+    ctx: Arc<WorkerCtx>,
+    /// Finished background jobs, sent by the pool's threads.
     done: Receiver<Done>,
-    worker: Option<JoinHandle<()>>,
-    cworkers: Vec<JoinHandle<()>>,
+    done_tx: Sender<Done>,
     /// Flushed write buffers to free: a rendezvous channel, so a writer that flushes faster
     /// than buffers are freed waits instead of holding more buffers than the budget allows.
     release: Option<Sender<Garbage>>,
-    rworker: Option<JoinHandle<()>>,
     /// Runs replaced by compactions, to unmap and delete: a thread of their own, since
     /// unmapping and deleting a large file can take most of a second, and write buffers must
     /// not wait behind that to be freed.
     unmap: Option<Sender<Garbage>>,
-    uworker: Option<JoinHandle<()>>,
     /// Manifests to write, and replaced runs after them (see [`manifest_loop`]).
     manifest: Option<Sender<Garbage>>,
-    mworker: Option<JoinHandle<()>>,
     /// Set by the manifest thread when a manifest could not be written.
     manifest_failed: Arc<OnceLock<String>>,
     /// The inputs of the running compactions.
@@ -682,8 +692,24 @@ impl DbIter {
 
 impl Db {
     /// Opens (or creates) the store in `dir`: reads the manifest, maps its files, deletes files
-    /// the manifest does not name (left by a crash during a flush or compaction).
+    /// the manifest does not name (left by a crash during a flush or compaction). The engine
+    /// gets an environment of its own with [`EngineOptions::memory_budget`] and the default
+    /// threads (see [`Db::open_in`] to share one).
     pub fn open(dir: impl AsRef<Path>, opts: EngineOptions) -> Result<Db> {
+        let env = MmapEnvironment::new(EnvOptions {
+            memory_budget: opts.memory_budget,
+            ..EnvOptions::default()
+        })?;
+        Db::open_in(dir, opts, &env)
+    }
+
+    /// [`Db::open`] in `env`: the engine's budget is its share of the environment's, and its
+    /// flushes, compactions and releases run on the environment's threads.
+    pub fn open_in(
+        dir: impl AsRef<Path>,
+        opts: EngineOptions,
+        env: &MmapEnvironment,
+    ) -> Result<Db> {
         let dir = dir.as_ref().to_path_buf();
         if opts.max_sorted_runs < 2 {
             return Err(Error::Config {
@@ -730,7 +756,6 @@ impl Db {
             0 => random_id(),
             id => id,
         };
-        let (jobs_tx, jobs_rx) = crossbeam_channel::unbounded();
         let (done_tx, done_rx) = crossbeam_channel::unbounded();
         let prefix = opts.prefix_extractor.clone();
         let index_bytes = runs
@@ -738,7 +763,18 @@ impl Db {
             .flat_map(|r| r.iter())
             .map(|f| f.memory_bytes())
             .sum();
-        let buffer = opts.write_buffer_bytes(index_bytes);
+        let env_key = env.register();
+        let env_generation = env.generation();
+        let share = env.memory_share();
+        let buffer = write_buffer_bytes(share, index_bytes);
+        let (release, unmap, manifest_tx) = env.service_channels();
+        let ctx = Arc::new(WorkerCtx {
+            dir: dir.clone(),
+            db_id,
+            next_file: Arc::clone(&next_file),
+            opts: opts.clone(),
+            boundary: None,
+        });
         Ok(Db {
             dir,
             db_id,
@@ -748,17 +784,16 @@ impl Db {
             runs,
             next_file,
             user_meta: manifest.user_meta,
-            jobs: Some(jobs_tx),
-            cjobs: None,
+            env: env.clone(),
+            env_key,
+            env_generation,
+            share,
+            ctx,
             done: done_rx,
-            worker: None,
-            cworkers: Vec::new(),
-            release: None,
-            rworker: None,
-            unmap: None,
-            uworker: None,
-            manifest: None,
-            mworker: None,
+            done_tx,
+            release,
+            unmap,
+            manifest: manifest_tx,
             manifest_failed: Arc::new(OnceLock::new()),
             busy: Vec::new(),
             compacting: 0,
@@ -771,125 +806,20 @@ impl Db {
             flushed_bytes: 0,
             compacted_bytes: 0,
             buffer_bytes: buffer,
-        }
-        .start_worker(jobs_rx, done_tx, None))
+        })
     }
 
-    fn start_worker(
-        mut self,
-        jobs: Receiver<Job>,
-        done: Sender<Done>,
-        boundary: Option<Arc<dyn Fn(&[u8], &[u8]) -> bool + Send + Sync>>,
-    ) -> Db {
-        let ctx = WorkerCtx {
-            dir: self.dir.clone(),
-            db_id: self.db_id,
-            next_file: Arc::clone(&self.next_file),
-            opts: self.opts.clone(),
-            boundary,
-        };
-        let (cjobs_tx, cjobs_rx) = crossbeam_channel::unbounded();
-        let (cctx, cdone) = (ctx.clone(), done.clone());
-        self.worker = std::thread::Builder::new()
-            .name("state-mmap-flush".into())
-            .spawn(move || worker_loop(ctx, jobs, done))
-            .ok();
-        self.cworkers = (0..EngineOptions::COMPACTION_THREADS)
-            .filter_map(|_| {
-                let (cctx, cdone, crx) = (cctx.clone(), cdone.clone(), cjobs_rx.clone());
-                std::thread::Builder::new()
-                    .name("state-mmap-compact".into())
-                    .spawn(move || worker_loop(cctx, crx, cdone))
-                    .ok()
-            })
-            .collect();
-        self.cjobs = Some(cjobs_tx);
-        let (release_tx, release_rx) = crossbeam_channel::bounded::<Garbage>(0);
-        self.rworker = std::thread::Builder::new()
-            .name("state-mmap-free".into())
-            .spawn(move || release_loop(release_rx))
-            .ok();
-        self.release = Some(release_tx);
-        let (unmap_tx, unmap_rx) = crossbeam_channel::unbounded::<Garbage>();
-        self.uworker = std::thread::Builder::new()
-            .name("state-mmap-unmap".into())
-            .spawn(move || release_loop(unmap_rx))
-            .ok();
-        let (manifest_tx, manifest_rx) = crossbeam_channel::unbounded::<Garbage>();
-        let (dir, unmap, failed) = (
-            self.dir.clone(),
-            Some(unmap_tx.clone()),
-            Arc::clone(&self.manifest_failed),
-        );
-        self.mworker = std::thread::Builder::new()
-            .name("state-mmap-manifest".into())
-            .spawn(move || manifest_loop(dir, manifest_rx, unmap, failed))
-            .ok();
-        self.manifest = Some(manifest_tx);
-        self.unmap = Some(unmap_tx);
-        if self.worker.is_none()
-            || self.cworkers.len() < EngineOptions::COMPACTION_THREADS
-            || self.rworker.is_none()
-            || self.uworker.is_none()
-            || self.mworker.is_none()
-        {
-            self.failed = Some("could not spawn the worker threads".into());
-        }
-        self
-    }
-
-    /// Restarts the worker with a function that says whether an output file may be cut between
-    /// two keys (the backend cuts only between key groups).
+    /// Sets a function that says whether an output file may be cut between two keys (the
+    /// backend cuts only between key groups); waits for the running background work first.
     pub fn set_file_boundary(
         &mut self,
         boundary: Arc<dyn Fn(&[u8], &[u8]) -> bool + Send + Sync>,
     ) -> Result<()> {
         self.drain()?;
-        self.stop_worker();
-        let (jobs_tx, jobs_rx) = crossbeam_channel::unbounded();
-        let (done_tx, done_rx) = crossbeam_channel::unbounded();
-        self.jobs = Some(jobs_tx);
-        self.done = done_rx;
-        let this = std::mem::replace(self, Db::placeholder());
-        *self = this.start_worker(jobs_rx, done_tx, Some(boundary));
+        let mut ctx = WorkerCtx::clone(&self.ctx);
+        ctx.boundary = Some(boundary);
+        self.ctx = Arc::new(ctx);
         self.check()
-    }
-
-    fn placeholder() -> Db {
-        let (_, done) = crossbeam_channel::unbounded();
-        Db {
-            dir: PathBuf::new(),
-            db_id: 0,
-            opts: EngineOptions::default(),
-            mem: Arc::new(Memtable::new(None, 0)),
-            imm: Vec::new(),
-            runs: Vec::new(),
-            next_file: Arc::new(AtomicU64::new(0)),
-            user_meta: Vec::new(),
-            jobs: None,
-            cjobs: None,
-            done,
-            worker: None,
-            cworkers: Vec::new(),
-            release: None,
-            rworker: None,
-            unmap: None,
-            uworker: None,
-            manifest: None,
-            mworker: None,
-            manifest_failed: Arc::new(OnceLock::new()),
-            busy: Vec::new(),
-            compacting: 0,
-            reserved: 0,
-            filter: None,
-            keep: None,
-            failed: None,
-            flushes: 0,
-            compactions: 0,
-            flushed_bytes: 0,
-            compacted_bytes: 0,
-            buffer_bytes: 4096,
-        }
     }
 
     /// Sets the compaction filter (e.g. TTL cleanup).
@@ -1109,6 +1039,10 @@ impl Db {
 
     #[inline]
     fn after_write(&mut self) -> Result<()> {
+        // An engine opened or closed in the environment: the budget share changed.
+        if self.env.generation() != self.env_generation {
+            self.update_buffer_bytes();
+        }
         if self.mem.bytes() >= self.buffer_bytes {
             self.rotate()?;
         }
@@ -1421,14 +1355,28 @@ impl Db {
         self.send(Job::Flush { mem, number })
     }
 
+    /// Queues a flush or compaction on the environment's pool; its result comes back on
+    /// `done` (a panic included, as [`Done::Panicked`]).
     fn send(&mut self, job: Job) -> Result<()> {
-        let channel = match job {
-            Job::Compact { .. } => &self.cjobs,
-            _ => &self.jobs,
+        let lane = match job {
+            Job::Compact { .. } => Lane::Compaction,
+            Job::Flush { .. } => Lane::Flush,
         };
-        let sent = channel.as_ref().is_some_and(|j| j.send(job).is_ok());
-        if !sent {
-            self.failed = Some("the worker thread is gone".into());
+        let (ctx, done) = (Arc::clone(&self.ctx), self.done_tx.clone());
+        let task = Box::new(move || {
+            let d = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_job(&ctx, job)))
+                .unwrap_or_else(|p| {
+                    let why = p
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| p.downcast_ref::<String>().cloned())
+                        .unwrap_or_default();
+                    Done::Panicked(format!("a background job panicked: {why}"))
+                });
+            let _ = done.send(d);
+        });
+        if !self.env.submit(self.env_key, lane, task) {
+            self.failed = Some("the environment's worker pool is closed".into());
             return self.check();
         }
         Ok(())
@@ -1473,6 +1421,7 @@ impl Db {
 
     fn install_inner(&mut self, d: Done) -> Result<()> {
         match d {
+            Done::Panicked(reason) => Err(Error::Worker { reason }),
             Done::Flushed(result) => {
                 let file = result?;
                 if let Some(mem) = self.imm.pop() {
@@ -1526,7 +1475,11 @@ impl Db {
                 // durable, then unmapped and deleted, and their block indexes freed, on the
                 // unmap thread (unless a snapshot still reads them).
                 match &self.manifest {
-                    Some(m) => drop(m.send(Garbage::Runs(old, inputs))),
+                    Some(m) => drop(m.send(Garbage::Retire(
+                        old,
+                        inputs,
+                        Arc::clone(&self.manifest_failed),
+                    ))),
                     None => retire(old, inputs, true, self.unmap.as_ref()),
                 }
                 self.maybe_compact()
@@ -1536,7 +1489,7 @@ impl Db {
 
     /// Size-tiered compaction of the runs newer than those a running compaction merges (see
     /// [`pick_compaction`]).
-    /// Up to [`EngineOptions::COMPACTION_THREADS`] compactions run at once.
+    /// Up to [`EngineOptions::COMPACTION_THREADS`] compactions are queued or run at once.
     fn maybe_compact(&mut self) -> Result<()> {
         if self.compacting >= EngineOptions::COMPACTION_THREADS {
             return Ok(());
@@ -1573,9 +1526,31 @@ impl Db {
     }
 
     /// Gives the write buffers what the block indexes of the live runs and the reservations of
-    /// running compactions leave of the budget.
+    /// running compactions leave of the engine's budget share (taken anew from the
+    /// environment).
     fn update_buffer_bytes(&mut self) {
-        self.buffer_bytes = self.opts.write_buffer_bytes(self.charged_bytes());
+        self.env_generation = self.env.generation();
+        self.share = self.env.memory_share();
+        self.buffer_bytes = write_buffer_bytes(self.share, self.charged_bytes());
+    }
+
+    /// The engine's share of its environment's memory budget, as last taken (at its last
+    /// write, flush or compaction): the budget divided by the engines open in it.
+    pub fn memory_share(&self) -> usize {
+        self.share
+    }
+
+    /// The memory the engine charges to its budget share now: the block indexes of its live
+    /// runs, the reservations of its running compactions, its write buffer and the write
+    /// buffers waiting for their flush (accounted as described in `docs/mmap-format.md`).
+    /// Memory the environment's threads are still freeing, and mapped pages, are not charged.
+    pub fn memory_charged(&self) -> usize {
+        self.charged_bytes() + self.mem.bytes() + self.imm.iter().map(|m| m.bytes()).sum::<usize>()
+    }
+
+    /// The environment the engine runs in.
+    pub fn environment(&self) -> &MmapEnvironment {
+        &self.env
     }
 
     /// Budget bytes not available to write buffers: the in-memory block indexes of the live
@@ -1614,11 +1589,15 @@ impl Db {
             user_meta: self.user_meta.clone(),
         };
         match &self.manifest {
-            Some(q) => match q.send(Garbage::Manifest(Box::new(m))) {
+            Some(q) => match q.send(Garbage::Manifest(
+                Box::new(m),
+                self.dir.clone(),
+                Arc::clone(&self.manifest_failed),
+            )) {
                 Ok(()) => Ok(()),
                 // The thread is gone: write it here.
                 Err(e) => match e.into_inner() {
-                    Garbage::Manifest(m) => m.store(&self.dir),
+                    Garbage::Manifest(m, ..) => m.store(&self.dir),
                     _ => Ok(()),
                 },
             },
@@ -1737,27 +1716,20 @@ impl Db {
     pub fn bytes_written(&self) -> (u64, u64) {
         (self.flushed_bytes, self.compacted_bytes)
     }
-
-    fn stop_worker(&mut self) {
-        self.jobs = None;
-        self.cjobs = None;
-        for w in self
-            .worker
-            .take()
-            .into_iter()
-            .chain(self.cworkers.drain(..))
-        {
-            let _ = w.join();
-        }
-    }
 }
 
 impl Drop for Db {
     fn drop(&mut self) {
-        // Finish installing what the worker completed, so no finished file is orphaned
+        // Finish installing what the workers completed, so no finished file is orphaned
         // needlessly; unflushed writes are dropped (no write-ahead log).
         let _ = self.drain();
-        self.stop_worker();
+        // The service channels go before the environment handle: should this be the last
+        // handle, the environment joins its threads, which end once every sender is gone.
+        self.release = None;
+        self.unmap = None;
+        self.manifest = None;
+        // Its share goes to the other engines.
+        self.env.deregister();
     }
 }
 
@@ -1830,7 +1802,10 @@ mod tests {
         assert_eq!(db.reserved, 0);
         let index = db.charged_bytes();
         assert!(index > 0);
-        assert_eq!(db.buffer_bytes, opts.write_buffer_bytes(index));
+        assert_eq!(
+            db.buffer_bytes,
+            write_buffer_bytes(opts.memory_budget, index)
+        );
         let n = db.runs.len();
         assert!(n >= 2, "{n} runs");
         // Nothing is installed before the next poll: the reservation is observable.
@@ -1845,13 +1820,16 @@ mod tests {
         assert_eq!(db.charged_bytes(), index + db.reserved);
         assert_eq!(
             db.buffer_bytes,
-            opts.write_buffer_bytes(index + db.reserved)
+            write_buffer_bytes(opts.memory_budget, index + db.reserved)
         );
-        assert!(db.buffer_bytes < opts.write_buffer_bytes(index));
+        assert!(db.buffer_bytes < write_buffer_bytes(opts.memory_budget, index));
         db.drain().unwrap();
         assert_eq!(db.reserved, 0);
         assert_eq!(db.runs.len(), 1);
-        assert_eq!(db.buffer_bytes, opts.write_buffer_bytes(db.charged_bytes()));
+        assert_eq!(
+            db.buffer_bytes,
+            write_buffer_bytes(opts.memory_budget, db.charged_bytes())
+        );
         // The merge was cut into output files of about the target size.
         assert!(db.runs[0].len() > 1, "{} files", db.runs[0].len());
     }

@@ -49,7 +49,12 @@
 //! 4 KiB), what running compactions reserve (their outputs' block indexes and the buffers of
 //! the file being written, charged from the start of the compaction), the write buffer and
 //! write buffers waiting for their flush (they get what the indexes and reservations leave).
-//! Freed write buffers are handed back to the OS (glibc `malloc_trim`). Mapped indexes, bloom
+//! Freed write buffers are handed back to the OS (glibc `malloc_trim`).
+//!
+//! Backends built from one [`MmapEnvironment`] ([`MmapBackendBuilder::environment`]) share its
+//! budget (each gets an even share) and its background threads (a small pool for flushes and
+//! compactions and three service threads): make one per process, so that many operators and
+//! subtasks together stay within one budget. A backend built without one starts its own. Mapped indexes, bloom
 //! filters and data are read through memory maps and live in the OS page cache. The split, and
 //! the byte layout of every file, are in `docs/mmap-format.md`.
 //!
@@ -65,6 +70,7 @@
 mod backend;
 mod codec;
 pub mod engine;
+pub mod environment;
 pub mod error;
 mod iter;
 mod keys;
@@ -80,4 +86,5 @@ pub use backend::native::{
     NativeRestore, MMAP_BACKEND_ID,
 };
 pub use backend::{MmapBackendBuilder, MmapKeyedStateBackend, MmapSnapshot};
+pub use environment::{EnvOptions, MmapEnvironment};
 pub use error::{Error, Result};
