@@ -1446,7 +1446,7 @@ impl Core {
                 path = %c.location(),
                 bytes,
                 subsumed = subsumed_count,
-                millis = ?c.metadata.duration_millis,
+                millis = c.metadata.duration_millis.unwrap_or_default(),
                 "checkpoint completed"
             );
             self.emit(CheckpointEvent::Completed {
