@@ -2,13 +2,17 @@
 //!
 //! This facade re-exports the crates of the stack by feature, so a job depends on one crate:
 //!
-//! | feature          | re-export            | what it is                                          |
-//! |------------------|----------------------|-----------------------------------------------------|
-//! | always           | [`api`]              | `state-api`: key groups, state kinds, TTL, snapshots |
-//! | always           | [`storage`], [`config`] | `storage-s3`: local disk and memory stores; configuration |
-//! | `heap` (default) | [`heap`], [`job`], [`tools`] | `state-heap`, `checkpoint`, the Nexmark job, the CLI's tools |
-//! | `mmap`           | `mmap`               | `state-mmap`: the memory-mapped backend              |
-//! | `s3`             | (in [`storage`])     | S3 and S3-compatible stores                          |
+//! | feature          | re-export                    | what it is                                    |
+//! |------------------|------------------------------|-----------------------------------------------|
+//! | always           | [`api`]                      | `state-api`: key groups, state kinds, TTL, snapshots, the snapshot contract |
+//! | always           | [`storage`], [`config`]      | `storage-s3`: local disk and memory stores; configuration |
+//! | `heap` (default) | [`heap`], [`checkpoint`]     | `state-heap` and the checkpoint layer          |
+//! | `mmap`           | `mmap`, [`checkpoint`]       | `state-mmap` and the checkpoint layer (with or without `heap`) |
+//! | `s3`, `gcp`, `azure` | (in [`storage`])         | S3-compatible, Google Cloud and Azure stores   |
+//!
+//! The default build has the heap backend, checkpoints and local storage, and nothing else: no
+//! HTTP stack, no command-line parser. The `flowstate` command-line tool and its Nexmark job are
+//! the `flowstate-cli` crate.
 //!
 //! ```
 //! use flowstate::api::{KeyedStateBackend, KeyedStateBackendExt, ReducingStateDescriptor};
@@ -27,16 +31,15 @@
 #![warn(missing_docs)]
 
 pub mod config;
-#[cfg(feature = "heap")]
-pub mod job;
-#[cfg(feature = "heap")]
-pub mod tools;
 
 pub use state_api as api;
 pub use storage_s3 as storage;
 
 #[cfg(feature = "heap")]
 pub use state_heap as heap;
+
+#[cfg(any(feature = "heap", feature = "mmap"))]
+pub use checkpoint;
 
 #[cfg(feature = "mmap")]
 pub use state_mmap as mmap;

@@ -34,7 +34,7 @@ use state_api::{
 };
 use state_heap::HeapKeyedStateBackend;
 
-use crate::config::{BackendKind, Config};
+use flowstate::config::{BackendKind, Config};
 
 /// Length of the tumbling windows (event time, milliseconds).
 pub const WINDOW_MS: i64 = 10_000;
@@ -481,8 +481,8 @@ pub fn run_on<B: JobBackend>(opts: JobOptions) -> Result<JobReport, JobError> {
         retained: cp.retained as usize,
         // Checkpoints outlive a crash either way; `on-shutdown` decides about a clean end.
         retention_on_shutdown: match cp.on_shutdown {
-            crate::config::Retention::Delete => RetentionOnShutdown::Delete,
-            crate::config::Retention::Retain => RetentionOnShutdown::Retain,
+            flowstate::config::Retention::Delete => RetentionOnShutdown::Delete,
+            flowstate::config::Retention::Retain => RetentionOnShutdown::Retain,
         },
         incremental: cp.incremental,
     };

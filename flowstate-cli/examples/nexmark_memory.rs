@@ -5,7 +5,7 @@
 //! printed, nothing is asserted; Linux only (elsewhere memory and threads print as 0).
 //!
 //! ```text
-//! cargo run --release -p flowstate --features mmap --example nexmark_memory -- \
+//! cargo run --release -p flowstate-cli --features mmap --example nexmark_memory -- \
 //!     [EVENTS=4000000] [PARALLELISM=4] [BUDGET=256MiB]
 //! ```
 //!
@@ -31,7 +31,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use flowstate::config::ConfigLoader;
-use flowstate::job::{self, JobOptions, RestoreFrom};
+use flowstate_cli::job::{self, JobOptions, RestoreFrom};
 
 /// `(RssAnon in KiB, Threads)` of this process, from `/proc/self/status`.
 fn status() -> (u64, u64) {

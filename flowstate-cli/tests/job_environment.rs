@@ -8,7 +8,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
 use flowstate::config::ConfigLoader;
-use flowstate::job::{self, JobOptions, Progress, RestoreFrom};
+use flowstate_cli::job::{self, JobOptions, Progress, RestoreFrom};
 
 /// The names of this process's threads (Linux: `/proc/self/task/*/comm`).
 fn thread_names() -> Vec<String> {

@@ -9,8 +9,8 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use flowstate::config::{BackendKind, Config, ConfigLoader};
-use flowstate::job::{self, JobError, JobOptions, RestoreFrom};
-use flowstate::tools;
+use flowstate_cli::job::{self, JobError, JobOptions, RestoreFrom};
+use flowstate_cli::tools;
 
 /// Writes a line to standard output; a closed one ends the command quietly (see `main`).
 macro_rules! outln {

@@ -11,8 +11,8 @@ use serde_json::json;
 use state_api::{assign_to_key_group, redistribute, KeyGroupRange, KeyedStateBackendExt};
 use state_heap::HeapKeyedStateBackend;
 
-use crate::config::{BackendKind, Config};
 use crate::job::{AuctionStates, BidderStates, JobBackend, JobError, OPERATORS};
+use flowstate::config::{BackendKind, Config};
 
 /// A URL for a path or URL: `scheme://…` is kept, a path becomes an absolute `file://` URL.
 pub fn to_url(path_or_url: &str) -> Result<String, JobError> {
