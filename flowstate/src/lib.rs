@@ -31,6 +31,8 @@
 #![warn(missing_docs)]
 
 pub mod config;
+#[cfg(any(feature = "heap", feature = "mmap"))]
+pub mod pipeline;
 
 pub use state_api as api;
 pub use storage_s3 as storage;
