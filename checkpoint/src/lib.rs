@@ -33,8 +33,20 @@
 //! backend crate. See `docs/snapshot-contract.md`.
 //!
 //! The crate talks to storage only through `object_store`; `storage-s3` builds stores from URLs.
-//! Its blocking calls run on a small internal tokio runtime: do not call them from inside an
-//! async runtime.
+//!
+//! # Sync and async callers
+//!
+//! The API is synchronous: subtasks snapshot on their own threads and the coordinator runs its
+//! own threads. Storage I/O runs on a small tokio runtime owned by [`CheckpointStorage`] (two
+//! worker threads), and the blocking calls wait for it without ever starting a runtime
+//! ([`storage_s3::block_on_io`]), so every call works from a plain thread *and* from inside an
+//! async runtime, `#[tokio::main]` included, of either flavor. Dropping the last clone of a
+//! storage, or a coordinator, inside async code is safe too: the runtime shuts down in the
+//! background.
+//!
+//! Inside async code a blocking call blocks the calling thread until it is done, like any
+//! blocking call (on a current-thread runtime nothing else runs meanwhile). Keep such calls
+//! short or move them off the async threads (`tokio::task::spawn_blocking`).
 //!
 //! # Example
 //!
