@@ -237,6 +237,34 @@ impl CheckpointStorage {
         Ok(ids)
     }
 
+    /// Runs the blocking `f` (any call of this crate: a load, a restore, waiting for a
+    /// checkpoint) on a blocking thread of the storage's I/O runtime, and waits for it without
+    /// blocking: the future can be awaited on any executor, a current-thread tokio runtime
+    /// included, and it keeps the caller's threads free. Nothing starts until it is polled.
+    ///
+    /// A panic in `f` resumes in the caller; [`Error::Stopped`] if the I/O runtime shut down
+    /// before `f` ran.
+    pub fn run_blocking<T, F>(
+        &self,
+        f: F,
+    ) -> impl std::future::Future<Output = Result<T>> + Send + 'static
+    where
+        T: Send + 'static,
+        F: FnOnce(&CheckpointStorage) -> Result<T> + Send + 'static,
+    {
+        let storage = self.clone();
+        async move {
+            let handle = storage.io.handle.clone();
+            match handle.spawn_blocking(move || f(&storage)).await {
+                Ok(r) => r,
+                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                Err(_) => Err(Error::Stopped {
+                    reason: "the checkpoint I/O runtime shut down".into(),
+                }),
+            }
+        }
+    }
+
     /// Waits for `f`, whose I/O runs on the storage's runtime, without starting a runtime: callable
     /// from any thread, also one that drives an async runtime.
     pub(crate) fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {

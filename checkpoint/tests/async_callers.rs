@@ -84,3 +84,72 @@ async fn blocking_api_inside_a_multi_thread_runtime() {
 async fn blocking_api_inside_a_current_thread_runtime() {
     checkpoint_and_restore_blocking();
 }
+
+/// Checkpoints one heap subtask and restores it with the async API, the subtask running as a
+/// task of the caller's runtime: on a current-thread runtime it can answer the barrier only if
+/// no call blocks the thread while the checkpoint is pending.
+async fn checkpoint_and_restore_async() {
+    let storage = storage();
+    let mut builder = CheckpointCoordinator::builder(storage.clone(), CheckpointConfig::default());
+    let mut endpoint = builder.register_subtask("counts", 0, 1, 128).unwrap();
+    let coordinator = builder.start().unwrap();
+
+    let subtask = tokio::spawn(async move {
+        let mut backend = HeapKeyedStateBackend::<String>::builder().build().unwrap();
+        let count = backend
+            .register_value(ValueStateDescriptor::<u64>::new("count").unwrap())
+            .unwrap();
+        backend.set_current_key("bob".to_string()).unwrap();
+        backend.value(&count).update(7).unwrap();
+        // Polls its endpoint between records, like an operator; yields to the runtime when idle.
+        loop {
+            match endpoint.try_recv() {
+                Some(SubtaskCommand::Barrier(barrier)) => {
+                    endpoint
+                        .snapshot_heap(&barrier, &mut backend, None)
+                        .unwrap();
+                }
+                Some(SubtaskCommand::CheckpointComplete { checkpoint_id }) => return checkpoint_id,
+                Some(_) => {}
+                None => tokio::time::sleep(Duration::from_millis(1)).await,
+            }
+        }
+    });
+
+    let pending = coordinator.trigger_checkpoint_async().await.unwrap();
+    let completed = pending.wait_async(WAIT).await.unwrap();
+    assert_eq!(completed.metadata.checkpoint_id, 1);
+    assert_eq!(subtask.await.unwrap(), 1);
+
+    let latest = CompletedCheckpoint::latest_async(&storage)
+        .await
+        .unwrap()
+        .expect("one checkpoint");
+    let loaded = CompletedCheckpoint::load_async(&storage, &storage.checkpoint_dir(1))
+        .await
+        .unwrap();
+    assert_eq!(loaded.metadata.checkpoint_id, 1);
+    let restored = HeapKeyedStateBackend::<String>::builder().build().unwrap();
+    let mut restored = latest
+        .restore_keyed_async(&storage, "counts", 0, restored)
+        .await
+        .unwrap();
+    let count = restored
+        .register_value(ValueStateDescriptor::<u64>::new("count").unwrap())
+        .unwrap();
+    restored.set_current_key("bob".to_string()).unwrap();
+    assert_eq!(restored.value(&count).get().unwrap(), Some(7));
+
+    coordinator.shutdown_async().await.unwrap();
+    drop(storage);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn async_api_inside_a_multi_thread_runtime() {
+    checkpoint_and_restore_async().await;
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn async_api_inside_a_current_thread_runtime() {
+    checkpoint_and_restore_async().await;
+}
