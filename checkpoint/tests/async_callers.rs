@@ -153,3 +153,22 @@ async fn async_api_inside_a_multi_thread_runtime() {
 async fn async_api_inside_a_current_thread_runtime() {
     checkpoint_and_restore_async().await;
 }
+
+/// A storage used and dropped (its only clone, so its runtime goes with it) on a thread that
+/// drives a runtime: `Runtime::block_on` and dropping a `Runtime` both panic there.
+fn use_and_drop_the_only_storage() {
+    let storage = storage();
+    assert!(CompletedCheckpoint::latest(&storage).unwrap().is_none());
+    assert!(storage.checkpoint_dir_ids().unwrap().is_empty());
+    drop(storage);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_only_storage_dropped_inside_a_multi_thread_runtime() {
+    use_and_drop_the_only_storage();
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn the_only_storage_dropped_inside_a_current_thread_runtime() {
+    use_and_drop_the_only_storage();
+}
