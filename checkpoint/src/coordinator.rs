@@ -910,6 +910,8 @@ fn state_bytes(state: &crate::format::SubtaskState, uploaded: &[String]) -> (u64
 pub struct PendingCheckpoint {
     id: u64,
     done: Receiver<Result<CompletedCheckpoint>>,
+    /// Whose I/O runtime [`PendingCheckpoint::wait_async`] waits on.
+    storage: CheckpointStorage,
 }
 
 impl PendingCheckpoint {
@@ -930,6 +932,18 @@ impl PendingCheckpoint {
                 reason: "the coordinator stopped".into(),
             }),
         }
+    }
+
+    /// [`PendingCheckpoint::wait`] for async callers: waits on a blocking thread of the
+    /// storage's I/O runtime ([`CheckpointStorage::run_blocking`]), never blocking the caller's
+    /// thread, so subtasks that run as tasks of the same (even current-thread) runtime go on
+    /// and answer the barrier.
+    pub fn wait_async(
+        self,
+        timeout: Duration,
+    ) -> impl std::future::Future<Output = Result<CompletedCheckpoint>> + Send + 'static {
+        let storage = self.storage.clone();
+        storage.run_blocking(move |_| self.wait(timeout))
     }
 }
 
@@ -990,21 +1004,24 @@ impl CheckpointCoordinator {
     }
 
     fn trigger(&self, kind: CheckpointKind, name: Option<String>) -> Result<PendingCheckpoint> {
-        let (tx, rx) = bounded(1);
-        self.to_coordinator
-            .send(Msg::Trigger {
-                kind,
-                savepoint_name: name,
-                reply: tx,
-            })
-            .map_err(|_| stopped())?;
-        let (id, done) = rx.recv().map_err(|_| stopped())??;
-        Ok(PendingCheckpoint { id, done })
+        trigger(&self.to_coordinator, &self.storage, kind, name)
     }
 
     /// Triggers a checkpoint now.
     pub fn trigger_checkpoint(&self) -> Result<PendingCheckpoint> {
         self.trigger(CheckpointKind::Checkpoint, None)
+    }
+
+    /// [`CheckpointCoordinator::trigger_checkpoint`] for async callers: waits for the
+    /// coordinator thread's answer on a blocking thread of the storage's I/O runtime
+    /// ([`CheckpointStorage::run_blocking`]), never blocking the caller's thread.
+    pub fn trigger_checkpoint_async(
+        &self,
+    ) -> impl std::future::Future<Output = Result<PendingCheckpoint>> + Send + 'static {
+        let to_coordinator = self.to_coordinator.clone();
+        self.storage.run_blocking(move |storage| {
+            trigger(&to_coordinator, storage, CheckpointKind::Checkpoint, None)
+        })
     }
 
     /// Triggers a savepoint into `savepoints/savepoint-<name>/` (default name:
@@ -1028,6 +1045,14 @@ impl CheckpointCoordinator {
         res
     }
 
+    /// [`CheckpointCoordinator::shutdown`] for async callers: the coordinator moves to a
+    /// blocking thread of the storage's I/O runtime ([`CheckpointStorage::run_blocking`]) for
+    /// the retention deletes and the joins, never blocking the caller's thread.
+    pub fn shutdown_async(self) -> impl std::future::Future<Output = Result<()>> + Send + 'static {
+        let storage = self.storage.clone();
+        storage.run_blocking(move |_| self.shutdown())
+    }
+
     fn stop_threads(&mut self) {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
@@ -1048,6 +1073,30 @@ impl Drop for CheckpointCoordinator {
             }
         }
     }
+}
+
+/// Asks the coordinator thread behind `to_coordinator` to trigger a checkpoint or savepoint
+/// and waits for its id.
+fn trigger(
+    to_coordinator: &Sender<Msg>,
+    storage: &CheckpointStorage,
+    kind: CheckpointKind,
+    name: Option<String>,
+) -> Result<PendingCheckpoint> {
+    let (tx, rx) = bounded(1);
+    to_coordinator
+        .send(Msg::Trigger {
+            kind,
+            savepoint_name: name,
+            reply: tx,
+        })
+        .map_err(|_| stopped())?;
+    let (id, done) = rx.recv().map_err(|_| stopped())??;
+    Ok(PendingCheckpoint {
+        id,
+        done,
+        storage: storage.clone(),
+    })
 }
 
 fn stopped() -> Error {

@@ -33,8 +33,81 @@
 //! backend crate. See `docs/snapshot-contract.md`.
 //!
 //! The crate talks to storage only through `object_store`; `storage-s3` builds stores from URLs.
-//! Its blocking calls run on a small internal tokio runtime: do not call them from inside an
-//! async runtime.
+//!
+//! # Sync and async callers
+//!
+//! The API is synchronous: subtasks snapshot on their own threads and the coordinator runs its
+//! own threads. Storage I/O runs on a small tokio runtime owned by [`CheckpointStorage`] (two
+//! worker threads), and the blocking calls wait for it without ever starting a runtime
+//! ([`storage_s3::block_on_io`]), so every call works from a plain thread *and* from inside an
+//! async runtime, `#[tokio::main]` included, of either flavor. Dropping the last clone of a
+//! storage, or a coordinator, inside async code is safe too: the runtime shuts down in the
+//! background.
+//!
+//! Inside async code a blocking call blocks the calling thread until it is done, like any
+//! blocking call (on a current-thread runtime nothing else runs meanwhile). The calls that wait
+//! on storage or on other threads therefore have async variants that run on a blocking thread
+//! of the storage's runtime and never block the caller:
+//! [`CheckpointCoordinator::trigger_checkpoint_async`], [`PendingCheckpoint::wait_async`],
+//! [`CompletedCheckpoint::latest_async`], [`CompletedCheckpoint::load_async`],
+//! [`CompletedCheckpoint::restore_keyed_async`], [`CheckpointCoordinator::shutdown_async`],
+//! and for any other call [`CheckpointStorage::run_blocking`]. Their futures are `Send +
+//! 'static` and can be awaited on any executor. Building the storage and the coordinator and a
+//! subtask's synchronous snapshot ([`SubtaskEndpoint::snapshot_heap`]; the upload runs on the
+//! coordinator's writer threads) are short and may be called directly; a subtask that runs as a
+//! task polls its endpoint with [`SubtaskEndpoint::try_recv`].
+//!
+//! ```
+//! use std::sync::Arc;
+//! use std::time::Duration;
+//! use checkpoint::*;
+//! use state_api::{KeyedStateBackend, KeyedStateBackendExt, ValueStateDescriptor};
+//! use state_heap::HeapKeyedStateBackend;
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(async {
+//! // Inside `#[tokio::main]` (here a current-thread runtime):
+//! let store = Arc::new(object_store::memory::InMemory::new());
+//! let storage = CheckpointStorage::new(store, "checkpoints", "job-1")?;
+//! let mut builder = CheckpointCoordinator::builder(storage.clone(), CheckpointConfig::default());
+//! let mut endpoint = builder.register_subtask("counts", 0, 1, 128)?;
+//! let coordinator = builder.start()?;
+//!
+//! let mut backend = HeapKeyedStateBackend::<String>::builder().build()?;
+//! let count = backend.register_value(ValueStateDescriptor::<u64>::new("count")?)?;
+//! backend.set_current_key("ann".to_string())?;
+//! backend.value(&count).update(1)?;
+//!
+//! // The subtask: a task of the same runtime.
+//! let subtask = tokio::spawn(async move {
+//!     loop {
+//!         match endpoint.try_recv() {
+//!             Some(SubtaskCommand::Barrier(barrier)) => {
+//!                 endpoint.snapshot_heap(&barrier, &mut backend, None)?;
+//!             }
+//!             Some(SubtaskCommand::CheckpointComplete { .. }) => return Ok::<_, Error>(()),
+//!             Some(_) => {}
+//!             None => tokio::time::sleep(Duration::from_millis(1)).await,
+//!         }
+//!     }
+//! });
+//!
+//! let pending = coordinator.trigger_checkpoint_async().await?;
+//! let completed = pending.wait_async(Duration::from_secs(10)).await?;
+//! subtask.await??;
+//!
+//! let latest = CompletedCheckpoint::latest_async(&storage).await?.expect("one checkpoint");
+//! assert_eq!(latest.metadata.checkpoint_id, completed.metadata.checkpoint_id);
+//! let backend = HeapKeyedStateBackend::<String>::builder().build()?;
+//! let mut restored = latest.restore_keyed_async(&storage, "counts", 0, backend).await?;
+//! let count = restored.register_value(ValueStateDescriptor::<u64>::new("count")?)?;
+//! restored.set_current_key("ann".to_string())?;
+//! assert_eq!(restored.value(&count).get()?, Some(1));
+//! coordinator.shutdown_async().await?;
+//! # Ok::<_, Box<dyn std::error::Error>>(())
+//! # })
+//! # }
+//! ```
 //!
 //! # Example
 //!

@@ -90,6 +90,24 @@ impl CompletedCheckpoint {
         Ok(Self::retained(storage, 1)?.pop())
     }
 
+    /// [`CompletedCheckpoint::load`] for async callers: runs on the storage's I/O runtime
+    /// ([`CheckpointStorage::run_blocking`]), never blocking the caller's thread.
+    pub fn load_async(
+        storage: &CheckpointStorage,
+        path: &Path,
+    ) -> impl std::future::Future<Output = Result<Self>> + Send + 'static {
+        let path = path.clone();
+        storage.run_blocking(move |s| Self::load(s, &path))
+    }
+
+    /// [`CompletedCheckpoint::latest`] for async callers: runs on the storage's I/O runtime
+    /// ([`CheckpointStorage::run_blocking`]), never blocking the caller's thread.
+    pub fn latest_async(
+        storage: &CheckpointStorage,
+    ) -> impl std::future::Future<Output = Result<Option<Self>>> + Send + 'static {
+        storage.run_blocking(Self::latest)
+    }
+
     /// Up to `n` most recent completed checkpoints whose metadata still exists, oldest first.
     pub fn retained(storage: &CheckpointStorage, n: usize) -> Result<Vec<Self>> {
         let mut out = Vec::new();
@@ -138,6 +156,25 @@ impl CompletedCheckpoint {
             }
         }
         Ok(())
+    }
+
+    /// [`CompletedCheckpoint::restore_keyed`] for async callers: the backend moves to a
+    /// blocking thread of the storage's I/O runtime ([`CheckpointStorage::run_blocking`]) and
+    /// comes back restored; the caller's thread is never blocked. On an error the backend is
+    /// dropped (a failed restore leaves it partly restored anyway).
+    pub fn restore_keyed_async<B: KeyedStateBackend + Send + 'static>(
+        &self,
+        storage: &CheckpointStorage,
+        operator: &str,
+        subtask: u32,
+        mut backend: B,
+    ) -> impl std::future::Future<Output = Result<B>> + Send + 'static {
+        let checkpoint = self.clone();
+        let operator = operator.to_string();
+        storage.run_blocking(move |s| {
+            checkpoint.restore_keyed(s, &operator, subtask, &mut backend)?;
+            Ok(backend)
+        })
     }
 
     /// Restores the keyed state of `operator` into `backend`, reading only the key groups of

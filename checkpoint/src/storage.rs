@@ -1,7 +1,10 @@
 //! The checkpoint layout on an object store and the blocking edge around `object_store`.
 //!
 //! Everything the crate stores goes through [`CheckpointStorage`], a thin synchronous wrapper
-//! over an `Arc<dyn ObjectStore>` that owns a small tokio runtime. The layout under the root is:
+//! over an `Arc<dyn ObjectStore>` that owns a small tokio runtime for the store's I/O. Its
+//! blocking calls never start a runtime ([`storage_s3::block_on_io`]) and the runtime shuts down
+//! in the background when the last clone is dropped, so the storage can be created, used and
+//! dropped on a plain thread and inside async code alike. The layout under the root is:
 //!
 //! ```text
 //! <root>/<job>/chk-<n>/_metadata            the checkpoint's metadata, written last (create-only)
@@ -56,14 +59,17 @@ pub fn validate_name(what: &'static str, name: &str) -> Result<()> {
 
 /// The checkpoints of one job on an object store, and the blocking calls the crate makes.
 ///
-/// Cloning is cheap (the store and the runtime are shared). The blocking methods must not be
-/// called from inside an async runtime.
+/// Cloning is cheap (the store and the runtime are shared). Every method may be called from a
+/// plain thread or from inside an async runtime (a blocking method then blocks that thread
+/// while it waits: see the crate docs on async callers); none starts a runtime, and dropping the
+/// last clone inside async code is safe.
 #[derive(Clone)]
 pub struct CheckpointStorage {
     store: Arc<dyn ObjectStore>,
     root: Path,
     job: String,
-    rt: Arc<tokio::runtime::Runtime>,
+    /// The I/O runtime, alive while any clone lives.
+    io: Arc<IoRuntime>,
     /// The storage layer over the same store: file transfers and create-only puts go through
     /// it (verified, streaming, paths checked to stay under `root`).
     transfer: storage_s3::Storage,
@@ -114,7 +120,10 @@ impl CheckpointStorage {
             store,
             root,
             job: job.to_string(),
-            rt: Arc::new(rt),
+            io: Arc::new(IoRuntime {
+                handle: rt.handle().clone(),
+                rt: Some(rt),
+            }),
             transfer,
             location_prefix: Arc::from(""),
         })
@@ -228,8 +237,38 @@ impl CheckpointStorage {
         Ok(ids)
     }
 
+    /// Runs the blocking `f` (any call of this crate: a load, a restore, waiting for a
+    /// checkpoint) on a blocking thread of the storage's I/O runtime, and waits for it without
+    /// blocking: the future can be awaited on any executor, a current-thread tokio runtime
+    /// included, and it keeps the caller's threads free. Nothing starts until it is polled.
+    ///
+    /// A panic in `f` resumes in the caller; [`Error::Stopped`] if the I/O runtime shut down
+    /// before `f` ran.
+    pub fn run_blocking<T, F>(
+        &self,
+        f: F,
+    ) -> impl std::future::Future<Output = Result<T>> + Send + 'static
+    where
+        T: Send + 'static,
+        F: FnOnce(&CheckpointStorage) -> Result<T> + Send + 'static,
+    {
+        let storage = self.clone();
+        async move {
+            let handle = storage.io.handle.clone();
+            match handle.spawn_blocking(move || f(&storage)).await {
+                Ok(r) => r,
+                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                Err(_) => Err(Error::Stopped {
+                    reason: "the checkpoint I/O runtime shut down".into(),
+                }),
+            }
+        }
+    }
+
+    /// Waits for `f`, whose I/O runs on the storage's runtime, without starting a runtime: callable
+    /// from any thread, also one that drives an async runtime.
     pub(crate) fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
-        self.rt.block_on(f)
+        storage_s3::block_on_io(&self.io.handle, f)
     }
 
     /// Writes `bytes` at `path` only if nothing is there (a create-only put); `Ok(false)` when
@@ -394,9 +433,27 @@ impl CheckpointStorage {
         let location = self.location(&path);
         let inner = self
             .transfer
-            .blocking_writer(&path, self.rt.handle().clone())
+            .blocking_writer(&path, self.io.handle.clone())
             .map_err(|e| Error::transfer("writing", &location, e))?;
         Ok(ObjectWriter { inner, location })
+    }
+}
+
+/// The storage's I/O runtime. Dropping a tokio `Runtime` inside async code panics ("Cannot
+/// drop a runtime in a context where blocking is not allowed"), and the last clone of a
+/// storage may well be dropped there: it shuts down in the background instead, never waiting.
+struct IoRuntime {
+    /// What the blocking calls and writers run their I/O on.
+    handle: tokio::runtime::Handle,
+    /// Taken on drop.
+    rt: Option<tokio::runtime::Runtime>,
+}
+
+impl Drop for IoRuntime {
+    fn drop(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
     }
 }
 

@@ -11,7 +11,8 @@
 //! - [`Storage::download_file`]: streaming download into a local file (parallel range requests
 //!   for large objects), atomically renamed into place once complete and verified;
 //! - [`Storage::blocking_writer`]: a streaming upload behind `std::io::Write` for synchronous
-//!   writers (bounded memory, checksum computed on the way);
+//!   writers (bounded memory, checksum computed on the way), callable from any thread, also one
+//!   that drives an async runtime ([`block_on_io`] waits without starting a runtime);
 //! - [`Storage::put_if_absent`]: create-only put; a lost race is [`Error::AlreadyExists`];
 //! - [`Storage::list`], [`Storage::list_children`], [`Storage::delete_prefix`];
 //! - end-to-end [`Checksum`]s (CRC32C + length) computed over exactly the bytes sent and
@@ -89,6 +90,7 @@
 #[cfg(any(feature = "s3", feature = "gcp", feature = "azure"))]
 mod cloud;
 
+mod blocking;
 mod checksum;
 mod config;
 mod error;
@@ -97,6 +99,7 @@ mod storage;
 mod transfer;
 mod writer;
 
+pub use blocking::block_on_io;
 pub use checksum::{Checksum, ParseChecksumError, CHECKSUM_METADATA_KEY};
 pub use config::{
     HttpOptions, LocalOptions, RetryOptions, S3Options, Secret, StorageConfig, TransferOptions,

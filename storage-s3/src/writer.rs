@@ -1,5 +1,6 @@
 //! A streaming upload behind `std::io::Write`, for writers that produce bytes synchronously
-//! (a snapshot stream) on a thread outside any async runtime.
+//! (a snapshot stream). It waits with [`block_on_io`], so it works on any thread, also one
+//! that drives an async runtime.
 
 use std::io::Write;
 
@@ -8,6 +9,7 @@ use object_store::path::Path;
 use object_store::{ObjectStoreExt, WriteMultipart};
 use tokio::runtime::Handle;
 
+use crate::blocking::block_on_io;
 use crate::error::{store_error, Result};
 use crate::transfer::Uploaded;
 use crate::{Checksum, Storage};
@@ -40,8 +42,10 @@ impl std::fmt::Debug for BlockingWriter {
 }
 
 impl Storage {
-    /// A blocking, streaming upload to `path` driven on the runtime of `handle` (a
-    /// multi-threaded runtime; do not call its methods from inside an async context).
+    /// A blocking, streaming upload to `path` whose I/O runs on the runtime of `handle` (a
+    /// multi-thread runtime). Its methods never start a runtime ([`block_on_io`]): they may be
+    /// called from a plain thread or from inside another async runtime (blocking that thread
+    /// while they wait).
     pub fn blocking_writer(&self, path: &Path, handle: Handle) -> Result<BlockingWriter> {
         self.check_strictly_inside(path)?;
         Ok(BlockingWriter {
@@ -64,9 +68,7 @@ impl BlockingWriter {
     fn flush_parts(&mut self) -> std::io::Result<()> {
         let part_size = self.part_size();
         if self.upload.is_none() {
-            let upload = self
-                .handle
-                .block_on(self.storage.store.put_multipart(&self.path))
+            let upload = block_on_io(&self.handle, self.storage.store.put_multipart(&self.path))
                 .map_err(|e| self.fail(e))?;
             self.upload = Some(WriteMultipart::new_with_chunk_size(upload, part_size));
         }
@@ -76,7 +78,7 @@ impl BlockingWriter {
             Some(up) => {
                 let _enter = self.handle.enter();
                 up.put(Bytes::from(buf));
-                self.handle.block_on(up.wait_for_capacity(concurrency))
+                block_on_io(&self.handle, up.wait_for_capacity(concurrency))
             }
             None => Ok(()),
         };
@@ -98,7 +100,7 @@ impl BlockingWriter {
         }
         let buf = std::mem::take(&mut self.buf);
         match self.upload.take() {
-            None => self.handle.block_on(self.storage.put(&self.path, buf)),
+            None => block_on_io(&self.handle, self.storage.put(&self.path, buf)),
             Some(mut up) => {
                 // WriteMultipart sends full parts and the rest as the last one.
                 let parts = usize::try_from(self.sum.len.div_ceil(self.part_size() as u64))
@@ -106,7 +108,7 @@ impl BlockingWriter {
                 let result = {
                     let _enter = self.handle.enter();
                     up.put(Bytes::from(buf));
-                    self.handle.block_on(up.finish())
+                    block_on_io(&self.handle, up.finish())
                 }
                 .map_err(|e| store_error(&self.storage.url, "upload", &self.path, e))?;
                 Ok(Uploaded::new(&self.path, self.sum, result, parts))
@@ -118,7 +120,7 @@ impl BlockingWriter {
     pub fn abort(mut self) {
         if let Some(up) = self.upload.take() {
             let _enter = self.handle.enter();
-            let _ = self.handle.block_on(up.abort());
+            let _ = block_on_io(&self.handle, up.abort());
         }
     }
 }
@@ -204,5 +206,22 @@ mod tests {
         assert!(s
             .blocking_writer(&Path::from("elsewhere/x"), rt.handle().clone())
             .is_err());
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn streams_from_a_thread_that_drives_an_async_runtime() {
+        let (s, rt) = storage();
+        let data = vec![3u8; (3 << 19) + 7];
+        let path = Path::from("root/from-async");
+        let mut w = s.blocking_writer(&path, rt.handle().clone()).unwrap();
+        w.write_all(&data).unwrap();
+        assert_eq!(w.finish().unwrap().checksum, Checksum::of(&data));
+        let mut w = s.blocking_writer(&path, rt.handle().clone()).unwrap();
+        w.write_all(&data).unwrap();
+        w.abort();
+        let got = s.store().get(&path).await.unwrap().bytes().await.unwrap();
+        assert_eq!(&got[..], &data[..]);
+        // Dropping a runtime inside async code panics; this one shuts down in the background.
+        rt.shutdown_background();
     }
 }
