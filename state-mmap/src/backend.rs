@@ -23,9 +23,7 @@ use crate::engine::Db;
 use crate::tempdir::TempDir;
 use crate::typed::*;
 
-#[path = "native.rs"]
 pub(crate) mod native;
-#[path = "timers.rs"]
 mod timers;
 
 use timers::DueIndex;
