@@ -19,7 +19,8 @@ use state_api::checkpointing::{
 };
 use state_api::{Error, KeyGroupRange, Result, StateKey, StateKind, StateName};
 
-use super::{decode_registry, MmapKeyedStateBackend, Pending};
+use super::registry::decode_registry;
+use super::{MmapKeyedStateBackend, Pending};
 use crate::codec::kg_prefix;
 use crate::engine::IngestFile;
 use crate::run::RunFile;

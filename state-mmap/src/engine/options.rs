@@ -1,0 +1,98 @@
+//! [`EngineOptions`]: what an engine is configured with, and the limits derived from it.
+
+use crate::run::PrefixExtractor;
+
+use super::SortedRun;
+
+/// Options of the engine.
+#[derive(Clone)]
+pub struct EngineOptions {
+    /// The memory budget for the engine's own memory: the in-memory block indexes of the
+    /// sorted runs (32 bytes per data block of about 4 KiB) and the reservations of running
+    /// compactions (their outputs' block indexes, at most the inputs', and a sixteenth of
+    /// `target_file_bytes` for the file being written) first; of the rest, the active write
+    /// buffer gets a third, one immutable write buffer waiting for its flush another third
+    /// (writers wait while it is being flushed and the active one is full), and the rest is
+    /// headroom for the allocator, small buffers and the last flushed write buffer while a
+    /// thread of its own frees it (a flush waits for the one before it to be freed; a write
+    /// buffer never gets less than a twelfth of the budget). Data pages, mapped indexes and bloom filters of sorted runs are
+    /// mapped and belong to the OS page cache, outside the budget. Default 256 MiB.
+    ///
+    /// An engine opened in an [`MmapEnvironment`] ([`Db::open_in`]) ignores this: its budget is
+    /// its share of the environment's ([`Db::memory_share`]). [`Db::open`] starts an
+    /// environment of its own with this budget.
+    ///
+    /// [`MmapEnvironment`]: crate::environment::MmapEnvironment
+    /// [`Db::open_in`]: super::Db::open_in
+    /// [`Db::memory_share`]: super::Db::memory_share
+    /// [`Db::open`]: super::Db::open
+    pub memory_budget: usize,
+    /// Compaction starts when this many sorted runs exist (bounds read amplification). Default 6.
+    /// Runs each larger than all newer runs together are left out of such a merge (it would
+    /// rewrite most of the data to remove one run), so up to about log2(data / write buffer)
+    /// such runs may exist on top of this.
+    pub max_sorted_runs: usize,
+    /// Compaction output files are cut at key-group boundaries once this large. Default 64 MiB.
+    pub target_file_bytes: u64,
+    /// Check every data block's checksum when a file is opened (default true).
+    pub verify_on_open: bool,
+    /// Check a data block's checksum on every read of it (default false: files are verified at
+    /// open, and pages then come from the OS page cache).
+    pub verify_blocks_on_read: bool,
+    /// Scan prefixes of keys, kept in write buffers and bloom filters for
+    /// [`Db::scan_prefix`](super::Db::scan_prefix) (default none).
+    pub prefix_extractor: Option<PrefixExtractor>,
+}
+
+impl std::fmt::Debug for EngineOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EngineOptions")
+            .field("memory_budget", &self.memory_budget)
+            .field("max_sorted_runs", &self.max_sorted_runs)
+            .field("target_file_bytes", &self.target_file_bytes)
+            .field("verify_on_open", &self.verify_on_open)
+            .field("verify_blocks_on_read", &self.verify_blocks_on_read)
+            .field("prefix_extractor", &self.prefix_extractor.is_some())
+            .finish()
+    }
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions {
+            memory_budget: 256 << 20,
+            max_sorted_runs: 6,
+            target_file_bytes: 64 << 20,
+            verify_on_open: true,
+            verify_blocks_on_read: false,
+            prefix_extractor: None,
+        }
+    }
+}
+
+impl EngineOptions {
+    pub(super) const MAX_IMMUTABLE: usize = 1;
+
+    /// Budget bytes a compaction of `inputs` holds until it is installed: the block indexes
+    /// of its outputs (at most those of its inputs: the outputs hold the inputs' entries or
+    /// fewer) and the buffers of the output file being written (write buffer, index, one
+    /// bloom hash per entry: a sixteenth of [`EngineOptions::target_file_bytes`]).
+    pub(super) fn compaction_reserve(&self, inputs: &[SortedRun]) -> usize {
+        let outputs: usize = inputs
+            .iter()
+            .flat_map(|r| r.iter())
+            .map(|f| f.memory_bytes())
+            .sum();
+        let writer = usize::try_from(self.target_file_bytes / 16).unwrap_or(usize::MAX);
+        outputs.saturating_add(writer)
+    }
+    /// Compactions of one engine queued or running at once: while one merges large old runs,
+    /// another keeps the newest (small) runs merged, so their number stays bounded. (How many
+    /// run at once over all engines is the environment's pool's limit.)
+    pub(super) const COMPACTION_THREADS: usize = 2;
+    /// Writers wait for a compaction once this many sorted runs exist (the background cannot
+    /// keep up, and every point read would probe them all).
+    pub(super) fn stall_runs(&self) -> usize {
+        3 * self.max_sorted_runs
+    }
+}
