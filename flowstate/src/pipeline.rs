@@ -25,7 +25,7 @@
 //!
 //! Each [`Subtask`] owns its backend and its operator state and answers checkpoint barriers when
 //! its owner calls [`Subtask::poll`] between records (a consistent cut: nothing is half
-//! processed). [`Pipeline::start`] restores the latest completed checkpoint of the job, at any
+//! processed). [`PipelineBuilder::start`] restores the latest completed checkpoint of the job, at any
 //! parallelism (each subtask reads only its key groups). The backend is anything that implements
 //! the snapshot contract ([`crate::api::checkpointing::CheckpointableBackend`]): the heap
 //! backend ([`Pipeline::heap`]), the mmap backend, or one of your own ([`Pipeline::with_backend`]).
