@@ -230,6 +230,17 @@ impl<B: KeyedStateBackend + CheckpointableBackend> Pipeline<B> {
         Ok(done.metadata.checkpoint_id)
     }
 
+    /// [`Pipeline::checkpoint`] for async callers: never blocks the caller's thread (the waits
+    /// run on the checkpoint I/O runtime's blocking threads), so subtasks that are tasks of the
+    /// same runtime, even a current-thread one, go on and answer the barrier.
+    pub async fn checkpoint_async(&self) -> Result<u64, Error> {
+        let pending = self.coordinator()?.trigger_checkpoint_async().await?;
+        let done = pending
+            .wait_async(self.timeout + Duration::from_secs(5))
+            .await?;
+        Ok(done.metadata.checkpoint_id)
+    }
+
     /// Tells every subtask's [`Subtask::serve_until_stopped`] to return and stops the
     /// coordinator (the retention policy of `state.checkpoints.on-shutdown` applies).
     pub fn stop(mut self) -> Result<(), Error> {
@@ -273,6 +284,11 @@ impl<B: KeyedStateBackend + CheckpointableBackend> Subtask<B> {
         }
         self.endpoint.deliver_notifications(&mut self.backend);
         Ok(answered)
+    }
+
+    /// True once [`Pipeline::stop`] was called: a subtask's loop ends then.
+    pub fn is_stopped(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
     }
 
     /// Polls until the pipeline stops: for a subtask that has no records of its own to process

@@ -166,3 +166,35 @@ fn periodic_checkpoints_complete_while_subtasks_poll() {
         w.join().unwrap();
     }
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn checkpoint_async_lets_subtask_tasks_of_a_current_thread_runtime_answer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = config(tmp.path(), "1h");
+    let mut pipeline = Pipeline::heap::<String>(&cfg, "async")
+        .unwrap()
+        .operator("counts", 2)
+        .start()
+        .unwrap();
+    let mut tasks = Vec::new();
+    for mut s in pipeline.take_subtasks("counts") {
+        tasks.push(tokio::spawn(async move {
+            while !s.is_stopped() {
+                s.poll().unwrap();
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }));
+    }
+    // A blocking wait here would starve the subtask tasks of this one thread.
+    let id = pipeline.checkpoint_async().await.unwrap();
+    assert_eq!(id, 1);
+    pipeline.stop().unwrap();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let storage = cfg.checkpoint_storage("async").unwrap();
+    let latest = flowstate::checkpoint::CompletedCheckpoint::latest(&storage)
+        .unwrap()
+        .unwrap();
+    assert_eq!(latest.metadata.checkpoint_id, 1);
+}
