@@ -93,8 +93,27 @@ impl WorkerCtx {
 
 /// Runs a flush or compaction on a thread of the environment's pool.
 pub(super) fn run_job(ctx: &WorkerCtx, job: Job) -> Done {
+    let started = std::time::Instant::now();
     match job {
-        Job::Flush { mem, number } => Done::Flushed(ctx.flush(&mem, number)),
+        Job::Flush { mem, number } => {
+            let result = ctx.flush(&mem, number);
+            match &result {
+                Ok(Some(f)) => tracing::debug!(
+                    dir = %ctx.dir.display(),
+                    run = number,
+                    bytes = f.size(),
+                    millis = started.elapsed().as_millis() as u64,
+                    "state-mmap flushed a write buffer"
+                ),
+                Ok(None) => {}
+                Err(e) => tracing::warn!(
+                    dir = %ctx.dir.display(),
+                    error = %e,
+                    "state-mmap flush failed"
+                ),
+            }
+            Done::Flushed(result)
+        }
         Job::Compact {
             inputs,
             reserved,
@@ -103,6 +122,24 @@ pub(super) fn run_job(ctx: &WorkerCtx, job: Job) -> Done {
             keep,
         } => {
             let result = ctx.compact(&inputs, bottommost, filter.as_ref(), keep.as_ref());
+            let in_bytes: u64 = inputs.iter().flat_map(|r| r.iter()).map(|f| f.size()).sum();
+            match &result {
+                Ok(files) => tracing::debug!(
+                    dir = %ctx.dir.display(),
+                    runs = inputs.len(),
+                    in_bytes,
+                    out_bytes = files.iter().map(|f| f.size()).sum::<u64>(),
+                    bottommost,
+                    millis = started.elapsed().as_millis() as u64,
+                    "state-mmap compacted runs"
+                ),
+                Err(e) => tracing::warn!(
+                    dir = %ctx.dir.display(),
+                    runs = inputs.len(),
+                    error = %e,
+                    "state-mmap compaction failed"
+                ),
+            }
             Done::Compacted {
                 inputs,
                 reserved,
