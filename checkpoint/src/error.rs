@@ -21,6 +21,23 @@ pub enum Error {
         #[source]
         source: object_store::Error,
     },
+    /// An S3 request found no credentials: object_store fell back to the cloud's instance
+    /// metadata service (169.254.169.254), which refused; its own error does not say that
+    /// credentials are what is missing.
+    #[error(
+        "no S3 credentials while {context} '{path}': set AWS_ACCESS_KEY_ID and \
+         AWS_SECRET_ACCESS_KEY (in flowstate's config: s3.access-key-id, s3.secret-access-key); \
+         the last fallback, the instance metadata service, answered: {source}"
+    )]
+    MissingCredentials {
+        /// What was being done.
+        context: &'static str,
+        /// The object or prefix.
+        path: String,
+        /// The store's error.
+        #[source]
+        source: object_store::Error,
+    },
     /// A transfer through `storage-s3` (upload, download, create-only put) failed.
     #[error("storage error while {context} '{path}': {source}")]
     Transfer {
@@ -259,11 +276,50 @@ impl Error {
                 file: path.to_string(),
                 referenced_by: context.to_string(),
             },
+            // object_store tries the instance metadata service last; a refusal there means
+            // no credentials were configured anywhere.
+            source if source.to_string().contains("169.254.169.254") => Error::MissingCredentials {
+                context,
+                path: path.to_string(),
+                source,
+            },
             source => Error::Storage {
                 context,
                 path: path.to_string(),
                 source,
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refusal_of_the_instance_metadata_service_names_missing_credentials() {
+        let imds = object_store::Error::Generic {
+            store: "S3",
+            source: "Error performing PUT http://169.254.169.254/latest/api/token in 6ms - \
+                     Server returned non-2xx status code: 403 Forbidden"
+                .into(),
+        };
+        let e = Error::storage("listing", "s3://bucket/ck/job/_commits", imds);
+        assert!(matches!(e, Error::MissingCredentials { .. }), "{e}");
+        let text = e.to_string();
+        assert!(
+            text.starts_with("no S3 credentials while listing 's3://bucket/ck/job/_commits'")
+                && text.contains("AWS_ACCESS_KEY_ID")
+                && text.contains("s3.access-key-id"),
+            "{text}"
+        );
+        let other = object_store::Error::Generic {
+            store: "S3",
+            source: "connection refused".into(),
+        };
+        assert!(matches!(
+            Error::storage("listing", "p", other),
+            Error::Storage { .. }
+        ));
     }
 }
