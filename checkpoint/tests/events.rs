@@ -5,76 +5,18 @@
 
 mod common;
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use checkpoint::{CheckpointConfig, CheckpointCoordinator, SubtaskCommand};
 use common::*;
+use state_api::testing::{event_number as number, EventLog};
 use state_api::KeyedStateBackend;
-use tracing::field::{Field, Visit};
-use tracing::span::{Attributes, Id, Record};
-use tracing::{Event, Metadata, Subscriber};
 
 const WAIT: Duration = Duration::from_secs(60);
 
-/// Every event as `message field=value ...`.
-#[derive(Clone, Default)]
-struct Collect(Arc<Mutex<Vec<String>>>);
-
-struct Line(String);
-
-impl Visit for Line {
-    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
-        if field.name() == "message" {
-            self.0.insert_str(0, &format!("{value:?}"));
-        } else {
-            self.0.push_str(&format!(" {}={value:?}", field.name()));
-        }
-    }
-}
-
-impl Subscriber for Collect {
-    fn enabled(&self, _: &Metadata<'_>) -> bool {
-        true
-    }
-    fn new_span(&self, _: &Attributes<'_>) -> Id {
-        Id::from_u64(1)
-    }
-    fn record(&self, _: &Id, _: &Record<'_>) {}
-    fn record_follows_from(&self, _: &Id, _: &Id) {}
-    fn event(&self, event: &Event<'_>) {
-        let mut line = Line(String::new());
-        event.record(&mut line);
-        self.0.lock().unwrap().push(line.0);
-    }
-    fn enter(&self, _: &Id) {}
-    fn exit(&self, _: &Id) {}
-}
-
-impl Collect {
-    fn find(&self, message: &str, fields: &[&str]) -> String {
-        let lines = self.0.lock().unwrap();
-        lines
-            .iter()
-            .find(|l| l.starts_with(message) && fields.iter().all(|f| l.contains(f)))
-            .cloned()
-            .unwrap_or_else(|| panic!("no event '{message}' with {fields:?} in {lines:#?}"))
-    }
-}
-
-fn number(line: &str, field: &str) -> u64 {
-    let at = line.find(&format!(" {field}=")).unwrap() + field.len() + 2;
-    line[at..]
-        .split(|c: char| !c.is_ascii_digit())
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap()
-}
-
 #[test]
 fn checkpoints_and_restores_are_reported_as_events() {
-    let events = Collect::default();
+    let events = EventLog::default();
     tracing::subscriber::set_global_default(events.clone()).unwrap();
 
     let storage = memory_storage("job-events");

@@ -1749,3 +1749,73 @@ macro_rules! conformance_tests {
         )*
     };
 }
+
+/// A `tracing` subscriber that keeps every event, from every thread, as one line
+/// `message field=value ...`: for tests of what a crate reports (install it with
+/// `tracing::subscriber::set_global_default(log.clone())`).
+#[derive(Clone, Default)]
+pub struct EventLog(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+struct EventLine(String);
+
+impl tracing::field::Visit for EventLine {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        if field.name() == "message" {
+            self.0.insert_str(0, &format!("{value:?}"));
+        } else {
+            self.0.push_str(&format!(" {}={value:?}", field.name()));
+        }
+    }
+}
+
+impl tracing::Subscriber for EventLog {
+    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+        true
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, event: &tracing::Event<'_>) {
+        let mut line = EventLine(String::new());
+        event.record(&mut line);
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(line.0);
+    }
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
+impl EventLog {
+    /// Every event so far, oldest first.
+    pub fn lines(&self) -> Vec<String> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The first event whose message starts with `message` and that holds every one of
+    /// `fields` (e.g. `"checkpoint_id=2"`); panics listing all events when there is none.
+    pub fn find(&self, message: &str, fields: &[&str]) -> String {
+        let lines = self.lines();
+        lines
+            .iter()
+            .find(|l| l.starts_with(message) && fields.iter().all(|f| l.contains(f)))
+            .cloned()
+            .unwrap_or_else(|| panic!("no event '{message}' with {fields:?} in {lines:#?}"))
+    }
+}
+
+/// The number recorded as `field` in an [`EventLog`] line; panics when there is none.
+pub fn event_number(line: &str, field: &str) -> u64 {
+    line.find(&format!(" {field}="))
+        .and_then(|at| {
+            line[at + field.len() + 2..]
+                .split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no number {field}= in {line}"))
+}

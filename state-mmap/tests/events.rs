@@ -2,61 +2,13 @@
 //! durations, so `RUST_LOG=state_mmap=debug` shows what the engine does in the background.
 #![allow(clippy::unwrap_used)]
 
-use std::sync::{Arc, Mutex};
-
+use state_api::testing::{event_number as field, EventLog};
 use state_api::{KeyedStateBackend, KeyedStateBackendExt, ValueStateDescriptor};
 use state_mmap::MmapKeyedStateBackend;
-use tracing::field::{Field, Visit};
-use tracing::span::{Attributes, Id, Record};
-use tracing::{Event, Metadata, Subscriber};
-
-/// Every event as `message field=value ...`, from every thread.
-#[derive(Clone, Default)]
-struct Collect(Arc<Mutex<Vec<String>>>);
-
-struct Line(String);
-
-impl Visit for Line {
-    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
-        if field.name() == "message" {
-            self.0.insert_str(0, &format!("{value:?}"));
-        } else {
-            self.0.push_str(&format!(" {}={value:?}", field.name()));
-        }
-    }
-}
-
-impl Subscriber for Collect {
-    fn enabled(&self, _: &Metadata<'_>) -> bool {
-        true
-    }
-    fn new_span(&self, _: &Attributes<'_>) -> Id {
-        Id::from_u64(1)
-    }
-    fn record(&self, _: &Id, _: &Record<'_>) {}
-    fn record_follows_from(&self, _: &Id, _: &Id) {}
-    fn event(&self, event: &Event<'_>) {
-        let mut line = Line(String::new());
-        event.record(&mut line);
-        self.0.lock().unwrap().push(line.0);
-    }
-    fn enter(&self, _: &Id) {}
-    fn exit(&self, _: &Id) {}
-}
-
-fn field(line: &str, name: &str) -> u64 {
-    let at = line.find(&format!(" {name}=")).unwrap() + name.len() + 2;
-    line[at..]
-        .split(|c: char| !c.is_ascii_digit())
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap()
-}
 
 #[test]
 fn flushes_and_compactions_are_reported() {
-    let events = Collect::default();
+    let events = EventLog::default();
     tracing::subscriber::set_global_default(events.clone()).unwrap();
     let mut b = MmapKeyedStateBackend::<u64>::builder().build().unwrap();
     let h = b
@@ -70,7 +22,7 @@ fn flushes_and_compactions_are_reported() {
         b.flush().unwrap();
     }
     b.compact().unwrap();
-    let lines = events.0.lock().unwrap().clone();
+    let lines = events.lines();
     let flushes: Vec<&String> = lines
         .iter()
         .filter(|l| l.starts_with("state-mmap flushed a write buffer"))
