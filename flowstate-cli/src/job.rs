@@ -19,8 +19,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use checkpoint::{
-    Barrier, CheckpointConfig, CheckpointCoordinator, CheckpointEvent, CheckpointStorage,
-    CompletedCheckpoint, RestoreOptions, RetentionOnShutdown, SubtaskCommand, SubtaskEndpoint,
+    Barrier, CheckpointCoordinator, CheckpointEvent, CheckpointStorage, CompletedCheckpoint,
+    RestoreOptions, SubtaskCommand, SubtaskEndpoint,
 };
 use nexmark::config::NexmarkConfig;
 use nexmark::event::Event;
@@ -168,15 +168,6 @@ fn checkpoint_storage(
 ) -> Result<CheckpointStorage, JobError> {
     // The configured transfer options apply to checkpoint uploads and downloads too.
     Ok(CheckpointStorage::from_storage(storage, job)?)
-}
-
-/// Opens the checkpoint storage of a job this process takes over, first removing the upload
-/// staging files a killed run left under the job's directory (local file systems only; see
-/// `storage_s3::Storage::remove_staging_files`).
-fn take_over_storage(config: &Config, url: &str, job: &str) -> Result<CheckpointStorage, JobError> {
-    let storage = storage_s3::Storage::from_config(&config.storage_config(url))?;
-    storage.remove_staging_files(&storage.child(&[job])?)?;
-    checkpoint_storage(&storage, job)
 }
 
 /// Sum and count of bid prices per person.
@@ -445,7 +436,7 @@ pub fn run_on<B: JobBackend>(opts: JobOptions) -> Result<JobReport, JobError> {
         .ok_or("no checkpoint directory: set state.checkpoints.dir or pass --checkpoint-dir")?;
     // This run takes the job's checkpoint directory over: uploads a killed run left half done
     // (local staging files nothing else ever removes) go now.
-    let storage = take_over_storage(config, &dir, &opts.job)?;
+    let storage = config.checkpoint_storage(&opts.job)?;
     // The checkpoint to restore and the storage it lives in (a savepoint may live elsewhere).
     let (restore_storage, restored) = match &opts.restore {
         RestoreFrom::Nothing => (storage.clone(), None),
@@ -471,22 +462,8 @@ pub fn run_on<B: JobBackend>(opts: JobOptions) -> Result<JobReport, JobError> {
         c.check_operators(&OPERATORS, RestoreOptions::default())?;
     }
 
-    let cp = &config.checkpoints;
-    let ck_config = CheckpointConfig {
-        interval: Some(cp.interval),
-        timeout: cp.timeout,
-        min_pause: cp.min_pause,
-        max_concurrent: cp.max_concurrent as usize,
-        tolerable_failures: cp.tolerable_failures,
-        retained: cp.retained as usize,
-        // Checkpoints outlive a crash either way; `on-shutdown` decides about a clean end.
-        retention_on_shutdown: match cp.on_shutdown {
-            flowstate::config::Retention::Delete => RetentionOnShutdown::Delete,
-            flowstate::config::Retention::Retain => RetentionOnShutdown::Retain,
-        },
-        incremental: cp.incremental,
-    };
-    let mut builder = CheckpointCoordinator::builder(storage.clone(), ck_config);
+    // Checkpoints outlive a crash either way; `on-shutdown` decides about a clean end.
+    let mut builder = CheckpointCoordinator::builder(storage.clone(), config.checkpoint_config());
     let mut source_ep = builder.register_subtask("source", 0, 1, config.max_parallelism)?;
     let mut auction_eps = Vec::new();
     let mut bidder_eps = Vec::new();
