@@ -405,7 +405,9 @@ pub trait KeyedStateBackend: Send {
 
     /// Restores from one or several canonical snapshot streams `(name, reader)`, keeping the key
     /// groups of this backend's range. Registered states are checked and filled at once; others
-    /// when they are registered.
+    /// when they are registered. Records are applied as the streams are read, so after an
+    /// error registered states may be partly filled: discard the backend and build a new one
+    /// (as a Flink task restarts with a fresh backend after a failed restore).
     fn restore<R: Read>(&mut self, streams: Vec<(String, R)>) -> Result<()>;
 }
 

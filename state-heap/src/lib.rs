@@ -683,6 +683,85 @@ impl RestoreVisitor for Collect {
     }
 }
 
+/// The restore visitor: records of registered states are decoded straight into their tables
+/// as the stream is read (no copy of the stream in memory); those of timer services and of
+/// states not registered yet are collected for later ([`Collect`]).
+struct Stream<'a, K> {
+    tables: &'a mut [Box<dyn ErasedTable<K>>],
+    ids: &'a HashMap<StateName, StateId>,
+    timer_ids: &'a HashMap<StateName, usize>,
+    key_serializer: &'a Arc<dyn StateSerializer<K>>,
+    now: i64,
+    /// The tables of the current stream's registered states, by name.
+    direct: HashMap<StateName, usize>,
+    /// The last state a record named and its table (`None`: collected), so a run of records
+    /// of one state looks its name up once.
+    last: Option<(StateName, Option<usize>)>,
+    collect: Collect,
+}
+
+impl<K: StateKey> RestoreVisitor for Stream<'_, K> {
+    fn on_header(&mut self, stream: &str, header: &SnapshotHeader) -> Result<()> {
+        self.direct.clear();
+        self.last = None;
+        self.collect.on_header(stream, header)?;
+        for meta in &header.states {
+            if self.timer_ids.contains_key(&meta.name) {
+                continue;
+            }
+            if let Some(id) = self.ids.get(&meta.name) {
+                let i = id.0 as usize;
+                let chunk_key = PendingChunk {
+                    stream: stream.to_string(),
+                    meta: meta.clone(),
+                    key_serializer: header.key_serializer.clone(),
+                    data: Vec::new(),
+                    records: Vec::new(),
+                };
+                check_key_serializer(self.key_serializer, &chunk_key)?;
+                if let Some(table) = self.tables.get_mut(i) {
+                    table.prepare_restore(meta)?;
+                    self.direct.insert(meta.name.clone(), i);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn on_record(
+        &mut self,
+        stream: &str,
+        state: &StateMeta,
+        key_group: u32,
+        record: RawRecord<'_>,
+    ) -> Result<()> {
+        let table = match &self.last {
+            Some((name, t)) if *name == state.name => *t,
+            _ => {
+                let t = self.direct.get(&state.name).copied();
+                self.last = Some((state.name.clone(), t));
+                t
+            }
+        };
+        let Some(i) = table else {
+            return self.collect.on_record(stream, state, key_group, record);
+        };
+        let key = self
+            .key_serializer
+            .deserialize(record.key)
+            .map_err(|e| Error::Deserialize {
+                state: state.name.to_string(),
+                what: "key",
+                reason: e.0,
+            })?;
+        let part = (key_group - self.collect.range.start()) as usize;
+        match self.tables.get_mut(i) {
+            Some(t) => t.restore_record(part, key, &record, stream, self.now),
+            None => Err(unknown(&state.name)),
+        }
+    }
+}
+
 /// A consistent view of a heap backend's state, taken by [`KeyedStateBackend::snapshot`].
 pub struct HeapSnapshot<K> {
     header: SnapshotHeader,
@@ -1485,14 +1564,28 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
     }
 
     fn restore<R: Read>(&mut self, streams: Vec<(String, R)>) -> Result<()> {
-        let mut collect = Collect {
-            range: self.range,
-            chunks: Vec::new(),
-            current: HashMap::new(),
-        };
-        restore_streams(streams, self.max_parallelism, self.range, &mut collect)?;
         let now = self.clock.now_millis();
+        let mut visitor = Stream {
+            tables: &mut self.tables,
+            ids: &self.ids,
+            timer_ids: &self.timer_ids,
+            key_serializer: &self.key_serializer,
+            now,
+            direct: HashMap::new(),
+            last: None,
+            collect: Collect {
+                range: self.range,
+                chunks: Vec::new(),
+                current: HashMap::new(),
+            },
+        };
+        restore_streams(streams, self.max_parallelism, self.range, &mut visitor)?;
+        let collect = visitor.collect;
         for (name, chunk) in collect.chunks {
+            if chunk.records.is_empty() && self.ids.contains_key(&name) {
+                // A registered state: its records went straight into its table.
+                continue;
+            }
             if let Some(&i) = self.timer_ids.get(&name) {
                 self.apply_timer_chunk(i, &chunk)?;
                 continue;

@@ -1033,6 +1033,17 @@ pub(crate) trait ErasedTable<K>: Any + Send {
     fn take_changes(&mut self) -> Option<Box<dyn TakenChanges>>;
     fn incremental_cleanup(&mut self, now: i64, per_record: bool);
     fn prepare_restore(&mut self, meta: &StateMeta) -> Result<()>;
+    /// Decodes one record with the serializers [`ErasedTable::prepare_restore`] prepared and
+    /// inserts it (a later record of the same key and namespace replaces an earlier one): the
+    /// streaming restore of a registered state, record by record as the stream is read.
+    fn restore_record(
+        &mut self,
+        part: usize,
+        key: K,
+        record: &RawRecord<'_>,
+        stream: &str,
+        now: i64,
+    ) -> Result<()>;
     fn restore_records(
         &mut self,
         records: &mut dyn Iterator<Item = (usize, K, RawRecord<'_>)>,
@@ -1286,6 +1297,28 @@ impl<K: StateKey, N: Namespace, KD: Kind, T: Stamp> ErasedTable<K> for Table<K, 
         }
         let ns = meta.reader_for(SerializerRole::Namespace, &self.ns_ser)?;
         self.set_readers(meta, ns)
+    }
+
+    fn restore_record(
+        &mut self,
+        part: usize,
+        key: K,
+        record: &RawRecord<'_>,
+        stream: &str,
+        now: i64,
+    ) -> Result<()> {
+        if part >= self.parts.len() {
+            return Err(Error::RestoreMismatch {
+                reason: format!(
+                    "state '{}': a record of key-group position {part} outside the backend's {}",
+                    self.name,
+                    self.parts.len()
+                ),
+            });
+        }
+        let (h, e) = self.decode_record(key, record, stream, now)?;
+        self.insert_restored(part, h, e);
+        Ok(())
     }
 
     fn restore_records(
