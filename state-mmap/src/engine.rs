@@ -124,7 +124,7 @@ impl Drop for Db {
         self.unmap = None;
         self.manifest = None;
         // Its share goes to the other engines.
-        self.env.deregister();
+        self.env.deregister(self.env_key);
     }
 }
 

@@ -3,12 +3,14 @@
 //! budget and one worker pool among its keyspaces.
 //!
 //! An environment holds
-//! - the **memory budget**, divided evenly among the engines open in it: each gets
-//!   `memory_budget / live engines` for its block indexes, compaction reservations and write
-//!   buffers (the split of [`EngineOptions::memory_budget`](crate::engine::EngineOptions)
-//!   within that share). An engine opening or closing changes every engine's share; each
-//!   engine takes its new share at its next write (a shrunk share makes its write buffer
-//!   rotate sooner);
+//! - the **memory budget**, divided by demand among the engines open in it: each engine's share
+//!   is what it charges for its block indexes, bloom filters and compaction reservations (which
+//!   grow with its state) plus an even part of what no engine charges, and that even part is
+//!   its write buffers' (the split of
+//!   [`EngineOptions::memory_budget`](crate::engine::EngineOptions) within the share). An
+//!   engine opening or closing, or what one charges changing (at its flushes and
+//!   compactions), changes every engine's share; each engine takes its new share at its next
+//!   write (a shrunk share makes its write buffer rotate sooner);
 //! - a **worker pool** of [`EnvOptions::threads`] threads (named `mmap<id>-work`) that runs the
 //!   flushes and compactions of all engines: flushes first (each engine has at most one queued
 //!   at a time, served in order of arrival), then compactions, at most `threads - 1` at once
@@ -23,7 +25,7 @@
 //! last engine opened in it are gone. A backend built without an environment gets one of its
 //! own (its budget, the default threads): it behaves as if it were alone in the process.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError, Weak};
 use std::thread::JoinHandle;
@@ -36,8 +38,8 @@ use crate::error::{Error, Result};
 /// Options of an [`MmapEnvironment`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EnvOptions {
-    /// The memory budget shared by every engine of the environment (each gets an even share;
-    /// see the module docs). Default 256 MiB.
+    /// The memory budget shared by every engine of the environment (each gets what its state
+    /// charges plus an even part of the rest; see the module docs). Default 256 MiB.
     pub memory_budget: usize,
     /// Threads running flushes and compactions for every engine (at least 1). With `n`
     /// threads at most `n - 1` compactions (at least one) run at once; the others wait in
@@ -171,8 +173,12 @@ struct Inner {
     options: EnvOptions,
     /// Engines open in the environment.
     live: AtomicUsize,
-    /// Changes whenever an engine opens or closes (the shares change).
+    /// Changes whenever the shares change: an engine opens or closes, or what one charges
+    /// for its block indexes, bloom filters and running compactions changes.
     generation: AtomicU64,
+    /// What each engine (by key) charges to the budget for its block indexes, bloom filters
+    /// and running compactions, as it last reported, and their sum.
+    charged: Mutex<(HashMap<u64, usize>, usize)>,
     next_engine: AtomicU64,
     pool: Arc<Pool>,
     release: Option<Sender<Garbage>>,
@@ -225,6 +231,7 @@ impl MmapEnvironment {
             options: options.clone(),
             live: AtomicUsize::new(0),
             generation: AtomicU64::new(0),
+            charged: Mutex::new((HashMap::new(), 0)),
             next_engine: AtomicU64::new(1),
             pool: Arc::clone(&pool),
             release: None,
@@ -307,21 +314,59 @@ impl MmapEnvironment {
         self.inner.live.load(Ordering::SeqCst)
     }
 
-    /// The budget share of each engine now: the budget divided by the live engines (the whole
-    /// budget while none is open).
+    /// What each engine gets of the budget for its write buffers now: the budget less what
+    /// all engines charge for their block indexes, bloom filters and running compactions,
+    /// divided by the live engines (the whole budget while none is open). An engine's share
+    /// ([`Db::memory_share`](crate::engine::Db::memory_share)) is this plus what it charges
+    /// itself: engines with more state get more of the budget, write buffers the same.
     pub fn memory_share(&self) -> usize {
-        self.inner.options.memory_budget / self.live_engines().max(1)
+        self.inner
+            .options
+            .memory_budget
+            .saturating_sub(self.charged_total())
+            / self.live_engines().max(1)
     }
 
-    /// Registers an engine; returns its key in the pool (for fair compaction picks).
+    /// What all engines charge for block indexes, bloom filters and running compactions, as
+    /// they last reported.
+    pub fn charged_total(&self) -> usize {
+        self.lock_charged().1
+    }
+
+    fn lock_charged(&self) -> std::sync::MutexGuard<'_, (HashMap<u64, usize>, usize)> {
+        self.inner
+            .charged
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Registers an engine; returns its key in the pool (for fair compaction picks) and for
+    /// [`MmapEnvironment::set_charged`].
     pub(crate) fn register(&self) -> u64 {
         self.inner.live.fetch_add(1, Ordering::SeqCst);
         self.inner.generation.fetch_add(1, Ordering::SeqCst);
         self.inner.next_engine.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// An engine closed: its share goes to the others.
-    pub(crate) fn deregister(&self) {
+    /// Records what engine `engine` charges for its block indexes, bloom filters and running
+    /// compactions; a change moves the generation, so every engine takes its share anew.
+    pub(crate) fn set_charged(&self, engine: u64, bytes: usize) {
+        let mut c = self.lock_charged();
+        let old = c.0.insert(engine, bytes).unwrap_or(0);
+        if old != bytes {
+            c.1 = c.1 - old + bytes;
+            self.inner.generation.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// An engine closed: what it charged and its share go to the others.
+    pub(crate) fn deregister(&self, engine: u64) {
+        {
+            let mut c = self.lock_charged();
+            if let Some(old) = c.0.remove(&engine) {
+                c.1 -= old;
+            }
+        }
         self.inner.live.fetch_sub(1, Ordering::SeqCst);
         self.inner.generation.fetch_add(1, Ordering::SeqCst);
     }
@@ -387,11 +432,69 @@ mod tests {
         out
     }
 
-    /// Engines of one environment share its budget: each takes `budget / live engines`, what
+    /// Engines of one environment share its budget: each takes its charge plus an even part, what
     /// they charge together (block indexes, compaction reservations, write buffers) never
     /// exceeds the budget while they write, an engine opening shrinks the others' shares and
     /// one closing gives its share back; flushes and compactions of all of them run on the
     /// shared pool and every engine reads back exactly what it wrote, also after reopening.
+    /// Every engine takes its share anew (twice: the first pass reports what each charges);
+    /// then the shares add up to the budget, each is what the engine charges plus the same
+    /// even part, and the write buffers are the same size.
+    fn shares_add_up(env: &MmapEnvironment, dbs: &mut [Db]) {
+        for _ in 0..2 {
+            dbs.iter_mut().for_each(Db::update_buffer_bytes);
+        }
+        let budget = env.options().memory_budget;
+        assert!(env.charged_total() < budget);
+        let even = env.memory_share();
+        assert_eq!(even, (budget - env.charged_total()) / dbs.len());
+        let sum: usize = dbs.iter().map(Db::memory_share).sum();
+        assert!(
+            sum <= budget && sum + dbs.len() > budget,
+            "shares {sum}, budget {budget}"
+        );
+        for db in dbs.iter() {
+            assert_eq!(db.write_buffer_limit(), dbs[0].write_buffer_limit());
+            assert!(db.memory_share() >= even);
+        }
+    }
+
+    /// The budget goes where the state is: an engine whose runs hold more keys charges more
+    /// for their block indexes and bloom filters and gets a larger share; the part for write
+    /// buffers is the same for all, and together they stay within the budget.
+    #[test]
+    fn an_engine_with_more_state_gets_more_of_the_budget() {
+        const BUDGET: usize = 8 << 20;
+        let env = MmapEnvironment::new(EnvOptions {
+            memory_budget: BUDGET,
+            threads: 1,
+        })
+        .unwrap();
+        let root = tempfile::tempdir().unwrap();
+        let mut dbs: Vec<Db> = (0..2)
+            .map(|i| Db::open_in(root.path().join(format!("db{i}")), opts(), &env).unwrap())
+            .collect();
+        for i in 0u32..200_000 {
+            dbs[0].put(&i.to_be_bytes(), &[1; 20]).unwrap();
+            if i % 100 == 0 {
+                dbs[1].put(&i.to_be_bytes(), &[2; 20]).unwrap();
+            }
+        }
+        for db in &mut dbs {
+            db.flush().unwrap();
+            db.drain().unwrap();
+        }
+        shares_add_up(&env, &mut dbs);
+        let charged: Vec<usize> = dbs.iter().map(Db::memory_charged).collect();
+        assert!(charged[0] > 10 * charged[1], "{charged:?}");
+        assert!(dbs[0].memory_share() > dbs[1].memory_share());
+        assert_eq!(
+            dbs[0].memory_share() - dbs[1].memory_share(),
+            charged[0] - charged[1],
+            "the difference is what the larger state charges"
+        );
+    }
+
     #[test]
     fn engines_share_the_budget_and_never_exceed_it_together() {
         const BUDGET: usize = 3 << 20;
@@ -427,15 +530,12 @@ mod tests {
         };
         write(&mut dbs, &mut models, 0);
         // Each took its share at its first write (the first opened alone, with all of it).
-        for db in &dbs {
-            assert_eq!(db.memory_share(), BUDGET / 3);
-        }
+        shares_add_up(&env, &mut dbs);
         // A fourth engine: every engine's share shrinks at its next write.
         dbs.push(Db::open_in(dir(3), opts(), &env).unwrap());
         write(&mut dbs, &mut models, 1);
-        for db in &dbs {
-            assert_eq!(db.memory_share(), BUDGET / 4);
-        }
+        shares_add_up(&env, &mut dbs);
+        assert!(dbs.iter().all(|d| d.memory_share() < BUDGET / 3));
         // The budget was used, not just respected: write buffers of about a third of a share.
         assert!(peak > BUDGET / 4, "peak {peak}");
         for db in &mut dbs {
@@ -448,12 +548,19 @@ mod tests {
             assert_eq!(all(db), models[n], "engine {n}");
         }
         // One engine closes: the others get its share back.
+        let closing = dbs.last().map(|d| d.memory_share()).unwrap_or(0);
+        let before_close: Vec<usize> = dbs.iter().map(Db::memory_share).collect();
         drop(dbs.pop());
         assert_eq!(env.live_engines(), 3);
-        assert_eq!(env.memory_share(), BUDGET / 3);
+        assert_eq!(
+            env.memory_share(),
+            (BUDGET - env.charged_total()) / 3,
+            "what the closed engine charged is free again"
+        );
         let before = dbs[0].memory_charged();
         dbs[0].put(b"after", b"close").unwrap();
-        assert_eq!(dbs[0].memory_share(), BUDGET / 3);
+        assert!(dbs[0].memory_share() > before_close[0]);
+        assert!(dbs[0].memory_share() < before_close[0] + closing);
         assert!(dbs[0].memory_charged() > before);
         drop(dbs);
         assert_eq!(env.live_engines(), 0);

@@ -52,7 +52,7 @@
 //! Freed write buffers are handed back to the OS (glibc `malloc_trim`).
 //!
 //! Backends built from one [`MmapEnvironment`] ([`MmapBackendBuilder::environment`]) share its
-//! budget (each gets an even share) and its background threads (a small pool for flushes and
+//! budget (each gets what its state charges plus an even part of the rest) and its background threads (a small pool for flushes and
 //! compactions and three service threads): make one per process, so that many operators and
 //! subtasks together stay within one budget. A backend built without one starts its own. Mapped indexes, bloom
 //! filters and data are read through memory maps and live in the OS page cache. The split, and

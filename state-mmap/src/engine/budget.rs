@@ -5,28 +5,43 @@ use crate::environment::MmapEnvironment;
 
 use super::Db;
 
-/// The write buffer size of an engine with budget `budget` when its block indexes (and
-/// compaction reservations) take `index_bytes`.
-pub(super) fn write_buffer_bytes(budget: usize, index_bytes: usize) -> usize {
-    (budget.saturating_sub(index_bytes) / 3)
-        .max(budget / 12)
+/// The write buffer size of an engine with budget share `share` when its block indexes,
+/// bloom filters and compaction reservations take `index_bytes` of it: a third of the rest,
+/// and never less than a twelfth of `even` (the environment's budget divided by the engines
+/// open in it: an engine whose indexes take more than the budget still writes in buffers of a
+/// useful size).
+pub(super) fn write_buffer_bytes(share: usize, index_bytes: usize, even: usize) -> usize {
+    (share.saturating_sub(index_bytes) / 3)
+        .max(even / 12)
         .max(4096)
 }
 
 impl Db {
-    /// Gives the write buffers what the block indexes of the live runs and the reservations of
-    /// running compactions leave of the engine's budget share (taken anew from the
-    /// environment).
-    pub(super) fn update_buffer_bytes(&mut self) {
+    /// Reports what the engine charges (block indexes and bloom filters of the live runs,
+    /// reservations of running compactions) to the environment and takes its share anew:
+    /// that charge plus an even part of what no engine charges; the write buffers get the
+    /// latter.
+    pub(crate) fn update_buffer_bytes(&mut self) {
+        let charged = self.charged_bytes();
+        self.env.set_charged(self.env_key, charged);
         self.env_generation = self.env.generation();
-        self.share = self.env.memory_share();
-        self.buffer_bytes = write_buffer_bytes(self.share, self.charged_bytes());
+        self.share = charged + self.env.memory_share();
+        let even = self.env.options().memory_budget / self.env.live_engines().max(1);
+        self.buffer_bytes = write_buffer_bytes(self.share, charged, even);
     }
 
     /// The engine's share of its environment's memory budget, as last taken (at its last
-    /// write, flush or compaction): the budget divided by the engines open in it.
+    /// write, flush or compaction): what it charges for its block indexes, bloom filters and
+    /// running compactions, plus the budget nobody charges divided by the engines open in it
+    /// ([`MmapEnvironment::memory_share`]). An engine with more state gets more; every
+    /// engine's write buffers get the same.
     pub fn memory_share(&self) -> usize {
         self.share
+    }
+
+    /// The size at which the engine's active write buffer is flushed, as last computed.
+    pub fn write_buffer_limit(&self) -> usize {
+        self.buffer_bytes
     }
 
     /// The memory the engine charges to its budget share now: the block indexes of its live
@@ -88,7 +103,7 @@ mod tests {
         assert!(index > 0);
         assert_eq!(
             db.buffer_bytes,
-            write_buffer_bytes(opts.memory_budget, index)
+            write_buffer_bytes(opts.memory_budget, index, opts.memory_budget)
         );
         let n = db.runs.len();
         assert!(n >= 2, "{n} runs");
@@ -104,15 +119,17 @@ mod tests {
         assert_eq!(db.charged_bytes(), index + db.reserved);
         assert_eq!(
             db.buffer_bytes,
-            write_buffer_bytes(opts.memory_budget, index + db.reserved)
+            write_buffer_bytes(opts.memory_budget, index + db.reserved, opts.memory_budget)
         );
-        assert!(db.buffer_bytes < write_buffer_bytes(opts.memory_budget, index));
+        assert!(
+            db.buffer_bytes < write_buffer_bytes(opts.memory_budget, index, opts.memory_budget)
+        );
         db.drain().unwrap();
         assert_eq!(db.reserved, 0);
         assert_eq!(db.runs.len(), 1);
         assert_eq!(
             db.buffer_bytes,
-            write_buffer_bytes(opts.memory_budget, db.charged_bytes())
+            write_buffer_bytes(opts.memory_budget, db.charged_bytes(), opts.memory_budget)
         );
         // The merge was cut into output files of about the target size.
         assert!(db.runs[0].len() > 1, "{} files", db.runs[0].len());

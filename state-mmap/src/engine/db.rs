@@ -133,9 +133,11 @@ impl Db {
             .map(|f| f.memory_bytes())
             .sum();
         let env_key = env.register();
+        env.set_charged(env_key, index_bytes);
         let env_generation = env.generation();
-        let share = env.memory_share();
-        let buffer = write_buffer_bytes(share, index_bytes);
+        let share = index_bytes + env.memory_share();
+        let even = env.options().memory_budget / env.live_engines().max(1);
+        let buffer = write_buffer_bytes(share, index_bytes, even);
         let (release, unmap, manifest_tx) = env.service_channels();
         let ctx = Arc::new(WorkerCtx {
             dir: dir.clone(),
