@@ -101,7 +101,14 @@ pub(crate) struct RunCursor {
     cur: Option<(OpKind, usize, usize, usize)>,
     /// How far into the current file read-ahead was asked for ([`RunFile::read_ahead`]).
     ahead: usize,
+    /// Blocks of the current file this cursor has moved into: read-ahead starts once it has
+    /// gone through [`SEQUENTIAL_BLOCKS`], so a short scan (one map's entries) costs no
+    /// `madvise` call and reads nothing it will not use.
+    blocks_read: u32,
 }
+
+/// Blocks a cursor reads in one file before it asks for read-ahead.
+const SEQUENTIAL_BLOCKS: u32 = 8;
 
 impl RunCursor {
     pub(crate) fn new(
@@ -119,11 +126,11 @@ impl RunCursor {
             end: end.map(<[u8]>::to_vec),
             cur: None,
             ahead: 0,
+            blocks_read: 0,
         };
         if let Some(f) = c.files.get(c.file).cloned() {
             if let Some(b) = f.find_block(start)? {
                 let pos = f.block_pos(b)?;
-                f.read_ahead(&pos, &mut c.ahead);
                 c.block = b;
                 c.pos = Some(pos);
                 c.entry = f.block_at(pos).lower_bound(start, &f)?;
@@ -150,16 +157,22 @@ impl RunCursor {
                     self.block = 0;
                     self.ahead = 0;
                     self.pos = match self.files.get(self.file) {
+                        // A cursor that went through a whole file reads the next in order.
                         Some(nf) => {
                             let pos = nf.block_pos(0)?;
-                            nf.read_ahead(&pos, &mut self.ahead);
+                            if self.blocks_read >= SEQUENTIAL_BLOCKS {
+                                nf.read_ahead(&pos, &mut self.ahead);
+                            }
                             Some(pos)
                         }
                         None => None,
                     };
                 } else {
                     let pos = f.block_pos(self.block)?;
-                    f.read_ahead(&pos, &mut self.ahead);
+                    self.blocks_read = self.blocks_read.saturating_add(1);
+                    if self.blocks_read >= SEQUENTIAL_BLOCKS {
+                        f.read_ahead(&pos, &mut self.ahead);
+                    }
                     self.pos = Some(pos);
                 }
                 continue;
