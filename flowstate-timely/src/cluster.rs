@@ -176,9 +176,14 @@ where
         Ok(value)
     })
     .map_err(|e| Error::Cluster(format!("starting timely: {e}")))?;
+    // Joining also joins timely's network threads, which panic when a peer is gone.
+    let joined = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || guards.join()))
+        .map_err(|_| {
+            Error::PeerFailed("the connection to a peer process broke (see above)".into())
+        })?;
     let mut out = Vec::new();
     let mut first_error = None;
-    for r in guards.join() {
+    for r in joined {
         match r {
             Ok(Ok(v)) => out.push(v),
             Ok(Err(e)) => {

@@ -27,7 +27,8 @@
 //! ```
 //! use std::sync::{Arc, Mutex};
 //! use flowstate_timely::*;
-//! use state_api::{FixedWidthSerializer, KeyedStateBackendExt, ReducingStateDescriptor, ReducingStateHandle};
+//! use state_api::{FixedWidthSerializer, KeyedStateBackend, KeyedStateBackendExt};
+//! use state_api::{ReducingStateDescriptor, ReducingStateHandle};
 //! use state_heap::HeapKeyedStateBackend;
 //! use timely::dataflow::operators::Inspect;
 //!
@@ -81,13 +82,33 @@
 //! let storage = checkpoint::CheckpointStorage::new(store, "checkpoints", "sums")?;
 //! let job = Job::open(JobConfig::new(storage))?;
 //! let sums = Arc::new(Mutex::new(Vec::new()));
-//! let seen = Arc::clone(&sums);
+//! let (seen, worker_job) = (Arc::clone(&sums), job.clone());
+//! // Two workers in this process; `Cluster::from_hostfile` spreads them over processes.
 //! cluster::run(&Cluster::single(2), &job, move |worker| {
-//!     let seen = Arc::clone(&seen);
-//!     let job = job_of(worker, &seen);
-//!     job
+//!     let (seen, job) = (Arc::clone(&seen), worker_job.clone());
+//!     cluster::dataflow(worker, move |scope| {
+//!         let mut ck = Checkpointing::new(scope, &job);
+//!         let numbers = ck.split_source(SourceOptions::new("numbers", 2), Numbers)?;
+//!         let heap = |range, max| {
+//!             HeapKeyedStateBackend::<u64>::builder()
+//!                 .max_parallelism(max)
+//!                 .key_group_range(range)
+//!                 .key_serializer(FixedWidthSerializer::<u64>::new())
+//!                 .build()
+//!                 .map_err(|e| e.to_string())
+//!         };
+//!         let options = KeyedOptions::new("sums", FixedWidthSerializer::<u64>::new());
+//!         ck.keyed(numbers, options, |n: &u64| n % 10, heap, Sums)?
+//!             .inspect(move |s| seen.lock().expect("not poisoned").push(*s));
+//!         ck.finish();
+//!         Ok(())
+//!     })
 //! })?;
-//! # fn job_of(_w: &mut timely::worker::Worker, _s: &Arc<Mutex<Vec<(u64, u64)>>>) -> Result<(), Error> { Ok(()) }
+//! let mut sums = sums.lock().expect("not poisoned").clone();
+//! sums.sort();
+//! assert_eq!(sums.len(), 10);
+//! assert_eq!(sums[3], (3, (0..100).filter(|n| n % 10 == 3).sum()));
+//! assert!(job.final_checkpoint().is_some());
 //! # Ok(()) }
 //! ```
 
