@@ -286,6 +286,7 @@ impl Committer {
         commit_checkpoint(storage, log, id, now_millis(), Some(duration), operators)?;
         tracing::info!(checkpoint = id, millis = duration, "checkpoint completed");
         self.last_committed = id;
+        self.job.push_completed(id);
         self.committed.push_back(id);
         let retained = self.job.config().checkpoint.retained.max(1);
         while self.committed.len() > retained {

@@ -69,6 +69,7 @@ pub(crate) struct JobShared {
     pub(crate) file_epoch: u64,
     pub(crate) failure: Mutex<Option<String>>,
     pub(crate) final_checkpoint: Mutex<Option<u64>>,
+    pub(crate) completed: Mutex<Vec<u64>>,
 }
 
 /// What the workers of one process share: the configuration, the restored checkpoint, and the
@@ -144,6 +145,7 @@ impl Job {
                 file_epoch,
                 failure: Mutex::new(None),
                 final_checkpoint: Mutex::new(None),
+                completed: Mutex::new(Vec::new()),
             }),
         })
     }
@@ -195,6 +197,21 @@ impl Job {
     /// Why the job failed, if it did.
     pub fn failure(&self) -> Option<String> {
         self.shared.failure.lock().ok().and_then(|f| f.clone())
+    }
+
+    /// The checkpoints this process's committer (worker 0, in process 0) completed, in order.
+    pub fn completed(&self) -> Vec<u64> {
+        self.shared
+            .completed
+            .lock()
+            .map(|c| c.clone())
+            .unwrap_or_default()
+    }
+
+    pub(crate) fn push_completed(&self, id: u64) {
+        if let Ok(mut c) = self.shared.completed.lock() {
+            c.push(id);
+        }
     }
 
     pub(crate) fn set_final(&self, id: u64) {

@@ -111,11 +111,15 @@ impl<'scope> Checkpointing<'scope> {
         }
         let desc = splits_desc().map_err(state_err)?;
         let mut splits: Vec<SplitState> = match job.restored() {
+            // A split read to its end may have more now (a longer input): the reader says.
             Some((_, c)) => c
                 .operator_state(&op, index, peers)?
                 .list_state(&desc)
                 .and_then(|l| l.get())
-                .map_err(state_err)?,
+                .map_err(state_err)?
+                .into_iter()
+                .map(|(s, o, t, _)| (s, o, t, false))
+                .collect(),
             None => (0..options.splits)
                 .filter(|s| s % peers == index)
                 .map(|s| (s, 0, i64::MIN, false))
