@@ -21,6 +21,9 @@ pub struct Cluster {
     pub addresses: Vec<String>,
     /// Worker threads per process.
     pub workers: usize,
+    /// How long to wait for the connections to every other process (default 30 s): a peer
+    /// that never comes up is an error, not a hang.
+    pub connect_timeout: Duration,
 }
 
 impl Cluster {
@@ -30,6 +33,7 @@ impl Cluster {
             process: 0,
             addresses: vec!["127.0.0.1:0".into()],
             workers,
+            connect_timeout: Duration::from_secs(30),
         }
     }
 
@@ -62,6 +66,7 @@ impl Cluster {
             process,
             addresses,
             workers,
+            connect_timeout: Duration::from_secs(30),
         };
         cluster.validate()?;
         Ok(cluster)
@@ -150,7 +155,8 @@ where
     install_panic_flag();
     let job = job.clone();
     let stop = Arc::new(AtomicBool::new(false));
-    let guards = timely::execute(cluster.timely_config(), move |worker| {
+    let config = cluster.timely_config();
+    let logic = move |worker: &mut Worker| {
         let value = match build(worker) {
             Ok(v) => v,
             Err(e) => {
@@ -174,8 +180,26 @@ where
             worker.step_or_park(Some(Duration::from_millis(20)));
         }
         Ok(value)
-    })
-    .map_err(|e| Error::Cluster(format!("starting timely: {e}")))?;
+    };
+    // Timely connects to every peer before it starts the workers, and waits for a peer that
+    // never comes up forever: the connection runs on a thread of its own, given a deadline.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("flowstate-connect".into())
+        .spawn(move || {
+            let _ = tx.send(timely::execute(config, logic));
+        })
+        .map_err(|e| Error::Cluster(format!("starting timely: {e}")))?;
+    let guards = match rx.recv_timeout(cluster.connect_timeout) {
+        Ok(r) => r.map_err(|e| Error::Cluster(format!("starting timely: {e}")))?,
+        Err(_) => {
+            return Err(Error::PeerFailed(format!(
+                "not every process of {:?} connected within {:?}: is each one started, \
+                 with the same hostfile?",
+                cluster.addresses, cluster.connect_timeout
+            )))
+        }
+    };
     // Joining also joins timely's network threads, which panic when a peer is gone.
     let joined = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || guards.join()))
         .map_err(|_| {

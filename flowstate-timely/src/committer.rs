@@ -116,7 +116,11 @@ impl<'scope> Checkpointing<'scope> {
                     out.session(&cap).give_iterator(completions.into_iter());
                 }
                 if frontiers[0].is_empty() {
-                    committer.pending.clear();
+                    // The job ended: what never completed (epochs closed after the last
+                    // checkpoint) goes.
+                    for id in std::mem::take(&mut committer.pending).into_keys() {
+                        let _ = discard_checkpoint_dir(&committer.job.config().storage, id);
+                    }
                 } else if !committer.pending.is_empty() {
                     activator.activate_after(Duration::from_millis(100));
                 }

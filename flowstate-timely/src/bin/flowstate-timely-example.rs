@@ -5,7 +5,7 @@
 //! ```text
 //! flowstate-timely-example --dir /tmp/ck --events 20000 [--workers 2] \
 //!     [--process 0 --hostfile hosts.txt] [--interval-ms 50] [--restore latest|none] \
-//!     [--throttle-us 200] [--crash-after 5000] [--max-parallelism 128]
+//!     [--throttle-us 200] [--crash-after 5000] [--max-parallelism 128] [--connect-timeout-ms 30000]
 //! ```
 
 use std::path::PathBuf;
@@ -39,6 +39,7 @@ struct Args {
     throttle_us: u64,
     crash_after: Option<u64>,
     max_parallelism: u32,
+    connect_timeout_ms: u64,
 }
 
 fn parse() -> Result<Args, String> {
@@ -53,6 +54,7 @@ fn parse() -> Result<Args, String> {
         throttle_us: 0,
         crash_after: None,
         max_parallelism: 128,
+        connect_timeout_ms: 30_000,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -69,6 +71,7 @@ fn parse() -> Result<Args, String> {
             "--throttle-us" => a.throttle_us = num(value()?)?,
             "--crash-after" => a.crash_after = Some(num(value()?)?),
             "--max-parallelism" => a.max_parallelism = num(value()?)? as u32,
+            "--connect-timeout-ms" => a.connect_timeout_ms = num(value()?)?,
             other => return Err(format!("unknown argument '{other}'")),
         }
     }
@@ -217,10 +220,11 @@ fn main() {
 
 fn real_main() -> Result<(), Box<dyn std::error::Error>> {
     let args = parse()?;
-    let cluster = match &args.hostfile {
+    let mut cluster = match &args.hostfile {
         Some(h) => Cluster::from_hostfile(h, args.process, args.workers)?,
         None => Cluster::single(args.workers),
     };
+    cluster.connect_timeout = Duration::from_millis(args.connect_timeout_ms);
     std::fs::create_dir_all(&args.dir)?;
     let url = format!("file://{}", std::fs::canonicalize(&args.dir)?.display());
     let storage = storage_s3::Storage::from_config(&storage_s3::StorageConfig::new(url))?;
@@ -235,6 +239,9 @@ fn real_main() -> Result<(), Box<dyn std::error::Error>> {
         other => return Err(format!("--restore: '{other}' is not latest or none").into()),
     };
     let job = Job::open(config)?;
+    if let Some(id) = job.restored_id() {
+        eprintln!("starting from checkpoint {id}");
+    }
     let lines = Arc::new(Mutex::new(Vec::<String>::new()));
     let (events, throttle, crash_after) = (
         args.events,
