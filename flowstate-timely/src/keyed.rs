@@ -127,7 +127,8 @@ pub struct KeyedOptions<K> {
     /// The serializer whose bytes the backend hashes into key groups (must be the backend's
     /// key serializer: the operator checks that both agree).
     pub key_serializer: Arc<dyn StateSerializer<K>>,
-    /// How often processing-time timers are looked at; `None`: never.
+    /// How often processing-time timers are looked at while the input lasts (default
+    /// 100 ms); `None`: never (an operator without processing-time timers saves the wake-ups).
     pub processing_time_interval: Option<Duration>,
 }
 
@@ -141,12 +142,13 @@ impl<K> std::fmt::Debug for KeyedOptions<K> {
 }
 
 impl<K> KeyedOptions<K> {
-    /// Options for operator `name` hashing keys by `key_serializer`'s bytes.
+    /// Options for operator `name` hashing keys by `key_serializer`'s bytes; processing-time
+    /// timers are looked at every 100 ms.
     pub fn new(name: &str, key_serializer: impl StateSerializer<K>) -> Self {
         KeyedOptions {
             name: name.to_string(),
             key_serializer: Arc::new(key_serializer),
-            processing_time_interval: None,
+            processing_time_interval: Some(Duration::from_millis(100)),
         }
     }
 }

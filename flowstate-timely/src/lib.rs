@@ -115,6 +115,7 @@
 #![warn(missing_docs)]
 
 pub mod ack;
+pub mod backends;
 pub mod cluster;
 mod committer;
 pub mod error;
