@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use flowstate::config::Config;
+use flowstate::config::{BackendKind, Config};
 use flowstate_timely::{
     Checkpointing, Cluster, Job, JobConfig, KeyedContext, KeyedFunction, KeyedOptions, ReadOutcome,
     RestoreFrom, SourceOptions, SplitReader,
@@ -24,14 +24,16 @@ use nexmark::config::NexmarkConfig;
 use nexmark::event::Event;
 use nexmark::EventGenerator;
 use serde::{Deserialize, Serialize};
-use state_api::{FixedWidthSerializer, KeyedStateBackend, KeyedStateBackendExt, Timer};
+use state_api::checkpointing::CheckpointableBackend;
+use state_api::{FixedWidthSerializer, KeyedStateBackendExt, Timer};
 use state_heap::HeapKeyedStateBackend;
 use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::operators::generic::operator::Operator;
 use timely::dataflow::operators::vec::Map;
 
 use crate::job::{
-    AuctionStates, BidderStates, JobError, JobReport, BASE_TIME, OUT_OF_ORDERNESS_MS, WINDOW_MS,
+    AuctionStates, BidderStates, JobBackend, JobError, JobReport, BASE_TIME, OUT_OF_ORDERNESS_MS,
+    WINDOW_MS,
 };
 
 /// Splits of the Nexmark source: the most workers that all read (more workers are idle at the
@@ -131,17 +133,6 @@ fn final_watermark(events: u64, config: &NexmarkConfig) -> i64 {
     last_bid - OUT_OF_ORDERNESS_MS
 }
 
-type B = HeapKeyedStateBackend<u64>;
-
-fn heap(range: state_api::KeyGroupRange, max: u32) -> Result<B, String> {
-    HeapKeyedStateBackend::<u64>::builder()
-        .max_parallelism(max)
-        .key_group_range(range)
-        .key_serializer(FixedWidthSerializer::<u64>::new())
-        .build()
-        .map_err(|e| e.to_string())
-}
-
 fn err(e: impl std::fmt::Display) -> String {
     e.to_string()
 }
@@ -149,7 +140,7 @@ fn err(e: impl std::fmt::Display) -> String {
 /// Bids and the top price per auction in tumbling event-time windows.
 struct Auctions;
 
-impl KeyedFunction<B> for Auctions {
+impl<B: CheckpointableBackend<Key = u64>> KeyedFunction<B> for Auctions {
     type Input = (u64, u64, i64);
     type Output = StateLine;
     type States = AuctionStates;
@@ -240,7 +231,7 @@ impl BidderInput {
 /// Running spend and city per person.
 struct Bidders;
 
-impl KeyedFunction<B> for Bidders {
+impl<B: CheckpointableBackend<Key = u64>> KeyedFunction<B> for Bidders {
     type Input = BidderInput;
     type Output = StateLine;
     type States = BidderStates;
@@ -295,8 +286,27 @@ impl KeyedFunction<B> for Bidders {
     }
 }
 
-/// Runs this process's workers of the job; process 0 returns the report (the others `None`).
+/// Runs this process's workers of the job on the backend of the configuration; process 0
+/// returns the report (the others `None`).
 pub fn run(opts: TimelyOptions) -> Result<Option<JobReport>, JobError> {
+    match opts.config.backend {
+        BackendKind::Heap => run_on::<HeapKeyedStateBackend<u64>>(opts),
+        #[cfg(feature = "mmap")]
+        BackendKind::Mmap => run_on::<state_mmap::MmapKeyedStateBackend<u64>>(opts),
+        #[cfg(not(feature = "mmap"))]
+        BackendKind::Mmap => {
+            Err("the mmap backend is not compiled in: build with --features mmap".into())
+        }
+    }
+}
+
+/// [`run`] on backend `B`: one `B::Shared` per process (the mmap backend's environment: one
+/// memory budget for every backend of the process).
+pub fn run_on<B>(opts: TimelyOptions) -> Result<Option<JobReport>, JobError>
+where
+    B: JobBackend + CheckpointableBackend + 'static,
+    B::Shared: Clone + Send + Sync + 'static,
+{
     let started = Instant::now();
     let config = &opts.config;
     let storage = config.checkpoint_storage(&opts.job)?;
@@ -338,12 +348,17 @@ pub fn run(opts: TimelyOptions) -> Result<Option<JobReport>, JobError> {
     let end_watermark = final_watermark(events, &gen_config);
     let lines = Arc::new(Mutex::new(Vec::<StateLine>::new()));
     let (collected, worker_job) = (Arc::clone(&lines), job.clone());
+    let shared = B::shared(config)?;
+    let backend_config = config.clone();
     flowstate_timely::cluster::run(&opts.cluster, &job, move |worker| {
         let (lines, job, gen_config) = (
             Arc::clone(&collected),
             worker_job.clone(),
             gen_config.clone(),
         );
+        let (shared, config) = (shared.clone(), backend_config.clone());
+        let make =
+            move |range, _max| B::create_in(&config, range, &shared).map_err(|e| e.to_string());
         flowstate_timely::cluster::dataflow(worker, move |scope| {
             let mut ck = Checkpointing::new(scope, &job);
             let mut source = SourceOptions::new("source", SPLITS);
@@ -368,14 +383,14 @@ pub fn run(opts: TimelyOptions) -> Result<Option<JobReport>, JobError> {
                 bids,
                 KeyedOptions::new("auctions", FixedWidthSerializer::<u64>::new()),
                 |r: &(u64, u64, i64)| r.0,
-                heap,
+                make.clone(),
                 Auctions,
             )?;
             let bidders = ck.keyed(
                 people,
                 KeyedOptions::new("bidders", FixedWidthSerializer::<u64>::new()),
                 BidderInput::key,
-                heap,
+                make,
                 Bidders,
             )?;
             for out in [auctions, bidders] {

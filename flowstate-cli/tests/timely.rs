@@ -70,7 +70,7 @@ fn reference(dir: &Path) -> (String, String) {
 fn timely_digest_equals_the_single_process_job_at_any_process_and_worker_count() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let (digest, windows) = reference(tmp.path());
-    for (n, w) in [(1, 2), (2, 1), (3, 2)] {
+    for (n, w, backend) in [(1, 2, "heap"), (2, 1, "heap"), (3, 2, "mmap")] {
         let ck = tmp.path().join(format!("n{n}w{w}")).display().to_string();
         let (n_s, w_s) = (n.to_string(), w.to_string());
         let out = finish(flowstate(&[
@@ -81,6 +81,8 @@ fn timely_digest_equals_the_single_process_job_at_any_process_and_worker_count()
             &n_s,
             "--workers",
             &w_s,
+            "--backend",
+            backend,
             "--events",
             EVENTS,
             "--checkpoint-dir",
@@ -92,7 +94,7 @@ fn timely_digest_equals_the_single_process_job_at_any_process_and_worker_count()
         assert_eq!(
             line(&out, "state digest:"),
             digest,
-            "{n} processes of {w} workers"
+            "{n} processes of {w} workers on {backend}"
         );
         assert_eq!(line(&out, "closed windows:"), windows);
         let text = String::from_utf8_lossy(&out.stdout);
