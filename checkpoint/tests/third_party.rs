@@ -488,6 +488,16 @@ impl KeyedStateBackend for KgFileBackend {
         self.inner.advance_time(h, domain, time)
     }
 
+    fn next_due_timer<N: Namespace>(
+        &mut self,
+        h: &TimerServiceHandle<N>,
+        domain: TimeDomain,
+        time: i64,
+    ) -> Result<Option<Timer<Self::Key, N>>> {
+        self.touch_all();
+        self.inner.next_due_timer(h, domain, time)
+    }
+
     fn snapshot(&mut self) -> Result<Box<dyn KeyedStateSnapshot>> {
         self.inner.snapshot()
     }

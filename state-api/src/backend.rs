@@ -367,6 +367,37 @@ pub trait KeyedStateBackend: Send {
         time: i64,
     ) -> Result<Vec<Timer<Self::Key, N>>>;
 
+    /// Removes and returns the earliest timer of `domain` with a timestamp at or before `time`
+    /// (`None` when nothing is due): the lazy form of [`KeyedStateBackend::advance_time`], for
+    /// any number of due timers in constant memory.
+    ///
+    /// Timers come in timestamp order; among timers with the same timestamp the order is the
+    /// backend's (by key group, then key and namespace bytes, on both built-in backends), as in
+    /// Flink, where ties are ordered by its key-group priority queue. Between two calls the
+    /// caller may use state and register or delete timers: a timer registered at or before
+    /// `time` fires in the same loop, as Flink fires timers registered by a timer callback
+    /// while it advances the watermark.
+    ///
+    /// ```
+    /// # use state_api::*;
+    /// # fn fire<B: KeyedStateBackend<Key = String>>(
+    /// #     b: &mut B,
+    /// #     h: &TimerServiceHandle<()>,
+    /// #     count: &ValueStateHandle<u64, ()>,
+    /// # ) -> Result<()> {
+    /// while let Some(t) = b.next_due_timer(h, TimeDomain::EventTime, 1_000)? {
+    ///     b.set_current_key(t.key)?;
+    ///     b.value(count).clear()?;
+    /// }
+    /// # Ok(()) }
+    /// ```
+    fn next_due_timer<N: Namespace>(
+        &mut self,
+        h: &TimerServiceHandle<N>,
+        domain: TimeDomain,
+        time: i64,
+    ) -> Result<Option<Timer<Self::Key, N>>>;
+
     /// Captures a consistent view of every state. This is the short synchronous part of a
     /// checkpoint; write the returned snapshot with [`KeyedStateSnapshot::write_to`], possibly on
     /// another thread, while processing continues.

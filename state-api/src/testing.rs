@@ -1574,6 +1574,134 @@ pub fn timers_snapshot_restore_and_rescale<F: BackendFactory>(f: &F) {
     assert_eq!(one.advance_watermark(&h1, 49).unwrap().len(), 500);
 }
 
+/// Timers fired one at a time ([`KeyedStateBackend::next_due_timer`]): the same timers as
+/// `advance_time`, in timestamp order, with state used and timers registered between calls (a
+/// timer registered at or before the time fires in the same loop, one after it does not), a
+/// snapshot in the middle of the loop holding exactly the timers not fired yet, and a restored
+/// backend firing those.
+pub fn timers_fire_one_at_a_time<F: BackendFactory>(f: &F) {
+    let new = |f: &F| {
+        let mut b = f.create::<u64>(BackendConfig::full(128)).unwrap();
+        let h = b
+            .register_timer_service(TimerServiceDescriptor::<u32>::new("t").unwrap())
+            .unwrap();
+        let count = b
+            .register_value(ValueStateDescriptor::<u64>::new("count").unwrap())
+            .unwrap();
+        for k in 0..3000u64 {
+            b.set_current_key(k).unwrap();
+            for ns in 0..(k % 3) as u32 + 1 {
+                b.timers(&h)
+                    .register_event_time_timer(&ns, (k % 40) as i64)
+                    .unwrap();
+            }
+            b.timers(&h)
+                .register_processing_time_timer(&0, (k % 5) as i64)
+                .unwrap();
+        }
+        (b, h, count)
+    };
+    let (mut eager, he, _) = new(f);
+    let mut expected: Vec<(i64, u64, u32)> = eager
+        .advance_watermark(&he, 20)
+        .unwrap()
+        .into_iter()
+        .map(|t| (t.timestamp, t.key, t.namespace))
+        .collect();
+    expected.sort();
+    assert!(expected.len() > 3000, "{} timers due", expected.len());
+
+    let (mut b, h, count) = new(f);
+    assert!(b
+        .next_due_timer(&h, TimeDomain::EventTime, -1)
+        .unwrap()
+        .is_none());
+    let mut fired = Vec::new();
+    let mut restored_rest = None;
+    while let Some(t) = b.next_due_timer(&h, TimeDomain::EventTime, 20).unwrap() {
+        assert_eq!(t.domain, TimeDomain::EventTime);
+        assert!(t.timestamp <= 20);
+        if let Some(&(last, _, _)) = fired.last() {
+            assert!(last <= t.timestamp, "timestamp order: {last} then {t:?}");
+        }
+        b.set_current_key(t.key).unwrap();
+        let n = b.value(&count).get().unwrap().unwrap_or(0);
+        b.value(&count).update(n + 1).unwrap();
+        if t.namespace < 100 {
+            // Due now: fires in this loop; later than the time: does not.
+            b.timers(&h)
+                .register_event_time_timer(&(t.namespace + 100), t.timestamp)
+                .unwrap();
+            b.timers(&h)
+                .register_event_time_timer(&(t.namespace + 200), 21)
+                .unwrap();
+        }
+        fired.push((t.timestamp, t.key, t.namespace));
+        if fired.len() == expected.len() / 2 {
+            // Half way: a snapshot holds exactly what is left.
+            let bytes = snapshot_bytes(&mut b);
+            let mut r = f.create::<u64>(BackendConfig::full(128)).unwrap();
+            let hr = r
+                .register_timer_service(TimerServiceDescriptor::<u32>::new("t").unwrap())
+                .unwrap();
+            restore_from(&mut r, &[&bytes]).unwrap();
+            let mut rest = Vec::new();
+            while let Some(t) = r.next_due_timer(&hr, TimeDomain::EventTime, 20).unwrap() {
+                rest.push((t.timestamp, t.key, t.namespace));
+            }
+            restored_rest = Some(rest);
+        }
+    }
+    let (original, follow_ups): (Vec<_>, Vec<_>) = fired.iter().partition(|t| t.2 < 100);
+    let mut original: Vec<_> = original.into_iter().copied().collect();
+    original.sort();
+    assert_eq!(original, expected, "the same timers as advance_time");
+    let mut follow_ups: Vec<_> = follow_ups.into_iter().copied().collect();
+    follow_ups.sort();
+    let mut want: Vec<_> = expected
+        .iter()
+        .map(|&(ts, k, ns)| (ts, k, ns + 100))
+        .collect();
+    want.sort();
+    assert_eq!(
+        follow_ups, want,
+        "timers registered due fire in the same loop"
+    );
+    let mut rest = restored_rest.expect("the loop passed its middle");
+    rest.sort();
+    let mut left: Vec<_> = fired[expected.len() / 2..].to_vec();
+    // What the snapshot held: the originals not fired yet and the follow-ups registered so far.
+    left.retain(|t| t.2 < 100 || fired[..expected.len() / 2].contains(&(t.0, t.1, t.2 - 100)));
+    left.sort();
+    assert_eq!(
+        rest, left,
+        "a snapshot in the loop holds what has not fired"
+    );
+    b.set_current_key(0).unwrap();
+    assert_eq!(
+        b.value(&count).get().unwrap(),
+        Some(2),
+        "state used in the loop"
+    );
+    assert!(b
+        .next_due_timer(&h, TimeDomain::EventTime, 20)
+        .unwrap()
+        .is_none());
+    let later = b.advance_watermark(&h, 21).unwrap();
+    assert_eq!(
+        later.iter().filter(|t| t.namespace >= 200).count(),
+        expected.len(),
+        "one timer at 21 per timer fired at or before 20"
+    );
+    assert!(later.iter().all(|t| t.timestamp == 21));
+    let mut p = 0;
+    while let Some(t) = b.next_due_timer(&h, TimeDomain::ProcessingTime, 2).unwrap() {
+        assert!(t.timestamp <= 2 && t.domain == TimeDomain::ProcessingTime);
+        p += 1;
+    }
+    assert_eq!(p, (0..3000u64).filter(|k| k % 5 <= 2).count());
+}
+
 /// A tumbling-window sum built on reducing state and event-time timers, checked against a plain
 /// computation over the same events.
 pub fn tumbling_window_example<F: BackendFactory>(f: &F) {
@@ -1707,6 +1835,7 @@ macro_rules! timer_conformance_tests {
     ($factory:expr) => {
         $crate::conformance_tests!(@cases $factory;
             timers_order_dedup_delete,
+            timers_fire_one_at_a_time,
             timers_snapshot_restore_and_rescale,
             tumbling_window_example,
             session_window_example

@@ -3,7 +3,8 @@
 //!
 //! A job registers a timer service once ([`KeyedStateBackend::register_timer_service`]); for the
 //! current key it registers and deletes timers ([`TimerAccess`]); advancing the watermark or the
-//! processing time returns the due timers in timestamp order ([`KeyedStateBackend::advance_time`]).
+//! processing time returns the due timers in timestamp order ([`KeyedStateBackend::advance_time`]),
+//! or fires them one at a time in constant memory ([`KeyedStateBackend::next_due_timer`]).
 //! Semantics follow Flink's `InternalTimerService`: at most one timer per (key, namespace,
 //! timestamp) and domain (registering again is a no-op), a deleted timer never fires, and
 //! processing-time timers that came due while the job was down fire on the first advance after
@@ -190,11 +191,24 @@ pub type TimerBytes = (i64, Vec<u8>, Vec<u8>);
 
 /// Event-time and processing-time timers of one timer service, in one ordered set per key group
 /// (Flink's key-group-partitioned priority queue), keyed by serialized key and namespace.
+///
+/// Beside the sets it keeps, per domain, the earliest timestamp of every non-empty key group in
+/// one ordered index, so the earliest due timer is found in `O(log n)` whatever the number of
+/// key groups ([`KeyGroupTimers::pop_first_due`]).
 #[derive(Clone, Debug)]
 pub struct KeyGroupTimers {
     range: KeyGroupRange,
     event: Vec<Arc<BTreeSet<TimerBytes>>>,
     processing: Vec<Arc<BTreeSet<TimerBytes>>>,
+    /// `(earliest timestamp, key-group position)` of every non-empty set, per domain slot.
+    heads: [BTreeSet<(i64, usize)>; 2],
+}
+
+fn slot(domain: TimeDomain) -> usize {
+    match domain {
+        TimeDomain::EventTime => 0,
+        TimeDomain::ProcessingTime => 1,
+    }
 }
 
 impl KeyGroupTimers {
@@ -205,13 +219,41 @@ impl KeyGroupTimers {
             range,
             event: (0..n).map(|_| Arc::new(BTreeSet::new())).collect(),
             processing: (0..n).map(|_| Arc::new(BTreeSet::new())).collect(),
+            heads: [BTreeSet::new(), BTreeSet::new()],
         }
     }
 
-    fn queues(&mut self, domain: TimeDomain) -> &mut Vec<Arc<BTreeSet<TimerBytes>>> {
+    /// Runs `change` on the set of key-group position `i` of `domain` (copied first if a
+    /// snapshot still shares it) and keeps the heads index in step.
+    fn change<T>(
+        &mut self,
+        domain: TimeDomain,
+        i: usize,
+        change: impl FnOnce(&mut BTreeSet<TimerBytes>) -> T,
+    ) -> T {
+        let q = match domain {
+            TimeDomain::EventTime => &mut self.event[i],
+            TimeDomain::ProcessingTime => &mut self.processing[i],
+        };
+        let before = q.first().map(|t| t.0);
+        let out = change(Arc::make_mut(q));
+        let after = q.first().map(|t| t.0);
+        if before != after {
+            let heads = &mut self.heads[slot(domain)];
+            if let Some(ts) = before {
+                heads.remove(&(ts, i));
+            }
+            if let Some(ts) = after {
+                heads.insert((ts, i));
+            }
+        }
+        out
+    }
+
+    fn queues(&self, domain: TimeDomain) -> &[Arc<BTreeSet<TimerBytes>>] {
         match domain {
-            TimeDomain::EventTime => &mut self.event,
-            TimeDomain::ProcessingTime => &mut self.processing,
+            TimeDomain::EventTime => &self.event,
+            TimeDomain::ProcessingTime => &self.processing,
         }
     }
 
@@ -233,12 +275,11 @@ impl KeyGroupTimers {
         timer: TimerBytes,
     ) -> Result<bool> {
         let i = self.index(key_group)?;
-        let q = &mut self.queues(domain)[i];
-        if q.contains(&timer) {
+        if self.queues(domain)[i].contains(&timer) {
             return Ok(false);
         }
         // Copies the key group's set only if a snapshot still shares it.
-        Ok(Arc::make_mut(q).insert(timer))
+        Ok(self.change(domain, i, |q| q.insert(timer)))
     }
 
     /// Removes a timer; returns false if there was none.
@@ -249,39 +290,54 @@ impl KeyGroupTimers {
         timer: &TimerBytes,
     ) -> Result<bool> {
         let i = self.index(key_group)?;
-        let q = &mut self.queues(domain)[i];
-        if !q.contains(timer) {
+        if !self.queues(domain)[i].contains(timer) {
             return Ok(false);
         }
-        Ok(Arc::make_mut(q).remove(timer))
+        Ok(self.change(domain, i, |q| q.remove(timer)))
     }
 
     /// Removes and returns every timer of `domain` with a timestamp at or before `time`, in
     /// timestamp order (ties: key bytes, then namespace bytes).
     pub fn pop_due(&mut self, domain: TimeDomain, time: i64) -> Vec<TimerBytes> {
         let mut due = Vec::new();
-        for q in self.queues(domain).iter_mut() {
-            if q.first().is_none_or(|t| t.0 > time) {
-                continue;
-            }
-            let set = Arc::make_mut(q);
-            let later = match time.checked_add(1) {
-                Some(next) => set.split_off(&(next, Vec::new(), Vec::new())),
-                None => BTreeSet::new(),
-            };
-            due.extend(std::mem::replace(set, later));
+        let positions: Vec<usize> = self.heads[slot(domain)]
+            .range(..=(time, usize::MAX))
+            .map(|&(_, i)| i)
+            .collect();
+        for i in positions {
+            let part = self.change(domain, i, |set| {
+                let later = match time.checked_add(1) {
+                    Some(next) => set.split_off(&(next, Vec::new(), Vec::new())),
+                    None => BTreeSet::new(),
+                };
+                std::mem::replace(set, later)
+            });
+            due.extend(part);
         }
         due.sort();
         due
     }
 
+    /// The earliest timer of `domain` with a timestamp at or before `time`, without removing
+    /// it: its key-group position in the range and the timer. Among timers with the same
+    /// timestamp, those of the earlier key group come first, then by key and namespace bytes.
+    pub fn first_due(&self, domain: TimeDomain, time: i64) -> Option<(usize, &TimerBytes)> {
+        let &(ts, i) = self.heads[slot(domain)].first()?;
+        if ts > time {
+            return None;
+        }
+        Some((i, self.queues(domain)[i].first()?))
+    }
+
+    /// Removes and returns the timer [`KeyGroupTimers::first_due`] names (`O(log n)`).
+    pub fn pop_first_due(&mut self, domain: TimeDomain, time: i64) -> Option<TimerBytes> {
+        let (i, _) = self.first_due(domain, time)?;
+        self.change(domain, i, |q| q.pop_first())
+    }
+
     /// The earliest timestamp of `domain`, if any timer is set.
     pub fn next_timestamp(&self, domain: TimeDomain) -> Option<i64> {
-        let qs = match domain {
-            TimeDomain::EventTime => &self.event,
-            TimeDomain::ProcessingTime => &self.processing,
-        };
-        qs.iter().filter_map(|q| q.first().map(|t| t.0)).min()
+        self.heads[slot(domain)].first().map(|&(ts, _)| ts)
     }
 
     /// Number of timers of both domains.

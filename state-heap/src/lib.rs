@@ -1433,6 +1433,53 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
         Ok(fired)
     }
 
+    fn next_due_timer<N: Namespace>(
+        &mut self,
+        h: &TimerServiceHandle<N>,
+        domain: TimeDomain,
+        time: i64,
+    ) -> Result<Option<Timer<K, N>>> {
+        let ns_ser = Arc::clone(self.timer_service(h)?.serializer::<N>()?);
+        let sid = h.id().0 as usize;
+        let Some((part, (timestamp, key, ns))) =
+            self.timer_services[sid].timers.first_due(domain, time)
+        else {
+            return Ok(None);
+        };
+        // Decode before removing: on a decoding error the timer stays where it was.
+        let de = |what, e: SerdeError| Error::Deserialize {
+            state: h.name().to_string(),
+            what,
+            reason: e.0,
+        };
+        let timer = Timer {
+            key: self
+                .key_serializer
+                .deserialize(key)
+                .map_err(|e| de("timer key", e))?,
+            namespace: ns_ser
+                .deserialize(ns)
+                .map_err(|e| de("timer namespace", e))?,
+            timestamp: *timestamp,
+            domain,
+        };
+        let service = &mut self.timer_services[sid];
+        if let Some(fired) = service.timers.pop_first_due(domain, time) {
+            if let Some(d) = self.timers_dirty.get_mut(part) {
+                *d = true;
+            }
+            let service = &self.timer_services[sid];
+            self.changes.timer(
+                sid,
+                part,
+                domain,
+                || fired,
+                || service.timers.timers_of(part).count(),
+            );
+        }
+        Ok(Some(timer))
+    }
+
     fn snapshot(&mut self) -> Result<Box<dyn KeyedStateSnapshot>> {
         Ok(Box::new(self.snapshot_heap()))
     }

@@ -99,6 +99,8 @@ pub(crate) struct RunCursor {
     end: Option<Vec<u8>>,
     /// The current entry: kind and `[key start, value start, value end)` in the file.
     cur: Option<(OpKind, usize, usize, usize)>,
+    /// How far into the current file read-ahead was asked for ([`RunFile::read_ahead`]).
+    ahead: usize,
 }
 
 impl RunCursor {
@@ -116,10 +118,12 @@ impl RunCursor {
             entry: 0,
             end: end.map(<[u8]>::to_vec),
             cur: None,
+            ahead: 0,
         };
         if let Some(f) = c.files.get(c.file).cloned() {
             if let Some(b) = f.find_block(start)? {
                 let pos = f.block_pos(b)?;
+                f.read_ahead(&pos, &mut c.ahead);
                 c.block = b;
                 c.pos = Some(pos);
                 c.entry = f.block_at(pos).lower_bound(start, &f)?;
@@ -144,12 +148,19 @@ impl RunCursor {
                 if self.block >= f.block_count() {
                     self.file += 1;
                     self.block = 0;
+                    self.ahead = 0;
                     self.pos = match self.files.get(self.file) {
-                        Some(nf) => Some(nf.block_pos(0)?),
+                        Some(nf) => {
+                            let pos = nf.block_pos(0)?;
+                            nf.read_ahead(&pos, &mut self.ahead);
+                            Some(pos)
+                        }
                         None => None,
                     };
                 } else {
-                    self.pos = Some(f.block_pos(self.block)?);
+                    let pos = f.block_pos(self.block)?;
+                    f.read_ahead(&pos, &mut self.ahead);
+                    self.pos = Some(pos);
                 }
                 continue;
             }

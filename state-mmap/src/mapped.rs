@@ -63,6 +63,31 @@ impl MappedFile {
     pub(crate) fn path(&self) -> &Path {
         &self.path
     }
+
+    /// Tells the kernel that the mapping is read at random places (`MADV_RANDOM`): a page fault
+    /// then reads that page, not a read-ahead window around it (up to the device's
+    /// `read_ahead_kb`, 8 MiB on some disks), which would fill a small page cache with pages no
+    /// lookup asked for. Sequential readers ask for what they will read with
+    /// [`MappedFile::will_need`]. Best effort: an error only loses the hint.
+    pub(crate) fn advise_random(&self) {
+        if let Some(m) = &self.map {
+            if let Err(e) = m.advise(memmap2::Advice::Random) {
+                tracing::debug!(path = %self.path.display(), error = %e, "madvise(MADV_RANDOM) failed");
+            }
+        }
+    }
+
+    /// Starts reading the bytes `[off, off + len)` (clipped to the file) into the page cache in
+    /// the background (`MADV_WILLNEED`): the read-ahead of a sequential reader of a mapping
+    /// advised random. Best effort.
+    pub(crate) fn will_need(&self, off: usize, len: usize) {
+        if let Some(m) = &self.map {
+            let len = len.min(m.len().saturating_sub(off));
+            if len > 0 {
+                let _ = m.advise_range(memmap2::Advice::WillNeed, off, len);
+            }
+        }
+    }
 }
 
 /// Asks the CPU to start loading the cache lines of `bytes` (at most `max_lines` of them) while

@@ -21,6 +21,9 @@ pub const RUN_VERSION_MIN: u16 = 1;
 pub const FOOTER_LEN: usize = 48;
 const HEADER_LEN: usize = 8;
 const BLOCK_TARGET: usize = 4096;
+/// What a sequential reader of a file asks the kernel to read ahead of it
+/// ([`RunFile::read_ahead`]).
+pub(crate) const READ_AHEAD: usize = 2 << 20;
 
 /// Whether the bloom-filter block `line` (`None`: no filter) may hold hash `h`.
 #[inline(always)]
@@ -391,7 +394,11 @@ pub struct RunFile {
     index_off: usize,
     index_end: usize,
     index_count: usize,
-    bloom_off: usize,
+    /// The bloom filter's 64-byte blocks, copied out of the file when it is opened: pinned in
+    /// memory (and counted in [`RunFile::memory_bytes`]) so that data pages read by lookups
+    /// never evict it from a small page cache, and a lookup that the filter rules out reads
+    /// nothing from the device.
+    bloom: Box<[u8]>,
     /// The bloom filter's 64-byte blocks; 0 when the file has no filter this version can use
     /// (then every probe may match).
     bloom_blocks: usize,
@@ -592,13 +599,18 @@ impl RunFile {
         let first_key = take(n)?.to_vec();
         let n = be32(take(4)?) as usize;
         let last_key = take(n)?.to_vec();
+        let bloom: Box<[u8]> = if bloom_k == BLOOM_K {
+            b[bloom_off..bloom_off + (bloom_end - bloom_off) / 64 * 64].into()
+        } else {
+            Box::default()
+        };
         let mut run = RunFile {
             number,
             map,
             index_off,
             index_end,
             index_count,
-            bloom_off,
+            bloom,
             bloom_blocks: if bloom_k == BLOOM_K {
                 (bloom_end - bloom_off) / 64
             } else {
@@ -649,6 +661,8 @@ impl RunFile {
         run.tops = tops_of(&heads);
         run.heads = heads;
         run.blocks = blocks;
+        // Everything read whole at open is read; from now on lookups read single blocks.
+        run.map.advise_random();
         Ok(run)
     }
 
@@ -744,6 +758,7 @@ impl RunFile {
     /// Bytes of memory the file's in-memory block index holds.
     pub fn memory_bytes(&self) -> usize {
         (self.heads.capacity() + self.tops.capacity()) * 16
+            + self.bloom.len()
             + self.blocks.capacity() * std::mem::size_of::<BlockMeta>()
             + self.first_key.capacity()
             + self.last_key.capacity()
@@ -816,6 +831,21 @@ impl RunFile {
             count,
             base: off as u64,
         })
+    }
+
+    /// Read-ahead for a sequential reader at block `pos` of this file: when it comes within
+    /// half a window of `*ahead` (the end of what was asked for so far; 0 for a new reader),
+    /// asks the kernel to read the next [`READ_AHEAD`] bytes in the background and moves
+    /// `*ahead`. Lookups read without read-ahead (the mapping is advised random), so scans and
+    /// compactions ask for theirs.
+    #[inline]
+    pub(crate) fn read_ahead(&self, pos: &BlockPos, ahead: &mut usize) {
+        let off = pos.start;
+        if off + READ_AHEAD / 2 >= *ahead {
+            let from = off.max(*ahead);
+            self.map.will_need(from, off + READ_AHEAD - from);
+            *ahead = off + READ_AHEAD;
+        }
     }
 
     /// The position of checked block `i`, to come back to it without checking again.
@@ -906,8 +936,8 @@ impl RunFile {
         if self.bloom_blocks == 0 {
             return None;
         }
-        let at = self.bloom_off + bloom_block(h, self.bloom_blocks) * 64;
-        self.bytes().get(at..)?.first_chunk::<64>()
+        let at = bloom_block(h, self.bloom_blocks) * 64;
+        self.bloom.get(at..)?.first_chunk::<64>()
     }
 
     #[inline(always)]

@@ -59,9 +59,15 @@ fn many_timers_are_kept_on_disk_not_in_memory() {
             max_buffer = max_buffer.max(b.engine().stats().3);
         }
     }
-    // ~7 MB of timers went through a 1 MiB budget: the in-memory part did not grow at all, the
-    // write buffer stayed within its third of the budget, and the timers were flushed to runs.
-    assert_eq!(b.timer_memory_bytes(), empty);
+    // ~7 MB of timers went through a 1 MiB budget: the in-memory part grew only by the ordered
+    // bounds of the key groups (a fixed amount per key group, whatever the number of timers),
+    // the write buffer stayed within its third of the budget, and the timers were flushed to runs.
+    let per_key_groups = 128 * 2 * 64;
+    assert!(
+        b.timer_memory_bytes() <= empty + per_key_groups,
+        "{} bytes, {empty} empty",
+        b.timer_memory_bytes()
+    );
     let (flushes, _, _, _) = b.engine().stats();
     assert!(flushes >= 5, "{flushes} flushes");
     assert!(max_buffer <= BUDGET / 2, "write buffer {max_buffer} bytes");
@@ -92,7 +98,7 @@ fn many_timers_are_kept_on_disk_not_in_memory() {
     }
     assert_eq!(fired, TIMERS - 1, "every timer but the deleted one, once");
     assert!(b.advance_watermark(&h, i64::MAX).unwrap().is_empty());
-    assert_eq!(b.timer_memory_bytes(), empty);
+    assert!(b.timer_memory_bytes() <= empty + per_key_groups);
 }
 
 #[test]

@@ -609,6 +609,17 @@ fn rss() -> (u64, u64) {
     (field("VmHWM:"), field("RssAnon:"))
 }
 
+/// Bytes this process has caused to be read from the storage device so far (`read_bytes` of
+/// /proc/self/io: page-cache misses, not reads served from the cache).
+fn device_read_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/io")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("read_bytes:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
 /// CPU seconds so far: (this thread, the whole process), from /proc.
 fn cpu() -> (f64, f64) {
     let thread = std::fs::read_to_string("/proc/thread-self/schedstat")
@@ -684,12 +695,13 @@ fn engine_report(b: &MmapKeyedStateBackend<u64>) {
 }
 
 fn large(n: u64, budget_mib: usize, which: &str) -> Res<()> {
-    let ops = n.min(2_000_000);
+    let env_count = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<u64>().ok());
+    let ops = env_count("PEER_BENCH_GETS").unwrap_or(n.min(2_000_000));
     // Updates run longer than gets: 2M updates of 100 bytes fill only a few write buffers, so
     // whether a compaction happened to run beside them decided much of the figure (1.4x and
     // 3.1x RocksDB in two runs of the same code). 10M updates (1 GB of writes) include several
     // flushes and compactions on both stores, and the flush of the last write buffer is timed.
-    let update_ops = n.min(10_000_000);
+    let update_ops = env_count("PEER_BENCH_UPDATES").unwrap_or(n.min(10_000_000));
     // Random keys from a generator, generated again for each phase: a shuffled array of 50M
     // keys would add 400 MB to the RSS being measured, even 2M keys 16 MB.
     let order = |ops: u64| {
@@ -723,7 +735,7 @@ fn large(n: u64, budget_mib: usize, which: &str) -> Res<()> {
     // `update` stops at the flush of the last write buffer; `settled` also at the end of the
     // compactions the updates left (both stores start the update phase with no background
     // work: what the load left was finished before, untimed).
-    let (load, get, update, settled);
+    let (load, get, update, settled, read_per_get);
     if which == "mmap" {
         let mut b = MmapKeyedStateBackend::<u64>::builder()
             .key_serializer(FixedWidthSerializer::<u64>::new())
@@ -743,11 +755,13 @@ fn large(n: u64, budget_mib: usize, which: &str) -> Res<()> {
         let c = phase("load", n, t0, c0);
         engine_report(&b);
         let t = Instant::now();
+        let read0 = device_read_bytes();
         for k in order(ops) {
             b.set_current_key(k)?;
             std::hint::black_box(b.value(&h).get()?);
         }
         get = ops as f64 / t.elapsed().as_secs_f64();
+        read_per_get = (device_read_bytes() - read0) as f64 / ops as f64;
         let c = phase("get", ops, t, c);
         engine_report(&b);
         peak_anon = peak_anon.max(rss().1);
@@ -806,10 +820,12 @@ fn large(n: u64, budget_mib: usize, which: &str) -> Res<()> {
             load = n as f64 / t.elapsed().as_secs_f64();
             let c = phase("load", n, t0, c0);
             let t = Instant::now();
+            let read0 = device_read_bytes();
             for k in order(ops) {
                 std::hint::black_box(db.get_pinned(key(k))?.map(|v| v.len()));
             }
             get = ops as f64 / t.elapsed().as_secs_f64();
+            read_per_get = (device_read_bytes() - read0) as f64 / ops as f64;
             let c = phase("get", ops, t, c);
             peak_anon = peak_anon.max(rss().1);
             let t = Instant::now();
@@ -839,9 +855,10 @@ fn large(n: u64, budget_mib: usize, which: &str) -> Res<()> {
     let peak_anon = peak_anon.max(sampled.load(std::sync::atomic::Ordering::Relaxed));
     let (hwm, _) = rss();
     println!(
-        "| {which} | {n} | {budget_mib} MiB | {:.0}k | {:.0}k | {:.0}k | {:.0}k | {} MiB | {} MiB | {} MiB |",
+        "| {which} | {n} | {budget_mib} MiB | {:.0}k | {:.1}k | {:.0} B | {:.0}k | {:.0}k | {} MiB | {} MiB | {} MiB |",
         load / 1e3,
         get / 1e3,
+        read_per_get,
         update / 1e3,
         settled / 1e3,
         peak_anon / 1024,
@@ -862,8 +879,8 @@ fn main() -> Res<()> {
             .unwrap_or(5_000_000);
         let budget: usize = args.next().map(|a| a.parse()).transpose()?.unwrap_or(64);
         let which = args.next().unwrap_or_else(|| "mmap".into());
-        println!("| backend | keys | budget | load/s | random get/s | random update/s | update/s incl. its compactions | peak anon RSS | peak RSS (incl. mapped pages) | disk |");
-        println!("|---|---|---|---|---|---|---|---|---|---|");
+        println!("| backend | keys | budget | load/s | random get/s | device bytes read per get | random update/s | update/s incl. its compactions | peak anon RSS | peak RSS (incl. mapped pages) | disk |");
+        println!("|---|---|---|---|---|---|---|---|---|---|---|");
         return large(n, budget, &which);
     }
     let n: u64 = args

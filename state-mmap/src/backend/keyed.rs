@@ -952,6 +952,55 @@ impl<K: StateKey> KeyedStateBackend for MmapKeyedStateBackend<K> {
         Ok(fired)
     }
 
+    fn next_due_timer<N: Namespace>(
+        &mut self,
+        h: &TimerServiceHandle<N>,
+        domain: TimeDomain,
+        time: i64,
+    ) -> Result<Option<Timer<K, N>>> {
+        let slot = h.id().0 as usize;
+        let e = self
+            .states
+            .get(slot)
+            .filter(|e| e.name == *h.name())
+            .ok_or_else(|| unknown(h.name()))?;
+        let t = e
+            .typed
+            .as_any()
+            .downcast_ref::<TimerT<N>>()
+            .ok_or_else(|| type_mismatch(h.name()))?;
+        let index = self
+            .timers
+            .get_mut(&slot)
+            .ok_or_else(|| unknown(h.name()))?;
+        let Some((i, due)) = index.next_due(&self.db, e.id, domain, time, h.name())? else {
+            return Ok(None);
+        };
+        // Decode first: on a decoding error the timer is neither deleted nor marked fired.
+        let de = |what, e: SerdeError| Error::Deserialize {
+            state: h.name().to_string(),
+            what,
+            reason: e.0,
+        };
+        let timer = Timer {
+            key: self
+                .key_serializer
+                .deserialize(due.key())
+                .map_err(|e| de("timer key", e))?,
+            namespace: t
+                .ns
+                .deserialize(due.ns())
+                .map_err(|e| de("timer namespace", e))?,
+            timestamp: due.ts,
+            domain,
+        };
+        self.db.delete(&due.raw)?;
+        if let Some(index) = self.timers.get_mut(&slot) {
+            index.fired(i, domain, due);
+        }
+        Ok(Some(timer))
+    }
+
     fn snapshot(&mut self) -> Result<Box<dyn KeyedStateSnapshot>> {
         Ok(Box::new(self.snapshot_mmap()?))
     }

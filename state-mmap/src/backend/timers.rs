@@ -17,6 +17,8 @@
 //! key (`kg | id | key | ns | domain | timestamp`); [`migrate_v1`] rewrites them when such a
 //! store or native checkpoint is opened.
 
+use std::collections::BTreeSet;
+
 use state_api::{Error, KeyGroupRange, Result, StateName, TimeDomain};
 
 use crate::codec::{kg_state, parse_key};
@@ -164,12 +166,21 @@ pub(crate) fn parse_timer_key<'a>(k: &'a [u8], state: &StateName) -> Result<Time
 }
 
 /// Per key group and domain of one timer service, a lower bound of the earliest timestamp set
-/// (`None`: no timer). This is all a timer service keeps in memory: 32 bytes per key group,
-/// whatever the number of timers.
+/// (`None`: no timer), and the same bounds ordered per domain so the key group that may hold the
+/// earliest timer is found in `O(log n)`. This is all a timer service keeps in memory: about
+/// 100 bytes per key group, whatever the number of timers, and the engine key of the last timer
+/// fired one at a time ([`DueIndex::next_due`]).
 #[derive(Debug)]
 pub(crate) struct DueIndex {
     range: KeyGroupRange,
     next: Vec<[Option<i64>; 2]>,
+    /// `(lower bound, key-group position)` of every key group with a bound, per domain slot.
+    heads: [BTreeSet<(i64, usize)>; 2],
+    /// The engine key of the timer [`DueIndex::next_due`] returned last, with its key-group
+    /// position and domain slot: the next scan of that key group starts after it instead of
+    /// stepping over the tombstones of every timer fired before it at the same timestamp.
+    /// Cleared when a timer is registered there at or before its timestamp.
+    resume: Option<(usize, usize, i64, Vec<u8>)>,
 }
 
 /// A due timer read from the engine: its timestamp, the length of its key and its engine key.
@@ -205,7 +216,36 @@ impl DueIndex {
             }
             next.push(slots);
         }
-        Ok(DueIndex { range, next })
+        let mut heads = [BTreeSet::new(), BTreeSet::new()];
+        for (i, slots) in next.iter().enumerate() {
+            for (s, bound) in slots.iter().enumerate() {
+                if let Some(b) = bound {
+                    heads[s].insert((*b, i));
+                }
+            }
+        }
+        Ok(DueIndex {
+            range,
+            next,
+            heads,
+            resume: None,
+        })
+    }
+
+    /// Sets the bound of key-group position `i` in domain slot `s`, keeping `heads` in step.
+    fn set_bound(&mut self, i: usize, s: usize, bound: Option<i64>) {
+        let Some(slots) = self.next.get_mut(i) else {
+            return;
+        };
+        let old = std::mem::replace(&mut slots[s], bound);
+        if old != bound {
+            if let Some(b) = old {
+                self.heads[s].remove(&(b, i));
+            }
+            if let Some(b) = bound {
+                self.heads[s].insert((b, i));
+            }
+        }
     }
 
     /// Notes a timer registered at `ts` in key group `kg`.
@@ -214,17 +254,87 @@ impl DueIndex {
         let Some(i) = kg.checked_sub(self.range.start()) else {
             return;
         };
-        if let Some(s) = self.next.get_mut(i as usize) {
-            let n = &mut s[slot(domain)];
-            if n.is_none_or(|n| ts < n) {
-                *n = Some(ts);
+        let (i, s) = (i as usize, slot(domain));
+        if self
+            .resume
+            .as_ref()
+            .is_some_and(|r| r.0 == i && r.1 == s && ts <= r.2)
+        {
+            self.resume = None;
+        }
+        if let Some(slots) = self.next.get(i) {
+            if slots[s].is_none_or(|n| ts < n) {
+                self.set_bound(i, s, Some(ts));
             }
         }
     }
 
-    /// Heap bytes held.
+    /// Heap bytes held (the ordered bounds counted at about 48 bytes an entry).
     pub fn heap_bytes(&self) -> usize {
         self.next.capacity() * std::mem::size_of::<[Option<i64>; 2]>()
+            + (self.heads[0].len() + self.heads[1].len()) * 48
+            + self.resume.as_ref().map_or(0, |r| r.3.capacity())
+    }
+
+    /// Reads the earliest timer of `domain` due at `time` of service `id`, without deleting it:
+    /// its key-group position and the timer (`None`: nothing due). The caller deletes it and
+    /// then calls [`DueIndex::fired`].
+    ///
+    /// The key group with the lowest bound is read from its bound (one seek); if its first
+    /// timer is later than the bound, the bound becomes exact and the next lowest is tried, so
+    /// the timer returned is the earliest of all. Ties between key groups go by key-group order,
+    /// within one by engine key.
+    pub fn next_due(
+        &mut self,
+        db: &Db,
+        id: u16,
+        domain: TimeDomain,
+        time: i64,
+        name: &StateName,
+    ) -> Result<Option<(usize, Due)>> {
+        let s = slot(domain);
+        loop {
+            let Some(&(bound, i)) = self.heads[s].first() else {
+                return Ok(None);
+            };
+            if bound > time {
+                return Ok(None);
+            }
+            let kg = self.range.start() + i as u32;
+            let start = match &self.resume {
+                // The smallest key after the last fired one: the key followed by a zero byte.
+                Some((ri, rs, ts, key)) if *ri == i && *rs == s && *ts == bound => {
+                    let mut k = key.clone();
+                    k.push(0);
+                    k
+                }
+                _ => due_bound(kg, id, domain, bound).to_vec(),
+            };
+            let mut it = db.iter(&start, Some(&domain_end(kg, id, domain)))?;
+            let first = match it.next()? {
+                Some((k, _)) => {
+                    let t = parse_timer_key(k, name)?;
+                    Some(Due {
+                        ts: t.ts,
+                        klen: t.key.len(),
+                        raw: k.to_vec(),
+                    })
+                }
+                None => None,
+            };
+            drop(it);
+            match first {
+                Some(due) if due.ts == bound => return Ok(Some((i, due))),
+                Some(due) => self.set_bound(i, s, Some(due.ts)),
+                None => self.set_bound(i, s, None),
+            }
+        }
+    }
+
+    /// Notes that the timer [`DueIndex::next_due`] returned at key-group position `i` was
+    /// deleted: the next scan there starts after it.
+    pub fn fired(&mut self, i: usize, domain: TimeDomain, due: Due) {
+        self.resume = Some((i, slot(domain), due.ts, due.raw));
     }
 
     /// Reads every timer of `domain` due at `time` (timestamp at or before it) of service `id`,
@@ -285,10 +395,9 @@ impl DueIndex {
 
     /// Installs the lower bounds computed by [`DueIndex::collect_due`].
     pub fn apply(&mut self, domain: TimeDomain, updates: &[(usize, Option<i64>)]) {
+        self.resume = None;
         for &(i, next) in updates {
-            if let Some(s) = self.next.get_mut(i) {
-                s[slot(domain)] = next;
-            }
+            self.set_bound(i, slot(domain), next);
         }
     }
 }

@@ -7,16 +7,19 @@ use super::SortedRun;
 /// Options of the engine.
 #[derive(Clone)]
 pub struct EngineOptions {
-    /// The memory budget for the engine's own memory: the in-memory block indexes of the
-    /// sorted runs (32 bytes per data block of about 4 KiB) and the reservations of running
+    /// The memory budget for the engine's own memory: the in-memory block indexes and bloom
+    /// filters of the sorted runs (32 bytes per data block of about 4 KiB and 10 bits per key)
+    /// and the reservations of running
     /// compactions (their outputs' block indexes, at most the inputs', and a sixteenth of
     /// `target_file_bytes` for the file being written) first; of the rest, the active write
     /// buffer gets a third, one immutable write buffer waiting for its flush another third
     /// (writers wait while it is being flushed and the active one is full), and the rest is
     /// headroom for the allocator, small buffers and the last flushed write buffer while a
     /// thread of its own frees it (a flush waits for the one before it to be freed; a write
-    /// buffer never gets less than a twelfth of the budget). Data pages, mapped indexes and bloom filters of sorted runs are
-    /// mapped and belong to the OS page cache, outside the budget. Default 256 MiB.
+    /// buffer never gets less than a twelfth of the budget). Data pages of sorted runs are
+    /// mapped and belong to the OS page cache, outside the budget; lookups fault in single
+    /// pages (the mappings are advised random), scans and compactions ask for read-ahead.
+    /// Default 256 MiB.
     ///
     /// An engine opened in an [`MmapEnvironment`] ([`Db::open_in`]) ignores this: its budget is
     /// its share of the environment's ([`Db::memory_share`]). [`Db::open`] starts an
