@@ -10,7 +10,7 @@ use checkpoint::{KeyedSnapshot, SnapshotTarget, SubtaskSnapshot};
 use state_api::checkpointing::{BackendSnapshot, CheckpointableBackend, SnapshotRequest};
 use state_api::{
     assign_to_key_group, operator_index_for_key_group, KeyGroupRange, Namespace, StateSerializer,
-    Timer, TimerServiceDescriptor, TimerServiceHandle,
+    TimeDomain, Timer, TimerServiceDescriptor, TimerServiceHandle,
 };
 use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
@@ -524,14 +524,18 @@ fn fire<B: CheckpointableBackend, F: KeyedFunction<B>>(
     time: i64,
     processing: bool,
 ) -> std::result::Result<(), String> {
-    use state_api::KeyedStateBackendExt;
-    let due = if processing {
-        ctx.backend.advance_processing_time(ctx.timers, time)
+    let domain = if processing {
+        TimeDomain::ProcessingTime
     } else {
-        ctx.backend.advance_watermark(ctx.timers, time)
-    }
-    .map_err(|e| e.to_string())?;
-    for t in due {
+        TimeDomain::EventTime
+    };
+    // One timer at a time (constant memory); timers a firing registers at or before `time`
+    // fire in the same round.
+    while let Some(t) = ctx
+        .backend
+        .next_due_timer(ctx.timers, domain, time)
+        .map_err(|e| e.to_string())?
+    {
         ctx.backend
             .set_current_key(t.key.clone())
             .map_err(|e| e.to_string())?;
