@@ -30,15 +30,17 @@ pub struct AckMessage {
     pub outcome: Result<Vec<u8>, String>,
 }
 
-/// What the committer sends every worker when a checkpoint completed.
+/// What the committer sends every worker when a checkpoint completed or was aborted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Completion {
     /// The worker the message is for.
     pub target: u32,
-    /// The completed checkpoint.
+    /// The checkpoint.
     pub checkpoint_id: u64,
     /// True for the last checkpoint of the run: every source had read all its input.
     pub last: bool,
+    /// True when the checkpoint was aborted (failed, timed out or subsumed), not completed.
+    pub aborted: bool,
 }
 
 /// Encodes a subtask's state handle with the checkpoint format's own encoder (a metadata

@@ -146,6 +146,8 @@ struct Committer {
     pending: BTreeMap<u64, Pending>,
     committed: VecDeque<u64>,
     last_committed: u64,
+    /// Checkpoints aborted above the last committed one: late handles for them are ignored.
+    aborted: std::collections::BTreeSet<u64>,
     failures: u32,
 }
 
@@ -174,13 +176,14 @@ impl Committer {
             pending: BTreeMap::new(),
             committed: VecDeque::new(),
             last_committed: 0,
+            aborted: Default::default(),
             failures: 0,
         }
     }
 
     fn receive(&mut self, m: AckMessage, cap: Capability<Time>) {
         let id = m.checkpoint_id;
-        if id <= self.last_committed {
+        if id <= self.last_committed || self.aborted.contains(&id) {
             return;
         }
         let p = self.pending.entry(id).or_insert_with(|| Pending {
@@ -210,7 +213,7 @@ impl Committer {
         }
     }
 
-    /// Commits what is complete, aborts what failed or timed out; the completions to send.
+    /// Commits what is complete, aborts what failed or timed out; the notifications to send.
     fn progress(&mut self) -> Vec<(Capability<Time>, Vec<Completion>)> {
         let mut out = Vec::new();
         let expected = self.operators.len() * self.peers as usize;
@@ -230,17 +233,17 @@ impl Committer {
                     )
                 })
             });
-            if let Some(reason) = failed {
-                self.pending.remove(&id);
-                self.abort(id, &reason);
-                continue;
-            }
-            if p.acks.len() < expected {
+            if failed.is_none() && p.acks.len() < expected {
                 continue;
             }
             let Some(p) = self.pending.remove(&id) else {
                 continue;
             };
+            if let Some(reason) = failed {
+                self.abort(id, &reason);
+                out.push(self.notify(p.cap, id, false, true));
+                continue;
+            }
             let last = p.sources_done == sources;
             match self.commit(id, p.acks.into_values().collect(), p.started) {
                 Ok(()) => {
@@ -248,29 +251,46 @@ impl Committer {
                     if last {
                         self.job.set_final(id);
                     }
-                    let completions = (0..self.peers)
-                        .map(|target| Completion {
-                            target,
-                            checkpoint_id: id,
-                            last,
-                        })
-                        .collect();
-                    out.push((p.cap, completions));
+                    out.push(self.notify(p.cap, id, last, false));
                     // Older checkpoints still pending are subsumed.
                     let older: Vec<u64> = self.pending.range(..id).map(|(k, _)| *k).collect();
                     for o in older {
-                        self.pending.remove(&o);
-                        self.abort(o, &format!("subsumed by checkpoint {id}"));
+                        if let Some(old) = self.pending.remove(&o) {
+                            self.abort(o, &format!("subsumed by checkpoint {id}"));
+                            out.push(self.notify(old.cap, o, false, true));
+                        }
                     }
                 }
                 Err(e) if e.is_fenced() => {
                     self.job.fail(format!("the committer was fenced: {e}"));
                     return out;
                 }
-                Err(e) => self.abort(id, &e.to_string()),
+                Err(e) => {
+                    self.abort(id, &e.to_string());
+                    out.push(self.notify(p.cap, id, false, true));
+                }
             }
         }
         out
+    }
+
+    /// The notification of checkpoint `id` for every worker.
+    fn notify(
+        &self,
+        cap: Capability<Time>,
+        id: u64,
+        last: bool,
+        aborted: bool,
+    ) -> (Capability<Time>, Vec<Completion>) {
+        let all = (0..self.peers)
+            .map(|target| Completion {
+                target,
+                checkpoint_id: id,
+                last,
+                aborted,
+            })
+            .collect();
+        (cap, all)
     }
 
     fn commit(
@@ -290,6 +310,7 @@ impl Committer {
         commit_checkpoint(storage, log, id, now_millis(), Some(duration), operators)?;
         tracing::info!(checkpoint = id, millis = duration, "checkpoint completed");
         self.last_committed = id;
+        self.aborted = self.aborted.split_off(&id);
         self.job.push_completed(id);
         self.committed.push_back(id);
         let retained = self.job.config().checkpoint.retained.max(1);
@@ -310,6 +331,7 @@ impl Committer {
 
     fn abort(&mut self, id: u64, reason: &str) {
         tracing::warn!(checkpoint = id, %reason, "checkpoint aborted");
+        self.aborted.insert(id);
         if let Err(e) = discard_checkpoint_dir(&self.job.config().storage, id) {
             tracing::debug!(checkpoint = id, error = %e, "could not delete an aborted checkpoint");
         }

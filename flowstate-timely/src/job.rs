@@ -33,9 +33,10 @@ pub struct JobConfig {
     /// Where checkpoints are written (`<root>/<job>/chk-<n>/…`, the commit log).
     pub storage: CheckpointStorage,
     /// Checkpoint options: `interval` (how often every source closes an epoch; `None`: only at
-    /// the end of the input), `timeout`, `retained`, `tolerable_failures`. The other options of
-    /// the in-process coordinator do not apply: epochs are the barriers, and a new epoch is
-    /// never held back by a pending one.
+    /// the end of the input), `max_concurrent` and `min_pause` (a source closes an epoch only
+    /// when fewer of its checkpoints are pending, and that long after the last one ended),
+    /// `timeout`, `retained`, `tolerable_failures`. Checkpoints are always full (canonical)
+    /// here: `incremental` and `retention_on_shutdown` do not apply.
     pub checkpoint: CheckpointConfig,
     /// Number of key groups of every keyed operator (cannot change across restores).
     pub max_parallelism: u32,

@@ -268,7 +268,11 @@ impl<'scope> Checkpointing<'scope> {
                 };
                 completions.for_each(|_cap, data| {
                     for c in data.drain(..) {
-                        backend.notify_checkpoint_complete(c.checkpoint_id);
+                        if c.aborted {
+                            backend.notify_checkpoint_aborted(c.checkpoint_id);
+                        } else {
+                            backend.notify_checkpoint_complete(c.checkpoint_id);
+                        }
                     }
                 });
                 for (id, outcome) in uploader.finished() {

@@ -150,6 +150,8 @@ impl<'scope> Checkpointing<'scope> {
         let mut ack_out = OutputBuilder::from(ack_out);
         let storage = job.config().storage.clone();
         let interval = job.config().checkpoint.interval;
+        let max_concurrent = job.config().checkpoint.max_concurrent.max(1);
+        let min_pause = job.config().checkpoint.min_pause;
         let max_parallelism = job.config().max_parallelism;
         let mut uploader = Uploader::start(storage.clone(), sync_activator);
 
@@ -160,17 +162,30 @@ impl<'scope> Checkpointing<'scope> {
             let mut watermark = i64::MIN;
             let mut next_close = interval.map(|i| Instant::now() + i);
             let mut closed_done = false;
+            // Checkpoints this source closed that are neither completed nor aborted yet: as
+            // the coordinator of one process does, a new one starts only when fewer than
+            // `max_concurrent` are pending and `min_pause` passed since the last one ended.
+            let mut outstanding: std::collections::BTreeSet<u64> = Default::default();
+            let mut finished_at: Option<Instant> = None;
             let mut last = false;
             let mut waiting: Vec<(u64, timely::dataflow::operators::Capability<Time>, bool)> =
                 Vec::new();
             let mut buf = Vec::new();
             move |_frontiers| {
                 completions.for_each(|_cap, data| {
-                    if data.iter().any(|c: &Completion| c.last) {
-                        tracing::debug!(operator = %op, worker = index, "the last checkpoint completed: the source stops");
-                        last = true;
+                    for c in data.drain(..) {
+                        let c: Completion = c;
+                        if c.last && !c.aborted {
+                            tracing::debug!(operator = %op, worker = index, "the last checkpoint completed: the source stops");
+                            last = true;
+                        }
+                        if c.aborted {
+                            outstanding.remove(&c.checkpoint_id);
+                        } else {
+                            outstanding.retain(|i| *i > c.checkpoint_id);
+                        }
+                        finished_at = Some(Instant::now());
                     }
-                    data.clear();
                 });
                 // Finished uploads become acknowledgements.
                 for (id, outcome) in uploader.finished() {
@@ -243,7 +258,9 @@ impl<'scope> Checkpointing<'scope> {
                 watermark = watermark.max(w);
                 // Close the epoch at the interval, and once when every split is read.
                 let due = next_close.is_some_and(|t| Instant::now() >= t);
-                if due || (all_done && !closed_done) {
+                let free = outstanding.len() < max_concurrent
+                    && finished_at.is_none_or(|t| t.elapsed() >= min_pause);
+                if free && (due || (all_done && !closed_done)) {
                     if all_done {
                         closed_done = true;
                     }
@@ -275,7 +292,10 @@ impl<'scope> Checkpointing<'scope> {
                     };
                     let cap = acap.delayed(&Product::new(epoch, i64::MIN));
                     match submitted {
-                        Ok(()) => waiting.push((id, cap, all_done)),
+                        Ok(()) => {
+                            waiting.push((id, cap, all_done));
+                            outstanding.insert(id);
+                        }
                         Err(reason) => {
                             ack_out.activate().session(&cap).give(AckMessage {
                                 checkpoint_id: id,
