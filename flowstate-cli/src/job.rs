@@ -43,7 +43,7 @@ pub const OUT_OF_ORDERNESS_MS: i64 = 2_000;
 /// Events processed between two looks at the coordinator's barriers.
 const BATCH: u64 = 2_000;
 /// Fixed base time of the generator, so every run sees the same events.
-const BASE_TIME: u64 = 1_700_000_000_000;
+pub const BASE_TIME: u64 = 1_700_000_000_000;
 /// The operators of the job.
 pub const OPERATORS: [&str; 3] = ["source", "auctions", "bidders"];
 

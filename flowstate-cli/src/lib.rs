@@ -38,4 +38,5 @@
 #![warn(missing_docs)]
 
 pub mod job;
+pub mod timely_job;
 pub mod tools;

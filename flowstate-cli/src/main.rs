@@ -10,7 +10,7 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand, ValueEnum};
 use flowstate::config::{BackendKind, Config, ConfigLoader};
 use flowstate_cli::job::{self, JobError, JobOptions, RestoreFrom};
-use flowstate_cli::tools;
+use flowstate_cli::{timely_job, tools};
 
 /// Writes a line to standard output; a closed one ends the command quietly (see `main`).
 macro_rules! outln {
@@ -24,7 +24,9 @@ const EXAMPLES_RUN: &str = "Examples:
   flowstate run --events 5000000 --parallelism 4 --checkpoint-dir file:///tmp/fs-ckpt
   flowstate run --fail-after 300000          # crash, then recover from the latest checkpoint
   flowstate run --restore latest --events 4000000
-  flowstate run --config flowstate.toml --backend mmap";
+  flowstate run --config flowstate.toml --backend mmap
+  flowstate run --engine timely --processes 3 --workers 2   # 3 local processes on 127.0.0.1
+  flowstate run --engine timely --process 1 --hostfile hosts.txt --workers 4   # one of several machines";
 
 const EXAMPLES_CHECKPOINTS: &str = "Examples:
   flowstate checkpoints list /tmp/flowstate-$USER/checkpoints
@@ -84,8 +86,31 @@ impl From<BackendArg> for BackendKind {
     }
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum EngineArg {
+    /// This process's threads, one coordinator (the default).
+    Threads,
+    /// Timely dataflow: workers in one or several processes, epochs as barriers.
+    Timely,
+}
+
 #[derive(clap::Args, Debug)]
 struct RunArgs {
+    /// Where the job runs: `threads` of this process, or `timely` dataflow across processes.
+    #[arg(long, value_enum, default_value = "threads")]
+    engine: EngineArg,
+    /// timely: local processes to start on 127.0.0.1 (a hostfile with free ports is written).
+    #[arg(long, default_value_t = 1)]
+    processes: usize,
+    /// timely: worker threads per process.
+    #[arg(long, default_value_t = 1)]
+    workers: usize,
+    /// timely: run only process `i` of the hostfile (a multi-machine deployment).
+    #[arg(long, requires = "hostfile")]
+    process: Option<usize>,
+    /// timely: `host:port` of every process, one a line, in process order.
+    #[arg(long)]
+    hostfile: Option<PathBuf>,
     /// State backend (overrides state.backend).
     #[arg(long, value_enum)]
     backend: Option<BackendArg>,
@@ -260,6 +285,12 @@ fn run(args: RunArgs, quiet: bool) -> Result<(), JobError> {
         Some("latest") => RestoreFrom::Latest,
         Some(path) => RestoreFrom::Path(path.to_string()),
     };
+    if args.engine == EngineArg::Timely {
+        return run_timely(config, &args, restore);
+    }
+    if args.hostfile.is_some() || args.processes != 1 || args.workers != 1 {
+        return Err("--processes, --workers, --process and --hostfile need --engine timely".into());
+    }
 
     if let Some(n) = args.fail_after {
         // Run the job in a child process that crashes after n events, then recover here.
@@ -300,6 +331,136 @@ fn run(args: RunArgs, quiet: bool) -> Result<(), JobError> {
         return run_job(config, &args, quiet, RestoreFrom::LatestIfAny, None);
     }
     run_job(config, &args, quiet, restore, args.crash_after)
+}
+
+/// `run --engine timely`: one process of a hostfile, or `--processes N` local processes
+/// (this process starts them and prints process 0's report), or one process of `--workers`.
+fn run_timely(config: Config, args: &RunArgs, restore: RestoreFrom) -> Result<(), JobError> {
+    if args.fail_after.is_some() || args.crash_after.is_some() {
+        return Err("--fail-after is not supported with --engine timely".into());
+    }
+    if let Some(hostfile) = &args.hostfile {
+        let cluster = flowstate_timely::Cluster::from_hostfile(
+            hostfile,
+            args.process.unwrap_or(0),
+            args.workers,
+        )?;
+        return run_timely_process(config, args, restore, cluster);
+    }
+    if args.processes <= 1 {
+        let cluster = flowstate_timely::Cluster::single(args.workers);
+        return run_timely_process(config, args, restore, cluster);
+    }
+    // A one-command demo: N processes of this program on 127.0.0.1.
+    let dir = tempfile::tempdir()?;
+    let hosts = timely_job::local_hostfile(dir.path(), args.processes)?;
+    let exe = std::env::current_exe()?;
+    let mut children = Vec::new();
+    for i in 0..args.processes {
+        let mut cmd = std::process::Command::new(&exe);
+        cmd.arg("run")
+            .args(["--engine", "timely", "--events", &args.events.to_string()])
+            .args(["--workers", &args.workers.to_string(), "--job", &args.job])
+            .args(["--process", &i.to_string()])
+            .arg("--hostfile")
+            .arg(&hosts)
+            .arg("--checkpoint-dir")
+            .arg(config.checkpoints.dir.clone().unwrap_or_default())
+            .arg("--interval")
+            .arg(format!("{}ms", config.checkpoints.interval.as_millis()));
+        if let Some(c) = &args.config {
+            cmd.arg("--config").arg(c);
+        }
+        if let Some(r) = &args.restore {
+            cmd.args(["--restore", r]);
+        }
+        // Process 0 prints the report; timely's own connection notices are left out.
+        cmd.stdout(if i == 0 {
+            std::process::Stdio::piped()
+        } else {
+            std::process::Stdio::null()
+        });
+        children.push(cmd.spawn()?);
+    }
+    let report = children[0].stdout.take().map(|out| {
+        std::thread::spawn(move || -> std::io::Result<()> {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(out).lines() {
+                let line = line?;
+                if !line.starts_with("awaiting connections") {
+                    println!("{line}");
+                }
+            }
+            Ok(())
+        })
+    });
+    // A process that fails takes the others down (timely stops them); report the first.
+    let mut failed = None;
+    for (i, mut c) in children.into_iter().enumerate() {
+        let status = c.wait()?;
+        if !status.success() && failed.is_none() {
+            failed = Some(format!(
+                "process {i} of {} failed ({status})",
+                args.processes
+            ));
+        }
+    }
+    if let Some(r) = report {
+        r.join().map_err(|_| "printing the report failed")??;
+    }
+    match failed {
+        Some(f) => Err(f.into()),
+        None => Ok(()),
+    }
+}
+
+fn run_timely_process(
+    config: Config,
+    args: &RunArgs,
+    restore: RestoreFrom,
+    cluster: flowstate_timely::Cluster,
+) -> Result<(), JobError> {
+    let dir = config.checkpoints.dir.clone().unwrap_or_default();
+    let (processes, workers) = (cluster.processes(), cluster.workers);
+    let report = timely_job::run(timely_job::TimelyOptions {
+        config,
+        job: args.job.clone(),
+        events: args.events,
+        cluster,
+        restore,
+    })?;
+    let Some(report) = report else {
+        return Ok(());
+    };
+    if let Some((id, offset)) = report.restored {
+        outln!("restored checkpoint {id} (source offset {offset})");
+    }
+    outln!(
+        "processed {} events (offset {}) in {:.2}s, {:.0} events/s on timely: {} processes of {} workers",
+        report.processed,
+        report.offset,
+        report.elapsed.as_secs_f64(),
+        report.processed as f64 / report.elapsed.as_secs_f64().max(1e-9),
+        processes,
+        workers
+    );
+    outln!(
+        "checkpoints completed: {} (last: {}) in {}",
+        report.checkpoints.len(),
+        report
+            .checkpoints
+            .last()
+            .map_or("-".into(), |c| c.to_string()),
+        tools::shown_dir(&dir)
+    );
+    outln!(
+        "closed windows: {}, bids in them: {}, bidders: {}",
+        report.windows_closed,
+        report.bids_in_closed_windows,
+        report.bidders
+    );
+    outln!("state digest: {:016x}", report.digest);
+    Ok(())
 }
 
 fn run_job(

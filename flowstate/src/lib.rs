@@ -9,6 +9,7 @@
 //! | `heap` (default) | [`heap`], [`checkpoint`]     | `state-heap` and the checkpoint layer          |
 //! | `mmap`           | `mmap`, [`checkpoint`]       | `state-mmap` and the checkpoint layer (with or without `heap`) |
 //! | `s3`, `gcp`, `azure` | (in [`storage`])         | S3-compatible, Google Cloud and Azure stores   |
+//! | `timely`         | `timely`                     | `flowstate-timely`: keyed operators and checkpoints on timely dataflow, across processes |
 //!
 //! The default build has the heap backend, checkpoints and local storage, and nothing else: no
 //! HTTP stack, no command-line parser. The `flowstate` command-line tool and its Nexmark job are
@@ -45,3 +46,8 @@ pub use checkpoint;
 
 #[cfg(feature = "mmap")]
 pub use state_mmap as mmap;
+
+/// Keyed stateful operators, split sources and epoch-aligned checkpoints on timely dataflow,
+/// across processes (the `flowstate-timely` crate).
+#[cfg(feature = "timely")]
+pub use flowstate_timely as timely;

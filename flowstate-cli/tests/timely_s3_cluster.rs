@@ -1,0 +1,207 @@
+//! The timely job checkpointing over S3 to a multi-node SeaweedFS (scripts/s3-cluster: one
+//! master, three volume servers with replication 001, a filer and the S3 gateway, each a process
+//! of its own): a volume server killed mid-run does not stop checkpoints from completing, and a
+//! gateway killed mid-run only declines checkpoints until it is back. The digest stays the
+//! single-process job's.
+//!
+//! Needs the cluster's variables (`eval "$(scripts/s3-cluster start)"`; `./scripts/test` does
+//! it); without them the tests print a notice and pass, unless `FLOWSTATE_REQUIRE_S3=1` or
+//! `CI=true`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_flowstate");
+/// Enough events for a run to last several checkpoints (about 60 s of event time).
+const EVENTS: &str = "600000";
+
+struct ClusterEnv {
+    bucket: String,
+    script: String,
+    config: PathBuf,
+}
+
+/// The cluster's settings as a config file in `dir`, or `None` (with a notice) without one.
+fn cluster(dir: &Path) -> Option<ClusterEnv> {
+    let var = |k: &str| std::env::var(k).ok();
+    let (Some(endpoint), Some(bucket), Some(key), Some(secret), Some(script)) = (
+        var("FLOWSTATE_S3_CLUSTER_ENDPOINT"),
+        var("FLOWSTATE_S3_CLUSTER_BUCKET"),
+        var("FLOWSTATE_S3_CLUSTER_KEY_ID"),
+        var("FLOWSTATE_S3_CLUSTER_SECRET"),
+        var("FLOWSTATE_S3_CLUSTER_SCRIPT"),
+    ) else {
+        let required = var("FLOWSTATE_REQUIRE_S3").as_deref() == Some("1")
+            || var("CI").as_deref() == Some("true");
+        assert!(
+            !required,
+            "no SeaweedFS cluster: run eval \"$(scripts/s3-cluster start)\" first"
+        );
+        eprintln!("notice: no SeaweedFS cluster (scripts/s3-cluster start): test skipped");
+        return None;
+    };
+    let config = dir.join("flowstate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[state.checkpoints]\ntimeout = \"30s\"\ntolerable-failures = 1000\n\n[s3]\n\
+             endpoint = \"{endpoint}\"\nregion = \"us-east-1\"\nallow-http = true\n\
+             access-key-id = \"{key}\"\nsecret-access-key = \"{secret}\"\n"
+        ),
+    )
+    .expect("config");
+    Some(ClusterEnv {
+        bucket,
+        script,
+        config,
+    })
+}
+
+fn script(c: &ClusterEnv, args: &[&str]) {
+    let out = Command::new(&c.script)
+        .args(args)
+        .output()
+        .expect("s3-cluster");
+    assert!(
+        out.status.success(),
+        "s3-cluster {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn start_job(c: &ClusterEnv, prefix: &str) -> Child {
+    Command::new(BIN)
+        .args([
+            "run",
+            "--engine",
+            "timely",
+            "--processes",
+            "2",
+            "--events",
+            EVENTS,
+        ])
+        .args(["--interval", "300ms", "--job", "nexmark"])
+        .args(["--checkpoint-dir", &format!("s3://{}/{prefix}", c.bucket)])
+        .arg("--config")
+        .arg(&c.config)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn flowstate")
+}
+
+/// The highest completed checkpoint of the job (by `flowstate checkpoints list`), if any.
+fn last_checkpoint(c: &ClusterEnv, prefix: &str) -> Option<u64> {
+    let out = Command::new(BIN)
+        .args([
+            "checkpoints",
+            "list",
+            &format!("s3://{}/{prefix}", c.bucket),
+        ])
+        .args(["--job", "nexmark", "--config"])
+        .arg(&c.config)
+        .output()
+        .expect("list");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next()?.parse::<u64>().ok())
+        .max()
+}
+
+fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !f() {
+        assert!(Instant::now() < deadline, "{what} within {limit:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn finish(mut child: Child) -> Output {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while child.try_wait().expect("wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the job did not end within three minutes");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().expect("output");
+    assert!(
+        out.status.success(),
+        "the job failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn digest(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find(|l| l.starts_with("state digest:"))
+        .expect("a digest")
+        .to_string()
+}
+
+/// The single-process job over the same events, on local disk: the failure-free digest.
+fn start_reference(dir: &Path) -> Child {
+    Command::new(BIN)
+        .args(["run", "--events", EVENTS, "--quiet", "--checkpoint-dir"])
+        .arg(dir.join("reference"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("reference run")
+}
+
+#[test]
+fn s3_cluster_faults_volume_server_and_gateway() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let Some(c) = cluster(tmp.path()) else {
+        return;
+    };
+    // Whatever an earlier run left killed is started again.
+    script(&c, &["revive"]);
+    std::thread::sleep(Duration::from_secs(2));
+    let reference = start_reference(tmp.path());
+    let run = format!("timely-{}", std::process::id());
+
+    // A volume server dies: files are on two of three servers, checkpoints go on completing.
+    let prefix = format!("{run}-volume");
+    let job = start_job(&c, &prefix);
+    wait_for("a first checkpoint", Duration::from_secs(60), || {
+        last_checkpoint(&c, &prefix).is_some()
+    });
+    let before = last_checkpoint(&c, &prefix).expect("a checkpoint");
+    script(&c, &["kill", "volume1"]);
+    wait_for(
+        "a checkpoint completed with a volume server down",
+        Duration::from_secs(60),
+        || last_checkpoint(&c, &prefix).is_some_and(|id| id > before),
+    );
+    script(&c, &["restart", "volume1"]);
+    let out = finish(job);
+    let expected = digest(&finish(reference));
+    assert_eq!(digest(&out), expected);
+
+    // The gateway dies: checkpoints fail meanwhile (tolerated), complete again once it is back.
+    let prefix = format!("{run}-gateway");
+    let job = start_job(&c, &prefix);
+    wait_for("a first checkpoint", Duration::from_secs(60), || {
+        last_checkpoint(&c, &prefix).is_some()
+    });
+    let before = last_checkpoint(&c, &prefix).expect("a checkpoint");
+    script(&c, &["kill", "s3"]);
+    std::thread::sleep(Duration::from_secs(4));
+    script(&c, &["restart", "s3"]);
+    let out = finish(job);
+    assert_eq!(digest(&out), expected);
+    wait_for("the gateway back", Duration::from_secs(30), || {
+        last_checkpoint(&c, &prefix).is_some()
+    });
+    let after = last_checkpoint(&c, &prefix).expect("checkpoints");
+    assert!(
+        after > before,
+        "checkpoints completed after the gateway came back ({before} -> {after})"
+    );
+}
