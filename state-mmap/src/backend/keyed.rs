@@ -898,8 +898,12 @@ impl<K: StateKey> KeyedStateBackend for MmapKeyedStateBackend<K> {
         ns: &N,
         timestamp: i64,
     ) -> Result<()> {
-        self.timer_key(h, domain, ns, timestamp)?;
-        // A blind tombstone; the due-time lower bound stays valid (it may only be early).
+        let kg = self.timer_key(h, domain, ns, timestamp)?;
+        // A blind tombstone; the due-time lower bound stays valid (it may only be early), and
+        // timers read ahead in that key group are read again.
+        if let Some(index) = self.timers.get_mut(&(h.id().0 as usize)) {
+            index.forget(kg, domain);
+        }
         Ok(self.db.delete(&self.kbuf)?)
     }
 

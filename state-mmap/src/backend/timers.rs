@@ -17,7 +17,7 @@
 //! key (`kg | id | key | ns | domain | timestamp`); [`migrate_v1`] rewrites them when such a
 //! store or native checkpoint is opened.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap, VecDeque};
 
 use state_api::{Error, KeyGroupRange, Result, StateName, TimeDomain};
 
@@ -181,9 +181,19 @@ pub(crate) struct DueIndex {
     /// stepping over the tombstones of every timer fired before it at the same timestamp.
     /// Cleared when a timer is registered there at or before its timestamp.
     resume: Option<(usize, usize, i64, Vec<u8>)>,
+    /// Per `(key-group position, domain slot)`: the due timers read after the one
+    /// [`DueIndex::next_due`] returned last from that key group, in engine order, not deleted
+    /// yet (at most [`DUE_BATCH`]), so firing one at a time costs a seek per batch, not per
+    /// timer. Cleared when a timer is registered there at or before the last of them, or any
+    /// timer of that key group is deleted.
+    batches: HashMap<(usize, usize), VecDeque<Due>>,
 }
 
+/// Due timers [`DueIndex::next_due`] reads ahead in one key group.
+const DUE_BATCH: usize = 32;
+
 /// A due timer read from the engine: its timestamp, the length of its key and its engine key.
+#[derive(Debug)]
 pub(crate) struct Due {
     pub ts: i64,
     klen: usize,
@@ -229,6 +239,7 @@ impl DueIndex {
             next,
             heads,
             resume: None,
+            batches: HashMap::new(),
         })
     }
 
@@ -262,6 +273,14 @@ impl DueIndex {
         {
             self.resume = None;
         }
+        if self
+            .batches
+            .get(&(i, s))
+            .and_then(|b| b.back())
+            .is_some_and(|last| ts <= last.ts)
+        {
+            self.batches.remove(&(i, s));
+        }
         if let Some(slots) = self.next.get(i) {
             if slots[s].is_none_or(|n| ts < n) {
                 self.set_bound(i, s, Some(ts));
@@ -274,6 +293,20 @@ impl DueIndex {
         self.next.capacity() * std::mem::size_of::<[Option<i64>; 2]>()
             + (self.heads[0].len() + self.heads[1].len()) * 48
             + self.resume.as_ref().map_or(0, |r| r.3.capacity())
+            + self
+                .batches
+                .values()
+                .flat_map(|b| b.iter())
+                .map(|d| d.raw.capacity() + std::mem::size_of::<Due>())
+                .sum::<usize>()
+    }
+
+    /// A timer of key group `kg` and `domain` was deleted: timers read ahead there are read
+    /// again (the deleted one among them must not fire).
+    pub fn forget(&mut self, kg: u32, domain: TimeDomain) {
+        if let Some(i) = kg.checked_sub(self.range.start()) {
+            self.batches.remove(&(i as usize, slot(domain)));
+        }
     }
 
     /// Reads the earliest timer of `domain` due at `time` of service `id`, without deleting it:
@@ -300,6 +333,23 @@ impl DueIndex {
             if bound > time {
                 return Ok(None);
             }
+            if let Some(batch) = self.batches.get_mut(&(i, s)) {
+                match batch.front().map(|d| d.ts) {
+                    Some(ts) if ts == bound => {
+                        if let Some(due) = batch.pop_front() {
+                            return Ok(Some((i, due)));
+                        }
+                    }
+                    // The next timer there is later: the bound becomes exact.
+                    Some(ts) => {
+                        self.set_bound(i, s, Some(ts));
+                        continue;
+                    }
+                    None => {
+                        self.batches.remove(&(i, s));
+                    }
+                }
+            }
             let kg = self.range.start() + i as u32;
             let start = match &self.resume {
                 // The smallest key after the last fired one: the key followed by a zero byte.
@@ -322,6 +372,27 @@ impl DueIndex {
                 }
                 None => None,
             };
+            if first.as_ref().is_some_and(|d| d.ts == bound) {
+                // Read the next due timers of this key group with the same seek.
+                let mut batch = VecDeque::new();
+                while batch.len() < DUE_BATCH {
+                    let Some((k, _)) = it.next()? else {
+                        break;
+                    };
+                    let t = parse_timer_key(k, name)?;
+                    if t.ts > time {
+                        break;
+                    }
+                    batch.push_back(Due {
+                        ts: t.ts,
+                        klen: t.key.len(),
+                        raw: k.to_vec(),
+                    });
+                }
+                if !batch.is_empty() {
+                    self.batches.insert((i, s), batch);
+                }
+            }
             drop(it);
             match first {
                 Some(due) if due.ts == bound => return Ok(Some((i, due))),
@@ -396,6 +467,7 @@ impl DueIndex {
     /// Installs the lower bounds computed by [`DueIndex::collect_due`].
     pub fn apply(&mut self, domain: TimeDomain, updates: &[(usize, Option<i64>)]) {
         self.resume = None;
+        self.batches.clear();
         for &(i, next) in updates {
             self.set_bound(i, slot(domain), next);
         }
