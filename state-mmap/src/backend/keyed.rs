@@ -914,38 +914,13 @@ impl<K: StateKey> KeyedStateBackend for MmapKeyedStateBackend<K> {
         time: i64,
     ) -> Result<Vec<Timer<K, N>>> {
         let slot = h.id().0 as usize;
-        let e = self
-            .states
-            .get(slot)
-            .filter(|e| e.name == *h.name())
-            .ok_or_else(|| unknown(h.name()))?;
-        let t = e
-            .typed
-            .as_any()
-            .downcast_ref::<TimerT<N>>()
-            .ok_or_else(|| type_mismatch(h.name()))?;
+        let (e, t) = timer_state(&self.states, h)?;
         let index = self.timers.get(&slot).ok_or_else(|| unknown(h.name()))?;
         let (due, updates) = index.collect_due(&self.db, e.id, domain, time, h.name())?;
         // Decode everything first: on a decoding error nothing is deleted or marked fired.
-        let de = |what, e: SerdeError| Error::Deserialize {
-            state: h.name().to_string(),
-            what,
-            reason: e.0,
-        };
         let mut fired = Vec::with_capacity(due.len());
         for d in &due {
-            fired.push(Timer {
-                key: self
-                    .key_serializer
-                    .deserialize(d.key())
-                    .map_err(|e| de("timer key", e))?,
-                namespace: t
-                    .ns
-                    .deserialize(d.ns())
-                    .map_err(|e| de("timer namespace", e))?,
-                timestamp: d.ts,
-                domain,
-            });
+            fired.push(decode_due(&*self.key_serializer, t, d, domain, h.name())?);
         }
         for d in &due {
             self.db.delete(&d.raw)?;
@@ -963,16 +938,7 @@ impl<K: StateKey> KeyedStateBackend for MmapKeyedStateBackend<K> {
         time: i64,
     ) -> Result<Option<Timer<K, N>>> {
         let slot = h.id().0 as usize;
-        let e = self
-            .states
-            .get(slot)
-            .filter(|e| e.name == *h.name())
-            .ok_or_else(|| unknown(h.name()))?;
-        let t = e
-            .typed
-            .as_any()
-            .downcast_ref::<TimerT<N>>()
-            .ok_or_else(|| type_mismatch(h.name()))?;
+        let (e, t) = timer_state(&self.states, h)?;
         let index = self
             .timers
             .get_mut(&slot)
@@ -981,23 +947,7 @@ impl<K: StateKey> KeyedStateBackend for MmapKeyedStateBackend<K> {
             return Ok(None);
         };
         // Decode first: on a decoding error the timer is neither deleted nor marked fired.
-        let de = |what, e: SerdeError| Error::Deserialize {
-            state: h.name().to_string(),
-            what,
-            reason: e.0,
-        };
-        let timer = Timer {
-            key: self
-                .key_serializer
-                .deserialize(due.key())
-                .map_err(|e| de("timer key", e))?,
-            namespace: t
-                .ns
-                .deserialize(due.ns())
-                .map_err(|e| de("timer namespace", e))?,
-            timestamp: due.ts,
-            domain,
-        };
+        let timer = decode_due(&*self.key_serializer, t, &due, domain, h.name())?;
         self.db.delete(&due.raw)?;
         if let Some(index) = self.timers.get_mut(&slot) {
             index.fired(i, domain, due);
@@ -1221,4 +1171,47 @@ impl<K: StateKey> MmapKeyedStateBackend<K> {
         e.typed.merge_values(&e.name, &a, &b, &mut out)?;
         Ok(out)
     }
+}
+
+/// The entry and typed part of the timer service `h` names.
+fn timer_state<'a, N: Namespace>(
+    states: &'a [StateEntry],
+    h: &TimerServiceHandle<N>,
+) -> Result<(&'a StateEntry, &'a TimerT<N>)> {
+    let e = states
+        .get(h.id().0 as usize)
+        .filter(|e| e.name == *h.name())
+        .ok_or_else(|| unknown(h.name()))?;
+    let t = e
+        .typed
+        .as_any()
+        .downcast_ref::<TimerT<N>>()
+        .ok_or_else(|| type_mismatch(h.name()))?;
+    Ok((e, t))
+}
+
+/// Decodes a due timer read from the engine.
+fn decode_due<K: 'static, N: Namespace>(
+    key_serializer: &dyn StateSerializer<K>,
+    t: &TimerT<N>,
+    due: &timers::Due,
+    domain: TimeDomain,
+    name: &StateName,
+) -> Result<Timer<K, N>> {
+    let de = |what, e: SerdeError| Error::Deserialize {
+        state: name.to_string(),
+        what,
+        reason: e.0,
+    };
+    Ok(Timer {
+        key: key_serializer
+            .deserialize(due.key())
+            .map_err(|e| de("timer key", e))?,
+        namespace: t
+            .ns
+            .deserialize(due.ns())
+            .map_err(|e| de("timer namespace", e))?,
+        timestamp: due.ts,
+        domain,
+    })
 }
