@@ -120,6 +120,48 @@ pub enum Error {
         /// Why.
         reason: String,
     },
+    /// An operator or state that the checkpoint (or the savepoint being written) does not
+    /// have.
+    #[error("no {what} '{name}' in {checkpoint} (there are: {available})")]
+    UnknownState {
+        /// What was looked for (`operator`, `state`).
+        what: &'static str,
+        /// Its name.
+        name: String,
+        /// Where it was looked for.
+        checkpoint: String,
+        /// The names there are.
+        available: String,
+    },
+    /// A state was read or written as another kind than it has.
+    #[error("state '{state}' of operator '{operator}' is {found} state, not {expected}")]
+    WrongStateKind {
+        /// The operator id.
+        operator: String,
+        /// The state.
+        state: String,
+        /// Its recorded kind.
+        found: String,
+        /// The kind asked for.
+        expected: String,
+    },
+    /// Stored bytes could not be decoded with the serializer given.
+    #[error(
+        "cannot decode the {what} of an entry of state '{state}' of operator '{operator}' \
+         (key group {key_group}): {reason}"
+    )]
+    Decode {
+        /// The operator id.
+        operator: String,
+        /// The state.
+        state: String,
+        /// What was decoded (key, namespace, value, ...).
+        what: &'static str,
+        /// The entry's key group.
+        key_group: u32,
+        /// The serializer's error.
+        reason: String,
+    },
     /// The checkpoint holds state of an operator the job does not have.
     #[error(
         "checkpoint '{checkpoint}' holds state of operator '{operator}', which the job does not \

@@ -21,6 +21,9 @@
 //! - [`commit`]: the commit log that fences stale coordinators with create-only puts.
 //! - [`inspect`]: what a checkpoint holds per subtask, every file verified (size, CRC32C,
 //!   block checksums) and entries counted from the verified data.
+//! - [`processor`]: the State Processor: list, read (typed), bootstrap and transform the
+//!   state of any job's checkpoint or savepoint offline, driven by its metadata and serializer
+//!   snapshots.
 //! - [`restore`]: restore the latest checkpoint or a given checkpoint/savepoint path at the same
 //!   or another parallelism, reading only the owned key groups by range reads (or, for a
 //!   backend's native checkpoints, streaming to disk only the files its format says hold owned
@@ -173,6 +176,7 @@ pub mod coordinator;
 pub mod error;
 pub mod format;
 pub mod inspect;
+pub mod processor;
 pub mod protocol;
 pub mod registry;
 pub mod restore;
@@ -193,6 +197,7 @@ pub use format::{
     NativeKeyedHandle, OperatorSnapshot, SnapshotKind, SubtaskState,
 };
 pub use inspect::{FileSummary, KeyedFormat, OperatorSummary, SubtaskSummary};
+pub use processor::{SavepointReader, SavepointWriter};
 pub use protocol::{
     AbortReason, Action, CheckpointConfig, CheckpointKind, Protocol, RetentionOnShutdown,
 };
