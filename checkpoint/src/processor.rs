@@ -54,6 +54,8 @@
 //! # Ok(()) }
 //! ```
 
+pub mod builtin;
+
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io::Read;
 use std::sync::{Arc, Mutex};
@@ -71,6 +73,7 @@ use state_api::{
 
 use crate::complete::{assemble_operators, commit_savepoint, SubtaskAck};
 use crate::error::{Error, Result};
+use crate::format::NativeKeyedHandle;
 use crate::inspect::KeyedFormat;
 use crate::restore::CompletedCheckpoint;
 use crate::storage::CheckpointStorage;
@@ -261,9 +264,9 @@ impl SavepointReader {
     }
 
     /// Turns the native state of every operator that has some into canonical streams: for
-    /// each old subtask, `make` builds a fresh backend of the kind that wrote it for the
-    /// subtask's key groups (`operator id`, max parallelism, key serializer snapshot... come
-    /// from the metadata; give the backend a [`RawSerializer`] of the recorded key serializer
+    /// each old subtask, `make(operator id, max parallelism, handle)` builds a fresh backend of
+    /// the kind that wrote it for the handle's key groups (the handle's manifest, in the
+    /// backend's format, names the key serializer: give the backend a [`RawSerializer`] of it
     /// when the key type is not known), the state is restored into it
     /// ([`CompletedCheckpoint::restore_backend`], files under `download_dir`) and snapshotted.
     /// The streams are kept in memory. Returns the operators converted.
@@ -274,7 +277,7 @@ impl SavepointReader {
     ) -> Result<Vec<String>>
     where
         B: CheckpointableBackend,
-        F: FnMut(&str, u32, KeyGroupRange) -> Result<B>,
+        F: FnMut(&str, u32, &NativeKeyedHandle) -> Result<B>,
     {
         let mut done = Vec::new();
         for op in &self.checkpoint.metadata.operators {
@@ -286,7 +289,7 @@ impl SavepointReader {
             let mut streams = Vec::new();
             for st in &op.subtasks {
                 let Some(n) = &st.native else { continue };
-                let mut backend = make(&op.operator_id, op.max_parallelism, n.key_group_range)?;
+                let mut backend = make(&op.operator_id, op.max_parallelism, n)?;
                 self.checkpoint.restore_backend(
                     &self.storage,
                     &op.operator_id,
@@ -425,8 +428,9 @@ impl SavepointReader {
         )
     }
 
-    /// The canonical streams of `operator`, one or more per old subtask.
-    fn sources(&self, operator: &str) -> Result<(u32, Vec<Source>)> {
+    /// The canonical streams of `operator`, one or more per old subtask, holding the key
+    /// groups of `only` (all without).
+    fn sources(&self, operator: &str, only: Option<KeyGroupRange>) -> Result<(u32, Vec<Source>)> {
         let Some(op) = self.checkpoint.metadata.operator(operator) else {
             // The error that names the operators there are.
             self.operator(operator)?;
@@ -450,11 +454,18 @@ impl SavepointReader {
         }
         for st in &op.subtasks {
             let Some(k) = &st.keyed else { continue };
+            let range = match only {
+                Some(r) => r.intersect(&k.key_group_range),
+                None => k.key_group_range,
+            };
+            if range.is_empty() {
+                continue;
+            }
             let streams = self.checkpoint.keyed_streams(
                 &self.storage,
                 operator,
                 op.max_parallelism,
-                k.key_group_range,
+                range,
             )?;
             for (name, reader) in streams {
                 let failure = Some(reader.failure());
@@ -475,11 +486,39 @@ impl SavepointReader {
         if let Some(s) = state {
             self.state(operator, s)?;
         }
-        let (max_parallelism, sources) = self.sources(operator)?;
+        let (max_parallelism, sources) = self.sources(operator, None)?;
         Ok(RawEntries {
             operator: operator.to_string(),
             max_parallelism,
             only: state.map(str::to_string),
+            key: None,
+            sources: sources.into(),
+            current: None,
+            buffer: VecDeque::new(),
+            done: false,
+        })
+    }
+
+    /// The records of one key (its serialized bytes) in `operator` (with `state`: of that state
+    /// only), in every namespace; only the key's key group is read.
+    pub fn raw_entries_of_key(
+        &self,
+        operator: &str,
+        state: Option<&str>,
+        key: &[u8],
+    ) -> Result<RawEntries> {
+        if let Some(s) = state {
+            self.state(operator, s)?;
+        }
+        let max_parallelism = self.operator(operator)?.max_parallelism;
+        let kg = assign_to_key_group(key, max_parallelism);
+        let (max_parallelism, sources) =
+            self.sources(operator, Some(KeyGroupRange::new(kg, kg + 1)))?;
+        Ok(RawEntries {
+            operator: operator.to_string(),
+            max_parallelism,
+            only: state.map(str::to_string),
+            key: Some(key.to_vec()),
             sources: sources.into(),
             current: None,
             buffer: VecDeque::new(),
@@ -875,6 +914,7 @@ pub struct RawEntries {
     operator: String,
     max_parallelism: u32,
     only: Option<String>,
+    key: Option<Vec<u8>>,
     sources: VecDeque<Source>,
     current: Option<OpenSource>,
     buffer: VecDeque<RawEntry>,
@@ -979,6 +1019,7 @@ impl RawEntries {
                     .only
                     .as_deref()
                     .is_some_and(|o| o != state.name.as_str())
+                    || self.key.as_deref().is_some_and(|k| k != r.key)
                 {
                     continue;
                 }

@@ -1,18 +1,12 @@
-//! Offline tools behind the CLI: list and inspect checkpoints, convert savepoints between
-//! backends and parallelisms, read one key (in the spirit of Flink's State Processor API).
+//! Offline tools behind the CLI: list and inspect checkpoints (the state of any job is read,
+//! converted and written by [`crate::state`]).
 
-use checkpoint::{
-    assemble_operators, commit_savepoint, write_subtask_snapshot, CheckpointStorage,
-    CompletedCheckpoint, FileLocation, KeyedSnapshot, SnapshotKind, SnapshotTarget, SubtaskAck,
-    SubtaskSnapshot,
-};
+use checkpoint::{CheckpointStorage, CompletedCheckpoint, FileLocation, SnapshotKind};
 use object_store::path::Path as ObjectPath;
 use serde_json::json;
-use state_api::{assign_to_key_group, redistribute, KeyGroupRange, KeyedStateBackendExt};
-use state_heap::HeapKeyedStateBackend;
 
-use crate::job::{AuctionStates, BidderStates, JobBackend, JobError, OPERATORS};
-use flowstate::config::{BackendKind, Config};
+use crate::job::JobError;
+use flowstate::config::Config;
 
 /// A URL for a path or URL: `scheme://…` is kept, a path becomes an absolute `file://` URL.
 pub fn to_url(path_or_url: &str) -> Result<String, JobError> {
@@ -42,6 +36,29 @@ macro_rules! outln {
     ($($arg:tt)*) => {
         $crate::tools::print_line(format_args!($($arg)*))?
     };
+}
+
+/// A progress bar on standard error when `show` and standard error is a terminal (never in
+/// pipes, logs or tests); `bytes` shows its counts as sizes.
+pub fn progress_bar(
+    show: bool,
+    len: u64,
+    bytes: bool,
+    what: &str,
+) -> Result<Option<indicatif::ProgressBar>, JobError> {
+    use std::io::IsTerminal;
+    if !show || !std::io::stderr().is_terminal() {
+        return Ok(None);
+    }
+    let template = if bytes {
+        "{bar:30} {bytes}/{total_bytes} {bytes_per_sec} | {msg}"
+    } else {
+        "{bar:30} {pos}/{len} | {msg}"
+    };
+    let bar = indicatif::ProgressBar::new(len);
+    bar.set_style(indicatif::ProgressStyle::with_template(template).map_err(|e| e.to_string())?);
+    bar.set_message(what.to_string());
+    Ok(Some(bar))
 }
 
 /// A checkpoint root as the user should see it: a `file://` URL as its path, anything else as
@@ -362,213 +379,5 @@ pub fn inspect(config: &Config, path: &str, json_out: bool) -> Result<(), JobErr
             }
         }
     }
-    Ok(())
-}
-
-/// Writes a savepoint of the checkpoint at `path` under `to`, going through `backend` at
-/// `parallelism` (default: the source's).
-pub fn convert(
-    config: &Config,
-    path: &str,
-    to: &str,
-    backend: BackendKind,
-    parallelism: Option<u32>,
-) -> Result<(), JobError> {
-    match backend {
-        BackendKind::Heap => {
-            convert_on::<HeapKeyedStateBackend<u64>>(config, path, to, parallelism)
-        }
-        #[cfg(feature = "mmap")]
-        BackendKind::Mmap => {
-            convert_on::<state_mmap::MmapKeyedStateBackend<u64>>(config, path, to, parallelism)
-        }
-        #[cfg(not(feature = "mmap"))]
-        BackendKind::Mmap => {
-            Err("the mmap backend is not compiled in: build with --features mmap".into())
-        }
-    }
-}
-
-fn convert_on<B: JobBackend>(
-    config: &Config,
-    path: &str,
-    to: &str,
-    parallelism: Option<u32>,
-) -> Result<(), JobError> {
-    let (src, c) = open_checkpoint(config, path)?;
-    c.check_operators(&OPERATORS, checkpoint::RestoreOptions::default())?;
-    let m = &c.metadata;
-    let dest = crate::job::open_storage(config, &to_url(to)?, &m.job_id)?;
-    let keyed_p = m
-        .operator("auctions")
-        .map(|o| o.parallelism)
-        .ok_or("the checkpoint has no 'auctions' operator")?;
-    let p = parallelism.unwrap_or(keyed_p);
-    let max_p = m
-        .operator("auctions")
-        .map(|o| o.max_parallelism)
-        .unwrap_or(config.max_parallelism);
-    state_api::validate_parallelism(max_p, p)?;
-    let mut cfg = config.clone();
-    cfg.max_parallelism = max_p;
-    let name = format!("{}-p{p}-{}", m.checkpoint_id, std::process::id());
-    let dir = dest.savepoint_dir(&name)?;
-    let target = SnapshotTarget {
-        dir: dir.clone(),
-        shared_dir: dest.shared_dir(),
-        checkpoint_id: m.checkpoint_id,
-        epoch: 0,
-    };
-    let mut acks = Vec::new();
-    // The source's operator state, kept at parallelism 1.
-    let source = c.operator_state("source", 0, 1)?;
-    let source = redistribute(&[source], 1).pop().unwrap_or_default();
-    let state = write_subtask_snapshot(
-        &dest,
-        &target,
-        SubtaskSnapshot {
-            operator_id: "source".into(),
-            subtask: 0,
-            keyed: None,
-            operator_state: Some(source),
-        },
-    )?;
-    acks.push(SubtaskAck {
-        operator_id: "source".into(),
-        parallelism: 1,
-        max_parallelism: max_p,
-        state,
-    });
-    // One memory budget and one set of background threads for every backend converted.
-    let shared = B::shared(&cfg)?;
-    for op in ["auctions", "bidders"] {
-        for i in 0..p {
-            let range = KeyGroupRange::for_operator(max_p, p, i)?;
-            let mut b = B::create_in(&cfg, range, &shared)?;
-            b.restore_from(&c, &src, op, i, &cfg)?;
-            if op == "auctions" {
-                AuctionStates::register(&mut b)?;
-            } else {
-                BidderStates::register(&mut b)?;
-            }
-            let state = write_subtask_snapshot(
-                &dest,
-                &target,
-                SubtaskSnapshot {
-                    operator_id: op.into(),
-                    subtask: i,
-                    keyed: Some(KeyedSnapshot::Full(vec![b.snapshot()?])),
-                    operator_state: None,
-                },
-            )?;
-            acks.push(SubtaskAck {
-                operator_id: op.into(),
-                parallelism: p,
-                max_parallelism: max_p,
-                state,
-            });
-        }
-    }
-    let done = commit_savepoint(
-        &dest,
-        &dir,
-        m.checkpoint_id,
-        m.timestamp_millis,
-        None,
-        0,
-        assemble_operators(acks)?,
-    )?;
-    outln!(
-        "savepoint of {} {} written at parallelism {p}: {}",
-        if m.kind == SnapshotKind::Checkpoint {
-            "checkpoint"
-        } else {
-            "savepoint"
-        },
-        m.checkpoint_id,
-        done.dir_location()
-    );
-    Ok(())
-}
-
-/// Prints the value of `state` for `key` in the checkpoint at `path`.
-pub fn get(
-    config: &Config,
-    path: &str,
-    state: &str,
-    key: u64,
-    namespace: Option<i64>,
-) -> Result<(), JobError> {
-    let (storage, c) = open_checkpoint(config, path)?;
-    let op = match state {
-        "window-bids" | "window-max-price" | "closed-windows" => "auctions",
-        "spend" | "city" => "bidders",
-        other => {
-            return Err(format!(
-                "unknown state '{other}': the job has window-bids, window-max-price, closed-windows (auctions) and spend, city (bidders)"
-            )
-            .into())
-        }
-    };
-    let max_p = c
-        .metadata
-        .operator(op)
-        .map(|o| o.max_parallelism)
-        .ok_or_else(|| format!("the checkpoint has no operator '{op}'"))?;
-    // Restore only the key group of the key.
-    let kg = assign_to_key_group(&key.to_be_bytes(), max_p);
-    let mut cfg = config.clone();
-    cfg.max_parallelism = max_p;
-    let range = KeyGroupRange::new(kg, kg + 1);
-    // Native mmap files are read by the mmap backend; canonical streams by the heap.
-    #[cfg(feature = "mmap")]
-    if crate::job::has_native_state(&c, op) {
-        let mut b = <state_mmap::MmapKeyedStateBackend<u64> as JobBackend>::create(&cfg, range)?;
-        b.restore_from(&c, &storage, op, 0, &cfg)?;
-        return print_value(&mut b, op, state, key, namespace);
-    }
-    let mut b = <HeapKeyedStateBackend<u64> as JobBackend>::create(&cfg, range)?;
-    b.restore_from(&c, &storage, op, 0, &cfg)?;
-    print_value(&mut b, op, state, key, namespace)
-}
-
-/// Prints `state` of `key` (in window `namespace`) from a restored backend.
-fn print_value<B: JobBackend>(
-    b: &mut B,
-    op: &str,
-    state: &str,
-    key: u64,
-    namespace: Option<i64>,
-) -> Result<(), JobError> {
-    b.set_current_key(key)?;
-    let text = if op == "auctions" {
-        let s = AuctionStates::register(b)?;
-        match state {
-            "closed-windows" => format!("{:?}", b.value(s.closed()).get()?),
-            name => {
-                let h = if name == "window-bids" {
-                    s.bids()
-                } else {
-                    s.max_price()
-                };
-                let w = namespace.ok_or_else(|| {
-                    format!("'{name}' is kept per window: pass --namespace <window start in ms>")
-                })?;
-                format!("{:?}", b.reducing_in(h, &w).get()?)
-            }
-        }
-    } else {
-        let s = BidderStates::register(b)?;
-        match state {
-            "spend" => format!(
-                "{:?}",
-                b.aggregating(s.spend())
-                    .get()?
-                    .map(|(n, sum)| format!("{n} bids, {sum} total"))
-            ),
-            _ => format!("{:?}", b.value(s.city()).get()?),
-        }
-    };
-    outln!("{state}[{key}] = {text}");
     Ok(())
 }
