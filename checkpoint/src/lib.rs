@@ -17,6 +17,8 @@
 //!   canonical streams (split by key group into parts written in parallel; a heap delta holds
 //!   the changed entries and tombstones on top of a chain), or a backend's native files
 //!   (the mmap backend's immutable files, uploaded once and referenced afterwards).
+//! - [`history`]: every checkpoint attempt (completed, aborted, declined, with the reason),
+//!   its sizes and per-subtask durations, kept next to the job's checkpoints (the last 1,000).
 //! - [`registry`]: reference counts of the incremental files in `shared/`.
 //! - [`commit`]: the commit log that fences stale coordinators with create-only puts.
 //! - [`inspect`]: what a checkpoint holds per subtask, every file verified (size, CRC32C,
@@ -175,6 +177,7 @@ pub mod complete;
 pub mod coordinator;
 pub mod error;
 pub mod format;
+pub mod history;
 pub mod inspect;
 pub mod processor;
 pub mod protocol;
@@ -196,6 +199,7 @@ pub use format::{
     CheckpointMetadata, FileLocation, FileRef, KeyedStateFile, KeyedStateHandle, NativeFile,
     NativeKeyedHandle, OperatorSnapshot, SnapshotKind, SubtaskState,
 };
+pub use history::{read_history, AttemptStatus, CheckpointAttempt, SubtaskAttempt, SubtaskStatus};
 pub use inspect::{FileSummary, KeyedFormat, OperatorSummary, SubtaskSummary};
 pub use processor::{SavepointReader, SavepointWriter};
 pub use protocol::{

@@ -39,6 +39,7 @@
 
 #![warn(missing_docs)]
 
+pub mod history;
 pub mod job;
 pub mod state;
 pub mod tools;

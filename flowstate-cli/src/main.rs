@@ -10,7 +10,7 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand, ValueEnum};
 use flowstate::config::{BackendKind, Config, ConfigLoader};
 use flowstate_cli::job::{self, JobError, JobOptions, RestoreFrom};
-use flowstate_cli::{state, tools};
+use flowstate_cli::{history, state, tools};
 
 /// Writes a line to standard output; a closed one ends the command quietly (see `main`).
 macro_rules! outln {
@@ -28,6 +28,7 @@ const EXAMPLES_RUN: &str = "Examples:
 
 const EXAMPLES_CHECKPOINTS: &str = "Examples:
   flowstate checkpoints list /tmp/flowstate-$USER/checkpoints
+  flowstate checkpoints history /tmp/flowstate-$USER/checkpoints --plot history.svg
   flowstate checkpoints inspect /tmp/flowstate-$USER/checkpoints/nexmark/chk-7 --json";
 
 const EXAMPLES_SAVEPOINT: &str = "Examples:
@@ -69,7 +70,7 @@ enum Command {
     /// Run the Nexmark job (per-auction windowed bids, per-person running spend) with checkpoints.
     #[command(after_help = EXAMPLES_RUN)]
     Run(RunArgs),
-    /// List or inspect checkpoints.
+    /// List or inspect checkpoints, or show every attempt's history.
     #[command(subcommand, after_help = EXAMPLES_CHECKPOINTS)]
     Checkpoints(CheckpointsCmd),
     /// Write a savepoint of a checkpoint or savepoint, on another backend or parallelism.
@@ -141,6 +142,30 @@ enum CheckpointsCmd {
         /// The job id.
         #[arg(long, default_value = "nexmark")]
         job: String,
+        /// Machine-readable JSON.
+        #[arg(long)]
+        json: bool,
+        /// Configuration file, for S3 settings (default: ./flowstate.toml when it exists).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Every checkpoint attempt of a job (the last 1,000): completed, aborted or declined with
+    /// the reason, duration, sizes, slowest subtask's synchronous and asynchronous parts.
+    #[command(
+        after_help = "Examples:\n  flowstate checkpoints history /tmp/flowstate-$USER/checkpoints\n  flowstate checkpoints history /tmp/flowstate-$USER/checkpoints --json\n  flowstate checkpoints history /tmp/flowstate-$USER/checkpoints --plot history.svg"
+    )]
+    History {
+        /// The checkpoint root (URL or path).
+        dir: String,
+        /// The job id.
+        #[arg(long, default_value = "nexmark")]
+        job: String,
+        /// Machine-readable JSON, with every subtask.
+        #[arg(long)]
+        json: bool,
+        /// Also draw durations and sizes over time, failures marked, into this SVG file.
+        #[arg(long, value_name = "FILE.svg")]
+        plot: Option<PathBuf>,
         /// Configuration file, for S3 settings (default: ./flowstate.toml when it exists).
         #[arg(long)]
         config: Option<PathBuf>,
@@ -490,9 +515,20 @@ fn main() -> ExitCode {
     let quiet = cli.quiet;
     let result = match cli.command {
         Command::Run(args) => run(args, quiet),
-        Command::Checkpoints(CheckpointsCmd::List { dir, job, config }) => {
-            config_only(config.as_ref()).and_then(|c| tools::list(&c, &dir, &job))
-        }
+        Command::Checkpoints(CheckpointsCmd::List {
+            dir,
+            job,
+            json,
+            config,
+        }) => config_only(config.as_ref()).and_then(|c| tools::list(&c, &dir, &job, json)),
+        Command::Checkpoints(CheckpointsCmd::History {
+            dir,
+            job,
+            json,
+            plot,
+            config,
+        }) => config_only(config.as_ref())
+            .and_then(|c| history::history(&c, &dir, &job, json, plot.as_deref())),
         Command::Checkpoints(CheckpointsCmd::Inspect { path, json, config }) => {
             config_only(config.as_ref()).and_then(|c| tools::inspect(&c, &path, json))
         }

@@ -133,7 +133,8 @@ pub fn open_checkpoint(
     Ok((storage, c))
 }
 
-fn time(millis: i64) -> String {
+/// A time as RFC 3339 in UTC, to the second.
+pub fn time(millis: i64) -> String {
     let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(millis.max(0) as u64);
     humantime::format_rfc3339_seconds(t).to_string()
 }
@@ -148,16 +149,23 @@ fn size(c: &CompletedCheckpoint) -> u64 {
     c.metadata.files().map(|f| f.size).sum()
 }
 
-/// Prints the completed checkpoints of `job` under `dir`. A directory or job without any
-/// checkpoint is an error that says what was not found.
-pub fn list(config: &Config, dir: &str, job: &str) -> Result<(), JobError> {
+/// The storage of `job` under the checkpoint root `dir` (a path or URL); a local directory
+/// that does not exist is an error that says so.
+pub fn job_storage(config: &Config, dir: &str, job: &str) -> Result<CheckpointStorage, JobError> {
     let url = to_url(dir)?;
     if let Some(path) = url.strip_prefix("file://") {
         if !std::path::Path::new(path).is_dir() {
             return Err(format!("no checkpoint directory at {path}: it does not exist").into());
         }
     }
-    let storage = crate::job::open_storage(config, &url, job)?;
+    crate::job::open_storage(config, &url, job)
+}
+
+/// Prints the completed checkpoints of `job` under `dir` (`json`: as a JSON array). A
+/// directory or job without any checkpoint is an error that says what was not found.
+pub fn list(config: &Config, dir: &str, job: &str, json_out: bool) -> Result<(), JobError> {
+    let url = to_url(dir)?;
+    let storage = job_storage(config, dir, job)?;
     let all = CompletedCheckpoint::retained(&storage, usize::MAX)?;
     if all.is_empty() {
         return Err(format!(
@@ -166,6 +174,24 @@ pub fn list(config: &Config, dir: &str, job: &str) -> Result<(), JobError> {
             jobs_hint(&storage)?
         )
         .into());
+    }
+    if json_out {
+        let doc: Vec<serde_json::Value> = all
+            .iter()
+            .map(|c| {
+                json!({
+                    "id": c.metadata.checkpoint_id,
+                    "time": time(c.metadata.timestamp_millis),
+                    "timestamp_millis": c.metadata.timestamp_millis,
+                    "bytes": size(c),
+                    "incremental": is_incremental(c),
+                    "duration_millis": c.metadata.duration_millis,
+                    "path": c.dir_location(),
+                })
+            })
+            .collect();
+        outln!("{}", serde_json::to_string_pretty(&doc)?);
+        return Ok(());
     }
     outln!(
         "{:>6}  {:<20}  {:>12}  {:<11}  {:>10}  path",
@@ -199,7 +225,8 @@ pub fn list(config: &Config, dir: &str, job: &str) -> Result<(), JobError> {
     Ok(())
 }
 
-fn c_size(bytes: u64) -> String {
+/// A size for people: `12 B`, `3.4 KiB`, `1.2 MiB`, `2.0 GiB`.
+pub fn c_size(bytes: u64) -> String {
     match bytes {
         b if b >= 1 << 30 => format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64),
         b if b >= 1 << 20 => format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64),
