@@ -11,7 +11,10 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[non_exhaustive]
 pub enum Error {
     /// A request to the object store failed.
-    #[error("storage error while {context} '{path}': {source}")]
+    #[error(
+        "storage error while {context} '{path}': {}",
+        storage_s3::one_line(source)
+    )]
     Storage {
         /// What was being done (`reading`, `writing`, `listing`, `deleting`).
         context: &'static str,
@@ -27,7 +30,8 @@ pub enum Error {
     #[error(
         "no S3 credentials while {context} '{path}': set AWS_ACCESS_KEY_ID and \
          AWS_SECRET_ACCESS_KEY (in flowstate's config: s3.access-key-id, s3.secret-access-key); \
-         the last fallback, the instance metadata service, answered: {source}"
+         the last fallback, the instance metadata service, answered: {}",
+        storage_s3::one_line(source)
     )]
     MissingCredentials {
         /// What was being done.

@@ -1604,6 +1604,23 @@ impl SavepointWriter {
     /// name already taken is refused) and returns it. Each operator is written at its
     /// parallelism, one canonical stream per subtask.
     pub fn write(&self, storage: &CheckpointStorage, name: &str) -> Result<CompletedCheckpoint> {
+        self.write_with_progress(storage, name, &mut |_, _| {})
+    }
+
+    /// [`SavepointWriter::write`], calling `progress(subtasks written, subtasks)` after each
+    /// subtask's state is written.
+    pub fn write_with_progress(
+        &self,
+        storage: &CheckpointStorage,
+        name: &str,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<CompletedCheckpoint> {
+        let total: u64 = self
+            .operators
+            .iter()
+            .map(|o| u64::from(o.parallelism))
+            .sum();
+        let mut done_subtasks = 0u64;
         let dir = storage.savepoint_dir(name)?;
         let target = SnapshotTarget {
             dir: dir.clone(),
@@ -1644,6 +1661,8 @@ impl SavepointWriter {
                     max_parallelism: op.max_parallelism,
                     state,
                 });
+                done_subtasks += 1;
+                progress(done_subtasks, total);
             }
         }
         let done = commit_savepoint(

@@ -597,7 +597,8 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("error: {e}");
+            // One line, whatever the error carries (an S3 error document, a multi-line cause).
+            eprintln!("error: {}", storage_s3::one_line(&e));
             eprintln!("hint: {}", hint(e.as_ref()));
             ExitCode::FAILURE
         }

@@ -683,7 +683,16 @@ pub fn savepoint(config: &Config, path: &str, opts: &SavepointOptions) -> Result
     }
     let dest = crate::job::open_storage(config, &to, &m.job_id)?;
     let name = format!("{}-p{p_max}-{}", m.checkpoint_id, std::process::id());
-    let done = w.write(&dest, &name)?;
+    let bar = crate::tools::progress_bar(opts.progress, 0, false, "subtasks written")?;
+    let done = w.write_with_progress(&dest, &name, &mut |n, total| {
+        if let Some(bar) = &bar {
+            bar.set_length(total);
+            bar.set_position(n);
+        }
+    })?;
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
     outln!(
         "savepoint of {} {} written at parallelism {p_max}: {}",
         if m.kind == SnapshotKind::Checkpoint {
