@@ -36,6 +36,7 @@
 //! |---|---|
 //! | `mmap` | the off-heap backend: `--backend mmap`, native checkpoints in the tools |
 //! | `s3` | checkpoints on S3 and S3-compatible stores |
+//! | `parquet` | `state dump --format parquet` (Apache Arrow and Parquet) |
 
 #![warn(missing_docs)]
 

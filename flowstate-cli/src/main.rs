@@ -82,6 +82,14 @@ enum Command {
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
+enum DumpFormatArg {
+    /// JSON Lines: one JSON object per entry.
+    Jsonl,
+    /// Apache Parquet: one row per entry.
+    Parquet,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
 enum BackendArg {
     Heap,
     Mmap,
@@ -239,6 +247,10 @@ enum StateCmd {
         /// Only this state.
         #[arg(long)]
         state: Option<String>,
+        /// Output format: JSON Lines, or Parquet (needs --output and a build with the
+        /// `parquet` feature).
+        #[arg(long, value_enum, default_value = "jsonl")]
+        format: DumpFormatArg,
         /// Write to this file instead of standard output.
         #[arg(long, short)]
         output: Option<PathBuf>,
@@ -550,12 +562,17 @@ fn main() -> ExitCode {
             path,
             operator,
             state: name,
+            format,
             output,
             config,
         }) => config_only(config.as_ref()).and_then(|c| {
             let opts = state::DumpOptions {
                 operator,
                 state: name,
+                format: match format {
+                    DumpFormatArg::Jsonl => state::DumpFormat::JsonLines,
+                    DumpFormatArg::Parquet => state::DumpFormat::Parquet,
+                },
                 output,
                 progress: !quiet,
             };

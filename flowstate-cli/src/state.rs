@@ -367,6 +367,17 @@ pub fn list(config: &Config, path: &str, json_out: bool) -> Result<(), JobError>
     Ok(())
 }
 
+/// What `flowstate state dump` writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DumpFormat {
+    /// One JSON object per line ([`entry_json`]).
+    JsonLines,
+    /// An Apache Parquet file (feature `parquet`): one row per entry, columns `operator`,
+    /// `state`, `kind`, `key_group`, and `key`, `namespace`, `value` as JSON text (as in the
+    /// JSON Lines), `ttl_timestamp` (null without TTL).
+    Parquet,
+}
+
 /// Options of `flowstate state dump`.
 #[derive(Clone, Debug)]
 pub struct DumpOptions {
@@ -374,7 +385,9 @@ pub struct DumpOptions {
     pub operator: Option<String>,
     /// Only this state (of every operator that has one of that name, or of `operator`).
     pub state: Option<String>,
-    /// The output file (standard output without).
+    /// The output format.
+    pub format: DumpFormat,
+    /// The output file (standard output without; required for Parquet).
     pub output: Option<std::path::PathBuf>,
     /// Show a progress bar (on a terminal).
     pub progress: bool,
@@ -427,6 +440,27 @@ pub fn dump(config: &Config, path: &str, opts: &DumpOptions) -> Result<(), JobEr
         })
         .sum();
     let bar = crate::tools::progress_bar(opts.progress, total, true, "dumping state")?;
+    if opts.format == DumpFormat::Parquet {
+        let path = opts
+            .output
+            .as_deref()
+            .ok_or("Parquet output goes to a file: pass --output FILE.parquet")?;
+        let mut sink = parquet_out::ParquetSink::create(path)?;
+        for op in chosen {
+            for e in reader.raw_entries(&op.operator_id, opts.state.as_deref())? {
+                let e = e?;
+                if let Some(bar) = &bar {
+                    bar.inc((e.key.len() + e.namespace.len() + e.payload.len() + 16) as u64);
+                }
+                sink.push(&entry_json(&op.operator_id, op.key_serializer.as_ref(), &e))?;
+            }
+        }
+        sink.finish()?;
+        if let Some(bar) = bar {
+            bar.finish_and_clear();
+        }
+        return Ok(());
+    }
     let mut out: Box<dyn Write> = match &opts.output {
         Some(p) => Box::new(std::io::BufWriter::new(
             std::fs::File::create(p)
@@ -704,4 +738,127 @@ pub fn savepoint(config: &Config, path: &str, opts: &SavepointOptions) -> Result
         done.dir_location()
     );
     Ok(())
+}
+
+#[cfg(not(feature = "parquet"))]
+mod parquet_out {
+    use crate::job::JobError;
+
+    /// Stands in for the Parquet writer in builds without the `parquet` feature.
+    pub struct ParquetSink;
+
+    impl ParquetSink {
+        pub fn create(_path: &std::path::Path) -> Result<Self, JobError> {
+            Err(
+                "this build has no Parquet output: build flowstate-cli with --features parquet, \
+                 or use --format jsonl"
+                    .into(),
+            )
+        }
+        pub fn push(&mut self, _entry: &serde_json::Value) -> Result<(), JobError> {
+            Ok(())
+        }
+        pub fn finish(self) -> Result<(), JobError> {
+            Ok(())
+        }
+    }
+}
+
+#[cfg(feature = "parquet")]
+mod parquet_out {
+    use std::sync::Arc;
+
+    use arrow_array::{ArrayRef, Int64Array, RecordBatch, StringArray, UInt32Array};
+    use arrow_schema::{DataType, Field, Schema};
+    use parquet::arrow::ArrowWriter;
+
+    use crate::job::JobError;
+
+    /// Rows written per record batch.
+    const BATCH: usize = 8192;
+
+    /// Entries ([`super::entry_json`]) as rows of a Parquet file.
+    pub struct ParquetSink {
+        writer: ArrowWriter<std::fs::File>,
+        schema: Arc<Schema>,
+        text: [Vec<String>; 6],
+        key_group: Vec<u32>,
+        ttl: Vec<Option<i64>>,
+    }
+
+    const TEXT: [&str; 6] = ["operator", "state", "kind", "key", "namespace", "value"];
+
+    impl ParquetSink {
+        pub fn create(path: &std::path::Path) -> Result<Self, JobError> {
+            let mut fields: Vec<Field> = TEXT[..3]
+                .iter()
+                .map(|n| Field::new(*n, DataType::Utf8, false))
+                .collect();
+            fields.push(Field::new("key_group", DataType::UInt32, false));
+            fields.extend(
+                TEXT[3..]
+                    .iter()
+                    .map(|n| Field::new(*n, DataType::Utf8, false)),
+            );
+            fields.push(Field::new("ttl_timestamp", DataType::Int64, true));
+            let schema = Arc::new(Schema::new(fields));
+            let file = std::fs::File::create(path)
+                .map_err(|e| format!("cannot create '{}': {e}", path.display()))?;
+            let writer = ArrowWriter::try_new(file, Arc::clone(&schema), None)?;
+            Ok(ParquetSink {
+                writer,
+                schema,
+                text: Default::default(),
+                key_group: Vec::new(),
+                ttl: Vec::new(),
+            })
+        }
+
+        pub fn push(&mut self, entry: &serde_json::Value) -> Result<(), JobError> {
+            for (i, name) in TEXT.iter().enumerate() {
+                let v = &entry[*name];
+                let text = match (i, v) {
+                    // operator, state, kind are plain strings; the rest JSON text.
+                    (0..=2, serde_json::Value::String(s)) => s.clone(),
+                    _ => serde_json::to_string(v)?,
+                };
+                self.text[i].push(text);
+            }
+            self.key_group
+                .push(entry["key_group"].as_u64().unwrap_or(0) as u32);
+            self.ttl.push(entry["ttl_timestamp"].as_i64());
+            if self.key_group.len() >= BATCH {
+                self.flush()?;
+            }
+            Ok(())
+        }
+
+        fn flush(&mut self) -> Result<(), JobError> {
+            if self.key_group.is_empty() {
+                return Ok(());
+            }
+            let text = |i: usize, t: &mut [Vec<String>; 6]| -> ArrayRef {
+                Arc::new(StringArray::from(std::mem::take(&mut t[i])))
+            };
+            let columns: Vec<ArrayRef> = vec![
+                text(0, &mut self.text),
+                text(1, &mut self.text),
+                text(2, &mut self.text),
+                Arc::new(UInt32Array::from(std::mem::take(&mut self.key_group))),
+                text(3, &mut self.text),
+                text(4, &mut self.text),
+                text(5, &mut self.text),
+                Arc::new(Int64Array::from(std::mem::take(&mut self.ttl))),
+            ];
+            let batch = RecordBatch::try_new(Arc::clone(&self.schema), columns)?;
+            self.writer.write(&batch)?;
+            Ok(())
+        }
+
+        pub fn finish(mut self) -> Result<(), JobError> {
+            self.flush()?;
+            self.writer.close()?;
+            Ok(())
+        }
+    }
 }

@@ -356,6 +356,18 @@ fn list_dump_and_get_any_jobs_state() {
     );
     let err = failed(&["state", "dump", &chk, "--operator", "nope"]);
     assert!(err.contains("sessions, totals"), "{err}");
+    if cfg!(not(feature = "parquet")) {
+        let err = failed(&[
+            "state",
+            "dump",
+            &chk,
+            "--format",
+            "parquet",
+            "-o",
+            "x.parquet",
+        ]);
+        assert!(err.contains("--features parquet"), "{err}");
+    }
 }
 
 #[test]
