@@ -65,6 +65,9 @@ use crate::complete::{
 };
 use crate::error::{Error, Result};
 use crate::format::{FileLocation, KeyedStateHandle};
+use crate::history::{
+    AttemptStatus, CheckpointAttempt, HistoryWriter, SubtaskAttempt, SubtaskStatus,
+};
 use crate::protocol::{Action, CheckpointConfig, CheckpointKind, Protocol, RetentionOnShutdown};
 use crate::registry::{shared_files, SharedStateRegistry};
 use crate::restore::CompletedCheckpoint;
@@ -155,11 +158,18 @@ enum Msg {
 struct Acked {
     ack: SubtaskAck,
     uploaded: Vec<String>,
+    /// For the history: the synchronous part (subtask's clock), the upload (writer's clock),
+    /// bytes referred to and bytes written.
+    sync_micros: Option<u64>,
+    async_millis: u64,
+    bytes: u64,
+    delta_bytes: u64,
 }
 
 struct WriteJob {
     checkpoint_id: u64,
     task: usize,
+    sync_micros: Option<u64>,
     target: SnapshotTarget,
     snapshot: SubtaskSnapshot,
     parallelism: u32,
@@ -428,7 +438,8 @@ impl SubtaskEndpoint {
             sync_micros = started.elapsed().as_micros() as u64,
             "synchronous part of the snapshot taken"
         );
-        self.submit(barrier, Some(keyed), operator_state.cloned())
+        let sync = Some(started.elapsed().as_micros() as u64);
+        self.submit(barrier, Some(keyed), operator_state.cloned(), sync)
     }
 
     /// The same as [`Self::snapshot_backend`] (the heap backend answers with canonical streams
@@ -462,6 +473,7 @@ impl SubtaskEndpoint {
     ) -> Result<()> {
         // A backend outside the contract takes no notifications.
         self.notes.clear();
+        let started = Instant::now();
         let keyed = match backend {
             None => None,
             Some(b) => match b.snapshot() {
@@ -472,7 +484,8 @@ impl SubtaskEndpoint {
                 }
             },
         };
-        self.submit(barrier, keyed, operator_state.cloned())
+        let sync = Some(started.elapsed().as_micros() as u64);
+        self.submit(barrier, keyed, operator_state.cloned(), sync)
     }
 
     /// Declines the checkpoint of `barrier` (it is aborted).
@@ -497,6 +510,7 @@ impl SubtaskEndpoint {
         barrier: &Barrier,
         keyed: Option<KeyedSnapshot>,
         operator_state: Option<OperatorStateStore>,
+        sync_micros: Option<u64>,
     ) -> Result<()> {
         let incremental = matches!(
             keyed,
@@ -508,6 +522,7 @@ impl SubtaskEndpoint {
         let job = WriteJob {
             checkpoint_id: barrier.checkpoint_id,
             task: self.task,
+            sync_micros,
             target: barrier.target.clone(),
             snapshot: SubtaskSnapshot {
                 operator_id: self.operator_id.clone(),
@@ -772,6 +787,13 @@ impl CoordinatorBuilder {
             workers.push(h);
         }
         let epoch = log.epoch();
+        let history = match HistoryWriter::open(&storage) {
+            Ok(h) => Some(h),
+            Err(e) => {
+                tracing::warn!(job = %storage.job(), reason = %e, "checkpoint history not kept");
+                None
+            }
+        };
         let core = Core {
             storage: storage.clone(),
             config: self.config,
@@ -793,6 +815,8 @@ impl CoordinatorBuilder {
             clock: self.clock,
             start: Instant::now(),
             in_flight: Arc::clone(&self.in_flight),
+            history,
+            attempts: HashMap::new(),
         };
         let rx = self.to_coordinator.1;
         let thread = std::thread::Builder::new()
@@ -855,6 +879,10 @@ fn writer_loop(storage: &CheckpointStorage, rx: &Receiver<WriteJob>, in_flight: 
                             state,
                         },
                         uploaded,
+                        sync_micros: job.sync_micros,
+                        async_millis: started.elapsed().as_millis() as u64,
+                        bytes,
+                        delta_bytes: new_bytes,
                     }),
                 }
             }
@@ -1124,6 +1152,12 @@ struct Core {
     start: Instant,
     /// Write jobs the writer threads have not finished (see [`SubtaskEndpoint`]).
     in_flight: Arc<AtomicUsize>,
+    /// The history of attempts (`None` if it could not be opened: attempts are then only
+    /// logged).
+    history: Option<HistoryWriter>,
+    /// Attempts in flight, by checkpoint id: when they started (the core's clock) and what
+    /// each subtask answered so far.
+    attempts: HashMap<u64, (Duration, CheckpointAttempt)>,
 }
 
 impl Core {
@@ -1144,7 +1178,10 @@ impl Core {
                     checkpoint_id,
                     task,
                     ack,
-                }) => actions.extend(self.protocol.ack(checkpoint_id, task, *ack)),
+                }) => {
+                    self.note_answer(checkpoint_id, task, Ok(&ack));
+                    actions.extend(self.protocol.ack(checkpoint_id, task, *ack))
+                }
                 Ok(Msg::Decline {
                     checkpoint_id,
                     task,
@@ -1159,6 +1196,7 @@ impl Core {
                             "checkpoint declined"
                         );
                     }
+                    self.note_answer(checkpoint_id, task, Err(&reason));
                     actions.extend(self.protocol.decline(checkpoint_id, task, reason))
                 }
                 Ok(Msg::Trigger {
@@ -1240,6 +1278,65 @@ impl Core {
         }
     }
 
+    /// Notes a subtask's answer to an attempt in flight (for the history).
+    fn note_answer(
+        &mut self,
+        checkpoint_id: u64,
+        task: usize,
+        answer: std::result::Result<&Acked, &String>,
+    ) {
+        let Some((_, a)) = self.attempts.get_mut(&checkpoint_id) else {
+            return;
+        };
+        let Some(s) = a.subtasks.get_mut(task) else {
+            return;
+        };
+        match answer {
+            Ok(acked) => {
+                s.status = SubtaskStatus::Acknowledged;
+                s.sync_micros = acked.sync_micros;
+                s.async_millis = Some(acked.async_millis);
+                s.bytes = acked.bytes;
+                s.delta_bytes = acked.delta_bytes;
+            }
+            Err(reason) => {
+                s.status = SubtaskStatus::Declined;
+                s.reason = Some(reason.clone());
+            }
+        }
+    }
+
+    /// Ends an attempt (completed, or failed with `reason`) and writes it to the history. A
+    /// history that cannot be written is a warning, never a failed checkpoint.
+    fn end_attempt(&mut self, checkpoint_id: u64, result: std::result::Result<(), &str>) {
+        let Some((started, mut a)) = self.attempts.remove(&checkpoint_id) else {
+            return;
+        };
+        a.duration_millis = self.now().saturating_sub(started).as_millis() as u64;
+        a.bytes = a.subtasks.iter().map(|s| s.bytes).sum();
+        a.delta_bytes = a.subtasks.iter().map(|s| s.delta_bytes).sum();
+        match result {
+            Ok(()) => a.status = AttemptStatus::Completed,
+            Err(reason) => {
+                a.status = if a
+                    .subtasks
+                    .iter()
+                    .any(|s| s.status == SubtaskStatus::Declined)
+                {
+                    AttemptStatus::Declined
+                } else {
+                    AttemptStatus::Aborted
+                };
+                a.reason = Some(reason.to_string());
+            }
+        }
+        if let Some(h) = &mut self.history {
+            if let Err(e) = h.record(&a) {
+                tracing::warn!(checkpoint_id, reason = %e, "checkpoint history not written");
+            }
+        }
+    }
+
     fn notify_tasks(&self, c: SubtaskCommand) {
         for t in &self.tasks {
             let _ = t.commands.send(c.clone());
@@ -1309,6 +1406,7 @@ impl Core {
                         };
                         let _ = w.send(Err(err));
                     }
+                    self.end_attempt(checkpoint_id, Err(&reason));
                     self.emit(CheckpointEvent::Aborted {
                         checkpoint_id,
                         reason,
@@ -1350,6 +1448,32 @@ impl Core {
             "checkpoint triggered"
         );
         self.timestamps.insert(checkpoint_id, timestamp_millis);
+        let attempt = CheckpointAttempt {
+            checkpoint_id,
+            epoch: self.log.epoch(),
+            kind,
+            status: AttemptStatus::Aborted,
+            reason: None,
+            trigger_timestamp_millis: timestamp_millis,
+            duration_millis: 0,
+            bytes: 0,
+            delta_bytes: 0,
+            subtasks: self
+                .tasks
+                .iter()
+                .map(|t| SubtaskAttempt {
+                    operator_id: t.operator_id.clone(),
+                    subtask: t.subtask,
+                    status: SubtaskStatus::NoAnswer,
+                    sync_micros: None,
+                    async_millis: None,
+                    bytes: 0,
+                    delta_bytes: 0,
+                    reason: None,
+                })
+                .collect(),
+        };
+        self.attempts.insert(checkpoint_id, (self.now(), attempt));
         let dir = match kind {
             CheckpointKind::Checkpoint => self.storage.checkpoint_dir(checkpoint_id),
             CheckpointKind::Savepoint => {
@@ -1385,11 +1509,9 @@ impl Core {
         }
         let mut actions = Vec::new();
         for i in gone {
-            actions.extend(self.protocol.decline(
-                checkpoint_id,
-                i,
-                "the subtask is gone (its endpoint was dropped)".into(),
-            ));
+            let reason = "the subtask is gone (its endpoint was dropped)".to_string();
+            self.note_answer(checkpoint_id, i, Err(&reason));
+            actions.extend(self.protocol.decline(checkpoint_id, i, reason));
         }
         self.execute(actions);
     }
@@ -1498,6 +1620,7 @@ impl Core {
                 millis = c.metadata.duration_millis.unwrap_or_default(),
                 "checkpoint completed"
             );
+            self.end_attempt(checkpoint_id, Ok(()));
             self.emit(CheckpointEvent::Completed {
                 checkpoint_id,
                 kind,

@@ -11,7 +11,10 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[non_exhaustive]
 pub enum Error {
     /// A request to the object store failed.
-    #[error("storage error while {context} '{path}': {source}")]
+    #[error(
+        "storage error while {context} '{path}': {}",
+        storage_s3::one_line(source)
+    )]
     Storage {
         /// What was being done (`reading`, `writing`, `listing`, `deleting`).
         context: &'static str,
@@ -27,7 +30,8 @@ pub enum Error {
     #[error(
         "no S3 credentials while {context} '{path}': set AWS_ACCESS_KEY_ID and \
          AWS_SECRET_ACCESS_KEY (in flowstate's config: s3.access-key-id, s3.secret-access-key); \
-         the last fallback, the instance metadata service, answered: {source}"
+         the last fallback, the instance metadata service, answered: {}",
+        storage_s3::one_line(source)
     )]
     MissingCredentials {
         /// What was being done.
@@ -118,6 +122,48 @@ pub enum Error {
         /// Which serializer (key, value, namespace, ...).
         what: String,
         /// Why.
+        reason: String,
+    },
+    /// An operator or state that the checkpoint (or the savepoint being written) does not
+    /// have.
+    #[error("no {what} '{name}' in {checkpoint} (there are: {available})")]
+    UnknownState {
+        /// What was looked for (`operator`, `state`).
+        what: &'static str,
+        /// Its name.
+        name: String,
+        /// Where it was looked for.
+        checkpoint: String,
+        /// The names there are.
+        available: String,
+    },
+    /// A state was read or written as another kind than it has.
+    #[error("state '{state}' of operator '{operator}' is {found} state, not {expected}")]
+    WrongStateKind {
+        /// The operator id.
+        operator: String,
+        /// The state.
+        state: String,
+        /// Its recorded kind.
+        found: String,
+        /// The kind asked for.
+        expected: String,
+    },
+    /// Stored bytes could not be decoded with the serializer given.
+    #[error(
+        "cannot decode the {what} of an entry of state '{state}' of operator '{operator}' \
+         (key group {key_group}): {reason}"
+    )]
+    Decode {
+        /// The operator id.
+        operator: String,
+        /// The state.
+        state: String,
+        /// What was decoded (key, namespace, value, ...).
+        what: &'static str,
+        /// The entry's key group.
+        key_group: u32,
+        /// The serializer's error.
         reason: String,
     },
     /// The checkpoint holds state of an operator the job does not have.

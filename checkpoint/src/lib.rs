@@ -17,10 +17,15 @@
 //!   canonical streams (split by key group into parts written in parallel; a heap delta holds
 //!   the changed entries and tombstones on top of a chain), or a backend's native files
 //!   (the mmap backend's immutable files, uploaded once and referenced afterwards).
+//! - [`history`]: every checkpoint attempt (completed, aborted, declined, with the reason),
+//!   its sizes and per-subtask durations, kept next to the job's checkpoints (the last 1,000).
 //! - [`registry`]: reference counts of the incremental files in `shared/`.
 //! - [`commit`]: the commit log that fences stale coordinators with create-only puts.
 //! - [`inspect`]: what a checkpoint holds per subtask, every file verified (size, CRC32C,
 //!   block checksums) and entries counted from the verified data.
+//! - [`processor`]: the State Processor: list, read (typed), bootstrap and transform the
+//!   state of any job's checkpoint or savepoint offline, driven by its metadata and serializer
+//!   snapshots.
 //! - [`restore`]: restore the latest checkpoint or a given checkpoint/savepoint path at the same
 //!   or another parallelism, reading only the owned key groups by range reads (or, for a
 //!   backend's native checkpoints, streaming to disk only the files its format says hold owned
@@ -172,7 +177,9 @@ pub mod complete;
 pub mod coordinator;
 pub mod error;
 pub mod format;
+pub mod history;
 pub mod inspect;
+pub mod processor;
 pub mod protocol;
 pub mod registry;
 pub mod restore;
@@ -192,7 +199,9 @@ pub use format::{
     CheckpointMetadata, FileLocation, FileRef, KeyedStateFile, KeyedStateHandle, NativeFile,
     NativeKeyedHandle, OperatorSnapshot, SnapshotKind, SubtaskState,
 };
+pub use history::{read_history, AttemptStatus, CheckpointAttempt, SubtaskAttempt, SubtaskStatus};
 pub use inspect::{FileSummary, KeyedFormat, OperatorSummary, SubtaskSummary};
+pub use processor::{SavepointReader, SavepointWriter};
 pub use protocol::{
     AbortReason, Action, CheckpointConfig, CheckpointKind, Protocol, RetentionOnShutdown,
 };

@@ -11,6 +11,7 @@
 //! <root>/<job>/chk-<n>/<files>              files only checkpoint n uses
 //! <root>/<job>/shared/<files>               incremental files several checkpoints use
 //! <root>/<job>/_commits/<seq, 20 digits>    the commit log: epoch claims and completions
+//! <root>/<job>/_history/<id>-e<epoch>       the history of checkpoint attempts (the last 1,000)
 //! <root>/savepoints/savepoint-<id>/...      self-contained savepoints
 //! ```
 

@@ -490,6 +490,16 @@ pub fn run_on<B: JobBackend>(opts: JobOptions) -> Result<JobReport, JobError> {
     let mut bidder_states = Vec::new();
     // Every backend of the run shares one memory budget and one set of background threads.
     let shared = B::shared(config)?;
+    // A progress bar where the run shows one (a terminal, not --quiet).
+    let bar = match &restored {
+        Some(_) => crate::tools::progress_bar(
+            opts.progress.is_some(),
+            2 * u64::from(p),
+            false,
+            "subtasks restored",
+        )?,
+        None => None,
+    };
     for i in 0..p {
         let range = KeyGroupRange::for_operator(config.max_parallelism, p, i)?;
         let mut a = B::create_in(config, range, &shared)?;
@@ -497,11 +507,17 @@ pub fn run_on<B: JobBackend>(opts: JobOptions) -> Result<JobReport, JobError> {
         if let Some(c) = &restored {
             a.restore_from(c, &restore_storage, "auctions", i, config)?;
             b.restore_from(c, &restore_storage, "bidders", i, config)?;
+            if let Some(bar) = &bar {
+                bar.inc(2);
+            }
         }
         auction_states.push(AuctionStates::register(&mut a)?);
         bidder_states.push(BidderStates::register(&mut b)?);
         auctions.push(Subtask { backend: a });
         bidders.push(Subtask { backend: b });
+    }
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
     }
     let report_restored = restored
         .as_ref()

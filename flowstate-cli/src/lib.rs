@@ -1,5 +1,7 @@
 //! The `flowstate` command-line tool's library: the Nexmark job it runs ([`job`]) and the
-//! offline tools behind `checkpoints list|inspect`, `savepoint` and `state get` ([`tools`]).
+//! offline tools behind `checkpoints list|inspect` ([`tools`]), `savepoint` and
+//! `state list|dump|get` ([`state`]: any job's state, through the checkpoint crate's State
+//! Processor).
 //!
 //! The binary is `flowstate` (`cargo run --release -p flowstate-cli -- run`); a library user
 //! wants the `flowstate` facade instead, which carries none of this crate's dependencies
@@ -34,9 +36,12 @@
 //! |---|---|
 //! | `mmap` | the off-heap backend: `--backend mmap`, native checkpoints in the tools |
 //! | `s3` | checkpoints on S3 and S3-compatible stores |
+//! | `parquet` | `state dump --format parquet` (Apache Arrow and Parquet) |
 
 #![warn(missing_docs)]
 
+pub mod history;
 pub mod job;
+pub mod state;
 pub mod timely_job;
 pub mod tools;

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand, ValueEnum};
 use flowstate::config::{BackendKind, Config, ConfigLoader};
 use flowstate_cli::job::{self, JobError, JobOptions, RestoreFrom};
-use flowstate_cli::{timely_job, tools};
+use flowstate_cli::{history, state, timely_job, tools};
 
 /// Writes a line to standard output; a closed one ends the command quietly (see `main`).
 macro_rules! outln {
@@ -30,15 +30,27 @@ const EXAMPLES_RUN: &str = "Examples:
 
 const EXAMPLES_CHECKPOINTS: &str = "Examples:
   flowstate checkpoints list /tmp/flowstate-$USER/checkpoints
+  flowstate checkpoints history /tmp/flowstate-$USER/checkpoints --plot history.svg
   flowstate checkpoints inspect /tmp/flowstate-$USER/checkpoints/nexmark/chk-7 --json";
 
 const EXAMPLES_SAVEPOINT: &str = "Examples:
   flowstate savepoint /tmp/flowstate-$USER/checkpoints/nexmark/chk-7 --to /tmp/flowstate-$USER/savepoints
-  flowstate savepoint /tmp/ck/nexmark/chk-7 --to /tmp/sp --backend mmap --parallelism 3";
+  flowstate savepoint /tmp/ck/nexmark/chk-7 --to /tmp/sp --backend mmap --parallelism 3
+  flowstate savepoint /tmp/ck/clicks/chk-9 --operator counts --allow-non-restored-state
+    (--to defaults to state.savepoints.dir)";
 
 const EXAMPLES_STATE: &str = "Examples:
   flowstate state get /tmp/flowstate-$USER/checkpoints/nexmark/chk-7 --state spend --key 1001
-  flowstate state get /tmp/sp/nexmark/savepoints/savepoint-3 --state closed-windows --key 1005";
+  flowstate state get /tmp/sp/savepoints/savepoint-3 --state window-bids --key 1005 --namespace 1000
+  flowstate state get /tmp/sp/savepoints/savepoint-3 --state counts --key user-42 --operator sessions";
+
+const EXAMPLES_STATE_LIST: &str = "Examples:
+  flowstate state list /tmp/flowstate-$USER/checkpoints/nexmark/chk-7
+  flowstate state list s3://bucket/ck/clicks/chk-12 --json --config flowstate.toml";
+
+const EXAMPLES_STATE_DUMP: &str = "Examples:
+  flowstate state dump /tmp/flowstate-$USER/checkpoints/nexmark/chk-7 > state.jsonl
+  flowstate state dump /tmp/sp/savepoints/savepoint-3 --operator bidders --state spend -o spend.jsonl";
 
 /// Keyed state, checkpoints and savepoints for stream processors.
 #[derive(Parser, Debug)]
@@ -60,15 +72,23 @@ enum Command {
     /// Run the Nexmark job (per-auction windowed bids, per-person running spend) with checkpoints.
     #[command(after_help = EXAMPLES_RUN)]
     Run(RunArgs),
-    /// List or inspect checkpoints.
+    /// List or inspect checkpoints, or show every attempt's history.
     #[command(subcommand, after_help = EXAMPLES_CHECKPOINTS)]
     Checkpoints(CheckpointsCmd),
     /// Write a savepoint of a checkpoint or savepoint, on another backend or parallelism.
     #[command(after_help = EXAMPLES_SAVEPOINT)]
     Savepoint(SavepointArgs),
-    /// Read state offline.
+    /// Read any job's state offline: list, dump, get.
     #[command(subcommand, after_help = EXAMPLES_STATE)]
     State(StateCmd),
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum DumpFormatArg {
+    /// JSON Lines: one JSON object per entry.
+    Jsonl,
+    /// Apache Parquet: one row per entry.
+    Parquet,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -155,6 +175,30 @@ enum CheckpointsCmd {
         /// The job id.
         #[arg(long, default_value = "nexmark")]
         job: String,
+        /// Machine-readable JSON.
+        #[arg(long)]
+        json: bool,
+        /// Configuration file, for S3 settings (default: ./flowstate.toml when it exists).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Every checkpoint attempt of a job (the last 1,000): completed, aborted or declined with
+    /// the reason, duration, sizes, slowest subtask's synchronous and asynchronous parts.
+    #[command(
+        after_help = "Examples:\n  flowstate checkpoints history /tmp/flowstate-$USER/checkpoints\n  flowstate checkpoints history /tmp/flowstate-$USER/checkpoints --json\n  flowstate checkpoints history /tmp/flowstate-$USER/checkpoints --plot history.svg"
+    )]
+    History {
+        /// The checkpoint root (URL or path).
+        dir: String,
+        /// The job id.
+        #[arg(long, default_value = "nexmark")]
+        job: String,
+        /// Machine-readable JSON, with every subtask.
+        #[arg(long)]
+        json: bool,
+        /// Also draw durations and sizes over time, failures marked, into this SVG file.
+        #[arg(long, value_name = "FILE.svg")]
+        plot: Option<PathBuf>,
         /// Configuration file, for S3 settings (default: ./flowstate.toml when it exists).
         #[arg(long)]
         config: Option<PathBuf>,
@@ -179,15 +223,23 @@ enum CheckpointsCmd {
 struct SavepointArgs {
     /// The checkpoint or savepoint to convert (URL or path).
     path: String,
-    /// The savepoint root to write into (URL or path).
+    /// The savepoint root to write into (URL or path; default: state.savepoints.dir).
     #[arg(long)]
-    to: String,
-    /// Backend the state goes through (the savepoint format is the same for both).
+    to: Option<String>,
+    /// Backend that reads the source's native state (mmap checkpoints need mmap); the
+    /// savepoint is canonical and restores on either backend.
     #[arg(long, value_enum, default_value = "heap")]
     backend: BackendArg,
     /// Parallelism of the keyed operators in the savepoint (default: as in the source).
     #[arg(long)]
     parallelism: Option<u32>,
+    /// The operators of the job that will restore the savepoint (repeatable; default: all
+    /// of the source's).
+    #[arg(long = "operator")]
+    operators: Vec<String>,
+    /// Leave out the state of operators not given with --operator instead of failing.
+    #[arg(long)]
+    allow_non_restored_state: bool,
     /// Configuration file, for S3 settings (default: ./flowstate.toml when it exists).
     #[arg(long)]
     config: Option<PathBuf>,
@@ -195,20 +247,65 @@ struct SavepointArgs {
 
 #[derive(Subcommand, Debug)]
 enum StateCmd {
-    /// Print the value of one state for one key.
+    /// Operators and states of any job's checkpoint or savepoint: kind, serializers, TTL,
+    /// entries and bytes (per key group with --json).
+    #[command(after_help = EXAMPLES_STATE_LIST)]
+    List {
+        /// The checkpoint or savepoint (URL or path).
+        path: String,
+        /// Machine-readable JSON, with entries and bytes per key group.
+        #[arg(long)]
+        json: bool,
+        /// Configuration file, for S3 settings (default: ./flowstate.toml when it exists).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Every entry of the chosen states as JSON Lines: operator, state, kind, key group, key,
+    /// namespace, value (decoded when a built-in serializer wrote it, else {"hex": ...}).
+    #[command(after_help = EXAMPLES_STATE_DUMP)]
+    Dump {
+        /// The checkpoint or savepoint (URL or path).
+        path: String,
+        /// Only this operator.
+        #[arg(long)]
+        operator: Option<String>,
+        /// Only this state.
+        #[arg(long)]
+        state: Option<String>,
+        /// Output format: JSON Lines, or Parquet (needs --output and a build with the
+        /// `parquet` feature).
+        #[arg(long, value_enum, default_value = "jsonl")]
+        format: DumpFormatArg,
+        /// Write to this file instead of standard output.
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+        /// Configuration file, for S3 settings (default: ./flowstate.toml when it exists).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// The entries of one key of one state (every namespace, or --namespace).
     #[command(after_help = EXAMPLES_STATE)]
     Get {
         /// The checkpoint or savepoint (URL or path).
         path: String,
-        /// The state name (window-bids, window-max-price, closed-windows, spend, city).
+        /// The state name (see `flowstate state list`).
         #[arg(long)]
         state: String,
-        /// The key (an auction or person id).
-        #[arg(long)]
-        key: u64,
-        /// The namespace of windowed states: the window start (ms).
+        /// The key, typed as its built-in type (a number, a string, true/false).
         #[arg(long, allow_hyphen_values = true)]
-        namespace: Option<i64>,
+        key: String,
+        /// --key is the key's serialized bytes in hex (for keys of other serializers).
+        #[arg(long)]
+        key_hex: bool,
+        /// The operator, when several have a state of that name.
+        #[arg(long)]
+        operator: Option<String>,
+        /// Only this namespace (e.g. a window start), typed as its built-in type.
+        #[arg(long, allow_hyphen_values = true)]
+        namespace: Option<String>,
+        /// One JSON object per entry.
+        #[arg(long)]
+        json: bool,
         /// Configuration file, for S3 settings (default: ./flowstate.toml when it exists).
         #[arg(long)]
         config: Option<PathBuf>,
@@ -591,23 +688,77 @@ fn main() -> ExitCode {
     let quiet = cli.quiet;
     let result = match cli.command {
         Command::Run(args) => run(args, quiet),
-        Command::Checkpoints(CheckpointsCmd::List { dir, job, config }) => {
-            config_only(config.as_ref()).and_then(|c| tools::list(&c, &dir, &job))
-        }
+        Command::Checkpoints(CheckpointsCmd::List {
+            dir,
+            job,
+            json,
+            config,
+        }) => config_only(config.as_ref()).and_then(|c| tools::list(&c, &dir, &job, json)),
+        Command::Checkpoints(CheckpointsCmd::History {
+            dir,
+            job,
+            json,
+            plot,
+            config,
+        }) => config_only(config.as_ref())
+            .and_then(|c| history::history(&c, &dir, &job, json, plot.as_deref())),
         Command::Checkpoints(CheckpointsCmd::Inspect { path, json, config }) => {
             config_only(config.as_ref()).and_then(|c| tools::inspect(&c, &path, json))
         }
-        Command::Savepoint(a) => config_only(a.config.as_ref())
-            .and_then(|c| tools::convert(&c, &a.path, &a.to, a.backend.into(), a.parallelism)),
+        Command::Savepoint(a) => config_only(a.config.as_ref()).and_then(|c| {
+            let opts = state::SavepointOptions {
+                to: a.to.clone(),
+                backend: a.backend.into(),
+                parallelism: a.parallelism,
+                operators: a.operators.clone(),
+                allow_non_restored_state: a.allow_non_restored_state,
+                progress: !quiet,
+            };
+            state::savepoint(&c, &a.path, &opts)
+        }),
+        Command::State(StateCmd::List { path, json, config }) => {
+            config_only(config.as_ref()).and_then(|c| state::list(&c, &path, json))
+        }
+        Command::State(StateCmd::Dump {
+            path,
+            operator,
+            state: name,
+            format,
+            output,
+            config,
+        }) => config_only(config.as_ref()).and_then(|c| {
+            let opts = state::DumpOptions {
+                operator,
+                state: name,
+                format: match format {
+                    DumpFormatArg::Jsonl => state::DumpFormat::JsonLines,
+                    DumpFormatArg::Parquet => state::DumpFormat::Parquet,
+                },
+                output,
+                progress: !quiet,
+            };
+            state::dump(&c, &path, &opts)
+        }),
         Command::State(StateCmd::Get {
             path,
-            state,
+            state: name,
             key,
+            key_hex,
+            operator,
             namespace,
+            json,
             config,
-        }) => {
-            config_only(config.as_ref()).and_then(|c| tools::get(&c, &path, &state, key, namespace))
-        }
+        }) => config_only(config.as_ref()).and_then(|c| {
+            let opts = state::GetOptions {
+                state: name,
+                key,
+                key_hex,
+                operator,
+                namespace,
+                json,
+            };
+            state::get(&c, &path, &opts)
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -624,7 +775,8 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("error: {e}");
+            // One line, whatever the error carries (an S3 error document, a multi-line cause).
+            eprintln!("error: {}", storage_s3::one_line(&e));
             eprintln!("hint: {}", hint(e.as_ref()));
             ExitCode::FAILURE
         }

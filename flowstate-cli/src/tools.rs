@@ -1,18 +1,12 @@
-//! Offline tools behind the CLI: list and inspect checkpoints, convert savepoints between
-//! backends and parallelisms, read one key (in the spirit of Flink's State Processor API).
+//! Offline tools behind the CLI: list and inspect checkpoints (the state of any job is read,
+//! converted and written by [`crate::state`]).
 
-use checkpoint::{
-    assemble_operators, commit_savepoint, write_subtask_snapshot, CheckpointStorage,
-    CompletedCheckpoint, FileLocation, KeyedSnapshot, SnapshotKind, SnapshotTarget, SubtaskAck,
-    SubtaskSnapshot,
-};
+use checkpoint::{CheckpointStorage, CompletedCheckpoint, FileLocation, SnapshotKind};
 use object_store::path::Path as ObjectPath;
 use serde_json::json;
-use state_api::{assign_to_key_group, redistribute, KeyGroupRange, KeyedStateBackendExt};
-use state_heap::HeapKeyedStateBackend;
 
-use crate::job::{AuctionStates, BidderStates, JobBackend, JobError, OPERATORS};
-use flowstate::config::{BackendKind, Config};
+use crate::job::JobError;
+use flowstate::config::Config;
 
 /// A URL for a path or URL: `scheme://…` is kept, a path becomes an absolute `file://` URL.
 pub fn to_url(path_or_url: &str) -> Result<String, JobError> {
@@ -42,6 +36,29 @@ macro_rules! outln {
     ($($arg:tt)*) => {
         $crate::tools::print_line(format_args!($($arg)*))?
     };
+}
+
+/// A progress bar on standard error when `show` and standard error is a terminal (never in
+/// pipes, logs or tests); `bytes` shows its counts as sizes.
+pub fn progress_bar(
+    show: bool,
+    len: u64,
+    bytes: bool,
+    what: &str,
+) -> Result<Option<indicatif::ProgressBar>, JobError> {
+    use std::io::IsTerminal;
+    if !show || !std::io::stderr().is_terminal() {
+        return Ok(None);
+    }
+    let template = if bytes {
+        "{bar:30} {bytes}/{total_bytes} {bytes_per_sec} | {msg}"
+    } else {
+        "{bar:30} {pos}/{len} | {msg}"
+    };
+    let bar = indicatif::ProgressBar::new(len);
+    bar.set_style(indicatif::ProgressStyle::with_template(template).map_err(|e| e.to_string())?);
+    bar.set_message(what.to_string());
+    Ok(Some(bar))
 }
 
 /// A checkpoint root as the user should see it: a `file://` URL as its path, anything else as
@@ -116,7 +133,8 @@ pub fn open_checkpoint(
     Ok((storage, c))
 }
 
-fn time(millis: i64) -> String {
+/// A time as RFC 3339 in UTC, to the second.
+pub fn time(millis: i64) -> String {
     let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(millis.max(0) as u64);
     humantime::format_rfc3339_seconds(t).to_string()
 }
@@ -131,16 +149,23 @@ fn size(c: &CompletedCheckpoint) -> u64 {
     c.metadata.files().map(|f| f.size).sum()
 }
 
-/// Prints the completed checkpoints of `job` under `dir`. A directory or job without any
-/// checkpoint is an error that says what was not found.
-pub fn list(config: &Config, dir: &str, job: &str) -> Result<(), JobError> {
+/// The storage of `job` under the checkpoint root `dir` (a path or URL); a local directory
+/// that does not exist is an error that says so.
+pub fn job_storage(config: &Config, dir: &str, job: &str) -> Result<CheckpointStorage, JobError> {
     let url = to_url(dir)?;
     if let Some(path) = url.strip_prefix("file://") {
         if !std::path::Path::new(path).is_dir() {
             return Err(format!("no checkpoint directory at {path}: it does not exist").into());
         }
     }
-    let storage = crate::job::open_storage(config, &url, job)?;
+    crate::job::open_storage(config, &url, job)
+}
+
+/// Prints the completed checkpoints of `job` under `dir` (`json`: as a JSON array). A
+/// directory or job without any checkpoint is an error that says what was not found.
+pub fn list(config: &Config, dir: &str, job: &str, json_out: bool) -> Result<(), JobError> {
+    let url = to_url(dir)?;
+    let storage = job_storage(config, dir, job)?;
     let all = CompletedCheckpoint::retained(&storage, usize::MAX)?;
     if all.is_empty() {
         return Err(format!(
@@ -149,6 +174,24 @@ pub fn list(config: &Config, dir: &str, job: &str) -> Result<(), JobError> {
             jobs_hint(&storage)?
         )
         .into());
+    }
+    if json_out {
+        let doc: Vec<serde_json::Value> = all
+            .iter()
+            .map(|c| {
+                json!({
+                    "id": c.metadata.checkpoint_id,
+                    "time": time(c.metadata.timestamp_millis),
+                    "timestamp_millis": c.metadata.timestamp_millis,
+                    "bytes": size(c),
+                    "incremental": is_incremental(c),
+                    "duration_millis": c.metadata.duration_millis,
+                    "path": c.dir_location(),
+                })
+            })
+            .collect();
+        outln!("{}", serde_json::to_string_pretty(&doc)?);
+        return Ok(());
     }
     outln!(
         "{:>6}  {:<20}  {:>12}  {:<11}  {:>10}  path",
@@ -182,7 +225,8 @@ pub fn list(config: &Config, dir: &str, job: &str) -> Result<(), JobError> {
     Ok(())
 }
 
-fn c_size(bytes: u64) -> String {
+/// A size for people: `12 B`, `3.4 KiB`, `1.2 MiB`, `2.0 GiB`.
+pub fn c_size(bytes: u64) -> String {
     match bytes {
         b if b >= 1 << 30 => format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64),
         b if b >= 1 << 20 => format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64),
@@ -362,213 +406,5 @@ pub fn inspect(config: &Config, path: &str, json_out: bool) -> Result<(), JobErr
             }
         }
     }
-    Ok(())
-}
-
-/// Writes a savepoint of the checkpoint at `path` under `to`, going through `backend` at
-/// `parallelism` (default: the source's).
-pub fn convert(
-    config: &Config,
-    path: &str,
-    to: &str,
-    backend: BackendKind,
-    parallelism: Option<u32>,
-) -> Result<(), JobError> {
-    match backend {
-        BackendKind::Heap => {
-            convert_on::<HeapKeyedStateBackend<u64>>(config, path, to, parallelism)
-        }
-        #[cfg(feature = "mmap")]
-        BackendKind::Mmap => {
-            convert_on::<state_mmap::MmapKeyedStateBackend<u64>>(config, path, to, parallelism)
-        }
-        #[cfg(not(feature = "mmap"))]
-        BackendKind::Mmap => {
-            Err("the mmap backend is not compiled in: build with --features mmap".into())
-        }
-    }
-}
-
-fn convert_on<B: JobBackend>(
-    config: &Config,
-    path: &str,
-    to: &str,
-    parallelism: Option<u32>,
-) -> Result<(), JobError> {
-    let (src, c) = open_checkpoint(config, path)?;
-    c.check_operators(&OPERATORS, checkpoint::RestoreOptions::default())?;
-    let m = &c.metadata;
-    let dest = crate::job::open_storage(config, &to_url(to)?, &m.job_id)?;
-    let keyed_p = m
-        .operator("auctions")
-        .map(|o| o.parallelism)
-        .ok_or("the checkpoint has no 'auctions' operator")?;
-    let p = parallelism.unwrap_or(keyed_p);
-    let max_p = m
-        .operator("auctions")
-        .map(|o| o.max_parallelism)
-        .unwrap_or(config.max_parallelism);
-    state_api::validate_parallelism(max_p, p)?;
-    let mut cfg = config.clone();
-    cfg.max_parallelism = max_p;
-    let name = format!("{}-p{p}-{}", m.checkpoint_id, std::process::id());
-    let dir = dest.savepoint_dir(&name)?;
-    let target = SnapshotTarget {
-        dir: dir.clone(),
-        shared_dir: dest.shared_dir(),
-        checkpoint_id: m.checkpoint_id,
-        epoch: 0,
-    };
-    let mut acks = Vec::new();
-    // The source's operator state, kept at parallelism 1.
-    let source = c.operator_state("source", 0, 1)?;
-    let source = redistribute(&[source], 1).pop().unwrap_or_default();
-    let state = write_subtask_snapshot(
-        &dest,
-        &target,
-        SubtaskSnapshot {
-            operator_id: "source".into(),
-            subtask: 0,
-            keyed: None,
-            operator_state: Some(source),
-        },
-    )?;
-    acks.push(SubtaskAck {
-        operator_id: "source".into(),
-        parallelism: 1,
-        max_parallelism: max_p,
-        state,
-    });
-    // One memory budget and one set of background threads for every backend converted.
-    let shared = B::shared(&cfg)?;
-    for op in ["auctions", "bidders"] {
-        for i in 0..p {
-            let range = KeyGroupRange::for_operator(max_p, p, i)?;
-            let mut b = B::create_in(&cfg, range, &shared)?;
-            b.restore_from(&c, &src, op, i, &cfg)?;
-            if op == "auctions" {
-                AuctionStates::register(&mut b)?;
-            } else {
-                BidderStates::register(&mut b)?;
-            }
-            let state = write_subtask_snapshot(
-                &dest,
-                &target,
-                SubtaskSnapshot {
-                    operator_id: op.into(),
-                    subtask: i,
-                    keyed: Some(KeyedSnapshot::Full(vec![b.snapshot()?])),
-                    operator_state: None,
-                },
-            )?;
-            acks.push(SubtaskAck {
-                operator_id: op.into(),
-                parallelism: p,
-                max_parallelism: max_p,
-                state,
-            });
-        }
-    }
-    let done = commit_savepoint(
-        &dest,
-        &dir,
-        m.checkpoint_id,
-        m.timestamp_millis,
-        None,
-        0,
-        assemble_operators(acks)?,
-    )?;
-    outln!(
-        "savepoint of {} {} written at parallelism {p}: {}",
-        if m.kind == SnapshotKind::Checkpoint {
-            "checkpoint"
-        } else {
-            "savepoint"
-        },
-        m.checkpoint_id,
-        done.dir_location()
-    );
-    Ok(())
-}
-
-/// Prints the value of `state` for `key` in the checkpoint at `path`.
-pub fn get(
-    config: &Config,
-    path: &str,
-    state: &str,
-    key: u64,
-    namespace: Option<i64>,
-) -> Result<(), JobError> {
-    let (storage, c) = open_checkpoint(config, path)?;
-    let op = match state {
-        "window-bids" | "window-max-price" | "closed-windows" => "auctions",
-        "spend" | "city" => "bidders",
-        other => {
-            return Err(format!(
-                "unknown state '{other}': the job has window-bids, window-max-price, closed-windows (auctions) and spend, city (bidders)"
-            )
-            .into())
-        }
-    };
-    let max_p = c
-        .metadata
-        .operator(op)
-        .map(|o| o.max_parallelism)
-        .ok_or_else(|| format!("the checkpoint has no operator '{op}'"))?;
-    // Restore only the key group of the key.
-    let kg = assign_to_key_group(&key.to_be_bytes(), max_p);
-    let mut cfg = config.clone();
-    cfg.max_parallelism = max_p;
-    let range = KeyGroupRange::new(kg, kg + 1);
-    // Native mmap files are read by the mmap backend; canonical streams by the heap.
-    #[cfg(feature = "mmap")]
-    if crate::job::has_native_state(&c, op) {
-        let mut b = <state_mmap::MmapKeyedStateBackend<u64> as JobBackend>::create(&cfg, range)?;
-        b.restore_from(&c, &storage, op, 0, &cfg)?;
-        return print_value(&mut b, op, state, key, namespace);
-    }
-    let mut b = <HeapKeyedStateBackend<u64> as JobBackend>::create(&cfg, range)?;
-    b.restore_from(&c, &storage, op, 0, &cfg)?;
-    print_value(&mut b, op, state, key, namespace)
-}
-
-/// Prints `state` of `key` (in window `namespace`) from a restored backend.
-fn print_value<B: JobBackend>(
-    b: &mut B,
-    op: &str,
-    state: &str,
-    key: u64,
-    namespace: Option<i64>,
-) -> Result<(), JobError> {
-    b.set_current_key(key)?;
-    let text = if op == "auctions" {
-        let s = AuctionStates::register(b)?;
-        match state {
-            "closed-windows" => format!("{:?}", b.value(s.closed()).get()?),
-            name => {
-                let h = if name == "window-bids" {
-                    s.bids()
-                } else {
-                    s.max_price()
-                };
-                let w = namespace.ok_or_else(|| {
-                    format!("'{name}' is kept per window: pass --namespace <window start in ms>")
-                })?;
-                format!("{:?}", b.reducing_in(h, &w).get()?)
-            }
-        }
-    } else {
-        let s = BidderStates::register(b)?;
-        match state {
-            "spend" => format!(
-                "{:?}",
-                b.aggregating(s.spend())
-                    .get()?
-                    .map(|(n, sum)| format!("{n} bids, {sum} total"))
-            ),
-            _ => format!("{:?}", b.value(s.city()).get()?),
-        }
-    };
-    outln!("{state}[{key}] = {text}");
     Ok(())
 }

@@ -6,7 +6,7 @@
 //! |------------------|------------------------------|-----------------------------------------------|
 //! | always           | [`api`]                      | `state-api`: key groups, state kinds, TTL, snapshots, the snapshot contract |
 //! | always           | [`storage`], [`config`]      | `storage-s3`: local disk and memory stores; configuration |
-//! | `heap` (default) | [`heap`], [`checkpoint`]     | `state-heap` and the checkpoint layer          |
+//! | `heap` (default) | [`heap`], [`checkpoint`], [`processor`] | `state-heap`, the checkpoint layer and its State Processor (read, bootstrap, transform savepoints offline) |
 //! | `mmap`           | `mmap`, [`checkpoint`]       | `state-mmap` and the checkpoint layer (with or without `heap`) |
 //! | `s3`, `gcp`, `azure` | (in [`storage`])         | S3-compatible, Google Cloud and Azure stores   |
 //! | `timely`         | `timely`                     | `flowstate-timely`: keyed operators and checkpoints on timely dataflow, across processes |
@@ -43,6 +43,11 @@ pub use state_heap as heap;
 
 #[cfg(any(feature = "heap", feature = "mmap"))]
 pub use checkpoint;
+
+/// The State Processor: list, read, bootstrap and transform the state of any job's checkpoint
+/// or savepoint offline (`checkpoint::processor`).
+#[cfg(any(feature = "heap", feature = "mmap"))]
+pub use checkpoint::processor;
 
 #[cfg(feature = "mmap")]
 pub use state_mmap as mmap;

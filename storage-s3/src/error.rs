@@ -122,7 +122,7 @@ pub enum Error {
     },
 
     /// An operation on the object store failed (after object_store's own retries, for HTTP stores).
-    #[error("{url}: {operation} {path:?} failed: {source}")]
+    #[error("{url}: {operation} {path:?} failed: {}", one_line(source))]
     Store {
         /// The store URL, with credentials removed.
         url: String,
@@ -141,8 +141,9 @@ pub enum Error {
     /// the parts already uploaded then stay on the server until its incomplete-upload cleanup
     /// removes them, but they are never visible as an object.
     #[error(
-        "{url}: multipart upload of {file:?} to {path:?} failed{}: {source}",
-        abort_error.as_deref().map(|e| format!(" (and aborting it failed: {e})")).unwrap_or_default()
+        "{url}: multipart upload of {file:?} to {path:?} failed{}: {}",
+        abort_error.as_deref().map(|e| format!(" (and aborting it failed: {})", one_line(&e))).unwrap_or_default(),
+        one_line(source)
     )]
     UploadFailed {
         /// The store URL, with credentials removed.
@@ -159,7 +160,7 @@ pub enum Error {
     },
 
     /// Building the object store client failed.
-    #[error("{url}: building the object store failed: {source}")]
+    #[error("{url}: building the object store failed: {}", one_line(source))]
     Build {
         /// The store URL, with credentials removed.
         url: String,
@@ -279,5 +280,107 @@ pub(crate) fn io_error(
         operation,
         file: file.to_owned(),
         source,
+    }
+}
+
+/// An error's message on one line, for people: an S3 error document (the XML body a server
+/// answers with) becomes its `Code: Message` after the HTTP status that precedes it, XML
+/// entities are decoded, and line breaks collapse into spaces. Messages without such a
+/// document are only collapsed onto one line.
+///
+/// ```
+/// let e = "Error performing GET http://127.0.0.1:8333/b/k in 2ms - Server returned non-2xx \
+///          status code: 404 Not Found: <?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error>\
+///          <Code>NoSuchBucket</Code><Message>The specified bucket does not exist</Message>\
+///          <Resource>/b/k</Resource></Error>";
+/// assert_eq!(
+///     storage_s3::one_line(&e),
+///     "Error performing GET http://127.0.0.1:8333/b/k in 2ms - Server returned non-2xx \
+///      status code: 404 Not Found: NoSuchBucket: The specified bucket does not exist"
+/// );
+/// ```
+pub fn one_line(e: &dyn std::fmt::Display) -> String {
+    let text = e.to_string();
+    let xml = text.find("<?xml").or_else(|| text.find("<Error>"));
+    let out = match xml {
+        None => text.clone(),
+        Some(at) => {
+            let doc = &text[at..];
+            let tag = |name: &str| -> Option<String> {
+                let open = format!("<{name}>");
+                let close = format!("</{name}>");
+                let start = doc.find(&open)? + open.len();
+                let len = doc[start..].find(&close)?;
+                Some(unescape(doc[start..start + len].trim()))
+            };
+            let head = text[..at].trim_end().trim_end_matches(':').trim_end();
+            let what = match (tag("Code"), tag("Message")) {
+                (Some(c), Some(m)) => format!("{c}: {m}"),
+                (Some(c), None) => c,
+                (None, Some(m)) => m,
+                (None, None) => "an error document without a code".to_string(),
+            };
+            // What follows the document (object_store may add retry details).
+            let rest = doc
+                .find("</Error>")
+                .map(|i| doc[i + "</Error>".len()..].trim())
+                .unwrap_or("");
+            let rest = rest.trim_start_matches([')', ',']).trim();
+            let what = if rest.is_empty() {
+                what
+            } else {
+                format!("{what} {rest}")
+            };
+            if head.is_empty() {
+                what
+            } else {
+                format!("{head}: {what}")
+            }
+        }
+    };
+    out.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+fn unescape(s: &str) -> String {
+    s.replace("&lt;", "<")
+        .replace("&gt;", ">")
+        .replace("&quot;", "\"")
+        .replace("&apos;", "'")
+        .replace("&amp;", "&")
+}
+
+#[cfg(test)]
+mod one_line_tests {
+    use super::*;
+
+    #[test]
+    fn an_s3_error_document_becomes_status_code_and_message() {
+        let body = "Error performing PUT http://127.0.0.1:8333/bucket/job/chk-1/_metadata in \
+                    3.1ms - Server returned non-2xx status code: 403 Forbidden: <?xml \
+                    version=\"1.0\" encoding=\"UTF-8\"?>\n<Error>\n  <Code>AccessDenied</Code>\n  \
+                    <Message>Access Denied &amp; logged</Message>\n  \
+                    <RequestId>1234</RequestId>\n</Error>";
+        let e = Error::Store {
+            url: "s3://bucket".into(),
+            operation: "put",
+            path: "job/chk-1/_metadata".into(),
+            source: Box::new(object_store::Error::Generic {
+                store: "S3",
+                source: Box::new(std::io::Error::other(body)),
+            }),
+        };
+        let msg = e.to_string();
+        assert!(!msg.contains('<') && !msg.contains('\n'), "{msg}");
+        assert!(
+            msg.contains("403 Forbidden: AccessDenied: Access Denied & logged"),
+            "{msg}"
+        );
+        assert!(
+            msg.starts_with("s3://bucket: put \"job/chk-1/_metadata\" failed: "),
+            "{msg}"
+        );
+        // Without a document, only the line breaks go.
+        assert_eq!(one_line(&"a\n  b"), "a b");
+        assert_eq!(one_line(&"<Error><Code>X</Code></Error>"), "X");
     }
 }

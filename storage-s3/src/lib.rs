@@ -105,7 +105,7 @@ pub use config::{
     HttpOptions, LocalOptions, RetryOptions, S3Options, Secret, StorageConfig, TransferOptions,
     MIN_S3_PART_SIZE,
 };
-pub use error::{Error, ErrorKind, Result};
+pub use error::{one_line, Error, ErrorKind, Result};
 pub use paths::{
     join_segments, relative_path, validate_segment, MAX_PATH_BYTES, MAX_SEGMENT_BYTES,
 };

@@ -320,6 +320,13 @@ async fn s3_bad_credentials_fail_fast_without_leaking_them() {
         "{shown}"
     );
     assert_eq!(err.kind(), ErrorKind::Denied, "{err}");
+    // One line a person reads: the status and the server's code and message, no XML.
+    let line = err.to_string();
+    assert!(!line.contains('<') && !line.contains('\n'), "{line}");
+    assert!(
+        line.contains("403 Forbidden: SignatureDoesNotMatch: "),
+        "{line}"
+    );
 
     // A bucket that does not exist is a clear error too.
     let mut config = env.config("x");
@@ -334,6 +341,8 @@ async fn s3_bad_credentials_fail_fast_without_leaking_them() {
         err.to_string().contains("no-such-bucket-flowstate"),
         "{err}"
     );
+    let line = err.to_string();
+    assert!(!line.contains('<') && !line.contains('\n'), "{line}");
 }
 
 /// An endpoint where nothing listens: connection refused, retried briefly, then a clear error.

@@ -192,6 +192,21 @@ impl NativeCheckpointMeta {
         Ok(registry.into_iter().map(|(_, p)| p.meta).collect())
     }
 
+    /// The key serializers the states' keys were written with, each once (a tool that
+    /// converts the files without knowing the key type builds its backend with this one, so
+    /// the restored states are carried over).
+    pub fn key_serializers(&self) -> Result<Vec<state_api::SerializerSnapshot>> {
+        let (_, registry) =
+            decode_registry(&self.registry, Path::new("native checkpoint metadata"))?;
+        let mut out: Vec<state_api::SerializerSnapshot> = Vec::new();
+        for (_, p) in registry {
+            if !out.contains(&p.key_ser) {
+                out.push(p.key_ser);
+            }
+        }
+        Ok(out)
+    }
+
     /// The files a backend owning `range` needs (to download before restoring).
     pub fn files_for(&self, range: KeyGroupRange) -> Vec<&FileRef> {
         self.runs
