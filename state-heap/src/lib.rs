@@ -611,7 +611,11 @@ impl<K: StateKey> HeapKeyedStateBackend<K> {
                 requested: StateKind::Timers,
             });
         }
-        check_key_serializer(&self.key_serializer, chunk)?;
+        check_key_serializer(
+            &self.key_serializer,
+            &chunk.meta.name,
+            &chunk.key_serializer,
+        )?;
         self.timer_services[i].restore(chunk)?;
         self.timers_dirty.iter_mut().for_each(|d| *d = true);
         self.changes.timers_replaced(i);
@@ -626,7 +630,7 @@ impl<K: StateKey> HeapKeyedStateBackend<K> {
         now: i64,
     ) -> Result<()> {
         let name = chunk.meta.name.to_string();
-        check_key_serializer(key_serializer, chunk)?;
+        check_key_serializer(key_serializer, &chunk.meta.name, &chunk.key_serializer)?;
         table.prepare_restore(&chunk.meta)?;
         let mut keyed = Vec::with_capacity(chunk.records.len());
         for (key_group, raw) in chunk.records() {
@@ -711,14 +715,7 @@ impl<K: StateKey> RestoreVisitor for Stream<'_, K> {
             }
             if let Some(id) = self.ids.get(&meta.name) {
                 let i = id.0 as usize;
-                let chunk_key = PendingChunk {
-                    stream: stream.to_string(),
-                    meta: meta.clone(),
-                    key_serializer: header.key_serializer.clone(),
-                    data: Vec::new(),
-                    records: Vec::new(),
-                };
-                check_key_serializer(self.key_serializer, &chunk_key)?;
+                check_key_serializer(self.key_serializer, &meta.name, &header.key_serializer)?;
                 if let Some(table) = self.tables.get_mut(i) {
                     table.prepare_restore(meta)?;
                     self.direct.insert(meta.name.clone(), i);
@@ -1405,7 +1402,11 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
                         requested: StateKind::Timers,
                     });
                 }
-                check_key_serializer(&self.key_serializer, chunk)?;
+                check_key_serializer(
+                    &self.key_serializer,
+                    &chunk.meta.name,
+                    &chunk.key_serializer,
+                )?;
                 service.restore(chunk)?;
             }
             self.pending.remove(&name);
@@ -1608,10 +1609,11 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
 /// Restored keys must be readable as they are: their bytes decide their key group.
 fn check_key_serializer<K: 'static>(
     key_serializer: &Arc<dyn StateSerializer<K>>,
-    chunk: &PendingChunk,
+    state: &StateName,
+    recorded: &SerializerSnapshot,
 ) -> Result<()> {
-    let state = chunk.meta.name.to_string();
-    match key_serializer.compatibility(&chunk.key_serializer) {
+    let state = state.to_string();
+    match key_serializer.compatibility(recorded) {
         Compatibility::CompatibleAsIs => Ok(()),
         Compatibility::CompatibleAfterMigration(_) => Err(Error::IncompatibleSerializer {
             state,

@@ -327,6 +327,12 @@ impl MmapEnvironment {
             / self.live_engines().max(1)
     }
 
+    /// The budget divided by the engines open in it (the whole budget while none is open):
+    /// the floor of every engine's write buffer is a twelfth of this.
+    pub(crate) fn budget_per_engine(&self) -> usize {
+        self.inner.options.memory_budget / self.live_engines().max(1)
+    }
+
     /// What all engines charge for block indexes, bloom filters and running compactions, as
     /// they last reported.
     pub fn charged_total(&self) -> usize {

@@ -26,8 +26,7 @@ impl Db {
         self.env.set_charged(self.env_key, charged);
         self.env_generation = self.env.generation();
         self.share = charged + self.env.memory_share();
-        let even = self.env.options().memory_budget / self.env.live_engines().max(1);
-        self.buffer_bytes = write_buffer_bytes(self.share, charged, even);
+        self.buffer_bytes = write_buffer_bytes(self.share, charged, self.env.budget_per_engine());
     }
 
     /// The engine's share of its environment's memory budget, as last taken (at its last

@@ -136,8 +136,7 @@ impl Db {
         env.set_charged(env_key, index_bytes);
         let env_generation = env.generation();
         let share = index_bytes + env.memory_share();
-        let even = env.options().memory_budget / env.live_engines().max(1);
-        let buffer = write_buffer_bytes(share, index_bytes, even);
+        let buffer = write_buffer_bytes(share, index_bytes, env.budget_per_engine());
         let (release, unmap, manifest_tx) = env.service_channels();
         let ctx = Arc::new(WorkerCtx {
             dir: dir.clone(),
