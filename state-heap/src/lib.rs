@@ -301,6 +301,101 @@ fn access_single<'a, K: StateKey, N: Namespace, KD: Kind>(
     Ok((cur, table.ok_or_else(|| unknown(name))?))
 }
 
+/// A list state's table, its elements with TTL stamps or without.
+enum Lists<'a, K: StateKey, N: Namespace, T: StateType> {
+    Plain(&'a mut Table<K, N, ListKind<T, NoTtl>>),
+    Stamped(&'a mut Table<K, N, ListKind<T, i64>>),
+}
+
+/// Runs `$body` with `$t` bound to the table inside a [`Lists`], whichever its element stamp.
+macro_rules! on_list {
+    ($lists:expr, |$t:ident| $body:expr) => {
+        match $lists {
+            Lists::Plain($t) => $body,
+            Lists::Stamped($t) => $body,
+        }
+    };
+}
+
+/// The table of list handle `$h` with elements `$ty`, and the current key.
+macro_rules! list_table {
+    ($self:ident, $ty:ty, $h:ident) => {
+        access_list::<K, N, $ty>(
+            &mut $self.tables,
+            &$self.stamped,
+            &$self.current,
+            $h.id(),
+            $h.name(),
+        )?
+    };
+}
+
+/// [`access`] for list states, whose elements come with or without TTL stamps.
+#[inline(always)]
+fn access_list<'a, K: StateKey, N: Namespace, T: StateType>(
+    tables: &'a mut [Box<dyn ErasedTable<K>>],
+    stamped: &[bool],
+    current: &'a Option<CurrentKey<K>>,
+    id: StateId,
+    name: &StateName,
+) -> Result<(&'a CurrentKey<K>, Lists<'a, K, N, T>)> {
+    let cur = current.as_ref().ok_or_else(|| Error::NoCurrentKey {
+        state: name.to_string(),
+    })?;
+    let table = tables.get_mut(id.0 as usize).ok_or_else(|| unknown(name))?;
+    let stamped = stamped.get(id.0 as usize).copied().unwrap_or(false);
+    let any: &mut dyn Any = &mut **table;
+    let table = if !stamped {
+        any.downcast_mut::<Table<K, N, ListKind<T, NoTtl>>>()
+            .map(Lists::Plain)
+    } else {
+        any.downcast_mut::<Table<K, N, ListKind<T, i64>>>()
+            .map(Lists::Stamped)
+    };
+    Ok((cur, table.ok_or_else(|| unknown(name))?))
+}
+
+/// A list's elements with TTL semantics (expired elements dropped, read refreshing the rest
+/// when configured).
+#[inline]
+fn list_get_in<K: StateKey, N: Namespace, T: StateType, S: Stamp>(
+    t: &mut Table<K, N, ListKind<T, S>>,
+    cur: &CurrentKey<K>,
+    ns: &N,
+    clock: &dyn Clock,
+) -> Option<Vec<T>> {
+    let ttl = match t.ttl {
+        Some(ttl) if S::STORED => ttl,
+        _ => {
+            return t
+                .find(cur, ns)
+                .map(|e| e.value.iter().map(|(v, _)| v.clone()).collect())
+        }
+    };
+    let now = clock.now_millis();
+    after_access(t, now);
+    let e = t.find(cur, ns)?;
+    let any_expired = e.value.iter().any(|(_, ts)| ttl.is_expired(ts.get(), now));
+    let out: Vec<T> = e
+        .value
+        .iter()
+        .filter(|(_, ts)| ttl.returns_expired() || !ttl.is_expired(ts.get(), now))
+        .map(|(v, _)| v.clone())
+        .collect();
+    if any_expired || ttl.refresh_on_read() {
+        if let Some(e) = t.find_mut(cur, ns) {
+            e.value.retain(|(_, ts)| !ttl.is_expired(ts.get(), now));
+            if ttl.refresh_on_read() {
+                e.value.iter_mut().for_each(|(_, ts)| *ts = S::new(now));
+            }
+            if e.value.is_empty() {
+                t.remove(cur, ns);
+            }
+        }
+    }
+    (!out.is_empty()).then_some(out)
+}
+
 /// The stable hash of an integer key's [`FixedWidthSerializer`] bytes (big-endian, full width),
 /// computed without a serializer call or buffer; `None` when `K` is not a primitive integer.
 /// The type tests resolve at compile time.
@@ -414,6 +509,40 @@ impl<K: StateKey> HeapKeyedStateBackend<K> {
         } else {
             self.register_stamped::<N, KD, NoTtl, i64>(name, kind, ttl, ns_ser)
         }
+    }
+
+    /// Registers a list state whose elements carry stamp `S` (TTL timestamps or nothing); a
+    /// table registered before with element stamp `U` (TTL switched on or off since) is
+    /// converted first, elements gaining a timestamp getting now.
+    fn register_list_as<T: StateType, N: Namespace, S: Stamp, U: Stamp>(
+        &mut self,
+        name: &StateName,
+        ser: &Arc<dyn StateSerializer<T>>,
+        ttl: Option<StateTtlConfig>,
+        ns_ser: &Arc<dyn StateSerializer<N>>,
+    ) -> Result<StateId> {
+        if let Some(&id) = self.ids.get(name) {
+            let now = self.clock.now_millis();
+            let i = id.0 as usize;
+            let other = self.tables[i]
+                .as_any_mut()
+                .downcast_mut::<Table<K, N, ListKind<T, U>>>();
+            if let Some(other) = other {
+                let kind = Arc::new(ListKind::<T, S>::new(Arc::clone(ser)));
+                let converted = other.convert_kind(kind, ttl, |list| {
+                    list.iter()
+                        .map(|(v, u)| (v.clone(), S::new(if U::STORED { u.get() } else { now })))
+                        .collect()
+                });
+                self.tables[i] = Box::new(converted);
+            }
+        }
+        let kind = ListKind::<T, S>::new(Arc::clone(ser));
+        let id = self.register(name, kind, ttl, ns_ser)?;
+        if let Some(s) = self.stamped.get_mut(id.0 as usize) {
+            *s = S::STORED;
+        }
+        Ok(id)
     }
 
     /// [`Self::register`] with entries stamped `T`; a table registered before with stamp `U`
@@ -971,10 +1100,13 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
         d: ListStateDescriptor<T, N>,
     ) -> Result<ListStateHandle<T, N>> {
         let name = d.name().clone();
-        let kind = ListKind {
-            ser: Arc::clone(d.element_serializer()),
+        let ser = d.element_serializer();
+        let ttl = d.ttl().copied();
+        let id = if ttl.is_some() {
+            self.register_list_as::<T, N, i64, NoTtl>(&name, ser, ttl, d.namespace_serializer())?
+        } else {
+            self.register_list_as::<T, N, NoTtl, i64>(&name, ser, ttl, d.namespace_serializer())?
         };
-        let id = self.register(&name, kind, d.ttl().copied(), d.namespace_serializer())?;
         Ok(ListStateHandle::new(id, name))
     }
 
@@ -1052,37 +1184,9 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
         h: &ListStateHandle<T, N>,
         ns: &N,
     ) -> Result<Option<Vec<T>>> {
-        let (cur, t) =
-            access::<K, N, ListKind<T>>(&mut self.tables, &self.current, h.id(), h.name())?;
-        let Some(ttl) = t.ttl else {
-            return Ok(t
-                .find(cur, ns)
-                .map(|e| e.value.iter().map(|(v, _)| v.clone()).collect()));
-        };
-        let now = self.clock.now_millis();
-        after_access(t, now);
-        let Some(e) = t.find(cur, ns) else {
-            return Ok(None);
-        };
-        let any_expired = e.value.iter().any(|(_, ts)| ttl.is_expired(*ts, now));
-        let out: Vec<T> = e
-            .value
-            .iter()
-            .filter(|(_, ts)| ttl.returns_expired() || !ttl.is_expired(*ts, now))
-            .map(|(v, _)| v.clone())
-            .collect();
-        if any_expired || ttl.refresh_on_read() {
-            if let Some(e) = t.find_mut(cur, ns) {
-                e.value.retain(|(_, ts)| !ttl.is_expired(*ts, now));
-                if ttl.refresh_on_read() {
-                    e.value.iter_mut().for_each(|(_, ts)| *ts = now);
-                }
-                if e.value.is_empty() {
-                    t.remove(cur, ns);
-                }
-            }
-        }
-        Ok((!out.is_empty()).then_some(out))
+        let (cur, t) = list_table!(self, T, h);
+        let clock = &*self.clock;
+        Ok(on_list!(t, |t| list_get_in(t, cur, ns, clock)))
     }
 
     #[inline]
@@ -1092,13 +1196,21 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
         ns: &N,
         value: T,
     ) -> Result<()> {
-        let (cur, t) =
-            access::<K, N, ListKind<T>>(&mut self.tables, &self.current, h.id(), h.name())?;
-        let ts = write_ts(t, &*self.clock);
-        match t.find_mut(cur, ns) {
-            Some(e) => e.value.push((value, ts)),
-            None => t.put(cur, ns, 0, vec![(value, ts)]),
-        }
+        let (cur, t) = list_table!(self, T, h);
+        let clock = &*self.clock;
+        on_list!(t, |t| {
+            let ts = Stamp::new(write_ts(t, clock));
+            match t.find_mut(cur, ns) {
+                Some(e) => e.value.push((value, ts)),
+                None => {
+                    // Room for a few elements, as a first `Vec::push` makes: appends follow
+                    // adds, and growing from one element would reallocate at once.
+                    let mut list = Vec::with_capacity(4);
+                    list.push((value, ts));
+                    t.put(cur, ns, 0, list);
+                }
+            }
+        });
         Ok(())
     }
 
@@ -1111,14 +1223,18 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
         if values.is_empty() {
             return Ok(());
         }
-        let (cur, t) =
-            access::<K, N, ListKind<T>>(&mut self.tables, &self.current, h.id(), h.name())?;
-        let ts = write_ts(t, &*self.clock);
-        let items = values.into_iter().map(|v| (v, ts));
-        match t.find_mut(cur, ns) {
-            Some(e) => e.value.extend(items),
-            None => t.put(cur, ns, 0, items.collect()),
-        }
+        let (cur, t) = list_table!(self, T, h);
+        let clock = &*self.clock;
+        on_list!(t, |t| {
+            let ts = Stamp::new(write_ts(t, clock));
+            // Without TTL the stamp takes no room and the collect below reuses the allocation
+            // of `values` (the element layout is the same).
+            let items = values.into_iter().map(|v| (v, ts));
+            match t.find_mut(cur, ns) {
+                Some(e) => e.value.extend(items),
+                None => t.put(cur, ns, 0, items.collect()),
+            }
+        });
         Ok(())
     }
 
@@ -1128,14 +1244,16 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
         ns: &N,
         values: Vec<T>,
     ) -> Result<()> {
-        let (cur, t) =
-            access::<K, N, ListKind<T>>(&mut self.tables, &self.current, h.id(), h.name())?;
-        if values.is_empty() {
-            t.remove(cur, ns);
-            return Ok(());
-        }
-        let ts = write_ts(t, &*self.clock);
-        t.put(cur, ns, 0, values.into_iter().map(|v| (v, ts)).collect());
+        let (cur, t) = list_table!(self, T, h);
+        let clock = &*self.clock;
+        on_list!(t, |t| {
+            if values.is_empty() {
+                t.remove(cur, ns);
+            } else {
+                let ts = Stamp::new(write_ts(t, clock));
+                t.put(cur, ns, 0, values.into_iter().map(|v| (v, ts)).collect());
+            }
+        });
         Ok(())
     }
 
@@ -1179,7 +1297,20 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
         user_key: UK,
         value: UV,
     ) -> Result<()> {
-        self.map_put_all(h, ns, vec![(user_key, value)])
+        let (cur, t) =
+            access::<K, N, MapKind<UK, UV>>(&mut self.tables, &self.current, h.id(), h.name())?;
+        let ts = write_ts(t, &*self.clock);
+        match t.find_mut(cur, ns) {
+            Some(e) => {
+                e.value.insert(user_key, (value, ts));
+            }
+            None => {
+                let mut map = MapStore::default();
+                map.insert(user_key, (value, ts));
+                t.put(cur, ns, 0, map);
+            }
+        }
+        Ok(())
     }
 
     fn map_put_all<UK: MapKey, UV: StateType, N: Namespace>(

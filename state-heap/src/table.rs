@@ -450,13 +450,26 @@ impl<IN: 'static, ACC: StateType, OUT: 'static> Kind for AggregatingKind<IN, ACC
     }
 }
 
-pub(crate) struct ListKind<T> {
+/// List state. Each element carries stamp `S`: its TTL timestamp (`i64`) when the state has a
+/// TTL, nothing ([`NoTtl`]) otherwise, so that a list of `u64` without TTL takes 8 bytes an
+/// element and the user's `Vec` becomes the stored list without a copy.
+pub(crate) struct ListKind<T, S = NoTtl> {
     pub ser: Arc<dyn StateSerializer<T>>,
+    pub stamp: std::marker::PhantomData<fn() -> S>,
 }
 
-impl<T: StateType> Kind for ListKind<T> {
-    /// Elements with their TTL timestamps.
-    type Stored = Vec<(T, i64)>;
+impl<T, S> ListKind<T, S> {
+    pub fn new(ser: Arc<dyn StateSerializer<T>>) -> Self {
+        ListKind {
+            ser,
+            stamp: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<T: StateType, S: Stamp> Kind for ListKind<T, S> {
+    /// Elements with their stamps.
+    type Stored = Vec<(T, S)>;
     type Readers = ResolvedReader<T>;
     const SINGLE: bool = false;
     fn kind(&self) -> StateKind {
@@ -478,13 +491,19 @@ impl<T: StateType> Kind for ListKind<T> {
         expired: &dyn Fn(i64) -> bool,
         out: &mut Vec<u8>,
     ) -> Result<bool> {
-        let live = s.iter().filter(|(_, ts)| !expired(*ts)).count();
+        let live = if S::STORED {
+            s.iter().filter(|(_, ts)| !expired(ts.get())).count()
+        } else if s.is_empty() || expired(0) {
+            0
+        } else {
+            s.len()
+        };
         if live == 0 {
             return Ok(false);
         }
         payload::count(out, live as u32);
-        for (v, ts) in s.iter().filter(|(_, ts)| !expired(*ts)) {
-            payload::list_element(out, *ts, |o| {
+        for (v, ts) in s.iter().filter(|(_, ts)| !S::STORED || !expired(ts.get())) {
+            payload::list_element(out, ts.get(), |o| {
                 self.ser
                     .serialize(v, o)
                     .map_err(ser_err(name, "list element"))
@@ -505,7 +524,10 @@ impl<T: StateType> Kind for ListKind<T> {
         let items = payload::decode_list(d)?;
         let mut out = Vec::with_capacity(items.len());
         for (ts, b) in items {
-            out.push((r.read(b).map_err(de_err(name, "list element"))?, fix_ts(ts)));
+            out.push((
+                r.read(b).map_err(de_err(name, "list element"))?,
+                S::new(fix_ts(ts)),
+            ));
         }
         Ok((out, 0))
     }
@@ -514,14 +536,14 @@ impl<T: StateType> Kind for ListKind<T> {
         Ok(a)
     }
     fn any_expired(&self, s: &Self::Stored, _: i64, expired: &dyn Fn(i64) -> bool) -> bool {
-        s.iter().any(|(_, ts)| expired(*ts))
+        s.iter().any(|(_, ts)| expired(ts.get()))
     }
     fn drop_expired(&self, s: &mut Self::Stored, _: i64, expired: &dyn Fn(i64) -> bool) -> bool {
-        s.retain(|(_, ts)| !expired(*ts));
+        s.retain(|(_, ts)| !expired(ts.get()));
         s.is_empty()
     }
     fn stamp_elements(&self, s: &mut Self::Stored, now: i64) {
-        s.iter_mut().for_each(|(_, ts)| *ts = now);
+        s.iter_mut().for_each(|(_, ts)| *ts = S::new(now));
     }
 }
 
@@ -698,6 +720,45 @@ impl<K: StateKey, N: Namespace, KD: Kind, T: Stamp> Table<K, N, KD, T> {
                         ns: e.ns.clone(),
                         stamp: U::new(ts),
                         value: e.value.clone(),
+                    },
+                    |x| rehash(&*self.key_ser, &x.key, &x.ns),
+                );
+            }
+            t.parts[i].dirty = part.dirty || !src.is_empty();
+        }
+        t.log = self.log.all_replaced();
+        t
+    }
+
+    /// The same entries under another kind whose stored values `convert` makes from these
+    /// (a list state whose elements gain or lose their TTL stamps on re-registration).
+    pub fn convert_kind<KD2: Kind>(
+        &self,
+        kind: Arc<KD2>,
+        ttl: Option<StateTtlConfig>,
+        convert: impl Fn(&KD::Stored) -> KD2::Stored,
+    ) -> Table<K, N, KD2, T> {
+        let mut t = Table::new(
+            self.name.clone(),
+            kind,
+            ttl,
+            Arc::clone(&self.ns_ser),
+            Arc::clone(&self.key_ser),
+            self.parts.len(),
+        );
+        for (i, part) in self.parts.iter().enumerate() {
+            let src = part.get();
+            let dst = t.parts[i].write();
+            dst.reserve(src.len(), |e| rehash(&*self.key_ser, &e.key, &e.ns));
+            for e in src.iter() {
+                let h = rehash(&*self.key_ser, &e.key, &e.ns);
+                dst.insert_unique(
+                    h,
+                    Entry {
+                        key: e.key.clone(),
+                        ns: e.ns.clone(),
+                        stamp: e.stamp,
+                        value: convert(&e.value),
                     },
                     |x| rehash(&*self.key_ser, &x.key, &x.ns),
                 );
