@@ -35,6 +35,7 @@
 
 mod changelog;
 mod checkpointing;
+mod restore;
 mod table;
 mod timers;
 
@@ -48,11 +49,10 @@ use std::sync::Arc;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use state_api::snapshot::{
-    restore_streams, RawRecord, RestoreVisitor, SnapshotHeader, SnapshotSummary, SnapshotWriter,
-};
+use state_api::snapshot::{restore_streams, SnapshotHeader, SnapshotSummary, SnapshotWriter};
 use state_api::*;
 
+use restore::{check_key_serializer, PendingChunk};
 use table::{
     after_access, read_single, write_ts, AggregatingKind, CurrentKey, ErasedTable, Kind, ListKind,
     MapKind, MapStore, NoTtl, ReducingKind, SharedTable, Stamp, Table, ValueKind,
@@ -65,6 +65,7 @@ pub struct HeapBackendBuilder<K> {
     range: Option<KeyGroupRange>,
     key_serializer: Arc<dyn StateSerializer<K>>,
     clock: Arc<dyn Clock>,
+    restore_threads: usize,
 }
 
 impl<K: StateKey> HeapBackendBuilder<K> {
@@ -92,6 +93,14 @@ impl<K: StateKey> HeapBackendBuilder<K> {
         self
     }
 
+    /// Threads that decode restored records (default: the cores available, at most 4). Each
+    /// owns a share of the key groups, so restore scales with them; the calling thread reads
+    /// the streams meanwhile. 1 still decodes beside the reading thread.
+    pub fn restore_threads(mut self, threads: usize) -> Self {
+        self.restore_threads = threads.max(1);
+        self
+    }
+
     /// Checks the settings and builds the backend.
     pub fn build(self) -> Result<HeapKeyedStateBackend<K>> {
         validate_max_parallelism(self.max_parallelism)?;
@@ -116,6 +125,7 @@ impl<K: StateKey> HeapBackendBuilder<K> {
             int_keys: is_int_key::<K>() && is_fixed_width_for::<K>(&self.key_serializer.snapshot()),
             key_serializer: self.key_serializer,
             clock: self.clock,
+            restore_threads: self.restore_threads,
             key_buf: Vec::with_capacity(64),
             current: None,
             tables: Vec::new(),
@@ -132,66 +142,13 @@ impl<K: StateKey> HeapBackendBuilder<K> {
     }
 }
 
-/// Restored records of one state from one stream, kept raw until the state is registered (or
-/// the restore is complete). The records' bytes live in one buffer: no allocation per record.
-pub(crate) struct PendingChunk {
-    stream: String,
-    meta: StateMeta,
-    key_serializer: SerializerSnapshot,
-    data: Vec<u8>,
-    records: Vec<OwnedRecord>,
-}
-
-/// Where one record's key, namespace and payload sit in [`PendingChunk::data`] (in that order).
-struct OwnedRecord {
-    key_group: u32,
-    start: usize,
-    key_len: u32,
-    namespace_len: u32,
-    payload_len: u32,
-    payload_offset: u64,
-}
-
-impl PendingChunk {
-    fn push(&mut self, key_group: u32, r: &RawRecord<'_>) {
-        let start = self.data.len();
-        self.data.extend_from_slice(r.key);
-        self.data.extend_from_slice(r.namespace);
-        self.data.extend_from_slice(r.payload);
-        // Each part came from a u32-length field of the stream.
-        self.records.push(OwnedRecord {
-            key_group,
-            start,
-            key_len: r.key.len() as u32,
-            namespace_len: r.namespace.len() as u32,
-            payload_len: r.payload.len() as u32,
-            payload_offset: r.payload_offset,
-        });
-    }
-
-    /// The records with their key groups, in the order they were read.
-    pub(crate) fn records(&self) -> impl Iterator<Item = (u32, RawRecord<'_>)> {
-        self.records.iter().map(|r| (r.key_group, self.raw(r)))
-    }
-
-    fn raw(&self, r: &OwnedRecord) -> RawRecord<'_> {
-        let k = r.start + r.key_len as usize;
-        let n = k + r.namespace_len as usize;
-        RawRecord {
-            state_index: 0,
-            key: &self.data[r.start..k],
-            namespace: &self.data[k..n],
-            payload: &self.data[n..n + r.payload_len as usize],
-            payload_offset: r.payload_offset,
-        }
-    }
-}
-
 /// Keyed state in memory for one subtask. See the [crate docs](crate).
 pub struct HeapKeyedStateBackend<K> {
     max_parallelism: u32,
     range: KeyGroupRange,
     key_serializer: Arc<dyn StateSerializer<K>>,
+    /// Threads decoding restored records.
+    restore_threads: usize,
     /// `max_parallelism - 1` when it is a power of two: the key group is then a mask away.
     kg_mask: Option<u32>,
     /// True when keys are primitive integers written by [`FixedWidthSerializer`]: their bytes
@@ -237,6 +194,9 @@ impl<K: StateKey + Serialize + DeserializeOwned> HeapKeyedStateBackend<K> {
             range: None,
             key_serializer: Arc::new(PostcardSerializer::<K>::new()),
             clock: Arc::new(SystemClock),
+            restore_threads: std::thread::available_parallelism()
+                .map_or(1, |n| n.get())
+                .clamp(1, 4),
         }
     }
 }
@@ -639,7 +599,14 @@ impl<K: StateKey> HeapKeyedStateBackend<K> {
             // Restored data waits here; it stays pending if it does not fit this descriptor.
             let now = self.clock.now_millis();
             for chunk in chunks {
-                Self::apply_chunk(&mut table, chunk, &self.key_serializer, self.range, now)?;
+                Self::apply_chunk(
+                    &mut table,
+                    chunk,
+                    &self.key_serializer,
+                    self.range,
+                    now,
+                    self.restore_threads,
+                )?;
             }
             self.pending.remove(name);
         }
@@ -757,134 +724,11 @@ impl<K: StateKey> HeapKeyedStateBackend<K> {
         key_serializer: &Arc<dyn StateSerializer<K>>,
         range: KeyGroupRange,
         now: i64,
+        workers: usize,
     ) -> Result<()> {
-        let name = chunk.meta.name.to_string();
         check_key_serializer(key_serializer, &chunk.meta.name, &chunk.key_serializer)?;
         table.prepare_restore(&chunk.meta)?;
-        let mut keyed = Vec::with_capacity(chunk.records.len());
-        for (key_group, raw) in chunk.records() {
-            let key = key_serializer
-                .deserialize(raw.key)
-                .map_err(|e| Error::Deserialize {
-                    state: name.clone(),
-                    what: "key",
-                    reason: e.0,
-                })?;
-            keyed.push(((key_group - range.start()) as usize, key, raw));
-        }
-        table.restore_records(&mut keyed.into_iter(), &chunk.stream, now)
-    }
-}
-
-struct Collect {
-    range: KeyGroupRange,
-    chunks: Vec<(StateName, PendingChunk)>,
-    current: HashMap<StateName, usize>,
-}
-
-impl RestoreVisitor for Collect {
-    fn on_header(&mut self, stream: &str, header: &SnapshotHeader) -> Result<()> {
-        self.current.clear();
-        for meta in &header.states {
-            self.current.insert(meta.name.clone(), self.chunks.len());
-            self.chunks.push((
-                meta.name.clone(),
-                PendingChunk {
-                    stream: stream.to_string(),
-                    meta: meta.clone(),
-                    key_serializer: header.key_serializer.clone(),
-                    data: Vec::new(),
-                    records: Vec::new(),
-                },
-            ));
-        }
-        Ok(())
-    }
-
-    fn on_record(
-        &mut self,
-        _stream: &str,
-        state: &StateMeta,
-        key_group: u32,
-        record: RawRecord<'_>,
-    ) -> Result<()> {
-        debug_assert!(self.range.contains(key_group));
-        if let Some(&i) = self.current.get(&state.name) {
-            self.chunks[i].1.push(key_group, &record);
-        }
-        Ok(())
-    }
-}
-
-/// The restore visitor: records of registered states are decoded straight into their tables
-/// as the stream is read (no copy of the stream in memory); those of timer services and of
-/// states not registered yet are collected for later ([`Collect`]).
-struct Stream<'a, K> {
-    tables: &'a mut [Box<dyn ErasedTable<K>>],
-    ids: &'a HashMap<StateName, StateId>,
-    timer_ids: &'a HashMap<StateName, usize>,
-    key_serializer: &'a Arc<dyn StateSerializer<K>>,
-    now: i64,
-    /// The tables of the current stream's registered states, by name.
-    direct: HashMap<StateName, usize>,
-    /// The last state a record named and its table (`None`: collected), so a run of records
-    /// of one state looks its name up once.
-    last: Option<(StateName, Option<usize>)>,
-    collect: Collect,
-}
-
-impl<K: StateKey> RestoreVisitor for Stream<'_, K> {
-    fn on_header(&mut self, stream: &str, header: &SnapshotHeader) -> Result<()> {
-        self.direct.clear();
-        self.last = None;
-        self.collect.on_header(stream, header)?;
-        for meta in &header.states {
-            if self.timer_ids.contains_key(&meta.name) {
-                continue;
-            }
-            if let Some(id) = self.ids.get(&meta.name) {
-                let i = id.0 as usize;
-                check_key_serializer(self.key_serializer, &meta.name, &header.key_serializer)?;
-                if let Some(table) = self.tables.get_mut(i) {
-                    table.prepare_restore(meta)?;
-                    self.direct.insert(meta.name.clone(), i);
-                }
-            }
-        }
-        Ok(())
-    }
-
-    fn on_record(
-        &mut self,
-        stream: &str,
-        state: &StateMeta,
-        key_group: u32,
-        record: RawRecord<'_>,
-    ) -> Result<()> {
-        let table = match &self.last {
-            Some((name, t)) if *name == state.name => *t,
-            _ => {
-                let t = self.direct.get(&state.name).copied();
-                self.last = Some((state.name.clone(), t));
-                t
-            }
-        };
-        let Some(i) = table else {
-            return self.collect.on_record(stream, state, key_group, record);
-        };
-        let key = self
-            .key_serializer
-            .deserialize(record.key)
-            .map_err(|e| Error::Deserialize {
-                state: state.name.to_string(),
-                what: "key",
-                reason: e.0,
-            })?;
-        let part = (key_group - self.collect.range.start()) as usize;
-        match self.tables.get_mut(i) {
-            Some(t) => t.restore_record(part, key, &record, stream, self.now),
-            None => Err(unknown(&state.name)),
-        }
+        restore::apply_chunk_parallel(table, chunk, &**key_serializer, range, now, workers)
     }
 }
 
@@ -951,13 +795,8 @@ impl<K: StateKey> HeapSnapshot<K> {
         let base = base + self.timers.len();
         for (i, chunks) in self.pending.iter().enumerate() {
             for chunk in chunks {
-                // Records of a chunk are in key-group order (they were read that way).
-                let from = chunk.records.partition_point(|r| r.key_group < kg);
-                for r in chunk.records[from..]
-                    .iter()
-                    .take_while(|r| r.key_group == kg)
-                {
-                    let raw = chunk.raw(r);
+                for raw in chunk.records_of(kg) {
+                    let raw = raw?;
                     w.write_record((base + i) as u32, raw.key, raw.namespace, raw.payload)?;
                 }
             }
@@ -1697,27 +1536,26 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
 
     fn restore<R: Read>(&mut self, streams: Vec<(String, R)>) -> Result<()> {
         let now = self.clock.now_millis();
-        let mut visitor = Stream {
-            tables: &mut self.tables,
-            ids: &self.ids,
-            timer_ids: &self.timer_ids,
-            key_serializer: &self.key_serializer,
-            now,
-            direct: HashMap::new(),
-            last: None,
-            collect: Collect {
-                range: self.range,
-                chunks: Vec::new(),
-                current: HashMap::new(),
-            },
+        let collect = if self.tables.is_empty() {
+            // Nothing registered: every block waits for its state's registration.
+            let mut collect = restore::Collect::new(self.range);
+            restore_streams(streams, self.max_parallelism, self.range, &mut collect)?;
+            collect.finish_stream();
+            collect
+        } else {
+            restore::restore_parallel(
+                streams,
+                self.restore_threads,
+                &mut self.tables,
+                &self.ids,
+                &self.timer_ids,
+                &self.key_serializer,
+                self.max_parallelism,
+                self.range,
+                now,
+            )?
         };
-        restore_streams(streams, self.max_parallelism, self.range, &mut visitor)?;
-        let collect = visitor.collect;
         for (name, chunk) in collect.chunks {
-            if chunk.records.is_empty() && self.ids.contains_key(&name) {
-                // A registered state: its records went straight into its table.
-                continue;
-            }
             if let Some(&i) = self.timer_ids.get(&name) {
                 self.apply_timer_chunk(i, &chunk)?;
                 continue;
@@ -1729,33 +1567,12 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
                     &self.key_serializer,
                     self.range,
                     now,
+                    self.restore_threads,
                 )?,
                 None => self.pending.entry(name).or_default().push(Arc::new(chunk)),
             }
         }
         Ok(())
-    }
-}
-
-/// Restored keys must be readable as they are: their bytes decide their key group.
-fn check_key_serializer<K: 'static>(
-    key_serializer: &Arc<dyn StateSerializer<K>>,
-    state: &StateName,
-    recorded: &SerializerSnapshot,
-) -> Result<()> {
-    let state = state.to_string();
-    match key_serializer.compatibility(recorded) {
-        Compatibility::CompatibleAsIs => Ok(()),
-        Compatibility::CompatibleAfterMigration(_) => Err(Error::IncompatibleSerializer {
-            state,
-            what: "key",
-            reason: "keys cannot be migrated: their bytes decide their key group".into(),
-        }),
-        Compatibility::Incompatible(reason) => Err(Error::IncompatibleSerializer {
-            state,
-            what: "key",
-            reason,
-        }),
     }
 }
 

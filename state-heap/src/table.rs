@@ -941,64 +941,160 @@ impl<K: StateKey, N: Namespace, KD: Kind, T: Stamp> Table<K, N, KD, T> {
                 reason: "namespace type differs from the registered one".into(),
             })
     }
+}
 
-    pub fn set_readers(&mut self, meta: &StateMeta, ns_reader: ResolvedReader<N>) -> Result<()> {
-        let kind = self.kind.resolve(meta)?;
-        self.readers = Some(RestoreReaders {
-            ns: ns_reader,
-            kind,
-            stamp_now: meta.ttl_millis.is_none() && self.ttl.is_some(),
+/// Decodes a restored record of state `name` with the readers prepared for its stream; returns
+/// its table hash and entry.
+fn decode_entry<K: StateKey, N: Namespace, KD: Kind, T: Stamp>(
+    name: &StateName,
+    kind: &KD,
+    readers: Option<&RestoreReaders<N, KD::Readers>>,
+    key: K,
+    record: &RawRecord<'_>,
+    stream: &str,
+    now: i64,
+) -> Result<(u64, Entry<K, N, KD::Stored, T>)> {
+    let readers = readers.ok_or_else(|| Error::RestoreMismatch {
+        reason: format!("state '{name}' has no restore serializers prepared"),
+    })?;
+    let ns = readers
+        .ns
+        .read(record.namespace)
+        .map_err(de_err(name, "namespace"))?;
+    let stamp = readers.stamp_now;
+    let fix = move |ts: i64| if stamp { now } else { ts };
+    let mut d = Decoder::new(record.payload, record.payload_offset, stream);
+    let (value, ts) = kind.decode(name, &readers.kind, &mut d, &fix)?;
+    let h = table_hash(state_api::stable_key_hash(record.key), ns_hash(&ns));
+    Ok((
+        h,
+        Entry {
+            key,
+            ns,
+            stamp: T::new(ts),
+            value,
+        },
+    ))
+}
+
+/// The readers of a restored stream's state for a table of this kind (`prepare_restore`).
+fn restore_readers<N: Namespace, KD: Kind>(
+    name: &StateName,
+    kind: &KD,
+    ttl: Option<StateTtlConfig>,
+    ns_ser: &Arc<dyn StateSerializer<N>>,
+    meta: &StateMeta,
+) -> Result<RestoreReaders<N, KD::Readers>> {
+    if meta.kind != kind.kind() {
+        return Err(Error::StateKindMismatch {
+            state: name.to_string(),
+            existing: meta.kind,
+            requested: kind.kind(),
         });
-        Ok(())
     }
+    let ns = meta.reader_for(SerializerRole::Namespace, ns_ser)?;
+    Ok(RestoreReaders {
+        ns,
+        kind: kind.resolve(meta)?,
+        stamp_now: meta.ttl_millis.is_none() && ttl.is_some(),
+    })
+}
 
-    /// Decodes a restored record (without inserting it); returns its table hash and entry.
-    pub fn decode_record(
-        &self,
+/// Restores records into the key groups of one table that one thread of a parallel restore
+/// owns (partitions `p` with `p % workers == worker`): threads decode and insert side by side
+/// without sharing a key group.
+pub(crate) trait PartSink<K>: Send {
+    /// Prepares the serializers of a stream's state before its records.
+    fn prepare(&mut self, meta: &StateMeta) -> Result<()>;
+    /// Makes room for `additional` more entries in partition `part`.
+    fn reserve(&mut self, part: usize, additional: usize);
+    /// Decodes a record of partition `part` and inserts it (replacing an equal key and
+    /// namespace).
+    fn restore(
+        &mut self,
+        part: usize,
         key: K,
         record: &RawRecord<'_>,
         stream: &str,
         now: i64,
-    ) -> Result<(u64, Entry<K, N, KD::Stored, T>)> {
-        let readers = self
-            .readers
-            .as_ref()
-            .ok_or_else(|| Error::RestoreMismatch {
-                reason: format!("state '{}' has no restore serializers prepared", self.name),
-            })?;
-        let ns = readers
-            .ns
-            .read(record.namespace)
-            .map_err(de_err(&self.name, "namespace"))?;
-        let stamp = readers.stamp_now;
-        let fix = move |ts: i64| if stamp { now } else { ts };
-        let mut d = Decoder::new(record.payload, record.payload_offset, stream);
-        let (value, ts) = self.kind.decode(&self.name, &readers.kind, &mut d, &fix)?;
-        let h = table_hash(state_api::stable_key_hash(record.key), ns_hash(&ns));
-        Ok((
-            h,
-            Entry {
-                key,
-                ns,
-                stamp: T::new(ts),
-                value,
-            },
-        ))
+    ) -> Result<()>;
+}
+
+/// A [`PartSink`] over a [`Table`]'s partitions.
+struct Sink<'a, K, N, KD: Kind, T: Stamp> {
+    name: &'a StateName,
+    kind: &'a KD,
+    ttl: Option<StateTtlConfig>,
+    ns_ser: &'a Arc<dyn StateSerializer<N>>,
+    key_ser: &'a dyn StateSerializer<K>,
+    readers: Option<RestoreReaders<N, KD::Readers>>,
+    workers: usize,
+    worker: usize,
+    /// Partition `p` of the table at `p / workers`.
+    slots: Vec<&'a mut Slot<Entry<K, N, KD::Stored, T>>>,
+}
+
+impl<K: StateKey, N: Namespace, KD: Kind, T: Stamp> Sink<'_, K, N, KD, T> {
+    fn slot(&mut self, part: usize) -> Result<&mut HashTable<Entry<K, N, KD::Stored, T>>> {
+        let name = self.name;
+        let (workers, worker) = (self.workers, self.worker);
+        match self.slots.get_mut(part / workers) {
+            Some(slot) if part % workers == worker => Ok(slot.write()),
+            _ => Err(Error::RestoreMismatch {
+                reason: format!(
+                    "state '{name}': a record of key-group position {part} outside the backend's \
+                     range"
+                ),
+            }),
+        }
+    }
+}
+
+impl<K: StateKey, N: Namespace, KD: Kind, T: Stamp> PartSink<K> for Sink<'_, K, N, KD, T> {
+    fn prepare(&mut self, meta: &StateMeta) -> Result<()> {
+        self.readers = Some(restore_readers(
+            self.name,
+            self.kind,
+            self.ttl,
+            self.ns_ser,
+            meta,
+        )?);
+        Ok(())
     }
 
-    /// Inserts a restored entry with table hash `h` into partition `part` (replacing an equal
-    /// key and namespace).
-    pub fn insert_restored(&mut self, part: usize, h: u64, e: Entry<K, N, KD::Stored, T>) {
-        self.log
-            .record(part, h, &e.key, &e.ns, || self.parts[part].get().len());
-        let key_ser = &*self.key_ser;
-        let t = self.parts[part].write();
+    fn reserve(&mut self, part: usize, additional: usize) {
+        let key_ser = self.key_ser;
+        if let Ok(t) = self.slot(part) {
+            t.reserve(additional, |x| rehash(key_ser, &x.key, &x.ns));
+        }
+    }
+
+    fn restore(
+        &mut self,
+        part: usize,
+        key: K,
+        record: &RawRecord<'_>,
+        stream: &str,
+        now: i64,
+    ) -> Result<()> {
+        let (h, e) = decode_entry::<K, N, KD, T>(
+            self.name,
+            self.kind,
+            self.readers.as_ref(),
+            key,
+            record,
+            stream,
+            now,
+        )?;
+        let key_ser = self.key_ser;
+        let t = self.slot(part)?;
         match t.find_mut(h, |x| x.key == e.key && x.ns == e.ns) {
             Some(x) => *x = e,
             None => {
                 t.insert_unique(h, e, |x| rehash(key_ser, &x.key, &x.ns));
             }
         }
+        Ok(())
     }
 }
 
@@ -1094,23 +1190,11 @@ pub(crate) trait ErasedTable<K>: Any + Send {
     fn take_changes(&mut self) -> Option<Box<dyn TakenChanges>>;
     fn incremental_cleanup(&mut self, now: i64, per_record: bool);
     fn prepare_restore(&mut self, meta: &StateMeta) -> Result<()>;
-    /// Decodes one record with the serializers [`ErasedTable::prepare_restore`] prepared and
-    /// inserts it (a later record of the same key and namespace replaces an earlier one): the
-    /// streaming restore of a registered state, record by record as the stream is read.
-    fn restore_record(
-        &mut self,
-        part: usize,
-        key: K,
-        record: &RawRecord<'_>,
-        stream: &str,
-        now: i64,
-    ) -> Result<()>;
-    fn restore_records(
-        &mut self,
-        records: &mut dyn Iterator<Item = (usize, K, RawRecord<'_>)>,
-        stream: &str,
-        now: i64,
-    ) -> Result<()>;
+    /// One [`PartSink`] per thread of a parallel restore, sink `w` owning partitions `p` with
+    /// `p % workers == w`.
+    fn split_restore(&mut self, workers: usize) -> Vec<Box<dyn PartSink<K> + '_>>;
+    /// After a parallel restore: the change log counts every written key group as replaced.
+    fn log_written_parts(&mut self);
 }
 
 /// A table's key groups as captured by a snapshot; written on any thread.
@@ -1349,67 +1433,48 @@ impl<K: StateKey, N: Namespace, KD: Kind, T: Stamp> ErasedTable<K> for Table<K, 
     }
 
     fn prepare_restore(&mut self, meta: &StateMeta) -> Result<()> {
-        if meta.kind != self.kind.kind() {
-            return Err(Error::StateKindMismatch {
-                state: self.name.to_string(),
-                existing: meta.kind,
-                requested: self.kind.kind(),
-            });
-        }
-        let ns = meta.reader_for(SerializerRole::Namespace, &self.ns_ser)?;
-        self.set_readers(meta, ns)
-    }
-
-    fn restore_record(
-        &mut self,
-        part: usize,
-        key: K,
-        record: &RawRecord<'_>,
-        stream: &str,
-        now: i64,
-    ) -> Result<()> {
-        if part >= self.parts.len() {
-            return Err(Error::RestoreMismatch {
-                reason: format!(
-                    "state '{}': a record of key-group position {part} outside the backend's {}",
-                    self.name,
-                    self.parts.len()
-                ),
-            });
-        }
-        let (h, e) = self.decode_record(key, record, stream, now)?;
-        self.insert_restored(part, h, e);
+        self.readers = Some(restore_readers(
+            &self.name,
+            &*self.kind,
+            self.ttl,
+            &self.ns_ser,
+            meta,
+        )?);
         Ok(())
     }
 
-    fn restore_records(
-        &mut self,
-        records: &mut dyn Iterator<Item = (usize, K, RawRecord<'_>)>,
-        stream: &str,
-        now: i64,
-    ) -> Result<()> {
-        // Decode everything first: a record that fails leaves the table as it was.
-        let mut decoded = Vec::new();
-        for (part, key, rec) in records {
-            let (h, e) = self.decode_record(key, &rec, stream, now)?;
-            decoded.push((part, h, e));
+    fn split_restore(&mut self, workers: usize) -> Vec<Box<dyn PartSink<K> + '_>> {
+        let workers = workers.max(1);
+        let mut slots: Vec<Vec<&mut Slot<_>>> = (0..workers).map(|_| Vec::new()).collect();
+        for (p, slot) in self.parts.iter_mut().enumerate() {
+            slots[p % workers].push(slot);
         }
-        // Room for every record up front: the tables do not grow (and rehash) step by step.
-        let mut per_part = vec![0usize; self.parts.len()];
-        for (part, _, _) in &decoded {
-            if let Some(n) = per_part.get_mut(*part) {
-                *n += 1;
-            }
-        }
+        let (name, kind, ttl, ns_ser) = (&self.name, &*self.kind, self.ttl, &self.ns_ser);
         let key_ser = &*self.key_ser;
-        for (slot, n) in self.parts.iter_mut().zip(per_part) {
-            if n > 0 {
-                slot.write().reserve(n, |x| rehash(key_ser, &x.key, &x.ns));
+        slots
+            .into_iter()
+            .enumerate()
+            .map(|(worker, slots)| {
+                Box::new(Sink {
+                    name,
+                    kind,
+                    ttl,
+                    ns_ser,
+                    key_ser,
+                    readers: None,
+                    workers,
+                    worker,
+                    slots,
+                }) as Box<dyn PartSink<K> + '_>
+            })
+            .collect()
+    }
+
+    fn log_written_parts(&mut self) {
+        for (p, slot) in self.parts.iter().enumerate() {
+            if slot.dirty {
+                self.log.part_replaced(p);
             }
         }
-        for (part, h, e) in decoded {
-            self.insert_restored(part, h, e);
-        }
-        Ok(())
     }
 }
