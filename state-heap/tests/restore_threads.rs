@@ -59,7 +59,11 @@ fn check(b: &mut HeapKeyedStateBackend<u64>) {
             (k, format!("first {k}"))
         };
         assert_eq!(b.value(&v).get().unwrap(), Some(value), "value of key {k}");
-        assert_eq!(b.list(&l).get().unwrap(), Some(vec![list]), "list of key {k}");
+        assert_eq!(
+            b.list(&l).get().unwrap(),
+            Some(vec![list]),
+            "list of key {k}"
+        );
     }
     assert_eq!(b.num_entries(), 6_000);
 }
@@ -94,7 +98,10 @@ fn any_number_of_threads_restores_the_same_state_in_stream_order() {
             ("second".to_string(), &second[..]),
         ])
         .unwrap();
-        assert_eq!(b.pending_restored_states(), vec![StateName::new("l").unwrap()]);
+        assert_eq!(
+            b.pending_restored_states(),
+            vec![StateName::new("l").unwrap()]
+        );
         check(&mut b);
     }
 }
@@ -112,10 +119,7 @@ fn a_wrong_type_is_refused_and_the_restored_data_stays() {
         assert!(err.to_string().contains('l'), "{err}");
         let l = b.register_list(lists()).unwrap();
         b.set_current_key(7).unwrap();
-        assert_eq!(
-            b.list(&l).get().unwrap(),
-            Some(vec!["first 7".to_string()])
-        );
+        assert_eq!(b.list(&l).get().unwrap(), Some(vec!["first 7".to_string()]));
         // Registered first with the wrong type: the restore itself fails.
         let mut b = backend(threads);
         b.register_list(ListStateDescriptor::<u64>::new("l").unwrap())
