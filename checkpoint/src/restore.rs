@@ -16,6 +16,9 @@ use crate::commit::CommitLog;
 use crate::error::{Error, Result};
 use crate::format::{CheckpointMetadata, FileLocation, FileRef, KeyedStateFile, MAX_METADATA_LEN};
 use crate::storage::{CheckpointStorage, METADATA_FILE};
+
+/// Native files a restore downloads at a time.
+const NATIVE_DOWNLOADS: usize = 4;
 use state_api::snapshot::{KeyGroupBlock, KeyGroupOffset, RawRecord};
 use state_api::StateKind;
 
@@ -271,6 +274,7 @@ impl CompletedCheckpoint {
         }
         let range = backend.key_group_range();
         let mut sources = Vec::new();
+        let mut downloads = Vec::new();
         let (mut files, mut bytes) = (0usize, 0u64);
         for st in &op.subtasks {
             if st.keyed.is_some() {
@@ -320,12 +324,22 @@ impl CompletedCheckpoint {
                             st.subtask
                         ),
                     })?;
-                self.download_file(storage, &r.file, &dir.join(&name))?;
+                let (path, size) = self.checked_size(storage, &r.file)?;
+                downloads.push((path, dir.join(&name), size, r.file.crc32c));
                 files += 1;
                 bytes += r.file.size;
             }
             sources.push(NativeRestoreSource { source, dir });
         }
+        // Several files at a time: their transfers, checksums and fsyncs overlap.
+        let location = self.location();
+        storage.download_files(downloads, NATIVE_DOWNLOADS, |e| match e {
+            Error::MissingFile { file, .. } => Error::MissingFile {
+                file,
+                referenced_by: location.clone(),
+            },
+            e => e,
+        })?;
         backend
             .restore_from_native(sources)
             .map_err(|e| Error::state(operator, subtask, e))?;

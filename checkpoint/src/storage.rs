@@ -307,6 +307,34 @@ impl CheckpointStorage {
         Ok(())
     }
 
+    /// Downloads each `(path, local file, size, crc32c)` as [`Self::download_file`] does, up to
+    /// `concurrency` at a time (their transfers and fsyncs overlap); stops at the first error
+    /// (the downloads still running are dropped and leave no file).
+    pub(crate) fn download_files(
+        &self,
+        files: Vec<(Path, std::path::PathBuf, u64, u32)>,
+        concurrency: usize,
+        on_error: impl Fn(Error) -> Error,
+    ) -> Result<()> {
+        use futures::StreamExt;
+        self.block_on(async {
+            let mut downloads = futures::stream::iter(files.into_iter().map(
+                |(path, local, size, crc32c)| async move {
+                    let expected = storage_s3::Checksum { crc32c, len: size };
+                    self.transfer
+                        .download_file(&path, &local, Some(expected))
+                        .await
+                        .map_err(|e| Error::transfer("downloading", &self.location(&path), e))
+                },
+            ))
+            .buffer_unordered(concurrency.max(1));
+            while let Some(r) = downloads.next().await {
+                r.map_err(&on_error)?;
+            }
+            Ok(())
+        })
+    }
+
     /// Uses `options` for file transfers (part size and parts in flight: what bounds the
     /// memory of an upload or a download) instead of `storage-s3`'s defaults.
     pub fn with_transfer_options(mut self, options: storage_s3::TransferOptions) -> Result<Self> {
