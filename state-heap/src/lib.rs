@@ -236,7 +236,8 @@ macro_rules! single_table {
     };
 }
 
-/// [`access`] for single-value kinds, whose tables come with or without TTL stamps.
+/// The typed table of a single-value state's handle (its entries with or without TTL stamps),
+/// and the current key.
 #[inline(always)]
 fn access_single<'a, K: StateKey, N: Namespace, KD: Kind>(
     tables: &'a mut [Box<dyn ErasedTable<K>>],
@@ -290,7 +291,8 @@ macro_rules! list_table {
     };
 }
 
-/// [`access`] for list states, whose elements come with or without TTL stamps.
+/// The typed table of a list state's handle (its elements with or without TTL stamps), and
+/// the current key.
 #[inline(always)]
 fn access_list<'a, K: StateKey, N: Namespace, T: StateType>(
     tables: &'a mut [Box<dyn ErasedTable<K>>],
@@ -356,6 +358,145 @@ fn list_get_in<K: StateKey, N: Namespace, T: StateType, S: Stamp>(
     (!out.is_empty()).then_some(out)
 }
 
+/// A map state's table, its entries with TTL stamps or without.
+enum Maps<'a, K: StateKey, N: Namespace, UK: MapKey, UV: StateType> {
+    Plain(&'a mut Table<K, N, MapKind<UK, UV, NoTtl>>),
+    Stamped(&'a mut Table<K, N, MapKind<UK, UV, i64>>),
+}
+
+/// Runs `$body` with `$t` bound to the table inside a [`Maps`], whichever its entry stamp.
+macro_rules! on_map {
+    ($maps:expr, |$t:ident| $body:expr) => {
+        match $maps {
+            Maps::Plain($t) => $body,
+            Maps::Stamped($t) => $body,
+        }
+    };
+}
+
+/// The table of map handle `$h` with user keys `$uk` and values `$uv`, and the current key.
+macro_rules! map_table {
+    ($self:ident, $uk:ty, $uv:ty, $h:ident) => {
+        access_map::<K, N, $uk, $uv>(
+            &mut $self.tables,
+            &$self.stamped,
+            &$self.current,
+            $h.id(),
+            $h.name(),
+        )?
+    };
+}
+
+/// The typed table of a map state's handle (its entries with or without TTL stamps), and the
+/// current key.
+#[inline(always)]
+fn access_map<'a, K: StateKey, N: Namespace, UK: MapKey, UV: StateType>(
+    tables: &'a mut [Box<dyn ErasedTable<K>>],
+    stamped: &[bool],
+    current: &'a Option<CurrentKey<K>>,
+    id: StateId,
+    name: &StateName,
+) -> Result<(&'a CurrentKey<K>, Maps<'a, K, N, UK, UV>)> {
+    let cur = current.as_ref().ok_or_else(|| Error::NoCurrentKey {
+        state: name.to_string(),
+    })?;
+    let table = tables.get_mut(id.0 as usize).ok_or_else(|| unknown(name))?;
+    let stamped = stamped.get(id.0 as usize).copied().unwrap_or(false);
+    let any: &mut dyn Any = &mut **table;
+    let table = if !stamped {
+        any.downcast_mut::<Table<K, N, MapKind<UK, UV, NoTtl>>>()
+            .map(Maps::Plain)
+    } else {
+        any.downcast_mut::<Table<K, N, MapKind<UK, UV, i64>>>()
+            .map(Maps::Stamped)
+    };
+    Ok((cur, table.ok_or_else(|| unknown(name))?))
+}
+
+/// A map entry's value with TTL semantics.
+#[inline]
+fn map_get_in<K: StateKey, N: Namespace, UK: MapKey, UV: StateType, S: Stamp>(
+    t: &mut Table<K, N, MapKind<UK, UV, S>>,
+    cur: &CurrentKey<K>,
+    ns: &N,
+    user_key: &UK,
+    clock: &dyn Clock,
+) -> Option<UV> {
+    let ttl = match t.ttl {
+        Some(ttl) if S::STORED => ttl,
+        _ => {
+            return t
+                .find(cur, ns)
+                .and_then(|e| e.value.get(user_key))
+                .map(|(v, _)| v.clone())
+        }
+    };
+    let now = clock.now_millis();
+    after_access(t, now);
+    let (v, ts) = t
+        .find(cur, ns)
+        .and_then(|e| e.value.get(user_key))
+        .cloned()?;
+    if ttl.is_expired(ts.get(), now) {
+        remove_user_key(t, cur, ns, user_key);
+        return ttl.returns_expired().then_some(v);
+    }
+    if ttl.refresh_on_read() {
+        if let Some(e) = t.find_mut(cur, ns) {
+            if let Some(entry) = e.value.get_mut(user_key) {
+                entry.1 = S::new(now);
+            }
+        }
+    }
+    Some(v)
+}
+
+/// A map's entries with TTL semantics; without TTL they are cloned as the iterator goes.
+fn map_entries_in<'a, K: StateKey, N: Namespace, UK: MapKey, UV: StateType, S: Stamp>(
+    t: &'a mut Table<K, N, MapKind<UK, UV, S>>,
+    cur: &CurrentKey<K>,
+    ns: &N,
+    clock: &dyn Clock,
+) -> MapIter<'a, UK, UV> {
+    let ttl = match t.ttl {
+        Some(ttl) if S::STORED => ttl,
+        _ => {
+            // Nothing is written on a read: the entries are cloned as they go.
+            let Some(e) = t.find(cur, ns) else {
+                return Box::new(std::iter::empty());
+            };
+            return Box::new(e.value.iter().map(|(k, (v, _))| Ok((k.clone(), v.clone()))));
+        }
+    };
+    let now = clock.now_millis();
+    after_access(t, now);
+    let Some(e) = t.find(cur, ns) else {
+        return Box::new(std::iter::empty());
+    };
+    let any_expired = e
+        .value
+        .values()
+        .any(|(_, ts)| ttl.is_expired(ts.get(), now));
+    let out: Vec<(UK, UV)> = e
+        .value
+        .iter()
+        .filter(|(_, (_, ts))| ttl.returns_expired() || !ttl.is_expired(ts.get(), now))
+        .map(|(k, (v, _))| (k.clone(), v.clone()))
+        .collect();
+    if any_expired || ttl.refresh_on_read() {
+        if let Some(e) = t.find_mut(cur, ns) {
+            e.value.retain(|_, (_, ts)| !ttl.is_expired(ts.get(), now));
+            if ttl.refresh_on_read() {
+                e.value.values_mut().for_each(|(_, ts)| *ts = S::new(now));
+            }
+            if e.value.is_empty() {
+                t.remove(cur, ns);
+            }
+        }
+    }
+    Box::new(out.into_iter().map(Ok))
+}
+
 /// The stable hash of an integer key's [`FixedWidthSerializer`] bytes (big-endian, full width),
 /// computed without a serializer call or buffer; `None` when `K` is not a primitive integer.
 /// The type tests resolve at compile time.
@@ -401,24 +542,6 @@ fn is_fixed_width_for<K: Any>(snapshot: &state_api::SerializerSnapshot) -> bool 
 fn per_record_cleanup(ttl: Option<StateTtlConfig>) -> bool {
     ttl.and_then(|t| t.incremental_cleanup())
         .is_some_and(|c| c.run_for_every_record)
-}
-
-/// Finds the typed table of a handle, and the current key.
-#[inline]
-fn access<'a, K: StateKey, N: Namespace, KD: Kind>(
-    tables: &'a mut [Box<dyn ErasedTable<K>>],
-    current: &'a Option<CurrentKey<K>>,
-    id: StateId,
-    name: &StateName,
-) -> Result<(&'a CurrentKey<K>, &'a mut Table<K, N, KD>)> {
-    let cur = current.as_ref().ok_or_else(|| Error::NoCurrentKey {
-        state: name.to_string(),
-    })?;
-    let table = tables
-        .get_mut(id.0 as usize)
-        .and_then(|t| t.as_any_mut().downcast_mut::<Table<K, N, KD>>())
-        .ok_or_else(|| unknown(name))?;
-    Ok((cur, table))
 }
 
 impl<K: StateKey> HeapKeyedStateBackend<K> {
@@ -499,6 +622,42 @@ impl<K: StateKey> HeapKeyedStateBackend<K> {
         }
         let kind = ListKind::<T, S>::new(Arc::clone(ser));
         let id = self.register(name, kind, ttl, ns_ser)?;
+        if let Some(s) = self.stamped.get_mut(id.0 as usize) {
+            *s = S::STORED;
+        }
+        Ok(id)
+    }
+
+    /// Registers a map state whose entries carry stamp `S`, converting a table registered
+    /// before with entry stamp `U` (as [`Self::register_list_as`] does for lists).
+    #[allow(clippy::type_complexity)]
+    fn register_map_as<UK: MapKey, UV: StateType, N: Namespace, S: Stamp, U: Stamp>(
+        &mut self,
+        name: &StateName,
+        (key_ser, value_ser): (&Arc<dyn StateSerializer<UK>>, &Arc<dyn StateSerializer<UV>>),
+        ttl: Option<StateTtlConfig>,
+        ns_ser: &Arc<dyn StateSerializer<N>>,
+    ) -> Result<StateId> {
+        let kind = || MapKind::<UK, UV, S>::new(Arc::clone(key_ser), Arc::clone(value_ser));
+        if let Some(&id) = self.ids.get(name) {
+            let now = self.clock.now_millis();
+            let i = id.0 as usize;
+            let other = self.tables[i]
+                .as_any_mut()
+                .downcast_mut::<Table<K, N, MapKind<UK, UV, U>>>();
+            if let Some(other) = other {
+                let converted = other.convert_kind(Arc::new(kind()), ttl, |map| {
+                    map.iter()
+                        .map(|(k, (v, u))| {
+                            let ts = if U::STORED { u.get() } else { now };
+                            (k.clone(), (v.clone(), S::new(ts)))
+                        })
+                        .collect()
+                });
+                self.tables[i] = Box::new(converted);
+            }
+        }
+        let id = self.register(name, kind(), ttl, ns_ser)?;
         if let Some(s) = self.stamped.get_mut(id.0 as usize) {
             *s = S::STORED;
         }
@@ -954,11 +1113,23 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
         d: MapStateDescriptor<UK, UV, N>,
     ) -> Result<MapStateHandle<UK, UV, N>> {
         let name = d.name().clone();
-        let kind = MapKind {
-            key_ser: Arc::clone(d.user_key_serializer()),
-            value_ser: Arc::clone(d.user_value_serializer()),
+        let sers = (d.user_key_serializer(), d.user_value_serializer());
+        let ttl = d.ttl().copied();
+        let id = if ttl.is_some() {
+            self.register_map_as::<UK, UV, N, i64, NoTtl>(
+                &name,
+                sers,
+                ttl,
+                d.namespace_serializer(),
+            )?
+        } else {
+            self.register_map_as::<UK, UV, N, NoTtl, i64>(
+                &name,
+                sers,
+                ttl,
+                d.namespace_serializer(),
+            )?
         };
-        let id = self.register(&name, kind, d.ttl().copied(), d.namespace_serializer())?;
         Ok(MapStateHandle::new(id, name))
     }
 
@@ -1102,31 +1273,9 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
         ns: &N,
         user_key: &UK,
     ) -> Result<Option<UV>> {
-        let (cur, t) =
-            access::<K, N, MapKind<UK, UV>>(&mut self.tables, &self.current, h.id(), h.name())?;
-        let Some(ttl) = t.ttl else {
-            return Ok(t
-                .find(cur, ns)
-                .and_then(|e| e.value.get(user_key))
-                .map(|(v, _)| v.clone()));
-        };
-        let now = self.clock.now_millis();
-        after_access(t, now);
-        let Some((v, ts)) = t.find(cur, ns).and_then(|e| e.value.get(user_key)).cloned() else {
-            return Ok(None);
-        };
-        if ttl.is_expired(ts, now) {
-            remove_user_key(t, cur, ns, user_key);
-            return Ok(ttl.returns_expired().then_some(v));
-        }
-        if ttl.refresh_on_read() {
-            if let Some(e) = t.find_mut(cur, ns) {
-                if let Some(entry) = e.value.get_mut(user_key) {
-                    entry.1 = now;
-                }
-            }
-        }
-        Ok(Some(v))
+        let (cur, t) = map_table!(self, UK, UV, h);
+        let clock = &*self.clock;
+        Ok(on_map!(t, |t| map_get_in(t, cur, ns, user_key, clock)))
     }
 
     fn map_put<UK: MapKey, UV: StateType, N: Namespace>(
@@ -1136,19 +1285,21 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
         user_key: UK,
         value: UV,
     ) -> Result<()> {
-        let (cur, t) =
-            access::<K, N, MapKind<UK, UV>>(&mut self.tables, &self.current, h.id(), h.name())?;
-        let ts = write_ts(t, &*self.clock);
-        match t.find_mut(cur, ns) {
-            Some(e) => {
-                e.value.insert(user_key, (value, ts));
+        let (cur, t) = map_table!(self, UK, UV, h);
+        let clock = &*self.clock;
+        on_map!(t, |t| {
+            let ts = Stamp::new(write_ts(t, clock));
+            match t.find_mut(cur, ns) {
+                Some(e) => {
+                    e.value.insert(user_key, (value, ts));
+                }
+                None => {
+                    let mut map = MapStore::default();
+                    map.insert(user_key, (value, ts));
+                    t.put(cur, ns, 0, map);
+                }
             }
-            None => {
-                let mut map = MapStore::default();
-                map.insert(user_key, (value, ts));
-                t.put(cur, ns, 0, map);
-            }
-        }
+        });
         Ok(())
     }
 
@@ -1161,14 +1312,16 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
         if entries.is_empty() {
             return Ok(());
         }
-        let (cur, t) =
-            access::<K, N, MapKind<UK, UV>>(&mut self.tables, &self.current, h.id(), h.name())?;
-        let ts = write_ts(t, &*self.clock);
-        let items = entries.into_iter().map(|(k, v)| (k, (v, ts)));
-        match t.find_mut(cur, ns) {
-            Some(e) => e.value.extend(items),
-            None => t.put(cur, ns, 0, items.collect::<MapStore<UK, UV>>()),
-        }
+        let (cur, t) = map_table!(self, UK, UV, h);
+        let clock = &*self.clock;
+        on_map!(t, |t| {
+            let ts = Stamp::new(write_ts(t, clock));
+            let items = entries.into_iter().map(|(k, v)| (k, (v, ts)));
+            match t.find_mut(cur, ns) {
+                Some(e) => e.value.extend(items),
+                None => t.put(cur, ns, 0, items.collect::<MapStore<_, _, _>>()),
+            }
+        });
         Ok(())
     }
 
@@ -1178,13 +1331,14 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
         ns: &N,
         user_key: &UK,
     ) -> Result<()> {
-        let (cur, t) =
-            access::<K, N, MapKind<UK, UV>>(&mut self.tables, &self.current, h.id(), h.name())?;
-        if t.ttl.is_some() {
-            let now = self.clock.now_millis();
-            after_access(t, now);
-        }
-        remove_user_key(t, cur, ns, user_key);
+        let (cur, t) = map_table!(self, UK, UV, h);
+        let clock = &*self.clock;
+        on_map!(t, |t| {
+            if t.ttl.is_some() {
+                after_access(t, clock.now_millis());
+            }
+            remove_user_key(t, cur, ns, user_key);
+        });
         Ok(())
     }
 
@@ -1202,41 +1356,9 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
         h: &MapStateHandle<UK, UV, N>,
         ns: &N,
     ) -> Result<MapIter<'a, UK, UV>> {
-        let (cur, t) =
-            access::<K, N, MapKind<UK, UV>>(&mut self.tables, &self.current, h.id(), h.name())?;
-        let Some(ttl) = t.ttl else {
-            // Without TTL nothing is written on a read: the entries are cloned as they go.
-            let Some(e) = t.find(cur, ns) else {
-                return Ok(Box::new(std::iter::empty()));
-            };
-            return Ok(Box::new(
-                e.value.iter().map(|(k, (v, _))| Ok((k.clone(), v.clone()))),
-            ));
-        };
-        let now = self.clock.now_millis();
-        after_access(t, now);
-        let Some(e) = t.find(cur, ns) else {
-            return Ok(Box::new(std::iter::empty()));
-        };
-        let any_expired = e.value.values().any(|(_, ts)| ttl.is_expired(*ts, now));
-        let out: Vec<(UK, UV)> = e
-            .value
-            .iter()
-            .filter(|(_, (_, ts))| ttl.returns_expired() || !ttl.is_expired(*ts, now))
-            .map(|(k, (v, _))| (k.clone(), v.clone()))
-            .collect();
-        if any_expired || ttl.refresh_on_read() {
-            if let Some(e) = t.find_mut(cur, ns) {
-                e.value.retain(|_, (_, ts)| !ttl.is_expired(*ts, now));
-                if ttl.refresh_on_read() {
-                    e.value.values_mut().for_each(|(_, ts)| *ts = now);
-                }
-                if e.value.is_empty() {
-                    t.remove(cur, ns);
-                }
-            }
-        }
-        Ok(Box::new(out.into_iter().map(Ok)))
+        let (cur, t) = map_table!(self, UK, UV, h);
+        let clock = &*self.clock;
+        Ok(on_map!(t, |t| map_entries_in(t, cur, ns, clock)))
     }
 
     fn map_is_empty<UK: MapKey, UV: StateType, N: Namespace>(
@@ -1244,16 +1366,17 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
         h: &MapStateHandle<UK, UV, N>,
         ns: &N,
     ) -> Result<bool> {
-        let (cur, t) =
-            access::<K, N, MapKind<UK, UV>>(&mut self.tables, &self.current, h.id(), h.name())?;
-        let Some(ttl) = t.ttl else {
-            return Ok(t.find(cur, ns).is_none_or(|e| e.value.is_empty()));
-        };
+        let (cur, t) = map_table!(self, UK, UV, h);
         let now = self.clock.now_millis();
-        Ok(t.find(cur, ns).is_none_or(|e| {
-            !e.value
-                .values()
-                .any(|(_, ts)| ttl.returns_expired() || !ttl.is_expired(*ts, now))
+        Ok(on_map!(t, |t| {
+            let ttl = t.ttl;
+            t.find(cur, ns).is_none_or(|e| match ttl {
+                None => e.value.is_empty(),
+                Some(ttl) => !e
+                    .value
+                    .values()
+                    .any(|(_, ts)| ttl.returns_expired() || !ttl.is_expired(ts.get(), now)),
+            })
         }))
     }
 
@@ -1594,8 +1717,8 @@ fn erased<'a, K: StateKey>(
 }
 
 /// Removes one user key of a map; drops the map when it becomes empty.
-fn remove_user_key<K: StateKey, N: Namespace, UK: MapKey, UV: StateType>(
-    t: &mut Table<K, N, MapKind<UK, UV>>,
+fn remove_user_key<K: StateKey, N: Namespace, UK: MapKey, UV: StateType, S: Stamp>(
+    t: &mut Table<K, N, MapKind<UK, UV, S>>,
     cur: &CurrentKey<K>,
     ns: &N,
     user_key: &UK,

@@ -547,15 +547,31 @@ impl<T: StateType, S: Stamp> Kind for ListKind<T, S> {
     }
 }
 
-pub(crate) type MapStore<UK, UV> = hashbrown::HashMap<UK, (UV, i64)>;
+/// A map state's entries: user key to user value and stamp (`i64` TTL timestamp or nothing).
+pub(crate) type MapStore<UK, UV, S = NoTtl> = hashbrown::HashMap<UK, (UV, S)>;
 
-pub(crate) struct MapKind<UK, UV> {
+/// Map state, entries stamped `S` as list elements are (see [`ListKind`]).
+pub(crate) struct MapKind<UK, UV, S = NoTtl> {
     pub key_ser: Arc<dyn StateSerializer<UK>>,
     pub value_ser: Arc<dyn StateSerializer<UV>>,
+    pub stamp: std::marker::PhantomData<fn() -> S>,
 }
 
-impl<UK: MapKey, UV: StateType> Kind for MapKind<UK, UV> {
-    type Stored = MapStore<UK, UV>;
+impl<UK, UV, S> MapKind<UK, UV, S> {
+    pub fn new(
+        key_ser: Arc<dyn StateSerializer<UK>>,
+        value_ser: Arc<dyn StateSerializer<UV>>,
+    ) -> Self {
+        MapKind {
+            key_ser,
+            value_ser,
+            stamp: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<UK: MapKey, UV: StateType, S: Stamp> Kind for MapKind<UK, UV, S> {
+    type Stored = MapStore<UK, UV, S>;
     type Readers = (ResolvedReader<UK>, ResolvedReader<UV>);
     const SINGLE: bool = false;
     fn kind(&self) -> StateKind {
@@ -580,15 +596,24 @@ impl<UK: MapKey, UV: StateType> Kind for MapKind<UK, UV> {
         expired: &dyn Fn(i64) -> bool,
         out: &mut Vec<u8>,
     ) -> Result<bool> {
-        let live = s.values().filter(|(_, ts)| !expired(*ts)).count();
+        let live = if S::STORED {
+            s.values().filter(|(_, ts)| !expired(ts.get())).count()
+        } else if s.is_empty() || expired(0) {
+            0
+        } else {
+            s.len()
+        };
         if live == 0 {
             return Ok(false);
         }
         payload::count(out, live as u32);
-        for (k, (v, ts)) in s.iter().filter(|(_, (_, ts))| !expired(*ts)) {
+        for (k, (v, ts)) in s
+            .iter()
+            .filter(|(_, (_, ts))| !S::STORED || !expired(ts.get()))
+        {
             payload::map_entry(
                 out,
-                *ts,
+                ts.get(),
                 |o| {
                     self.key_ser
                         .serialize(k, o)
@@ -621,19 +646,19 @@ impl<UK: MapKey, UV: StateType> Kind for MapKind<UK, UV> {
         for (ts, k, v) in items {
             let k = kr.read(k).map_err(de_err(name, "map user key"))?;
             let v = vr.read(v).map_err(de_err(name, "map user value"))?;
-            out.insert(k, (v, fix_ts(ts)));
+            out.insert(k, (v, S::new(fix_ts(ts))));
         }
         Ok((out, 0))
     }
     fn any_expired(&self, s: &Self::Stored, _: i64, expired: &dyn Fn(i64) -> bool) -> bool {
-        s.values().any(|(_, ts)| expired(*ts))
+        s.values().any(|(_, ts)| expired(ts.get()))
     }
     fn drop_expired(&self, s: &mut Self::Stored, _: i64, expired: &dyn Fn(i64) -> bool) -> bool {
-        s.retain(|_, (_, ts)| !expired(*ts));
+        s.retain(|_, (_, ts)| !expired(ts.get()));
         s.is_empty()
     }
     fn stamp_elements(&self, s: &mut Self::Stored, now: i64) {
-        s.values_mut().for_each(|(_, ts)| *ts = now);
+        s.values_mut().for_each(|(_, ts)| *ts = S::new(now));
     }
 }
 
