@@ -387,3 +387,34 @@ fn restored_timers_not_yet_registered_survive_the_next_snapshot() {
     let h = service(&mut back);
     assert_eq!(drain(&mut back, &h), expected);
 }
+
+/// Firing one at a time reads ahead what follows a key group's due timers; a timer registered
+/// later, between the fired ones and that next one, still fires, in order, on both backends.
+#[test]
+fn a_timer_registered_between_fired_ones_and_the_next_still_fires() {
+    fn run<B: KeyedStateBackend<Key = u64>>(b: &mut B) -> Fired {
+        let h = service(b);
+        b.set_current_key(7).unwrap();
+        for ts in [10, 20, 40] {
+            b.timers(&h).register_event_time_timer(&1, ts).unwrap();
+        }
+        let mut fired = Vec::new();
+        fired.extend(b.next_due_timer(&h, TimeDomain::EventTime, 10).unwrap());
+        // Right after the first fired: one before the next timer (20), one after it.
+        b.set_current_key(7).unwrap();
+        b.timers(&h).register_event_time_timer(&2, 15).unwrap();
+        b.timers(&h).register_event_time_timer(&3, 30).unwrap();
+        while let Some(t) = b.next_due_timer(&h, TimeDomain::EventTime, 50).unwrap() {
+            fired.push(t);
+        }
+        triples(fired)
+    }
+    let mut m = MmapKeyedStateBackend::<u64>::builder().build().unwrap();
+    let mut heap = HeapKeyedStateBackend::<u64>::builder().build().unwrap();
+    let fired = run(&mut m);
+    assert_eq!(
+        fired,
+        vec![(7, 1, 10), (7, 2, 15), (7, 1, 20), (7, 3, 30), (7, 1, 40)]
+    );
+    assert_eq!(fired, run(&mut heap));
+}

@@ -186,7 +186,18 @@ pub(crate) struct DueIndex {
     /// yet (at most [`DUE_BATCH`]), so firing one at a time costs a seek per batch, not per
     /// timer. Cleared when a timer is registered there at or before the last of them, or any
     /// timer of that key group is deleted.
-    batches: HashMap<(usize, usize), VecDeque<Due>>,
+    batches: HashMap<(usize, usize), Batch>,
+}
+
+/// Due timers read ahead in one key group and domain, and what follows them when the read saw
+/// it: `then` is `Some(Some(ts))` when the next timer there is at `ts` (later than the time
+/// the batch was read for), `Some(None)` when there is none, `None` when the batch filled up
+/// first. Once the batch is fired, a known `then` is the key group's exact next bound: no seek
+/// to find it.
+#[derive(Debug, Default)]
+struct Batch {
+    due: VecDeque<Due>,
+    then: Option<Option<i64>>,
 }
 
 /// Due timers [`DueIndex::next_due`] reads ahead in one key group.
@@ -273,13 +284,15 @@ impl DueIndex {
         {
             self.resume = None;
         }
-        if self
-            .batches
-            .get(&(i, s))
-            .and_then(|b| b.back())
-            .is_some_and(|last| ts <= last.ts)
-        {
-            self.batches.remove(&(i, s));
+        if let Some(b) = self.batches.get_mut(&(i, s)) {
+            if b.due.back().is_some_and(|last| ts <= last.ts) {
+                self.batches.remove(&(i, s));
+            } else if let Some(then) = &mut b.then {
+                // A timer before the one known to follow the batch is now the next one.
+                if then.is_none_or(|t| ts < t) {
+                    *then = Some(ts);
+                }
+            }
         }
         if let Some(slots) = self.next.get(i) {
             if slots[s].is_none_or(|n| ts < n) {
@@ -296,7 +309,7 @@ impl DueIndex {
             + self
                 .batches
                 .values()
-                .flat_map(|b| b.iter())
+                .flat_map(|b| b.due.iter())
                 .map(|d| d.raw.capacity() + std::mem::size_of::<Due>())
                 .sum::<usize>()
     }
@@ -334,9 +347,9 @@ impl DueIndex {
                 return Ok(None);
             }
             if let Some(batch) = self.batches.get_mut(&(i, s)) {
-                match batch.front().map(|d| d.ts) {
+                match batch.due.front().map(|d| d.ts) {
                     Some(ts) if ts == bound => {
-                        if let Some(due) = batch.pop_front() {
+                        if let Some(due) = batch.due.pop_front() {
                             return Ok(Some((i, due)));
                         }
                     }
@@ -346,7 +359,13 @@ impl DueIndex {
                         continue;
                     }
                     None => {
+                        let then = batch.then;
                         self.batches.remove(&(i, s));
+                        // What follows the batch is known: it is the exact bound.
+                        if let Some(next) = then {
+                            self.set_bound(i, s, next);
+                            continue;
+                        }
                     }
                 }
             }
@@ -374,22 +393,24 @@ impl DueIndex {
             };
             if first.as_ref().is_some_and(|d| d.ts == bound) {
                 // Read the next due timers of this key group with the same seek.
-                let mut batch = VecDeque::new();
-                while batch.len() < DUE_BATCH {
+                let mut batch = Batch::default();
+                while batch.due.len() < DUE_BATCH {
                     let Some((k, _)) = it.next()? else {
+                        batch.then = Some(None);
                         break;
                     };
                     let t = parse_timer_key(k, name)?;
                     if t.ts > time {
+                        batch.then = Some(Some(t.ts));
                         break;
                     }
-                    batch.push_back(Due {
+                    batch.due.push_back(Due {
                         ts: t.ts,
                         klen: t.key.len(),
                         raw: k.to_vec(),
                     });
                 }
-                if !batch.is_empty() {
+                if !batch.due.is_empty() || batch.then.is_some() {
                     self.batches.insert((i, s), batch);
                 }
             }
