@@ -788,6 +788,33 @@ impl KeyGroupBlock {
         out
     }
 
+    /// How many records of each state (by index in the stream's header, which has `states`)
+    /// the block of stream `stream` holds, read from the record framing alone (no key hashing):
+    /// for making room before decoding, or checking a block kept for later cheaply. A framing
+    /// error or a record naming a state the header does not have is a corruption error.
+    pub fn record_counts(&self, stream: &str, states: usize) -> Result<Vec<usize>> {
+        let mut counts = vec![0usize; states];
+        let mut d = Decoder::new(&self.body, self.offset + 13, stream);
+        while !d.is_empty() {
+            let state = d.u32("record state index")?;
+            let at = d.base + d.pos as u64;
+            d.bytes("record key")?;
+            d.bytes("record namespace")?;
+            d.bytes("record payload")?;
+            match counts.get_mut(state as usize) {
+                Some(c) => *c += 1,
+                None => {
+                    return Err(Error::Corrupt {
+                        stream: stream.to_string(),
+                        offset: at,
+                        reason: format!("record refers to state {state} of {states}"),
+                    })
+                }
+            }
+        }
+        Ok(counts)
+    }
+
     /// The block's records, in the order they were written.
     pub fn records<'a>(&'a self, stream: &'a str, max_parallelism: u32) -> RecordIter<'a> {
         RecordIter {
@@ -1139,6 +1166,45 @@ pub trait RestoreVisitor {
         key_group: u32,
         record: RawRecord<'_>,
     ) -> Result<()>;
+
+    /// Called for each block of a key group in the restoring range, checksum verified; the
+    /// default hands its records one by one to [`Self::on_record`]. A visitor that overrides
+    /// it takes the block whole (to decode it on another thread, or keep it for later) and
+    /// reads its records with [`KeyGroupBlock::records`] and [`record_state`].
+    fn on_block(
+        &mut self,
+        stream: &str,
+        header: &SnapshotHeader,
+        block: KeyGroupBlock,
+    ) -> Result<()> {
+        for rec in block.records(stream, header.max_parallelism) {
+            let rec = rec?;
+            let state = record_state(stream, header, &rec)?;
+            self.on_record(stream, state, block.key_group, rec)?;
+        }
+        Ok(())
+    }
+}
+
+/// The state a record of `stream` (whose header is `header`) belongs to; a corruption error
+/// when its state index is not in the header.
+pub fn record_state<'h>(
+    stream: &str,
+    header: &'h SnapshotHeader,
+    rec: &RawRecord<'_>,
+) -> Result<&'h StateMeta> {
+    header
+        .states
+        .get(rec.state_index as usize)
+        .ok_or_else(|| Error::Corrupt {
+            stream: stream.to_string(),
+            offset: rec.payload_offset,
+            reason: format!(
+                "record refers to state {} of {}",
+                rec.state_index,
+                header.states.len()
+            ),
+        })
 }
 
 /// Reads every stream and hands the records of key groups in `range` to `visitor`; blocks of
@@ -1186,23 +1252,7 @@ pub fn restore_streams<R: Read>(
             if !range.contains(block.key_group) {
                 continue;
             }
-            for rec in block.records(reader.stream_name(), max_parallelism) {
-                let rec = rec?;
-                let state =
-                    header
-                        .states
-                        .get(rec.state_index as usize)
-                        .ok_or_else(|| Error::Corrupt {
-                            stream: reader.stream_name().to_string(),
-                            offset: rec.payload_offset,
-                            reason: format!(
-                                "record refers to state {} of {}",
-                                rec.state_index,
-                                header.states.len()
-                            ),
-                        })?;
-                visitor.on_record(reader.stream_name(), state, block.key_group, rec)?;
-            }
+            visitor.on_block(reader.stream_name(), &header, block)?;
         }
     }
     Ok(())

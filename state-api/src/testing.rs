@@ -680,6 +680,82 @@ pub fn ttl_enabled_by_re_registration_keeps_values<F: BackendFactory>(f: &F) {
     }
 }
 
+/// A state registered again without its TTL keeps its values, which no longer expire: list
+/// elements and map entries written with timestamps read as plain values, new ones are added
+/// beside them, and a snapshot restored with TTL on again stamps them anew.
+pub fn ttl_disabled_by_re_registration_keeps_values<F: BackendFactory>(f: &F) {
+    let clock = ManualClock::new(10_000);
+    let mut b = ttl_backend(f, &clock);
+    let ttl = StateTtlConfig::new(Duration::from_millis(100));
+    let l = b
+        .register_list(ListStateDescriptor::<u64>::new("l").unwrap().with_ttl(ttl))
+        .unwrap();
+    let m = b
+        .register_map(
+            MapStateDescriptor::<u64, u64>::new("m")
+                .unwrap()
+                .with_ttl(ttl),
+        )
+        .unwrap();
+    for k in 0..50u64 {
+        b.set_current_key(k).unwrap();
+        b.list(&l).add_all(vec![k, k + 1]).unwrap();
+        b.map(&m).put(k, k * 2).unwrap();
+    }
+    clock.advance(50);
+    let l = b
+        .register_list(ListStateDescriptor::<u64>::new("l").unwrap())
+        .unwrap();
+    let m = b
+        .register_map(MapStateDescriptor::<u64, u64>::new("m").unwrap())
+        .unwrap();
+    clock.advance(1_000);
+    for k in 0..50u64 {
+        b.set_current_key(k).unwrap();
+        b.list(&l).add(k + 2).unwrap();
+        b.map(&m).put(k + 1, k).unwrap();
+    }
+    clock.advance(1_000);
+    let check = |b: &mut F::Backend<u64>,
+                 l: &ListStateHandle<u64, ()>,
+                 m: &MapStateHandle<u64, u64, ()>| {
+        for k in 0..50u64 {
+            b.set_current_key(k).unwrap();
+            assert_eq!(
+                b.list(l).get().unwrap(),
+                Some(vec![k, k + 1, k + 2]),
+                "list of key {k} after TTL was switched off"
+            );
+            assert_eq!(b.map(m).get(&k).unwrap(), Some(k * 2), "map of key {k}");
+            assert_eq!(b.map(m).get(&(k + 1)).unwrap(), Some(k), "map of key {k}");
+        }
+    };
+    check(&mut b, &l, &m);
+    let bytes = snapshot_bytes(&mut b);
+    let mut r = ttl_backend(f, &clock);
+    restore_from(&mut r, &[&bytes]).unwrap();
+    let rl = r
+        .register_list(ListStateDescriptor::<u64>::new("l").unwrap())
+        .unwrap();
+    let rm = r
+        .register_map(MapStateDescriptor::<u64, u64>::new("m").unwrap())
+        .unwrap();
+    check(&mut r, &rl, &rm);
+    // TTL on again: everything counts as written now and expires on schedule.
+    let rl = r
+        .register_list(ListStateDescriptor::<u64>::new("l").unwrap().with_ttl(ttl))
+        .unwrap();
+    clock.advance(50);
+    r.set_current_key(7).unwrap();
+    assert_eq!(r.list(&rl).get().unwrap(), Some(vec![7, 8, 9]));
+    clock.advance(60);
+    assert_eq!(
+        r.list(&rl).get().unwrap(),
+        None,
+        "list expired after TTL on again"
+    );
+}
+
 /// TTL update types, visibility, per element and per entry expiry, with a manual clock.
 pub fn ttl_semantics<F: BackendFactory>(f: &F) {
     let clock = ManualClock::new(10_000);
@@ -1873,6 +1949,7 @@ macro_rules! conformance_tests {
             snapshot_is_isolated_from_later_writes,
             ttl_semantics,
             ttl_enabled_by_re_registration_keeps_values,
+            ttl_disabled_by_re_registration_keeps_values,
             ttl_cleanup_on_snapshot_and_incrementally,
             schema_evolution,
             schema_names,

@@ -35,6 +35,7 @@
 
 mod changelog;
 mod checkpointing;
+mod restore;
 mod table;
 mod timers;
 
@@ -48,11 +49,10 @@ use std::sync::Arc;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use state_api::snapshot::{
-    restore_streams, RawRecord, RestoreVisitor, SnapshotHeader, SnapshotSummary, SnapshotWriter,
-};
+use state_api::snapshot::{restore_streams, SnapshotHeader, SnapshotSummary, SnapshotWriter};
 use state_api::*;
 
+use restore::{check_key_serializer, PendingChunk};
 use table::{
     after_access, read_single, write_ts, AggregatingKind, CurrentKey, ErasedTable, Kind, ListKind,
     MapKind, MapStore, NoTtl, ReducingKind, SharedTable, Stamp, Table, ValueKind,
@@ -65,6 +65,7 @@ pub struct HeapBackendBuilder<K> {
     range: Option<KeyGroupRange>,
     key_serializer: Arc<dyn StateSerializer<K>>,
     clock: Arc<dyn Clock>,
+    restore_threads: usize,
 }
 
 impl<K: StateKey> HeapBackendBuilder<K> {
@@ -92,6 +93,14 @@ impl<K: StateKey> HeapBackendBuilder<K> {
         self
     }
 
+    /// Threads that decode restored records (default: the cores available, at most 4). Each
+    /// owns a share of the key groups, so restore scales with them; the calling thread reads
+    /// the streams meanwhile. 1 still decodes beside the reading thread.
+    pub fn restore_threads(mut self, threads: usize) -> Self {
+        self.restore_threads = threads.max(1);
+        self
+    }
+
     /// Checks the settings and builds the backend.
     pub fn build(self) -> Result<HeapKeyedStateBackend<K>> {
         validate_max_parallelism(self.max_parallelism)?;
@@ -116,6 +125,7 @@ impl<K: StateKey> HeapBackendBuilder<K> {
             int_keys: is_int_key::<K>() && is_fixed_width_for::<K>(&self.key_serializer.snapshot()),
             key_serializer: self.key_serializer,
             clock: self.clock,
+            restore_threads: self.restore_threads,
             key_buf: Vec::with_capacity(64),
             current: None,
             tables: Vec::new(),
@@ -132,66 +142,13 @@ impl<K: StateKey> HeapBackendBuilder<K> {
     }
 }
 
-/// Restored records of one state from one stream, kept raw until the state is registered (or
-/// the restore is complete). The records' bytes live in one buffer: no allocation per record.
-pub(crate) struct PendingChunk {
-    stream: String,
-    meta: StateMeta,
-    key_serializer: SerializerSnapshot,
-    data: Vec<u8>,
-    records: Vec<OwnedRecord>,
-}
-
-/// Where one record's key, namespace and payload sit in [`PendingChunk::data`] (in that order).
-struct OwnedRecord {
-    key_group: u32,
-    start: usize,
-    key_len: u32,
-    namespace_len: u32,
-    payload_len: u32,
-    payload_offset: u64,
-}
-
-impl PendingChunk {
-    fn push(&mut self, key_group: u32, r: &RawRecord<'_>) {
-        let start = self.data.len();
-        self.data.extend_from_slice(r.key);
-        self.data.extend_from_slice(r.namespace);
-        self.data.extend_from_slice(r.payload);
-        // Each part came from a u32-length field of the stream.
-        self.records.push(OwnedRecord {
-            key_group,
-            start,
-            key_len: r.key.len() as u32,
-            namespace_len: r.namespace.len() as u32,
-            payload_len: r.payload.len() as u32,
-            payload_offset: r.payload_offset,
-        });
-    }
-
-    /// The records with their key groups, in the order they were read.
-    pub(crate) fn records(&self) -> impl Iterator<Item = (u32, RawRecord<'_>)> {
-        self.records.iter().map(|r| (r.key_group, self.raw(r)))
-    }
-
-    fn raw(&self, r: &OwnedRecord) -> RawRecord<'_> {
-        let k = r.start + r.key_len as usize;
-        let n = k + r.namespace_len as usize;
-        RawRecord {
-            state_index: 0,
-            key: &self.data[r.start..k],
-            namespace: &self.data[k..n],
-            payload: &self.data[n..n + r.payload_len as usize],
-            payload_offset: r.payload_offset,
-        }
-    }
-}
-
 /// Keyed state in memory for one subtask. See the [crate docs](crate).
 pub struct HeapKeyedStateBackend<K> {
     max_parallelism: u32,
     range: KeyGroupRange,
     key_serializer: Arc<dyn StateSerializer<K>>,
+    /// Threads decoding restored records.
+    restore_threads: usize,
     /// `max_parallelism - 1` when it is a power of two: the key group is then a mask away.
     kg_mask: Option<u32>,
     /// True when keys are primitive integers written by [`FixedWidthSerializer`]: their bytes
@@ -237,6 +194,9 @@ impl<K: StateKey + Serialize + DeserializeOwned> HeapKeyedStateBackend<K> {
             range: None,
             key_serializer: Arc::new(PostcardSerializer::<K>::new()),
             clock: Arc::new(SystemClock),
+            restore_threads: std::thread::available_parallelism()
+                .map_or(1, |n| n.get())
+                .clamp(1, 4),
         }
     }
 }
@@ -299,6 +259,101 @@ fn access_single<'a, K: StateKey, N: Namespace, KD: Kind>(
             .map(Single::Stamped)
     };
     Ok((cur, table.ok_or_else(|| unknown(name))?))
+}
+
+/// A list state's table, its elements with TTL stamps or without.
+enum Lists<'a, K: StateKey, N: Namespace, T: StateType> {
+    Plain(&'a mut Table<K, N, ListKind<T, NoTtl>>),
+    Stamped(&'a mut Table<K, N, ListKind<T, i64>>),
+}
+
+/// Runs `$body` with `$t` bound to the table inside a [`Lists`], whichever its element stamp.
+macro_rules! on_list {
+    ($lists:expr, |$t:ident| $body:expr) => {
+        match $lists {
+            Lists::Plain($t) => $body,
+            Lists::Stamped($t) => $body,
+        }
+    };
+}
+
+/// The table of list handle `$h` with elements `$ty`, and the current key.
+macro_rules! list_table {
+    ($self:ident, $ty:ty, $h:ident) => {
+        access_list::<K, N, $ty>(
+            &mut $self.tables,
+            &$self.stamped,
+            &$self.current,
+            $h.id(),
+            $h.name(),
+        )?
+    };
+}
+
+/// [`access`] for list states, whose elements come with or without TTL stamps.
+#[inline(always)]
+fn access_list<'a, K: StateKey, N: Namespace, T: StateType>(
+    tables: &'a mut [Box<dyn ErasedTable<K>>],
+    stamped: &[bool],
+    current: &'a Option<CurrentKey<K>>,
+    id: StateId,
+    name: &StateName,
+) -> Result<(&'a CurrentKey<K>, Lists<'a, K, N, T>)> {
+    let cur = current.as_ref().ok_or_else(|| Error::NoCurrentKey {
+        state: name.to_string(),
+    })?;
+    let table = tables.get_mut(id.0 as usize).ok_or_else(|| unknown(name))?;
+    let stamped = stamped.get(id.0 as usize).copied().unwrap_or(false);
+    let any: &mut dyn Any = &mut **table;
+    let table = if !stamped {
+        any.downcast_mut::<Table<K, N, ListKind<T, NoTtl>>>()
+            .map(Lists::Plain)
+    } else {
+        any.downcast_mut::<Table<K, N, ListKind<T, i64>>>()
+            .map(Lists::Stamped)
+    };
+    Ok((cur, table.ok_or_else(|| unknown(name))?))
+}
+
+/// A list's elements with TTL semantics (expired elements dropped, read refreshing the rest
+/// when configured).
+#[inline]
+fn list_get_in<K: StateKey, N: Namespace, T: StateType, S: Stamp>(
+    t: &mut Table<K, N, ListKind<T, S>>,
+    cur: &CurrentKey<K>,
+    ns: &N,
+    clock: &dyn Clock,
+) -> Option<Vec<T>> {
+    let ttl = match t.ttl {
+        Some(ttl) if S::STORED => ttl,
+        _ => {
+            return t
+                .find(cur, ns)
+                .map(|e| e.value.iter().map(|(v, _)| v.clone()).collect())
+        }
+    };
+    let now = clock.now_millis();
+    after_access(t, now);
+    let e = t.find(cur, ns)?;
+    let any_expired = e.value.iter().any(|(_, ts)| ttl.is_expired(ts.get(), now));
+    let out: Vec<T> = e
+        .value
+        .iter()
+        .filter(|(_, ts)| ttl.returns_expired() || !ttl.is_expired(ts.get(), now))
+        .map(|(v, _)| v.clone())
+        .collect();
+    if any_expired || ttl.refresh_on_read() {
+        if let Some(e) = t.find_mut(cur, ns) {
+            e.value.retain(|(_, ts)| !ttl.is_expired(ts.get(), now));
+            if ttl.refresh_on_read() {
+                e.value.iter_mut().for_each(|(_, ts)| *ts = S::new(now));
+            }
+            if e.value.is_empty() {
+                t.remove(cur, ns);
+            }
+        }
+    }
+    (!out.is_empty()).then_some(out)
 }
 
 /// The stable hash of an integer key's [`FixedWidthSerializer`] bytes (big-endian, full width),
@@ -416,6 +471,40 @@ impl<K: StateKey> HeapKeyedStateBackend<K> {
         }
     }
 
+    /// Registers a list state whose elements carry stamp `S` (TTL timestamps or nothing); a
+    /// table registered before with element stamp `U` (TTL switched on or off since) is
+    /// converted first, elements gaining a timestamp getting now.
+    fn register_list_as<T: StateType, N: Namespace, S: Stamp, U: Stamp>(
+        &mut self,
+        name: &StateName,
+        ser: &Arc<dyn StateSerializer<T>>,
+        ttl: Option<StateTtlConfig>,
+        ns_ser: &Arc<dyn StateSerializer<N>>,
+    ) -> Result<StateId> {
+        if let Some(&id) = self.ids.get(name) {
+            let now = self.clock.now_millis();
+            let i = id.0 as usize;
+            let other = self.tables[i]
+                .as_any_mut()
+                .downcast_mut::<Table<K, N, ListKind<T, U>>>();
+            if let Some(other) = other {
+                let kind = Arc::new(ListKind::<T, S>::new(Arc::clone(ser)));
+                let converted = other.convert_kind(kind, ttl, |list| {
+                    list.iter()
+                        .map(|(v, u)| (v.clone(), S::new(if U::STORED { u.get() } else { now })))
+                        .collect()
+                });
+                self.tables[i] = Box::new(converted);
+            }
+        }
+        let kind = ListKind::<T, S>::new(Arc::clone(ser));
+        let id = self.register(name, kind, ttl, ns_ser)?;
+        if let Some(s) = self.stamped.get_mut(id.0 as usize) {
+            *s = S::STORED;
+        }
+        Ok(id)
+    }
+
     /// [`Self::register`] with entries stamped `T`; a table registered before with stamp `U`
     /// (TTL switched on or off since) is converted.
     fn register_stamped<N: Namespace, KD: Kind, T: Stamp, U: Stamp>(
@@ -510,7 +599,14 @@ impl<K: StateKey> HeapKeyedStateBackend<K> {
             // Restored data waits here; it stays pending if it does not fit this descriptor.
             let now = self.clock.now_millis();
             for chunk in chunks {
-                Self::apply_chunk(&mut table, chunk, &self.key_serializer, self.range, now)?;
+                Self::apply_chunk(
+                    &mut table,
+                    chunk,
+                    &self.key_serializer,
+                    self.range,
+                    now,
+                    self.restore_threads,
+                )?;
             }
             self.pending.remove(name);
         }
@@ -628,134 +724,11 @@ impl<K: StateKey> HeapKeyedStateBackend<K> {
         key_serializer: &Arc<dyn StateSerializer<K>>,
         range: KeyGroupRange,
         now: i64,
+        workers: usize,
     ) -> Result<()> {
-        let name = chunk.meta.name.to_string();
         check_key_serializer(key_serializer, &chunk.meta.name, &chunk.key_serializer)?;
         table.prepare_restore(&chunk.meta)?;
-        let mut keyed = Vec::with_capacity(chunk.records.len());
-        for (key_group, raw) in chunk.records() {
-            let key = key_serializer
-                .deserialize(raw.key)
-                .map_err(|e| Error::Deserialize {
-                    state: name.clone(),
-                    what: "key",
-                    reason: e.0,
-                })?;
-            keyed.push(((key_group - range.start()) as usize, key, raw));
-        }
-        table.restore_records(&mut keyed.into_iter(), &chunk.stream, now)
-    }
-}
-
-struct Collect {
-    range: KeyGroupRange,
-    chunks: Vec<(StateName, PendingChunk)>,
-    current: HashMap<StateName, usize>,
-}
-
-impl RestoreVisitor for Collect {
-    fn on_header(&mut self, stream: &str, header: &SnapshotHeader) -> Result<()> {
-        self.current.clear();
-        for meta in &header.states {
-            self.current.insert(meta.name.clone(), self.chunks.len());
-            self.chunks.push((
-                meta.name.clone(),
-                PendingChunk {
-                    stream: stream.to_string(),
-                    meta: meta.clone(),
-                    key_serializer: header.key_serializer.clone(),
-                    data: Vec::new(),
-                    records: Vec::new(),
-                },
-            ));
-        }
-        Ok(())
-    }
-
-    fn on_record(
-        &mut self,
-        _stream: &str,
-        state: &StateMeta,
-        key_group: u32,
-        record: RawRecord<'_>,
-    ) -> Result<()> {
-        debug_assert!(self.range.contains(key_group));
-        if let Some(&i) = self.current.get(&state.name) {
-            self.chunks[i].1.push(key_group, &record);
-        }
-        Ok(())
-    }
-}
-
-/// The restore visitor: records of registered states are decoded straight into their tables
-/// as the stream is read (no copy of the stream in memory); those of timer services and of
-/// states not registered yet are collected for later ([`Collect`]).
-struct Stream<'a, K> {
-    tables: &'a mut [Box<dyn ErasedTable<K>>],
-    ids: &'a HashMap<StateName, StateId>,
-    timer_ids: &'a HashMap<StateName, usize>,
-    key_serializer: &'a Arc<dyn StateSerializer<K>>,
-    now: i64,
-    /// The tables of the current stream's registered states, by name.
-    direct: HashMap<StateName, usize>,
-    /// The last state a record named and its table (`None`: collected), so a run of records
-    /// of one state looks its name up once.
-    last: Option<(StateName, Option<usize>)>,
-    collect: Collect,
-}
-
-impl<K: StateKey> RestoreVisitor for Stream<'_, K> {
-    fn on_header(&mut self, stream: &str, header: &SnapshotHeader) -> Result<()> {
-        self.direct.clear();
-        self.last = None;
-        self.collect.on_header(stream, header)?;
-        for meta in &header.states {
-            if self.timer_ids.contains_key(&meta.name) {
-                continue;
-            }
-            if let Some(id) = self.ids.get(&meta.name) {
-                let i = id.0 as usize;
-                check_key_serializer(self.key_serializer, &meta.name, &header.key_serializer)?;
-                if let Some(table) = self.tables.get_mut(i) {
-                    table.prepare_restore(meta)?;
-                    self.direct.insert(meta.name.clone(), i);
-                }
-            }
-        }
-        Ok(())
-    }
-
-    fn on_record(
-        &mut self,
-        stream: &str,
-        state: &StateMeta,
-        key_group: u32,
-        record: RawRecord<'_>,
-    ) -> Result<()> {
-        let table = match &self.last {
-            Some((name, t)) if *name == state.name => *t,
-            _ => {
-                let t = self.direct.get(&state.name).copied();
-                self.last = Some((state.name.clone(), t));
-                t
-            }
-        };
-        let Some(i) = table else {
-            return self.collect.on_record(stream, state, key_group, record);
-        };
-        let key = self
-            .key_serializer
-            .deserialize(record.key)
-            .map_err(|e| Error::Deserialize {
-                state: state.name.to_string(),
-                what: "key",
-                reason: e.0,
-            })?;
-        let part = (key_group - self.collect.range.start()) as usize;
-        match self.tables.get_mut(i) {
-            Some(t) => t.restore_record(part, key, &record, stream, self.now),
-            None => Err(unknown(&state.name)),
-        }
+        restore::apply_chunk_parallel(table, chunk, &**key_serializer, range, now, workers)
     }
 }
 
@@ -822,13 +795,8 @@ impl<K: StateKey> HeapSnapshot<K> {
         let base = base + self.timers.len();
         for (i, chunks) in self.pending.iter().enumerate() {
             for chunk in chunks {
-                // Records of a chunk are in key-group order (they were read that way).
-                let from = chunk.records.partition_point(|r| r.key_group < kg);
-                for r in chunk.records[from..]
-                    .iter()
-                    .take_while(|r| r.key_group == kg)
-                {
-                    let raw = chunk.raw(r);
+                for raw in chunk.records_of(kg) {
+                    let raw = raw?;
                     w.write_record((base + i) as u32, raw.key, raw.namespace, raw.payload)?;
                 }
             }
@@ -971,10 +939,13 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
         d: ListStateDescriptor<T, N>,
     ) -> Result<ListStateHandle<T, N>> {
         let name = d.name().clone();
-        let kind = ListKind {
-            ser: Arc::clone(d.element_serializer()),
+        let ser = d.element_serializer();
+        let ttl = d.ttl().copied();
+        let id = if ttl.is_some() {
+            self.register_list_as::<T, N, i64, NoTtl>(&name, ser, ttl, d.namespace_serializer())?
+        } else {
+            self.register_list_as::<T, N, NoTtl, i64>(&name, ser, ttl, d.namespace_serializer())?
         };
-        let id = self.register(&name, kind, d.ttl().copied(), d.namespace_serializer())?;
         Ok(ListStateHandle::new(id, name))
     }
 
@@ -1052,37 +1023,9 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
         h: &ListStateHandle<T, N>,
         ns: &N,
     ) -> Result<Option<Vec<T>>> {
-        let (cur, t) =
-            access::<K, N, ListKind<T>>(&mut self.tables, &self.current, h.id(), h.name())?;
-        let Some(ttl) = t.ttl else {
-            return Ok(t
-                .find(cur, ns)
-                .map(|e| e.value.iter().map(|(v, _)| v.clone()).collect()));
-        };
-        let now = self.clock.now_millis();
-        after_access(t, now);
-        let Some(e) = t.find(cur, ns) else {
-            return Ok(None);
-        };
-        let any_expired = e.value.iter().any(|(_, ts)| ttl.is_expired(*ts, now));
-        let out: Vec<T> = e
-            .value
-            .iter()
-            .filter(|(_, ts)| ttl.returns_expired() || !ttl.is_expired(*ts, now))
-            .map(|(v, _)| v.clone())
-            .collect();
-        if any_expired || ttl.refresh_on_read() {
-            if let Some(e) = t.find_mut(cur, ns) {
-                e.value.retain(|(_, ts)| !ttl.is_expired(*ts, now));
-                if ttl.refresh_on_read() {
-                    e.value.iter_mut().for_each(|(_, ts)| *ts = now);
-                }
-                if e.value.is_empty() {
-                    t.remove(cur, ns);
-                }
-            }
-        }
-        Ok((!out.is_empty()).then_some(out))
+        let (cur, t) = list_table!(self, T, h);
+        let clock = &*self.clock;
+        Ok(on_list!(t, |t| list_get_in(t, cur, ns, clock)))
     }
 
     #[inline]
@@ -1092,13 +1035,21 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
         ns: &N,
         value: T,
     ) -> Result<()> {
-        let (cur, t) =
-            access::<K, N, ListKind<T>>(&mut self.tables, &self.current, h.id(), h.name())?;
-        let ts = write_ts(t, &*self.clock);
-        match t.find_mut(cur, ns) {
-            Some(e) => e.value.push((value, ts)),
-            None => t.put(cur, ns, 0, vec![(value, ts)]),
-        }
+        let (cur, t) = list_table!(self, T, h);
+        let clock = &*self.clock;
+        on_list!(t, |t| {
+            let ts = Stamp::new(write_ts(t, clock));
+            match t.find_mut(cur, ns) {
+                Some(e) => e.value.push((value, ts)),
+                None => {
+                    // Room for a few elements, as a first `Vec::push` makes: appends follow
+                    // adds, and growing from one element would reallocate at once.
+                    let mut list = Vec::with_capacity(4);
+                    list.push((value, ts));
+                    t.put(cur, ns, 0, list);
+                }
+            }
+        });
         Ok(())
     }
 
@@ -1111,14 +1062,18 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
         if values.is_empty() {
             return Ok(());
         }
-        let (cur, t) =
-            access::<K, N, ListKind<T>>(&mut self.tables, &self.current, h.id(), h.name())?;
-        let ts = write_ts(t, &*self.clock);
-        let items = values.into_iter().map(|v| (v, ts));
-        match t.find_mut(cur, ns) {
-            Some(e) => e.value.extend(items),
-            None => t.put(cur, ns, 0, items.collect()),
-        }
+        let (cur, t) = list_table!(self, T, h);
+        let clock = &*self.clock;
+        on_list!(t, |t| {
+            let ts = Stamp::new(write_ts(t, clock));
+            // Without TTL the stamp takes no room and the collect below reuses the allocation
+            // of `values` (the element layout is the same).
+            let items = values.into_iter().map(|v| (v, ts));
+            match t.find_mut(cur, ns) {
+                Some(e) => e.value.extend(items),
+                None => t.put(cur, ns, 0, items.collect()),
+            }
+        });
         Ok(())
     }
 
@@ -1128,14 +1083,16 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
         ns: &N,
         values: Vec<T>,
     ) -> Result<()> {
-        let (cur, t) =
-            access::<K, N, ListKind<T>>(&mut self.tables, &self.current, h.id(), h.name())?;
-        if values.is_empty() {
-            t.remove(cur, ns);
-            return Ok(());
-        }
-        let ts = write_ts(t, &*self.clock);
-        t.put(cur, ns, 0, values.into_iter().map(|v| (v, ts)).collect());
+        let (cur, t) = list_table!(self, T, h);
+        let clock = &*self.clock;
+        on_list!(t, |t| {
+            if values.is_empty() {
+                t.remove(cur, ns);
+            } else {
+                let ts = Stamp::new(write_ts(t, clock));
+                t.put(cur, ns, 0, values.into_iter().map(|v| (v, ts)).collect());
+            }
+        });
         Ok(())
     }
 
@@ -1179,7 +1136,20 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
         user_key: UK,
         value: UV,
     ) -> Result<()> {
-        self.map_put_all(h, ns, vec![(user_key, value)])
+        let (cur, t) =
+            access::<K, N, MapKind<UK, UV>>(&mut self.tables, &self.current, h.id(), h.name())?;
+        let ts = write_ts(t, &*self.clock);
+        match t.find_mut(cur, ns) {
+            Some(e) => {
+                e.value.insert(user_key, (value, ts));
+            }
+            None => {
+                let mut map = MapStore::default();
+                map.insert(user_key, (value, ts));
+                t.put(cur, ns, 0, map);
+            }
+        }
+        Ok(())
     }
 
     fn map_put_all<UK: MapKey, UV: StateType, N: Namespace>(
@@ -1566,27 +1536,26 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
 
     fn restore<R: Read>(&mut self, streams: Vec<(String, R)>) -> Result<()> {
         let now = self.clock.now_millis();
-        let mut visitor = Stream {
-            tables: &mut self.tables,
-            ids: &self.ids,
-            timer_ids: &self.timer_ids,
-            key_serializer: &self.key_serializer,
-            now,
-            direct: HashMap::new(),
-            last: None,
-            collect: Collect {
-                range: self.range,
-                chunks: Vec::new(),
-                current: HashMap::new(),
-            },
+        let collect = if self.tables.is_empty() {
+            // Nothing registered: every block waits for its state's registration.
+            let mut collect = restore::Collect::new(self.range);
+            restore_streams(streams, self.max_parallelism, self.range, &mut collect)?;
+            collect.finish_stream();
+            collect
+        } else {
+            restore::restore_parallel(
+                streams,
+                self.restore_threads,
+                &mut self.tables,
+                &self.ids,
+                &self.timer_ids,
+                &self.key_serializer,
+                self.max_parallelism,
+                self.range,
+                now,
+            )?
         };
-        restore_streams(streams, self.max_parallelism, self.range, &mut visitor)?;
-        let collect = visitor.collect;
         for (name, chunk) in collect.chunks {
-            if chunk.records.is_empty() && self.ids.contains_key(&name) {
-                // A registered state: its records went straight into its table.
-                continue;
-            }
             if let Some(&i) = self.timer_ids.get(&name) {
                 self.apply_timer_chunk(i, &chunk)?;
                 continue;
@@ -1598,33 +1567,12 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
                     &self.key_serializer,
                     self.range,
                     now,
+                    self.restore_threads,
                 )?,
                 None => self.pending.entry(name).or_default().push(Arc::new(chunk)),
             }
         }
         Ok(())
-    }
-}
-
-/// Restored keys must be readable as they are: their bytes decide their key group.
-fn check_key_serializer<K: 'static>(
-    key_serializer: &Arc<dyn StateSerializer<K>>,
-    state: &StateName,
-    recorded: &SerializerSnapshot,
-) -> Result<()> {
-    let state = state.to_string();
-    match key_serializer.compatibility(recorded) {
-        Compatibility::CompatibleAsIs => Ok(()),
-        Compatibility::CompatibleAfterMigration(_) => Err(Error::IncompatibleSerializer {
-            state,
-            what: "key",
-            reason: "keys cannot be migrated: their bytes decide their key group".into(),
-        }),
-        Compatibility::Incompatible(reason) => Err(Error::IncompatibleSerializer {
-            state,
-            what: "key",
-            reason,
-        }),
     }
 }
 

@@ -450,13 +450,26 @@ impl<IN: 'static, ACC: StateType, OUT: 'static> Kind for AggregatingKind<IN, ACC
     }
 }
 
-pub(crate) struct ListKind<T> {
+/// List state. Each element carries stamp `S`: its TTL timestamp (`i64`) when the state has a
+/// TTL, nothing ([`NoTtl`]) otherwise, so that a list of `u64` without TTL takes 8 bytes an
+/// element and the user's `Vec` becomes the stored list without a copy.
+pub(crate) struct ListKind<T, S = NoTtl> {
     pub ser: Arc<dyn StateSerializer<T>>,
+    pub stamp: std::marker::PhantomData<fn() -> S>,
 }
 
-impl<T: StateType> Kind for ListKind<T> {
-    /// Elements with their TTL timestamps.
-    type Stored = Vec<(T, i64)>;
+impl<T, S> ListKind<T, S> {
+    pub fn new(ser: Arc<dyn StateSerializer<T>>) -> Self {
+        ListKind {
+            ser,
+            stamp: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<T: StateType, S: Stamp> Kind for ListKind<T, S> {
+    /// Elements with their stamps.
+    type Stored = Vec<(T, S)>;
     type Readers = ResolvedReader<T>;
     const SINGLE: bool = false;
     fn kind(&self) -> StateKind {
@@ -478,13 +491,19 @@ impl<T: StateType> Kind for ListKind<T> {
         expired: &dyn Fn(i64) -> bool,
         out: &mut Vec<u8>,
     ) -> Result<bool> {
-        let live = s.iter().filter(|(_, ts)| !expired(*ts)).count();
+        let live = if S::STORED {
+            s.iter().filter(|(_, ts)| !expired(ts.get())).count()
+        } else if s.is_empty() || expired(0) {
+            0
+        } else {
+            s.len()
+        };
         if live == 0 {
             return Ok(false);
         }
         payload::count(out, live as u32);
-        for (v, ts) in s.iter().filter(|(_, ts)| !expired(*ts)) {
-            payload::list_element(out, *ts, |o| {
+        for (v, ts) in s.iter().filter(|(_, ts)| !S::STORED || !expired(ts.get())) {
+            payload::list_element(out, ts.get(), |o| {
                 self.ser
                     .serialize(v, o)
                     .map_err(ser_err(name, "list element"))
@@ -505,7 +524,10 @@ impl<T: StateType> Kind for ListKind<T> {
         let items = payload::decode_list(d)?;
         let mut out = Vec::with_capacity(items.len());
         for (ts, b) in items {
-            out.push((r.read(b).map_err(de_err(name, "list element"))?, fix_ts(ts)));
+            out.push((
+                r.read(b).map_err(de_err(name, "list element"))?,
+                S::new(fix_ts(ts)),
+            ));
         }
         Ok((out, 0))
     }
@@ -514,14 +536,14 @@ impl<T: StateType> Kind for ListKind<T> {
         Ok(a)
     }
     fn any_expired(&self, s: &Self::Stored, _: i64, expired: &dyn Fn(i64) -> bool) -> bool {
-        s.iter().any(|(_, ts)| expired(*ts))
+        s.iter().any(|(_, ts)| expired(ts.get()))
     }
     fn drop_expired(&self, s: &mut Self::Stored, _: i64, expired: &dyn Fn(i64) -> bool) -> bool {
-        s.retain(|(_, ts)| !expired(*ts));
+        s.retain(|(_, ts)| !expired(ts.get()));
         s.is_empty()
     }
     fn stamp_elements(&self, s: &mut Self::Stored, now: i64) {
-        s.iter_mut().for_each(|(_, ts)| *ts = now);
+        s.iter_mut().for_each(|(_, ts)| *ts = S::new(now));
     }
 }
 
@@ -708,6 +730,45 @@ impl<K: StateKey, N: Namespace, KD: Kind, T: Stamp> Table<K, N, KD, T> {
         t
     }
 
+    /// The same entries under another kind whose stored values `convert` makes from these
+    /// (a list state whose elements gain or lose their TTL stamps on re-registration).
+    pub fn convert_kind<KD2: Kind>(
+        &self,
+        kind: Arc<KD2>,
+        ttl: Option<StateTtlConfig>,
+        convert: impl Fn(&KD::Stored) -> KD2::Stored,
+    ) -> Table<K, N, KD2, T> {
+        let mut t = Table::new(
+            self.name.clone(),
+            kind,
+            ttl,
+            Arc::clone(&self.ns_ser),
+            Arc::clone(&self.key_ser),
+            self.parts.len(),
+        );
+        for (i, part) in self.parts.iter().enumerate() {
+            let src = part.get();
+            let dst = t.parts[i].write();
+            dst.reserve(src.len(), |e| rehash(&*self.key_ser, &e.key, &e.ns));
+            for e in src.iter() {
+                let h = rehash(&*self.key_ser, &e.key, &e.ns);
+                dst.insert_unique(
+                    h,
+                    Entry {
+                        key: e.key.clone(),
+                        ns: e.ns.clone(),
+                        stamp: e.stamp,
+                        value: convert(&e.value),
+                    },
+                    |x| rehash(&*self.key_ser, &x.key, &x.ns),
+                );
+            }
+            t.parts[i].dirty = part.dirty || !src.is_empty();
+        }
+        t.log = self.log.all_replaced();
+        t
+    }
+
     /// Stamps every list element and map entry with `now` (their TTL was just switched on:
     /// until then they carried 0, which would expire them at once).
     pub fn stamp_elements(&mut self, now: i64) {
@@ -880,64 +941,160 @@ impl<K: StateKey, N: Namespace, KD: Kind, T: Stamp> Table<K, N, KD, T> {
                 reason: "namespace type differs from the registered one".into(),
             })
     }
+}
 
-    pub fn set_readers(&mut self, meta: &StateMeta, ns_reader: ResolvedReader<N>) -> Result<()> {
-        let kind = self.kind.resolve(meta)?;
-        self.readers = Some(RestoreReaders {
-            ns: ns_reader,
-            kind,
-            stamp_now: meta.ttl_millis.is_none() && self.ttl.is_some(),
+/// Decodes a restored record of state `name` with the readers prepared for its stream; returns
+/// its table hash and entry.
+fn decode_entry<K: StateKey, N: Namespace, KD: Kind, T: Stamp>(
+    name: &StateName,
+    kind: &KD,
+    readers: Option<&RestoreReaders<N, KD::Readers>>,
+    key: K,
+    record: &RawRecord<'_>,
+    stream: &str,
+    now: i64,
+) -> Result<(u64, Entry<K, N, KD::Stored, T>)> {
+    let readers = readers.ok_or_else(|| Error::RestoreMismatch {
+        reason: format!("state '{name}' has no restore serializers prepared"),
+    })?;
+    let ns = readers
+        .ns
+        .read(record.namespace)
+        .map_err(de_err(name, "namespace"))?;
+    let stamp = readers.stamp_now;
+    let fix = move |ts: i64| if stamp { now } else { ts };
+    let mut d = Decoder::new(record.payload, record.payload_offset, stream);
+    let (value, ts) = kind.decode(name, &readers.kind, &mut d, &fix)?;
+    let h = table_hash(state_api::stable_key_hash(record.key), ns_hash(&ns));
+    Ok((
+        h,
+        Entry {
+            key,
+            ns,
+            stamp: T::new(ts),
+            value,
+        },
+    ))
+}
+
+/// The readers of a restored stream's state for a table of this kind (`prepare_restore`).
+fn restore_readers<N: Namespace, KD: Kind>(
+    name: &StateName,
+    kind: &KD,
+    ttl: Option<StateTtlConfig>,
+    ns_ser: &Arc<dyn StateSerializer<N>>,
+    meta: &StateMeta,
+) -> Result<RestoreReaders<N, KD::Readers>> {
+    if meta.kind != kind.kind() {
+        return Err(Error::StateKindMismatch {
+            state: name.to_string(),
+            existing: meta.kind,
+            requested: kind.kind(),
         });
-        Ok(())
     }
+    let ns = meta.reader_for(SerializerRole::Namespace, ns_ser)?;
+    Ok(RestoreReaders {
+        ns,
+        kind: kind.resolve(meta)?,
+        stamp_now: meta.ttl_millis.is_none() && ttl.is_some(),
+    })
+}
 
-    /// Decodes a restored record (without inserting it); returns its table hash and entry.
-    pub fn decode_record(
-        &self,
+/// Restores records into the key groups of one table that one thread of a parallel restore
+/// owns (partitions `p` with `p % workers == worker`): threads decode and insert side by side
+/// without sharing a key group.
+pub(crate) trait PartSink<K>: Send {
+    /// Prepares the serializers of a stream's state before its records.
+    fn prepare(&mut self, meta: &StateMeta) -> Result<()>;
+    /// Makes room for `additional` more entries in partition `part`.
+    fn reserve(&mut self, part: usize, additional: usize);
+    /// Decodes a record of partition `part` and inserts it (replacing an equal key and
+    /// namespace).
+    fn restore(
+        &mut self,
+        part: usize,
         key: K,
         record: &RawRecord<'_>,
         stream: &str,
         now: i64,
-    ) -> Result<(u64, Entry<K, N, KD::Stored, T>)> {
-        let readers = self
-            .readers
-            .as_ref()
-            .ok_or_else(|| Error::RestoreMismatch {
-                reason: format!("state '{}' has no restore serializers prepared", self.name),
-            })?;
-        let ns = readers
-            .ns
-            .read(record.namespace)
-            .map_err(de_err(&self.name, "namespace"))?;
-        let stamp = readers.stamp_now;
-        let fix = move |ts: i64| if stamp { now } else { ts };
-        let mut d = Decoder::new(record.payload, record.payload_offset, stream);
-        let (value, ts) = self.kind.decode(&self.name, &readers.kind, &mut d, &fix)?;
-        let h = table_hash(state_api::stable_key_hash(record.key), ns_hash(&ns));
-        Ok((
-            h,
-            Entry {
-                key,
-                ns,
-                stamp: T::new(ts),
-                value,
-            },
-        ))
+    ) -> Result<()>;
+}
+
+/// A [`PartSink`] over a [`Table`]'s partitions.
+struct Sink<'a, K, N, KD: Kind, T: Stamp> {
+    name: &'a StateName,
+    kind: &'a KD,
+    ttl: Option<StateTtlConfig>,
+    ns_ser: &'a Arc<dyn StateSerializer<N>>,
+    key_ser: &'a dyn StateSerializer<K>,
+    readers: Option<RestoreReaders<N, KD::Readers>>,
+    workers: usize,
+    worker: usize,
+    /// Partition `p` of the table at `p / workers`.
+    slots: Vec<&'a mut Slot<Entry<K, N, KD::Stored, T>>>,
+}
+
+impl<K: StateKey, N: Namespace, KD: Kind, T: Stamp> Sink<'_, K, N, KD, T> {
+    fn slot(&mut self, part: usize) -> Result<&mut HashTable<Entry<K, N, KD::Stored, T>>> {
+        let name = self.name;
+        let (workers, worker) = (self.workers, self.worker);
+        match self.slots.get_mut(part / workers) {
+            Some(slot) if part % workers == worker => Ok(slot.write()),
+            _ => Err(Error::RestoreMismatch {
+                reason: format!(
+                    "state '{name}': a record of key-group position {part} outside the backend's \
+                     range"
+                ),
+            }),
+        }
+    }
+}
+
+impl<K: StateKey, N: Namespace, KD: Kind, T: Stamp> PartSink<K> for Sink<'_, K, N, KD, T> {
+    fn prepare(&mut self, meta: &StateMeta) -> Result<()> {
+        self.readers = Some(restore_readers(
+            self.name,
+            self.kind,
+            self.ttl,
+            self.ns_ser,
+            meta,
+        )?);
+        Ok(())
     }
 
-    /// Inserts a restored entry with table hash `h` into partition `part` (replacing an equal
-    /// key and namespace).
-    pub fn insert_restored(&mut self, part: usize, h: u64, e: Entry<K, N, KD::Stored, T>) {
-        self.log
-            .record(part, h, &e.key, &e.ns, || self.parts[part].get().len());
-        let key_ser = &*self.key_ser;
-        let t = self.parts[part].write();
+    fn reserve(&mut self, part: usize, additional: usize) {
+        let key_ser = self.key_ser;
+        if let Ok(t) = self.slot(part) {
+            t.reserve(additional, |x| rehash(key_ser, &x.key, &x.ns));
+        }
+    }
+
+    fn restore(
+        &mut self,
+        part: usize,
+        key: K,
+        record: &RawRecord<'_>,
+        stream: &str,
+        now: i64,
+    ) -> Result<()> {
+        let (h, e) = decode_entry::<K, N, KD, T>(
+            self.name,
+            self.kind,
+            self.readers.as_ref(),
+            key,
+            record,
+            stream,
+            now,
+        )?;
+        let key_ser = self.key_ser;
+        let t = self.slot(part)?;
         match t.find_mut(h, |x| x.key == e.key && x.ns == e.ns) {
             Some(x) => *x = e,
             None => {
                 t.insert_unique(h, e, |x| rehash(key_ser, &x.key, &x.ns));
             }
         }
+        Ok(())
     }
 }
 
@@ -1033,23 +1190,11 @@ pub(crate) trait ErasedTable<K>: Any + Send {
     fn take_changes(&mut self) -> Option<Box<dyn TakenChanges>>;
     fn incremental_cleanup(&mut self, now: i64, per_record: bool);
     fn prepare_restore(&mut self, meta: &StateMeta) -> Result<()>;
-    /// Decodes one record with the serializers [`ErasedTable::prepare_restore`] prepared and
-    /// inserts it (a later record of the same key and namespace replaces an earlier one): the
-    /// streaming restore of a registered state, record by record as the stream is read.
-    fn restore_record(
-        &mut self,
-        part: usize,
-        key: K,
-        record: &RawRecord<'_>,
-        stream: &str,
-        now: i64,
-    ) -> Result<()>;
-    fn restore_records(
-        &mut self,
-        records: &mut dyn Iterator<Item = (usize, K, RawRecord<'_>)>,
-        stream: &str,
-        now: i64,
-    ) -> Result<()>;
+    /// One [`PartSink`] per thread of a parallel restore, sink `w` owning partitions `p` with
+    /// `p % workers == w`.
+    fn split_restore(&mut self, workers: usize) -> Vec<Box<dyn PartSink<K> + '_>>;
+    /// After a parallel restore: the change log counts every written key group as replaced.
+    fn log_written_parts(&mut self);
 }
 
 /// A table's key groups as captured by a snapshot; written on any thread.
@@ -1288,67 +1433,48 @@ impl<K: StateKey, N: Namespace, KD: Kind, T: Stamp> ErasedTable<K> for Table<K, 
     }
 
     fn prepare_restore(&mut self, meta: &StateMeta) -> Result<()> {
-        if meta.kind != self.kind.kind() {
-            return Err(Error::StateKindMismatch {
-                state: self.name.to_string(),
-                existing: meta.kind,
-                requested: self.kind.kind(),
-            });
-        }
-        let ns = meta.reader_for(SerializerRole::Namespace, &self.ns_ser)?;
-        self.set_readers(meta, ns)
-    }
-
-    fn restore_record(
-        &mut self,
-        part: usize,
-        key: K,
-        record: &RawRecord<'_>,
-        stream: &str,
-        now: i64,
-    ) -> Result<()> {
-        if part >= self.parts.len() {
-            return Err(Error::RestoreMismatch {
-                reason: format!(
-                    "state '{}': a record of key-group position {part} outside the backend's {}",
-                    self.name,
-                    self.parts.len()
-                ),
-            });
-        }
-        let (h, e) = self.decode_record(key, record, stream, now)?;
-        self.insert_restored(part, h, e);
+        self.readers = Some(restore_readers(
+            &self.name,
+            &*self.kind,
+            self.ttl,
+            &self.ns_ser,
+            meta,
+        )?);
         Ok(())
     }
 
-    fn restore_records(
-        &mut self,
-        records: &mut dyn Iterator<Item = (usize, K, RawRecord<'_>)>,
-        stream: &str,
-        now: i64,
-    ) -> Result<()> {
-        // Decode everything first: a record that fails leaves the table as it was.
-        let mut decoded = Vec::new();
-        for (part, key, rec) in records {
-            let (h, e) = self.decode_record(key, &rec, stream, now)?;
-            decoded.push((part, h, e));
+    fn split_restore(&mut self, workers: usize) -> Vec<Box<dyn PartSink<K> + '_>> {
+        let workers = workers.max(1);
+        let mut slots: Vec<Vec<&mut Slot<_>>> = (0..workers).map(|_| Vec::new()).collect();
+        for (p, slot) in self.parts.iter_mut().enumerate() {
+            slots[p % workers].push(slot);
         }
-        // Room for every record up front: the tables do not grow (and rehash) step by step.
-        let mut per_part = vec![0usize; self.parts.len()];
-        for (part, _, _) in &decoded {
-            if let Some(n) = per_part.get_mut(*part) {
-                *n += 1;
-            }
-        }
+        let (name, kind, ttl, ns_ser) = (&self.name, &*self.kind, self.ttl, &self.ns_ser);
         let key_ser = &*self.key_ser;
-        for (slot, n) in self.parts.iter_mut().zip(per_part) {
-            if n > 0 {
-                slot.write().reserve(n, |x| rehash(key_ser, &x.key, &x.ns));
+        slots
+            .into_iter()
+            .enumerate()
+            .map(|(worker, slots)| {
+                Box::new(Sink {
+                    name,
+                    kind,
+                    ttl,
+                    ns_ser,
+                    key_ser,
+                    readers: None,
+                    workers,
+                    worker,
+                    slots,
+                }) as Box<dyn PartSink<K> + '_>
+            })
+            .collect()
+    }
+
+    fn log_written_parts(&mut self) {
+        for (p, slot) in self.parts.iter().enumerate() {
+            if slot.dirty {
+                self.log.part_replaced(p);
             }
         }
-        for (part, h, e) in decoded {
-            self.insert_restored(part, h, e);
-        }
-        Ok(())
     }
 }

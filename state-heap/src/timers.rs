@@ -76,7 +76,8 @@ impl TimerService {
     /// Loads restored timer records (all or nothing).
     pub fn restore(&mut self, chunk: &PendingChunk) -> Result<()> {
         let mut decoded = Vec::new();
-        for (key_group, r) in chunk.records() {
+        for r in chunk.records() {
+            let (key_group, r) = r?;
             let mut d = Decoder::new(r.payload, r.payload_offset, &chunk.stream);
             let (ts, domain) = decode_timer_payload(&mut d)?;
             let ns = (self.restore_ns)(&chunk.meta, r.namespace)?;
