@@ -43,15 +43,35 @@ fn shuffled(n: u64, seed: u64) -> Vec<u64> {
     v
 }
 
-/// Per workload: ops/s of wall-clock time, and ops per second this (the calling) thread spent
+/// Per workload: ops/s of wall-clock time, ops per second this (the calling) thread spent
 /// on a CPU (background threads of a store are not counted: meaningful for reads, which do
 /// all their work on the calling thread, and shows what a read costs apart from the CPU
-/// share other threads leave it).
+/// share other threads leave it), and ops per second of the whole process's CPU time
+/// (background threads included; printed only as `RESULT_CPU` lines).
 #[derive(Default)]
 struct Figures(
     BTreeMap<&'static str, Vec<f64>>,
     BTreeMap<&'static str, Vec<f64>>,
+    BTreeMap<&'static str, Vec<f64>>,
 );
+
+/// Nanoseconds the live threads of this process have spent on a CPU (the sum of
+/// `/proc/self/task/*/schedstat`; 0 where those files do not exist).
+fn process_cpu_ns() -> u64 {
+    std::fs::read_dir("/proc/self/task")
+        .map(|tasks| {
+            tasks
+                .filter_map(|t| t.ok())
+                .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+                .filter_map(|s| {
+                    s.split_whitespace()
+                        .next()
+                        .and_then(|x| x.parse::<u64>().ok())
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}
 
 /// Nanoseconds the calling thread has spent on a CPU (`/proc/thread-self/schedstat`; 0
 /// where that file does not exist).
@@ -66,12 +86,20 @@ impl Figures {
     fn time(&mut self, name: &'static str, ops: u64, f: impl FnOnce() -> Res<()>) -> Res<()> {
         let t = Instant::now();
         let c = thread_cpu_ns();
+        let pc = process_cpu_ns();
         f()?;
         let s = t.elapsed().as_secs_f64();
         let cpu = (thread_cpu_ns() - c) as f64 / 1e9;
+        let process_cpu = process_cpu_ns().saturating_sub(pc) as f64 / 1e9;
         self.0.entry(name).or_default().push(ops as f64 / s);
         if cpu > 0.0 {
             self.1.entry(name).or_default().push(ops as f64 / cpu);
+        }
+        if process_cpu > 0.0 {
+            self.2
+                .entry(name)
+                .or_default()
+                .push(ops as f64 / process_cpu);
         }
         Ok(())
     }
@@ -80,6 +108,9 @@ impl Figures {
     }
     fn median_on_cpu(&self, name: &str) -> f64 {
         median_of(&self.1, name)
+    }
+    fn median_on_process_cpu(&self, name: &str) -> f64 {
+        median_of(&self.2, name)
     }
 }
 
@@ -146,6 +177,43 @@ const WORKLOADS: [&str; 11] = [
     "map put",
 ];
 
+/// `set_current_key` alone over the same keys: what every operation pays before its state
+/// access (measured on the backends, compared with Flink's `setCurrentKey` by
+/// benches/flink-compare).
+const NO_OP: &str = "no-op (set key)";
+
+/// One machine-readable line per figure, `RESULT <backend> <workload> <ops/s>` (workload
+/// names without spaces or the parenthesised counts), and `RESULT_CPU <backend> <workload>
+/// <ops per second of the process's CPU time>`, printed with `PEER_BENCH_RESULT_LINES=1` for
+/// benches/flink-compare.
+fn print_result_lines(results: &[(&str, Figures)]) {
+    for (name, figs) in results {
+        let backend = match *name {
+            "state-mmap" => "flowstate-mmap",
+            "state-heap" => "flowstate-heap",
+            "LMDB (heed)" => "lmdb",
+            _ => "rocksdb",
+        };
+        for w in std::iter::once(NO_OP).chain(WORKLOADS) {
+            let x = figs.median(w);
+            if x > 0.0 {
+                let token: String = w
+                    .split('(')
+                    .next()
+                    .unwrap_or(w)
+                    .trim()
+                    .replace(' ', "_")
+                    .replace('-', "");
+                println!("RESULT {backend} {token} {x:.0}");
+                let cpu = figs.median_on_process_cpu(w);
+                if cpu > 0.0 {
+                    println!("RESULT_CPU {backend} {token} {cpu:.0}");
+                }
+            }
+        }
+    }
+}
+
 /// Whether the read workloads run on settled stores (see the crate doc).
 fn settle_before_reads() -> bool {
     std::env::var("PEER_BENCH_BACK_TO_BACK").map_or(true, |v| v.is_empty() || v == "0")
@@ -181,6 +249,16 @@ fn run_backend<B: KeyedStateBackend<Key = u64>>(
     }
     let order = shuffled(n, seed);
     settle(&mut b, false)?;
+    // The framework's share of every operation: selecting the key alone (not in the tables;
+    // printed on its own line and as a RESULT line).
+    figs.time(NO_OP, n, || {
+        for &k in &order {
+            b.set_current_key(k)?;
+            // Every key's selection happens (the next one cannot make it dead).
+            std::hint::black_box(&mut b);
+        }
+        Ok(())
+    })?;
     figs.time("value get", n, || {
         for &k in &order {
             b.set_current_key(k)?;
@@ -955,5 +1033,14 @@ fn main() -> Res<()> {
     println!();
     println!("Reads per second of the reading thread's CPU time (median; background threads not counted):");
     print_table(&results, &READS, Figures::median_on_cpu);
+    for (name, figs) in &results {
+        let x = figs.median(NO_OP);
+        if x > 0.0 {
+            println!("{name}: set_current_key alone {:.1} ns per key", 1e9 / x);
+        }
+    }
+    if std::env::var("PEER_BENCH_RESULT_LINES").is_ok_and(|v| v == "1") {
+        print_result_lines(&results);
+    }
     Ok(())
 }
