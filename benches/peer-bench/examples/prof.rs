@@ -174,7 +174,10 @@ fn read_pass(
                 std::hint::black_box(b.map(m).contains(&(k % 20))?);
             }
             "map-iter" => {
-                std::hint::black_box(b.map(m).iter()?);
+                // Every entry read: the iterator is lazy.
+                for entry in b.map(m).iter()? {
+                    std::hint::black_box(entry?);
+                }
             }
             "list-add-all" => {
                 b.set_current_key(k + 2 * n)?;
