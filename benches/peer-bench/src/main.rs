@@ -626,7 +626,14 @@ fn device_read_bytes() -> u64 {
 fn major_faults() -> u64 {
     std::fs::read_to_string("/proc/self/stat")
         .ok()
-        .and_then(|s| s.rsplit_once(')')?.1.split_whitespace().nth(9)?.parse().ok())
+        .and_then(|s| {
+            s.rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .nth(9)?
+                .parse()
+                .ok()
+        })
         .unwrap_or(0)
 }
 
