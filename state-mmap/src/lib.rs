@@ -45,8 +45,8 @@
 //! # Memory
 //!
 //! One number, [`MmapBackendBuilder::memory_budget`] (default 256 MiB), bounds the engine's own
-//! memory: the in-memory block index of every sorted run (32 bytes per data block of about
-//! 4 KiB), what running compactions reserve (their outputs' block indexes and the buffers of
+//! memory: the in-memory block index and bloom filter of every sorted run (32 bytes per data
+//! block of about 4 KiB and 10 bits per key), what running compactions reserve (their outputs' block indexes and the buffers of
 //! the file being written, charged from the start of the compaction), the write buffer and
 //! write buffers waiting for their flush (they get what the indexes and reservations leave).
 //! Freed write buffers are handed back to the OS (glibc `malloc_trim`).
@@ -54,9 +54,17 @@
 //! Backends built from one [`MmapEnvironment`] ([`MmapBackendBuilder::environment`]) share its
 //! budget (each gets what its state charges plus an even part of the rest) and its background threads (a small pool for flushes and
 //! compactions and three service threads): make one per process, so that many operators and
-//! subtasks together stay within one budget. A backend built without one starts its own. Mapped indexes, bloom
-//! filters and data are read through memory maps and live in the OS page cache. The split, and
-//! the byte layout of every file, are in `docs/mmap-format.md`.
+//! subtasks together stay within one budget. A backend built without one starts its own.
+//!
+//! Data blocks (and the on-disk index, read only when keys share their first 16 bytes) are
+//! read through read-only memory maps and live in the OS page cache, outside the budget. Under
+//! a container memory limit (a memory cgroup) the limit covers the process's anonymous memory
+//! *and* the page cache it brings in: the budget is anonymous memory, the rest of the limit
+//! caches data blocks, and the kernel evicts those within the limit as lookups fault new ones
+//! in. Each data block lies within one 4 KiB page of its file, and the mappings are advised
+//! random, so a lookup whose block is not cached costs one page fault and one device read of
+//! one page. Give a container at least the budget plus a few hundred MiB. The split, and the
+//! byte layout of every file, are in `docs/mmap-format.md`.
 //!
 //! # Safety
 //!

@@ -90,6 +90,62 @@ impl MappedFile {
     }
 }
 
+/// Test support: what of a mapped file is in the page cache, and dropping it from there.
+#[cfg(all(test, target_os = "linux"))]
+impl MappedFile {
+    /// Unmaps the file's pages from this process (`MADV_DONTNEED`: the next read of one
+    /// faults it in again, from the page cache or the file) and asks the kernel to drop the
+    /// file's clean pages that no process maps from the page cache (`POSIX_FADV_DONTNEED`; best
+    /// effort: some file systems, such as tmpfs, keep them).
+    pub(crate) fn drop_cached_pages(&self) {
+        use std::os::fd::AsRawFd;
+        if let Some(m) = &self.map {
+            // SAFETY: the range is the whole mapping, a read-only shared map of a file: after
+            // `MADV_DONTNEED` its pages read the file's bytes again, which never change while
+            // it is mapped (module docs), so no reference into it sees other bytes.
+            unsafe {
+                libc::madvise(
+                    m.as_ptr() as *mut libc::c_void,
+                    m.len(),
+                    libc::MADV_DONTNEED,
+                );
+            }
+        }
+        if let Ok(f) = File::open(&self.path) {
+            // SAFETY: `posix_fadvise` takes a valid open descriptor and offsets; it only
+            // changes what the kernel caches, never memory of this process.
+            unsafe {
+                libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED);
+            }
+        }
+    }
+
+    /// How many of the 4 KiB pages `[off / 4096, (off + len).div_ceil(4096))` of the
+    /// mapping are in the page cache (`mincore`); `None` when the kernel does not say.
+    pub(crate) fn resident_pages(&self, off: usize, len: usize) -> Option<usize> {
+        let m = self.map.as_ref()?;
+        // SAFETY: `sysconf` reads a constant of the system.
+        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).ok()?;
+        let start = off / page * page;
+        let end = (off + len).min(m.len());
+        if end <= start {
+            return Some(0);
+        }
+        let mut vec = vec![0u8; (end - start).div_ceil(page)];
+        // SAFETY: `[start, end)` lies inside the mapping (`end <= m.len()`), `start` is a
+        // multiple of the page size and the mapping starts on a page; `vec` has one byte per
+        // page of the range, which is what `mincore` writes.
+        let rc = unsafe {
+            libc::mincore(
+                m.as_ptr().add(start) as *mut libc::c_void,
+                end - start,
+                vec.as_mut_ptr(),
+            )
+        };
+        (rc == 0).then(|| vec.iter().filter(|b| **b & 1 == 1).count())
+    }
+}
+
 /// Asks the CPU to start loading the cache lines of `bytes` (at most `max_lines` of them) while
 /// other work goes on: a lookup that will read one of several places it cannot tell apart yet
 /// (which offset of a data block) waits for one memory access instead of two in a row. Does

@@ -698,6 +698,23 @@ fn device_read_bytes() -> u64 {
         .unwrap_or(0)
 }
 
+/// Page faults of this process so far that had to wait for a device read (`majflt` of
+/// /proc/self/stat): a get of a memory-mapped store that misses the page cache takes one per
+/// page it reads.
+fn major_faults() -> u64 {
+    std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .nth(9)?
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0)
+}
+
 /// CPU seconds so far: (this thread, the whole process), from /proc.
 fn cpu() -> (f64, f64) {
     let thread = std::fs::read_to_string("/proc/thread-self/schedstat")
@@ -732,6 +749,14 @@ fn phase(name: &str, ops: u64, start: Instant, cpu0: (f64, f64)) -> (f64, f64) {
         (now.1 - cpu0.1) / ops as f64 * 1e6
     );
     now
+}
+
+/// Prints the major page faults per get since `faults0` (stderr).
+fn faults_per_get(ops: u64, faults0: u64) {
+    eprintln!(
+        "get: {:.3} major page faults per get",
+        (major_faults() - faults0) as f64 / ops as f64
+    );
 }
 
 /// Prints how long the background work left before the updates took (wall and CPU seconds).
@@ -838,13 +863,14 @@ fn large(n: u64, budget_mib: usize, which: &str) -> Res<()> {
         b.wait_for_background_work()?;
         let c = settled_phase("gets", t, c);
         let t = Instant::now();
-        let read0 = device_read_bytes();
+        let (read0, faults0) = (device_read_bytes(), major_faults());
         for k in order(ops) {
             b.set_current_key(k)?;
             std::hint::black_box(b.value(&h).get()?);
         }
         get = ops as f64 / t.elapsed().as_secs_f64();
         read_per_get = (device_read_bytes() - read0) as f64 / ops as f64;
+        faults_per_get(ops, faults0);
         let c = phase("get", ops, t, c);
         engine_report(&b);
         peak_anon = peak_anon.max(rss().1);
@@ -906,12 +932,13 @@ fn large(n: u64, budget_mib: usize, which: &str) -> Res<()> {
             rocksdb_wait_idle(&db);
             let c = settled_phase("gets", t, c);
             let t = Instant::now();
-            let read0 = device_read_bytes();
+            let (read0, faults0) = (device_read_bytes(), major_faults());
             for k in order(ops) {
                 std::hint::black_box(db.get_pinned(key(k))?.map(|v| v.len()));
             }
             get = ops as f64 / t.elapsed().as_secs_f64();
             read_per_get = (device_read_bytes() - read0) as f64 / ops as f64;
+            faults_per_get(ops, faults0);
             let c = phase("get", ops, t, c);
             peak_anon = peak_anon.max(rss().1);
             let t = Instant::now();

@@ -17,9 +17,10 @@ pub struct EngineOptions {
     /// headroom for the allocator, small buffers and the last flushed write buffer while a
     /// thread of its own frees it (a flush waits for the one before it to be freed; a write
     /// buffer never gets less than a twelfth of the budget). Data pages of sorted runs are
-    /// mapped and belong to the OS page cache, outside the budget; lookups fault in single
-    /// pages (the mappings are advised random), scans and compactions ask for read-ahead.
-    /// Default 256 MiB.
+    /// mapped and belong to the OS page cache, outside the budget (a container's memory limit
+    /// counts them; the kernel evicts them within it); a lookup faults in the one page its
+    /// block lies in (the mappings are advised random), scans and compactions ask for
+    /// read-ahead. Default 256 MiB.
     ///
     /// An engine opened in an [`MmapEnvironment`] ([`Db::open_in`]) ignores this: its budget is
     /// its share of the environment's ([`Db::memory_share`]). [`Db::open`] starts an
