@@ -12,6 +12,7 @@
 //! processes and workers, restored or not.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -53,6 +54,10 @@ pub struct TimelyOptions {
     pub cluster: Cluster,
     /// Where to start from.
     pub restore: crate::job::RestoreFrom,
+    /// Crash this process once its sources read this many events and a checkpoint of this
+    /// run completed (so that the restart has one to restore): it exits at once with code 3,
+    /// like a crash (no final checkpoint; its peers see the connection break).
+    pub crash_after: Option<u64>,
 }
 
 /// One Nexmark event as the dataflow carries it (only what the job reads).
@@ -77,6 +82,8 @@ fn generator_config() -> NexmarkConfig {
 struct NexmarkSplits {
     events: u64,
     config: NexmarkConfig,
+    /// Events read by every source of this process (counted when it is to crash).
+    read: Option<Arc<AtomicU64>>,
 }
 
 impl SplitReader for NexmarkSplits {
@@ -109,6 +116,9 @@ impl SplitReader for NexmarkSplits {
                 }
                 Event::Auction(_) => {}
             }
+        }
+        if let Some(read) = &self.read {
+            read.fetch_add(o - offset, Ordering::SeqCst);
         }
         Ok(ReadOutcome {
             next_offset: o,
@@ -327,22 +337,6 @@ where
     job_config.max_parallelism = config.max_parallelism;
     job_config.restore = restore;
     let job = Job::open(job_config)?;
-    // The events already read by the restored run (the source's split offsets).
-    let restored_offset = match job.restored() {
-        Some((_, c)) => {
-            let desc = state_api::OperatorListStateDescriptor::<(u32, u64, i64, bool)>::new(
-                "source-splits",
-                state_api::RedistributionMode::EvenSplit,
-            )?;
-            c.operator_state("source", 0, 1)?
-                .list_state(&desc)?
-                .get()?
-                .iter()
-                .map(|s| s.1)
-                .sum::<u64>()
-        }
-        None => 0,
-    };
     let events = opts.events;
     let gen_config = generator_config();
     let end_watermark = final_watermark(events, &gen_config);
@@ -350,6 +344,10 @@ where
     let (collected, worker_job) = (Arc::clone(&lines), job.clone());
     let shared = B::shared(config)?;
     let backend_config = config.clone();
+    let read = opts.crash_after.map(|_| Arc::new(AtomicU64::new(0)));
+    if let (Some(at), Some(read)) = (opts.crash_after, read.clone()) {
+        crash_later(at, read, job.clone(), storage_of(&job));
+    }
     flowstate_timely::cluster::run(&opts.cluster, &job, move |worker| {
         let (lines, job, gen_config) = (
             Arc::clone(&collected),
@@ -357,6 +355,7 @@ where
             gen_config.clone(),
         );
         let (shared, config) = (shared.clone(), backend_config.clone());
+        let read = read.clone();
         let make =
             move |range, _max| B::create_in(&config, range, &shared).map_err(|e| e.to_string());
         flowstate_timely::cluster::dataflow(worker, move |scope| {
@@ -369,6 +368,7 @@ where
                 NexmarkSplits {
                     events,
                     config: gen_config,
+                    read,
                 },
             )?;
             let bids = events.clone().flat_map(|e| match e {
@@ -414,6 +414,22 @@ where
     if opts.cluster.process != 0 {
         return Ok(None);
     }
+    // The events already read by the restored run (the source's split offsets).
+    let restored_offset = match job.restored() {
+        Some((_, c)) => {
+            let desc = state_api::OperatorListStateDescriptor::<(u32, u64, i64, bool)>::new(
+                "source-splits",
+                state_api::RedistributionMode::EvenSplit,
+            )?;
+            c.operator_state("source", 0, 1)?
+                .list_state(&desc)?
+                .get()?
+                .iter()
+                .map(|s| s.1)
+                .sum::<u64>()
+        }
+        None => 0,
+    };
     let mut lines = lines
         .lock()
         .map_err(|_| "digest lines: lock poisoned")?
@@ -432,6 +448,38 @@ where
         elapsed: started.elapsed(),
         stopped: false,
     }))
+}
+
+fn storage_of(job: &Job) -> checkpoint::CheckpointStorage {
+    job.config().storage.clone()
+}
+
+/// Ends the process (exit code 3, no cleanup: a crash) once its sources read `at` events and
+/// a checkpoint of this run completed.
+fn crash_later(at: u64, read: Arc<AtomicU64>, job: Job, storage: checkpoint::CheckpointStorage) {
+    let watch = move || loop {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        if read.load(Ordering::SeqCst) < at {
+            continue;
+        }
+        let ours = checkpoint::CompletedCheckpoint::latest(&storage)
+            .ok()
+            .flatten()
+            .is_some_and(|c| job.epoch_of(c.metadata.checkpoint_id).is_some());
+        if ours {
+            eprintln!(
+                "crashing on purpose after reading {} events",
+                read.load(Ordering::SeqCst)
+            );
+            std::process::exit(3);
+        }
+    };
+    if let Err(e) = std::thread::Builder::new()
+        .name("crash-after".into())
+        .spawn(watch)
+    {
+        eprintln!("warning: --crash-after: no thread to crash from: {e}");
+    }
 }
 
 /// A hostfile with `n` free ports on 127.0.0.1, for a one-machine run of `n` processes.

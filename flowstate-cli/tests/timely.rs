@@ -196,3 +196,35 @@ fn timely_options_are_checked() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("'no-port-here' is not host:port"), "{err}");
 }
+
+#[test]
+fn timely_fail_after_crashes_a_process_and_restarts_all_from_the_latest_checkpoint() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (digest, windows) = reference(tmp.path());
+    let ck = tmp.path().join("fail-after").display().to_string();
+    // Two processes; the second crashes (exit code 3, no final checkpoint) once it read its
+    // half of 100,000 events; both start again from the latest completed checkpoint.
+    let out = finish(flowstate(&[
+        "run",
+        "--engine",
+        "timely",
+        "--processes",
+        "2",
+        "--fail-after",
+        "100000",
+        "--events",
+        EVENTS,
+        "--checkpoint-dir",
+        &ck,
+        "--interval",
+        "100ms",
+    ]));
+    let crashed = line(&out, "the job crashed");
+    assert!(crashed.contains("restarting its 2 processes"), "{crashed}");
+    let restored = line(&out, "restored checkpoint");
+    assert!(!restored.contains("source offset 0)"), "{restored}");
+    assert_eq!(line(&out, "state digest:"), digest);
+    assert_eq!(line(&out, "closed windows:"), windows);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("crashing on purpose"), "{err}");
+}
