@@ -153,18 +153,14 @@ struct Committer {
 
 impl Committer {
     fn new(job: Job, operators: Vec<(String, bool)>, peers: u32, active: bool) -> Self {
-        // Claiming the job fences every committer of an earlier run.
+        // Worker 0 claimed the job when the run started (fencing every committer of an
+        // earlier run); its committer takes the claim.
         let log = if active {
-            match CommitLog::claim(&job.config().storage) {
-                Ok(l) => {
-                    tracing::info!(epoch = l.epoch(), "committer claimed the job");
-                    Some(l)
-                }
-                Err(e) => {
-                    job.fail(format!("the committer could not claim the job: {e}"));
-                    None
-                }
+            let claim = job.shared.claim.lock().ok().and_then(|mut c| c.take());
+            if claim.is_none() {
+                job.fail("the committer holds no claim on the job".into());
             }
+            claim
         } else {
             None
         };
