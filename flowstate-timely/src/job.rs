@@ -36,8 +36,11 @@ pub struct JobConfig {
     /// Checkpoint options: `interval` (how often every source closes an epoch; `None`: only at
     /// the end of the input), `max_concurrent` and `min_pause` (a source closes an epoch only
     /// when fewer of its checkpoints are pending, and that long after the last one ended),
-    /// `timeout`, `retained`, `tolerable_failures`. Checkpoints are always full (canonical)
-    /// here: `incremental` and `retention_on_shutdown` do not apply.
+    /// `timeout`, `retained`, `tolerable_failures`, and `incremental`: deltas on the last
+    /// checkpoint a worker heard completed (heap) or backend-native files referenced across
+    /// checkpoints (mmap), in `shared/`; shared files no retained checkpoint uses are deleted
+    /// when the run ends and when the next run starts. `retention_on_shutdown` does not
+    /// apply (checkpoints are kept).
     pub checkpoint: CheckpointConfig,
     /// Number of key groups of every keyed operator (cannot change across restores).
     pub max_parallelism: u32,
