@@ -167,6 +167,11 @@ struct RunArgs {
     /// Internal: restore the latest checkpoint if there is one (the restart of --fail-after).
     #[arg(long, hide = true)]
     restore_if_any: bool,
+    /// Internal (tests): timely sources read batches of 64 events and sleep this many
+    /// microseconds after each, so that a small input lasts long enough for faults injected
+    /// mid-run.
+    #[arg(long, hide = true, default_value_t = 0)]
+    read_delay_us: u64,
 }
 
 #[derive(Subcommand, Debug)]
@@ -533,6 +538,9 @@ fn launch_local(
             }
             None => {}
         }
+        if args.read_delay_us > 0 {
+            cmd.args(["--read-delay-us", &args.read_delay_us.to_string()]);
+        }
         if let Some((_, events)) = crash.filter(|(victim, _)| *victim == i) {
             cmd.args(["--crash-after", &events.to_string()]);
         }
@@ -588,6 +596,7 @@ fn run_timely_process(
         cluster,
         restore,
         crash_after: args.crash_after,
+        read_delay: std::time::Duration::from_micros(args.read_delay_us),
     })?;
     let Some(report) = report else {
         return Ok(());

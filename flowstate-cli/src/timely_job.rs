@@ -58,6 +58,10 @@ pub struct TimelyOptions {
     /// run completed (so that the restart has one to restore): it exits at once with code 3,
     /// like a crash (no final checkpoint; its peers see the connection break).
     pub crash_after: Option<u64>,
+    /// How long the sources sleep after each read of a split (zero: not at all; otherwise
+    /// they read batches of 64 events); tests use it to make a small input last while they
+    /// inject faults.
+    pub read_delay: std::time::Duration,
 }
 
 /// One Nexmark event as the dataflow carries it (only what the job reads).
@@ -84,6 +88,8 @@ struct NexmarkSplits {
     config: NexmarkConfig,
     /// Events read by every source of this process (counted when it is to crash).
     read: Option<Arc<AtomicU64>>,
+    /// Sleep after each read.
+    delay: std::time::Duration,
 }
 
 impl SplitReader for NexmarkSplits {
@@ -119,6 +125,9 @@ impl SplitReader for NexmarkSplits {
         }
         if let Some(read) = &self.read {
             read.fetch_add(o - offset, Ordering::SeqCst);
+        }
+        if !self.delay.is_zero() {
+            std::thread::sleep(self.delay);
         }
         Ok(ReadOutcome {
             next_offset: o,
@@ -345,6 +354,7 @@ where
     let shared = B::shared(config)?;
     let backend_config = config.clone();
     let read = opts.crash_after.map(|_| Arc::new(AtomicU64::new(0)));
+    let delay = opts.read_delay;
     if let (Some(at), Some(read)) = (opts.crash_after, read.clone()) {
         crash_later(at, read, job.clone(), storage_of(&job));
     }
@@ -361,6 +371,10 @@ where
         flowstate_timely::cluster::dataflow(worker, move |scope| {
             let mut ck = Checkpointing::new(scope, &job);
             let mut source = SourceOptions::new("source", SPLITS);
+            if !delay.is_zero() {
+                // Short steps between the sleeps: epochs close and checkpoints go on.
+                source.batch = 64;
+            }
             source.out_of_orderness = OUT_OF_ORDERNESS_MS;
             source.end_watermark = end_watermark;
             let events = ck.split_source(
@@ -369,6 +383,7 @@ where
                     events,
                     config: gen_config,
                     read,
+                    delay,
                 },
             )?;
             let bids = events.clone().flat_map(|e| match e {

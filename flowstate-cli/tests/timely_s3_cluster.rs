@@ -14,8 +14,9 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_flowstate");
-/// Enough events for a run to last several checkpoints (about 60 s of event time).
-const EVENTS: &str = "600000";
+/// Events of every run (about 20 s of event time); the timely runs read them slowly (see
+/// `start_job`) to last several checkpoints.
+const EVENTS: &str = "200000";
 /// Checkpoint failures in a row the gateway test tolerates.
 const TOLERABLE: u32 = 20;
 
@@ -23,7 +24,7 @@ struct ClusterEnv {
     bucket: String,
     script: String,
     config: PathBuf,
-    /// Checkpoints time out after 2 s here and at most 20 may fail in a row: the gateway test.
+    /// Checkpoints time out after 3 s here and at most 20 may fail in a row: the gateway test.
     short_timeout: PathBuf,
 }
 
@@ -63,7 +64,7 @@ fn cluster(dir: &Path) -> Option<ClusterEnv> {
         bucket,
         script,
         config: write("flowstate.toml", "30s", 1000),
-        short_timeout: write("short-timeout.toml", "2s", TOLERABLE),
+        short_timeout: write("short-timeout.toml", "3s", TOLERABLE),
     })
 }
 
@@ -91,6 +92,10 @@ fn start_job(c: &ClusterEnv, config: &Path, prefix: &str) -> Child {
             EVENTS,
         ])
         .args(["--interval", "300ms", "--job", "nexmark"])
+        // Each source read (64 events of a split) is followed by 7 ms of sleep: a run lasts
+        // about 15 s, longer than the faults injected, and reads slower than even a loaded
+        // machine processes (a backlog would make checkpoints time out by themselves).
+        .args(["--read-delay-us", "7000"])
         .args(["--checkpoint-dir", &format!("s3://{}/{prefix}", c.bucket)])
         .arg("--config")
         .arg(config)
@@ -203,6 +208,11 @@ fn s3_cluster_faults_volume_server_and_gateway() {
         last_checkpoint(&c, &prefix).is_some()
     });
     let before = last_checkpoint(&c, &prefix).expect("a checkpoint");
+    let mut job = job;
+    assert!(
+        job.try_wait().expect("wait").is_none(),
+        "the job ended before the gateway was killed: make it last longer"
+    );
     script(&c, &["kill", "s3"]);
     std::thread::sleep(Duration::from_secs(6));
     script(&c, &["restart", "s3"]);
