@@ -172,6 +172,10 @@ struct RunArgs {
     /// mid-run.
     #[arg(long, hide = true, default_value_t = 0)]
     read_delay_us: u64,
+    /// Internal (benchmarks, --engine timely): bytes of padding stored with every person's
+    /// city, for more state (left out of the digest).
+    #[arg(long, hide = true, default_value_t = 0)]
+    state_padding: usize,
 }
 
 #[derive(Subcommand, Debug)]
@@ -541,6 +545,9 @@ fn launch_local(
         if args.read_delay_us > 0 {
             cmd.args(["--read-delay-us", &args.read_delay_us.to_string()]);
         }
+        if args.state_padding > 0 {
+            cmd.args(["--state-padding", &args.state_padding.to_string()]);
+        }
         if let Some((_, events)) = crash.filter(|(victim, _)| *victim == i) {
             cmd.args(["--crash-after", &events.to_string()]);
         }
@@ -597,6 +604,7 @@ fn run_timely_process(
         restore,
         crash_after: args.crash_after,
         read_delay: std::time::Duration::from_micros(args.read_delay_us),
+        state_padding: args.state_padding,
     })?;
     let Some(report) = report else {
         return Ok(());

@@ -62,6 +62,9 @@ pub struct TimelyOptions {
     /// they read batches of 64 events); tests use it to make a small input last while they
     /// inject faults.
     pub read_delay: std::time::Duration,
+    /// Bytes of padding stored with every person's city (benchmarks: more state; the digest
+    /// leaves it out).
+    pub state_padding: usize,
 }
 
 /// One Nexmark event as the dataflow carries it (only what the job reads).
@@ -248,7 +251,11 @@ impl BidderInput {
 }
 
 /// Running spend and city per person.
-struct Bidders;
+struct Bidders {
+    /// Bytes appended to every stored city (`#`s, left out of the digest): more state for
+    /// benchmarks.
+    padding: usize,
+}
 
 impl<B: CheckpointableBackend<Key = u64>> KeyedFunction<B> for Bidders {
     type Input = BidderInput;
@@ -268,7 +275,10 @@ impl<B: CheckpointableBackend<Key = u64>> KeyedFunction<B> for Bidders {
         let (b, s) = ctx.parts();
         match input {
             BidderInput::Spend(_, price) => b.aggregating(s.spend()).add(price).map_err(err),
-            BidderInput::City(_, city) => b.value(s.city()).update(city).map_err(err),
+            BidderInput::City(_, mut city) => {
+                city.extend(std::iter::repeat_n('#', self.padding));
+                b.value(s.city()).update(city).map_err(err)
+            }
         }
     }
 
@@ -291,7 +301,11 @@ impl<B: CheckpointableBackend<Key = u64>> KeyedFunction<B> for Bidders {
         for key in keys {
             b.set_current_key(key).map_err(err)?;
             let spend = b.aggregating(s.spend()).get().map_err(err)?;
-            let city = b.value(s.city()).get().map_err(err)?;
+            let city = b
+                .value(s.city())
+                .get()
+                .map_err(err)?
+                .map(|c| c.trim_end_matches('#').to_string());
             lines.push((
                 format!("person {key}"),
                 format!("{spend:?} {city:?}"),
@@ -355,6 +369,7 @@ where
     let backend_config = config.clone();
     let read = opts.crash_after.map(|_| Arc::new(AtomicU64::new(0)));
     let delay = opts.read_delay;
+    let state_padding = opts.state_padding;
     if let (Some(at), Some(read)) = (opts.crash_after, read.clone()) {
         crash_later(at, read, job.clone(), storage_of(&job));
     }
@@ -406,7 +421,9 @@ where
                 KeyedOptions::new("bidders", FixedWidthSerializer::<u64>::new()),
                 BidderInput::key,
                 make,
-                Bidders,
+                Bidders {
+                    padding: state_padding,
+                },
             )?;
             for out in [auctions, bidders] {
                 let lines = Arc::clone(&lines);

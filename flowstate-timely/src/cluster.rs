@@ -145,7 +145,9 @@ fn install_panic_flag() {
 /// A failure of the job (see [`Job::fail`]) stops every worker of the process with
 /// [`Error::Failed`]; a peer process that dies stops them with [`Error::PeerFailed`] (timely's
 /// network threads panic on the broken connection; a panic hook this function installs once
-/// tells the other workers). Connecting to the peers waits until every process is up.
+/// tells the other workers). Connecting to the peers waits until every process is up; then
+/// worker 0 decides where the run starts (see [`Job`]) and every worker learns it before
+/// `build` runs, so `job.restored()` is known inside `build`.
 pub fn run<T, F>(cluster: &Cluster, job: &Job, build: F) -> Result<Vec<T>>
 where
     T: Send + 'static,
