@@ -549,8 +549,9 @@ impl SubtaskEndpoint {
 pub const MAX_DELTA_FILES: usize = 64;
 
 /// True when a restore of `h` would apply too many deltas: their blocks exceed half of the
-/// full snapshot's, or there are more than [`MAX_DELTA_FILES`] delta files.
-fn chain_too_long(h: &KeyedStateHandle) -> bool {
+/// full snapshot's, or there are more than [`MAX_DELTA_FILES`] delta files (then the next
+/// incremental snapshot starts a new chain instead of building on `h`).
+pub fn chain_too_long(h: &KeyedStateHandle) -> bool {
     let (mut full, mut delta, mut files) = (0u64, 0u64, 0usize);
     for f in &h.files {
         let used: u64 = f

@@ -191,8 +191,8 @@ pub use complete::{
     assemble_operators, commit_checkpoint, commit_savepoint, discard_checkpoint_dir, SubtaskAck,
 };
 pub use coordinator::{
-    Barrier, CheckpointCoordinator, CheckpointEvent, CoordinatorBuilder, PendingCheckpoint,
-    SubtaskCommand, SubtaskEndpoint,
+    chain_too_long, Barrier, CheckpointCoordinator, CheckpointEvent, CoordinatorBuilder,
+    PendingCheckpoint, SubtaskCommand, SubtaskEndpoint, MAX_DELTA_FILES,
 };
 pub use error::{Error, Result};
 pub use format::{

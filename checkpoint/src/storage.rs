@@ -427,7 +427,7 @@ impl CheckpointStorage {
     }
 
     /// Every object under `prefix`.
-    pub(crate) fn list(&self, prefix: &Path) -> Result<Vec<ObjectMeta>> {
+    pub fn list(&self, prefix: &Path) -> Result<Vec<ObjectMeta>> {
         self.block_on(self.store.list(Some(prefix)).try_collect::<Vec<_>>())
             .map_err(|e| Error::storage("listing", &self.location(prefix), e))
     }
@@ -441,7 +441,7 @@ impl CheckpointStorage {
     }
 
     /// Deletes an object; a missing object is not an error.
-    pub(crate) fn delete(&self, path: &Path) -> Result<()> {
+    pub fn delete(&self, path: &Path) -> Result<()> {
         match self.block_on(self.store.delete(path)) {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(Error::storage("deleting", &self.location(path), e)),

@@ -149,7 +149,10 @@ struct RunArgs {
     /// Restore from `latest` or from a checkpoint/savepoint path.
     #[arg(long)]
     restore: Option<String>,
-    /// Simulate a crash after this many events, then recover from the latest checkpoint.
+    /// Simulate a crash after this many events, then recover from the latest checkpoint
+    /// (with --engine timely: the last local process crashes once it read its share of this
+    /// many events and a checkpoint completed, then every process starts again from the
+    /// latest checkpoint).
     #[arg(long)]
     fail_after: Option<u64>,
     /// Checkpoint interval (overrides state.checkpoints.interval), e.g. 500ms.
@@ -161,6 +164,18 @@ struct RunArgs {
     /// Internal: crash after this many events (used by --fail-after).
     #[arg(long, hide = true)]
     crash_after: Option<u64>,
+    /// Internal: restore the latest checkpoint if there is one (the restart of --fail-after).
+    #[arg(long, hide = true)]
+    restore_if_any: bool,
+    /// Internal (tests): timely sources read batches of 64 events and sleep this many
+    /// microseconds after each, so that a small input lasts long enough for faults injected
+    /// mid-run.
+    #[arg(long, hide = true, default_value_t = 0)]
+    read_delay_us: u64,
+    /// Internal (benchmarks, --engine timely): bytes of padding stored with every person's
+    /// city, for more state (left out of the digest).
+    #[arg(long, hide = true, default_value_t = 0)]
+    state_padding: usize,
 }
 
 #[derive(Subcommand, Debug)]
@@ -378,6 +393,7 @@ fn run(args: RunArgs, quiet: bool) -> Result<(), JobError> {
     }
     let config = loader.load()?;
     let restore = match args.restore.as_deref() {
+        None if args.restore_if_any => RestoreFrom::LatestIfAny,
         None => RestoreFrom::Nothing,
         Some("latest") => RestoreFrom::Latest,
         Some(path) => RestoreFrom::Path(path.to_string()),
@@ -432,9 +448,14 @@ fn run(args: RunArgs, quiet: bool) -> Result<(), JobError> {
 
 /// `run --engine timely`: one process of a hostfile, or `--processes N` local processes
 /// (this process starts them and prints process 0's report), or one process of `--workers`.
+/// With `--fail-after K` the local processes are started, the last one crashes once it read
+/// its share of K events and a checkpoint of the run completed (the others stop: their peer
+/// is gone), and all of them are started again from the latest completed checkpoint.
 fn run_timely(config: Config, args: &RunArgs, restore: RestoreFrom) -> Result<(), JobError> {
-    if args.fail_after.is_some() || args.crash_after.is_some() {
-        return Err("--fail-after is not supported with --engine timely".into());
+    if args.fail_after.is_some() && args.hostfile.is_some() {
+        return Err(
+            "--fail-after starts local processes: it does not go with --process/--hostfile".into(),
+        );
     }
     if let Some(hostfile) = &args.hostfile {
         let cluster = flowstate_timely::Cluster::from_hostfile(
@@ -444,11 +465,49 @@ fn run_timely(config: Config, args: &RunArgs, restore: RestoreFrom) -> Result<()
         )?;
         return run_timely_process(config, args, restore, cluster);
     }
-    if args.processes <= 1 {
-        let cluster = flowstate_timely::Cluster::single(args.workers);
-        return run_timely_process(config, args, restore, cluster);
+    if args.processes == 0 {
+        return Err("--processes must be at least 1".into());
     }
-    // A one-command demo: N processes of this program on 127.0.0.1.
+    let Some(k) = args.fail_after else {
+        if args.processes == 1 {
+            let cluster = flowstate_timely::Cluster::single(args.workers);
+            return run_timely_process(config, args, restore, cluster);
+        }
+        // A one-command demo: N processes of this program on 127.0.0.1.
+        return match launch_local(&config, args, args.restore.as_deref(), None)? {
+            Some(f) => Err(f.into()),
+            None => Ok(()),
+        };
+    };
+    // The last process crashes once it read its share of the K events (the splits are spread
+    // evenly over the processes).
+    let n = args.processes as u64;
+    let share = k.div_ceil(n).max(1);
+    let crash = Some((args.processes - 1, share));
+    let Some(failure) = launch_local(&config, args, args.restore.as_deref(), crash)? else {
+        outln!("the job finished before crashing ({k} events requested)");
+        return Ok(());
+    };
+    outln!(
+        "the job crashed ({failure}); restarting its {} processes from the latest completed checkpoint",
+        args.processes
+    );
+    match launch_local(&config, args, None, None)? {
+        Some(f) => Err(f.into()),
+        None => Ok(()),
+    }
+}
+
+/// Starts `--processes` local processes of this program on 127.0.0.1 (a hostfile with free
+/// ports), each restoring `restore` (`None`: the latest checkpoint if there is one when
+/// `--fail-after` restarts them, else nothing), process `crash.0` crashing after reading
+/// `crash.1` events; prints process 0's report and waits for all. Returns the first failure.
+fn launch_local(
+    config: &Config,
+    args: &RunArgs,
+    restore: Option<&str>,
+    crash: Option<(usize, u64)>,
+) -> Result<Option<String>, JobError> {
     let dir = tempfile::tempdir()?;
     let hosts = timely_job::local_hostfile(dir.path(), args.processes)?;
     let exe = std::env::current_exe()?;
@@ -468,8 +527,29 @@ fn run_timely(config: Config, args: &RunArgs, restore: RestoreFrom) -> Result<()
         if let Some(c) = &args.config {
             cmd.arg("--config").arg(c);
         }
-        if let Some(r) = &args.restore {
-            cmd.args(["--restore", r]);
+        if let Some(b) = args.backend {
+            cmd.arg("--backend").arg(match b {
+                BackendArg::Heap => "heap",
+                BackendArg::Mmap => "mmap",
+            });
+        }
+        match restore {
+            Some(r) => {
+                cmd.args(["--restore", r]);
+            }
+            None if args.fail_after.is_some() => {
+                cmd.arg("--restore-if-any");
+            }
+            None => {}
+        }
+        if args.read_delay_us > 0 {
+            cmd.args(["--read-delay-us", &args.read_delay_us.to_string()]);
+        }
+        if args.state_padding > 0 {
+            cmd.args(["--state-padding", &args.state_padding.to_string()]);
+        }
+        if let Some((_, events)) = crash.filter(|(victim, _)| *victim == i) {
+            cmd.args(["--crash-after", &events.to_string()]);
         }
         // Process 0 prints the report; timely's own connection notices are left out.
         cmd.stdout(if i == 0 {
@@ -505,10 +585,7 @@ fn run_timely(config: Config, args: &RunArgs, restore: RestoreFrom) -> Result<()
     if let Some(r) = report {
         r.join().map_err(|_| "printing the report failed")??;
     }
-    match failed {
-        Some(f) => Err(f.into()),
-        None => Ok(()),
-    }
+    Ok(failed)
 }
 
 fn run_timely_process(
@@ -525,6 +602,9 @@ fn run_timely_process(
         events: args.events,
         cluster,
         restore,
+        crash_after: args.crash_after,
+        read_delay: std::time::Duration::from_micros(args.read_delay_us),
+        state_padding: args.state_padding,
     })?;
     let Some(report) = report else {
         return Ok(());

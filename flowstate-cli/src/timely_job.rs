@@ -12,6 +12,7 @@
 //! processes and workers, restored or not.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -53,6 +54,17 @@ pub struct TimelyOptions {
     pub cluster: Cluster,
     /// Where to start from.
     pub restore: crate::job::RestoreFrom,
+    /// Crash this process once its sources read this many events and a checkpoint of this
+    /// run completed (so that the restart has one to restore): it exits at once with code 3,
+    /// like a crash (no final checkpoint; its peers see the connection break).
+    pub crash_after: Option<u64>,
+    /// How long the sources sleep after each read of a split (zero: not at all; otherwise
+    /// they read batches of 64 events); tests use it to make a small input last while they
+    /// inject faults.
+    pub read_delay: std::time::Duration,
+    /// Bytes of padding stored with every person's city (benchmarks: more state; the digest
+    /// leaves it out).
+    pub state_padding: usize,
 }
 
 /// One Nexmark event as the dataflow carries it (only what the job reads).
@@ -77,6 +89,10 @@ fn generator_config() -> NexmarkConfig {
 struct NexmarkSplits {
     events: u64,
     config: NexmarkConfig,
+    /// Events read by every source of this process (counted when it is to crash).
+    read: Option<Arc<AtomicU64>>,
+    /// Sleep after each read.
+    delay: std::time::Duration,
 }
 
 impl SplitReader for NexmarkSplits {
@@ -109,6 +125,12 @@ impl SplitReader for NexmarkSplits {
                 }
                 Event::Auction(_) => {}
             }
+        }
+        if let Some(read) = &self.read {
+            read.fetch_add(o - offset, Ordering::SeqCst);
+        }
+        if !self.delay.is_zero() {
+            std::thread::sleep(self.delay);
         }
         Ok(ReadOutcome {
             next_offset: o,
@@ -229,7 +251,11 @@ impl BidderInput {
 }
 
 /// Running spend and city per person.
-struct Bidders;
+struct Bidders {
+    /// Bytes appended to every stored city (`#`s, left out of the digest): more state for
+    /// benchmarks.
+    padding: usize,
+}
 
 impl<B: CheckpointableBackend<Key = u64>> KeyedFunction<B> for Bidders {
     type Input = BidderInput;
@@ -249,7 +275,10 @@ impl<B: CheckpointableBackend<Key = u64>> KeyedFunction<B> for Bidders {
         let (b, s) = ctx.parts();
         match input {
             BidderInput::Spend(_, price) => b.aggregating(s.spend()).add(price).map_err(err),
-            BidderInput::City(_, city) => b.value(s.city()).update(city).map_err(err),
+            BidderInput::City(_, mut city) => {
+                city.extend(std::iter::repeat_n('#', self.padding));
+                b.value(s.city()).update(city).map_err(err)
+            }
         }
     }
 
@@ -272,7 +301,11 @@ impl<B: CheckpointableBackend<Key = u64>> KeyedFunction<B> for Bidders {
         for key in keys {
             b.set_current_key(key).map_err(err)?;
             let spend = b.aggregating(s.spend()).get().map_err(err)?;
-            let city = b.value(s.city()).get().map_err(err)?;
+            let city = b
+                .value(s.city())
+                .get()
+                .map_err(err)?
+                .map(|c| c.trim_end_matches('#').to_string());
             lines.push((
                 format!("person {key}"),
                 format!("{spend:?} {city:?}"),
@@ -327,22 +360,6 @@ where
     job_config.max_parallelism = config.max_parallelism;
     job_config.restore = restore;
     let job = Job::open(job_config)?;
-    // The events already read by the restored run (the source's split offsets).
-    let restored_offset = match job.restored() {
-        Some((_, c)) => {
-            let desc = state_api::OperatorListStateDescriptor::<(u32, u64, i64, bool)>::new(
-                "source-splits",
-                state_api::RedistributionMode::EvenSplit,
-            )?;
-            c.operator_state("source", 0, 1)?
-                .list_state(&desc)?
-                .get()?
-                .iter()
-                .map(|s| s.1)
-                .sum::<u64>()
-        }
-        None => 0,
-    };
     let events = opts.events;
     let gen_config = generator_config();
     let end_watermark = final_watermark(events, &gen_config);
@@ -350,6 +367,12 @@ where
     let (collected, worker_job) = (Arc::clone(&lines), job.clone());
     let shared = B::shared(config)?;
     let backend_config = config.clone();
+    let read = opts.crash_after.map(|_| Arc::new(AtomicU64::new(0)));
+    let delay = opts.read_delay;
+    let state_padding = opts.state_padding;
+    if let (Some(at), Some(read)) = (opts.crash_after, read.clone()) {
+        crash_later(at, read, job.clone(), storage_of(&job));
+    }
     flowstate_timely::cluster::run(&opts.cluster, &job, move |worker| {
         let (lines, job, gen_config) = (
             Arc::clone(&collected),
@@ -357,11 +380,16 @@ where
             gen_config.clone(),
         );
         let (shared, config) = (shared.clone(), backend_config.clone());
+        let read = read.clone();
         let make =
             move |range, _max| B::create_in(&config, range, &shared).map_err(|e| e.to_string());
         flowstate_timely::cluster::dataflow(worker, move |scope| {
             let mut ck = Checkpointing::new(scope, &job);
             let mut source = SourceOptions::new("source", SPLITS);
+            if !delay.is_zero() {
+                // Short steps between the sleeps: epochs close and checkpoints go on.
+                source.batch = 64;
+            }
             source.out_of_orderness = OUT_OF_ORDERNESS_MS;
             source.end_watermark = end_watermark;
             let events = ck.split_source(
@@ -369,6 +397,8 @@ where
                 NexmarkSplits {
                     events,
                     config: gen_config,
+                    read,
+                    delay,
                 },
             )?;
             let bids = events.clone().flat_map(|e| match e {
@@ -391,7 +421,9 @@ where
                 KeyedOptions::new("bidders", FixedWidthSerializer::<u64>::new()),
                 BidderInput::key,
                 make,
-                Bidders,
+                Bidders {
+                    padding: state_padding,
+                },
             )?;
             for out in [auctions, bidders] {
                 let lines = Arc::clone(&lines);
@@ -414,6 +446,22 @@ where
     if opts.cluster.process != 0 {
         return Ok(None);
     }
+    // The events already read by the restored run (the source's split offsets).
+    let restored_offset = match job.restored() {
+        Some((_, c)) => {
+            let desc = state_api::OperatorListStateDescriptor::<(u32, u64, i64, bool)>::new(
+                "source-splits",
+                state_api::RedistributionMode::EvenSplit,
+            )?;
+            c.operator_state("source", 0, 1)?
+                .list_state(&desc)?
+                .get()?
+                .iter()
+                .map(|s| s.1)
+                .sum::<u64>()
+        }
+        None => 0,
+    };
     let mut lines = lines
         .lock()
         .map_err(|_| "digest lines: lock poisoned")?
@@ -432,6 +480,38 @@ where
         elapsed: started.elapsed(),
         stopped: false,
     }))
+}
+
+fn storage_of(job: &Job) -> checkpoint::CheckpointStorage {
+    job.config().storage.clone()
+}
+
+/// Ends the process (exit code 3, no cleanup: a crash) once its sources read `at` events and
+/// a checkpoint of this run completed.
+fn crash_later(at: u64, read: Arc<AtomicU64>, job: Job, storage: checkpoint::CheckpointStorage) {
+    let watch = move || loop {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        if read.load(Ordering::SeqCst) < at {
+            continue;
+        }
+        let ours = checkpoint::CompletedCheckpoint::latest(&storage)
+            .ok()
+            .flatten()
+            .is_some_and(|c| job.epoch_of(c.metadata.checkpoint_id).is_some());
+        if ours {
+            eprintln!(
+                "crashing on purpose after reading {} events",
+                read.load(Ordering::SeqCst)
+            );
+            std::process::exit(3);
+        }
+    };
+    if let Err(e) = std::thread::Builder::new()
+        .name("crash-after".into())
+        .spawn(watch)
+    {
+        eprintln!("warning: --crash-after: no thread to crash from: {e}");
+    }
 }
 
 /// A hostfile with `n` free ports on 127.0.0.1, for a one-machine run of `n` processes.

@@ -196,3 +196,121 @@ fn timely_options_are_checked() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("'no-port-here' is not host:port"), "{err}");
 }
+
+#[test]
+fn timely_fail_after_crashes_a_process_and_restarts_all_from_the_latest_checkpoint() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (digest, windows) = reference(tmp.path());
+    let ck = tmp.path().join("fail-after").display().to_string();
+    // Two processes; the second crashes (exit code 3, no final checkpoint) once it read its
+    // half of 100,000 events; both start again from the latest completed checkpoint.
+    let out = finish(flowstate(&[
+        "run",
+        "--engine",
+        "timely",
+        "--processes",
+        "2",
+        "--fail-after",
+        "100000",
+        "--events",
+        EVENTS,
+        "--checkpoint-dir",
+        &ck,
+        "--interval",
+        "100ms",
+    ]));
+    let crashed = line(&out, "the job crashed");
+    assert!(crashed.contains("restarting its 2 processes"), "{crashed}");
+    let restored = line(&out, "restored checkpoint");
+    assert!(!restored.contains("source offset 0)"), "{restored}");
+    assert_eq!(line(&out, "state digest:"), digest);
+    assert_eq!(line(&out, "closed windows:"), windows);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("crashing on purpose"), "{err}");
+}
+
+#[test]
+fn timely_incremental_checkpoints_restore_from_their_chain_at_another_process_count() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (digest, windows) = reference(tmp.path());
+    let config = tmp.path().join("incremental.toml");
+    std::fs::write(
+        &config,
+        "[state.checkpoints]\nincremental = true\nretained = 2\n",
+    )
+    .expect("config");
+    let config = config.display().to_string();
+    // Heap: a full snapshot into shared/, then deltas on it; mmap: native files, those of
+    // completed checkpoints referenced instead of uploaded again.
+    for backend in ["heap", "mmap"] {
+        let ck = tmp.path().join(format!("inc-{backend}"));
+        let ck_s = ck.display().to_string();
+        let first = finish(flowstate(&[
+            "run",
+            "--engine",
+            "timely",
+            "--processes",
+            "2",
+            "--backend",
+            backend,
+            "--config",
+            &config,
+            "--events",
+            "75000",
+            "--checkpoint-dir",
+            &ck_s,
+            "--interval",
+            "100ms",
+            "--quiet",
+        ]));
+        let completed = line(&first, "checkpoints completed:");
+        let n: u64 = completed
+            .split_whitespace()
+            .nth(2)
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        assert!(n >= 2, "a chain of checkpoints on {backend}: {completed}");
+        let list = Command::new(BIN)
+            .args(["checkpoints", "list", &ck_s, "--json"])
+            .output()
+            .expect("list");
+        let list: serde_json::Value = serde_json::from_slice(&list.stdout).expect("json");
+        let latest = list
+            .as_array()
+            .and_then(|a| a.last())
+            .cloned()
+            .expect("a checkpoint");
+        assert_eq!(latest["incremental"], true, "{backend}: {latest}");
+        let shared = std::fs::read_dir(ck.join("nexmark/shared"))
+            .map(|d| d.count())
+            .unwrap_or(0);
+        assert!(shared > 0, "{backend}: files in shared/");
+        // The rest of the input on three processes, from that incremental checkpoint.
+        let out = finish(flowstate(&[
+            "run",
+            "--engine",
+            "timely",
+            "--processes",
+            "3",
+            "--backend",
+            backend,
+            "--config",
+            &config,
+            "--restore",
+            "latest",
+            "--events",
+            EVENTS,
+            "--checkpoint-dir",
+            &ck_s,
+            "--interval",
+            "100ms",
+            "--quiet",
+        ]));
+        assert!(
+            line(&out, "restored checkpoint").contains("source offset 75000"),
+            "{backend}"
+        );
+        assert_eq!(line(&out, "state digest:"), digest, "{backend}");
+        assert_eq!(line(&out, "closed windows:"), windows, "{backend}");
+    }
+}

@@ -1,7 +1,8 @@
 //! The timely job checkpointing over S3 to a multi-node SeaweedFS (scripts/s3-cluster: one
 //! master, three volume servers with replication 001, a filer and the S3 gateway, each a process
 //! of its own): a volume server killed mid-run does not stop checkpoints from completing, and a
-//! gateway killed mid-run only declines checkpoints until it is back. The digest stays the
+//! gateway killed mid-run makes checkpoints fail (they time out and are aborted, within the
+//! tolerable failures) until it is back, then they complete again. The digest stays the
 //! single-process job's.
 //!
 //! Needs the cluster's variables (`eval "$(scripts/s3-cluster start)"`; `./scripts/test` does
@@ -13,13 +14,18 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_flowstate");
-/// Enough events for a run to last several checkpoints (about 60 s of event time).
-const EVENTS: &str = "600000";
+/// Events of every run (about 20 s of event time); the timely runs read them slowly (see
+/// `start_job`) to last several checkpoints.
+const EVENTS: &str = "200000";
+/// Checkpoint failures in a row the gateway test tolerates.
+const TOLERABLE: u32 = 20;
 
 struct ClusterEnv {
     bucket: String,
     script: String,
     config: PathBuf,
+    /// Checkpoints time out after 3 s here and at most 20 may fail in a row: the gateway test.
+    short_timeout: PathBuf,
 }
 
 /// The cluster's settings as a config file in `dir`, or `None` (with a notice) without one.
@@ -41,20 +47,24 @@ fn cluster(dir: &Path) -> Option<ClusterEnv> {
         eprintln!("notice: no SeaweedFS cluster (scripts/s3-cluster start): test skipped");
         return None;
     };
-    let config = dir.join("flowstate.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[state.checkpoints]\ntimeout = \"30s\"\ntolerable-failures = 1000\n\n[s3]\n\
-             endpoint = \"{endpoint}\"\nregion = \"us-east-1\"\nallow-http = true\n\
-             access-key-id = \"{key}\"\nsecret-access-key = \"{secret}\"\n"
-        ),
-    )
-    .expect("config");
+    let write = |name: &str, timeout: &str, tolerable: u32| {
+        let config = dir.join(name);
+        std::fs::write(
+            &config,
+            format!(
+                "[state.checkpoints]\ntimeout = \"{timeout}\"\ntolerable-failures = {tolerable}\n\n\
+                 [s3]\nendpoint = \"{endpoint}\"\nregion = \"us-east-1\"\nallow-http = true\n\
+                 access-key-id = \"{key}\"\nsecret-access-key = \"{secret}\"\n"
+            ),
+        )
+        .expect("config");
+        config
+    };
     Some(ClusterEnv {
         bucket,
         script,
-        config,
+        config: write("flowstate.toml", "30s", 1000),
+        short_timeout: write("short-timeout.toml", "3s", TOLERABLE),
     })
 }
 
@@ -70,7 +80,7 @@ fn script(c: &ClusterEnv, args: &[&str]) {
     );
 }
 
-fn start_job(c: &ClusterEnv, prefix: &str) -> Child {
+fn start_job(c: &ClusterEnv, config: &Path, prefix: &str) -> Child {
     Command::new(BIN)
         .args([
             "run",
@@ -82,9 +92,15 @@ fn start_job(c: &ClusterEnv, prefix: &str) -> Child {
             EVENTS,
         ])
         .args(["--interval", "300ms", "--job", "nexmark"])
+        // Each source read (64 events of a split) is followed by 7 ms of sleep: a run lasts
+        // about 15 s, longer than the faults injected, and reads slower than even a loaded
+        // machine processes (a backlog would make checkpoints time out by themselves).
+        .args(["--read-delay-us", "7000"])
         .args(["--checkpoint-dir", &format!("s3://{}/{prefix}", c.bucket)])
         .arg("--config")
-        .arg(&c.config)
+        .arg(config)
+        // The committer's log: which checkpoints completed and which were aborted, and why.
+        .env("RUST_LOG", "flowstate_timely=info")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -168,7 +184,7 @@ fn s3_cluster_faults_volume_server_and_gateway() {
 
     // A volume server dies: files are on two of three servers, checkpoints go on completing.
     let prefix = format!("{run}-volume");
-    let job = start_job(&c, &prefix);
+    let job = start_job(&c, &c.config, &prefix);
     wait_for("a first checkpoint", Duration::from_secs(60), || {
         last_checkpoint(&c, &prefix).is_some()
     });
@@ -184,24 +200,62 @@ fn s3_cluster_faults_volume_server_and_gateway() {
     let expected = digest(&finish(reference));
     assert_eq!(digest(&out), expected);
 
-    // The gateway dies: checkpoints fail meanwhile (tolerated), complete again once it is back.
+    // The gateway dies: checkpoints time out and are aborted meanwhile (tolerated), and
+    // complete again once it is back.
     let prefix = format!("{run}-gateway");
-    let job = start_job(&c, &prefix);
+    let job = start_job(&c, &c.short_timeout, &prefix);
     wait_for("a first checkpoint", Duration::from_secs(60), || {
         last_checkpoint(&c, &prefix).is_some()
     });
     let before = last_checkpoint(&c, &prefix).expect("a checkpoint");
+    let mut job = job;
+    assert!(
+        job.try_wait().expect("wait").is_none(),
+        "the job ended before the gateway was killed: make it last longer"
+    );
     script(&c, &["kill", "s3"]);
-    std::thread::sleep(Duration::from_secs(4));
+    std::thread::sleep(Duration::from_secs(6));
     script(&c, &["restart", "s3"]);
     let out = finish(job);
     assert_eq!(digest(&out), expected);
+    let log = String::from_utf8_lossy(&out.stderr);
+    let failed = committer_events(&log, "checkpoint aborted");
+    let completed = committer_events(&log, "checkpoint completed");
+    let down: Vec<u64> = failed.iter().copied().filter(|id| *id > before).collect();
+    assert!(
+        !down.is_empty(),
+        "no checkpoint after {before} was aborted while the gateway was down:\n{log}"
+    );
+    assert!(
+        failed.len() <= TOLERABLE as usize,
+        "{} checkpoints failed, more than the {TOLERABLE} tolerated, and the job still ran",
+        failed.len()
+    );
+    let last_failed = down.iter().max().copied().unwrap_or(before);
+    assert!(
+        completed.iter().any(|id| *id > last_failed),
+        "no checkpoint completed after the gateway came back (last aborted: {last_failed}):\n{log}"
+    );
     wait_for("the gateway back", Duration::from_secs(30), || {
         last_checkpoint(&c, &prefix).is_some()
     });
     let after = last_checkpoint(&c, &prefix).expect("checkpoints");
     assert!(
-        after > before,
-        "checkpoints completed after the gateway came back ({before} -> {after})"
+        after > last_failed,
+        "the latest checkpoint is one completed after the gateway came back ({last_failed} -> {after})"
     );
+}
+
+/// The checkpoint ids of the committer's log lines `what` (`checkpoint aborted` or `checkpoint
+/// completed`, with a `checkpoint=<id>` field), leaving out checkpoints aborted because a later
+/// one completed first (subsumed: not a failure).
+fn committer_events(log: &str, what: &str) -> Vec<u64> {
+    log.lines()
+        .filter(|l| l.contains(what) && !l.contains("subsumed"))
+        .filter_map(|l| {
+            l.split_whitespace()
+                .find_map(|w| w.strip_prefix("checkpoint="))
+                .and_then(|id| id.parse().ok())
+        })
+        .collect()
 }

@@ -121,8 +121,9 @@ pub(crate) fn decode_state(message: &AckMessage, bytes: &[u8]) -> checkpoint::Re
     })
 }
 
-/// A finished upload: the checkpoint and the encoded handle, or why it failed.
-pub(crate) type UploadResult = (u64, Result<Vec<u8>, String>);
+/// A finished upload: the checkpoint, the encoded handle or why it failed, and the state
+/// written (what an incremental snapshot builds on once the checkpoint completes).
+pub(crate) type UploadResult = (u64, Result<Vec<u8>, String>, Option<SubtaskState>);
 
 struct UploadJob {
     target: SnapshotTarget,
@@ -151,6 +152,7 @@ impl Uploader {
                     let id = job.target.checkpoint_id;
                     let op = job.snapshot.operator_id.clone();
                     let started = std::time::Instant::now();
+                    let mut written = None;
                     let outcome = write_subtask_snapshot(&storage, &job.target, job.snapshot)
                         .and_then(|state| {
                             let ack = SubtaskAck {
@@ -159,7 +161,9 @@ impl Uploader {
                                 max_parallelism: job.max_parallelism,
                                 state,
                             };
-                            encode_state(&ack, id, storage.job())
+                            let bytes = encode_state(&ack, id, storage.job());
+                            written = Some(ack.state);
+                            bytes
                         })
                         .map_err(|e| e.to_string());
                     tracing::debug!(
@@ -169,7 +173,8 @@ impl Uploader {
                         millis = started.elapsed().as_millis() as u64,
                         "snapshot written"
                     );
-                    if results_tx.send((id, outcome)).is_err() {
+                    let written = written.filter(|_| outcome.is_ok());
+                    if results_tx.send((id, outcome, written)).is_err() {
                         return;
                     }
                     // The operator may be gone already (end of the dataflow).

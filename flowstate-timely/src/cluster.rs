@@ -9,7 +9,7 @@ use std::time::Duration;
 use timely::worker::Worker;
 
 use crate::error::{Error, Result};
-use crate::job::Job;
+use crate::job::{Job, RunStart};
 
 /// Where this process sits in the job: how many processes, which one this is, their
 /// addresses, and how many workers each process runs.
@@ -145,7 +145,9 @@ fn install_panic_flag() {
 /// A failure of the job (see [`Job::fail`]) stops every worker of the process with
 /// [`Error::Failed`]; a peer process that dies stops them with [`Error::PeerFailed`] (timely's
 /// network threads panic on the broken connection; a panic hook this function installs once
-/// tells the other workers). Connecting to the peers waits until every process is up.
+/// tells the other workers). Connecting to the peers waits until every process is up; then
+/// worker 0 decides where the run starts (see [`Job`]) and every worker learns it before
+/// `build` runs, so `job.restored()` is known inside `build`.
 pub fn run<T, F>(cluster: &Cluster, job: &Job, build: F) -> Result<Vec<T>>
 where
     T: Send + 'static,
@@ -157,6 +159,11 @@ where
     let stop = Arc::new(AtomicBool::new(false));
     let config = cluster.timely_config();
     let logic = move |worker: &mut Worker| {
+        if let Err(e) = agree(worker, &job) {
+            stop.store(true, Ordering::SeqCst);
+            drop_all(worker);
+            return Err(e);
+        }
         let value = match build(worker) {
             Ok(v) => v,
             Err(e) => {
@@ -183,6 +190,9 @@ where
     };
     // Timely connects to every peer before it starts the workers, and waits for a peer that
     // never comes up forever: the connection runs on a thread of its own, given a deadline.
+    // It prints its notices ("awaiting connections", "error connecting ... retrying") on
+    // standard output, which is the job's: meanwhile standard output goes to standard error.
+    let redirect = (cluster.processes() > 1).then(StdoutToStderr::start);
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::Builder::new()
         .name("flowstate-connect".into())
@@ -190,7 +200,9 @@ where
             let _ = tx.send(timely::execute(config, logic));
         })
         .map_err(|e| Error::Cluster(format!("starting timely: {e}")))?;
-    let guards = match rx.recv_timeout(cluster.connect_timeout) {
+    let connected = rx.recv_timeout(cluster.connect_timeout);
+    drop(redirect);
+    let guards = match connected {
         Ok(r) => r.map_err(|e| Error::Cluster(format!("starting timely: {e}")))?,
         Err(_) => {
             return Err(Error::PeerFailed(format!(
@@ -222,6 +234,76 @@ where
         // A job failure explains the others.
         Some(e) => Err(e),
         None => Ok(out),
+    }
+}
+
+/// Every worker learns how the run starts from worker 0 (see [`Job`]): worker 0 decides, a
+/// small dataflow broadcasts the decision, and each process settles on it before any dataflow
+/// of the job is built.
+fn agree(worker: &mut Worker, job: &Job) -> Result<()> {
+    use std::cell::RefCell;
+    use std::rc::Rc;
+    use timely::dataflow::operators::vec::Broadcast;
+    use timely::dataflow::operators::{Inspect, ToStream};
+
+    let decision: Vec<RunStart> = if worker.index() == 0 {
+        vec![job.decide()]
+    } else {
+        Vec::new()
+    };
+    let received: Rc<RefCell<Option<RunStart>>> = Rc::new(RefCell::new(None));
+    let slot = Rc::clone(&received);
+    worker.dataflow_named::<u64, _, _>("flowstate-run-start", move |scope| {
+        decision
+            .to_stream(scope)
+            .broadcast()
+            .inspect(move |s: &RunStart| *slot.borrow_mut() = Some(s.clone()));
+    });
+    loop {
+        if let Some(start) = received.borrow_mut().take() {
+            return job.settle(&start);
+        }
+        if PANICKED.load(Ordering::SeqCst) {
+            return Err(Error::PeerFailed(
+                "a thread of this process failed while the run started (see above)".into(),
+            ));
+        }
+        if !worker.step_or_park(Some(Duration::from_millis(20))) && received.borrow().is_none() {
+            return Err(Error::PeerFailed(
+                "the run's start never came from worker 0".into(),
+            ));
+        }
+    }
+}
+
+/// Standard output sent to standard error until dropped (nothing happens when the
+/// descriptors cannot be duplicated: the notices then stay on standard output).
+struct StdoutToStderr {
+    saved: Option<std::os::fd::OwnedFd>,
+}
+
+impl StdoutToStderr {
+    fn start() -> Self {
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        let saved = rustix::io::dup(std::io::stdout()).ok().filter(|_| {
+            rustix::stdio::dup2_stdout(std::io::stderr())
+                .map_err(|e| tracing::debug!(error = %e, "standard output stays"))
+                .is_ok()
+        });
+        StdoutToStderr { saved }
+    }
+}
+
+impl Drop for StdoutToStderr {
+    fn drop(&mut self) {
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        if let Some(fd) = self.saved.take() {
+            if let Err(e) = rustix::stdio::dup2_stdout(&fd) {
+                tracing::warn!(error = %e, "could not give standard output back");
+            }
+        }
     }
 }
 

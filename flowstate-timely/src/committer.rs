@@ -5,7 +5,8 @@ use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use checkpoint::{
-    assemble_operators, commit_checkpoint, discard_checkpoint_dir, CommitLog, SubtaskAck,
+    assemble_operators, commit_checkpoint, discard_checkpoint_dir, CheckpointMetadata, CommitLog,
+    CompletedCheckpoint, SharedStateRegistry, SubtaskAck,
 };
 use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::operators::core::Concatenate;
@@ -117,16 +118,37 @@ impl<'scope> Checkpointing<'scope> {
                 }
                 if frontiers[0].is_empty() {
                     // The job ended: what never completed (epochs closed after the last
-                    // checkpoint) goes.
+                    // checkpoint) goes, and the shared files no retained checkpoint uses.
                     for id in std::mem::take(&mut committer.pending).into_keys() {
                         let _ = discard_checkpoint_dir(&committer.job.config().storage, id);
                     }
+                    committer.delete_released();
                 } else if !committer.pending.is_empty() {
                     activator.activate_after(Duration::from_millis(100));
                 }
             }
         });
         completions.connect_loop(handle);
+    }
+}
+
+/// Deletes the files in `shared/` that `registry` holds no reference to.
+fn delete_unreferenced(storage: &checkpoint::CheckpointStorage, registry: &SharedStateRegistry) {
+    let files = match storage.list(&storage.shared_dir()) {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not list the shared files");
+            return;
+        }
+    };
+    for o in files {
+        if let Some(name) = o.location.filename() {
+            if registry.references(name) == 0 {
+                if let Err(e) = storage.delete(&o.location) {
+                    tracing::warn!(file = %name, error = %e, "could not delete a shared file");
+                }
+            }
+        }
     }
 }
 
@@ -144,7 +166,10 @@ struct Committer {
     peers: u32,
     log: Option<CommitLog>,
     pending: BTreeMap<u64, Pending>,
-    committed: VecDeque<u64>,
+    /// The retained checkpoints, oldest first (those of earlier runs too).
+    committed: VecDeque<(u64, CheckpointMetadata)>,
+    /// References of the retained checkpoints to files in `shared/` (incremental checkpoints).
+    registry: SharedStateRegistry,
     last_committed: u64,
     /// Checkpoints aborted above the last committed one: late handles for them are ignored.
     aborted: std::collections::BTreeSet<u64>,
@@ -153,28 +178,54 @@ struct Committer {
 
 impl Committer {
     fn new(job: Job, operators: Vec<(String, bool)>, peers: u32, active: bool) -> Self {
-        // Claiming the job fences every committer of an earlier run.
+        // Worker 0 claimed the job when the run started (fencing every committer of an
+        // earlier run); its committer takes the claim.
         let log = if active {
-            match CommitLog::claim(&job.config().storage) {
-                Ok(l) => {
-                    tracing::info!(epoch = l.epoch(), "committer claimed the job");
-                    Some(l)
-                }
-                Err(e) => {
-                    job.fail(format!("the committer could not claim the job: {e}"));
-                    None
-                }
+            let claim = job.shared.claim.lock().ok().and_then(|mut c| c.take());
+            if claim.is_none() {
+                job.fail("the committer holds no claim on the job".into());
             }
+            claim
         } else {
             None
         };
+        // The retained checkpoints of earlier runs: retention goes on with them, and the files
+        // in `shared/` they use stay until no retained checkpoint does.
+        let mut committed = VecDeque::new();
+        let mut registry = SharedStateRegistry::new();
+        if log.is_some() {
+            let storage = &job.config().storage;
+            let retained = job.config().checkpoint.retained.max(1);
+            match CompletedCheckpoint::retained(storage, retained) {
+                Ok(found) => {
+                    for c in found {
+                        registry.register(&c.metadata);
+                        committed.push_back((c.metadata.checkpoint_id, c.metadata));
+                    }
+                    if let Some((s, c)) = job.restored() {
+                        if s.shared_dir() == storage.shared_dir() {
+                            registry.register(&c.metadata);
+                        }
+                    }
+                    // Files of earlier runs no retained checkpoint uses (discarded or aborted
+                    // checkpoints; an earlier run is fenced by now). No worker of this run has
+                    // written anything yet: its first epoch cannot end before this worker runs.
+                    delete_unreferenced(storage, &registry);
+                }
+                Err(e) => tracing::warn!(
+                    error = %e,
+                    "could not read the retained checkpoints: earlier runs' are left alone"
+                ),
+            }
+        }
         Committer {
             job,
             operators,
             peers,
             log,
             pending: BTreeMap::new(),
-            committed: VecDeque::new(),
+            committed,
+            registry,
             last_committed: 0,
             aborted: Default::default(),
             failures: 0,
@@ -307,26 +358,43 @@ impl Committer {
         };
         let operators = assemble_operators(acks)?;
         let duration = started.elapsed().as_millis() as u64;
-        commit_checkpoint(storage, log, id, now_millis(), Some(duration), operators)?;
+        let completed =
+            commit_checkpoint(storage, log, id, now_millis(), Some(duration), operators)?;
         tracing::info!(checkpoint = id, millis = duration, "checkpoint completed");
         self.last_committed = id;
         self.aborted = self.aborted.split_off(&id);
         self.job.push_completed(id);
-        self.committed.push_back(id);
+        self.registry.register(&completed.metadata);
+        self.committed.push_back((id, completed.metadata));
         let retained = self.job.config().checkpoint.retained.max(1);
         while self.committed.len() > retained {
-            if let Some(old) = self.committed.pop_front() {
+            if let Some((old, metadata)) = self.committed.pop_front() {
+                // Its shared files that no retained checkpoint uses go at the end of the run.
+                self.registry.unregister(&metadata, u64::MAX);
                 if let Err(e) = discard_checkpoint_dir(storage, old) {
                     tracing::warn!(checkpoint = old, error = %e, "could not delete an old checkpoint");
                 }
             }
         }
-        if let Some(oldest) = self.committed.front() {
+        if let Some((oldest, _)) = self.committed.front() {
             if let Err(e) = log.prune(*oldest) {
                 tracing::warn!(error = %e, "could not prune the commit log");
             }
         }
         Ok(())
+    }
+
+    /// Deletes the shared files of checkpoints no longer retained. Only when no snapshot can
+    /// come any more (the end of the run): a worker that has not heard of the latest
+    /// completion yet may build its next snapshot on an older checkpoint's files.
+    fn delete_released(&mut self) {
+        let storage = &self.job.config().storage;
+        for name in self.registry.take_deletable(None) {
+            let path = storage.shared_dir().join(name.as_str());
+            if let Err(e) = storage.delete(&path) {
+                tracing::warn!(file = %name, error = %e, "could not delete a shared file");
+            }
+        }
     }
 
     fn abort(&mut self, id: u64, reason: &str) {

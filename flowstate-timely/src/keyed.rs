@@ -6,7 +6,11 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use checkpoint::{KeyedSnapshot, SnapshotTarget, SubtaskSnapshot};
+use std::collections::HashMap;
+
+use checkpoint::{
+    FileRef, KeyedSnapshot, KeyedStateHandle, SnapshotTarget, SubtaskSnapshot, SubtaskState,
+};
 use state_api::checkpointing::{BackendSnapshot, CheckpointableBackend, SnapshotRequest};
 use state_api::{
     assign_to_key_group, operator_index_for_key_group, KeyGroupRange, Namespace, StateSerializer,
@@ -211,10 +215,17 @@ impl<'scope> Checkpointing<'scope> {
                 backend.max_parallelism()
             )));
         }
+        let incremental = job.config().checkpoint.incremental;
+        let mut chain = Chain::default();
         if let Some((storage, c)) = job.restored() {
             let download =
                 tempfile::tempdir().map_err(|e| user(format!("temporary directory: {e}")))?;
             c.restore_backend(storage, &op, index, &mut backend, download.path())?;
+            // Native files of the restored checkpoint (of this job: in its `shared/`) are
+            // referenced by the next checkpoint instead of uploaded again.
+            if storage.shared_dir() == job.config().storage.shared_dir() {
+                chain.seed_native(c, &op, range);
+            }
         }
         let states = function.register(&mut backend).map_err(state_err)?;
         let timers = backend
@@ -269,13 +280,18 @@ impl<'scope> Checkpointing<'scope> {
                 completions.for_each(|_cap, data| {
                     for c in data.drain(..) {
                         if c.aborted {
+                            chain.aborted(c.checkpoint_id);
                             backend.notify_checkpoint_aborted(c.checkpoint_id);
                         } else {
+                            chain.completed(c.checkpoint_id);
                             backend.notify_checkpoint_complete(c.checkpoint_id);
                         }
                     }
                 });
-                for (id, outcome) in uploader.finished() {
+                for (id, outcome, written) in uploader.finished() {
+                    if let Some(state) = written {
+                        chain.written(id, state);
+                    }
                     if let Some(pos) = waiting.iter().position(|(i, _)| *i == id) {
                         let (_, cap) = waiting.remove(pos);
                         ack_out.activate().session(&cap).give(AckMessage {
@@ -328,7 +344,7 @@ impl<'scope> Checkpointing<'scope> {
                 // Every epoch the frontier passed is complete: snapshot it, then open the next.
                 while result.is_ok() && min_epoch.is_some_and(|m| next_epoch < m) {
                     let id = job.checkpoint_id(next_epoch);
-                    match snapshot(ctx.backend, id) {
+                    match snapshot(ctx.backend, id, incremental.then_some(&chain)) {
                         Ok(keyed) => {
                             let cap = ack_cap
                                 .as_ref()
@@ -487,17 +503,121 @@ fn decline(
     });
 }
 
-/// The synchronous part of a snapshot: a canonical view of every owned key group.
+/// What an operator instance remembers for incremental snapshots: the state handle of the last
+/// checkpoint it heard completed (deltas build on it), the backend-native files such
+/// checkpoints uploaded (referenced instead of uploaded again), and what it wrote for
+/// checkpoints not known complete yet.
+#[derive(Default)]
+struct Chain {
+    base: Option<(u64, KeyedStateHandle)>,
+    confirmed: HashMap<String, FileRef>,
+    written: BTreeMap<u64, SubtaskState>,
+}
+
+impl Chain {
+    fn written(&mut self, id: u64, state: SubtaskState) {
+        self.written.insert(id, state);
+    }
+
+    fn completed(&mut self, id: u64) {
+        if let Some(state) = self.written.remove(&id) {
+            if let Some(k) = state.keyed {
+                self.base = Some((id, k));
+            }
+            if let Some(n) = state.native {
+                for f in n.files {
+                    self.confirmed
+                        .insert(f.file.location.name().to_string(), f.file);
+                }
+            }
+        }
+        self.written.retain(|w, _| *w > id);
+    }
+
+    fn aborted(&mut self, id: u64) {
+        self.written.remove(&id);
+    }
+
+    /// The native files of `operator` in a restored checkpoint that cover key groups of
+    /// `range`: they are in the job's `shared/` already.
+    fn seed_native(
+        &mut self,
+        c: &checkpoint::CompletedCheckpoint,
+        operator: &str,
+        range: KeyGroupRange,
+    ) {
+        let Some(op) = c.metadata.operator(operator) else {
+            return;
+        };
+        for f in op
+            .subtasks
+            .iter()
+            .filter_map(|s| s.native.as_ref())
+            .filter(|n| !n.key_group_range.intersect(&range).is_empty())
+            .flat_map(|n| n.files.iter())
+        {
+            self.confirmed
+                .insert(f.file.location.name().to_string(), f.file.clone());
+        }
+    }
+}
+
+/// The synchronous part of a snapshot: a canonical view of every owned key group, or with
+/// incremental checkpoints (`chain`) whatever the backend answers to an incremental request —
+/// a delta on the last checkpoint this instance heard completed (unless restoring its chain
+/// would apply too many deltas), native files (those of completed checkpoints referenced,
+/// not uploaded), or canonical streams into `shared/` that start a new chain.
 fn snapshot<B: CheckpointableBackend>(
     backend: &mut B,
     id: u64,
+    chain: Option<&Chain>,
 ) -> std::result::Result<KeyedSnapshot, String> {
-    match backend.snapshot_for_checkpoint(&SnapshotRequest::canonical(id, 1)) {
-        Ok(BackendSnapshot::Canonical(parts)) => Ok(KeyedSnapshot::Full(parts)),
-        Ok(other) => Err(format!(
-            "the backend answered a canonical snapshot request with a {} snapshot",
-            other.kind_name()
-        )),
+    let Some(chain) = chain else {
+        return match backend.snapshot_for_checkpoint(&SnapshotRequest::canonical(id, 1)) {
+            Ok(BackendSnapshot::Canonical(parts)) => Ok(KeyedSnapshot::Full(parts)),
+            Ok(other) => Err(format!(
+                "the backend answered a canonical snapshot request with a {} snapshot",
+                other.kind_name()
+            )),
+            Err(e) => Err(e.to_string()),
+        };
+    };
+    let base = chain
+        .base
+        .clone()
+        .filter(|(_, h)| !checkpoint::chain_too_long(h));
+    let request = SnapshotRequest::incremental(id, base.as_ref().map(|(b, _)| *b), 1);
+    match backend.snapshot_for_checkpoint(&request) {
+        Ok(BackendSnapshot::Canonical(parts)) => Ok(KeyedSnapshot::Incremental {
+            parts,
+            changed: backend.key_group_range().iter().collect(),
+            base: None,
+        }),
+        Ok(BackendSnapshot::Delta { parts, replaced }) => match base {
+            Some((_, base)) => Ok(KeyedSnapshot::Delta {
+                parts,
+                replaced,
+                base,
+            }),
+            None => Err("the backend answered with a delta where no base was offered".into()),
+        },
+        Ok(BackendSnapshot::Native(n)) => {
+            if n.backend.is_empty()
+                || n.backend.len() > 32
+                || !n.backend.bytes().all(|b| b.is_ascii_graphic())
+            {
+                return Err(format!("invalid native backend id {:?}", n.backend));
+            }
+            let live: std::collections::BTreeSet<&str> =
+                n.files.iter().map(|f| f.name.as_str()).collect();
+            let known = chain
+                .confirmed
+                .iter()
+                .filter(|(name, _)| live.contains(name.as_str()))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            Ok(KeyedSnapshot::Native { snapshot: n, known })
+        }
         Err(e) => Err(e.to_string()),
     }
 }

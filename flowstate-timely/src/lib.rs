@@ -17,8 +17,10 @@
 //! - The state handles travel as records to worker 0, whose committer writes `_metadata`
 //!   through the fenced commit log (`checkpoint::commit_checkpoint`) and sends the completion
 //!   back around a loop to every worker (backends are notified).
-//! - On start ([`Job::open`]), the latest checkpoint (or a given one) is restored at whatever
-//!   worker count the job has now: each worker reads only the key groups it owns.
+//! - On start, worker 0 claims the job's commit log (fencing every earlier run), picks the
+//!   latest checkpoint (or the given one) and tells every worker, so that all processes
+//!   restore the same one, at whatever worker count the job has now: each worker reads only
+//!   the key groups it owns.
 //! - [`cluster::run`] runs the workers of one process; processes find each other through
 //!   timely's hostfile ([`Cluster::from_hostfile`]). A peer process that dies stops the others.
 //!

@@ -188,7 +188,7 @@ impl<'scope> Checkpointing<'scope> {
                     }
                 });
                 // Finished uploads become acknowledgements.
-                for (id, outcome) in uploader.finished() {
+                for (id, outcome, _) in uploader.finished() {
                     if let Some(pos) = waiting.iter().position(|(i, _, _)| *i == id) {
                         let (_, cap, done) = waiting.remove(pos);
                         ack_out.activate().session(&cap).give(AckMessage {

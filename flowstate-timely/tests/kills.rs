@@ -4,8 +4,9 @@
 //! equal a run that never failed. At least 20 kills; `FLOWSTATE_KILL_CAMPAIGN=<kills>` runs a
 //! longer campaign, `FLOWSTATE_KILL_SEED=<seed>` replays one.
 //!
-//! Also: a stale committer (a run that is still going when a new run of the same job starts)
-//! is fenced and stops with an error naming it, while the new run completes.
+//! Also: a stale run (still going when a new run of the same job starts) is fenced and stops
+//! with an error naming it, while the new run completes; every process of the new run
+//! restores the same checkpoint although the stale run went on committing while they started.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -42,9 +43,23 @@ fn hostfile(dir: &Path, n: usize, attempt: usize) -> PathBuf {
 }
 
 fn start(dir: &Path, n: usize, attempt: usize, throttle_us: u64) -> Vec<Child> {
+    start_staggered(dir, n, attempt, throttle_us, Duration::ZERO)
+}
+
+/// [`start`], waiting `stagger` before starting each process after the first.
+fn start_staggered(
+    dir: &Path,
+    n: usize,
+    attempt: usize,
+    throttle_us: u64,
+    stagger: Duration,
+) -> Vec<Child> {
     let hosts = hostfile(dir, n, attempt);
     (0..n)
         .map(|i| {
+            if i > 0 {
+                std::thread::sleep(stagger);
+            }
             let mut c = Command::new(BIN);
             c.args(["--dir", &dir.join("ck").display().to_string()])
                 .args(["--events", EVENTS, "--interval-ms", "60"])
@@ -157,28 +172,67 @@ fn random_kill_9_and_restarts_at_other_process_counts_end_with_the_failure_free_
     );
 }
 
+/// Completion entries in the job's commit log (entry files are named by their number; byte 6
+/// is the kind, 2 for a completion).
+fn completions(dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir.join("ck/keyed/_commits")) else {
+        return 0;
+    };
+    entries
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().parse::<u64>().is_ok())
+        .filter_map(|e| std::fs::read(e.path()).ok())
+        .filter(|b| b.len() == 27 && b[6] == 2)
+        .count()
+}
+
 #[test]
-fn a_stale_committer_is_fenced_and_stops() {
+fn a_stale_run_is_fenced_and_every_process_of_the_new_run_restores_the_same_checkpoint() {
     let tmp = tempfile::tempdir().expect("tempdir");
+    let reference = wait_all(
+        start(&tmp.path().join("ref"), 1, 0, 0),
+        Duration::from_secs(120),
+    );
+    assert!(reference[0].status.success());
+    let expected = digest(&reference[0]);
     let dir = tmp.path().join("fence");
     std::fs::create_dir_all(&dir).expect("dir");
-    // The old run: slow, one process.
+    // The old run: slow, one process, a checkpoint every 60 ms.
     let old = start(&dir, 1, 0, 20_000);
-    let log = dir.join("ck/keyed/_commits");
     let deadline = Instant::now() + Duration::from_secs(60);
-    while std::fs::read_dir(&log).map_or(0, |d| d.count()) == 0 {
+    while completions(&dir) == 0 {
         assert!(
             Instant::now() < deadline,
-            "the old run never claimed the job"
+            "the old run never completed a checkpoint"
         );
         std::thread::sleep(Duration::from_millis(10));
     }
-    // A new run of the same job starts while the old one still commits.
-    let new = start(&dir, 2, 1, 0);
+    // A new run of the same job starts while the old one still commits, its three processes
+    // 400 ms apart: each of them reading the latest checkpoint by itself would see another.
+    let new = start_staggered(&dir, 3, 1, 0, Duration::from_millis(400));
     let new = wait_all(new, Duration::from_secs(120));
     for o in &new {
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     }
+    let starts: Vec<String> = new
+        .iter()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stderr)
+                .lines()
+                .find(|l| l.contains("starting from"))
+                .unwrap_or_else(|| panic!("{}", String::from_utf8_lossy(&o.stderr)))
+                .to_string()
+        })
+        .collect();
+    assert!(
+        starts[0].contains("starting from checkpoint"),
+        "the new run restores the old run's checkpoint: {starts:?}"
+    );
+    assert!(
+        starts.iter().all(|s| *s == starts[0]),
+        "every process of the new run restores the same checkpoint: {starts:?}"
+    );
+    assert_eq!(digest(&new[0]), expected);
     let old = wait_all(old, Duration::from_secs(120));
     assert!(!old[0].status.success(), "the stale run went on");
     let err = String::from_utf8_lossy(&old[0].stderr);

@@ -239,9 +239,9 @@ fn real_main() -> Result<(), Box<dyn std::error::Error>> {
         other => return Err(format!("--restore: '{other}' is not latest or none").into()),
     };
     let job = Job::open(config)?;
-    if let Some(id) = job.restored_id() {
-        eprintln!("starting from checkpoint {id}");
-    }
+    // The run's start is agreed when the workers start: the first worker of the process to
+    // build its dataflow says what this process restores.
+    let told = Arc::new(std::sync::Once::new());
     let lines = Arc::new(Mutex::new(Vec::<String>::new()));
     let (events, throttle, crash_after) = (
         args.events,
@@ -253,6 +253,16 @@ fn real_main() -> Result<(), Box<dyn std::error::Error>> {
     run(&cluster, &job, move |worker| {
         let lines = Arc::clone(&collected);
         let job = worker_job.clone();
+        told.call_once(|| match job.restored_id() {
+            Some(id) => eprintln!(
+                "run {}: starting from checkpoint {id}",
+                job.run_epoch().unwrap_or(0)
+            ),
+            None => eprintln!(
+                "run {}: starting from the beginning",
+                job.run_epoch().unwrap_or(0)
+            ),
+        });
         flowstate_timely::cluster::dataflow(worker, move |scope| {
             let mut ck = Checkpointing::new(scope, &job);
             let mut source = SourceOptions::new("numbers", SPLITS);
