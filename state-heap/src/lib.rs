@@ -5,6 +5,10 @@
 //! by reference in microseconds (copy-on-write per key group); the returned
 //! [`KeyedStateSnapshot`] writes the canonical snapshot stream on any thread while processing
 //! continues, and a key group is copied only if it is written while a snapshot still reads it.
+//! A restore decodes on several threads, each owning a share of the key groups
+//! ([`HeapBackendBuilder::restore_threads`]), into registered states as the streams are read;
+//! the data of states registered later waits as the blocks read and is decoded (in parallel as
+//! well) when they are registered. A state without TTL stores no timestamps.
 //!
 //! ```
 //! use state_api::{KeyedStateBackend, KeyedStateBackendExt, KeyedStateSnapshot, ValueStateDescriptor};
