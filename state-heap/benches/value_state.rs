@@ -7,6 +7,9 @@
 //! measured in the same process and the ratio heap / hashbrown, next to the floor of the
 //! key-group design (stable hash + per-key-group table, no backend API).
 
+#[path = "common/mod.rs"]
+mod common;
+
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
@@ -20,19 +23,9 @@ use state_heap::HeapKeyedStateBackend;
 const SETUP_KEYS: u64 = 500_000;
 const BATCH: u64 = 10_000;
 
-/// A shuffled order of the setup keys (splitmix64 with a fixed seed).
+/// A shuffled order of the setup keys.
 fn key_order() -> Vec<u64> {
-    let mut keys: Vec<u64> = (0..SETUP_KEYS).collect();
-    let mut state = 0x1234_5678_9abc_def0u64;
-    for i in (1..keys.len()).rev() {
-        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        keys.swap(i, (z % (i as u64 + 1)) as usize);
-    }
-    keys
+    common::key_order(SETUP_KEYS)
 }
 
 type Heap = HeapKeyedStateBackend<u64>;

@@ -10,6 +10,9 @@
 //! `FLOWSTATE_BENCH_KEYS`).
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
+#[path = "common/mod.rs"]
+mod common;
+
 use std::hint::black_box;
 use std::time::Instant;
 
@@ -24,21 +27,6 @@ fn keys() -> u64 {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(500_000)
-}
-
-/// A shuffled order of `0..n` (splitmix64 with a fixed seed).
-fn key_order(n: u64) -> Vec<u64> {
-    let mut keys: Vec<u64> = (0..n).collect();
-    let mut state = 0x1234_5678_9abc_def0u64;
-    for i in (1..keys.len()).rev() {
-        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        keys.swap(i, (z % (i as u64 + 1)) as usize);
-    }
-    keys
 }
 
 const WORKLOADS: [&str; 4] = ["list add", "list append", "list add_all(100)", "map put"];
@@ -195,7 +183,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn main() {
     let n = keys();
-    let order = key_order(n);
+    let order = common::key_order(n);
     let mut heap: Vec<Vec<(f64, f64)>> = vec![Vec::new(); WORKLOADS.len()];
     let mut floor: Vec<Vec<(f64, f64)>> = vec![Vec::new(); WORKLOADS.len()];
     for _ in 0..3 {

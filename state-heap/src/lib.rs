@@ -211,100 +211,78 @@ fn unknown(name: &StateName) -> Error {
     }
 }
 
-/// A table of single values (value, reducing, aggregating) of either stamp type.
-enum Single<'a, K, N, KD: Kind> {
-    Plain(&'a mut Table<K, N, KD, NoTtl>),
-    Stamped(&'a mut Table<K, N, KD, i64>),
+/// A state's table in one of its two stored forms: entries (single values) or elements (lists,
+/// maps) without TTL stamps, or with them.
+enum Stamped<'a, P, S> {
+    Plain(&'a mut P),
+    Stamped(&'a mut S),
 }
 
-/// Runs `$body` with `$t` bound to the table inside a [`Single`], whichever its stamp type.
-macro_rules! on_single {
-    ($single:expr, |$t:ident| $body:expr) => {
-        match $single {
-            Single::Plain($t) => $body,
-            Single::Stamped($t) => $body,
+/// Runs `$body` with `$t` bound to the table inside a [`Stamped`], whichever its form.
+macro_rules! on_stamped {
+    ($tables:expr, |$t:ident| $body:expr) => {
+        match $tables {
+            Stamped::Plain($t) => $body,
+            Stamped::Stamped($t) => $body,
         }
     };
 }
 
-/// The table of handle `$h` of kind `$kd` (a single-value kind), and the current key.
+/// The table of handle `$h`, of type `$plain` without TTL stamps or `$stamped` with them, and
+/// the current key.
+macro_rules! stamped_table {
+    ($self:ident, $plain:ty, $stamped:ty, $h:ident) => {
+        access_stamped::<K, $plain, $stamped>(
+            &mut $self.tables,
+            &$self.stamped,
+            &$self.current,
+            $h.id(),
+            $h.name(),
+        )?
+    };
+}
+
+/// The table of a single-value state of kind `$kd` (value, reducing, aggregating).
 macro_rules! single_table {
     ($self:ident, $kd:ty, $h:ident) => {
-        access_single::<K, N, $kd>(
-            &mut $self.tables,
-            &$self.stamped,
-            &$self.current,
-            $h.id(),
-            $h.name(),
-        )?
+        stamped_table!($self, Table<K, N, $kd, NoTtl>, Table<K, N, $kd, i64>, $h)
     };
 }
 
-/// The typed table of a single-value state's handle (its entries with or without TTL stamps),
-/// and the current key.
-#[inline(always)]
-fn access_single<'a, K: StateKey, N: Namespace, KD: Kind>(
-    tables: &'a mut [Box<dyn ErasedTable<K>>],
-    stamped: &[bool],
-    current: &'a Option<CurrentKey<K>>,
-    id: StateId,
-    name: &StateName,
-) -> Result<(&'a CurrentKey<K>, Single<'a, K, N, KD>)> {
-    let cur = current.as_ref().ok_or_else(|| Error::NoCurrentKey {
-        state: name.to_string(),
-    })?;
-    let table = tables.get_mut(id.0 as usize).ok_or_else(|| unknown(name))?;
-    let stamped = stamped.get(id.0 as usize).copied().unwrap_or(false);
-    let any: &mut dyn Any = &mut **table;
-    let table = if !stamped {
-        any.downcast_mut::<Table<K, N, KD, NoTtl>>()
-            .map(Single::Plain)
-    } else {
-        any.downcast_mut::<Table<K, N, KD, i64>>()
-            .map(Single::Stamped)
-    };
-    Ok((cur, table.ok_or_else(|| unknown(name))?))
-}
-
-/// A list state's table, its elements with TTL stamps or without.
-enum Lists<'a, K: StateKey, N: Namespace, T: StateType> {
-    Plain(&'a mut Table<K, N, ListKind<T, NoTtl>>),
-    Stamped(&'a mut Table<K, N, ListKind<T, i64>>),
-}
-
-/// Runs `$body` with `$t` bound to the table inside a [`Lists`], whichever its element stamp.
-macro_rules! on_list {
-    ($lists:expr, |$t:ident| $body:expr) => {
-        match $lists {
-            Lists::Plain($t) => $body,
-            Lists::Stamped($t) => $body,
-        }
-    };
-}
-
-/// The table of list handle `$h` with elements `$ty`, and the current key.
+/// The table of a list state with elements `$ty`.
 macro_rules! list_table {
     ($self:ident, $ty:ty, $h:ident) => {
-        access_list::<K, N, $ty>(
-            &mut $self.tables,
-            &$self.stamped,
-            &$self.current,
-            $h.id(),
-            $h.name(),
-        )?
+        stamped_table!(
+            $self,
+            Table<K, N, ListKind<$ty, NoTtl>>,
+            Table<K, N, ListKind<$ty, i64>>,
+            $h
+        )
     };
 }
 
-/// The typed table of a list state's handle (its elements with or without TTL stamps), and
-/// the current key.
+/// The table of a map state with user keys `$uk` and values `$uv`.
+macro_rules! map_table {
+    ($self:ident, $uk:ty, $uv:ty, $h:ident) => {
+        stamped_table!(
+            $self,
+            Table<K, N, MapKind<$uk, $uv, NoTtl>>,
+            Table<K, N, MapKind<$uk, $uv, i64>>,
+            $h
+        )
+    };
+}
+
+/// The typed table of a handle — `P` when the state stores no TTL stamps, `S` when it does —
+/// and the current key.
 #[inline(always)]
-fn access_list<'a, K: StateKey, N: Namespace, T: StateType>(
+fn access_stamped<'a, K: StateKey, P: 'static, S: 'static>(
     tables: &'a mut [Box<dyn ErasedTable<K>>],
     stamped: &[bool],
     current: &'a Option<CurrentKey<K>>,
     id: StateId,
     name: &StateName,
-) -> Result<(&'a CurrentKey<K>, Lists<'a, K, N, T>)> {
+) -> Result<(&'a CurrentKey<K>, Stamped<'a, P, S>)> {
     let cur = current.as_ref().ok_or_else(|| Error::NoCurrentKey {
         state: name.to_string(),
     })?;
@@ -312,11 +290,9 @@ fn access_list<'a, K: StateKey, N: Namespace, T: StateType>(
     let stamped = stamped.get(id.0 as usize).copied().unwrap_or(false);
     let any: &mut dyn Any = &mut **table;
     let table = if !stamped {
-        any.downcast_mut::<Table<K, N, ListKind<T, NoTtl>>>()
-            .map(Lists::Plain)
+        any.downcast_mut::<P>().map(Stamped::Plain)
     } else {
-        any.downcast_mut::<Table<K, N, ListKind<T, i64>>>()
-            .map(Lists::Stamped)
+        any.downcast_mut::<S>().map(Stamped::Stamped)
     };
     Ok((cur, table.ok_or_else(|| unknown(name))?))
 }
@@ -360,61 +336,6 @@ fn list_get_in<K: StateKey, N: Namespace, T: StateType, S: Stamp>(
         }
     }
     (!out.is_empty()).then_some(out)
-}
-
-/// A map state's table, its entries with TTL stamps or without.
-enum Maps<'a, K: StateKey, N: Namespace, UK: MapKey, UV: StateType> {
-    Plain(&'a mut Table<K, N, MapKind<UK, UV, NoTtl>>),
-    Stamped(&'a mut Table<K, N, MapKind<UK, UV, i64>>),
-}
-
-/// Runs `$body` with `$t` bound to the table inside a [`Maps`], whichever its entry stamp.
-macro_rules! on_map {
-    ($maps:expr, |$t:ident| $body:expr) => {
-        match $maps {
-            Maps::Plain($t) => $body,
-            Maps::Stamped($t) => $body,
-        }
-    };
-}
-
-/// The table of map handle `$h` with user keys `$uk` and values `$uv`, and the current key.
-macro_rules! map_table {
-    ($self:ident, $uk:ty, $uv:ty, $h:ident) => {
-        access_map::<K, N, $uk, $uv>(
-            &mut $self.tables,
-            &$self.stamped,
-            &$self.current,
-            $h.id(),
-            $h.name(),
-        )?
-    };
-}
-
-/// The typed table of a map state's handle (its entries with or without TTL stamps), and the
-/// current key.
-#[inline(always)]
-fn access_map<'a, K: StateKey, N: Namespace, UK: MapKey, UV: StateType>(
-    tables: &'a mut [Box<dyn ErasedTable<K>>],
-    stamped: &[bool],
-    current: &'a Option<CurrentKey<K>>,
-    id: StateId,
-    name: &StateName,
-) -> Result<(&'a CurrentKey<K>, Maps<'a, K, N, UK, UV>)> {
-    let cur = current.as_ref().ok_or_else(|| Error::NoCurrentKey {
-        state: name.to_string(),
-    })?;
-    let table = tables.get_mut(id.0 as usize).ok_or_else(|| unknown(name))?;
-    let stamped = stamped.get(id.0 as usize).copied().unwrap_or(false);
-    let any: &mut dyn Any = &mut **table;
-    let table = if !stamped {
-        any.downcast_mut::<Table<K, N, MapKind<UK, UV, NoTtl>>>()
-            .map(Maps::Plain)
-    } else {
-        any.downcast_mut::<Table<K, N, MapKind<UK, UV, i64>>>()
-            .map(Maps::Stamped)
-    };
-    Ok((cur, table.ok_or_else(|| unknown(name))?))
 }
 
 /// A map entry's value with TTL semantics.
@@ -608,28 +529,13 @@ impl<K: StateKey> HeapKeyedStateBackend<K> {
         ttl: Option<StateTtlConfig>,
         ns_ser: &Arc<dyn StateSerializer<N>>,
     ) -> Result<StateId> {
-        if let Some(&id) = self.ids.get(name) {
-            let now = self.clock.now_millis();
-            let i = id.0 as usize;
-            let other = self.tables[i]
-                .as_any_mut()
-                .downcast_mut::<Table<K, N, ListKind<T, U>>>();
-            if let Some(other) = other {
-                let kind = Arc::new(ListKind::<T, S>::new(Arc::clone(ser)));
-                let converted = other.convert_kind(kind, ttl, |list| {
-                    list.iter()
-                        .map(|(v, u)| (v.clone(), S::new(if U::STORED { u.get() } else { now })))
-                        .collect()
-                });
-                self.tables[i] = Box::new(converted);
-            }
-        }
-        let kind = ListKind::<T, S>::new(Arc::clone(ser));
-        let id = self.register(name, kind, ttl, ns_ser)?;
-        if let Some(s) = self.stamped.get_mut(id.0 as usize) {
-            *s = S::STORED;
-        }
-        Ok(id)
+        let kind = || ListKind::<T, S>::new(Arc::clone(ser));
+        self.convert_registered::<N, ListKind<T, U>, _>(name, kind(), ttl, |list, now| {
+            list.iter()
+                .map(|(v, u)| (v.clone(), S::new(if U::STORED { u.get() } else { now })))
+                .collect()
+        });
+        self.register_elements_stamped::<N, _, S>(name, kind(), ttl, ns_ser)
     }
 
     /// Registers a map state whose entries carry stamp `S`, converting a table registered
@@ -643,25 +549,49 @@ impl<K: StateKey> HeapKeyedStateBackend<K> {
         ns_ser: &Arc<dyn StateSerializer<N>>,
     ) -> Result<StateId> {
         let kind = || MapKind::<UK, UV, S>::new(Arc::clone(key_ser), Arc::clone(value_ser));
-        if let Some(&id) = self.ids.get(name) {
-            let now = self.clock.now_millis();
-            let i = id.0 as usize;
-            let other = self.tables[i]
-                .as_any_mut()
-                .downcast_mut::<Table<K, N, MapKind<UK, UV, U>>>();
-            if let Some(other) = other {
-                let converted = other.convert_kind(Arc::new(kind()), ttl, |map| {
-                    map.iter()
-                        .map(|(k, (v, u))| {
-                            let ts = if U::STORED { u.get() } else { now };
-                            (k.clone(), (v.clone(), S::new(ts)))
-                        })
-                        .collect()
-                });
-                self.tables[i] = Box::new(converted);
-            }
+        self.convert_registered::<N, MapKind<UK, UV, U>, _>(name, kind(), ttl, |map, now| {
+            map.iter()
+                .map(|(k, (v, u))| {
+                    let ts = if U::STORED { u.get() } else { now };
+                    (k.clone(), (v.clone(), S::new(ts)))
+                })
+                .collect()
+        });
+        self.register_elements_stamped::<N, _, S>(name, kind(), ttl, ns_ser)
+    }
+
+    /// A table registered under `name` as kind `Old` (its elements stamped the other way) is
+    /// rebuilt as kind `New`, each stored value made by `convert` (given now).
+    fn convert_registered<N: Namespace, Old: Kind, New: Kind>(
+        &mut self,
+        name: &StateName,
+        kind: New,
+        ttl: Option<StateTtlConfig>,
+        convert: impl Fn(&Old::Stored, i64) -> New::Stored,
+    ) {
+        let Some(&id) = self.ids.get(name) else {
+            return;
+        };
+        let now = self.clock.now_millis();
+        let i = id.0 as usize;
+        let old = self.tables[i]
+            .as_any_mut()
+            .downcast_mut::<Table<K, N, Old>>();
+        if let Some(old) = old {
+            let converted = old.convert_kind(Arc::new(kind), ttl, |s| convert(s, now));
+            self.tables[i] = Box::new(converted);
         }
-        let id = self.register(name, kind(), ttl, ns_ser)?;
+    }
+
+    /// [`Self::register`] for a list or map kind whose elements carry stamp `S`; records it.
+    fn register_elements_stamped<N: Namespace, KD: Kind, S: Stamp>(
+        &mut self,
+        name: &StateName,
+        kind: KD,
+        ttl: Option<StateTtlConfig>,
+        ns_ser: &Arc<dyn StateSerializer<N>>,
+    ) -> Result<StateId> {
+        let id = self.register(name, kind, ttl, ns_ser)?;
         if let Some(s) = self.stamped.get_mut(id.0 as usize) {
             *s = S::STORED;
         }
@@ -1171,7 +1101,7 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
     ) -> Result<Option<V>> {
         let (cur, t) = single_table!(self, ValueKind<V>, h);
         let clock = &*self.clock;
-        on_single!(t, |t| match read_single(t, cur, ns, clock, false) {
+        on_stamped!(t, |t| match read_single(t, cur, ns, clock, false) {
             Some(v) => Ok(Some(v)),
             None => Ok(t.kind.default.clone()),
         })
@@ -1186,7 +1116,7 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
     ) -> Result<()> {
         let (cur, t) = single_table!(self, ValueKind<V>, h);
         let clock = &*self.clock;
-        on_single!(t, |t| {
+        on_stamped!(t, |t| {
             let ts = write_ts(t, clock);
             t.put(cur, ns, ts, value);
         });
@@ -1200,7 +1130,7 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
     ) -> Result<Option<Vec<T>>> {
         let (cur, t) = list_table!(self, T, h);
         let clock = &*self.clock;
-        Ok(on_list!(t, |t| list_get_in(t, cur, ns, clock)))
+        Ok(on_stamped!(t, |t| list_get_in(t, cur, ns, clock)))
     }
 
     #[inline]
@@ -1212,7 +1142,7 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
     ) -> Result<()> {
         let (cur, t) = list_table!(self, T, h);
         let clock = &*self.clock;
-        on_list!(t, |t| {
+        on_stamped!(t, |t| {
             let ts = Stamp::new(write_ts(t, clock));
             match t.find_mut(cur, ns) {
                 Some(e) => e.value.push((value, ts)),
@@ -1239,7 +1169,7 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
         }
         let (cur, t) = list_table!(self, T, h);
         let clock = &*self.clock;
-        on_list!(t, |t| {
+        on_stamped!(t, |t| {
             let ts = Stamp::new(write_ts(t, clock));
             // Without TTL the stamp takes no room and the collect below reuses the allocation
             // of `values` (the element layout is the same).
@@ -1260,7 +1190,7 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
     ) -> Result<()> {
         let (cur, t) = list_table!(self, T, h);
         let clock = &*self.clock;
-        on_list!(t, |t| {
+        on_stamped!(t, |t| {
             if values.is_empty() {
                 t.remove(cur, ns);
             } else {
@@ -1279,7 +1209,7 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
     ) -> Result<Option<UV>> {
         let (cur, t) = map_table!(self, UK, UV, h);
         let clock = &*self.clock;
-        Ok(on_map!(t, |t| map_get_in(t, cur, ns, user_key, clock)))
+        Ok(on_stamped!(t, |t| map_get_in(t, cur, ns, user_key, clock)))
     }
 
     fn map_put<UK: MapKey, UV: StateType, N: Namespace>(
@@ -1291,7 +1221,7 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
     ) -> Result<()> {
         let (cur, t) = map_table!(self, UK, UV, h);
         let clock = &*self.clock;
-        on_map!(t, |t| {
+        on_stamped!(t, |t| {
             let ts = Stamp::new(write_ts(t, clock));
             match t.find_mut(cur, ns) {
                 Some(e) => {
@@ -1318,7 +1248,7 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
         }
         let (cur, t) = map_table!(self, UK, UV, h);
         let clock = &*self.clock;
-        on_map!(t, |t| {
+        on_stamped!(t, |t| {
             let ts = Stamp::new(write_ts(t, clock));
             let items = entries.into_iter().map(|(k, v)| (k, (v, ts)));
             match t.find_mut(cur, ns) {
@@ -1337,7 +1267,7 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
     ) -> Result<()> {
         let (cur, t) = map_table!(self, UK, UV, h);
         let clock = &*self.clock;
-        on_map!(t, |t| {
+        on_stamped!(t, |t| {
             if t.ttl.is_some() {
                 after_access(t, clock.now_millis());
             }
@@ -1362,7 +1292,7 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
     ) -> Result<MapIter<'a, UK, UV>> {
         let (cur, t) = map_table!(self, UK, UV, h);
         let clock = &*self.clock;
-        Ok(on_map!(t, |t| map_entries_in(t, cur, ns, clock)))
+        Ok(on_stamped!(t, |t| map_entries_in(t, cur, ns, clock)))
     }
 
     fn map_is_empty<UK: MapKey, UV: StateType, N: Namespace>(
@@ -1372,7 +1302,7 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
     ) -> Result<bool> {
         let (cur, t) = map_table!(self, UK, UV, h);
         let now = self.clock.now_millis();
-        Ok(on_map!(t, |t| {
+        Ok(on_stamped!(t, |t| {
             let ttl = t.ttl;
             t.find(cur, ns).is_none_or(|e| match ttl {
                 None => e.value.is_empty(),
@@ -1391,7 +1321,7 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
     ) -> Result<Option<T>> {
         let (cur, t) = single_table!(self, ReducingKind<T>, h);
         let clock = &*self.clock;
-        Ok(on_single!(t, |t| read_single(t, cur, ns, clock, false)))
+        Ok(on_stamped!(t, |t| read_single(t, cur, ns, clock, false)))
     }
 
     fn reducing_add<T: StateType, N: Namespace>(
@@ -1402,7 +1332,7 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
     ) -> Result<()> {
         let (cur, t) = single_table!(self, ReducingKind<T>, h);
         let clock = &*self.clock;
-        on_single!(t, |t| {
+        on_stamped!(t, |t| {
             let old = read_single(t, cur, ns, clock, true);
             let new = match old {
                 Some(a) => (t.kind.reduce)(a, value),

@@ -723,46 +723,32 @@ impl<K: StateKey, N: Namespace, KD: Kind, T: Stamp> Table<K, N, KD, T> {
         ttl: Option<StateTtlConfig>,
         now: i64,
     ) -> Table<K, N, KD, U> {
-        let mut t = Table::new(
-            self.name.clone(),
-            kind,
-            ttl,
-            Arc::clone(&self.ns_ser),
-            Arc::clone(&self.key_ser),
-            self.parts.len(),
-        );
-        for (i, part) in self.parts.iter().enumerate() {
-            let src = part.get();
-            let dst = t.parts[i].write();
-            dst.reserve(src.len(), |e| rehash(&*self.key_ser, &e.key, &e.ns));
-            for e in src.iter() {
-                let h = rehash(&*self.key_ser, &e.key, &e.ns);
-                let ts = if T::STORED { e.ts() } else { now };
-                dst.insert_unique(
-                    h,
-                    Entry {
-                        key: e.key.clone(),
-                        ns: e.ns.clone(),
-                        stamp: U::new(ts),
-                        value: e.value.clone(),
-                    },
-                    |x| rehash(&*self.key_ser, &x.key, &x.ns),
-                );
-            }
-            t.parts[i].dirty = part.dirty || !src.is_empty();
-        }
-        t.log = self.log.all_replaced();
-        t
+        self.rebuild(kind, ttl, |e| {
+            let ts = if T::STORED { e.ts() } else { now };
+            (U::new(ts), e.value.clone())
+        })
     }
 
     /// The same entries under another kind whose stored values `convert` makes from these
-    /// (a list state whose elements gain or lose their TTL stamps on re-registration).
+    /// (a list or map state whose elements gain or lose their TTL stamps on re-registration).
     pub fn convert_kind<KD2: Kind>(
         &self,
         kind: Arc<KD2>,
         ttl: Option<StateTtlConfig>,
         convert: impl Fn(&KD::Stored) -> KD2::Stored,
     ) -> Table<K, N, KD2, T> {
+        self.rebuild(kind, ttl, |e| (e.stamp, convert(&e.value)))
+    }
+
+    /// A new table of kind `KD2` and stamp `U` with an entry made by `make` (its stamp and
+    /// stored value) for each of these; every key group counts as replaced for delta
+    /// snapshots.
+    fn rebuild<KD2: Kind, U: Stamp>(
+        &self,
+        kind: Arc<KD2>,
+        ttl: Option<StateTtlConfig>,
+        make: impl Fn(&Entry<K, N, KD::Stored, T>) -> (U, KD2::Stored),
+    ) -> Table<K, N, KD2, U> {
         let mut t = Table::new(
             self.name.clone(),
             kind,
@@ -777,13 +763,14 @@ impl<K: StateKey, N: Namespace, KD: Kind, T: Stamp> Table<K, N, KD, T> {
             dst.reserve(src.len(), |e| rehash(&*self.key_ser, &e.key, &e.ns));
             for e in src.iter() {
                 let h = rehash(&*self.key_ser, &e.key, &e.ns);
+                let (stamp, value) = make(e);
                 dst.insert_unique(
                     h,
                     Entry {
                         key: e.key.clone(),
                         ns: e.ns.clone(),
-                        stamp: e.stamp,
-                        value: convert(&e.value),
+                        stamp,
+                        value,
                     },
                     |x| rehash(&*self.key_ser, &x.key, &x.ns),
                 );
