@@ -240,23 +240,7 @@ impl CompletedCheckpoint {
             let failure = reader.failure();
             // A storage failure while streaming is reported as itself.
             let fail = |e: state_api::Error| -> Error {
-                if let Ok(mut slot) = failure.lock() {
-                    if let Some(err) = slot.take() {
-                        return err;
-                    }
-                }
-                match e {
-                    state_api::Error::Corrupt {
-                        stream,
-                        offset,
-                        reason,
-                    } => Error::Corrupt {
-                        file: stream,
-                        offset,
-                        reason,
-                    },
-                    e => Error::state(operator, subtask, e),
-                }
+                crate::restore::stream_error(Some(&failure), operator, subtask, e)
             };
             let mut r = SnapshotReader::open(reader, name.clone()).map_err(&fail)?;
             let states = r.header().states.len();

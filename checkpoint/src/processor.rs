@@ -939,23 +939,7 @@ impl RawEntries {
         subtask: u32,
         e: state_api::Error,
     ) -> Error {
-        if let Some(Ok(mut slot)) = failure.map(|f| f.lock()) {
-            if let Some(err) = slot.take() {
-                return err;
-            }
-        }
-        match e {
-            state_api::Error::Corrupt {
-                stream,
-                offset,
-                reason,
-            } => Error::Corrupt {
-                file: stream,
-                offset,
-                reason,
-            },
-            e => Error::state(&self.operator, subtask, e),
-        }
+        crate::restore::stream_error(failure.map(|f| &**f), &self.operator, subtask, e)
     }
 
     /// Reads the next block into the buffer; false when every stream is done.

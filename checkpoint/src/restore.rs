@@ -869,6 +869,34 @@ impl Read for KeyGroupReader {
     }
 }
 
+/// An error of reading a snapshot stream as this crate reports it: the storage failure the
+/// stream's reader recorded (`failure`) as itself, damage as [`Error::Corrupt`] naming the file,
+/// anything else as an error of `operator`'s `subtask`.
+pub(crate) fn stream_error(
+    failure: Option<&Mutex<Option<Error>>>,
+    operator: &str,
+    subtask: u32,
+    e: state_api::Error,
+) -> Error {
+    if let Some(Ok(mut slot)) = failure.map(|f| f.lock()) {
+        if let Some(err) = slot.take() {
+            return err;
+        }
+    }
+    match e {
+        state_api::Error::Corrupt {
+            stream,
+            offset,
+            reason,
+        } => Error::Corrupt {
+            file: stream,
+            offset,
+            reason,
+        },
+        e => Error::state(operator, subtask, e),
+    }
+}
+
 /// `<job>/shared` for a checkpoint directory `<job>/chk-<n>`.
 pub(crate) fn shared_dir_of(dir: &Path) -> Path {
     dir.parent().unwrap_or_default().join("shared")
