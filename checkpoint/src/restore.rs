@@ -4,6 +4,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::io::Read;
+use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::{Arc, Mutex};
 
 use object_store::path::Path;
@@ -25,7 +26,13 @@ use state_api::StateKind;
 /// Per key group: each entry (its identity bytes) written or removed by a file of a chain
 /// after the key group's first, with the index of the last file that does so; and the highest
 /// such index (blocks of files from there on need no filtering).
-type Superseded = HashMap<u32, Arc<(usize, HashMap<Vec<u8>, usize>)>>;
+type Superseded = HashMap<u32, Arc<(usize, Identities)>>;
+
+/// Entry identities and the last file of a chain that writes or removes each. Hashed with
+/// foldhash: every record of a chain's earlier files is looked up (SipHash, std's default, was
+/// a third of a chain restore's time on the reading thread); the identities come from the
+/// checkpoint's own files.
+type Identities = HashMap<Vec<u8>, usize, foldhash::fast::RandomState>;
 
 /// Options of a restore.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -142,6 +149,16 @@ impl CompletedCheckpoint {
             FileLocation::Exclusive(n) => self.dir().join(n.as_str()),
             FileLocation::Shared(n) => shared_dir_of(&self.dir()).join(n.as_str()),
         }
+    }
+
+    /// True when some subtask of `operator` was checkpointed as native (backend-specific)
+    /// files, which restore into a fresh backend only ([`Self::restore_backend`]). Canonical
+    /// state restores best into a backend whose states are registered already: their records
+    /// are decoded straight into them, in one pass.
+    pub fn has_native_state(&self, operator: &str) -> bool {
+        self.metadata
+            .operator(operator)
+            .is_some_and(|o| o.subtasks.iter().any(|s| s.native.is_some()))
     }
 
     /// Checks that every operator in the checkpoint is one of `job_operators`, unless
@@ -469,7 +486,7 @@ impl CompletedCheckpoint {
                 if let Some(s) = self.read_owned(storage, f, range)? {
                     let (name, mut reader) = s;
                     if !superseded.is_empty() {
-                        reader.filter = Some(Filter {
+                        reader.set_filter(Filter {
                             file: i,
                             states: state_identities(f),
                             superseded: superseded.clone(),
@@ -501,7 +518,7 @@ impl CompletedCheckpoint {
                 }
             }
         }
-        let mut out: HashMap<u32, HashMap<Vec<u8>, usize>> = HashMap::new();
+        let mut out: HashMap<u32, Identities> = HashMap::new();
         let mut id = Vec::new();
         for (i, f) in k.files.iter().enumerate() {
             let blocks: Vec<(KeyGroupOffset, bool)> = f
@@ -603,16 +620,12 @@ impl CompletedCheckpoint {
         }
         Ok(Some((
             self.location_of(&path),
-            KeyGroupReader {
-                storage: storage.clone(),
+            KeyGroupReader::new(
+                storage.clone(),
                 path,
-                buf: f.header_bytes.clone(),
-                pos: 0,
-                blocks: owned,
-                end_sent: false,
-                failure: Arc::default(),
-                filter: None,
-            },
+                bytes::Bytes::from(f.header_bytes.clone()),
+                owned,
+            ),
         )))
     }
 
@@ -670,12 +683,32 @@ impl CompletedCheckpoint {
 pub const RESTORE_CHUNK: u64 = 16 << 20;
 
 /// A canonical snapshot stream made of a file's header (from the metadata), the blocks of the
-/// owned key groups (fetched lazily by range reads) and an end marker with an empty index.
+/// owned key groups (fetched by range reads) and an end marker with an empty index. From its
+/// first read on, a thread of its own fetches (and, for a chain, filters) the next chunk while
+/// the current one is decoded: storage latency and the filtering leave the reading thread.
 pub struct KeyGroupReader {
+    name: String,
+    buf: bytes::Bytes,
+    pos: usize,
+    failure: Arc<Mutex<Option<Error>>>,
+    source: Source,
+}
+
+/// Where a [`KeyGroupReader`]'s next chunk comes from.
+enum Source {
+    /// Not read yet: the fetcher starts on the first read.
+    Idle(Box<Fetcher>),
+    /// The read-ahead thread's chunks, in order; closed after the end marker.
+    Ahead(Receiver<std::io::Result<bytes::Bytes>>),
+}
+
+/// Chunks of a read-ahead thread waiting to be decoded (each at most [`RESTORE_CHUNK`] bytes).
+const READ_AHEAD: usize = 1;
+
+/// Fetches a stream's owned blocks, run by run, and filters a chain's superseded records.
+struct Fetcher {
     storage: CheckpointStorage,
     path: Path,
-    buf: Vec<u8>,
-    pos: usize,
     blocks: VecDeque<KeyGroupOffset>,
     end_sent: bool,
     failure: Arc<Mutex<Option<Error>>>,
@@ -729,20 +762,92 @@ fn identity(
 
 impl std::fmt::Debug for KeyGroupReader {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KeyGroupReader")
-            .field("path", &self.path.as_ref())
-            .field("blocks_left", &self.blocks.len())
-            .finish()
+        let mut d = f.debug_struct("KeyGroupReader");
+        d.field("stream", &self.name);
+        if let Source::Idle(fetcher) = &self.source {
+            d.field("blocks_left", &fetcher.blocks.len());
+        }
+        d.finish()
     }
 }
 
 impl KeyGroupReader {
+    fn new(
+        storage: CheckpointStorage,
+        path: Path,
+        header: bytes::Bytes,
+        blocks: VecDeque<KeyGroupOffset>,
+    ) -> Self {
+        let failure: Arc<Mutex<Option<Error>>> = Arc::default();
+        KeyGroupReader {
+            name: storage.location(&path),
+            buf: header,
+            pos: 0,
+            failure: Arc::clone(&failure),
+            source: Source::Idle(Box::new(Fetcher {
+                storage,
+                path,
+                blocks,
+                end_sent: false,
+                failure,
+                filter: None,
+            })),
+        }
+    }
+
     /// Where the first storage error met while reading is kept (the `Read` impl can only
     /// return an `io::Error`).
     pub fn failure(&self) -> Arc<Mutex<Option<Error>>> {
         Arc::clone(&self.failure)
     }
 
+    fn set_filter(&mut self, filter: Filter) {
+        if let Source::Idle(fetcher) = &mut self.source {
+            fetcher.filter = Some(filter);
+        }
+    }
+
+    /// The next chunk of the stream, `None` after the end marker. The first call starts the
+    /// read-ahead thread.
+    fn next_chunk(&mut self) -> std::io::Result<Option<bytes::Bytes>> {
+        if let Source::Idle(_) = &self.source {
+            let (tx, rx) = sync_channel(READ_AHEAD);
+            let Source::Idle(mut fetcher) = std::mem::replace(&mut self.source, Source::Ahead(rx))
+            else {
+                return Ok(None);
+            };
+            std::thread::Builder::new()
+                .name("flowstate-restore-read".into())
+                .spawn(move || loop {
+                    let next = fetcher.next();
+                    let last = !matches!(next, Ok(Some(_)));
+                    let sent = match next {
+                        Ok(Some(chunk)) => tx.send(Ok(chunk)),
+                        Ok(None) => Ok(()),
+                        Err(e) => tx.send(Err(e)),
+                    };
+                    // Stops at the end, on an error, or when the stream is dropped.
+                    if last || sent.is_err() {
+                        return;
+                    }
+                })
+                .map_err(|e| {
+                    std::io::Error::other(format!(
+                        "starting the read-ahead thread of '{}': {e}",
+                        self.name
+                    ))
+                })?;
+        }
+        match &self.source {
+            // A closed channel without an end marker is a stream cut short: the snapshot
+            // reader reports it.
+            Source::Ahead(rx) => rx.recv().map_or(Ok(None), |r| r.map(Some)),
+            Source::Idle(_) => Ok(None),
+        }
+    }
+}
+
+impl Fetcher {
     fn fail(&self, e: Error) -> std::io::Error {
         let msg = e.to_string();
         if let Ok(mut slot) = self.failure.lock() {
@@ -751,21 +856,20 @@ impl KeyGroupReader {
         std::io::Error::other(msg)
     }
 
-    /// Fetches the next run of adjacent blocks (or the end marker) into `buf`.
-    fn fill(&mut self) -> std::io::Result<()> {
-        self.buf.clear();
-        self.pos = 0;
+    /// Fetches the next run of adjacent blocks (or the end marker); `None` after the end.
+    fn next(&mut self) -> std::io::Result<Option<bytes::Bytes>> {
         let Some(first) = self.blocks.pop_front() else {
-            if !self.end_sent {
-                // 0x02 | count 0 u32 | records 0 u64 | crc32c(count, records)
-                let body = [0u8; 12];
-                self.buf.push(0x02);
-                self.buf.extend_from_slice(&body);
-                self.buf
-                    .extend_from_slice(&crc32c::crc32c(&body).to_be_bytes());
-                self.end_sent = true;
+            if self.end_sent {
+                return Ok(None);
             }
-            return Ok(());
+            // 0x02 | count 0 u32 | records 0 u64 | crc32c(count, records)
+            let body = [0u8; 12];
+            let mut end = Vec::with_capacity(17);
+            end.push(0x02);
+            end.extend_from_slice(&body);
+            end.extend_from_slice(&crc32c::crc32c(&body).to_be_bytes());
+            self.end_sent = true;
+            return Ok(Some(end.into()));
         };
         let mut run = vec![first];
         let mut end = first.offset + first.length;
@@ -799,11 +903,11 @@ impl KeyGroupReader {
             at += k.length as usize;
         }
         let Some(filter) = &self.filter else {
-            self.buf.extend_from_slice(&bytes);
-            return Ok(());
+            // The read bytes are the chunk (no copy).
+            return Ok(Some(bytes));
         };
         let mut at = 0usize;
-        let mut buf = std::mem::take(&mut self.buf);
+        let mut buf = Vec::with_capacity(bytes.len());
         for k in &run {
             let raw = &bytes[at..at + k.length as usize];
             at += k.length as usize;
@@ -817,8 +921,7 @@ impl KeyGroupReader {
                 _ => buf.extend_from_slice(raw),
             }
         }
-        self.buf = buf;
-        Ok(())
+        Ok(Some(buf.into()))
     }
 }
 
@@ -828,7 +931,7 @@ impl Filter {
         &self,
         raw: &[u8],
         k: &KeyGroupOffset,
-        later: &HashMap<Vec<u8>, usize>,
+        later: &Identities,
         stream: &str,
     ) -> Result<Vec<u8>> {
         let stream = stream.to_string();
@@ -856,11 +959,14 @@ impl Filter {
 
 impl Read for KeyGroupReader {
     fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
-        if self.pos >= self.buf.len() {
-            if self.end_sent && self.blocks.is_empty() {
-                return Ok(0);
+        while self.pos >= self.buf.len() {
+            match self.next_chunk()? {
+                Some(chunk) => {
+                    self.buf = chunk;
+                    self.pos = 0;
+                }
+                None => return Ok(0),
             }
-            self.fill()?;
         }
         let n = out.len().min(self.buf.len() - self.pos);
         out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);

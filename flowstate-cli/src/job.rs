@@ -293,7 +293,7 @@ pub trait JobBackend: KeyedStateBackend<Key = u64> + Sized {
         subtask: u32,
         _config: &Config,
     ) -> Result<(), JobError> {
-        if has_native_state(c, operator) {
+        if c.has_native_state(operator) {
             return Err(format!(
                 "operator '{operator}' of checkpoint {} holds native mmap files, which only the \
                  mmap backend reads: use --backend mmap (a savepoint made with --backend mmap \
@@ -307,12 +307,30 @@ pub trait JobBackend: KeyedStateBackend<Key = u64> + Sized {
     }
 }
 
-/// True when `operator` was checkpointed as native mmap files (incremental mmap checkpoints),
-/// not as canonical streams.
-pub fn has_native_state(c: &CompletedCheckpoint, operator: &str) -> bool {
-    c.metadata
-        .operator(operator)
-        .is_some_and(|o| o.subtasks.iter().any(|s| s.native.is_some()))
+/// Registers `operator`'s states on `b` (with `register`) and restores subtask `subtask` of it
+/// from `from`, if given. Canonical state is restored after the registration, so that its
+/// records are decoded straight into the registered states (one pass, on the heap backend's
+/// restore threads); native files need a fresh backend, so they are restored first.
+pub fn restore_registered<B: JobBackend, S>(
+    b: &mut B,
+    from: Option<(&CompletedCheckpoint, &CheckpointStorage)>,
+    operator: &str,
+    subtask: u32,
+    config: &Config,
+    register: impl FnOnce(&mut B) -> state_api::Result<S>,
+) -> Result<S, JobError> {
+    match from {
+        Some((c, storage)) if c.has_native_state(operator) => {
+            b.restore_from(c, storage, operator, subtask, config)?;
+            Ok(register(b)?)
+        }
+        Some((c, storage)) => {
+            let states = register(b)?;
+            b.restore_from(c, storage, operator, subtask, config)?;
+            Ok(states)
+        }
+        None => Ok(register(b)?),
+    }
 }
 
 impl JobBackend for HeapKeyedStateBackend<u64> {
@@ -385,7 +403,7 @@ impl JobBackend for state_mmap::MmapKeyedStateBackend<u64> {
         subtask: u32,
         _config: &Config,
     ) -> Result<(), JobError> {
-        if !has_native_state(c, operator) {
+        if !c.has_native_state(operator) {
             c.restore_keyed(storage, operator, subtask, self)?;
             return Ok(());
         }
@@ -504,15 +522,26 @@ pub fn run_on<B: JobBackend>(opts: JobOptions) -> Result<JobReport, JobError> {
         let range = KeyGroupRange::for_operator(config.max_parallelism, p, i)?;
         let mut a = B::create_in(config, range, &shared)?;
         let mut b = B::create_in(config, range, &shared)?;
-        if let Some(c) = &restored {
-            a.restore_from(c, &restore_storage, "auctions", i, config)?;
-            b.restore_from(c, &restore_storage, "bidders", i, config)?;
-            if let Some(bar) = &bar {
-                bar.inc(2);
-            }
+        let from = restored.as_ref().map(|c| (c, &restore_storage));
+        auction_states.push(restore_registered(
+            &mut a,
+            from,
+            "auctions",
+            i,
+            config,
+            AuctionStates::register,
+        )?);
+        bidder_states.push(restore_registered(
+            &mut b,
+            from,
+            "bidders",
+            i,
+            config,
+            BidderStates::register,
+        )?);
+        if let (Some(bar), Some(_)) = (&bar, &restored) {
+            bar.inc(2);
         }
-        auction_states.push(AuctionStates::register(&mut a)?);
-        bidder_states.push(BidderStates::register(&mut b)?);
         auctions.push(Subtask { backend: a });
         bidders.push(Subtask { backend: b });
     }

@@ -217,7 +217,15 @@ impl<'scope> Checkpointing<'scope> {
         }
         let incremental = job.config().checkpoint.incremental;
         let mut chain = Chain::default();
-        if let Some((storage, c)) = job.restored() {
+        let restored = job.restored();
+        // Canonical state is restored into the registered states (its records decoded straight
+        // into them, in one pass); native files need a fresh backend, so they come first.
+        let register_first = restored.is_none_or(|(_, c)| !c.has_native_state(&op));
+        let mut registered = None;
+        if register_first {
+            registered = Some(register(&mut backend, &mut function).map_err(state_err)?);
+        }
+        if let Some((storage, c)) = restored {
             let download =
                 tempfile::tempdir().map_err(|e| user(format!("temporary directory: {e}")))?;
             c.restore_backend(storage, &op, index, &mut backend, download.path())?;
@@ -227,13 +235,10 @@ impl<'scope> Checkpointing<'scope> {
                 chain.seed_native(c, &op, range);
             }
         }
-        let states = function.register(&mut backend).map_err(state_err)?;
-        let timers = backend
-            .register_timer_service(
-                TimerServiceDescriptor::<F::Namespace>::new("flowstate-timers")
-                    .map_err(state_err)?,
-            )
-            .map_err(state_err)?;
+        let (states, timers) = match registered {
+            Some(r) => r,
+            None => register(&mut backend, &mut function).map_err(state_err)?,
+        };
 
         let ser = Arc::clone(&options.key_serializer);
         let route_key = key.clone();
@@ -479,6 +484,19 @@ impl<'scope> Checkpointing<'scope> {
         self.register(&options.name, false, acks)?;
         Ok(data)
     }
+}
+
+/// Registers the function's states and the operator's timer service on `backend`.
+#[allow(clippy::type_complexity)]
+fn register<B: CheckpointableBackend, F: KeyedFunction<B>>(
+    backend: &mut B,
+    function: &mut F,
+) -> state_api::Result<(F::States, TimerServiceHandle<F::Namespace>)> {
+    let states = function.register(backend)?;
+    let timers = backend.register_timer_service(TimerServiceDescriptor::<F::Namespace>::new(
+        "flowstate-timers",
+    )?)?;
+    Ok((states, timers))
 }
 
 #[allow(clippy::too_many_arguments)]
