@@ -349,6 +349,7 @@ impl CompletedCheckpoint {
             sources.push(NativeRestoreSource { source, dir });
         }
         // Several files at a time: their transfers, checksums and fsyncs overlap.
+        let download_started = std::time::Instant::now();
         let location = self.location();
         storage.download_files(downloads, NATIVE_DOWNLOADS, |e| match e {
             Error::MissingFile { file, .. } => Error::MissingFile {
@@ -357,9 +358,13 @@ impl CompletedCheckpoint {
             },
             e => e,
         })?;
+        let download_millis = download_started.elapsed().as_millis() as u64;
+        let open_started = std::time::Instant::now();
         backend
             .restore_from_native(sources)
             .map_err(|e| Error::state(operator, subtask, e))?;
+        // Where the time went: the checks before, the downloads (transfer, checksum, write,
+        // fsync), the backend opening the files.
         tracing::info!(
             checkpoint = %self.location(),
             operator,
@@ -368,6 +373,8 @@ impl CompletedCheckpoint {
             files,
             bytes,
             millis = started.elapsed().as_millis() as u64,
+            download_millis,
+            open_millis = open_started.elapsed().as_millis() as u64,
             "restored keyed state"
         );
         Ok(())

@@ -175,6 +175,121 @@ fn incremental_checkpoints_upload_only_new_files_and_restore_rescaled() {
     assert!(NativeCheckpointMeta::decode(&bad).is_err());
 }
 
+/// A restore at another parallelism downloads the files of its key groups and little more:
+/// flushes and compactions cut their files at key-group boundaries once they reach the target
+/// size, so of each sorted run only the file straddling a boundary of the new range holds key
+/// groups the restoring subtask does not own. Rescaled 2 -> 3 and the three back to 2, every
+/// key reads back.
+#[test]
+fn a_rescaled_restore_downloads_about_its_share() {
+    const TARGET: u64 = 16 << 10;
+    const KEYS: u64 = 6000;
+    let shared = tempfile::tempdir().unwrap();
+    let mut uploaded = HashSet::new();
+    let build = |range: KeyGroupRange| {
+        MmapKeyedStateBackend::<u64>::builder()
+            .key_group_range(range)
+            .engine_options(state_mmap::engine::EngineOptions {
+                // Write buffers of about 20 target files: flushes and compactions cut files.
+                memory_budget: 1 << 20,
+                target_file_bytes: TARGET,
+                ..state_mmap::engine::EngineOptions::default()
+            })
+            .build()
+            .unwrap()
+    };
+    // Checkpoints of `backends` (each after `rounds` rounds), uploaded; their metadata.
+    let checkpoint_all = |backends: &mut Vec<(MmapKeyedStateBackend<u64>, H)>,
+                          uploaded: &mut HashSet<String>| {
+        backends
+            .iter_mut()
+            .map(|(b, _)| {
+                let c = b.checkpoint().unwrap();
+                upload(&c, shared.path(), uploaded);
+                c.metadata().to_vec()
+            })
+            .collect::<Vec<_>>()
+    };
+    // Restores `metas` at `parallelism`; checks each subtask's download against its share.
+    let rescale = |metas: &[Vec<u8>], parallelism: u32, rounds: u64| {
+        let decoded: Vec<_> = metas
+            .iter()
+            .map(|m| NativeCheckpointMeta::decode(m).unwrap())
+            .collect();
+        let total: u64 = decoded
+            .iter()
+            .flat_map(|d| d.runs.iter().flatten())
+            .map(|f| f.size)
+            .sum();
+        let runs: usize = decoded.iter().map(|d| d.runs.len()).sum();
+        let mut backends = Vec::new();
+        let mut keys = 0;
+        for i in 0..parallelism {
+            let range = KeyGroupRange::for_operator(128, parallelism, i).unwrap();
+            let files: Vec<_> = decoded.iter().flat_map(|d| d.files_for(range)).collect();
+            let downloaded: u64 = files.iter().map(|f| f.size).sum();
+            // Files that hold key groups of another owner too: at most one a run at each
+            // end of the range, each of about the target size (cut at the first key-group
+            // boundary past it; a key group here is smaller than the target).
+            let straddling: Vec<u64> = files
+                .iter()
+                .filter(|f| f.key_groups.intersect(&range) != f.key_groups)
+                .map(|f| f.size)
+                .collect();
+            assert!(
+                straddling.iter().all(|&s| s <= 2 * TARGET),
+                "subtask {i} of {parallelism}: files of {straddling:?} bytes straddle its \
+                 range, the target is {TARGET}"
+            );
+            let share = total * u64::from(range.len()) / 128;
+            let overhang = 2 * runs as u64 * 2 * TARGET;
+            assert!(
+                downloaded <= share + share / 10 + overhang,
+                "subtask {i} of {parallelism} downloads {downloaded} bytes of {total}: its \
+                 share is about {share}"
+            );
+            let mut b = build(range);
+            b.restore_native(
+                metas
+                    .iter()
+                    .map(|m| NativeRestore {
+                        metadata: m.clone(),
+                        files_dir: shared.path().to_path_buf(),
+                    })
+                    .collect(),
+            )
+            .unwrap();
+            let h = register(&mut b);
+            keys += check_round(&mut b, &h, rounds, 0..KEYS);
+            backends.push((b, h));
+        }
+        assert_eq!(keys, KEYS as usize, "every key in exactly one subtask");
+        backends
+    };
+
+    let mut two: Vec<_> = (0..2)
+        .map(|i| {
+            let mut b = build(KeyGroupRange::for_operator(128, 2, i).unwrap());
+            let h = register(&mut b);
+            (b, h)
+        })
+        .collect();
+    for round in 0..3 {
+        for (b, h) in &mut two {
+            write_round(b, h, round, 0..KEYS);
+        }
+    }
+    let metas = checkpoint_all(&mut two, &mut uploaded);
+    drop(two);
+    let mut three = rescale(&metas, 3, 3);
+    for (b, h) in &mut three {
+        write_round(b, h, 3, 0..KEYS);
+    }
+    let metas = checkpoint_all(&mut three, &mut uploaded);
+    drop(three);
+    rescale(&metas, 2, 4);
+}
+
 const CHILD_ENV: &str = "STATE_MMAP_CRASH_CHILD";
 const KEYS: u64 = 400;
 

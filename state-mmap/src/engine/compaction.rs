@@ -1,17 +1,15 @@
 //! Size-tiered compaction: which runs to merge, the merge itself (on a pool thread) and the
 //! compaction filter that drops values during it.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use crate::error::Result;
 use crate::iter::{Cursor, MergeIter, Resolve, RunCursor};
-use crate::manifest::sync_dir;
 use crate::memtable::OpKind;
-use crate::run::{RunFile, RunWriter};
+use crate::run::RunFile;
 
-use super::jobs::{Job, WorkerCtx};
-use super::{run_file_name, Db, EngineOptions, SortedRun};
+use super::jobs::{Job, RunOutput, WorkerCtx};
+use super::{Db, EngineOptions, SortedRun};
 
 /// What a compaction filter decides for one value.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -91,9 +89,7 @@ impl WorkerCtx {
             Resolve::Partial
         };
         let mut it = MergeIter::new(sources, resolve);
-        let mut out = Vec::new();
-        let mut writer: Option<(RunWriter, u64)> = None;
-        let mut prev_key: Vec<u8> = Vec::new();
+        let mut out = RunOutput::new(self, None);
         let mut changed = Vec::new();
         while let Some((kind, key, value)) = it.next()? {
             let mut kind = kind;
@@ -112,41 +108,9 @@ impl WorkerCtx {
                     }
                 }
             }
-            // Cut the output at a boundary the owner accepts (key groups) once it is large.
-            if let Some((w, _)) = &writer {
-                let cut = w.size() >= self.opts.target_file_bytes
-                    && self.boundary.as_ref().is_none_or(|b| b(&prev_key, key));
-                if cut {
-                    if let Some((w, n)) = writer.take() {
-                        if let Some(p) = w.finish()? {
-                            out.push(self.open_run(&p, n)?);
-                        }
-                    }
-                }
-            }
-            if writer.is_none() {
-                let n = self.next_file.fetch_add(1, Ordering::SeqCst);
-                writer = Some((
-                    RunWriter::create(
-                        &self.dir.join(run_file_name(n)),
-                        self.opts.prefix_extractor.clone(),
-                    )?,
-                    n,
-                ));
-            }
-            if let Some((w, _)) = writer.as_mut() {
-                w.add(key, kind, value)?;
-            }
-            prev_key.clear();
-            prev_key.extend_from_slice(key);
+            out.add(key, kind, value)?;
         }
-        if let Some((w, n)) = writer.take() {
-            if let Some(p) = w.finish()? {
-                out.push(self.open_run(&p, n)?);
-            }
-        }
-        sync_dir(&self.dir)?;
-        Ok(out)
+        out.finish()
     }
 }
 

@@ -97,6 +97,8 @@ impl Db {
     /// checkpoint name, and only keys in its clip range are visible.
     pub fn ingest(&mut self, runs: Vec<Vec<IngestFile>>) -> Result<()> {
         self.drain()?;
+        let started = std::time::Instant::now();
+        let (mut count, mut bytes) = (0usize, 0u64);
         for r in runs {
             let mut files = Vec::new();
             for src in r {
@@ -116,6 +118,8 @@ impl Db {
                     .with_origin(src.name, src.clip),
                 ));
             }
+            count += files.len();
+            bytes += files.iter().map(|f| f.size()).sum::<u64>();
             files.sort_by(|a, b| a.first_key().cmp(b.first_key()));
             if files
                 .windows(2)
@@ -130,8 +134,18 @@ impl Db {
             }
         }
         sync_dir(&self.dir)?;
+        let opened = started.elapsed();
         self.store_manifest()?;
         self.sync_manifest()?;
+        tracing::debug!(
+            dir = %self.dir.display(),
+            files = count,
+            bytes,
+            verified = self.opts.verify_on_open,
+            open_millis = opened.as_millis() as u64,
+            millis = started.elapsed().as_millis() as u64,
+            "state-mmap ingested checkpoint files"
+        );
         self.maybe_compact()
     }
 }

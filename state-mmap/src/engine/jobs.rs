@@ -8,7 +8,7 @@ use std::sync::Arc;
 use crate::environment::Lane;
 use crate::error::{Error, Result};
 use crate::manifest::sync_dir;
-use crate::memtable::Memtable;
+use crate::memtable::{Memtable, OpKind};
 use crate::run::{RunFile, RunWriter};
 
 use super::files::shared_name;
@@ -33,7 +33,8 @@ pub(super) enum Job {
 pub(super) enum Done {
     /// A background job panicked (the pool's thread goes on; the engine fails).
     Panicked(String),
-    Flushed(Result<Option<Arc<RunFile>>>),
+    /// The files of the flushed buffer's sorted run (none when everything in it was dropped).
+    Flushed(Result<Vec<Arc<RunFile>>>),
     Compacted {
         inputs: Vec<SortedRun>,
         reserved: usize,
@@ -63,9 +64,8 @@ impl WorkerCtx {
         ))
     }
 
-    fn flush(&self, mem: &Memtable, number: u64) -> Result<Option<Arc<RunFile>>> {
-        let path = self.dir.join(run_file_name(number));
-        let mut w = RunWriter::create(&path, self.opts.prefix_extractor.clone())?;
+    fn flush(&self, mem: &Memtable, number: u64) -> Result<Vec<Arc<RunFile>>> {
+        let mut out = RunOutput::new(self, Some(number));
         // Entries in key order, each loaded into the cache a few entries ahead (its value
         // a few entries after it): the entries and values lie all over the heap.
         const AHEAD: usize = 8;
@@ -78,16 +78,92 @@ impl WorkerCtx {
                 mem.prefetch_entry(j, true);
             }
             if let Some((k, op)) = mem.entry_at(i) {
-                w.add(k, op.kind(), op.value())?;
+                out.add(k, op.kind(), op.value())?;
             }
         }
-        match w.finish()? {
-            Some(p) => {
-                sync_dir(&self.dir)?;
-                Ok(Some(self.open_run(&p, number)?))
-            }
-            None => Ok(None),
+        out.finish()
+    }
+}
+
+/// The files one flush or compaction writes: one sorted run, cut into files of about
+/// [`EngineOptions::target_file_bytes`] — at a boundary the owner accepts when it set one
+/// ([`Db::set_file_boundary`]: the backends' key groups, so that a file rarely straddles the
+/// boundary of a subtask's range after a rescale, and a restore downloads little beyond the
+/// key groups it owns).
+pub(super) struct RunOutput<'a> {
+    ctx: &'a WorkerCtx,
+    /// The file being written and its number.
+    writer: Option<(RunWriter, u64)>,
+    /// The number the first file takes (a flush's, allocated when it was queued).
+    first: Option<u64>,
+    prev_key: Vec<u8>,
+    files: Vec<Arc<RunFile>>,
+}
+
+impl<'a> RunOutput<'a> {
+    /// An output in `ctx`'s directory; its first file is numbered `first` when given.
+    pub(super) fn new(ctx: &'a WorkerCtx, first: Option<u64>) -> Self {
+        RunOutput {
+            ctx,
+            writer: None,
+            first,
+            prev_key: Vec::new(),
+            files: Vec::new(),
         }
+    }
+
+    /// Appends an entry (keys in increasing order), starting a new file first if the current
+    /// one is large enough and the owner accepts a boundary between the previous key and
+    /// this one.
+    pub(super) fn add(&mut self, key: &[u8], kind: OpKind, value: &[u8]) -> Result<()> {
+        if let Some((w, _)) = &self.writer {
+            let cut = w.size() >= self.ctx.opts.target_file_bytes
+                && self
+                    .ctx
+                    .boundary
+                    .as_ref()
+                    .is_none_or(|b| b(&self.prev_key, key));
+            if cut {
+                self.finish_file()?;
+            }
+        }
+        let w = match &mut self.writer {
+            Some((w, _)) => w,
+            None => {
+                let n = match self.first.take() {
+                    Some(n) => n,
+                    None => self.ctx.next_file.fetch_add(1, Ordering::SeqCst),
+                };
+                let w = RunWriter::create(
+                    &self.ctx.dir.join(run_file_name(n)),
+                    self.ctx.opts.prefix_extractor.clone(),
+                )?;
+                &mut self.writer.insert((w, n)).0
+            }
+        };
+        w.add(key, kind, value)?;
+        self.prev_key.clear();
+        self.prev_key.extend_from_slice(key);
+        Ok(())
+    }
+
+    fn finish_file(&mut self) -> Result<()> {
+        if let Some((w, n)) = self.writer.take() {
+            if let Some(p) = w.finish()? {
+                self.files.push(self.ctx.open_run(&p, n)?);
+            }
+        }
+        Ok(())
+    }
+
+    /// Finishes the last file and makes the directory entries durable; returns the files in
+    /// key order.
+    pub(super) fn finish(mut self) -> Result<Vec<Arc<RunFile>>> {
+        self.finish_file()?;
+        if !self.files.is_empty() {
+            sync_dir(&self.ctx.dir)?;
+        }
+        Ok(self.files)
     }
 }
 
@@ -98,14 +174,15 @@ pub(super) fn run_job(ctx: &WorkerCtx, job: Job) -> Done {
         Job::Flush { mem, number } => {
             let result = ctx.flush(&mem, number);
             match &result {
-                Ok(Some(f)) => tracing::debug!(
+                Ok(files) if !files.is_empty() => tracing::debug!(
                     dir = %ctx.dir.display(),
                     run = number,
-                    bytes = f.size(),
+                    files = files.len(),
+                    bytes = files.iter().map(|f| f.size()).sum::<u64>(),
                     millis = started.elapsed().as_millis() as u64,
                     "state-mmap flushed a write buffer"
                 ),
-                Ok(None) => {}
+                Ok(_) => {}
                 Err(e) => tracing::warn!(
                     dir = %ctx.dir.display(),
                     error = %e,
@@ -237,7 +314,7 @@ impl Db {
         match d {
             Done::Panicked(reason) => Err(Error::Worker { reason }),
             Done::Flushed(result) => {
-                let file = result?;
+                let files = result?;
                 if let Some(mem) = self.imm.pop() {
                     // Freeing millions of small allocations takes a while: a thread of its own
                     // does it at once (not after the next flush, which would hold the memory);
@@ -246,9 +323,9 @@ impl Db {
                         let _ = r.send(Garbage::Mem(mem));
                     }
                 }
-                if let Some(f) = file {
-                    self.flushed_bytes += f.size();
-                    self.runs.insert(0, Arc::new(vec![f]));
+                if !files.is_empty() {
+                    self.flushed_bytes += files.iter().map(|f| f.size()).sum::<u64>();
+                    self.runs.insert(0, Arc::new(files));
                 }
                 self.flushes += 1;
                 self.store_manifest()?;

@@ -36,7 +36,16 @@ pub struct EngineOptions {
     /// rewrite most of the data to remove one run), so up to about log2(data / write buffer)
     /// such runs may exist on top of this.
     pub max_sorted_runs: usize,
-    /// Compaction output files are cut at key-group boundaries once this large. Default 64 MiB.
+    /// The files a flush or a compaction writes (one sorted run) are cut once this large: at
+    /// the next boundary the owner accepts when it set one ([`Db::set_file_boundary`]: the
+    /// backend cuts only between key groups, so a file holds whole key groups and, unless a
+    /// key group alone is larger, not much more than this). Small files are what lets a
+    /// restore at another parallelism download little beyond the key groups it owns: only the
+    /// one file of each sorted run that straddles a boundary of its range holds foreign key
+    /// groups. Default 8 MiB (a sorted run has about one file per 8 MiB, or one per key group
+    /// where key groups are larger).
+    ///
+    /// [`Db::set_file_boundary`]: super::Db::set_file_boundary
     pub target_file_bytes: u64,
     /// Check every data block's checksum when a file is opened (default true).
     pub verify_on_open: bool,
@@ -66,7 +75,7 @@ impl Default for EngineOptions {
         EngineOptions {
             memory_budget: 256 << 20,
             max_sorted_runs: 6,
-            target_file_bytes: 64 << 20,
+            target_file_bytes: 8 << 20,
             verify_on_open: true,
             verify_blocks_on_read: false,
             prefix_extractor: None,
