@@ -119,7 +119,7 @@ impl WorkerCtx {
                 if cut {
                     if let Some((w, n)) = writer.take() {
                         if let Some(p) = w.finish()? {
-                            out.push(self.open_run(&p, n)?);
+                            out.push(self.open_output(&p, n)?);
                         }
                     }
                 }
@@ -142,7 +142,7 @@ impl WorkerCtx {
         }
         if let Some((w, n)) = writer.take() {
             if let Some(p) = w.finish()? {
-                out.push(self.open_run(&p, n)?);
+                out.push(self.open_output(&p, n)?);
             }
         }
         sync_dir(&self.dir)?;
@@ -175,7 +175,7 @@ impl Db {
         self.compacting += 1;
         let inputs = self.runs[runs.clone()].to_vec();
         self.busy.extend(inputs.iter().cloned());
-        let reserved = self.opts.compaction_reserve(&inputs);
+        let reserved = self.opts.compaction_reserve();
         self.reserved += reserved;
         // The write buffer shrinks now (it rotates sooner), not only after the next flush.
         self.update_buffer_bytes();

@@ -12,7 +12,7 @@ use crate::memtable::Memtable;
 use crate::run::{RunFile, RunWriter};
 
 use super::files::shared_name;
-use super::service::{retire, wait_for, Garbage};
+use super::service::{pin_files, retire, wait_for, Garbage};
 use super::{run_file_name, CompactionFilter, Db, EngineOptions, SortedRun};
 
 pub(super) enum Job {
@@ -60,6 +60,16 @@ impl WorkerCtx {
                 self.opts.verify_blocks_on_read,
             )?
             .with_origin(shared_name(self.db_id, number), None),
+        ))
+    }
+
+    /// Opens a compaction's output without loading its block index and bloom filter: the
+    /// compaction's inputs hold as much memory until the output replaces them, and the output
+    /// is only read once installed. [`Garbage::Pin`] loads them after the inputs are freed.
+    pub(super) fn open_output(&self, path: &Path, number: u64) -> Result<Arc<RunFile>> {
+        Ok(Arc::new(
+            RunFile::open_unpinned(path, number, self.opts.verify_blocks_on_read)?
+                .with_origin(shared_name(self.db_id, number), None),
         ))
     }
 
@@ -157,10 +167,17 @@ impl Db {
         if self.mem.is_empty() {
             return Ok(());
         }
-        while self.imm.len() >= EngineOptions::MAX_IMMUTABLE
-            || (self.runs.len() >= self.opts.stall_runs() && self.compacting > 0)
-        {
-            self.wait_one()?;
+        let stall = |db: &Db| {
+            db.imm.len() >= EngineOptions::MAX_IMMUTABLE
+                || (db.runs.len() >= db.opts.stall_runs() && db.compacting > 0)
+        };
+        if stall(self) {
+            let t = std::time::Instant::now();
+            while stall(self) {
+                self.wait_one()?;
+            }
+            self.stalls.0 += 1;
+            self.stalls.1 += t.elapsed();
         }
         let fresh = Memtable::new(self.opts.prefix_extractor.clone(), self.buffer_bytes);
         let mem = std::mem::replace(&mut self.mem, Arc::new(fresh));
@@ -278,6 +295,7 @@ impl Db {
                     .ok_or_else(|| Error::Worker {
                         reason: "compaction inputs are no longer live".into(),
                     })?;
+                let pin = files.clone();
                 let output: Vec<SortedRun> = if files.is_empty() {
                     Vec::new()
                 } else {
@@ -288,13 +306,25 @@ impl Db {
                 // The inputs' files are marked obsolete once the manifest that drops them is
                 // durable, then unmapped and deleted, and their block indexes freed, on the
                 // unmap thread (unless a snapshot still reads them).
+                // The outputs' block indexes and bloom filters are loaded after that, on the
+                // unmap thread, once it has freed the inputs': the two never take memory at
+                // once (until then lookups read the outputs' mapped index and filter).
                 match &self.manifest {
-                    Some(m) => drop(m.send(Garbage::Retire(
-                        old,
-                        inputs,
-                        Arc::clone(&self.manifest_failed),
-                    ))),
-                    None => retire(old, inputs, true, self.unmap.as_ref()),
+                    Some(m) => {
+                        drop(m.send(Garbage::Retire(
+                            old,
+                            inputs,
+                            Arc::clone(&self.manifest_failed),
+                        )));
+                        drop(m.send(Garbage::Pin(pin)));
+                    }
+                    None => {
+                        retire(old, inputs, true, self.unmap.as_ref());
+                        match &self.unmap {
+                            Some(u) => drop(u.send(Garbage::Pin(pin))),
+                            None => pin_files(pin),
+                        }
+                    }
                 }
                 self.maybe_compact()
             }
