@@ -98,6 +98,8 @@ pub struct Db {
     /// Bytes of the sorted-run files written by flushes and by compactions (installed ones).
     flushed_bytes: u64,
     compacted_bytes: u64,
+    /// Rotations of the write buffer that waited for background work, and how long in all.
+    stalls: (u64, std::time::Duration),
     /// The write buffer size: the budget's share left by the runs' block indexes.
     buffer_bytes: usize,
 }

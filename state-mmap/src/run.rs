@@ -5,6 +5,7 @@ use std::fs::{self, File};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::OnceLock;
 
 use crate::error::{Error, Result};
 use crate::mapped::MappedFile;
@@ -68,10 +69,11 @@ fn first_at_least(heads: &[u128], tops: &[u128], hk: u128) -> usize {
 
 /// [`RunFile::tops`] of `heads`.
 fn tops_of(heads: &[u128]) -> Vec<u128> {
-    heads
-        .chunks(HEAD_STRIDE)
-        .filter_map(|c| c.last().copied())
-        .collect()
+    // Exactly as long as its capacity: [`RunFile::memory_bytes`] of a file not loaded yet
+    // counts what it will hold.
+    let mut tops = Vec::with_capacity(heads.len().div_ceil(HEAD_STRIDE));
+    tops.extend(heads.chunks(HEAD_STRIDE).filter_map(|c| c.last().copied()));
+    tops
 }
 const BLOOM_BITS_PER_KEY: usize = 10;
 const BLOOM_K: u8 = 7;
@@ -435,24 +437,16 @@ pub struct RunFile {
     index_off: usize,
     index_end: usize,
     index_count: usize,
-    /// The bloom filter's 64-byte blocks, copied out of the file when it is opened: pinned in
-    /// memory (and counted in [`RunFile::memory_bytes`]) so that data pages read by lookups
-    /// never evict it from a small page cache, and a lookup that the filter rules out reads
-    /// nothing from the device.
-    bloom: Box<[u8]>,
+    /// Where the bloom filter's 64-byte blocks start in the file.
+    bloom_off: usize,
     /// The bloom filter's 64-byte blocks; 0 when the file has no filter this version can use
     /// (then every probe may match).
     bloom_blocks: usize,
     bloom_flags: u8,
-    /// Per data block, in memory: the [`head_of`] its last key (a lookup binary-searches these
-    /// and reads the mapped index only when several blocks share a head) and its
-    /// [`BlockMeta`]: 32 bytes per block of about 4 KiB, 0.8 % of the data.
-    heads: Vec<u128>,
-    /// The last head of every [`HEAD_STRIDE`] heads (the last one of a shorter tail too): a
-    /// search of these (few, so they stay in cache) picks the stretch of `heads` to search,
-    /// whose cache lines then load together instead of one after the other.
-    tops: Vec<u128>,
-    blocks: Vec<BlockMeta>,
+    /// The bloom filter and block index in memory, once loaded ([`RunFile::pin`]; at open for
+    /// every file but a compaction's outputs, which are loaded once the compaction's inputs
+    /// are freed). Until then lookups read the filter and the index from the mapped file.
+    pins: OnceLock<Pins>,
     first_key: Vec<u8>,
     last_key: Vec<u8>,
     /// [`head_of`] the first and the last key (most comparisons need no `memcmp`).
@@ -465,6 +459,25 @@ pub struct RunFile {
     obsolete: AtomicBool,
     name: String,
     clip: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+/// What a file keeps in memory once pinned.
+#[derive(Debug)]
+struct Pins {
+    /// The bloom filter's 64-byte blocks, copied out of the file: pinned in memory (and
+    /// counted in [`RunFile::memory_bytes`]) so that data pages read by lookups never evict it
+    /// from a small page cache, and a lookup that the filter rules out reads nothing from the
+    /// device.
+    bloom: Box<[u8]>,
+    /// Per data block: the [`head_of`] its last key (a lookup binary-searches these and reads
+    /// the mapped index only when several blocks share a head) and its [`BlockMeta`]: 32
+    /// bytes per block of about 4 KiB, 0.8 % of the data.
+    heads: Vec<u128>,
+    /// The last head of every [`HEAD_STRIDE`] heads (the last one of a shorter tail too): a
+    /// search of these (few, so they stay in cache) picks the stretch of `heads` to search,
+    /// whose cache lines then load together instead of one after the other.
+    tops: Vec<u128>,
+    blocks: Vec<BlockMeta>,
 }
 
 /// Where a data block is, and (once read) how many entries it has, so a point lookup goes
@@ -569,6 +582,17 @@ impl RunFile {
         verify_all: bool,
         verify_blocks: bool,
     ) -> Result<RunFile> {
+        let run = Self::open_unpinned(path, number, verify_blocks)?;
+        let pins = run.load_pins(verify_all)?;
+        let _ = run.pins.set(pins);
+        Ok(run)
+    }
+
+    /// [`RunFile::open`] without loading the bloom filter and block index into memory (nor
+    /// checking the data blocks): lookups read them from the mapped file until
+    /// [`RunFile::pin`]. For a compaction's outputs, whose inputs hold as much memory until
+    /// they are replaced.
+    pub(crate) fn open_unpinned(path: &Path, number: u64, verify_blocks: bool) -> Result<RunFile> {
         let map = MappedFile::open(path)?;
         let b = map.bytes();
         let corrupt = |off: u64, r: &str| Error::corrupt(path, off, r.to_string());
@@ -640,27 +664,20 @@ impl RunFile {
         let first_key = take(n)?.to_vec();
         let n = be32(take(4)?) as usize;
         let last_key = take(n)?.to_vec();
-        let bloom: Box<[u8]> = if bloom_k == BLOOM_K {
-            b[bloom_off..bloom_off + (bloom_end - bloom_off) / 64 * 64].into()
-        } else {
-            Box::default()
-        };
-        let mut run = RunFile {
+        let run = RunFile {
             number,
             map,
             index_off,
             index_end,
             index_count,
-            bloom,
+            bloom_off,
             bloom_blocks: if bloom_k == BLOOM_K {
                 (bloom_end - bloom_off) / 64
             } else {
                 0
             },
             bloom_flags,
-            heads: Vec::new(),
-            tops: Vec::new(),
-            blocks: Vec::new(),
+            pins: OnceLock::new(),
             first_head: head_of(&first_key),
             last_head: head_of(&last_key),
             first_key,
@@ -672,6 +689,48 @@ impl RunFile {
             name: String::new(),
             clip: None,
         };
+        // Opening reads the footer and properties only; lookups read single blocks.
+        run.map.advise_random();
+        Ok(run)
+    }
+
+    /// Loads the bloom filter and block index into memory (once; lookups then no longer
+    /// read them from the mapped file). The index and filter are read ahead in the background
+    /// first: the mapping is advised random, and a file just written by a compaction may have
+    /// left a small page cache.
+    pub(crate) fn pin(&self) -> Result<()> {
+        if self.pins.get().is_none() {
+            let pins = self.load_pins(false)?;
+            let _ = self.pins.set(pins);
+        }
+        Ok(())
+    }
+
+    /// The in-memory block index's entries (empty until pinned).
+    #[cfg(test)]
+    fn pinned_blocks(&self) -> &[BlockMeta] {
+        self.pins.get().map_or(&[], |p| &p.blocks)
+    }
+
+    /// Whether the bloom filter and block index are in memory.
+    #[cfg(test)]
+    pub(crate) fn is_pinned(&self) -> bool {
+        self.pins.get().is_some()
+    }
+
+    /// Reads the bloom filter and block index into memory; with `verify_all` also checks
+    /// every data block's checksum and the bytes between blocks.
+    fn load_pins(&self, verify_all: bool) -> Result<Pins> {
+        let run = self;
+        let corrupt = |off: u64, r: &str| run.corrupt(off as usize, r.to_string());
+        run.map
+            .will_need(run.index_off, run.index_end - run.index_off);
+        run.map.will_need(run.bloom_off, run.bloom_blocks * 64);
+        let bloom: Box<[u8]> = run
+            .bytes()
+            .get(run.bloom_off..run.bloom_off + run.bloom_blocks * 64)
+            .unwrap_or(&[])
+            .into();
         let per_entry = if run.fingerprints { 5 } else { 4 };
         let mut heads = Vec::with_capacity(run.index_count);
         let mut blocks = Vec::with_capacity(run.index_count);
@@ -711,18 +770,18 @@ impl RunFile {
                 count: AtomicU32::new(count),
             });
         }
-        if verify_all && (index_off < prev_end || !zeros(prev_end, index_off)) {
+        if verify_all && (run.index_off < prev_end || !zeros(prev_end, run.index_off)) {
             return Err(corrupt(
                 prev_end as u64,
                 "bad bytes or overlap between the data blocks and the index",
             ));
         }
-        run.tops = tops_of(&heads);
-        run.heads = heads;
-        run.blocks = blocks;
-        // Everything read whole at open is read; from now on lookups read single blocks.
-        run.map.advise_random();
-        Ok(run)
+        Ok(Pins {
+            bloom,
+            tops: tops_of(&heads),
+            heads,
+            blocks,
+        })
     }
 
     /// Opens the sorted-run file at `path` read-only and verifies it as a store opening it
@@ -814,13 +873,24 @@ impl RunFile {
         cmp_headed(self.first_head, &self.first_key, p.head, p.key).is_gt()
     }
 
-    /// Bytes of memory the file's in-memory block index holds.
+    /// Bytes of memory the file's in-memory block index and bloom filter hold (once pinned:
+    /// a compaction's output is charged from its installation on, before its index is loaded).
     pub fn memory_bytes(&self) -> usize {
-        (self.heads.capacity() + self.tops.capacity()) * 16
-            + self.bloom.len()
-            + self.blocks.capacity() * std::mem::size_of::<BlockMeta>()
-            + self.first_key.capacity()
-            + self.last_key.capacity()
+        let keys = self.first_key.capacity() + self.last_key.capacity();
+        match self.pins.get() {
+            Some(p) => {
+                (p.heads.capacity() + p.tops.capacity()) * 16
+                    + p.bloom.len()
+                    + p.blocks.capacity() * std::mem::size_of::<BlockMeta>()
+                    + keys
+            }
+            None => {
+                (self.index_count + self.index_count.div_ceil(HEAD_STRIDE)) * 16
+                    + self.bloom_blocks * 64
+                    + self.index_count * std::mem::size_of::<BlockMeta>()
+                    + keys
+            }
+        }
     }
 
     /// Number of entries.
@@ -865,10 +935,22 @@ impl RunFile {
     /// Data block `i`, checked.
     #[inline]
     pub(crate) fn block(&self, i: usize) -> Result<Block<'_>> {
-        let Some(m) = self.blocks.get(i) else {
+        if i >= self.index_count {
             return Err(self.corrupt(self.index_off, format!("no data block {i}")));
+        }
+        let (off, len, m) = match self.pins.get() {
+            Some(p) => {
+                let Some(m) = p.blocks.get(i) else {
+                    return Err(self.corrupt(self.index_off, format!("no data block {i}")));
+                };
+                (m.off as usize, m.len as usize, Some(m))
+            }
+            // Checked by `index_entry` against the file size (and `len >= 8`).
+            None => {
+                let (_, off, len) = self.index_entry(i)?;
+                (off, len, None)
+            }
         };
-        let (off, len) = (m.off as usize, m.len as usize);
         // Checked against the file size when it was opened (and `len >= 8`).
         let b = &self.bytes()[off..off + len];
         if self.verify_blocks && be32(&b[len - 4..]) != crc32c::crc32c(&b[..len - 4]) {
@@ -877,12 +959,14 @@ impl RunFile {
         let data = &b[..len - 8];
         // Per entry: a u32 offset, and (version 2) a fingerprint byte.
         let per_entry = if self.fingerprints { 5 } else { 4 };
-        let mut count = m.count.load(Ordering::Relaxed) as usize;
+        let mut count = m.map_or(0, |m| m.count.load(Ordering::Relaxed) as usize);
         if count == 0 {
             count = checked_count(&b[..len - 4], per_entry)
                 .ok_or_else(|| self.corrupt(off, "bad entry count in data block"))?
                 as usize;
-            m.count.store(count as u32, Ordering::Relaxed);
+            if let Some(m) = m {
+                m.count.store(count as u32, Ordering::Relaxed);
+            }
         }
         Ok(Block {
             data,
@@ -949,26 +1033,63 @@ impl RunFile {
         self.bytes().get(a..b).unwrap_or(&[])
     }
 
+    /// Starts reading the data block that would hold the probe's key into the page cache in
+    /// the background (`MADV_WILLNEED` of its page), without waiting for it and without
+    /// touching the mapped file: a batch of lookups asks for every key's block first, so the
+    /// device works on all of them at once (queue depth above one), and each lookup then finds
+    /// its page cached. When the in-memory heads leave two blocks possible, both are asked
+    /// for; with more (keys sharing their first 16 bytes across blocks), none.
+    pub(crate) fn will_need_block(&self, p: &Probe) {
+        let Some(pins) = self.pins.get() else {
+            if let Ok(Some(i)) = self.find_block_headed(p.key, p.head) {
+                if let Ok((_, off, len)) = self.index_entry(i) {
+                    self.map.will_need(off, len);
+                }
+            }
+            return;
+        };
+        let lo = first_at_least(&pins.heads, &pins.tops, p.head);
+        let hi = match pins.heads.get(lo) {
+            Some(h) if *h == p.head => lo + pins.heads[lo..].partition_point(|h| *h <= p.head),
+            _ => lo,
+        };
+        // `lo..=hi`: the blocks the key may be in (`hi` when it is larger than every key of
+        // the blocks ending in its head).
+        if hi > lo + 1 {
+            return;
+        }
+        for m in pins.blocks.iter().skip(lo).take(hi - lo + 1) {
+            self.map.will_need(m.off as usize, m.len as usize);
+        }
+    }
+
     /// The first block whose last key is `>= key`.
     pub(crate) fn find_block(&self, key: &[u8]) -> Result<Option<usize>> {
         self.find_block_headed(key, head_of(key))
     }
 
-    /// The first block whose head is `>= hk` ([`first_at_least`] of the file's heads).
-    #[inline]
-    fn first_head_at_least(&self, hk: u128) -> usize {
-        first_at_least(&self.heads, &self.tops, hk)
-    }
-
     /// [`RunFile::find_block`] of a key whose [`head_of`] is `hk`.
     #[inline]
     fn find_block_headed(&self, key: &[u8], hk: u128) -> Result<Option<usize>> {
+        let Some(pins) = self.pins.get() else {
+            // Not pinned yet: a binary search of the mapped index.
+            let (mut lo, mut hi) = (0, self.index_count);
+            while lo < hi {
+                let mid = (lo + hi) / 2;
+                if self.index_entry(mid)?.0 < key {
+                    lo = mid + 1;
+                } else {
+                    hi = mid;
+                }
+            }
+            return Ok((lo < self.index_count).then_some(lo));
+        };
         // The in-memory heads decide unless blocks end in keys with the key's head: a smaller
         // head is a smaller key, a larger head a larger one.
-        let mut lo = self.first_head_at_least(hk);
+        let mut lo = first_at_least(&pins.heads, &pins.tops, hk);
         // Usually no block ends in a key with the key's head: then block `lo` is the one.
-        let mut hi = match self.heads.get(lo) {
-            Some(h) if *h == hk => lo + self.heads[lo..].partition_point(|h| *h <= hk),
+        let mut hi = match pins.heads.get(lo) {
+            Some(h) if *h == hk => lo + pins.heads[lo..].partition_point(|h| *h <= hk),
             _ => lo,
         };
         if hi == lo + 1 {
@@ -1007,7 +1128,13 @@ impl RunFile {
             return None;
         }
         let at = bloom_block(h, self.bloom_blocks) * 64;
-        self.bloom.get(at..)?.first_chunk::<64>()
+        match self.pins.get() {
+            Some(p) => p.bloom.get(at..)?.first_chunk::<64>(),
+            None => self
+                .bytes()
+                .get(self.bloom_off + at..self.bloom_off + self.bloom_blocks * 64)?
+                .first_chunk::<64>(),
+        }
     }
 
     #[inline(always)]
@@ -1377,7 +1504,8 @@ mod tests {
         }
         let p = w.finish().unwrap().unwrap();
         let f = RunFile::open(&p, 1, true, true).unwrap();
-        let (off, len) = (f.blocks[0].off as usize, f.blocks[0].len as usize);
+        let blocks = f.pinned_blocks();
+        let (off, len) = (blocks[0].off as usize, blocks[0].len as usize);
         drop(f);
         let mut bytes = fs::read(&p).unwrap();
         for bad in [0u32, 1 << 30] {
@@ -1475,7 +1603,7 @@ mod tests {
             assert_eq!(f.fingerprints, version >= 2);
             assert!(f.block_count() > 10);
             let crossing = f
-                .blocks
+                .pinned_blocks()
                 .iter()
                 .filter(|b| b.off / PAGE as u64 != (b.off + u64::from(b.len) - 1) / PAGE as u64)
                 .count();
@@ -1507,7 +1635,7 @@ mod tests {
             // Opened without reading its data blocks: the entry counts are read on first use.
             let f = RunFile::open(&p, 1, false, false).unwrap();
             assert!(f
-                .blocks
+                .pinned_blocks()
                 .iter()
                 .all(|b| b.count.load(Ordering::Relaxed) == 0));
             for i in 0u32..10_000 {
@@ -1515,7 +1643,10 @@ mod tests {
                 let e = f.get(&k, key_hash(&k)).unwrap();
                 assert_eq!(e.is_some(), i % 2 == 0, "{version}: {i}");
             }
-            assert!(f.blocks.iter().all(|b| b.count.load(Ordering::Relaxed) > 0));
+            assert!(f
+                .pinned_blocks()
+                .iter()
+                .all(|b| b.count.load(Ordering::Relaxed) > 0));
         }
         // An unknown version is refused with a clear error.
         let path = dir.path().join("v2.run");
@@ -1555,7 +1686,7 @@ mod tests {
         let f = RunFile::open(&p, 1, true, true).unwrap();
         let page = PAGE as u64;
         let mut single_large = 0;
-        for (i, b) in f.blocks.iter().enumerate() {
+        for (i, b) in f.pinned_blocks().iter().enumerate() {
             let end = b.off + u64::from(b.len);
             if b.len as usize > PAGE {
                 assert_eq!(
@@ -1589,6 +1720,82 @@ mod tests {
             len[1] > len[0] && len[1] < len[0] + len[0] * 3 / 100,
             "{len:?}"
         );
+    }
+
+    /// A file opened without its block index and filter in memory (a compaction's output
+    /// before its inputs are freed) answers every lookup as the pinned file does, from the
+    /// mapped index and filter, and is charged what it will hold once pinned.
+    #[test]
+    fn unpinned_files_answer_as_pinned_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("u.run");
+        let mut w = RunWriter::create(&path, None).unwrap();
+        for i in 0u64..20_000 {
+            w.add(&(i * 2).to_be_bytes(), OpKind::Put, &i.to_be_bytes())
+                .unwrap();
+        }
+        let p = w.finish().unwrap().unwrap();
+        let pinned = RunFile::open(&p, 1, true, true).unwrap();
+        let unpinned = RunFile::open_unpinned(&p, 2, true).unwrap();
+        assert!(pinned.is_pinned() && !unpinned.is_pinned());
+        assert_eq!(unpinned.memory_bytes(), pinned.memory_bytes());
+        for i in 0u64..40_001 {
+            let k = i.to_be_bytes();
+            let h = key_hash(&k);
+            let a = pinned.get(&k, h).unwrap().map(|e| e.value.to_vec());
+            let b = unpinned.get(&k, h).unwrap().map(|e| e.value.to_vec());
+            assert_eq!(a, b, "key {i}");
+            assert_eq!(a.is_some(), i % 2 == 0 && i < 40_000, "key {i}");
+            assert_eq!(
+                pinned.find_block(&k).unwrap(),
+                unpinned.find_block(&k).unwrap()
+            );
+            assert_eq!(pinned.may_contain_hash(h), unpinned.may_contain_hash(h));
+        }
+        unpinned.pin().unwrap();
+        assert!(unpinned.is_pinned());
+        assert_eq!(unpinned.memory_bytes(), pinned.memory_bytes());
+        let k = 4000u64.to_be_bytes();
+        assert!(unpinned.get(&k, key_hash(&k)).unwrap().is_some());
+    }
+
+    /// Asking for a key's block in the background reads that block's page and no other
+    /// (what a batch of gets does for each key before reading any).
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn asking_for_a_block_reads_its_page() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.run");
+        let mut w = RunWriter::create(&path, None).unwrap();
+        for i in 0u64..40_000 {
+            w.add(&i.to_be_bytes(), OpKind::Put, &[7; 100]).unwrap();
+        }
+        let p = w.finish().unwrap().unwrap();
+        for f in [
+            RunFile::open(&p, 1, false, false).unwrap(),
+            RunFile::open_unpinned(&p, 2, false).unwrap(),
+        ] {
+            let (from, to) = (PAGE, f.index_off / PAGE * PAGE);
+            f.map.drop_cached_pages();
+            if f.map.resident_pages(from, to - from) != Some(0) {
+                eprintln!("the file system keeps dropped pages: nothing to observe");
+                return;
+            }
+            let k = 12_345u64.to_be_bytes();
+            let bi = f.find_block(&k).unwrap().unwrap();
+            let off = f.block_pos(bi).unwrap().start;
+            f.map.drop_cached_pages();
+            f.will_need_block(&Probe::new(&k));
+            // The read runs in the background: wait for it (at most 10 s).
+            for _ in 0..1000 {
+                if f.map.resident_pages(off, 1) == Some(1) {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            assert_eq!(f.map.resident_pages(off, 1), Some(1));
+            assert_eq!(f.map.resident_pages(from, to - from), Some(1));
+        }
     }
 
     /// A lookup of a key whose block is not in the page cache reads one page of the file in

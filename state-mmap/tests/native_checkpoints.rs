@@ -96,6 +96,9 @@ fn incremental_checkpoints_upload_only_new_files_and_restore_rescaled() {
     let mut b = backend(KeyGroupRange::all(128));
     let h = register(&mut b);
     write_round(&mut b, &h, 0, 0..3000);
+    // Settled first: a compaction finishing after `c1` would replace files `c2` then lists.
+    drop(b.checkpoint().unwrap());
+    b.wait_for_background_work().unwrap();
     let c1 = b.checkpoint().unwrap();
     let first = upload(&c1, shared.path(), &mut uploaded);
     assert!(first >= 1);

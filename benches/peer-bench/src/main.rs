@@ -791,9 +791,24 @@ fn dir_size(dir: &std::path::Path) -> u64 {
 /// Prints the engine's counters and the bytes its flushes and compactions wrote (stderr).
 fn engine_report(b: &MmapKeyedStateBackend<u64>) {
     eprintln!(
-        "engine (flushes, compactions, runs, buffer): {:?}, bytes written (flush, compaction): {:?}",
+        "engine (flushes, compactions, runs, buffer): {:?}, bytes written (flush, compaction): {:?}, write stalls {:?}, charged to the budget: {} MiB (anon RSS {} MiB)",
         b.engine().stats(),
-        b.engine().bytes_written()
+        b.engine().bytes_written(),
+        b.engine().write_stalls(),
+        b.engine().memory_charged() >> 20,
+        rss().1 >> 10
+    );
+}
+
+/// The seed of the batched gets' keys.
+const BATCH_SEED: u64 = 0x2545_f491_4f6c_dd1d;
+
+/// Prints the rate of a batched get phase and the device bytes it read per get (stderr).
+fn batched_report(batch: usize, ops: u64, t: Instant, read0: u64) {
+    eprintln!(
+        "batched get ({batch} in flight): {:.1}k/s, {:.0} device bytes per get",
+        ops as f64 / t.elapsed().as_secs_f64() / 1e3,
+        (device_read_bytes() - read0) as f64 / ops as f64
     );
 }
 
@@ -805,10 +820,14 @@ fn large(n: u64, budget_mib: usize, which: &str) -> Res<()> {
     // 3.1x RocksDB in two runs of the same code). 10M updates (1 GB of writes) include several
     // flushes and compactions on both stores, and the flush of the last write buffer is timed.
     let update_ops = env_count("PEER_BENCH_UPDATES").unwrap_or(n.min(10_000_000));
+    // Gets in batches: `batch` gets in flight, each key's block asked for (state-mmap:
+    // `prefetch_value`) `batch` gets before it is read; RocksDB: `multi_get` of `batch` keys.
+    // Other random keys than the single gets' (whose pages a small cache may still hold).
+    let batch = env_count("PEER_BENCH_BATCH").unwrap_or(32) as usize;
     // Random keys from a generator, generated again for each phase: a shuffled array of 50M
     // keys would add 400 MB to the RSS being measured, even 2M keys 16 MB.
-    let order = |ops: u64| {
-        let mut s = 0x9e37_79b9_7f4a_7c15u64;
+    let order_seeded = move |ops: u64, seed: u64| {
+        let mut s = seed;
         (0..ops).map(move |_| {
             s ^= s << 13;
             s ^= s >> 7;
@@ -816,6 +835,7 @@ fn large(n: u64, budget_mib: usize, which: &str) -> Res<()> {
             s % n
         })
     };
+    let order = |ops: u64| order_seeded(ops, 0x9e37_79b9_7f4a_7c15u64);
     let value = vec![7u8; 100];
     let dir = tempfile::tempdir()?;
     // Peak anonymous RSS, sampled every 10 ms on a thread of its own (a sample in the loops
@@ -874,6 +894,30 @@ fn large(n: u64, budget_mib: usize, which: &str) -> Res<()> {
         let c = phase("get", ops, t, c);
         engine_report(&b);
         peak_anon = peak_anon.max(rss().1);
+        let c = if batch > 0 {
+            let t = Instant::now();
+            let read0 = device_read_bytes();
+            let mut ahead = std::collections::VecDeque::with_capacity(batch + 1);
+            for k in order_seeded(ops, BATCH_SEED) {
+                b.set_current_key(k)?;
+                b.prefetch_value(&h, &())?;
+                ahead.push_back(k);
+                if ahead.len() > batch {
+                    if let Some(k) = ahead.pop_front() {
+                        b.set_current_key(k)?;
+                        std::hint::black_box(b.value(&h).get()?);
+                    }
+                }
+            }
+            for k in ahead {
+                b.set_current_key(k)?;
+                std::hint::black_box(b.value(&h).get()?);
+            }
+            batched_report(batch, ops, t, read0);
+            phase("batched get", ops, t, c)
+        } else {
+            c
+        };
         let t = Instant::now();
         b.wait_for_background_work()?;
         let c = settled_phase("updates", t, c);
@@ -941,6 +985,23 @@ fn large(n: u64, budget_mib: usize, which: &str) -> Res<()> {
             faults_per_get(ops, faults0);
             let c = phase("get", ops, t, c);
             peak_anon = peak_anon.max(rss().1);
+            let c = if batch > 0 {
+                let t = Instant::now();
+                let read0 = device_read_bytes();
+                let mut keys = Vec::with_capacity(batch);
+                let mut it = order_seeded(ops, BATCH_SEED).peekable();
+                while it.peek().is_some() {
+                    keys.clear();
+                    keys.extend(it.by_ref().take(batch).map(key));
+                    for v in db.multi_get(&keys) {
+                        std::hint::black_box(v?.map(|v| v.len()));
+                    }
+                }
+                batched_report(batch, ops, t, read0);
+                phase("batched get", ops, t, c)
+            } else {
+                c
+            };
             let t = Instant::now();
             rocksdb_wait_idle(&db);
             let c = settled_phase("updates", t, c);

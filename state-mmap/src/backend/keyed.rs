@@ -1021,6 +1021,24 @@ pub(super) fn placeholder_entry(name: &StateName) -> StateEntry {
 }
 
 impl<K: StateKey> MmapKeyedStateBackend<K> {
+    /// Starts reading, in the background, what a get of `h`'s value for the current key in
+    /// namespace `ns` will read from the device ([`Db::prefetch`]): a batch of gets of state
+    /// larger than the page cache sets each key and calls this first, then sets each key
+    /// again and gets it; the device then reads the batch's blocks together instead of one
+    /// after the other. Changes nothing and waits for nothing.
+    pub fn prefetch_value<V: StateType, N: Namespace>(
+        &mut self,
+        h: &ValueStateHandle<V, N>,
+        ns: &N,
+    ) -> Result<()> {
+        let (e, t, cur) = typed!(self, h.id(), h.name(), ValueT<V, N>);
+        state_key(&mut self.kbuf, cur.kg, e.id, &cur.bytes, &t.ns, ns, &e.name)?;
+        self.db.prefetch(&self.kbuf);
+        Ok(())
+    }
+}
+
+impl<K: StateKey> MmapKeyedStateBackend<K> {
     fn erased(&self, id: StateId, name: &StateName) -> Result<(usize, &StateEntry)> {
         let slot = id.0 as usize;
         let e = self

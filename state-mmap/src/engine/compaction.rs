@@ -89,7 +89,7 @@ impl WorkerCtx {
             Resolve::Partial
         };
         let mut it = MergeIter::new(sources, resolve);
-        let mut out = RunOutput::new(self, None);
+        let mut out = RunOutput::compaction(self);
         let mut changed = Vec::new();
         while let Some((kind, key, value)) = it.next()? {
             let mut kind = kind;
@@ -139,7 +139,7 @@ impl Db {
         self.compacting += 1;
         let inputs = self.runs[runs.clone()].to_vec();
         self.busy.extend(inputs.iter().cloned());
-        let reserved = self.opts.compaction_reserve(&inputs);
+        let reserved = self.opts.compaction_reserve();
         self.reserved += reserved;
         // The write buffer shrinks now (it rotates sooner), not only after the next flush.
         self.update_buffer_bytes();

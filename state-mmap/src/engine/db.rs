@@ -175,6 +175,7 @@ impl Db {
             compactions: 0,
             flushed_bytes: 0,
             compacted_bytes: 0,
+            stalls: (0, std::time::Duration::ZERO),
             buffer_bytes: buffer,
         })
     }
@@ -382,6 +383,34 @@ impl Db {
         Ok(!ops.is_empty())
     }
 
+    /// Starts reading, in the background, the data block that a [`Db::get`] of `key` is
+    /// most likely to need from the sorted runs: the block of the newest run whose filter
+    /// passes (the key's newest version, unless the filter was wrong), unless a write buffer
+    /// holds the key. Waits for nothing and reads nothing itself: a batch of gets calls this
+    /// for every key first, so the device reads their blocks together (at queue depth above
+    /// one, where a disk does several times the random reads per second it does one read at
+    /// a time), then gets each. Costs a system call per key whose block it asks for, even
+    /// when that block is cached; for stores whose data does not fit the page cache.
+    pub fn prefetch(&self, key: &[u8]) {
+        let hash = crate::run::key_hash(key);
+        if std::iter::once(&self.mem)
+            .chain(self.imm.iter())
+            .any(|m| m.get(key, hash).is_some())
+        {
+            return;
+        }
+        let probe = Probe::new(key);
+        for r in &self.runs {
+            let fi = r.partition_point(|f| f.before(&probe));
+            if let Some(f) = r.get(fi) {
+                if f.may_contain_located(&probe, hash) {
+                    f.will_need_block(&probe);
+                    return;
+                }
+            }
+        }
+    }
+
     /// Sets `key` to `value`. Like every write, refused once a background flush, compaction or
     /// manifest write has failed (the engine must be reopened).
     #[inline]
@@ -433,6 +462,13 @@ impl Db {
     /// installed ones. Their sum over the flushed bytes is the write amplification.
     pub fn bytes_written(&self) -> (u64, u64) {
         (self.flushed_bytes, self.compacted_bytes)
+    }
+
+    /// How often a full write buffer waited for background work before it could be replaced
+    /// (the previous buffer's flush still running, or too many sorted runs while a compaction
+    /// runs), and how long those waits took in all: the writes' stalls.
+    pub fn write_stalls(&self) -> (u64, std::time::Duration) {
+        self.stalls
     }
 }
 

@@ -12,7 +12,7 @@ use crate::memtable::{Memtable, OpKind};
 use crate::run::{RunFile, RunWriter};
 
 use super::files::shared_name;
-use super::service::{retire, wait_for, Garbage};
+use super::service::{pin_files, retire, wait_for, Garbage};
 use super::{run_file_name, CompactionFilter, Db, EngineOptions, SortedRun};
 
 pub(super) enum Job {
@@ -64,8 +64,18 @@ impl WorkerCtx {
         ))
     }
 
+    /// Opens a compaction's output without loading its block index and bloom filter: the
+    /// compaction's inputs hold as much memory until the output replaces them, and the output
+    /// is only read once installed. [`Garbage::Pin`] loads them after the inputs are freed.
+    pub(super) fn open_output(&self, path: &Path, number: u64) -> Result<Arc<RunFile>> {
+        Ok(Arc::new(
+            RunFile::open_unpinned(path, number, self.opts.verify_blocks_on_read)?
+                .with_origin(shared_name(self.db_id, number), None),
+        ))
+    }
+
     fn flush(&self, mem: &Memtable, number: u64) -> Result<Vec<Arc<RunFile>>> {
-        let mut out = RunOutput::new(self, Some(number));
+        let mut out = RunOutput::flush(self, number);
         // Entries in key order, each loaded into the cache a few entries ahead (its value
         // a few entries after it): the entries and values lie all over the heap.
         const AHEAD: usize = 8;
@@ -98,17 +108,32 @@ pub(super) struct RunOutput<'a> {
     first: Option<u64>,
     prev_key: Vec<u8>,
     files: Vec<Arc<RunFile>>,
+    /// Open the files with their index and filter loaded (a flush's); a compaction's are
+    /// opened without them ([`WorkerCtx::open_output`]).
+    pinned: bool,
 }
 
 impl<'a> RunOutput<'a> {
-    /// An output in `ctx`'s directory; its first file is numbered `first` when given.
-    pub(super) fn new(ctx: &'a WorkerCtx, first: Option<u64>) -> Self {
+    /// A flush's output in `ctx`'s directory, its first file numbered `first`: files open
+    /// with their index and filter loaded.
+    pub(super) fn flush(ctx: &'a WorkerCtx, first: u64) -> Self {
         RunOutput {
             ctx,
             writer: None,
-            first,
+            first: Some(first),
             prev_key: Vec::new(),
             files: Vec::new(),
+            pinned: true,
+        }
+    }
+
+    /// A compaction's output in `ctx`'s directory: files open without their index and filter
+    /// until the compaction is installed.
+    pub(super) fn compaction(ctx: &'a WorkerCtx) -> Self {
+        RunOutput {
+            pinned: false,
+            first: None,
+            ..Self::flush(ctx, 0)
         }
     }
 
@@ -150,7 +175,12 @@ impl<'a> RunOutput<'a> {
     fn finish_file(&mut self) -> Result<()> {
         if let Some((w, n)) = self.writer.take() {
             if let Some(p) = w.finish()? {
-                self.files.push(self.ctx.open_run(&p, n)?);
+                let file = if self.pinned {
+                    self.ctx.open_run(&p, n)?
+                } else {
+                    self.ctx.open_output(&p, n)?
+                };
+                self.files.push(file);
             }
         }
         Ok(())
@@ -234,10 +264,17 @@ impl Db {
         if self.mem.is_empty() {
             return Ok(());
         }
-        while self.imm.len() >= EngineOptions::MAX_IMMUTABLE
-            || (self.runs.len() >= self.opts.stall_runs() && self.compacting > 0)
-        {
-            self.wait_one()?;
+        let stall = |db: &Db| {
+            db.imm.len() >= EngineOptions::MAX_IMMUTABLE
+                || (db.runs.len() >= db.opts.stall_runs() && db.compacting > 0)
+        };
+        if stall(self) {
+            let t = std::time::Instant::now();
+            while stall(self) {
+                self.wait_one()?;
+            }
+            self.stalls.0 += 1;
+            self.stalls.1 += t.elapsed();
         }
         let fresh = Memtable::new(self.opts.prefix_extractor.clone(), self.buffer_bytes);
         let mem = std::mem::replace(&mut self.mem, Arc::new(fresh));
@@ -355,6 +392,7 @@ impl Db {
                     .ok_or_else(|| Error::Worker {
                         reason: "compaction inputs are no longer live".into(),
                     })?;
+                let pin = files.clone();
                 let output: Vec<SortedRun> = if files.is_empty() {
                     Vec::new()
                 } else {
@@ -365,13 +403,25 @@ impl Db {
                 // The inputs' files are marked obsolete once the manifest that drops them is
                 // durable, then unmapped and deleted, and their block indexes freed, on the
                 // unmap thread (unless a snapshot still reads them).
+                // The outputs' block indexes and bloom filters are loaded after that, on the
+                // unmap thread, once it has freed the inputs': the two never take memory at
+                // once (until then lookups read the outputs' mapped index and filter).
                 match &self.manifest {
-                    Some(m) => drop(m.send(Garbage::Retire(
-                        old,
-                        inputs,
-                        Arc::clone(&self.manifest_failed),
-                    ))),
-                    None => retire(old, inputs, true, self.unmap.as_ref()),
+                    Some(m) => {
+                        drop(m.send(Garbage::Retire(
+                            old,
+                            inputs,
+                            Arc::clone(&self.manifest_failed),
+                        )));
+                        drop(m.send(Garbage::Pin(pin)));
+                    }
+                    None => {
+                        retire(old, inputs, true, self.unmap.as_ref());
+                        match &self.unmap {
+                            Some(u) => drop(u.send(Garbage::Pin(pin))),
+                            None => pin_files(pin),
+                        }
+                    }
                 }
                 self.maybe_compact()
             }

@@ -2,8 +2,6 @@
 
 use crate::run::PrefixExtractor;
 
-use super::SortedRun;
-
 /// Options of the engine.
 #[derive(Clone)]
 pub struct EngineOptions {
@@ -86,18 +84,13 @@ impl Default for EngineOptions {
 impl EngineOptions {
     pub(super) const MAX_IMMUTABLE: usize = 1;
 
-    /// Budget bytes a compaction of `inputs` holds until it is installed: the block indexes
-    /// of its outputs (at most those of its inputs: the outputs hold the inputs' entries or
-    /// fewer) and the buffers of the output file being written (write buffer, index, one
-    /// bloom hash per entry: a sixteenth of [`EngineOptions::target_file_bytes`]).
-    pub(super) fn compaction_reserve(&self, inputs: &[SortedRun]) -> usize {
-        let outputs: usize = inputs
-            .iter()
-            .flat_map(|r| r.iter())
-            .map(|f| f.memory_bytes())
-            .sum();
-        let writer = usize::try_from(self.target_file_bytes / 16).unwrap_or(usize::MAX);
-        outputs.saturating_add(writer)
+    /// Budget bytes a compaction holds until it is installed: the buffers of the output file
+    /// being written (write buffer, index, one bloom hash per entry: a sixteenth of
+    /// [`EngineOptions::target_file_bytes`]). Its finished outputs hold no memory until it is
+    /// installed: their block indexes and bloom filters are loaded once the inputs' are freed
+    /// ([`crate::run::RunFile::pin`]), so the two never exist at once.
+    pub(super) fn compaction_reserve(&self) -> usize {
+        usize::try_from(self.target_file_bytes / 16).unwrap_or(usize::MAX)
     }
     /// Compactions of one engine queued or running at once: while one merges large old runs,
     /// another keeps the newest (small) runs merged, so their number stays bounded. (How many

@@ -9,6 +9,8 @@ use crossbeam_channel::{Receiver, Sender};
 use crate::manifest::Manifest;
 use crate::memtable::Memtable;
 
+use crate::run::RunFile;
+
 use super::SortedRun;
 
 /// What the engine hands to the release threads of its environment (write buffers to one,
@@ -26,6 +28,9 @@ pub(crate) enum Garbage {
     /// A manifest to make durable in a directory (to the manifest thread); a failure is set
     /// in the engine's flag.
     Manifest(Box<Manifest>, PathBuf, Arc<OnceLock<String>>),
+    /// A compaction's outputs, sent after the [`Garbage::Retire`] of its inputs: their block
+    /// indexes and bloom filters are loaded once the inputs' are freed.
+    Pin(Vec<Arc<RunFile>>),
     /// Answered once everything sent before it is freed.
     Barrier(Sender<()>),
 }
@@ -49,6 +54,10 @@ pub(crate) fn release_loop(garbage: Receiver<Garbage>) {
         }
         Garbage::Barrier(done) => {
             let _ = done.send(());
+            false
+        }
+        Garbage::Pin(files) => {
+            pin_files(files);
             false
         }
         // Only the manifest thread is sent manifests.
@@ -86,6 +95,8 @@ pub(crate) fn manifest_loop(queue: Receiver<Garbage>, unmap: Sender<Garbage>) {
                 retire(old, inputs, failed.get().is_none(), Some(&unmap));
             }
             Garbage::Runs(old, inputs) => drop((old, inputs)),
+            // After the inputs it replaces, which went to the unmap thread just before.
+            Garbage::Pin(files) => drop(unmap.send(Garbage::Pin(files))),
             Garbage::Barrier(done) => {
                 let _ = done.send(());
             }
@@ -111,6 +122,17 @@ pub(super) fn retire(
     match unmap {
         Some(u) => drop(u.send(Garbage::Runs(old, inputs))),
         None => drop((old, inputs)),
+    }
+}
+
+/// Loads the block indexes and bloom filters of a compaction's outputs into memory. A file
+/// that cannot be loaded (its index is damaged) stays as it is: its lookups read the mapped
+/// index and report the damage.
+pub(super) fn pin_files(files: Vec<Arc<RunFile>>) {
+    for f in files {
+        if let Err(e) = f.pin() {
+            tracing::warn!(file = %f.path().display(), error = %e, "state-mmap could not load a block index");
+        }
     }
 }
 
