@@ -949,17 +949,24 @@ impl Filter {
         };
         let block = KeyGroupBlock::decode(raw, k.offset, &stream, false)
             .map_err(|e| corrupt(e.to_string()))?;
-        let mut body = Vec::with_capacity(raw.len());
+        // `decode` checked the framing: tag, key group and length (8 bytes), the records, a
+        // checksum. Records are copied as byte spans of `raw`: a run of kept records at once.
+        let records = raw.get(13..raw.len().saturating_sub(4)).unwrap_or(&[]);
+        let base = k.offset + 13;
+        let mut body = Vec::with_capacity(records.len());
         let mut id = Vec::new();
+        let (mut kept_from, mut at) = (0usize, 0usize);
         for r in block.records(&stream, self.max_parallelism) {
             let r = r.map_err(|e| corrupt(e.to_string()))?;
+            let end = (r.payload_offset - base) as usize + r.payload.len();
             identity(&mut id, &self.states, &r).map_err(corrupt)?;
             if later.get(&id[..]).is_some_and(|&j| j > self.file) {
-                continue;
+                body.extend_from_slice(records.get(kept_from..at).unwrap_or(&[]));
+                kept_from = end;
             }
-            state_api::snapshot::append_record(&mut body, &r)
-                .map_err(|e| corrupt(e.to_string()))?;
+            at = end;
         }
+        body.extend_from_slice(records.get(kept_from..at).unwrap_or(&[]));
         Ok(KeyGroupBlock::encode(k.key_group, false, &body))
     }
 }
