@@ -21,7 +21,7 @@ def read(name):
 
 
 for name in ("flink-workloads.txt", "flowstate-workloads.txt", "flink-checkpoint.txt",
-             "flowstate-mmap-checkpoint.txt"):
+             "flink-rescale.txt", "flowstate-mmap-checkpoint.txt"):
     for line in read(name).splitlines():
         f = line.split()
         if len(f) == 4 and f[0] == "RESULT":
@@ -128,17 +128,47 @@ print()
 print("| case | Flink HashMap | Flink RocksDB | Flowstate heap | Flowstate mmap | HashMap / heap | RocksDB / heap | RocksDB / mmap |")
 print("|---|---|---|---|---|---|---|---|")
 for key, label in (("ckpt_full_s", "full checkpoint"), ("ckpt_delta_s", "1% incremental"),
-                   ("restore_s", "restore")):
+                   ("restore_s", "restore (mmap: at parallelism 2)")):
     v = [res.get((b, key)) for b in BACKENDS]
     cells = " | ".join("-" if x is None else f"{x:.3f}" for x in v)
     print(f"| {label} | {cells} | {ratio(v[0], v[2])} | {ratio(v[1], v[2])} | {ratio(v[1], v[3])} |")
-for key, label in (("rescale_2_to_3_s", "rescale 2 -> 3 (s)"), ("rescale_3_to_2_s", "rescale 3 -> 2 (s)")):
-    v = [res.get((b, key)) for b in BACKENDS]
-    if any(x is not None for x in v):
-        print(f"| {label} | {' | '.join('-' if x is None else f'{x:.3f}' for x in v)} | | | |")
 for key, label in (("ckpt_full_mb", "full checkpoint MB"), ("ckpt_delta_mb", "1% incremental MB")):
     v = [res.get((b, key)) for b in BACKENDS]
     print(f"| {label} | {' | '.join('-' if x is None else f'{x:.1f}' for x in v)} | | | |")
+
+# Restore and rescale in the same shape on both sides (`FlinkStateBench rescale`, mmap_checkpoint):
+# a job of parallelism 2, restored at 2, rescaled to 3 and back to 2; the slowest subtask's time.
+RESCALE = ("flink-rocksdb", "flink-rocksdb-ingest", "flowstate-mmap")
+if any((b, "rescale_2_to_3_s") in res for b in RESCALE):
+    print()
+    print("Restore and rescale of a job of parallelism 2 (seconds, slowest subtask, subtasks side by")
+    print("side; ratios are Flink's time over mmap's). Flink: 128 key groups, RocksDB incremental")
+    print("handles, subtask i restores the handles that intersect its range; mmap: mmap_checkpoint.")
+    print()
+    print("| case | Flink RocksDB | Flink RocksDB, ingest-DB mode | Flowstate mmap | RocksDB / mmap | ingest-DB / mmap |")
+    print("|---|---|---|---|---|---|")
+    for key, mmap_key, label in (("restore_p2_s", "restore_s", "restore at parallelism 2"),
+                                 ("rescale_2_to_3_s", "rescale_2_to_3_s", "rescale 2 -> 3"),
+                                 ("rescale_3_to_2_s", "rescale_3_to_2_s", "rescale 3 -> 2")):
+        v = [res.get(("flink-rocksdb", key)), res.get(("flink-rocksdb-ingest", key)),
+             res.get(("flowstate-mmap", mmap_key))]
+        cells = " | ".join("-" if x is None else f"{x:.3f}" for x in v)
+        print(f"| {label} | {cells} | {ratio(v[0], v[2])} | {ratio(v[1], v[2])} |")
+    for key, label in (("restore_p2", "restore at 2"), ("rescale_2_to_3", "rescale 2 -> 3"),
+                       ("rescale_3_to_2", "rescale 3 -> 2")):
+        for suffix, what in (("_total_s", "sum over subtasks"), ("_cpu_s", "CPU, all threads")):
+            v = [res.get((b, key + suffix)) for b in RESCALE[:2]]
+            if any(x is not None for x in v):
+                cells = " | ".join("-" if x is None else f"{x:.3f}" for x in v)
+                print(f"| {label}, {what} | {cells} | - | | |")
+    for key, label in (("p2_ckpt_full_mb", "checkpoint at 2, full MB"),
+                       ("p2_ckpt_delta_mb", "checkpoint at 2, 1% incremental MB"),
+                       ("p3_ckpt_full_mb", "checkpoint at 3 after the rescale, MB")):
+        v = [res.get((b, key)) for b in RESCALE[:2]]
+        if any(x is not None for x in v):
+            cells = " | ".join("-" if x is None else f"{x:.1f}" for x in v)
+            print(f"| {label} | {cells} | - | | |")
+
 if not any(b == "flowstate-mmap" and k.startswith(("ckpt", "restore")) for b, k in res):
     print()
     print("Flowstate mmap checkpoints: not measured in this run (no mmap checkpoint benchmark in this tree; see `run`).")

@@ -7,6 +7,8 @@
  *
  *   workloads KEYS ROUNDS BACKENDS   (BACKENDS: hashmap,rocksdb)
  *   checkpoint KEYS VALUE_BYTES BACKEND DIR   (BACKEND: hashmap or rocksdb)
+ *   rescale KEYS VALUE_BYTES BACKEND DIR      (BACKEND: rocksdb, or rocksdb-ingest for Flink's
+ *                                              ingest-DB restore mode)
  *
  * Prints human lines and one machine-readable line per figure:
  *   RESULT <backend> <workload> <value>       (ops/s of wall time, or seconds / MB)
@@ -31,6 +33,7 @@ import org.apache.flink.core.fs.Path;
 import org.apache.flink.runtime.checkpoint.CheckpointOptions;
 import org.apache.flink.runtime.state.AbstractKeyedStateBackend;
 import org.apache.flink.runtime.state.KeyGroupRange;
+import org.apache.flink.runtime.state.KeyGroupRangeAssignment;
 import org.apache.flink.runtime.state.KeyedStateHandle;
 import org.apache.flink.runtime.state.LocalRecoveryConfig;
 import org.apache.flink.runtime.state.SharedStateRegistry;
@@ -65,6 +68,7 @@ import java.util.List;
 import java.util.Map;
 import java.util.concurrent.ExecutorService;
 import java.util.concurrent.Executors;
+import java.util.concurrent.Future;
 import java.util.concurrent.RunnableFuture;
 import java.util.stream.Stream;
 
@@ -100,9 +104,16 @@ public final class FlinkStateBench {
                     Long.parseLong(args[1]),
                     Integer.parseInt(args[2]),
                     new File(args[4]));
+        } else if (args.length == 5 && args[0].equals("rescale")) {
+            rescale(
+                    args[3],
+                    Long.parseLong(args[1]),
+                    Integer.parseInt(args[2]),
+                    new File(args[4]));
         } else {
             System.err.println(
-                    "usage: workloads [KEYS] [ROUNDS] [hashmap,rocksdb] | checkpoint KEYS VALUE_BYTES hashmap|rocksdb DIR");
+                    "usage: workloads [KEYS] [ROUNDS] [hashmap,rocksdb] | checkpoint KEYS VALUE_BYTES hashmap|rocksdb DIR"
+                            + " | rescale KEYS VALUE_BYTES rocksdb|rocksdb-ingest DIR");
             System.exit(2);
         }
         System.exit(0);
@@ -550,6 +561,331 @@ public final class FlinkStateBench {
             io.shutdownNow();
             deleteRecursively(work);
         }
+    }
+
+    // ------------------------------------------------------------------ rescale
+
+    /** The key-group ranges of a job of {@code parallelism}, as Flink assigns them to subtasks. */
+    static KeyGroupRange[] ranges(int parallelism) {
+        KeyGroupRange[] r = new KeyGroupRange[parallelism];
+        for (int i = 0; i < parallelism; i++) {
+            r[i] = KeyGroupRangeAssignment.computeKeyGroupRangeForOperatorIndex(MAX_PARALLELISM, parallelism, i);
+        }
+        return r;
+    }
+
+    /** The subtask among {@code ranges} that owns key {@code k}, by Flink's key-group assignment. */
+    static int owner(KeyGroupRange[] ranges, long k) {
+        int kg = KeyGroupRangeAssignment.assignToKeyGroup(k, MAX_PARALLELISM);
+        for (int i = 0; i < ranges.length; i++) {
+            if (ranges[i].contains(kg)) {
+                return i;
+            }
+        }
+        throw new IllegalStateException("key group " + kg + " of key " + k + " has no owner");
+    }
+
+    /** One checkpoint of every subtask of a job: the handles (subtask order), time and bytes. */
+    static final class JobCheckpoint {
+        final List<KeyedStateHandle> handles = new ArrayList<>();
+        double seconds;
+        double cpuSeconds;
+        long checkpointedSize;
+    }
+
+    /**
+     * Checkpoint {@code id} of every backend: the synchronous parts one after the other (a
+     * barrier reaching each subtask), the asynchronous parts side by side (each subtask's async
+     * thread), then what the coordinator does on completion.
+     */
+    static JobCheckpoint snapshotJob(
+            List<AbstractKeyedStateBackend<Long>> backends,
+            long id,
+            FsCheckpointStreamFactory f,
+            SharedStateRegistry registry)
+            throws Exception {
+        JobCheckpoint c = new JobCheckpoint();
+        double cpu0 = processCpuSeconds();
+        long t = System.nanoTime();
+        List<RunnableFuture<SnapshotResult<KeyedStateHandle>>> futures = new ArrayList<>();
+        for (AbstractKeyedStateBackend<Long> b : backends) {
+            futures.add(b.snapshot(id, System.currentTimeMillis(), f, CheckpointOptions.forCheckpointWithDefaultLocation()));
+        }
+        ExecutorService async = Executors.newFixedThreadPool(backends.size());
+        try {
+            for (RunnableFuture<SnapshotResult<KeyedStateHandle>> future : futures) {
+                async.execute(future);
+            }
+            for (RunnableFuture<SnapshotResult<KeyedStateHandle>> future : futures) {
+                c.handles.add(future.get().getJobManagerOwnedSnapshot());
+            }
+        } finally {
+            async.shutdown();
+        }
+        c.seconds = (System.nanoTime() - t) / 1e9;
+        c.cpuSeconds = processCpuSeconds() - cpu0;
+        for (KeyedStateHandle h : c.handles) {
+            c.checkpointedSize += h.getCheckpointedSize();
+            h.registerSharedStates(registry, id);
+        }
+        registry.checkpointCompleted(id);
+        for (AbstractKeyedStateBackend<Long> b : backends) {
+            b.notifyCheckpointComplete(id);
+        }
+        return c;
+    }
+
+    /** The backends of a restored job, each subtask's time, and the whole step's. */
+    static final class Restored {
+        final List<AbstractKeyedStateBackend<Long>> backends = new ArrayList<>();
+        final List<ValueState<byte[]>> states = new ArrayList<>();
+        final List<Integer> handleCounts = new ArrayList<>();
+        double[] seconds;
+        double wallSeconds;
+        double cpuSeconds;
+
+        double slowest() {
+            return Arrays.stream(seconds).max().orElse(0);
+        }
+
+        double sum() {
+            return Arrays.stream(seconds).sum();
+        }
+    }
+
+    /**
+     * A job of {@code parallelism} restored from {@code handles}: subtask i gets the handles
+     * whose key-group range intersects its own (what Flink's StateAssignmentOperation hands a
+     * RocksDB subtask for incremental handles), and the subtasks build their backends side by
+     * side, as the tasks of a restarted job do. Several handles, or one over another range, is
+     * Flink's rescaling restore.
+     */
+    static Restored restoreJob(
+            File work,
+            String tag,
+            List<KeyedStateHandle> handles,
+            int parallelism,
+            ExecutorService io,
+            boolean ingest,
+            ValueStateDescriptor<byte[]> d)
+            throws Exception {
+        KeyGroupRange[] rs = ranges(parallelism);
+        Restored r = new Restored();
+        r.seconds = new double[parallelism];
+        ExecutorService subtasks = Executors.newFixedThreadPool(parallelism);
+        List<Future<AbstractKeyedStateBackend<Long>>> built = new ArrayList<>();
+        double cpu0 = processCpuSeconds();
+        long t0 = System.nanoTime();
+        try {
+            for (int i = 0; i < parallelism; i++) {
+                final int subtask = i;
+                final KeyGroupRange range = rs[i];
+                List<KeyedStateHandle> mine = new ArrayList<>();
+                for (KeyedStateHandle h : handles) {
+                    KeyedStateHandle x = h.getIntersection(range);
+                    if (x != null) {
+                        mine.add(x);
+                    }
+                }
+                r.handleCounts.add(mine.size());
+                built.add(subtasks.submit(() -> {
+                    long t = System.nanoTime();
+                    AbstractKeyedStateBackend<Long> b = FlowstateRocksAccess.build(
+                            new File(work, tag + "-" + subtask),
+                            LongSerializer.INSTANCE,
+                            MAX_PARALLELISM,
+                            range,
+                            ROCKSDB_MANAGED_BYTES,
+                            true,
+                            mine,
+                            io,
+                            ingest);
+                    state(b, d);
+                    r.seconds[subtask] = (System.nanoTime() - t) / 1e9;
+                    return b;
+                }));
+            }
+            for (Future<AbstractKeyedStateBackend<Long>> f : built) {
+                AbstractKeyedStateBackend<Long> b = f.get();
+                r.backends.add(b);
+                r.states.add(state(b, d));
+            }
+        } finally {
+            subtasks.shutdown();
+        }
+        r.wallSeconds = (System.nanoTime() - t0) / 1e9;
+        r.cpuSeconds = processCpuSeconds() - cpu0;
+        return r;
+    }
+
+    /** Reads back ~1000 keys spread over the key space from the subtask that owns each. */
+    static void checkJob(Restored r, long keys, int valueBytes) throws Exception {
+        KeyGroupRange[] rs = new KeyGroupRange[r.backends.size()];
+        for (int i = 0; i < rs.length; i++) {
+            rs[i] = r.backends.get(i).getKeyGroupRange();
+        }
+        for (long k = 0; k < keys; k += Math.max(keys / 997, 1)) {
+            int i = owner(rs, k);
+            r.backends.get(i).setCurrentKey(k);
+            byte[] want = value(valueBytes, k, changed(k) ? 1 : 0);
+            if (!Arrays.equals(r.states.get(i).value(), want)) {
+                throw new IllegalStateException("restored subtask " + i + " does not hold key " + k);
+            }
+        }
+    }
+
+    /** The keys the incremental checkpoint of the rescale case changes: 1%, spread over all key groups. */
+    static boolean changed(long k) {
+        return k % 100 == 37;
+    }
+
+    static void disposeAll(List<AbstractKeyedStateBackend<Long>> backends) {
+        for (AbstractKeyedStateBackend<Long> b : backends) {
+            b.dispose();
+        }
+    }
+
+    static void printRestore(String backend, String what, String label, Restored r) {
+        StringBuilder each = new StringBuilder();
+        for (int i = 0; i < r.seconds.length; i++) {
+            each.append(String.format("%s%.2f s (%d handle%s)", i == 0 ? "" : ", ", r.seconds[i],
+                    r.handleCounts.get(i), r.handleCounts.get(i) == 1 ? "" : "s"));
+        }
+        System.out.printf("  %s: slowest subtask %.2f s; subtasks %s; sum %.2f s; whole step %.2f s wall, %.2f s CPU (all threads); load average %s%n",
+                label, r.slowest(), each, r.sum(), r.wallSeconds, r.cpuSeconds, loadAverage());
+        result(backend, what + "_s", r.slowest());
+        result(backend, what + "_total_s", r.sum());
+        result(backend, what + "_cpu_s", r.cpuSeconds);
+    }
+
+    /**
+     * The shape of integration-tests' mmap_checkpoint benchmark on Flink's RocksDB backend: a job
+     * of parallelism 2 (key groups 0-63 and 64-127 of 128), KEYS keys with a VALUE_BYTES value
+     * each, every key in the backend that owns its key group; a first (full) incremental
+     * checkpoint, 1% of the keys changed, a second (incremental) one; then restores of that
+     * checkpoint at parallelism 2 and 3 (a rescale 2 -> 3), a checkpoint of the three and a
+     * restore of it at 2 (3 -> 2). Restores run their subtasks side by side; the figure is the
+     * slowest subtask's time, next to the sum over subtasks and the step's CPU time.
+     */
+    static void rescale(String which, long keys, int valueBytes, File dir) throws Exception {
+        boolean ingest;
+        switch (which) {
+            case "rocksdb":
+                ingest = false;
+                break;
+            case "rocksdb-ingest":
+                ingest = true;
+                break;
+            default:
+                throw new IllegalArgumentException("unknown backend '" + which + "' for rescale (rocksdb or rocksdb-ingest)");
+        }
+        String backend = "flink-" + which;
+        File work = Files.createTempDirectory(dir.toPath(), "flink-rescale").toFile();
+        ExecutorService io = Executors.newFixedThreadPool(4);
+        ValueStateDescriptor<byte[]> d =
+                new ValueStateDescriptor<>("payload", BytePrimitiveArraySerializer.INSTANCE);
+        List<AbstractKeyedStateBackend<Long>> live = new ArrayList<>();
+        try {
+            System.out.printf("Flink %s rescale benchmark: %d keys, %d-byte values, parallelism 2 -> 3 -> 2 of %d key groups, %d MiB managed memory per backend%s, dir %s, load average %s%n",
+                    which, keys, valueBytes, MAX_PARALLELISM, ROCKSDB_MANAGED_BYTES >> 20,
+                    ingest ? ", ingest-DB restore mode" : "", work, loadAverage());
+            KeyGroupRange[] r2 = ranges(2);
+            List<ValueState<byte[]>> vs = new ArrayList<>();
+            for (int i = 0; i < 2; i++) {
+                AbstractKeyedStateBackend<Long> b = FlowstateRocksAccess.build(
+                        new File(work, "p2-" + i), LongSerializer.INSTANCE, MAX_PARALLELISM, r2[i],
+                        ROCKSDB_MANAGED_BYTES, true, Collections.emptyList(), io, ingest);
+                live.add(b);
+                vs.add(state(b, d));
+            }
+            long t = System.nanoTime();
+            for (long k = 0; k < keys; k++) {
+                int i = owner(r2, k);
+                live.get(i).setCurrentKey(k);
+                vs.get(i).update(value(valueBytes, k, 0));
+            }
+            for (AbstractKeyedStateBackend<Long> b : live) {
+                FlowstateRocksAccess.waitIdle((RocksDBKeyedStateBackend<Long>) b);
+            }
+            System.out.printf("  populated in %.1f s%n", (System.nanoTime() - t) / 1e9);
+
+            File checkpoints = new File(work, "checkpoints");
+            FsCheckpointStreamFactory f2 = factory(new File(checkpoints, "p2"));
+            SharedStateRegistry reg2 = new SharedStateRegistryImpl();
+            JobCheckpoint full = snapshotJob(live, 1, f2, reg2);
+            System.out.printf("  first checkpoint at parallelism 2 (every SST file): %.2f s, %.1f MB, %.2f s CPU%n",
+                    full.seconds, full.checkpointedSize / 1e6, full.cpuSeconds);
+            result(backend, "p2_ckpt_full_s", full.seconds);
+            result(backend, "p2_ckpt_full_mb", full.checkpointedSize / 1e6);
+            for (long k = 37; k < keys; k += 100) {
+                int i = owner(r2, k);
+                live.get(i).setCurrentKey(k);
+                vs.get(i).update(value(valueBytes, k, 1));
+            }
+            JobCheckpoint inc = snapshotJob(live, 2, f2, reg2);
+            System.out.printf("  incremental checkpoint after changing 1%% of the keys: %.2f s, %.1f MB new, %.2f s CPU%n",
+                    inc.seconds, inc.checkpointedSize / 1e6, inc.cpuSeconds);
+            result(backend, "p2_ckpt_delta_s", inc.seconds);
+            result(backend, "p2_ckpt_delta_mb", inc.checkpointedSize / 1e6);
+            disposeAll(live);
+            live.clear();
+            for (int i = 0; i < 2; i++) {
+                deleteRecursively(new File(work, "p2-" + i));
+            }
+            System.gc();
+
+            Restored same = restoreJob(work, "r2", inc.handles, 2, io, ingest, d);
+            live.addAll(same.backends);
+            checkJob(same, keys, valueBytes);
+            printRestore(backend, "restore_p2", "restore at parallelism 2", same);
+            disposeAll(live);
+            live.clear();
+            for (int i = 0; i < 2; i++) {
+                deleteRecursively(new File(work, "r2-" + i));
+            }
+            System.gc();
+
+            Restored three = restoreJob(work, "r3", inc.handles, 3, io, ingest, d);
+            live.addAll(three.backends);
+            checkJob(three, keys, valueBytes);
+            printRestore(backend, "rescale_2_to_3", "rescale 2 -> 3", three);
+
+            FsCheckpointStreamFactory f3 = factory(new File(checkpoints, "p3"));
+            JobCheckpoint third = snapshotJob(three.backends, 1, f3, new SharedStateRegistryImpl());
+            System.out.printf("  first checkpoint at parallelism 3: %.2f s, %.1f MB%n",
+                    third.seconds, third.checkpointedSize / 1e6);
+            result(backend, "p3_ckpt_full_mb", third.checkpointedSize / 1e6);
+            disposeAll(live);
+            live.clear();
+            for (int i = 0; i < 3; i++) {
+                deleteRecursively(new File(work, "r3-" + i));
+            }
+            deleteRecursively(new File(checkpoints, "p2"));
+            System.gc();
+
+            Restored two = restoreJob(work, "r32", third.handles, 2, io, ingest, d);
+            live.addAll(two.backends);
+            checkJob(two, keys, valueBytes);
+            printRestore(backend, "rescale_3_to_2", "rescale 3 -> 2", two);
+        } finally {
+            disposeAll(live);
+            io.shutdownNow();
+            deleteRecursively(work);
+        }
+    }
+
+    /** Flink's checkpoint streams into {@code root} with its defaults (20 KiB inline, 4 KiB buffer). */
+    static FsCheckpointStreamFactory factory(File root) throws IOException {
+        File shared = new File(root, "shared");
+        File exclusive = new File(root, "chk");
+        shared.mkdirs();
+        exclusive.mkdirs();
+        return new FsCheckpointStreamFactory(
+                FileSystem.getLocalFileSystem(),
+                new Path(exclusive.toURI()),
+                new Path(shared.toURI()),
+                20 * 1024,
+                4096);
     }
 
     static double processCpuSeconds() {

@@ -45,6 +45,26 @@ public final class FlowstateRocksAccess {
             Collection<KeyedStateHandle> restore,
             ExecutorService io)
             throws Exception {
+        return build(instanceDir, keySerializer, maxParallelism, range, managedBytes, incremental, restore, io, false);
+    }
+
+    /**
+     * As {@link #build(File, TypeSerializer, int, KeyGroupRange, long, boolean, Collection,
+     * ExecutorService)}; {@code ingestDbRestore} turns on Flink's
+     * {@code state.backend.rocksdb.use-ingest-db-restore-mode} (off by default) for a restore
+     * from several handles (a rescale).
+     */
+    public static <K> RocksDBKeyedStateBackend<K> build(
+            File instanceDir,
+            TypeSerializer<K> keySerializer,
+            int maxParallelism,
+            KeyGroupRange range,
+            long managedBytes,
+            boolean incremental,
+            Collection<KeyedStateHandle> restore,
+            ExecutorService io,
+            boolean ingestDbRestore)
+            throws Exception {
         // Flink loads RocksJava's native library this way before creating a backend.
         EmbeddedRocksDBStateBackend.ensureRocksDBIsLoaded(
                 System.getProperty("java.io.tmpdir"));
@@ -87,6 +107,7 @@ public final class FlowstateRocksAccess {
                 .setNativeMetricOptions(new RocksDBNativeMetricOptions())
                 .setWriteBatchSize(2 << 20)
                 .setIOExecutor(io)
+                .setUseIngestDbRestoreMode(ingestDbRestore)
                 .setManualCompactionConfig(RocksDBManualCompactionConfig.getDefault())
                 .setAsyncExceptionHandler(
                         (message, error) -> {
