@@ -1457,6 +1457,19 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    /// Writes a run of format `version` at `path` holding `entries` (puts, keys ascending).
+    fn write_run<K: AsRef<[u8]>, V: AsRef<[u8]>>(
+        path: &Path,
+        version: u16,
+        entries: impl IntoIterator<Item = (K, V)>,
+    ) -> PathBuf {
+        let mut w = RunWriter::create_version(path, None, version).unwrap();
+        for (k, v) in entries {
+            w.add(k.as_ref(), OpKind::Put, v.as_ref()).unwrap();
+        }
+        w.finish().unwrap().unwrap()
+    }
+
     proptest! {
         /// A probe orders keys as their bytes do, for keys around the 16- and 24-byte marks
         /// where its numeric heads and tails end, sharing long prefixes and zero bytes.
@@ -1490,19 +1503,17 @@ mod tests {
         }
     }
 
-    /// Version 1 files (no fingerprints in data blocks) are still read: point lookups, absent
-    /// keys and block scans.
     /// A data block whose entry count is damaged is a clear error on reads of files opened
     /// without verifying their blocks (not a panic, not a wrong answer).
     #[test]
     fn bad_entry_counts_are_errors_on_read() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.run");
-        let mut w = RunWriter::create(&path, None).unwrap();
-        for i in 0u32..2000 {
-            w.add(&i.to_be_bytes(), OpKind::Put, &[7; 20]).unwrap();
-        }
-        let p = w.finish().unwrap().unwrap();
+        let p = write_run(
+            &path,
+            RUN_VERSION,
+            (0u32..2000).map(|i| (i.to_be_bytes(), [7; 20])),
+        );
         let f = RunFile::open(&p, 1, true, true).unwrap();
         let blocks = f.pinned_blocks();
         let (off, len) = (blocks[0].off as usize, blocks[0].len as usize);
@@ -1580,6 +1591,8 @@ mod tests {
         }
     }
 
+    /// Version 1 files (no fingerprints in data blocks) are still read: point lookups, absent
+    /// keys and block scans.
     #[test]
     fn version_1_files_are_read() {
         let dir = tempfile::tempdir().unwrap();
@@ -1729,12 +1742,11 @@ mod tests {
     fn unpinned_files_answer_as_pinned_ones() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("u.run");
-        let mut w = RunWriter::create(&path, None).unwrap();
-        for i in 0u64..20_000 {
-            w.add(&(i * 2).to_be_bytes(), OpKind::Put, &i.to_be_bytes())
-                .unwrap();
-        }
-        let p = w.finish().unwrap().unwrap();
+        let p = write_run(
+            &path,
+            RUN_VERSION,
+            (0u64..20_000).map(|i| ((i * 2).to_be_bytes(), i.to_be_bytes())),
+        );
         let pinned = RunFile::open(&p, 1, true, true).unwrap();
         let unpinned = RunFile::open_unpinned(&p, 2, true).unwrap();
         assert!(pinned.is_pinned() && !unpinned.is_pinned());
@@ -1766,11 +1778,11 @@ mod tests {
     fn asking_for_a_block_reads_its_page() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("w.run");
-        let mut w = RunWriter::create(&path, None).unwrap();
-        for i in 0u64..40_000 {
-            w.add(&i.to_be_bytes(), OpKind::Put, &[7; 100]).unwrap();
-        }
-        let p = w.finish().unwrap().unwrap();
+        let p = write_run(
+            &path,
+            RUN_VERSION,
+            (0u64..40_000).map(|i| (i.to_be_bytes(), [7; 100])),
+        );
         for f in [
             RunFile::open(&p, 1, false, false).unwrap(),
             RunFile::open_unpinned(&p, 2, false).unwrap(),
@@ -1810,11 +1822,11 @@ mod tests {
         let mut pages_read = Vec::new();
         for version in [2u16, RUN_VERSION] {
             let path = dir.path().join(format!("cold-{version}.run"));
-            let mut w = RunWriter::create_version(&path, None, version).unwrap();
-            for i in 0u64..40_000 {
-                w.add(&i.to_be_bytes(), OpKind::Put, &[7; 100]).unwrap();
-            }
-            let p = w.finish().unwrap().unwrap();
+            let p = write_run(
+                &path,
+                version,
+                (0u64..40_000).map(|i| (i.to_be_bytes(), [7; 100])),
+            );
             // Not verified on open: the data blocks are not touched.
             let f = RunFile::open(&p, 1, false, false).unwrap();
             // The pages between the header's and the index's (opening the file read those).

@@ -47,6 +47,17 @@ fn backend(range: KeyGroupRange) -> MmapKeyedStateBackend<u64> {
         .unwrap()
 }
 
+/// Restore sources: checkpoint metadata `metas`, their files all in `dir`.
+fn sources(metas: &[Vec<u8>], dir: &std::path::Path) -> Vec<NativeRestore> {
+    metas
+        .iter()
+        .map(|m| NativeRestore {
+            metadata: m.clone(),
+            files_dir: dir.to_path_buf(),
+        })
+        .collect()
+}
+
 fn write_round(b: &mut MmapKeyedStateBackend<u64>, h: &H, round: u64, keys: std::ops::Range<u64>) {
     for k in keys {
         if b.set_current_key(k).is_err() {
@@ -156,16 +167,7 @@ fn incremental_checkpoints_upload_only_new_files_and_restore_rescaled() {
     // 2 -> 1: both halves' checkpoints into one backend; clipped files of one half never
     // shadow the other half's newer data.
     let mut one = backend(KeyGroupRange::all(128));
-    one.restore_native(
-        halves
-            .iter()
-            .map(|m| NativeRestore {
-                metadata: m.clone(),
-                files_dir: shared.path().to_path_buf(),
-            })
-            .collect(),
-    )
-    .unwrap();
+    one.restore_native(sources(&halves, shared.path())).unwrap();
     let ho = register(&mut one);
     assert_eq!(check_round(&mut one, &ho, 4, 0..3000), 3000);
     // Compaction rewrites clipped files without their foreign key groups; state is unchanged.
@@ -252,16 +254,7 @@ fn a_rescaled_restore_downloads_about_its_share() {
                  share is about {share}"
             );
             let mut b = build(range);
-            b.restore_native(
-                metas
-                    .iter()
-                    .map(|m| NativeRestore {
-                        metadata: m.clone(),
-                        files_dir: shared.path().to_path_buf(),
-                    })
-                    .collect(),
-            )
-            .unwrap();
+            b.restore_native(sources(metas, shared.path())).unwrap();
             let h = register(&mut b);
             keys += check_round(&mut b, &h, rounds, 0..KEYS);
             backends.push((b, h));
