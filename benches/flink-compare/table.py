@@ -81,32 +81,36 @@ def ratio(a, b):
     return f"**{a / b:.2f}**" if a / b < 1 else f"{a / b:.2f}"
 
 
+def workload_header():
+    print("| workload | Flink HashMap | Flink RocksDB | Flowstate heap | Flowstate mmap | heap / HashMap | mmap / RocksDB |")
+    print("|---|---|---|---|---|---|---|")
+
+
+def rate_table(values):
+    """One row per workload: each backend's rate from `values`, Flowstate's ratios."""
+    workload_header()
+    for key, label in WORKLOADS:
+        v = [values.get((b, key)) for b in BACKENDS]
+        print(f"| {label} | {' | '.join(rate(x) for x in v)} | {ratio(v[2], v[0])} | {ratio(v[3], v[1])} |")
+
+
 print(read("header.txt").strip())
 print()
 print("State workloads, ops/s (median of the rounds; Flink after a warm-up round):")
 print()
-print("| workload | Flink HashMap | Flink RocksDB | Flowstate heap | Flowstate mmap | heap / HashMap | mmap / RocksDB |")
-print("|---|---|---|---|---|---|---|")
-for key, label in WORKLOADS:
-    v = [res.get((b, key)) for b in BACKENDS]
-    print(f"| {label} | {' | '.join(rate(x) for x in v)} | {ratio(v[2], v[0])} | {ratio(v[3], v[1])} |")
+rate_table(res)
 
 print()
 print("The same workloads, ops per second of the whole process's CPU time (all threads: Java's GC")
 print("and JIT, RocksDB's and the mmap engine's background work included; less dependent on the")
 print("machine's load than wall time):")
 print()
-print("| workload | Flink HashMap | Flink RocksDB | Flowstate heap | Flowstate mmap | heap / HashMap | mmap / RocksDB |")
-print("|---|---|---|---|---|---|---|")
-for key, label in WORKLOADS:
-    v = [cpu.get((b, key)) for b in BACKENDS]
-    print(f"| {label} | {' | '.join(rate(x) for x in v)} | {ratio(v[2], v[0])} | {ratio(v[3], v[1])} |")
+rate_table(cpu)
 
 print()
 print("Per operation net of the framework (wall ns per op minus wall ns of the no-op loop):")
 print()
-print("| workload | Flink HashMap | Flink RocksDB | Flowstate heap | Flowstate mmap | heap / HashMap | mmap / RocksDB |")
-print("|---|---|---|---|---|---|---|")
+workload_header()
 
 
 def net(b, key):

@@ -752,13 +752,7 @@ impl CoordinatorBuilder {
                     continue;
                 };
                 if let Ok(mut known) = t.native.lock() {
-                    for f in op
-                        .subtasks
-                        .iter()
-                        .filter_map(|s| s.native.as_ref())
-                        .filter(|n| !n.key_group_range.intersect(&range).is_empty())
-                        .flat_map(|n| n.files.iter())
-                    {
+                    for f in op.native_files_meeting(range) {
                         known
                             .confirmed
                             .insert(f.file.location.name().to_string(), f.file.clone());

@@ -175,6 +175,23 @@ pub struct OperatorSnapshot {
     pub subtasks: Vec<SubtaskState>,
 }
 
+impl OperatorSnapshot {
+    /// True when some subtask's keyed state is in a backend's native format.
+    pub fn has_native_state(&self) -> bool {
+        self.subtasks.iter().any(|s| s.native.is_some())
+    }
+
+    /// The native files of the subtasks whose key groups meet `range` (what a backend owning
+    /// `range` restores from, and may reference in its next checkpoint).
+    pub fn native_files_meeting(&self, range: KeyGroupRange) -> impl Iterator<Item = &NativeFile> {
+        self.subtasks
+            .iter()
+            .filter_map(|s| s.native.as_ref())
+            .filter(move |n| !n.key_group_range.intersect(&range).is_empty())
+            .flat_map(|n| n.files.iter())
+    }
+}
+
 /// The contents of a `_metadata` file.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CheckpointMetadata {

@@ -255,12 +255,7 @@ impl SavepointReader {
     /// True when some subtask of `operator` holds native (backend-specific) state that was not
     /// converted yet.
     pub fn has_native_state(&self, operator: &str) -> bool {
-        !self.converted.contains_key(operator)
-            && self
-                .checkpoint
-                .metadata
-                .operator(operator)
-                .is_some_and(|o| o.subtasks.iter().any(|s| s.native.is_some()))
+        !self.converted.contains_key(operator) && self.checkpoint.has_native_state(operator)
     }
 
     /// Turns the native state of every operator that has some into canonical streams: for
@@ -281,9 +276,7 @@ impl SavepointReader {
     {
         let mut done = Vec::new();
         for op in &self.checkpoint.metadata.operators {
-            if !op.subtasks.iter().any(|s| s.native.is_some())
-                || self.converted.contains_key(&op.operator_id)
-            {
+            if !op.has_native_state() || self.converted.contains_key(&op.operator_id) {
                 continue;
             }
             let mut streams = Vec::new();
@@ -448,7 +441,7 @@ impl SavepointReader {
             }
             return Ok((op.max_parallelism, sources));
         }
-        if op.subtasks.iter().any(|s| s.native.is_some()) {
+        if op.has_native_state() {
             let info = self.operator(operator)?;
             return Err(self.native_error(operator, &info));
         }

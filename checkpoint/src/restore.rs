@@ -158,7 +158,7 @@ impl CompletedCheckpoint {
     pub fn has_native_state(&self, operator: &str) -> bool {
         self.metadata
             .operator(operator)
-            .is_some_and(|o| o.subtasks.iter().any(|s| s.native.is_some()))
+            .is_some_and(|o| o.has_native_state())
     }
 
     /// Checks that every operator in the checkpoint is one of `job_operators`, unless
@@ -272,7 +272,7 @@ impl CompletedCheckpoint {
         let Some(op) = self.metadata.operator(operator) else {
             return Ok(());
         };
-        if op.subtasks.iter().all(|s| s.native.is_none()) {
+        if !op.has_native_state() {
             return self.restore_keyed(storage, operator, subtask, backend);
         }
         let started = std::time::Instant::now();
@@ -473,7 +473,7 @@ impl CompletedCheckpoint {
                 ),
             });
         }
-        if op.subtasks.iter().any(|s| s.native.is_some()) {
+        if op.has_native_state() {
             return Err(Error::RestoreMismatch {
                 operator: operator.to_string(),
                 checkpoint: self.location(),

@@ -567,13 +567,7 @@ impl Chain {
         let Some(op) = c.metadata.operator(operator) else {
             return;
         };
-        for f in op
-            .subtasks
-            .iter()
-            .filter_map(|s| s.native.as_ref())
-            .filter(|n| !n.key_group_range.intersect(&range).is_empty())
-            .flat_map(|n| n.files.iter())
-        {
+        for f in op.native_files_meeting(range) {
             self.confirmed
                 .insert(f.file.location.name().to_string(), f.file.clone());
         }

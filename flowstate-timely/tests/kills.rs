@@ -13,6 +13,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+mod common;
+use common::completions;
+
 const BIN: &str = env!("CARGO_BIN_EXE_flowstate-timely-example");
 const EVENTS: &str = "24000";
 
@@ -170,20 +173,6 @@ fn random_kill_9_and_restarts_at_other_process_counts_end_with_the_failure_free_
         expected,
         "after {kills} kills (seed {seed}) and a last run on {n} processes"
     );
-}
-
-/// Completion entries in the job's commit log (entry files are named by their number; byte 6
-/// is the kind, 2 for a completion).
-fn completions(dir: &Path) -> usize {
-    let Ok(entries) = std::fs::read_dir(dir.join("ck/keyed/_commits")) else {
-        return 0;
-    };
-    entries
-        .filter_map(|e| e.ok())
-        .filter(|e| e.file_name().to_string_lossy().parse::<u64>().is_ok())
-        .filter_map(|e| std::fs::read(e.path()).ok())
-        .filter(|b| b.len() == 27 && b[6] == 2)
-        .count()
 }
 
 #[test]

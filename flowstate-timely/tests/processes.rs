@@ -6,6 +6,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+mod common;
+use common::completions;
+
 const BIN: &str = env!("CARGO_BIN_EXE_flowstate-timely-example");
 
 /// `n` free ports on 127.0.0.1, written as a hostfile.
@@ -119,21 +122,6 @@ fn digest_is_the_same_at_any_process_and_worker_count() {
         );
         assert_ne!(field(&out, "last checkpoint"), "-");
     }
-}
-
-/// Number of completion entries in the job's commit log (entry files are named by their
-/// number; byte 6 is the kind, 2 for a completion; staging files of a put in progress are not
-/// entries).
-fn completions(dir: &Path) -> usize {
-    let Ok(entries) = std::fs::read_dir(dir.join("ck/keyed/_commits")) else {
-        return 0;
-    };
-    entries
-        .filter_map(|e| e.ok())
-        .filter(|e| e.file_name().to_string_lossy().parse::<u64>().is_ok())
-        .filter_map(|e| std::fs::read(e.path()).ok())
-        .filter(|b| b.len() == 27 && b[6] == 2)
-        .count()
 }
 
 #[test]

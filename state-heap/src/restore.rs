@@ -350,6 +350,22 @@ impl<K: StateKey> RestoreVisitor for Parallel<'_, K> {
     }
 }
 
+/// Waits for every restore thread; the first error (in thread order) is the result.
+fn join_all(handles: Vec<std::thread::ScopedJoinHandle<'_, Result<()>>>) -> Result<()> {
+    let mut out = Ok(());
+    for h in handles {
+        let r = h.join().unwrap_or_else(|_| {
+            Err(Error::RestoreMismatch {
+                reason: "a restore thread panicked".into(),
+            })
+        });
+        if out.is_ok() {
+            out = r;
+        }
+    }
+    out
+}
+
 /// Reads `streams` with `workers` restore threads decoding into `tables` (the registered
 /// states); returns what was collected for the rest.
 #[allow(clippy::too_many_arguments)]
@@ -398,17 +414,7 @@ pub(crate) fn restore_parallel<K: StateKey, R: std::io::Read>(
             ..
         } = visitor;
         drop(senders);
-        let mut worked = Ok(());
-        for h in handles {
-            let r = h.join().unwrap_or_else(|_| {
-                Err(Error::RestoreMismatch {
-                    reason: "a restore thread panicked".into(),
-                })
-            });
-            if worked.is_ok() {
-                worked = r;
-            }
-        }
+        let worked = join_all(handles);
         collect.finish_stream();
         // A thread's own error explains a stop of the reading ("a restore thread stopped").
         worked.and(read).map(|()| collect)
@@ -464,18 +470,7 @@ pub(crate) fn apply_chunk_parallel<K: StateKey>(
                 })
             })
             .collect();
-        let mut out = Ok(());
-        for h in handles {
-            let r = h.join().unwrap_or_else(|_| {
-                Err(Error::RestoreMismatch {
-                    reason: "a restore thread panicked".into(),
-                })
-            });
-            if out.is_ok() {
-                out = r;
-            }
-        }
-        out
+        join_all(handles)
     });
     table.log_written_parts();
     result
