@@ -134,13 +134,31 @@ fn total_bytes(done: &CompletedCheckpoint) -> u64 {
 
 /// Restores `done` into new backends of `parallelism`, side by side; returns them and the
 /// slowest subtask's time.
+/// This process's CPU seconds, all threads (Linux; 0 elsewhere): a restore's wall time on a
+/// loaded machine says little, its CPU time what it costs.
+fn process_cpu() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0.0;
+    };
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return 0.0;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the command.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// Restores `done` at `parallelism` as a job's subtasks would, side by side: the backends, the
+/// slowest subtask's time and the CPU seconds all took.
 fn restore(
     dir: &Path,
     tag: &str,
     job: &Job,
     done: &CompletedCheckpoint,
     parallelism: u32,
-) -> (Vec<Mmap>, Duration) {
+) -> (Vec<Mmap>, Duration, f64) {
+    let cpu = process_cpu();
     let results: Vec<(Mmap, Duration)> = std::thread::scope(|s| {
         let handles: Vec<_> = ranges(parallelism)
             .into_iter()
@@ -162,7 +180,8 @@ fn restore(
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
     let slowest = results.iter().map(|r| r.1).max().unwrap_or_default();
-    (results.into_iter().map(|r| r.0).collect(), slowest)
+    let cpu = process_cpu() - cpu;
+    (results.into_iter().map(|r| r.0).collect(), slowest, cpu)
 }
 
 /// Reads back sample keys: value bytes start with the key and the round that wrote them.
@@ -225,6 +244,11 @@ fn result(name: &str, value: f64) {
 }
 
 fn main() {
+    // `RUST_LOG=info` shows each restore's split: download and open times.
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
     let keys: u64 = std::env::var("FLOWSTATE_BENCH_KEYS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -268,6 +292,17 @@ fn main() {
         backends[i].value(&hs[i]).update(value.clone()).unwrap();
     }
     println!("populated in {:.1} s", t.elapsed().as_secs_f64());
+    // Settled as Flink's side is (no flush or compaction running or pending), so that the
+    // second checkpoint's upload is the 1% change, not whichever compaction of the load
+    // finished in between.
+    let t = Instant::now();
+    for b in &mut backends {
+        b.wait_for_background_work().unwrap();
+    }
+    println!(
+        "background work (the load's compactions) settled in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
 
     let ckpt = dir.join("checkpoints");
     std::fs::create_dir_all(&ckpt).unwrap();
@@ -318,20 +353,20 @@ fn main() {
     result("sequential_read_s", read_s);
 
     drop_page_cache();
-    let (mut same, t_same) = restore(dir, "r2", &j2, &second, 2);
+    let (mut same, t_same, cpu_same) = restore(dir, "r2", &j2, &second, 2);
     check(&mut same, keys, &changed);
     println!(
-        "restore at parallelism 2: {:.2} s (slowest subtask)",
+        "restore at parallelism 2: {:.2} s (slowest subtask), {cpu_same:.2} s CPU",
         t_same.as_secs_f64()
     );
     result("restore_s", t_same.as_secs_f64());
     drop(same);
 
     drop_page_cache();
-    let (mut three, t_up) = restore(dir, "r3", &j2, &second, 3);
+    let (mut three, t_up, cpu_up) = restore(dir, "r3", &j2, &second, 3);
     check(&mut three, keys, &changed);
     println!(
-        "rescale 2 -> 3: {:.2} s (slowest subtask)",
+        "rescale 2 -> 3: {:.2} s (slowest subtask), {cpu_up:.2} s CPU",
         t_up.as_secs_f64()
     );
     result("rescale_2_to_3_s", t_up.as_secs_f64());
@@ -341,10 +376,10 @@ fn main() {
     let (_, third) = checkpoint(&mut j3, &mut three);
     drop(three);
     drop_page_cache();
-    let (mut two, t_down) = restore(dir, "r32", &j3, &third, 2);
+    let (mut two, t_down, cpu_down) = restore(dir, "r32", &j3, &third, 2);
     check(&mut two, keys, &changed);
     println!(
-        "rescale 3 -> 2: {:.2} s (slowest subtask)",
+        "rescale 3 -> 2: {:.2} s (slowest subtask), {cpu_down:.2} s CPU",
         t_down.as_secs_f64()
     );
     result("rescale_3_to_2_s", t_down.as_secs_f64());
