@@ -307,13 +307,15 @@ impl CheckpointStorage {
         Ok(())
     }
 
-    /// Downloads each `(path, local file, size, crc32c)` as [`Self::download_file`] does, up to
-    /// `concurrency` at a time (their transfers and fsyncs overlap); stops at the first error
-    /// (the downloads still running are dropped and leave no file).
+    /// Downloads each `(path, local file, size, crc32c)` as [`Self::download_file`] does, left
+    /// as `copy` says (fsynced or in the page cache), up to `concurrency` at a time (their
+    /// transfers and fsyncs overlap); stops at the first error (the downloads still running
+    /// are dropped and leave no file).
     pub(crate) fn download_files(
         &self,
         files: Vec<(Path, std::path::PathBuf, u64, u32)>,
         concurrency: usize,
+        copy: storage_s3::LocalCopy,
         on_error: impl Fn(Error) -> Error,
     ) -> Result<()> {
         use futures::StreamExt;
@@ -322,7 +324,7 @@ impl CheckpointStorage {
                 |(path, local, size, crc32c)| async move {
                     let expected = storage_s3::Checksum { crc32c, len: size };
                     self.transfer
-                        .download_file(&path, &local, Some(expected))
+                        .download_file_as(&path, &local, Some(expected), copy)
                         .await
                         .map_err(|e| Error::transfer("downloading", &self.location(&path), e))
                 },

@@ -253,3 +253,85 @@ fn native_incremental_checkpoints_upload_only_new_files_and_restore_rescaled() {
     coord.shutdown().unwrap();
     assert!(shared_on_store(&storage).is_empty());
 }
+
+/// From checkpoints on the local disk, a native restore hard-links the checkpoint's files
+/// instead of copying them. The restored backend's compactions then delete its links, never
+/// the checkpoint's files: the checkpoint still verifies and restores the same state. The
+/// backend's own directory (which it made durable in the background) reopens to that state.
+#[cfg(unix)]
+#[test]
+fn a_restore_from_local_disk_links_the_files_and_leaves_the_checkpoint_intact() {
+    use std::os::unix::fs::MetadataExt;
+    let root = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", root.path().join("store").display());
+    let storage =
+        CheckpointStorage::from_storage(&storage_s3::Storage::from_url(&url).unwrap(), "job-ln")
+            .unwrap();
+    let config = CheckpointConfig {
+        incremental: true,
+        ..Default::default()
+    };
+    let mut builder = CheckpointCoordinator::builder(storage.clone(), config);
+    let mut ep = builder.register_subtask("agg", 0, 1, MAX_P).unwrap();
+    let coord = builder.start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut b = mmap(1, 0, dir.path());
+    let mut model = BTreeMap::new();
+    for k in 0..KEYS {
+        add(&mut b, k, k + 1);
+        model.insert(k, k + 1);
+    }
+    let p = coord.trigger_checkpoint().unwrap();
+    let SubtaskCommand::Barrier(barrier) = ep.recv_timeout(WAIT).unwrap() else {
+        panic!("a barrier")
+    };
+    ep.snapshot_mmap(&barrier, &mut b, None).unwrap();
+    let done = p.wait(WAIT).unwrap();
+    drop(b);
+
+    let restored_dir = tempfile::tempdir().unwrap();
+    let download = tempfile::tempdir().unwrap();
+    let mut r = mmap(1, 0, restored_dir.path());
+    done.restore_mmap(&storage, "agg", 0, &mut r, download.path())
+        .unwrap();
+    // Every file the restore placed is the checkpoint's own file, linked.
+    let placed: Vec<_> = std::fs::read_dir(download.path())
+        .unwrap()
+        .flat_map(|d| std::fs::read_dir(d.unwrap().path()).unwrap())
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert!(!placed.is_empty());
+    for f in &placed {
+        let links = std::fs::metadata(f).unwrap().nlink();
+        // The checkpoint's file, the download and the backend's own name.
+        assert_eq!(links, 3, "{}: {links} links", f.display());
+    }
+    assert_eq!(dump(&mut r), model);
+    // New writes, then a compaction that replaces (deletes) every restored file.
+    for k in 0..KEYS {
+        add(&mut r, k, 1);
+        *model.get_mut(&k).unwrap() += 1;
+    }
+    r.compact().unwrap();
+    drop(r);
+    for f in &placed {
+        let links = std::fs::metadata(f).unwrap().nlink();
+        assert_eq!(links, 2, "{}: still {links} links", f.display());
+    }
+    // The checkpoint is whole: it verifies and restores the state it recorded.
+    done.verify_files(&storage).unwrap();
+    let again_dir = tempfile::tempdir().unwrap();
+    let download2 = tempfile::tempdir().unwrap();
+    let mut again = mmap(1, 0, again_dir.path());
+    done.restore_mmap(&storage, "agg", 0, &mut again, download2.path())
+        .unwrap();
+    let recorded: BTreeMap<u64, u64> = (0..KEYS).map(|k| (k, k + 1)).collect();
+    assert_eq!(dump(&mut again), recorded);
+    drop(again);
+    // The restored-then-written backend's directory reopens to what it held at its last flush
+    // (the compaction flushed): the restored files were made durable before its manifest
+    // named them.
+    let mut reopened = mmap(1, 0, restored_dir.path());
+    assert_eq!(dump(&mut reopened), model);
+    coord.shutdown().unwrap();
+}

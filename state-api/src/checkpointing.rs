@@ -195,6 +195,12 @@ pub struct NativeSource {
 
 /// A [`NativeSource`] whose needed files ([`NativeFormat::files_needed`]) were streamed into
 /// `dir` under their names, each checked against its recorded size and checksum.
+///
+/// The files are working copies of what the checkpoint keeps: they are not fsynced (a restore
+/// waits for the copy, not for the disk), so a power loss may leave them incomplete. A backend
+/// that names them in anything durable of its own (a manifest it reopens) fsyncs them first.
+/// From checkpoints on the local filesystem they may be hard links to the checkpoint's own
+/// files: a backend never writes to them (reading, linking, renaming and deleting are fine).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NativeRestoreSource {
     /// The stored state.

@@ -110,7 +110,7 @@ pub use paths::{
     join_segments, relative_path, validate_segment, MAX_PATH_BYTES, MAX_SEGMENT_BYTES,
 };
 pub use storage::{Storage, StoreKind};
-pub use transfer::Uploaded;
+pub use transfer::{LocalCopy, Uploaded};
 pub use writer::BlockingWriter;
 
 /// The object_store crate this crate builds on, re-exported so users name the same version.

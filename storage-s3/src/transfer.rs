@@ -21,6 +21,24 @@ use crate::storage::Storage;
 /// Size of the buffers used to copy local files.
 const COPY_BUFFER: usize = 4 * 1024 * 1024;
 
+/// How [`Storage::download_file_as`](crate::Storage::download_file_as) leaves the local file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LocalCopy {
+    /// Fsynced, and its directory, before the download returns: it survives a power loss.
+    Durable,
+    /// Left in the page cache for the kernel to write back: for working copies of objects the
+    /// store keeps (a restore's files), which their user makes durable, if ever, when it
+    /// needs to. About as fast as the copy itself, where an fsync waits for the disk.
+    Cached,
+    /// From a `file://` store on the same filesystem, a hard link to the object's file (no
+    /// copy; still read once to verify its size and checksum); otherwise as
+    /// [`LocalCopy::Cached`]. The caller must never write to the file (reading, renaming and
+    /// deleting it are fine: the store's objects are written once and replaced by renames), or
+    /// it would change the stored object. What a restore of immutable files wants: state-mmap
+    /// maps its sorted runs read-only.
+    Linked,
+}
+
 /// What a successful put or upload wrote.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -290,6 +308,23 @@ impl Storage {
         file: impl AsRef<FsPath>,
         expected: Option<Checksum>,
     ) -> Result<Checksum> {
+        self.download_file_as(path, file, expected, LocalCopy::Durable)
+            .await
+    }
+
+    /// [`Self::download_file`], leaving the file as `copy` says: fsynced (with its directory)
+    /// before this returns, in the page cache for the kernel to write back, or a hard link to
+    /// a local store's file. Either way `file` appears only complete and verified; a file not
+    /// [`LocalCopy::Durable`] may be lost or incomplete after a power loss (not after a
+    /// process crash), so its user must make it durable before anything durable names it.
+    pub async fn download_file_as(
+        &self,
+        path: &Path,
+        file: impl AsRef<FsPath>,
+        expected: Option<Checksum>,
+        copy: LocalCopy,
+    ) -> Result<Checksum> {
+        let sync = copy == LocalCopy::Durable;
         let dest = file.as_ref().to_owned();
         let result = self.get(path).await?;
         let expected = expected.or_else(|| stored_checksum(&result));
@@ -303,10 +338,26 @@ impl Storage {
             && matches!(result.payload, GetResultPayload::Stream(_))
             && self.config.transfer.max_concurrency > 1
             && size > self.config.transfer.part_size as u64;
-        let copied = if parallel {
-            self.copy_ranges_to_file(path, result, &tmp).await
+        // A link where allowed and possible (same filesystem, permissions); a copy otherwise.
+        let linked = match (&result.payload, copy) {
+            (GetResultPayload::File(_, src), LocalCopy::Linked) => {
+                let (src, tmp) = (src.clone(), tmp.clone());
+                blocking(&self.url, "link", path, move || {
+                    Ok(std::fs::hard_link(&src, &tmp).is_ok())
+                })
+                .await?
+            }
+            _ => false,
+        };
+        let copied = if linked {
+            // What was linked is read back: the object may have been replaced since the get
+            // opened it.
+            drop(result);
+            self.checksum_file(path, &tmp).await
+        } else if parallel {
+            self.copy_ranges_to_file(path, result, &tmp, sync).await
         } else {
-            self.copy_to_file(path, result, &tmp).await
+            self.copy_to_file(path, result, &tmp, sync).await
         };
         let checked = copied.and_then(|actual| {
             self.check_checksum(path, size, expected, actual)?;
@@ -317,7 +368,9 @@ impl Storage {
                 let (tmp2, dest2) = (tmp.clone(), dest.clone());
                 blocking(&self.url, "rename", path, move || {
                     std::fs::rename(&tmp2, &dest2).map_err(|e| io_error("rename", &tmp2, e))?;
-                    sync_parent(&dest2);
+                    if sync {
+                        sync_parent(&dest2);
+                    }
                     Ok(())
                 })
                 .await
@@ -331,8 +384,33 @@ impl Storage {
         finished
     }
 
-    /// Streams `result` into a new file `tmp`, fsyncs it, and returns the checksum written.
-    async fn copy_to_file(&self, path: &Path, result: GetResult, tmp: &FsPath) -> Result<Checksum> {
+    /// The checksum of the local file `file` (read in one blocking task).
+    async fn checksum_file(&self, path: &Path, file: &FsPath) -> Result<Checksum> {
+        let file = file.to_owned();
+        blocking(&self.url, "verify", path, move || {
+            let mut f = std::fs::File::open(&file).map_err(|e| io_error("open", &file, e))?;
+            let mut buf = vec![0u8; COPY_BUFFER];
+            let mut sum = Checksum::EMPTY;
+            loop {
+                let n = read_full(&mut f, &mut buf).map_err(|e| io_error("read", &file, e))?;
+                if n == 0 {
+                    return Ok(sum);
+                }
+                sum = sum.append(&buf[..n]);
+            }
+        })
+        .await
+    }
+
+    /// Streams `result` into a new file `tmp`, fsyncs it if `sync`, and returns the checksum
+    /// written.
+    async fn copy_to_file(
+        &self,
+        path: &Path,
+        result: GetResult,
+        tmp: &FsPath,
+        sync: bool,
+    ) -> Result<Checksum> {
         let tmp = tmp.to_owned();
         match result.payload {
             // A local file: copy it in one blocking task rather than in small async chunks.
@@ -356,7 +434,7 @@ impl Storage {
                         out.write_all(&buf[..n])
                             .map_err(|e| io_error("write", &tmp, e))?;
                     }
-                    finish_file(out, &tmp)?;
+                    finish_file(out, &tmp, sync)?;
                     Ok(sum)
                 })
                 .await
@@ -376,7 +454,7 @@ impl Storage {
                                 .map_err(|e| io_error("write", &tmp, e))?;
                         }
                     }
-                    finish_file(out, &tmp)?;
+                    finish_file(out, &tmp, sync)?;
                     Ok(sum)
                 });
                 let mut failure = None;
@@ -428,6 +506,7 @@ impl Storage {
         path: &Path,
         first: GetResult,
         tmp: &FsPath,
+        sync: bool,
     ) -> Result<Checksum> {
         use std::sync::Arc;
 
@@ -530,7 +609,10 @@ impl Storage {
             reason: "file still shared after all parts finished".into(),
         })?;
         let tmp = tmp.to_owned();
-        blocking(&self.url, "fsync", path, move || finish_file(file, &tmp)).await?;
+        blocking(&self.url, "fsync", path, move || {
+            finish_file(file, &tmp, sync)
+        })
+        .await?;
         Ok(sums.iter().fold(Checksum::EMPTY, |acc, s| Checksum {
             crc32c: crc32c::crc32c_combine(acc.crc32c, s.crc32c, s.len as usize),
             len: acc.len + s.len,
@@ -543,8 +625,9 @@ impl Storage {
         path: &Path,
         first: GetResult,
         tmp: &FsPath,
+        sync: bool,
     ) -> Result<Checksum> {
-        self.copy_to_file(path, first, tmp).await
+        self.copy_to_file(path, first, tmp, sync).await
     }
 
     #[cfg(unix)]
@@ -757,8 +840,12 @@ fn create_file(path: &FsPath) -> Result<std::fs::File> {
         .map_err(|e| io_error("create", path, e))
 }
 
-fn finish_file(file: std::fs::File, path: &FsPath) -> Result<()> {
-    file.sync_all().map_err(|e| io_error("fsync", path, e))
+/// Fsyncs a downloaded file when `sync`; otherwise only closes it.
+fn finish_file(file: std::fs::File, path: &FsPath, sync: bool) -> Result<()> {
+    if sync {
+        file.sync_all().map_err(|e| io_error("fsync", path, e))?;
+    }
+    Ok(())
 }
 
 /// Best-effort fsync of a file's directory, so a rename is durable.

@@ -15,7 +15,9 @@ use object_store::{
     ObjectMeta, ObjectStore, ObjectStoreExt, PutMultipartOptions, PutOptions, PutPayload,
     PutResult,
 };
-use storage_s3::{Checksum, Error, ErrorKind, Storage, StorageConfig, StoreKind, TransferOptions};
+use storage_s3::{
+    Checksum, Error, ErrorKind, LocalCopy, Storage, StorageConfig, StoreKind, TransferOptions,
+};
 
 use common::{assert_same_file, random_file};
 
@@ -74,6 +76,60 @@ fn storages(dir: &std::path::Path) -> Vec<Storage> {
         small_parts(local(&dir.join("store"))),
         small_parts(Storage::from_url("memory:///ckpt").unwrap()),
     ]
+}
+
+/// A restore's downloads: `Linked` from a `file://` store is a hard link to the object's file
+/// (no copy), still verified, and never a link to a replaced object's old bytes; elsewhere
+/// (and `Cached` everywhere) a verified copy.
+#[cfg(unix)]
+#[tokio::test]
+async fn linked_and_cached_downloads_are_verified_and_link_only_local_files() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    for storage in storages(dir.path()) {
+        let local = storage.kind() == StoreKind::Local;
+        let src = random_file(dir.path(), "run", 3 * 1024 * 1024 + 5, 7);
+        let path = storage.path("job/shared/run-1").unwrap();
+        let up = storage.upload_file(&src, &path).await.unwrap();
+        for (i, copy) in [LocalCopy::Linked, LocalCopy::Cached]
+            .into_iter()
+            .enumerate()
+        {
+            let dst = dir.path().join(format!("run-{i}.down"));
+            let got = storage
+                .download_file_as(&path, &dst, Some(up.checksum), copy)
+                .await
+                .unwrap();
+            assert_eq!(got, up.checksum, "{storage:?} {copy:?}");
+            assert_same_file(&src, &dst);
+            let links = std::fs::metadata(&dst).unwrap().nlink();
+            let want = if local && copy == LocalCopy::Linked {
+                2
+            } else {
+                1
+            };
+            assert_eq!(links, want, "{storage:?} {copy:?}: links of the download");
+        }
+        // A wrong expected checksum fails a linked download too, and leaves nothing behind.
+        let dst = dir.path().join("run-bad.down");
+        let wrong = Checksum {
+            crc32c: up.checksum.crc32c ^ 1,
+            len: up.checksum.len,
+        };
+        let err = storage
+            .download_file_as(&path, &dst, Some(wrong), LocalCopy::Linked)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::ChecksumMismatch { .. }), "{err}");
+        assert!(!dst.exists(), "{storage:?}: a failed download left a file");
+        // The link keeps the bytes it verified when the object is replaced.
+        let first = dir.path().join("run-0.down");
+        let src2 = random_file(dir.path(), "run2", 1000, 8);
+        storage.upload_file(&src2, &path).await.unwrap();
+        assert_same_file(&src, &first);
+        std::fs::remove_file(&first).unwrap();
+        let _ = std::fs::remove_file(dir.path().join("run-1.down"));
+    }
 }
 
 #[tokio::test]

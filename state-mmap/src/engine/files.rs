@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
-use crate::manifest::{sync_dir, FileEntry, Manifest};
+use crate::manifest::{FileEntry, Manifest};
 use crate::run::RunFile;
 
 use super::service::{wait_for, Garbage};
@@ -79,6 +79,25 @@ impl Db {
         }
     }
 
+    /// Makes `files` durable before the manifests stored after this call: on the manifest
+    /// thread (in order with the manifests), or here without one.
+    fn sync_before_manifest(&mut self, files: Vec<std::path::PathBuf>) -> Result<()> {
+        match &self.manifest {
+            Some(q) => match q.send(Garbage::Sync(
+                files,
+                self.dir.clone(),
+                Arc::clone(&self.manifest_failed),
+            )) {
+                Ok(()) => Ok(()),
+                Err(e) => match e.into_inner() {
+                    Garbage::Sync(files, dir, _) => super::service::sync_files(&files, &dir),
+                    _ => Ok(()),
+                },
+            },
+            None => super::service::sync_files(&files, &self.dir),
+        }
+    }
+
     /// Waits until every manifest queued so far is durable (or its write failed).
     pub(super) fn sync_manifest(&mut self) -> Result<()> {
         if let Some(q) = &self.manifest {
@@ -95,10 +114,15 @@ impl Db {
     /// Adds sorted runs (newest run first) as the *oldest* data: each file is hard-linked (or
     /// copied) into the directory under a new number, verified and mapped; it keeps its
     /// checkpoint name, and only keys in its clip range are visible.
+    ///
+    /// The files need not be durable (a restore does not wait for the disk): the manifest
+    /// thread fsyncs them before it writes the manifest that names them, in the background;
+    /// the next [`Db::flush`] (or checkpoint) waits for both.
     pub fn ingest(&mut self, runs: Vec<Vec<IngestFile>>) -> Result<()> {
         self.drain()?;
         let started = std::time::Instant::now();
         let (mut count, mut bytes) = (0usize, 0u64);
+        let mut linked = Vec::new();
         for r in runs {
             let mut files = Vec::new();
             for src in r {
@@ -108,6 +132,7 @@ impl Db {
                     fs::copy(&src.path, &dst)
                         .map_err(|e| Error::io("copying a sorted run in", &src.path, e))?;
                 }
+                linked.push(dst.clone());
                 files.push(Arc::new(
                     RunFile::open(
                         &dst,
@@ -133,10 +158,9 @@ impl Db {
                 self.runs.push(Arc::new(files));
             }
         }
-        sync_dir(&self.dir)?;
         let opened = started.elapsed();
+        self.sync_before_manifest(linked)?;
         self.store_manifest()?;
-        self.sync_manifest()?;
         tracing::debug!(
             dir = %self.dir.display(),
             files = count,

@@ -28,6 +28,10 @@ pub(crate) enum Garbage {
     /// A manifest to make durable in a directory (to the manifest thread); a failure is set
     /// in the engine's flag.
     Manifest(Box<Manifest>, PathBuf, Arc<OnceLock<String>>),
+    /// Files to fsync, then their directory, before the manifests sent after (to the manifest
+    /// thread): ingested checkpoint files, which a restore copied without waiting for the
+    /// disk. A failure is set in the engine's flag, so no manifest names them.
+    Sync(Vec<PathBuf>, PathBuf, Arc<OnceLock<String>>),
     /// A compaction's outputs, sent after the [`Garbage::Retire`] of its inputs: their block
     /// indexes and bloom filters are loaded once the inputs' are freed.
     Pin(Vec<Arc<RunFile>>),
@@ -60,8 +64,8 @@ pub(crate) fn release_loop(garbage: Receiver<Garbage>) {
             pin_files(files);
             false
         }
-        // Only the manifest thread is sent manifests.
-        Garbage::Manifest(..) => false,
+        // Only the manifest thread is sent manifests and files to sync.
+        Garbage::Manifest(..) | Garbage::Sync(..) => false,
     };
     while let Ok(g) = garbage.recv() {
         let mut trim = free(g);
@@ -91,6 +95,13 @@ pub(crate) fn manifest_loop(queue: Receiver<Garbage>, unmap: Sender<Garbage>) {
                     }
                 }
             }
+            Garbage::Sync(files, dir, failed) => {
+                if failed.get().is_none() {
+                    if let Err(e) = sync_files(&files, &dir) {
+                        let _ = failed.set(e.to_string());
+                    }
+                }
+            }
             Garbage::Retire(old, inputs, failed) => {
                 retire(old, inputs, failed.get().is_none(), Some(&unmap));
             }
@@ -103,6 +114,16 @@ pub(crate) fn manifest_loop(queue: Receiver<Garbage>, unmap: Sender<Garbage>) {
             Garbage::Mem(mem) => drop(mem),
         }
     }
+}
+
+/// Fsyncs `files`, then `dir` (their names in it).
+pub(super) fn sync_files(files: &[PathBuf], dir: &std::path::Path) -> crate::error::Result<()> {
+    for f in files {
+        std::fs::File::open(f)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| crate::error::Error::io("fsyncing an ingested file", f, e))?;
+    }
+    crate::manifest::sync_dir(dir)
 }
 
 /// Retires the runs a compaction replaced (and its inputs): their files are marked obsolete
