@@ -473,3 +473,152 @@ fn file_key_groups_outside_the_writers_range_are_corrupt() {
         );
     }
 }
+
+const RESTORE_CHILD_ENV: &str = "STATE_MMAP_RESTORE_CRASH_CHILD";
+const RESTORED_ROUNDS: u64 = 3;
+
+/// `S <n>` when the restoring child starts restoring into `r<n>`, `F <n>` once it flushed a
+/// write on top of the restored state.
+fn restore_progress(root: &Path) -> Vec<(char, u64)> {
+    fs::read_to_string(root.join("restore-progress"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let (step, n) = l.split_once(' ')?;
+            Some((step.chars().next()?, n.parse().ok()?))
+        })
+        .collect()
+}
+
+/// The restoring child: restores the checkpoint in `root` (`meta`, files in `shared`) into
+/// fresh directories `r<n>` one after the other, writes on top, flushes, and records each
+/// step, until it is killed.
+fn restore_child(root: &Path) {
+    let meta = fs::read(root.join("meta")).unwrap();
+    let mut log = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(root.join("restore-progress"))
+        .unwrap();
+    loop {
+        let n = restore_progress(root)
+            .iter()
+            .filter(|(s, _)| *s == 'S')
+            .count() as u64;
+        writeln!(log, "S {n}").unwrap();
+        log.sync_all().unwrap();
+        let mut b = crash_backend(&root.join(format!("r{n}")));
+        b.restore_native(sources(std::slice::from_ref(&meta), &root.join("shared")))
+            .unwrap();
+        let h = register(&mut b);
+        b.set_current_key(0).unwrap();
+        b.value(&h.v).update(1000).unwrap();
+        b.flush().unwrap();
+        writeln!(log, "F {n}").unwrap();
+        log.sync_all().unwrap();
+    }
+}
+
+/// A restore links the checkpoint's files into the store and returns before they are synced
+/// (the manifest thread syncs them before the manifest that names them). Killed at any point
+/// of restores, writes and flushes, a store reopens without error to either nothing (the
+/// restore's manifest was not written yet) or the whole restored state, plus the write on top
+/// once its flush returned; the checkpoint's files are never damaged.
+#[test]
+fn sigkill_during_restores_leaves_stores_that_reopen_empty_or_whole() {
+    if let Ok(dir) = std::env::var(RESTORE_CHILD_ENV) {
+        restore_child(Path::new(&dir));
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    let shared = root.path().join("shared");
+    fs::create_dir(&shared).unwrap();
+    {
+        let mut b = crash_backend(&root.path().join("source"));
+        let h = register(&mut b);
+        for round in 0..RESTORED_ROUNDS {
+            write_round(&mut b, &h, round, 0..KEYS);
+            b.flush().unwrap();
+        }
+        let chk = b.checkpoint().unwrap();
+        assert!(chk.files().len() > 1, "{} files", chk.files().len());
+        upload(&chk, &shared, &mut HashSet::new());
+        fs::write(root.path().join("meta"), chk.metadata()).unwrap();
+    }
+    let exe = std::env::current_exe().unwrap();
+    // Each child is killed a delay after it recorded 1-4 steps of its own: the kills land in
+    // restores, writes and flushes, after some restores finished.
+    let delays = [3u64, 0, 11, 1, 7, 2, 15, 5];
+    for (i, delay) in delays.into_iter().enumerate() {
+        let before = restore_progress(root.path()).len() + i % 4;
+        let mut child = Command::new(&exe)
+            .args([
+                "--exact",
+                "sigkill_during_restores_leaves_stores_that_reopen_empty_or_whole",
+                "--nocapture",
+            ])
+            .env(RESTORE_CHILD_ENV, root.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        for _ in 0..60_000 {
+            if restore_progress(root.path()).len() > before || child.try_wait().unwrap().is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        std::thread::sleep(Duration::from_millis(delay));
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+    }
+    let progress = restore_progress(root.path());
+    let started: Vec<u64> = progress
+        .iter()
+        .filter(|(s, _)| *s == 'S')
+        .map(|(_, n)| *n)
+        .collect();
+    let flushed: HashSet<u64> = progress
+        .iter()
+        .filter(|(s, _)| *s == 'F')
+        .map(|(_, n)| *n)
+        .collect();
+    assert!(!flushed.is_empty(), "no restore finished: {progress:?}");
+    let (mut empty, mut whole) = (0, 0);
+    for n in started {
+        let dir = root.path().join(format!("r{n}"));
+        let mut b = crash_backend(&dir);
+        let h = register(&mut b);
+        b.set_current_key(1).unwrap();
+        if b.value(&h.v).get().unwrap().is_none() {
+            assert!(!flushed.contains(&n), "r{n}: flushed, reopened empty");
+            empty += 1;
+            continue;
+        }
+        whole += 1;
+        assert_eq!(
+            check_round(&mut b, &h, RESTORED_ROUNDS, 1..KEYS),
+            KEYS as usize - 1
+        );
+        b.set_current_key(0).unwrap();
+        let v = b.value(&h.v).get().unwrap();
+        if flushed.contains(&n) {
+            assert_eq!(v, Some(1000), "r{n}: the flushed write on top");
+        } else {
+            assert!(
+                v == Some(1000) || v == Some(RESTORED_ROUNDS - 1),
+                "r{n}: key 0 has {v:?}"
+            );
+        }
+    }
+    assert!(whole > 0, "{empty} empty, {whole} whole");
+    // The checkpoint still restores whole.
+    let meta = fs::read(root.path().join("meta")).unwrap();
+    let mut b = crash_backend(&root.path().join("last"));
+    b.restore_native(sources(&[meta], &shared)).unwrap();
+    let h = register(&mut b);
+    assert_eq!(
+        check_round(&mut b, &h, RESTORED_ROUNDS, 0..KEYS),
+        KEYS as usize
+    );
+}
