@@ -126,7 +126,15 @@ impl<K: StateKey> HeapBackendBuilder<K> {
                 .max_parallelism
                 .is_power_of_two()
                 .then(|| self.max_parallelism - 1),
-            int_keys: is_int_key::<K>() && is_fixed_width_for::<K>(&self.key_serializer.snapshot()),
+            int_mask: self
+                .max_parallelism
+                .is_power_of_two()
+                .then(|| self.max_parallelism - 1)
+                .filter(|_| {
+                    is_int_key::<K>() && is_fixed_width_for::<K>(&self.key_serializer.snapshot())
+                }),
+            part_base: range.start(),
+            parts: range.len(),
             key_serializer: self.key_serializer,
             clock: self.clock,
             restore_threads: self.restore_threads,
@@ -155,9 +163,14 @@ pub struct HeapKeyedStateBackend<K> {
     restore_threads: usize,
     /// `max_parallelism - 1` when it is a power of two: the key group is then a mask away.
     kg_mask: Option<u32>,
-    /// True when keys are primitive integers written by [`FixedWidthSerializer`]: their bytes
-    /// and hash are computed inline, without calling the serializer.
-    int_keys: bool,
+    /// `max_parallelism - 1` when keys are primitive integers written by
+    /// [`FixedWidthSerializer`] and the key groups a power of two: their hash and key group are
+    /// computed inline, without calling the serializer.
+    int_mask: Option<u32>,
+    /// The first key group of the range (the partition of key group `kg` is `kg - part_base`).
+    part_base: u32,
+    /// The number of key groups in the range.
+    parts: u32,
     clock: Arc<dyn Clock>,
     /// The current key's serialized bytes (empty on the integer fast path: see `key_bytes`).
     key_buf: Vec<u8>,
@@ -713,9 +726,19 @@ impl<K: StateKey> HeapKeyedStateBackend<K> {
         Ok(id)
     }
 
-    /// Serializes a key into `key_buf`; returns its stable hash.
-    #[cold]
+    /// The stable hash and key group of a key off the integer fast path: serialized into
+    /// `key_buf`, hashed, and the key group taken from the hash.
     #[inline(never)]
+    fn hash_and_group(&mut self, key: &K) -> Result<(u64, u32)> {
+        let hash = self.serialize_key(key)?;
+        let kg = match self.kg_mask {
+            Some(mask) => (hash >> 32) as u32 & mask,
+            None => key_group_for_hash(hash, self.max_parallelism),
+        };
+        Ok((hash, kg))
+    }
+
+    /// Serializes a key into `key_buf`; returns its stable hash.
     fn serialize_key(&mut self, key: &K) -> Result<u64> {
         self.key_buf.clear();
         self.key_serializer
@@ -980,17 +1003,15 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
     fn set_current_key(&mut self, key: K) -> Result<()> {
         // The hot path stays small (a few dozen instructions for integer keys), so that the
         // CPU overlaps the memory accesses of consecutive records; the rest is out of line.
-        let hash = match self.int_keys.then(|| int_key_hash(&key)).flatten() {
-            Some(hash) => hash,
-            None => self.serialize_key(&key)?,
+        let fast = self
+            .int_mask
+            .and_then(|mask| int_key_hash(&key).map(|hash| (hash, mask)));
+        let (hash, kg) = match fast {
+            Some((hash, mask)) => (hash, (hash >> 32) as u32 & mask),
+            None => self.hash_and_group(&key)?,
         };
-        let h = (hash >> 32) as u32;
-        let kg = match self.kg_mask {
-            Some(mask) => h & mask,
-            None => key_group_for_hash(hash, self.max_parallelism),
-        };
-        let part = kg.wrapping_sub(self.range.start());
-        if part >= self.range.len() {
+        let part = kg.wrapping_sub(self.part_base);
+        if part >= self.parts {
             return Err(self.out_of_range(kg));
         }
         self.current = Some(CurrentKey {
@@ -1100,7 +1121,7 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
         ns: &N,
     ) -> Result<Option<V>> {
         let (cur, t) = single_table!(self, ValueKind<V>, h);
-        let clock = &*self.clock;
+        let clock = &self.clock;
         on_stamped!(t, |t| match read_single(t, cur, ns, clock, false) {
             Some(v) => Ok(Some(v)),
             None => Ok(t.kind.default.clone()),
@@ -1115,7 +1136,7 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
         value: V,
     ) -> Result<()> {
         let (cur, t) = single_table!(self, ValueKind<V>, h);
-        let clock = &*self.clock;
+        let clock = &self.clock;
         on_stamped!(t, |t| {
             let ts = write_ts(t, clock);
             t.put(cur, ns, ts, value);
@@ -1141,7 +1162,7 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
         value: T,
     ) -> Result<()> {
         let (cur, t) = list_table!(self, T, h);
-        let clock = &*self.clock;
+        let clock = &self.clock;
         on_stamped!(t, |t| {
             let ts = Stamp::new(write_ts(t, clock));
             match t.find_mut(cur, ns) {
@@ -1168,7 +1189,7 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
             return Ok(());
         }
         let (cur, t) = list_table!(self, T, h);
-        let clock = &*self.clock;
+        let clock = &self.clock;
         on_stamped!(t, |t| {
             let ts = Stamp::new(write_ts(t, clock));
             // Without TTL the stamp takes no room and the collect below reuses the allocation
@@ -1220,7 +1241,7 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
         value: UV,
     ) -> Result<()> {
         let (cur, t) = map_table!(self, UK, UV, h);
-        let clock = &*self.clock;
+        let clock = &self.clock;
         on_stamped!(t, |t| {
             let ts = Stamp::new(write_ts(t, clock));
             match t.find_mut(cur, ns) {
@@ -1247,7 +1268,7 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
             return Ok(());
         }
         let (cur, t) = map_table!(self, UK, UV, h);
-        let clock = &*self.clock;
+        let clock = &self.clock;
         on_stamped!(t, |t| {
             let ts = Stamp::new(write_ts(t, clock));
             let items = entries.into_iter().map(|(k, v)| (k, (v, ts)));

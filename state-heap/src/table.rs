@@ -133,13 +133,23 @@ impl<E: Clone> Part<E> {
     /// Mutable access; copies the key group only if a snapshot still reads it.
     #[inline]
     fn get_mut(&mut self) -> &mut HashTable<E> {
-        if let Part::Shared(shared) = self {
-            let shared = std::mem::take(shared);
-            *self = Part::Owned(Arc::unwrap_or_clone(shared));
+        if let Part::Shared(_) = self {
+            self.unshare();
         }
         match self {
             Part::Owned(t) => t,
             Part::Shared(_) => unreachable!("made owned just above"),
+        }
+    }
+
+    /// Takes the key group back from snapshots: copies it if one still reads it. Out of line
+    /// and cold, so that a write to an owned key group (the common case) stays a branch.
+    #[cold]
+    #[inline(never)]
+    fn unshare(&mut self) {
+        if let Part::Shared(shared) = self {
+            let shared = std::mem::take(shared);
+            *self = Part::Owned(Arc::unwrap_or_clone(shared));
         }
     }
 
@@ -825,8 +835,9 @@ impl<K: StateKey, N: Namespace, KD: Kind, T: Stamp> Table<K, N, KD, T> {
             .find_mut(h, |e| e.key == cur.key && e.ns == *ns)
     }
 
-    /// Inserts or replaces the entry of (current key, ns).
-    #[inline]
+    /// Inserts or replaces the entry of (current key, ns). Always inlined: the replace path
+    /// is a probe and two stores, and a call around it would cost as much again.
+    #[inline(always)]
     pub fn put(&mut self, cur: &CurrentKey<K>, ns: &N, ts: i64, value: KD::Stored) {
         let h = table_hash(cur.hash, ns_hash(ns));
         self.log.record(cur.part, h, &cur.key, ns, || {
@@ -1110,21 +1121,42 @@ impl<K: StateKey, N: Namespace, KD: Kind, T: Stamp> PartSink<K> for Sink<'_, K, 
     }
 }
 
+/// A clock as the access paths take it: the backend passes its `Arc<dyn Clock>` itself, which
+/// is dereferenced only when a state with TTL reads the time (not on every access).
+pub(crate) trait Now {
+    /// The clock's time in milliseconds.
+    fn now(&self) -> i64;
+}
+
+impl Now for dyn Clock + '_ {
+    #[inline]
+    fn now(&self) -> i64 {
+        self.now_millis()
+    }
+}
+
+impl Now for Arc<dyn Clock> {
+    #[inline]
+    fn now(&self) -> i64 {
+        self.now_millis()
+    }
+}
+
 /// Reads a single value (value, reducing, aggregating) with TTL semantics.
 /// `for_update` treats expired values as absent whatever the visibility (Flink's TTL states do).
 #[inline]
-pub(crate) fn read_single<K: StateKey, N: Namespace, KD: Kind, T: Stamp>(
+pub(crate) fn read_single<K: StateKey, N: Namespace, KD: Kind, T: Stamp, C: Now + ?Sized>(
     t: &mut Table<K, N, KD, T>,
     cur: &CurrentKey<K>,
     ns: &N,
-    clock: &dyn Clock,
+    clock: &C,
     for_update: bool,
 ) -> Option<KD::Stored> {
     let ttl = match t.ttl {
         Some(ttl) if T::STORED => ttl,
         _ => return t.find(cur, ns).map(|e| e.value.clone()),
     };
-    let now = clock.now_millis();
+    let now = clock.now();
     after_access(t, now);
     let e = t.find(cur, ns)?;
     if ttl.is_expired(e.ts(), now) {
@@ -1151,13 +1183,13 @@ pub(crate) fn after_access<K: StateKey, N: Namespace, KD: Kind, T: Stamp>(
 
 /// The timestamp written with a value: now with TTL, 0 without.
 #[inline]
-pub(crate) fn write_ts<K: StateKey, N: Namespace, KD: Kind, T: Stamp>(
+pub(crate) fn write_ts<K: StateKey, N: Namespace, KD: Kind, T: Stamp, C: Now + ?Sized>(
     t: &mut Table<K, N, KD, T>,
-    clock: &dyn Clock,
+    clock: &C,
 ) -> i64 {
     match t.ttl {
         Some(_) => {
-            let now = clock.now_millis();
+            let now = clock.now();
             after_access(t, now);
             now
         }
