@@ -141,7 +141,6 @@ impl<K: StateKey> HeapBackendBuilder<K> {
             key_buf: Vec::with_capacity(64),
             current: None,
             tables: Vec::new(),
-            stamped: Vec::new(),
             ids: HashMap::new(),
             pending: HashMap::new(),
             per_record_cleanup: Vec::new(),
@@ -176,9 +175,6 @@ pub struct HeapKeyedStateBackend<K> {
     key_buf: Vec<u8>,
     current: Option<CurrentKey<K>>,
     tables: Vec<Box<dyn ErasedTable<K>>>,
-    /// Per table: true when its entries carry TTL stamps (single values with TTL); read on
-    /// the hot path instead of asking the table.
-    stamped: Vec<bool>,
     ids: HashMap<StateName, StateId>,
     /// Restored states not registered yet; shared with snapshots, which write them unchanged.
     pending: HashMap<StateName, Vec<Arc<PendingChunk>>>,
@@ -241,68 +237,89 @@ macro_rules! on_stamped {
     };
 }
 
-/// The table of handle `$h`, of type `$plain` without TTL stamps or `$stamped` with them, and
-/// the current key.
-macro_rules! stamped_table {
-    ($self:ident, $plain:ty, $stamped:ty, $h:ident) => {
-        access_stamped::<K, $plain, $stamped>(
-            &mut $self.tables,
-            &$self.stamped,
-            &$self.current,
-            $h.id(),
-            $h.name(),
-        )?
+/// Runs `$body` with `$cur` bound to the current key and `$t` to the table of handle `$h`,
+/// of type `$plain` when the state stores no TTL stamps or `$stamped` when it does (the body
+/// is expanded for both). The plain type is tried first, so the common path checks one type
+/// and reads no other flag; a state with TTL pays a second check.
+macro_rules! with_stamped {
+    ($self:ident, $plain:ty, $stamped:ty, $h:ident, |$cur:ident, $t:ident| $body:expr) => {{
+        let $cur = $self
+            .current
+            .as_ref()
+            .ok_or_else(|| no_current_key($h.name()))?;
+        let any: &mut dyn Any = &mut **$self
+            .tables
+            .get_mut($h.id().0 as usize)
+            .ok_or_else(|| unknown($h.name()))?;
+        if let Some($t) = any.downcast_mut::<$plain>() {
+            $body
+        } else if let Some($t) = any.downcast_mut::<$stamped>() {
+            $body
+        } else {
+            return Err(unknown($h.name()));
+        }
+    }};
+}
+
+/// [`with_stamped!`] for a single-value state of kind `$kd` (value, reducing, aggregating).
+macro_rules! with_single {
+    ($self:ident, $kd:ty, $h:ident, |$cur:ident, $t:ident| $body:expr) => {
+        with_stamped!(
+            $self,
+            Table<K, N, $kd, NoTtl>,
+            Table<K, N, $kd, i64>,
+            $h,
+            |$cur, $t| $body
+        )
     };
 }
 
-/// The table of a single-value state of kind `$kd` (value, reducing, aggregating).
-macro_rules! single_table {
-    ($self:ident, $kd:ty, $h:ident) => {
-        stamped_table!($self, Table<K, N, $kd, NoTtl>, Table<K, N, $kd, i64>, $h)
-    };
-}
-
-/// The table of a list state with elements `$ty`.
-macro_rules! list_table {
-    ($self:ident, $ty:ty, $h:ident) => {
-        stamped_table!(
+/// [`with_stamped!`] for a list state with elements `$ty`.
+macro_rules! with_list {
+    ($self:ident, $ty:ty, $h:ident, |$cur:ident, $t:ident| $body:expr) => {
+        with_stamped!(
             $self,
             Table<K, N, ListKind<$ty, NoTtl>>,
             Table<K, N, ListKind<$ty, i64>>,
-            $h
+            $h,
+            |$cur, $t| $body
         )
     };
 }
 
-/// The table of a map state with user keys `$uk` and values `$uv`.
-macro_rules! map_table {
-    ($self:ident, $uk:ty, $uv:ty, $h:ident) => {
-        stamped_table!(
+/// [`with_stamped!`] for a map state with user keys `$uk` and values `$uv`.
+macro_rules! with_map {
+    ($self:ident, $uk:ty, $uv:ty, $h:ident, |$cur:ident, $t:ident| $body:expr) => {
+        with_stamped!(
             $self,
             Table<K, N, MapKind<$uk, $uv, NoTtl>>,
             Table<K, N, MapKind<$uk, $uv, i64>>,
-            $h
+            $h,
+            |$cur, $t| $body
         )
     };
 }
 
+/// The error of a state access without a current key.
+fn no_current_key(name: &StateName) -> Error {
+    Error::NoCurrentKey {
+        state: name.to_string(),
+    }
+}
+
 /// The typed table of a handle — `P` when the state stores no TTL stamps, `S` when it does —
-/// and the current key.
-#[inline(always)]
+/// and the current key, for callers that return a borrow of it (which [`with_stamped!`]
+/// cannot give).
 fn access_stamped<'a, K: StateKey, P: 'static, S: 'static>(
     tables: &'a mut [Box<dyn ErasedTable<K>>],
-    stamped: &[bool],
     current: &'a Option<CurrentKey<K>>,
     id: StateId,
     name: &StateName,
 ) -> Result<(&'a CurrentKey<K>, Stamped<'a, P, S>)> {
-    let cur = current.as_ref().ok_or_else(|| Error::NoCurrentKey {
-        state: name.to_string(),
-    })?;
+    let cur = current.as_ref().ok_or_else(|| no_current_key(name))?;
     let table = tables.get_mut(id.0 as usize).ok_or_else(|| unknown(name))?;
-    let stamped = stamped.get(id.0 as usize).copied().unwrap_or(false);
     let any: &mut dyn Any = &mut **table;
-    let table = if !stamped {
+    let table = if any.is::<P>() {
         any.downcast_mut::<P>().map(Stamped::Plain)
     } else {
         any.downcast_mut::<S>().map(Stamped::Stamped)
@@ -548,7 +565,7 @@ impl<K: StateKey> HeapKeyedStateBackend<K> {
                 .map(|(v, u)| (v.clone(), S::new(if U::STORED { u.get() } else { now })))
                 .collect()
         });
-        self.register_elements_stamped::<N, _, S>(name, kind(), ttl, ns_ser)
+        self.register(name, kind(), ttl, ns_ser)
     }
 
     /// Registers a map state whose entries carry stamp `S`, converting a table registered
@@ -570,7 +587,7 @@ impl<K: StateKey> HeapKeyedStateBackend<K> {
                 })
                 .collect()
         });
-        self.register_elements_stamped::<N, _, S>(name, kind(), ttl, ns_ser)
+        self.register(name, kind(), ttl, ns_ser)
     }
 
     /// A table registered under `name` as kind `Old` (its elements stamped the other way) is
@@ -594,21 +611,6 @@ impl<K: StateKey> HeapKeyedStateBackend<K> {
             let converted = old.convert_kind(Arc::new(kind), ttl, |s| convert(s, now));
             self.tables[i] = Box::new(converted);
         }
-    }
-
-    /// [`Self::register`] for a list or map kind whose elements carry stamp `S`; records it.
-    fn register_elements_stamped<N: Namespace, KD: Kind, S: Stamp>(
-        &mut self,
-        name: &StateName,
-        kind: KD,
-        ttl: Option<StateTtlConfig>,
-        ns_ser: &Arc<dyn StateSerializer<N>>,
-    ) -> Result<StateId> {
-        let id = self.register(name, kind, ttl, ns_ser)?;
-        if let Some(s) = self.stamped.get_mut(id.0 as usize) {
-            *s = S::STORED;
-        }
-        Ok(id)
     }
 
     /// [`Self::register`] with entries stamped `T`; a table registered before with stamp `U`
@@ -670,9 +672,6 @@ impl<K: StateKey> HeapKeyedStateBackend<K> {
                         self.per_record_cleanup.push(id.0 as usize);
                     }
                     *t = Box::new(converted);
-                    if let Some(s) = self.stamped.get_mut(id.0 as usize) {
-                        *s = T::STORED;
-                    }
                     Ok(id)
                 }
                 None => Err(Error::StateTypeMismatch {
@@ -721,7 +720,6 @@ impl<K: StateKey> HeapKeyedStateBackend<K> {
             self.per_record_cleanup.push(self.tables.len());
         }
         self.tables.push(Box::new(table));
-        self.stamped.push(T::STORED);
         self.ids.insert(name.clone(), id);
         Ok(id)
     }
@@ -1014,14 +1012,16 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
         if part >= self.parts {
             return Err(self.out_of_range(kg));
         }
+        if !self.per_record_cleanup.is_empty() {
+            self.cleanup_per_record();
+        }
+        // Stored last, after any call: the state access that follows then reads the key,
+        // hash and partition from registers rather than reloading them.
         self.current = Some(CurrentKey {
             key,
             hash,
             part: part as usize,
         });
-        if !self.per_record_cleanup.is_empty() {
-            self.cleanup_per_record();
-        }
         Ok(())
     }
 
@@ -1120,12 +1120,16 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
         h: &ValueStateHandle<V, N>,
         ns: &N,
     ) -> Result<Option<V>> {
-        let (cur, t) = single_table!(self, ValueKind<V>, h);
         let clock = &self.clock;
-        on_stamped!(t, |t| match read_single(t, cur, ns, clock, false) {
-            Some(v) => Ok(Some(v)),
-            None => Ok(t.kind.default.clone()),
-        })
+        with_single!(
+            self,
+            ValueKind<V>,
+            h,
+            |cur, t| match read_single(t, cur, ns, clock, false) {
+                Some(v) => Ok(Some(v)),
+                None => Ok(t.kind.default.clone()),
+            }
+        )
     }
 
     #[inline(always)]
@@ -1135,9 +1139,8 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
         ns: &N,
         value: V,
     ) -> Result<()> {
-        let (cur, t) = single_table!(self, ValueKind<V>, h);
         let clock = &self.clock;
-        on_stamped!(t, |t| {
+        with_single!(self, ValueKind<V>, h, |cur, t| {
             let ts = write_ts(t, clock);
             t.put(cur, ns, ts, value);
         });
@@ -1149,9 +1152,10 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
         h: &ListStateHandle<T, N>,
         ns: &N,
     ) -> Result<Option<Vec<T>>> {
-        let (cur, t) = list_table!(self, T, h);
         let clock = &*self.clock;
-        Ok(on_stamped!(t, |t| list_get_in(t, cur, ns, clock)))
+        Ok(with_list!(self, T, h, |cur, t| list_get_in(
+            t, cur, ns, clock
+        )))
     }
 
     #[inline]
@@ -1161,9 +1165,8 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
         ns: &N,
         value: T,
     ) -> Result<()> {
-        let (cur, t) = list_table!(self, T, h);
         let clock = &self.clock;
-        on_stamped!(t, |t| {
+        with_list!(self, T, h, |cur, t| {
             let ts = Stamp::new(write_ts(t, clock));
             match t.find_mut(cur, ns) {
                 Some(e) => e.value.push((value, ts)),
@@ -1188,9 +1191,8 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
         if values.is_empty() {
             return Ok(());
         }
-        let (cur, t) = list_table!(self, T, h);
         let clock = &self.clock;
-        on_stamped!(t, |t| {
+        with_list!(self, T, h, |cur, t| {
             let ts = Stamp::new(write_ts(t, clock));
             // Without TTL the stamp takes no room and the collect below reuses the allocation
             // of `values` (the element layout is the same).
@@ -1209,9 +1211,8 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
         ns: &N,
         values: Vec<T>,
     ) -> Result<()> {
-        let (cur, t) = list_table!(self, T, h);
         let clock = &*self.clock;
-        on_stamped!(t, |t| {
+        with_list!(self, T, h, |cur, t| {
             if values.is_empty() {
                 t.remove(cur, ns);
             } else {
@@ -1228,9 +1229,10 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
         ns: &N,
         user_key: &UK,
     ) -> Result<Option<UV>> {
-        let (cur, t) = map_table!(self, UK, UV, h);
         let clock = &*self.clock;
-        Ok(on_stamped!(t, |t| map_get_in(t, cur, ns, user_key, clock)))
+        Ok(with_map!(self, UK, UV, h, |cur, t| map_get_in(
+            t, cur, ns, user_key, clock
+        )))
     }
 
     fn map_put<UK: MapKey, UV: StateType, N: Namespace>(
@@ -1240,9 +1242,8 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
         user_key: UK,
         value: UV,
     ) -> Result<()> {
-        let (cur, t) = map_table!(self, UK, UV, h);
         let clock = &self.clock;
-        on_stamped!(t, |t| {
+        with_map!(self, UK, UV, h, |cur, t| {
             let ts = Stamp::new(write_ts(t, clock));
             match t.find_mut(cur, ns) {
                 Some(e) => {
@@ -1267,9 +1268,8 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
         if entries.is_empty() {
             return Ok(());
         }
-        let (cur, t) = map_table!(self, UK, UV, h);
         let clock = &self.clock;
-        on_stamped!(t, |t| {
+        with_map!(self, UK, UV, h, |cur, t| {
             let ts = Stamp::new(write_ts(t, clock));
             let items = entries.into_iter().map(|(k, v)| (k, (v, ts)));
             match t.find_mut(cur, ns) {
@@ -1286,9 +1286,8 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
         ns: &N,
         user_key: &UK,
     ) -> Result<()> {
-        let (cur, t) = map_table!(self, UK, UV, h);
         let clock = &*self.clock;
-        on_stamped!(t, |t| {
+        with_map!(self, UK, UV, h, |cur, t| {
             if t.ttl.is_some() {
                 after_access(t, clock.now_millis());
             }
@@ -1311,7 +1310,11 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
         h: &MapStateHandle<UK, UV, N>,
         ns: &N,
     ) -> Result<MapIter<'a, UK, UV>> {
-        let (cur, t) = map_table!(self, UK, UV, h);
+        let (cur, t) = access_stamped::<
+            K,
+            Table<K, N, MapKind<UK, UV, NoTtl>>,
+            Table<K, N, MapKind<UK, UV, i64>>,
+        >(&mut self.tables, &self.current, h.id(), h.name())?;
         let clock = &*self.clock;
         Ok(on_stamped!(t, |t| map_entries_in(t, cur, ns, clock)))
     }
@@ -1321,9 +1324,8 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
         h: &MapStateHandle<UK, UV, N>,
         ns: &N,
     ) -> Result<bool> {
-        let (cur, t) = map_table!(self, UK, UV, h);
         let now = self.clock.now_millis();
-        Ok(on_stamped!(t, |t| {
+        Ok(with_map!(self, UK, UV, h, |cur, t| {
             let ttl = t.ttl;
             t.find(cur, ns).is_none_or(|e| match ttl {
                 None => e.value.is_empty(),
@@ -1340,9 +1342,13 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
         h: &ReducingStateHandle<T, N>,
         ns: &N,
     ) -> Result<Option<T>> {
-        let (cur, t) = single_table!(self, ReducingKind<T>, h);
         let clock = &*self.clock;
-        Ok(on_stamped!(t, |t| read_single(t, cur, ns, clock, false)))
+        Ok(with_single!(
+            self,
+            ReducingKind<T>,
+            h,
+            |cur, t| read_single(t, cur, ns, clock, false)
+        ))
     }
 
     fn reducing_add<T: StateType, N: Namespace>(
@@ -1351,9 +1357,8 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
         ns: &N,
         value: T,
     ) -> Result<()> {
-        let (cur, t) = single_table!(self, ReducingKind<T>, h);
         let clock = &*self.clock;
-        on_stamped!(t, |t| {
+        with_single!(self, ReducingKind<T>, h, |cur, t| {
             let old = read_single(t, cur, ns, clock, true);
             let new = match old {
                 Some(a) => (t.kind.reduce)(a, value),

@@ -1187,6 +1187,10 @@ pub(crate) fn write_ts<K: StateKey, N: Namespace, KD: Kind, T: Stamp, C: Now + ?
     t: &mut Table<K, N, KD, T>,
     clock: &C,
 ) -> i64 {
+    if KD::SINGLE && !T::STORED {
+        // A single value with TTL is registered with stamped entries: none here.
+        return 0;
+    }
     match t.ttl {
         Some(_) => {
             let now = clock.now();
