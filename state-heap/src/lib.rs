@@ -58,8 +58,8 @@ use state_api::*;
 
 use restore::{check_key_serializer, PendingChunk};
 use table::{
-    after_access, read_single, write_ts, AggregatingKind, CurrentKey, ErasedTable, Kind, ListKind,
-    MapKind, MapStore, NoTtl, ReducingKind, SharedTable, Stamp, Table, ValueKind,
+    after_access, read_single, write_ts, AggregatingKind, CurrentKey, ErasedTable, KeyHasher, Kind,
+    ListKind, MapKind, MapStore, NoTtl, ReducingKind, SharedTable, Stamp, Table, ValueKind,
 };
 use timers::TimerService;
 
@@ -631,7 +631,7 @@ impl<K: StateKey> HeapKeyedStateBackend<K> {
                 Arc::clone(&kind),
                 ttl,
                 Arc::clone(ns_ser),
-                Arc::clone(key_ser),
+                KeyHasher::new(Arc::clone(key_ser)),
                 parts,
             )
         };
