@@ -59,7 +59,7 @@ use state_api::*;
 use restore::{check_key_serializer, PendingChunk};
 use table::{
     after_access, read_single, write_ts, AggregatingKind, CurrentKey, ErasedTable, KeyHasher, Kind,
-    ListKind, MapKind, MapStore, NoTtl, ReducingKind, SharedTable, Stamp, Table, ValueKind,
+    ListKind, MapKind, MapStore, NoTtl, Now, ReducingKind, SharedTable, Stamp, Table, ValueKind,
 };
 use timers::TimerService;
 
@@ -330,11 +330,11 @@ fn access_stamped<'a, K: StateKey, P: 'static, S: 'static>(
 /// A list's elements with TTL semantics (expired elements dropped, read refreshing the rest
 /// when configured).
 #[inline]
-fn list_get_in<K: StateKey, N: Namespace, T: StateType, S: Stamp>(
+fn list_get_in<K: StateKey, N: Namespace, T: StateType, S: Stamp, C: Now + ?Sized>(
     t: &mut Table<K, N, ListKind<T, S>>,
     cur: &CurrentKey<K>,
     ns: &N,
-    clock: &dyn Clock,
+    clock: &C,
 ) -> Option<Vec<T>> {
     let ttl = match t.ttl {
         Some(ttl) if S::STORED => ttl,
@@ -344,7 +344,7 @@ fn list_get_in<K: StateKey, N: Namespace, T: StateType, S: Stamp>(
                 .map(|e| e.value.iter().map(|(v, _)| v.clone()).collect())
         }
     };
-    let now = clock.now_millis();
+    let now = clock.now();
     after_access(t, now);
     let e = t.find(cur, ns)?;
     let any_expired = e.value.iter().any(|(_, ts)| ttl.is_expired(ts.get(), now));
@@ -370,12 +370,12 @@ fn list_get_in<K: StateKey, N: Namespace, T: StateType, S: Stamp>(
 
 /// A map entry's value with TTL semantics.
 #[inline]
-fn map_get_in<K: StateKey, N: Namespace, UK: MapKey, UV: StateType, S: Stamp>(
+fn map_get_in<K: StateKey, N: Namespace, UK: MapKey, UV: StateType, S: Stamp, C: Now + ?Sized>(
     t: &mut Table<K, N, MapKind<UK, UV, S>>,
     cur: &CurrentKey<K>,
     ns: &N,
     user_key: &UK,
-    clock: &dyn Clock,
+    clock: &C,
 ) -> Option<UV> {
     let ttl = match t.ttl {
         Some(ttl) if S::STORED => ttl,
@@ -386,7 +386,7 @@ fn map_get_in<K: StateKey, N: Namespace, UK: MapKey, UV: StateType, S: Stamp>(
                 .map(|(v, _)| v.clone())
         }
     };
-    let now = clock.now_millis();
+    let now = clock.now();
     after_access(t, now);
     let (v, ts) = t
         .find(cur, ns)
@@ -407,11 +407,19 @@ fn map_get_in<K: StateKey, N: Namespace, UK: MapKey, UV: StateType, S: Stamp>(
 }
 
 /// A map's entries with TTL semantics; without TTL they are cloned as the iterator goes.
-fn map_entries_in<'a, K: StateKey, N: Namespace, UK: MapKey, UV: StateType, S: Stamp>(
+fn map_entries_in<
+    'a,
+    K: StateKey,
+    N: Namespace,
+    UK: MapKey,
+    UV: StateType,
+    S: Stamp,
+    C: Now + ?Sized,
+>(
     t: &'a mut Table<K, N, MapKind<UK, UV, S>>,
     cur: &CurrentKey<K>,
     ns: &N,
-    clock: &dyn Clock,
+    clock: &C,
 ) -> MapIter<'a, UK, UV> {
     let ttl = match t.ttl {
         Some(ttl) if S::STORED => ttl,
@@ -423,7 +431,7 @@ fn map_entries_in<'a, K: StateKey, N: Namespace, UK: MapKey, UV: StateType, S: S
             return Box::new(e.value.iter().map(|(k, (v, _))| Ok((k.clone(), v.clone()))));
         }
     };
-    let now = clock.now_millis();
+    let now = clock.now();
     after_access(t, now);
     let Some(e) = t.find(cur, ns) else {
         return Box::new(std::iter::empty());
@@ -1152,7 +1160,7 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
         h: &ListStateHandle<T, N>,
         ns: &N,
     ) -> Result<Option<Vec<T>>> {
-        let clock = &*self.clock;
+        let clock = &self.clock;
         Ok(with_list!(self, T, h, |cur, t| list_get_in(
             t, cur, ns, clock
         )))
@@ -1211,7 +1219,7 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
         ns: &N,
         values: Vec<T>,
     ) -> Result<()> {
-        let clock = &*self.clock;
+        let clock = &self.clock;
         with_list!(self, T, h, |cur, t| {
             if values.is_empty() {
                 t.remove(cur, ns);
@@ -1229,7 +1237,7 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
         ns: &N,
         user_key: &UK,
     ) -> Result<Option<UV>> {
-        let clock = &*self.clock;
+        let clock = &self.clock;
         Ok(with_map!(self, UK, UV, h, |cur, t| map_get_in(
             t, cur, ns, user_key, clock
         )))
@@ -1286,7 +1294,7 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
         ns: &N,
         user_key: &UK,
     ) -> Result<()> {
-        let clock = &*self.clock;
+        let clock = &self.clock;
         with_map!(self, UK, UV, h, |cur, t| {
             if t.ttl.is_some() {
                 after_access(t, clock.now_millis());
@@ -1315,7 +1323,7 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
             Table<K, N, MapKind<UK, UV, NoTtl>>,
             Table<K, N, MapKind<UK, UV, i64>>,
         >(&mut self.tables, &self.current, h.id(), h.name())?;
-        let clock = &*self.clock;
+        let clock = &self.clock;
         Ok(on_stamped!(t, |t| map_entries_in(t, cur, ns, clock)))
     }
 
@@ -1324,15 +1332,18 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
         h: &MapStateHandle<UK, UV, N>,
         ns: &N,
     ) -> Result<bool> {
-        let now = self.clock.now_millis();
+        let clock = &self.clock;
         Ok(with_map!(self, UK, UV, h, |cur, t| {
             let ttl = t.ttl;
             t.find(cur, ns).is_none_or(|e| match ttl {
                 None => e.value.is_empty(),
-                Some(ttl) => !e
-                    .value
-                    .values()
-                    .any(|(_, ts)| ttl.returns_expired() || !ttl.is_expired(ts.get(), now)),
+                Some(ttl) => {
+                    // The clock is read only for a state with TTL.
+                    let now = clock.now();
+                    !e.value
+                        .values()
+                        .any(|(_, ts)| ttl.returns_expired() || !ttl.is_expired(ts.get(), now))
+                }
             })
         }))
     }
@@ -1342,7 +1353,7 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
         h: &ReducingStateHandle<T, N>,
         ns: &N,
     ) -> Result<Option<T>> {
-        let clock = &*self.clock;
+        let clock = &self.clock;
         Ok(with_single!(
             self,
             ReducingKind<T>,
@@ -1357,7 +1368,7 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
         ns: &N,
         value: T,
     ) -> Result<()> {
-        let clock = &*self.clock;
+        let clock = &self.clock;
         with_single!(self, ReducingKind<T>, h, |cur, t| {
             let old = read_single(t, cur, ns, clock, true);
             let new = match old {
