@@ -58,8 +58,8 @@ use state_api::*;
 
 use restore::{check_key_serializer, PendingChunk};
 use table::{
-    after_access, read_single, write_ts, AggregatingKind, CurrentKey, ErasedTable, Kind, ListKind,
-    MapKind, MapStore, NoTtl, ReducingKind, SharedTable, Stamp, Table, ValueKind,
+    after_access, read_single, write_ts, AggregatingKind, CurrentKey, ErasedTable, KeyHasher, Kind,
+    ListKind, MapKind, MapStore, NoTtl, Now, ReducingKind, SharedTable, Stamp, Table, ValueKind,
 };
 use timers::TimerService;
 
@@ -126,14 +126,21 @@ impl<K: StateKey> HeapBackendBuilder<K> {
                 .max_parallelism
                 .is_power_of_two()
                 .then(|| self.max_parallelism - 1),
-            int_keys: is_int_key::<K>() && is_fixed_width_for::<K>(&self.key_serializer.snapshot()),
+            int_mask: self
+                .max_parallelism
+                .is_power_of_two()
+                .then(|| self.max_parallelism - 1)
+                .filter(|_| {
+                    is_int_key::<K>() && is_fixed_width_for::<K>(&self.key_serializer.snapshot())
+                }),
+            part_base: range.start(),
+            parts: range.len(),
             key_serializer: self.key_serializer,
             clock: self.clock,
             restore_threads: self.restore_threads,
             key_buf: Vec::with_capacity(64),
             current: None,
             tables: Vec::new(),
-            stamped: Vec::new(),
             ids: HashMap::new(),
             pending: HashMap::new(),
             per_record_cleanup: Vec::new(),
@@ -155,17 +162,19 @@ pub struct HeapKeyedStateBackend<K> {
     restore_threads: usize,
     /// `max_parallelism - 1` when it is a power of two: the key group is then a mask away.
     kg_mask: Option<u32>,
-    /// True when keys are primitive integers written by [`FixedWidthSerializer`]: their bytes
-    /// and hash are computed inline, without calling the serializer.
-    int_keys: bool,
+    /// `max_parallelism - 1` when keys are primitive integers written by
+    /// [`FixedWidthSerializer`] and the key groups a power of two: their hash and key group are
+    /// computed inline, without calling the serializer.
+    int_mask: Option<u32>,
+    /// The first key group of the range (the partition of key group `kg` is `kg - part_base`).
+    part_base: u32,
+    /// The number of key groups in the range.
+    parts: u32,
     clock: Arc<dyn Clock>,
     /// The current key's serialized bytes (empty on the integer fast path: see `key_bytes`).
     key_buf: Vec<u8>,
     current: Option<CurrentKey<K>>,
     tables: Vec<Box<dyn ErasedTable<K>>>,
-    /// Per table: true when its entries carry TTL stamps (single values with TTL); read on
-    /// the hot path instead of asking the table.
-    stamped: Vec<bool>,
     ids: HashMap<StateName, StateId>,
     /// Restored states not registered yet; shared with snapshots, which write them unchanged.
     pending: HashMap<StateName, Vec<Arc<PendingChunk>>>,
@@ -228,68 +237,89 @@ macro_rules! on_stamped {
     };
 }
 
-/// The table of handle `$h`, of type `$plain` without TTL stamps or `$stamped` with them, and
-/// the current key.
-macro_rules! stamped_table {
-    ($self:ident, $plain:ty, $stamped:ty, $h:ident) => {
-        access_stamped::<K, $plain, $stamped>(
-            &mut $self.tables,
-            &$self.stamped,
-            &$self.current,
-            $h.id(),
-            $h.name(),
-        )?
+/// Runs `$body` with `$cur` bound to the current key and `$t` to the table of handle `$h`,
+/// of type `$plain` when the state stores no TTL stamps or `$stamped` when it does (the body
+/// is expanded for both). The plain type is tried first, so the common path checks one type
+/// and reads no other flag; a state with TTL pays a second check.
+macro_rules! with_stamped {
+    ($self:ident, $plain:ty, $stamped:ty, $h:ident, |$cur:ident, $t:ident| $body:expr) => {{
+        let $cur = $self
+            .current
+            .as_ref()
+            .ok_or_else(|| no_current_key($h.name()))?;
+        let any: &mut dyn Any = &mut **$self
+            .tables
+            .get_mut($h.id().0 as usize)
+            .ok_or_else(|| unknown($h.name()))?;
+        if let Some($t) = any.downcast_mut::<$plain>() {
+            $body
+        } else if let Some($t) = any.downcast_mut::<$stamped>() {
+            $body
+        } else {
+            return Err(unknown($h.name()));
+        }
+    }};
+}
+
+/// [`with_stamped!`] for a single-value state of kind `$kd` (value, reducing, aggregating).
+macro_rules! with_single {
+    ($self:ident, $kd:ty, $h:ident, |$cur:ident, $t:ident| $body:expr) => {
+        with_stamped!(
+            $self,
+            Table<K, N, $kd, NoTtl>,
+            Table<K, N, $kd, i64>,
+            $h,
+            |$cur, $t| $body
+        )
     };
 }
 
-/// The table of a single-value state of kind `$kd` (value, reducing, aggregating).
-macro_rules! single_table {
-    ($self:ident, $kd:ty, $h:ident) => {
-        stamped_table!($self, Table<K, N, $kd, NoTtl>, Table<K, N, $kd, i64>, $h)
-    };
-}
-
-/// The table of a list state with elements `$ty`.
-macro_rules! list_table {
-    ($self:ident, $ty:ty, $h:ident) => {
-        stamped_table!(
+/// [`with_stamped!`] for a list state with elements `$ty`.
+macro_rules! with_list {
+    ($self:ident, $ty:ty, $h:ident, |$cur:ident, $t:ident| $body:expr) => {
+        with_stamped!(
             $self,
             Table<K, N, ListKind<$ty, NoTtl>>,
             Table<K, N, ListKind<$ty, i64>>,
-            $h
+            $h,
+            |$cur, $t| $body
         )
     };
 }
 
-/// The table of a map state with user keys `$uk` and values `$uv`.
-macro_rules! map_table {
-    ($self:ident, $uk:ty, $uv:ty, $h:ident) => {
-        stamped_table!(
+/// [`with_stamped!`] for a map state with user keys `$uk` and values `$uv`.
+macro_rules! with_map {
+    ($self:ident, $uk:ty, $uv:ty, $h:ident, |$cur:ident, $t:ident| $body:expr) => {
+        with_stamped!(
             $self,
             Table<K, N, MapKind<$uk, $uv, NoTtl>>,
             Table<K, N, MapKind<$uk, $uv, i64>>,
-            $h
+            $h,
+            |$cur, $t| $body
         )
     };
 }
 
+/// The error of a state access without a current key.
+fn no_current_key(name: &StateName) -> Error {
+    Error::NoCurrentKey {
+        state: name.to_string(),
+    }
+}
+
 /// The typed table of a handle — `P` when the state stores no TTL stamps, `S` when it does —
-/// and the current key.
-#[inline(always)]
+/// and the current key, for callers that return a borrow of it (which [`with_stamped!`]
+/// cannot give).
 fn access_stamped<'a, K: StateKey, P: 'static, S: 'static>(
     tables: &'a mut [Box<dyn ErasedTable<K>>],
-    stamped: &[bool],
     current: &'a Option<CurrentKey<K>>,
     id: StateId,
     name: &StateName,
 ) -> Result<(&'a CurrentKey<K>, Stamped<'a, P, S>)> {
-    let cur = current.as_ref().ok_or_else(|| Error::NoCurrentKey {
-        state: name.to_string(),
-    })?;
+    let cur = current.as_ref().ok_or_else(|| no_current_key(name))?;
     let table = tables.get_mut(id.0 as usize).ok_or_else(|| unknown(name))?;
-    let stamped = stamped.get(id.0 as usize).copied().unwrap_or(false);
     let any: &mut dyn Any = &mut **table;
-    let table = if !stamped {
+    let table = if any.is::<P>() {
         any.downcast_mut::<P>().map(Stamped::Plain)
     } else {
         any.downcast_mut::<S>().map(Stamped::Stamped)
@@ -300,11 +330,11 @@ fn access_stamped<'a, K: StateKey, P: 'static, S: 'static>(
 /// A list's elements with TTL semantics (expired elements dropped, read refreshing the rest
 /// when configured).
 #[inline]
-fn list_get_in<K: StateKey, N: Namespace, T: StateType, S: Stamp>(
+fn list_get_in<K: StateKey, N: Namespace, T: StateType, S: Stamp, C: Now + ?Sized>(
     t: &mut Table<K, N, ListKind<T, S>>,
     cur: &CurrentKey<K>,
     ns: &N,
-    clock: &dyn Clock,
+    clock: &C,
 ) -> Option<Vec<T>> {
     let ttl = match t.ttl {
         Some(ttl) if S::STORED => ttl,
@@ -314,7 +344,7 @@ fn list_get_in<K: StateKey, N: Namespace, T: StateType, S: Stamp>(
                 .map(|e| e.value.iter().map(|(v, _)| v.clone()).collect())
         }
     };
-    let now = clock.now_millis();
+    let now = clock.now();
     after_access(t, now);
     let e = t.find(cur, ns)?;
     let any_expired = e.value.iter().any(|(_, ts)| ttl.is_expired(ts.get(), now));
@@ -340,12 +370,12 @@ fn list_get_in<K: StateKey, N: Namespace, T: StateType, S: Stamp>(
 
 /// A map entry's value with TTL semantics.
 #[inline]
-fn map_get_in<K: StateKey, N: Namespace, UK: MapKey, UV: StateType, S: Stamp>(
+fn map_get_in<K: StateKey, N: Namespace, UK: MapKey, UV: StateType, S: Stamp, C: Now + ?Sized>(
     t: &mut Table<K, N, MapKind<UK, UV, S>>,
     cur: &CurrentKey<K>,
     ns: &N,
     user_key: &UK,
-    clock: &dyn Clock,
+    clock: &C,
 ) -> Option<UV> {
     let ttl = match t.ttl {
         Some(ttl) if S::STORED => ttl,
@@ -356,7 +386,7 @@ fn map_get_in<K: StateKey, N: Namespace, UK: MapKey, UV: StateType, S: Stamp>(
                 .map(|(v, _)| v.clone())
         }
     };
-    let now = clock.now_millis();
+    let now = clock.now();
     after_access(t, now);
     let (v, ts) = t
         .find(cur, ns)
@@ -377,11 +407,19 @@ fn map_get_in<K: StateKey, N: Namespace, UK: MapKey, UV: StateType, S: Stamp>(
 }
 
 /// A map's entries with TTL semantics; without TTL they are cloned as the iterator goes.
-fn map_entries_in<'a, K: StateKey, N: Namespace, UK: MapKey, UV: StateType, S: Stamp>(
+fn map_entries_in<
+    'a,
+    K: StateKey,
+    N: Namespace,
+    UK: MapKey,
+    UV: StateType,
+    S: Stamp,
+    C: Now + ?Sized,
+>(
     t: &'a mut Table<K, N, MapKind<UK, UV, S>>,
     cur: &CurrentKey<K>,
     ns: &N,
-    clock: &dyn Clock,
+    clock: &C,
 ) -> MapIter<'a, UK, UV> {
     let ttl = match t.ttl {
         Some(ttl) if S::STORED => ttl,
@@ -393,7 +431,7 @@ fn map_entries_in<'a, K: StateKey, N: Namespace, UK: MapKey, UV: StateType, S: S
             return Box::new(e.value.iter().map(|(k, (v, _))| Ok((k.clone(), v.clone()))));
         }
     };
-    let now = clock.now_millis();
+    let now = clock.now();
     after_access(t, now);
     let Some(e) = t.find(cur, ns) else {
         return Box::new(std::iter::empty());
@@ -535,7 +573,7 @@ impl<K: StateKey> HeapKeyedStateBackend<K> {
                 .map(|(v, u)| (v.clone(), S::new(if U::STORED { u.get() } else { now })))
                 .collect()
         });
-        self.register_elements_stamped::<N, _, S>(name, kind(), ttl, ns_ser)
+        self.register(name, kind(), ttl, ns_ser)
     }
 
     /// Registers a map state whose entries carry stamp `S`, converting a table registered
@@ -557,7 +595,7 @@ impl<K: StateKey> HeapKeyedStateBackend<K> {
                 })
                 .collect()
         });
-        self.register_elements_stamped::<N, _, S>(name, kind(), ttl, ns_ser)
+        self.register(name, kind(), ttl, ns_ser)
     }
 
     /// A table registered under `name` as kind `Old` (its elements stamped the other way) is
@@ -583,21 +621,6 @@ impl<K: StateKey> HeapKeyedStateBackend<K> {
         }
     }
 
-    /// [`Self::register`] for a list or map kind whose elements carry stamp `S`; records it.
-    fn register_elements_stamped<N: Namespace, KD: Kind, S: Stamp>(
-        &mut self,
-        name: &StateName,
-        kind: KD,
-        ttl: Option<StateTtlConfig>,
-        ns_ser: &Arc<dyn StateSerializer<N>>,
-    ) -> Result<StateId> {
-        let id = self.register(name, kind, ttl, ns_ser)?;
-        if let Some(s) = self.stamped.get_mut(id.0 as usize) {
-            *s = S::STORED;
-        }
-        Ok(id)
-    }
-
     /// [`Self::register`] with entries stamped `T`; a table registered before with stamp `U`
     /// (TTL switched on or off since) is converted.
     fn register_stamped<N: Namespace, KD: Kind, T: Stamp, U: Stamp>(
@@ -616,7 +639,7 @@ impl<K: StateKey> HeapKeyedStateBackend<K> {
                 Arc::clone(&kind),
                 ttl,
                 Arc::clone(ns_ser),
-                Arc::clone(key_ser),
+                KeyHasher::new(Arc::clone(key_ser)),
                 parts,
             )
         };
@@ -657,9 +680,6 @@ impl<K: StateKey> HeapKeyedStateBackend<K> {
                         self.per_record_cleanup.push(id.0 as usize);
                     }
                     *t = Box::new(converted);
-                    if let Some(s) = self.stamped.get_mut(id.0 as usize) {
-                        *s = T::STORED;
-                    }
                     Ok(id)
                 }
                 None => Err(Error::StateTypeMismatch {
@@ -708,14 +728,23 @@ impl<K: StateKey> HeapKeyedStateBackend<K> {
             self.per_record_cleanup.push(self.tables.len());
         }
         self.tables.push(Box::new(table));
-        self.stamped.push(T::STORED);
         self.ids.insert(name.clone(), id);
         Ok(id)
     }
 
-    /// Serializes a key into `key_buf`; returns its stable hash.
-    #[cold]
+    /// The stable hash and key group of a key off the integer fast path: serialized into
+    /// `key_buf`, hashed, and the key group taken from the hash.
     #[inline(never)]
+    fn hash_and_group(&mut self, key: &K) -> Result<(u64, u32)> {
+        let hash = self.serialize_key(key)?;
+        let kg = match self.kg_mask {
+            Some(mask) => (hash >> 32) as u32 & mask,
+            None => key_group_for_hash(hash, self.max_parallelism),
+        };
+        Ok((hash, kg))
+    }
+
+    /// Serializes a key into `key_buf`; returns its stable hash.
     fn serialize_key(&mut self, key: &K) -> Result<u64> {
         self.key_buf.clear();
         self.key_serializer
@@ -980,27 +1009,27 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
     fn set_current_key(&mut self, key: K) -> Result<()> {
         // The hot path stays small (a few dozen instructions for integer keys), so that the
         // CPU overlaps the memory accesses of consecutive records; the rest is out of line.
-        let hash = match self.int_keys.then(|| int_key_hash(&key)).flatten() {
-            Some(hash) => hash,
-            None => self.serialize_key(&key)?,
+        let fast = self
+            .int_mask
+            .and_then(|mask| int_key_hash(&key).map(|hash| (hash, mask)));
+        let (hash, kg) = match fast {
+            Some((hash, mask)) => (hash, (hash >> 32) as u32 & mask),
+            None => self.hash_and_group(&key)?,
         };
-        let h = (hash >> 32) as u32;
-        let kg = match self.kg_mask {
-            Some(mask) => h & mask,
-            None => key_group_for_hash(hash, self.max_parallelism),
-        };
-        let part = kg.wrapping_sub(self.range.start());
-        if part >= self.range.len() {
+        let part = kg.wrapping_sub(self.part_base);
+        if part >= self.parts {
             return Err(self.out_of_range(kg));
         }
+        if !self.per_record_cleanup.is_empty() {
+            self.cleanup_per_record();
+        }
+        // Stored last, after any call: the state access that follows then reads the key,
+        // hash and partition from registers rather than reloading them.
         self.current = Some(CurrentKey {
             key,
             hash,
             part: part as usize,
         });
-        if !self.per_record_cleanup.is_empty() {
-            self.cleanup_per_record();
-        }
         Ok(())
     }
 
@@ -1099,12 +1128,16 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
         h: &ValueStateHandle<V, N>,
         ns: &N,
     ) -> Result<Option<V>> {
-        let (cur, t) = single_table!(self, ValueKind<V>, h);
-        let clock = &*self.clock;
-        on_stamped!(t, |t| match read_single(t, cur, ns, clock, false) {
-            Some(v) => Ok(Some(v)),
-            None => Ok(t.kind.default.clone()),
-        })
+        let clock = &self.clock;
+        with_single!(
+            self,
+            ValueKind<V>,
+            h,
+            |cur, t| match read_single(t, cur, ns, clock, false) {
+                Some(v) => Ok(Some(v)),
+                None => Ok(t.kind.default.clone()),
+            }
+        )
     }
 
     #[inline(always)]
@@ -1114,9 +1147,8 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
         ns: &N,
         value: V,
     ) -> Result<()> {
-        let (cur, t) = single_table!(self, ValueKind<V>, h);
-        let clock = &*self.clock;
-        on_stamped!(t, |t| {
+        let clock = &self.clock;
+        with_single!(self, ValueKind<V>, h, |cur, t| {
             let ts = write_ts(t, clock);
             t.put(cur, ns, ts, value);
         });
@@ -1128,9 +1160,10 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
         h: &ListStateHandle<T, N>,
         ns: &N,
     ) -> Result<Option<Vec<T>>> {
-        let (cur, t) = list_table!(self, T, h);
-        let clock = &*self.clock;
-        Ok(on_stamped!(t, |t| list_get_in(t, cur, ns, clock)))
+        let clock = &self.clock;
+        Ok(with_list!(self, T, h, |cur, t| list_get_in(
+            t, cur, ns, clock
+        )))
     }
 
     #[inline]
@@ -1140,9 +1173,8 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
         ns: &N,
         value: T,
     ) -> Result<()> {
-        let (cur, t) = list_table!(self, T, h);
-        let clock = &*self.clock;
-        on_stamped!(t, |t| {
+        let clock = &self.clock;
+        with_list!(self, T, h, |cur, t| {
             let ts = Stamp::new(write_ts(t, clock));
             match t.find_mut(cur, ns) {
                 Some(e) => e.value.push((value, ts)),
@@ -1167,9 +1199,8 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
         if values.is_empty() {
             return Ok(());
         }
-        let (cur, t) = list_table!(self, T, h);
-        let clock = &*self.clock;
-        on_stamped!(t, |t| {
+        let clock = &self.clock;
+        with_list!(self, T, h, |cur, t| {
             let ts = Stamp::new(write_ts(t, clock));
             // Without TTL the stamp takes no room and the collect below reuses the allocation
             // of `values` (the element layout is the same).
@@ -1188,9 +1219,8 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
         ns: &N,
         values: Vec<T>,
     ) -> Result<()> {
-        let (cur, t) = list_table!(self, T, h);
-        let clock = &*self.clock;
-        on_stamped!(t, |t| {
+        let clock = &self.clock;
+        with_list!(self, T, h, |cur, t| {
             if values.is_empty() {
                 t.remove(cur, ns);
             } else {
@@ -1207,9 +1237,10 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
         ns: &N,
         user_key: &UK,
     ) -> Result<Option<UV>> {
-        let (cur, t) = map_table!(self, UK, UV, h);
-        let clock = &*self.clock;
-        Ok(on_stamped!(t, |t| map_get_in(t, cur, ns, user_key, clock)))
+        let clock = &self.clock;
+        Ok(with_map!(self, UK, UV, h, |cur, t| map_get_in(
+            t, cur, ns, user_key, clock
+        )))
     }
 
     fn map_put<UK: MapKey, UV: StateType, N: Namespace>(
@@ -1219,9 +1250,8 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
         user_key: UK,
         value: UV,
     ) -> Result<()> {
-        let (cur, t) = map_table!(self, UK, UV, h);
-        let clock = &*self.clock;
-        on_stamped!(t, |t| {
+        let clock = &self.clock;
+        with_map!(self, UK, UV, h, |cur, t| {
             let ts = Stamp::new(write_ts(t, clock));
             match t.find_mut(cur, ns) {
                 Some(e) => {
@@ -1246,9 +1276,8 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
         if entries.is_empty() {
             return Ok(());
         }
-        let (cur, t) = map_table!(self, UK, UV, h);
-        let clock = &*self.clock;
-        on_stamped!(t, |t| {
+        let clock = &self.clock;
+        with_map!(self, UK, UV, h, |cur, t| {
             let ts = Stamp::new(write_ts(t, clock));
             let items = entries.into_iter().map(|(k, v)| (k, (v, ts)));
             match t.find_mut(cur, ns) {
@@ -1265,9 +1294,8 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
         ns: &N,
         user_key: &UK,
     ) -> Result<()> {
-        let (cur, t) = map_table!(self, UK, UV, h);
-        let clock = &*self.clock;
-        on_stamped!(t, |t| {
+        let clock = &self.clock;
+        with_map!(self, UK, UV, h, |cur, t| {
             if t.ttl.is_some() {
                 after_access(t, clock.now_millis());
             }
@@ -1290,8 +1318,12 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
         h: &MapStateHandle<UK, UV, N>,
         ns: &N,
     ) -> Result<MapIter<'a, UK, UV>> {
-        let (cur, t) = map_table!(self, UK, UV, h);
-        let clock = &*self.clock;
+        let (cur, t) = access_stamped::<
+            K,
+            Table<K, N, MapKind<UK, UV, NoTtl>>,
+            Table<K, N, MapKind<UK, UV, i64>>,
+        >(&mut self.tables, &self.current, h.id(), h.name())?;
+        let clock = &self.clock;
         Ok(on_stamped!(t, |t| map_entries_in(t, cur, ns, clock)))
     }
 
@@ -1300,16 +1332,18 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
         h: &MapStateHandle<UK, UV, N>,
         ns: &N,
     ) -> Result<bool> {
-        let (cur, t) = map_table!(self, UK, UV, h);
-        let now = self.clock.now_millis();
-        Ok(on_stamped!(t, |t| {
+        let clock = &self.clock;
+        Ok(with_map!(self, UK, UV, h, |cur, t| {
             let ttl = t.ttl;
             t.find(cur, ns).is_none_or(|e| match ttl {
                 None => e.value.is_empty(),
-                Some(ttl) => !e
-                    .value
-                    .values()
-                    .any(|(_, ts)| ttl.returns_expired() || !ttl.is_expired(ts.get(), now)),
+                Some(ttl) => {
+                    // The clock is read only for a state with TTL.
+                    let now = clock.now();
+                    !e.value
+                        .values()
+                        .any(|(_, ts)| ttl.returns_expired() || !ttl.is_expired(ts.get(), now))
+                }
             })
         }))
     }
@@ -1319,9 +1353,13 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
         h: &ReducingStateHandle<T, N>,
         ns: &N,
     ) -> Result<Option<T>> {
-        let (cur, t) = single_table!(self, ReducingKind<T>, h);
-        let clock = &*self.clock;
-        Ok(on_stamped!(t, |t| read_single(t, cur, ns, clock, false)))
+        let clock = &self.clock;
+        Ok(with_single!(
+            self,
+            ReducingKind<T>,
+            h,
+            |cur, t| read_single(t, cur, ns, clock, false)
+        ))
     }
 
     fn reducing_add<T: StateType, N: Namespace>(
@@ -1330,9 +1368,8 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
         ns: &N,
         value: T,
     ) -> Result<()> {
-        let (cur, t) = single_table!(self, ReducingKind<T>, h);
-        let clock = &*self.clock;
-        on_stamped!(t, |t| {
+        let clock = &self.clock;
+        with_single!(self, ReducingKind<T>, h, |cur, t| {
             let old = read_single(t, cur, ns, clock, true);
             let new = match old {
                 Some(a) => (t.kind.reduce)(a, value),

@@ -60,7 +60,8 @@ impl Stamp for i64 {
 }
 
 /// One entry: a (key, namespace) and what the kind stores for it. The table hash is not stored:
-/// lookups compare keys, and resizing recomputes it from the serialized key (rare).
+/// lookups compare keys, and resizing recomputes it from the key ([`KeyHasher`]: inline for
+/// fixed-width integer keys, by serializing the key otherwise).
 #[derive(Clone)]
 pub(crate) struct Entry<K, N, S, T = NoTtl> {
     pub key: K,
@@ -133,13 +134,23 @@ impl<E: Clone> Part<E> {
     /// Mutable access; copies the key group only if a snapshot still reads it.
     #[inline]
     fn get_mut(&mut self) -> &mut HashTable<E> {
-        if let Part::Shared(shared) = self {
-            let shared = std::mem::take(shared);
-            *self = Part::Owned(Arc::unwrap_or_clone(shared));
+        if let Part::Shared(_) = self {
+            self.unshare();
         }
         match self {
             Part::Owned(t) => t,
             Part::Shared(_) => unreachable!("made owned just above"),
+        }
+    }
+
+    /// Takes the key group back from snapshots: copies it if one still reads it. Out of line
+    /// and cold, so that a write to an owned key group (the common case) stays a branch.
+    #[cold]
+    #[inline(never)]
+    fn unshare(&mut self) {
+        if let Part::Shared(shared) = self {
+            let shared = std::mem::take(shared);
+            *self = Part::Owned(Arc::unwrap_or_clone(shared));
         }
     }
 
@@ -172,12 +183,41 @@ fn table_hash(key_hash: u64, ns_hash: u64) -> u64 {
     key_hash ^ ns_hash.wrapping_mul(0x9E37_79B9_7F4A_7C15)
 }
 
-/// The hash of an entry already in a table, recomputed from its serialized key (on resize).
-///
-/// The key serialized once already when it became the current key; serializers are
-/// deterministic, so this cannot fail for a key in a table. Should a user serializer fail
-/// anyway, the entry gets hash 0: it stays in the table and in snapshots, and only lookups of
-/// that one key would miss it.
+/// Recomputes the table hash of an entry already in a table (on resize and rebuilds) from its
+/// key: inline for integer keys written by [`state_api::FixedWidthSerializer`], otherwise by
+/// serializing the key again.
+#[derive(Clone)]
+pub(crate) struct KeyHasher<K> {
+    ser: Arc<dyn StateSerializer<K>>,
+    /// True when keys are primitive integers written by the fixed-width serializer, whose
+    /// stable hash [`crate::int_key_hash`] computes without the serializer.
+    int_keys: bool,
+}
+
+impl<K: StateKey> KeyHasher<K> {
+    pub fn new(ser: Arc<dyn StateSerializer<K>>) -> Self {
+        let int_keys = crate::is_int_key::<K>() && crate::is_fixed_width_for::<K>(&ser.snapshot());
+        KeyHasher { ser, int_keys }
+    }
+
+    /// The table hash of (`key`, `ns`).
+    ///
+    /// The key serialized once already when it became the current key; serializers are
+    /// deterministic, so this cannot fail for a key in a table. Should a user serializer fail
+    /// anyway, the entry gets hash 0: it stays in the table and in snapshots, and only lookups
+    /// of that one key would miss it.
+    #[inline]
+    pub fn hash<N: Hash>(&self, key: &K, ns: &N) -> u64 {
+        if self.int_keys {
+            if let Some(h) = crate::int_key_hash(key) {
+                return table_hash(h, ns_hash(ns));
+            }
+        }
+        rehash(&*self.ser, key, ns)
+    }
+}
+
+/// The hash of an entry from its serialized key (see [`KeyHasher::hash`]).
 fn rehash<K: 'static, N: Hash>(ser: &dyn StateSerializer<K>, key: &K, ns: &N) -> u64 {
     thread_local! {
         static KEY_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -677,7 +717,7 @@ pub(crate) struct Table<K, N, KD: Kind, T: Stamp = NoTtl> {
     pub ttl: Option<StateTtlConfig>,
     pub ns_ser: Arc<dyn StateSerializer<N>>,
     /// The backend's key serializer: recomputes hashes when a table grows.
-    key_ser: Arc<dyn StateSerializer<K>>,
+    key_ser: KeyHasher<K>,
     /// Per key group of the range: entries, and whether written since the last `take_dirty`
     /// (for incremental snapshots).
     parts: Vec<Slot<Entry<K, N, KD::Stored, T>>>,
@@ -698,7 +738,7 @@ impl<K: StateKey, N: Namespace, KD: Kind, T: Stamp> Table<K, N, KD, T> {
         kind: Arc<KD>,
         ttl: Option<StateTtlConfig>,
         ns_ser: Arc<dyn StateSerializer<N>>,
-        key_ser: Arc<dyn StateSerializer<K>>,
+        key_ser: KeyHasher<K>,
         parts: usize,
     ) -> Self {
         Table {
@@ -754,15 +794,15 @@ impl<K: StateKey, N: Namespace, KD: Kind, T: Stamp> Table<K, N, KD, T> {
             kind,
             ttl,
             Arc::clone(&self.ns_ser),
-            Arc::clone(&self.key_ser),
+            self.key_ser.clone(),
             self.parts.len(),
         );
         for (i, part) in self.parts.iter().enumerate() {
             let src = part.get();
             let dst = t.parts[i].write();
-            dst.reserve(src.len(), |e| rehash(&*self.key_ser, &e.key, &e.ns));
+            dst.reserve(src.len(), |e| self.key_ser.hash(&e.key, &e.ns));
             for e in src.iter() {
-                let h = rehash(&*self.key_ser, &e.key, &e.ns);
+                let h = self.key_ser.hash(&e.key, &e.ns);
                 let (stamp, value) = make(e);
                 dst.insert_unique(
                     h,
@@ -772,7 +812,7 @@ impl<K: StateKey, N: Namespace, KD: Kind, T: Stamp> Table<K, N, KD, T> {
                         stamp,
                         value,
                     },
-                    |x| rehash(&*self.key_ser, &x.key, &x.ns),
+                    |x| self.key_ser.hash(&x.key, &x.ns),
                 );
             }
             t.parts[i].dirty = part.dirty || !src.is_empty();
@@ -825,8 +865,9 @@ impl<K: StateKey, N: Namespace, KD: Kind, T: Stamp> Table<K, N, KD, T> {
             .find_mut(h, |e| e.key == cur.key && e.ns == *ns)
     }
 
-    /// Inserts or replaces the entry of (current key, ns).
-    #[inline]
+    /// Inserts or replaces the entry of (current key, ns). Always inlined: the replace path
+    /// is a probe and two stores, and a call around it would cost as much again.
+    #[inline(always)]
     pub fn put(&mut self, cur: &CurrentKey<K>, ns: &N, ts: i64, value: KD::Stored) {
         let h = table_hash(cur.hash, ns_hash(ns));
         self.log.record(cur.part, h, &cur.key, ns, || {
@@ -845,7 +886,7 @@ impl<K: StateKey, N: Namespace, KD: Kind, T: Stamp> Table<K, N, KD, T> {
     /// The insert half of [`Self::put`], out of line so the update path stays small.
     #[inline(never)]
     fn insert_new(&mut self, cur: &CurrentKey<K>, ns: &N, h: u64, ts: i64, value: KD::Stored) {
-        let key_ser = &*self.key_ser;
+        let key_ser = &self.key_ser;
         self.parts[cur.part].write().insert_unique(
             h,
             Entry {
@@ -854,7 +895,7 @@ impl<K: StateKey, N: Namespace, KD: Kind, T: Stamp> Table<K, N, KD, T> {
                 stamp: T::new(ts),
                 value,
             },
-            |e| rehash(key_ser, &e.key, &e.ns),
+            |e| key_ser.hash(&e.key, &e.ns),
         );
     }
 
@@ -921,7 +962,7 @@ impl<K: StateKey, N: Namespace, KD: Kind, T: Stamp> Table<K, N, KD, T> {
             let Some((p, key, ns)) = self.cleanup_queue.pop() else {
                 return;
             };
-            let h = rehash(&*self.key_ser, &key, &ns);
+            let h = self.key_ser.hash(&key, &ns);
             let eq = |e: &Entry<K, N, KD::Stored, T>| e.key == key && e.ns == ns;
             let Some(e) = self.parts[p].get().find(h, eq) else {
                 continue;
@@ -1038,7 +1079,7 @@ struct Sink<'a, K, N, KD: Kind, T: Stamp> {
     kind: &'a KD,
     ttl: Option<StateTtlConfig>,
     ns_ser: &'a Arc<dyn StateSerializer<N>>,
-    key_ser: &'a dyn StateSerializer<K>,
+    key_ser: &'a KeyHasher<K>,
     readers: Option<RestoreReaders<N, KD::Readers>>,
     workers: usize,
     worker: usize,
@@ -1077,7 +1118,7 @@ impl<K: StateKey, N: Namespace, KD: Kind, T: Stamp> PartSink<K> for Sink<'_, K, 
     fn reserve(&mut self, part: usize, additional: usize) {
         let key_ser = self.key_ser;
         if let Ok(t) = self.slot(part) {
-            t.reserve(additional, |x| rehash(key_ser, &x.key, &x.ns));
+            t.reserve(additional, |x| key_ser.hash(&x.key, &x.ns));
         }
     }
 
@@ -1103,28 +1144,49 @@ impl<K: StateKey, N: Namespace, KD: Kind, T: Stamp> PartSink<K> for Sink<'_, K, 
         match t.find_mut(h, |x| x.key == e.key && x.ns == e.ns) {
             Some(x) => *x = e,
             None => {
-                t.insert_unique(h, e, |x| rehash(key_ser, &x.key, &x.ns));
+                t.insert_unique(h, e, |x| key_ser.hash(&x.key, &x.ns));
             }
         }
         Ok(())
     }
 }
 
+/// A clock as the access paths take it: the backend passes its `Arc<dyn Clock>` itself, which
+/// is dereferenced only when a state with TTL reads the time (not on every access).
+pub(crate) trait Now {
+    /// The clock's time in milliseconds.
+    fn now(&self) -> i64;
+}
+
+impl Now for dyn Clock + '_ {
+    #[inline]
+    fn now(&self) -> i64 {
+        self.now_millis()
+    }
+}
+
+impl Now for Arc<dyn Clock> {
+    #[inline]
+    fn now(&self) -> i64 {
+        self.now_millis()
+    }
+}
+
 /// Reads a single value (value, reducing, aggregating) with TTL semantics.
 /// `for_update` treats expired values as absent whatever the visibility (Flink's TTL states do).
 #[inline]
-pub(crate) fn read_single<K: StateKey, N: Namespace, KD: Kind, T: Stamp>(
+pub(crate) fn read_single<K: StateKey, N: Namespace, KD: Kind, T: Stamp, C: Now + ?Sized>(
     t: &mut Table<K, N, KD, T>,
     cur: &CurrentKey<K>,
     ns: &N,
-    clock: &dyn Clock,
+    clock: &C,
     for_update: bool,
 ) -> Option<KD::Stored> {
     let ttl = match t.ttl {
         Some(ttl) if T::STORED => ttl,
         _ => return t.find(cur, ns).map(|e| e.value.clone()),
     };
-    let now = clock.now_millis();
+    let now = clock.now();
     after_access(t, now);
     let e = t.find(cur, ns)?;
     if ttl.is_expired(e.ts(), now) {
@@ -1151,13 +1213,17 @@ pub(crate) fn after_access<K: StateKey, N: Namespace, KD: Kind, T: Stamp>(
 
 /// The timestamp written with a value: now with TTL, 0 without.
 #[inline]
-pub(crate) fn write_ts<K: StateKey, N: Namespace, KD: Kind, T: Stamp>(
+pub(crate) fn write_ts<K: StateKey, N: Namespace, KD: Kind, T: Stamp, C: Now + ?Sized>(
     t: &mut Table<K, N, KD, T>,
-    clock: &dyn Clock,
+    clock: &C,
 ) -> i64 {
+    if KD::SINGLE && !T::STORED {
+        // A single value with TTL is registered with stamped entries: none here.
+        return 0;
+    }
     match t.ttl {
         Some(_) => {
-            let now = clock.now_millis();
+            let now = clock.now();
             after_access(t, now);
             now
         }
@@ -1462,7 +1528,7 @@ impl<K: StateKey, N: Namespace, KD: Kind, T: Stamp> ErasedTable<K> for Table<K, 
             slots[p % workers].push(slot);
         }
         let (name, kind, ttl, ns_ser) = (&self.name, &*self.kind, self.ttl, &self.ns_ser);
-        let key_ser = &*self.key_ser;
+        let key_ser = &self.key_ser;
         slots
             .into_iter()
             .enumerate()

@@ -1,6 +1,6 @@
-//! The heap tables' compact layout: entries keep no hash (it is recomputed from the serialized
-//! key when a table grows), integer keys take a fast path that must agree with their
-//! serializer, and TTL stamps exist only where TTL is configured.
+//! The heap tables' compact layout: entries keep no hash (it is recomputed from the key when a
+//! table grows), integer keys take a fast path (current key and regrowth) that must agree with
+//! their serializer, and TTL stamps exist only where TTL is configured.
 
 use std::sync::Arc;
 use std::time::Duration;
