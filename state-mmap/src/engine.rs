@@ -57,10 +57,6 @@ pub struct Db {
     opts: EngineOptions,
     mem: Arc<Memtable>,
     imm: Vec<Arc<Memtable>>,
-    /// The numbers of the flushes of the buffers in `imm` (same order: newest first).
-    flushing: Vec<u64>,
-    /// Flushes that finished before an older one (installed in the order of `flushing`).
-    flushed: Vec<(u64, crate::error::Result<Vec<Arc<RunFile>>>)>,
     runs: Vec<SortedRun>,
     next_file: Arc<AtomicU64>,
     user_meta: Vec<u8>,

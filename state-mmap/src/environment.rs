@@ -542,8 +542,7 @@ mod tests {
         write(&mut dbs, &mut models, 1);
         shares_add_up(&env, &mut dbs);
         assert!(dbs.iter().all(|d| d.memory_share() < BUDGET / 3));
-        // The budget was used, not just respected: write buffers of about a quarter of a share
-        // (the active one and two waiting for their flushes).
+        // The budget was used, not just respected: write buffers of about a third of a share.
         assert!(peak > BUDGET / 4, "peak {peak}");
         for db in &mut dbs {
             db.flush().unwrap();

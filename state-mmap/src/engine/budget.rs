@@ -3,17 +3,15 @@
 
 use crate::environment::MmapEnvironment;
 
-use super::{Db, EngineOptions};
+use super::Db;
 
 /// The write buffer size of an engine with budget share `share` when its block indexes,
-/// bloom filters and compaction reservations take `index_bytes` of it: a quarter of the rest
-/// (the active buffer, [`EngineOptions::MAX_IMMUTABLE`] full ones waiting for their flushes,
-/// and headroom for the one being freed),
+/// bloom filters and compaction reservations take `index_bytes` of it: a third of the rest,
 /// and never less than a twelfth of `even` (the environment's budget divided by the engines
 /// open in it: an engine whose indexes take more than the budget still writes in buffers of a
 /// useful size).
 pub(super) fn write_buffer_bytes(share: usize, index_bytes: usize, even: usize) -> usize {
-    (share.saturating_sub(index_bytes) / (EngineOptions::MAX_IMMUTABLE + 2))
+    (share.saturating_sub(index_bytes) / 3)
         .max(even / 12)
         .max(4096)
 }
@@ -74,6 +72,7 @@ impl Db {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::EngineOptions;
 
     /// A running compaction is charged to the budget: from its start until it is installed the
     /// write buffer gets what the live block indexes *and* the compaction's reservation (its

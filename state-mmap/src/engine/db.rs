@@ -151,8 +151,6 @@ impl Db {
             opts,
             mem: Arc::new(Memtable::new(prefix, buffer)),
             imm: Vec::new(),
-            flushing: Vec::new(),
-            flushed: Vec::new(),
             runs,
             next_file,
             user_meta: manifest.user_meta,

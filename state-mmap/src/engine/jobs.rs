@@ -33,9 +33,8 @@ pub(super) enum Job {
 pub(super) enum Done {
     /// A background job panicked (the pool's thread goes on; the engine fails).
     Panicked(String),
-    /// The files of the flushed buffer's sorted run (none when everything in it was dropped),
-    /// with the flush's number.
-    Flushed(u64, Result<Vec<Arc<RunFile>>>),
+    /// The files of the flushed buffer's sorted run (none when everything in it was dropped).
+    Flushed(Result<Vec<Arc<RunFile>>>),
     Compacted {
         inputs: Vec<SortedRun>,
         reserved: usize,
@@ -220,7 +219,7 @@ pub(super) fn run_job(ctx: &WorkerCtx, job: Job) -> Done {
                     "state-mmap flush failed"
                 ),
             }
-            Done::Flushed(number, result)
+            Done::Flushed(result)
         }
         Job::Compact {
             inputs,
@@ -281,7 +280,6 @@ impl Db {
         let mem = std::mem::replace(&mut self.mem, Arc::new(fresh));
         self.imm.insert(0, Arc::clone(&mem));
         let number = self.next_file.fetch_add(1, Ordering::SeqCst);
-        self.flushing.insert(0, number);
         self.send(Job::Flush { mem, number })
     }
 
@@ -352,19 +350,23 @@ impl Db {
     fn install_inner(&mut self, d: Done) -> Result<()> {
         match d {
             Done::Panicked(reason) => Err(Error::Worker { reason }),
-            Done::Flushed(number, result) => {
-                self.flushed.push((number, result));
-                // Runs are installed in the order their buffers were rotated (a newer
-                // buffer's run is newer), whichever flush finished first.
-                while let Some(&oldest) = self.flushing.last() {
-                    let Some(i) = self.flushed.iter().position(|(n, _)| *n == oldest) else {
-                        break;
-                    };
-                    let (_, result) = self.flushed.swap_remove(i);
-                    self.flushing.pop();
-                    self.install_flush(result)?;
+            Done::Flushed(result) => {
+                let files = result?;
+                if let Some(mem) = self.imm.pop() {
+                    // Freeing millions of small allocations takes a while: a thread of its own
+                    // does it at once (not after the next flush, which would hold the memory);
+                    // should it still be freeing the previous buffer, this waits for it.
+                    if let Some(r) = &self.release {
+                        let _ = r.send(Garbage::Mem(mem));
+                    }
                 }
-                Ok(())
+                if !files.is_empty() {
+                    self.flushed_bytes += files.iter().map(|f| f.size()).sum::<u64>();
+                    self.runs.insert(0, Arc::new(files));
+                }
+                self.flushes += 1;
+                self.store_manifest()?;
+                self.maybe_compact()
             }
             Done::Compacted {
                 inputs,
@@ -426,27 +428,6 @@ impl Db {
         }
     }
 
-    /// Installs the oldest write buffer's flush: its run becomes the newest, the buffer goes
-    /// to the release thread.
-    fn install_flush(&mut self, result: Result<Vec<Arc<RunFile>>>) -> Result<()> {
-        let files = result?;
-        if let Some(mem) = self.imm.pop() {
-            // Freeing millions of small allocations takes a while: a thread of its own
-            // does it at once (not after the next flush, which would hold the memory);
-            // should it still be freeing the previous buffer, this waits for it.
-            if let Some(r) = &self.release {
-                let _ = r.send(Garbage::Mem(mem));
-            }
-        }
-        if !files.is_empty() {
-            self.flushed_bytes += files.iter().map(|f| f.size()).sum::<u64>();
-            self.runs.insert(0, Arc::new(files));
-        }
-        self.flushes += 1;
-        self.store_manifest()?;
-        self.maybe_compact()
-    }
-
     /// Flushes the write buffer and waits until every flush is installed and the manifest that
     /// names the new files is durable. Everything written before the call survives a crash.
     pub fn flush(&mut self) -> Result<()> {
@@ -474,58 +455,5 @@ impl Db {
             wait_for(r);
         }
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::engine::tests::small_with_runs;
-
-    /// Two full write buffers wait for their flushes at once, and the newer one's flush may
-    /// finish first (another pool thread): its run is installed only after the older one's,
-    /// so the newer value of a key written to both stays the newest.
-    #[test]
-    fn a_newer_flush_finishing_first_is_installed_after_the_older() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut db = Db::open(dir.path(), small_with_runs(64)).unwrap();
-        let buffer = |value: &[u8]| {
-            let mut m = Memtable::new(None, 1 << 20);
-            m.put(b"key", value);
-            m.put(value, b"only here");
-            Arc::new(m)
-        };
-        let (older, newer) = (buffer(b"older"), buffer(b"newer"));
-        let n_old = db.next_file.fetch_add(1, Ordering::SeqCst);
-        let n_new = db.next_file.fetch_add(1, Ordering::SeqCst);
-        // As `rotate` leaves them: newest first.
-        db.imm = vec![Arc::clone(&newer), Arc::clone(&older)];
-        db.flushing = vec![n_new, n_old];
-        let flushed_new = db.ctx.flush(&newer, n_new);
-        let flushed_old = db.ctx.flush(&older, n_old);
-        db.install(Done::Flushed(n_new, flushed_new)).unwrap();
-        assert!(db.runs.is_empty(), "the newer run waits for the older");
-        assert_eq!(db.imm.len(), 2);
-        let mut out = Vec::new();
-        assert!(db.get(b"key", &mut out).unwrap());
-        assert_eq!(out, b"newer", "read from the waiting buffers meanwhile");
-        db.install(Done::Flushed(n_old, flushed_old)).unwrap();
-        assert_eq!((db.runs.len(), db.imm.len()), (2, 0));
-        for (key, want) in [
-            (&b"key"[..], &b"newer"[..]),
-            (b"older", b"only here"),
-            (b"newer", b"only here"),
-        ] {
-            out.clear();
-            assert!(db.get(key, &mut out).unwrap());
-            assert_eq!(out, want, "{}", String::from_utf8_lossy(key));
-        }
-        // And after reopening (the manifest lists the runs in the same order).
-        db.flush().unwrap();
-        drop(db);
-        let db = Db::open(dir.path(), small_with_runs(64)).unwrap();
-        out.clear();
-        assert!(db.get(b"key", &mut out).unwrap());
-        assert_eq!(out, b"newer");
     }
 }

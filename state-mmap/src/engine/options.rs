@@ -10,11 +10,11 @@ pub struct EngineOptions {
     /// and the reservations of running
     /// compactions (their outputs' block indexes, at most the inputs', and a sixteenth of
     /// `target_file_bytes` for the file being written) first; of the rest, the active write
-    /// buffer gets a quarter, two full write buffers waiting for their flushes a quarter each
-    /// (writers wait when the active one is full while both are still being flushed), and the
-    /// last quarter is headroom for the allocator, small buffers and the last flushed write
-    /// buffer while a thread of its own frees it (a flush waits for the one before it to be
-    /// freed; a write buffer never gets less than a twelfth of the budget). Data pages of sorted runs are
+    /// buffer gets a third, one immutable write buffer waiting for its flush another third
+    /// (writers wait while it is being flushed and the active one is full), and the rest is
+    /// headroom for the allocator, small buffers and the last flushed write buffer while a
+    /// thread of its own frees it (a flush waits for the one before it to be freed; a write
+    /// buffer never gets less than a twelfth of the budget). Data pages of sorted runs are
     /// mapped and belong to the OS page cache, outside the budget (a container's memory limit
     /// counts them; the kernel evicts them within it); a lookup faults in the one page its
     /// block lies in (the mappings are advised random), scans and compactions ask for
@@ -82,12 +82,7 @@ impl Default for EngineOptions {
 }
 
 impl EngineOptions {
-    /// Full write buffers that may wait for their flushes at once; a writer whose buffer
-    /// fills while this many wait stalls. Two (each a quarter of what the budget leaves for
-    /// write buffers, see [`write_buffer_bytes`](super::budget)) rather than one of a third:
-    /// a flush that runs long (a compaction beside it on the CPU or the device) no longer
-    /// stops the writer while the next buffer fills.
-    pub(super) const MAX_IMMUTABLE: usize = 2;
+    pub(super) const MAX_IMMUTABLE: usize = 1;
 
     /// Budget bytes a compaction holds until it is installed: the buffers of the output file
     /// being written (write buffer, index, one bloom hash per entry: a sixteenth of
