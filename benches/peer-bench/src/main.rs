@@ -716,16 +716,21 @@ fn major_faults() -> u64 {
 }
 
 /// CPU seconds so far: (this thread, the whole process), from /proc.
-fn cpu() -> (f64, f64) {
-    let thread = std::fs::read_to_string("/proc/thread-self/schedstat")
+fn cpu() -> (f64, f64, f64) {
+    // The calling thread's time on a CPU and time runnable but waiting for one (the first two
+    // fields of schedstat, in nanoseconds).
+    let sched: Vec<f64> = std::fs::read_to_string("/proc/thread-self/schedstat")
         .ok()
-        .and_then(|s| {
+        .map(|s| {
             s.split_whitespace()
-                .next()
-                .and_then(|x| x.parse::<f64>().ok())
+                .take(2)
+                .filter_map(|x| x.parse::<f64>().ok())
+                .map(|ns| ns / 1e9)
+                .collect()
         })
-        .unwrap_or(0.0)
-        / 1e9;
+        .unwrap_or_default();
+    let thread = sched.first().copied().unwrap_or(0.0);
+    let runnable = sched.get(1).copied().unwrap_or(0.0);
     // utime and stime (fields 14 and 15) in clock ticks, assumed 100 per second.
     let process = std::fs::read_to_string("/proc/self/stat")
         .ok()
@@ -735,18 +740,22 @@ fn cpu() -> (f64, f64) {
         })
         .unwrap_or(0.0)
         / 100.0;
-    (thread, process)
+    (thread, process, runnable)
 }
 
 /// Prints a phase's wall and CPU time to stderr (the CPU figures do not depend on what else
-/// runs on the machine).
-fn phase(name: &str, ops: u64, start: Instant, cpu0: (f64, f64)) -> (f64, f64) {
+/// runs on the machine), and how the foreground thread's wall time divides: on a CPU,
+/// runnable but waiting for one (the machine's load), and blocked (waiting for background
+/// work, the device, or reclaim in a memory cgroup).
+fn phase(name: &str, ops: u64, start: Instant, cpu0: (f64, f64, f64)) -> (f64, f64, f64) {
     let now = cpu();
+    let wall = start.elapsed().as_secs_f64();
+    let (on_cpu, runnable) = (now.0 - cpu0.0, now.2 - cpu0.2);
     eprintln!(
-        "{name}: {:.1} s wall, CPU per op: {:.2} us foreground, {:.2} us all threads",
-        start.elapsed().as_secs_f64(),
-        (now.0 - cpu0.0) / ops as f64 * 1e6,
-        (now.1 - cpu0.1) / ops as f64 * 1e6
+        "{name}: {wall:.1} s wall, CPU per op: {:.2} us foreground, {:.2} us all threads; foreground {on_cpu:.1} s on a CPU, {runnable:.1} s waiting for one, {:.1} s blocked",
+        on_cpu / ops as f64 * 1e6,
+        (now.1 - cpu0.1) / ops as f64 * 1e6,
+        (wall - on_cpu - runnable).max(0.0)
     );
     now
 }
@@ -760,7 +769,7 @@ fn faults_per_get(ops: u64, faults0: u64) {
 }
 
 /// Prints how long the background work left before the updates took (wall and CPU seconds).
-fn settled_phase(before: &str, start: Instant, cpu0: (f64, f64)) -> (f64, f64) {
+fn settled_phase(before: &str, start: Instant, cpu0: (f64, f64, f64)) -> (f64, f64, f64) {
     let now = cpu();
     eprintln!(
         "background work before the {before}: {:.1} s wall, {:.1} s CPU",
