@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use checkpoint::{CheckpointConfig, CheckpointCoordinator, SubtaskCommand};
+use checkpoint::SubtaskCommand;
 use common::*;
 use state_api::testing::{event_number as number, EventLog};
 use state_api::KeyedStateBackend;
@@ -20,13 +20,7 @@ fn checkpoints_and_restores_are_reported_as_events() {
     tracing::subscriber::set_global_default(events.clone()).unwrap();
 
     let storage = memory_storage("job-events");
-    let config = CheckpointConfig {
-        incremental: true,
-        ..Default::default()
-    };
-    let mut builder = CheckpointCoordinator::builder(storage.clone(), config);
-    let mut ep = builder.register_subtask("agg", 0, 1, MAX_P).unwrap();
-    let coord = builder.start().unwrap();
+    let (coord, mut ep) = incremental_single(&storage);
     let mut task = Subtask::new(0, 1);
     let mut last = None;
     for round in 1..=2u64 {

@@ -267,13 +267,7 @@ fn a_restore_from_local_disk_links_the_files_and_leaves_the_checkpoint_intact() 
     let storage =
         CheckpointStorage::from_storage(&storage_s3::Storage::from_url(&url).unwrap(), "job-ln")
             .unwrap();
-    let config = CheckpointConfig {
-        incremental: true,
-        ..Default::default()
-    };
-    let mut builder = CheckpointCoordinator::builder(storage.clone(), config);
-    let mut ep = builder.register_subtask("agg", 0, 1, MAX_P).unwrap();
-    let coord = builder.start().unwrap();
+    let (coord, mut ep) = incremental_single(&storage);
     let dir = tempfile::tempdir().unwrap();
     let mut b = mmap(1, 0, dir.path());
     let mut model = BTreeMap::new();

@@ -9,16 +9,14 @@
 
 #[path = "common/mod.rs"]
 mod common;
+#[path = "common/value.rs"]
+mod value;
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, BatchSize, Criterion, Throughput};
-use state_api::{
-    FixedWidthSerializer, KeyedStateBackend, KeyedStateBackendExt, ValueStateDescriptor,
-    ValueStateHandle,
-};
-use state_heap::HeapKeyedStateBackend;
+use value::{heap_get, heap_setup, heap_update, Floor};
 
 const SETUP_KEYS: u64 = 500_000;
 const BATCH: u64 = 10_000;
@@ -28,88 +26,8 @@ fn key_order() -> Vec<u64> {
     common::key_order(SETUP_KEYS)
 }
 
-type Heap = HeapKeyedStateBackend<u64>;
-
-fn heap_setup() -> (Heap, ValueStateHandle<u64, ()>) {
-    // Keys as 8 big-endian bytes, as Flink's LongSerializer writes them.
-    let mut b = Heap::builder()
-        .key_serializer(FixedWidthSerializer::<u64>::new())
-        .build()
-        .expect("backend");
-    let h = b
-        .register_value(ValueStateDescriptor::<u64>::new("value").expect("descriptor"))
-        .expect("register");
-    for k in 0..SETUP_KEYS {
-        b.set_current_key(k).expect("key");
-        b.value(&h).update(k).expect("update");
-    }
-    (b, h)
-}
-
 fn map_setup() -> hashbrown::HashMap<u64, u64> {
     (0..SETUP_KEYS).map(|k| (k, k)).collect()
-}
-
-fn heap_get(b: &mut Heap, h: &ValueStateHandle<u64, ()>, keys: &[u64]) -> u64 {
-    let mut sum = 0;
-    for &k in keys {
-        b.set_current_key(k).expect("key");
-        sum += b.value(h).get().expect("get").unwrap_or(0);
-    }
-    sum
-}
-
-fn heap_update(b: &mut Heap, h: &ValueStateHandle<u64, ()>, keys: &[u64]) {
-    for &k in keys {
-        b.set_current_key(k).expect("key");
-        b.value(h).update(k + 1).expect("update");
-    }
-}
-
-/// The floor of the design, without a backend around it: the stable key hash (XXH3 of the 8
-/// key bytes, as key groups need) and a lookup in one of 128 per-key-group tables.
-struct Floor {
-    parts: Vec<hashbrown::HashTable<(u64, u64)>>,
-}
-
-fn floor_hash(k: u64) -> u64 {
-    state_api::stable_key_hash(&k.to_be_bytes())
-}
-
-impl Floor {
-    fn new() -> Self {
-        let mut parts: Vec<hashbrown::HashTable<(u64, u64)>> =
-            (0..128).map(|_| hashbrown::HashTable::new()).collect();
-        for k in 0..SETUP_KEYS {
-            let h = floor_hash(k);
-            parts[((h >> 32) & 127) as usize].insert_unique(h, (k, k), |e| floor_hash(e.0));
-        }
-        Floor { parts }
-    }
-
-    fn get(&self, keys: &[u64]) -> u64 {
-        keys.iter()
-            .map(|&k| {
-                let h = floor_hash(k);
-                self.parts[((h >> 32) & 127) as usize]
-                    .find(h, |e| e.0 == k)
-                    .map_or(0, |e| e.1)
-            })
-            .sum()
-    }
-
-    fn update(&mut self, keys: &[u64]) {
-        for &k in keys {
-            let h = floor_hash(k);
-            let t = &mut self.parts[((h >> 32) & 127) as usize];
-            match t.find_mut(h, |e| e.0 == k) {
-                Some(e) => e.1 = k + 1,
-                None => {
-                    t.insert_unique(h, (k, k + 1), |e| floor_hash(e.0));
-                }
-            }
-        }
-    }
 }
 
 fn map_get(m: &hashbrown::HashMap<u64, u64>, keys: &[u64]) -> u64 {
@@ -124,7 +42,7 @@ fn map_update(m: &mut hashbrown::HashMap<u64, u64>, keys: &[u64]) {
 
 fn bench(c: &mut Criterion) {
     let order = key_order();
-    let (mut b, h) = heap_setup();
+    let (mut b, h) = heap_setup(SETUP_KEYS);
     let mut m = map_setup();
     let mut g = c.benchmark_group("value_state_500k");
     g.throughput(Throughput::Elements(BATCH));
@@ -202,7 +120,7 @@ fn ops_per_sec(runs: usize, n: usize, mut op: impl FnMut()) -> f64 {
 fn summary() {
     let order = key_order();
     let n = order.len();
-    let (mut b, h) = heap_setup();
+    let (mut b, h) = heap_setup(SETUP_KEYS);
     let mut m = map_setup();
     let heap_get_rate = ops_per_sec(5, n, || {
         black_box(heap_get(&mut b, &h, &order));
@@ -212,7 +130,7 @@ fn summary() {
     });
     let heap_upd_rate = ops_per_sec(5, n, || heap_update(&mut b, &h, &order));
     let map_upd_rate = ops_per_sec(5, n, || map_update(&mut m, &order));
-    let mut floor = Floor::new();
+    let mut floor = Floor::new(SETUP_KEYS);
     let floor_get_rate = ops_per_sec(5, n, || {
         black_box(floor.get(&order));
     });
@@ -222,7 +140,7 @@ fn summary() {
     let mut heap_add = Vec::new();
     let mut map_add = Vec::new();
     for _ in 0..3 {
-        let (mut b, h) = heap_setup();
+        let (mut b, h) = heap_setup(SETUP_KEYS);
         let t = Instant::now();
         heap_update(&mut b, &h, &new_keys);
         heap_add.push(n as f64 / t.elapsed().as_secs_f64());

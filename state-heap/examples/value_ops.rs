@@ -11,76 +11,15 @@
 
 #[path = "../benches/common/mod.rs"]
 mod common;
+#[path = "../benches/common/value.rs"]
+mod value;
 
 use std::hint::black_box;
 use std::time::Instant;
 
-use state_api::{
-    FixedWidthSerializer, KeyedStateBackend, KeyedStateBackendExt, ValueStateDescriptor,
-    ValueStateHandle,
-};
-use state_heap::HeapKeyedStateBackend;
+use value::{heap_get, heap_setup, heap_update, Floor};
 
 const KEYS: u64 = 500_000;
-
-type Heap = HeapKeyedStateBackend<u64>;
-type Handle = ValueStateHandle<u64, ()>;
-
-/// The stable key hash of the floor (XXH3 of the 8 big-endian key bytes).
-fn floor_hash(k: u64) -> u64 {
-    state_api::stable_key_hash(&k.to_be_bytes())
-}
-
-/// The bench's heap get loop: set the current key, read the value.
-#[inline(never)]
-fn heap_get(b: &mut Heap, h: &Handle, keys: &[u64]) -> u64 {
-    let mut sum = 0;
-    for &k in keys {
-        b.set_current_key(k).expect("key");
-        sum += b.value(h).get().expect("get").unwrap_or(0);
-    }
-    sum
-}
-
-/// The bench's heap update loop.
-#[inline(never)]
-fn heap_update(b: &mut Heap, h: &Handle, keys: &[u64]) {
-    for &k in keys {
-        b.set_current_key(k).expect("key");
-        b.value(h).update(k + 1).expect("update");
-    }
-}
-
-/// The bench's floor: 128 key-group tables, no API.
-struct Floor(Vec<hashbrown::HashTable<(u64, u64)>>);
-
-impl Floor {
-    #[inline(never)]
-    fn get(&self, keys: &[u64]) -> u64 {
-        keys.iter()
-            .map(|&k| {
-                let h = floor_hash(k);
-                self.0[((h >> 32) & 127) as usize]
-                    .find(h, |e| e.0 == k)
-                    .map_or(0, |e| e.1)
-            })
-            .sum()
-    }
-
-    #[inline(never)]
-    fn update(&mut self, keys: &[u64]) {
-        for &k in keys {
-            let h = floor_hash(k);
-            let t = &mut self.0[((h >> 32) & 127) as usize];
-            match t.find_mut(h, |e| e.0 == k) {
-                Some(e) => e.1 = k + 1,
-                None => {
-                    t.insert_unique(h, (k, k + 1), |e| floor_hash(e.0));
-                }
-            }
-        }
-    }
-}
 
 /// Nanoseconds this thread has spent on a CPU (Linux; 0 elsewhere).
 fn cpu_ns() -> u64 {
@@ -95,21 +34,9 @@ fn main() {
     let workload = args.next().unwrap_or_else(|| "heap-get".into());
     let passes: u64 = args.next().map_or(4, |p| p.parse().expect("passes"));
     let order = common::key_order(KEYS);
-    let mut b = Heap::builder()
-        .key_serializer(FixedWidthSerializer::<u64>::new())
-        .build()
-        .expect("backend");
-    let h = b
-        .register_value(ValueStateDescriptor::<u64>::new("value").expect("descriptor"))
-        .expect("register");
-    let mut floor = Floor((0..128).map(|_| hashbrown::HashTable::new()).collect());
     // Both are set up whatever the workload, so that `none` is the baseline of every one.
-    for k in 0..KEYS {
-        b.set_current_key(k).expect("key");
-        b.value(&h).update(k).expect("update");
-        let h = floor_hash(k);
-        floor.0[((h >> 32) & 127) as usize].insert_unique(h, (k, k), |e| floor_hash(e.0));
-    }
+    let (mut b, h) = heap_setup(KEYS);
+    let mut floor = Floor::new(KEYS);
     let (wall, cpu) = (Instant::now(), cpu_ns());
     let mut sum = 0;
     for pass in 0..passes {

@@ -286,6 +286,35 @@ fn a_rescaled_restore_downloads_about_its_share() {
     rescale(&metas, 2, 4);
 }
 
+/// Runs `test` of this binary again as a child process with `env` set (which makes it the
+/// child), waits until `progressed` (or the child ended; polling every `poll`), then `delay`
+/// more, and kills it with SIGKILL.
+fn kill_after(
+    test: &str,
+    env: (&str, &Path),
+    progressed: impl Fn() -> bool,
+    poll: Duration,
+    delay: Duration,
+) {
+    let exe = std::env::current_exe().unwrap();
+    let mut child = Command::new(exe)
+        .args(["--exact", test, "--nocapture"])
+        .env(env.0, env.1)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    for _ in 0..60_000 {
+        if progressed() || child.try_wait().unwrap().is_some() {
+            break;
+        }
+        std::thread::sleep(poll);
+    }
+    std::thread::sleep(delay);
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+}
+
 const CHILD_ENV: &str = "STATE_MMAP_CRASH_CHILD";
 const KEYS: u64 = 400;
 
@@ -354,33 +383,19 @@ fn sigkill_during_flush_and_compaction_loses_nothing_completed() {
     }
     let root = tempfile::tempdir().unwrap();
     let progress = root.path().join("progress");
-    let exe = std::env::current_exe().unwrap();
     // Each child is killed a fixed delay after it completed a round of its own (so every run
     // makes progress however slow the machine is); the delays land in flushes, compactions
     // and writes alike.
     let delays = [15u64, 4, 26, 9, 33, 1, 20, 12];
     for (i, delay) in delays.iter().enumerate() {
         let before = read_progress(&progress).len();
-        let mut child = Command::new(&exe)
-            .args([
-                "--exact",
-                "sigkill_during_flush_and_compaction_loses_nothing_completed",
-                "--nocapture",
-            ])
-            .env(CHILD_ENV, root.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        for _ in 0..60_000 {
-            if read_progress(&progress).len() > before || child.try_wait().unwrap().is_some() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        std::thread::sleep(Duration::from_millis(*delay));
-        child.kill().unwrap(); // SIGKILL
-        child.wait().unwrap();
+        kill_after(
+            "sigkill_during_flush_and_compaction_loses_nothing_completed",
+            (CHILD_ENV, root.path()),
+            || read_progress(&progress).len() > before,
+            Duration::from_millis(2),
+            Duration::from_millis(*delay),
+        );
 
         let done = read_progress(&progress);
         let Some(&(_, last)) = done.last() else {
@@ -545,32 +560,18 @@ fn sigkill_during_restores_leaves_stores_that_reopen_empty_or_whole() {
         upload(&chk, &shared, &mut HashSet::new());
         fs::write(root.path().join("meta"), chk.metadata()).unwrap();
     }
-    let exe = std::env::current_exe().unwrap();
     // Each child is killed a delay after it recorded 1-4 steps of its own: the kills land in
     // restores, writes and flushes, after some restores finished.
     let delays = [3u64, 0, 11, 1, 7, 2, 15, 5];
     for (i, delay) in delays.into_iter().enumerate() {
         let before = restore_progress(root.path()).len() + i % 4;
-        let mut child = Command::new(&exe)
-            .args([
-                "--exact",
-                "sigkill_during_restores_leaves_stores_that_reopen_empty_or_whole",
-                "--nocapture",
-            ])
-            .env(RESTORE_CHILD_ENV, root.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        for _ in 0..60_000 {
-            if restore_progress(root.path()).len() > before || child.try_wait().unwrap().is_some() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        std::thread::sleep(Duration::from_millis(delay));
-        child.kill().unwrap(); // SIGKILL
-        child.wait().unwrap();
+        kill_after(
+            "sigkill_during_restores_leaves_stores_that_reopen_empty_or_whole",
+            (RESTORE_CHILD_ENV, root.path()),
+            || restore_progress(root.path()).len() > before,
+            Duration::from_millis(1),
+            Duration::from_millis(delay),
+        );
     }
     let progress = restore_progress(root.path());
     let started: Vec<u64> = progress

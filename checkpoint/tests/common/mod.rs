@@ -14,6 +14,18 @@ pub fn memory_storage(job: &str) -> CheckpointStorage {
     CheckpointStorage::new(Arc::new(object_store::memory::InMemory::new()), "ck", job).unwrap()
 }
 
+/// A started coordinator of incremental checkpoints on `storage` for one subtask of operator
+/// `agg`, and that subtask's endpoint.
+pub fn incremental_single(storage: &CheckpointStorage) -> (CheckpointCoordinator, SubtaskEndpoint) {
+    let config = CheckpointConfig {
+        incremental: true,
+        ..Default::default()
+    };
+    let mut builder = CheckpointCoordinator::builder(storage.clone(), config);
+    let ep = builder.register_subtask("agg", 0, 1, MAX_P).unwrap();
+    (builder.start().unwrap(), ep)
+}
+
 pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
