@@ -162,7 +162,8 @@ public final class FlinkStateBench {
                         ROCKSDB_MANAGED_BYTES,
                         incremental,
                         restore,
-                        io);
+                        io,
+                        false);
             default:
                 throw new IllegalArgumentException("unknown backend '" + which + "' (hashmap or rocksdb)");
         }
@@ -739,6 +740,21 @@ public final class FlinkStateBench {
         return k % 100 == 37;
     }
 
+    /**
+     * Between the steps of the rescale case: disposes the step's backends, deletes their
+     * directories ({@code <prefix>-0} .. {@code <prefix>-<n-1>} under {@code work}) and asks for a
+     * GC, so the next step starts without them.
+     */
+    static void tearDown(List<AbstractKeyedStateBackend<Long>> live, File work, String prefix, int n)
+            throws IOException {
+        disposeAll(live);
+        live.clear();
+        for (int i = 0; i < n; i++) {
+            deleteRecursively(new File(work, prefix + "-" + i));
+        }
+        System.gc();
+    }
+
     static void disposeAll(List<AbstractKeyedStateBackend<Long>> backends) {
         for (AbstractKeyedStateBackend<Long> b : backends) {
             b.dispose();
@@ -827,23 +843,13 @@ public final class FlinkStateBench {
                     inc.seconds, inc.checkpointedSize / 1e6, inc.cpuSeconds);
             result(backend, "p2_ckpt_delta_s", inc.seconds);
             result(backend, "p2_ckpt_delta_mb", inc.checkpointedSize / 1e6);
-            disposeAll(live);
-            live.clear();
-            for (int i = 0; i < 2; i++) {
-                deleteRecursively(new File(work, "p2-" + i));
-            }
-            System.gc();
+            tearDown(live, work, "p2", 2);
 
             Restored same = restoreJob(work, "r2", inc.handles, 2, io, ingest, d);
             live.addAll(same.backends);
             checkJob(same, keys, valueBytes);
             printRestore(backend, "restore_p2", "restore at parallelism 2", same);
-            disposeAll(live);
-            live.clear();
-            for (int i = 0; i < 2; i++) {
-                deleteRecursively(new File(work, "r2-" + i));
-            }
-            System.gc();
+            tearDown(live, work, "r2", 2);
 
             Restored three = restoreJob(work, "r3", inc.handles, 3, io, ingest, d);
             live.addAll(three.backends);
@@ -855,13 +861,8 @@ public final class FlinkStateBench {
             System.out.printf("  first checkpoint at parallelism 3: %.2f s, %.1f MB%n",
                     third.seconds, third.checkpointedSize / 1e6);
             result(backend, "p3_ckpt_full_mb", third.checkpointedSize / 1e6);
-            disposeAll(live);
-            live.clear();
-            for (int i = 0; i < 3; i++) {
-                deleteRecursively(new File(work, "r3-" + i));
-            }
+            tearDown(live, work, "r3", 3);
             deleteRecursively(new File(checkpoints, "p2"));
-            System.gc();
 
             Restored two = restoreJob(work, "r32", third.handles, 2, io, ingest, d);
             live.addAll(two.backends);

@@ -33,26 +33,9 @@ public final class FlowstateRocksAccess {
      * A RocksDB keyed backend in {@code instanceDir} over {@code range} of {@code maxParallelism}
      * key groups, sharing a block cache and write-buffer manager of {@code managedBytes} (what a
      * slot's managed memory gives Flink's backend; write-buffer ratio 0.5 and high-priority pool
-     * 0.1 are Flink's defaults), restored from {@code restore} (empty: a fresh backend).
-     */
-    public static <K> RocksDBKeyedStateBackend<K> build(
-            File instanceDir,
-            TypeSerializer<K> keySerializer,
-            int maxParallelism,
-            KeyGroupRange range,
-            long managedBytes,
-            boolean incremental,
-            Collection<KeyedStateHandle> restore,
-            ExecutorService io)
-            throws Exception {
-        return build(instanceDir, keySerializer, maxParallelism, range, managedBytes, incremental, restore, io, false);
-    }
-
-    /**
-     * As {@link #build(File, TypeSerializer, int, KeyGroupRange, long, boolean, Collection,
-     * ExecutorService)}; {@code ingestDbRestore} turns on Flink's
-     * {@code state.backend.rocksdb.use-ingest-db-restore-mode} (off by default) for a restore
-     * from several handles (a rescale).
+     * 0.1 are Flink's defaults), restored from {@code restore} (empty: a fresh backend);
+     * {@code ingestDbRestore} turns on Flink's {@code state.backend.rocksdb.use-ingest-db-restore-mode}
+     * (off by default) for a restore from several handles (a rescale).
      */
     public static <K> RocksDBKeyedStateBackend<K> build(
             File instanceDir,
