@@ -1470,6 +1470,17 @@ mod tests {
         w.finish().unwrap().unwrap()
     }
 
+    /// A run of the current format named `name` holding `entries`, in a temporary directory
+    /// (kept alive by the returned guard).
+    fn temp_run<K: AsRef<[u8]>, V: AsRef<[u8]>>(
+        name: &str,
+        entries: impl IntoIterator<Item = (K, V)>,
+    ) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write_run(&dir.path().join(name), RUN_VERSION, entries);
+        (dir, p)
+    }
+
     proptest! {
         /// A probe orders keys as their bytes do, for keys around the 16- and 24-byte marks
         /// where its numeric heads and tails end, sharing long prefixes and zero bytes.
@@ -1507,13 +1518,7 @@ mod tests {
     /// without verifying their blocks (not a panic, not a wrong answer).
     #[test]
     fn bad_entry_counts_are_errors_on_read() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("c.run");
-        let p = write_run(
-            &path,
-            RUN_VERSION,
-            (0u32..2000).map(|i| (i.to_be_bytes(), [7; 20])),
-        );
+        let (_dir, p) = temp_run("c.run", (0u32..2000).map(|i| (i.to_be_bytes(), [7; 20])));
         let f = RunFile::open(&p, 1, true, true).unwrap();
         let blocks = f.pinned_blocks();
         let (off, len) = (blocks[0].off as usize, blocks[0].len as usize);
@@ -1740,11 +1745,8 @@ mod tests {
     /// mapped index and filter, and is charged what it will hold once pinned.
     #[test]
     fn unpinned_files_answer_as_pinned_ones() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("u.run");
-        let p = write_run(
-            &path,
-            RUN_VERSION,
+        let (_dir, p) = temp_run(
+            "u.run",
             (0u64..20_000).map(|i| ((i * 2).to_be_bytes(), i.to_be_bytes())),
         );
         let pinned = RunFile::open(&p, 1, true, true).unwrap();
@@ -1776,13 +1778,7 @@ mod tests {
     #[cfg(target_os = "linux")]
     #[test]
     fn asking_for_a_block_reads_its_page() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("w.run");
-        let p = write_run(
-            &path,
-            RUN_VERSION,
-            (0u64..40_000).map(|i| (i.to_be_bytes(), [7; 100])),
-        );
+        let (_dir, p) = temp_run("w.run", (0u64..40_000).map(|i| (i.to_be_bytes(), [7; 100])));
         for f in [
             RunFile::open(&p, 1, false, false).unwrap(),
             RunFile::open_unpinned(&p, 2, false).unwrap(),
