@@ -1072,23 +1072,14 @@ impl RunFile {
     #[inline]
     fn find_block_headed(&self, key: &[u8], hk: u128) -> Result<Option<usize>> {
         let Some(pins) = self.pins.get() else {
-            // Not pinned yet: a binary search of the mapped index.
-            let (mut lo, mut hi) = (0, self.index_count);
-            while lo < hi {
-                let mid = (lo + hi) / 2;
-                if self.index_entry(mid)?.0 < key {
-                    lo = mid + 1;
-                } else {
-                    hi = mid;
-                }
-            }
-            return Ok((lo < self.index_count).then_some(lo));
+            // Not pinned yet: a binary search of the whole mapped index.
+            return self.search_index(key, 0, self.index_count);
         };
         // The in-memory heads decide unless blocks end in keys with the key's head: a smaller
         // head is a smaller key, a larger head a larger one.
         let mut lo = first_at_least(&pins.heads, &pins.tops, hk);
         // Usually no block ends in a key with the key's head: then block `lo` is the one.
-        let mut hi = match pins.heads.get(lo) {
+        let hi = match pins.heads.get(lo) {
             Some(h) if *h == hk => lo + pins.heads[lo..].partition_point(|h| *h <= hk),
             _ => lo,
         };
@@ -1103,6 +1094,13 @@ impl RunFile {
             }
             return Ok((lo < self.index_count).then_some(lo));
         }
+        self.search_index(key, lo, hi)
+    }
+
+    /// The first block in `lo..hi` of the mapped index whose last key is `>= key` (`hi` if
+    /// none), or `None` past the last block.
+    #[inline]
+    fn search_index(&self, key: &[u8], mut lo: usize, mut hi: usize) -> Result<Option<usize>> {
         while lo < hi {
             let mid = (lo + hi) / 2;
             if self.index_entry(mid)?.0 < key {
