@@ -184,6 +184,40 @@ pub trait KeyedStateBackend: Send {
         descriptor: AggregatingStateDescriptor<IN, ACC, OUT, N>,
     ) -> Result<AggregatingStateHandle<IN, OUT, N>>;
 
+    /// A value state bound to this backend for a run of records, as a Flink `ValueState` object
+    /// is bound to its state table: the state is found once here, not on every access. Its
+    /// [`BoundValueState::set_current_key`] sets the backend's current key, as
+    /// [`KeyedStateBackend::set_current_key`] does. Backends without a faster path return
+    /// [`GenericBoundValue`].
+    type BoundValue<'a, V: StateType, N: Namespace>: BoundValueState<Self::Key, V, N>
+    where
+        Self: 'a;
+
+    /// Binds value state `h` in namespace `ns` for a run of records (see
+    /// [`KeyedStateBackend::BoundValue`]). Fails, here or at the first access, if `h` is not a
+    /// value state of this backend.
+    ///
+    /// ```
+    /// # use state_api::*;
+    /// # fn count<B: KeyedStateBackend<Key = u64>>(
+    /// #     b: &mut B,
+    /// #     h: &ValueStateHandle<u64, ()>,
+    /// #     keys: &[u64],
+    /// # ) -> Result<()> {
+    /// let mut counts = b.bind_value(h, ())?;
+    /// for &k in keys {
+    ///     counts.set_current_key(k)?;
+    ///     let n = counts.get()?.unwrap_or(0);
+    ///     counts.update(n + 1)?;
+    /// }
+    /// # Ok(()) }
+    /// ```
+    fn bind_value<V: StateType, N: Namespace>(
+        &mut self,
+        h: &ValueStateHandle<V, N>,
+        ns: N,
+    ) -> Result<Self::BoundValue<'_, V, N>>;
+
     /// The value, or the descriptor's default, or `None`.
     fn value_get<V: StateType, N: Namespace>(
         &mut self,
@@ -557,6 +591,61 @@ impl<B: KeyedStateBackend, V: StateType, N: Namespace> ValueState<'_, B, V, N> {
     /// Removes the value.
     pub fn clear(&mut self) -> Result<()> {
         self.b.clear(self.h, self.ns)
+    }
+}
+
+/// A value state bound to its backend for a run of records: see
+/// [`KeyedStateBackend::bind_value`]. Semantics are those of [`ValueState`]; the bound state
+/// also sets the current key and the namespace it acts on.
+pub trait BoundValueState<K, V, N> {
+    /// Sets the backend's current key (as [`KeyedStateBackend::set_current_key`]).
+    fn set_current_key(&mut self, key: K) -> Result<()>;
+    /// Sets the namespace the following accesses act on.
+    fn set_namespace(&mut self, ns: N);
+    /// The value of the current key (or the descriptor's default), `None` when absent.
+    fn get(&mut self) -> Result<Option<V>>;
+    /// Sets the value of the current key.
+    fn update(&mut self, value: V) -> Result<()>;
+    /// Removes the value of the current key.
+    fn clear(&mut self) -> Result<()>;
+}
+
+/// A bound value state made of a backend's primitive operations (for backends without a faster
+/// path of their own).
+pub struct GenericBoundValue<'a, B, V, N> {
+    b: &'a mut B,
+    h: ValueStateHandle<V, N>,
+    ns: N,
+}
+
+impl<'a, B, V, N> GenericBoundValue<'a, B, V, N> {
+    /// Binds `h` in `ns` of backend `b`.
+    pub fn new(b: &'a mut B, h: &ValueStateHandle<V, N>, ns: N) -> Self {
+        GenericBoundValue {
+            b,
+            h: h.clone(),
+            ns,
+        }
+    }
+}
+
+impl<B: KeyedStateBackend, V: StateType, N: Namespace> BoundValueState<B::Key, V, N>
+    for GenericBoundValue<'_, B, V, N>
+{
+    fn set_current_key(&mut self, key: B::Key) -> Result<()> {
+        self.b.set_current_key(key)
+    }
+    fn set_namespace(&mut self, ns: N) {
+        self.ns = ns;
+    }
+    fn get(&mut self) -> Result<Option<V>> {
+        self.b.value_get(&self.h, &self.ns)
+    }
+    fn update(&mut self, value: V) -> Result<()> {
+        self.b.value_update(&self.h, &self.ns, value)
+    }
+    fn clear(&mut self) -> Result<()> {
+        self.b.clear(&self.h, &self.ns)
     }
 }
 

@@ -138,6 +138,183 @@ pub fn value_state_semantics<F: BackendFactory>(f: &F) {
     assert_eq!(keys, vec![1, 3]);
 }
 
+/// A value state bound with `bind_value`: the same semantics as the handle accessors, sharing
+/// the backend's current key (taken over when bound, left to the backend when dropped), TTL and
+/// per-record cleanup of the other states, range checks, and snapshots of what it wrote.
+pub fn bound_value_state_semantics<F: BackendFactory>(f: &F) {
+    let clock = ManualClock::new(0);
+    let mut b = ttl_backend(f, &clock);
+    let h = b
+        .register_value(ValueStateDescriptor::<String>::new("v").unwrap())
+        .unwrap();
+    let hd = b
+        .register_value(
+            ValueStateDescriptor::<u32>::new("with-default")
+                .unwrap()
+                .with_default(7),
+        )
+        .unwrap();
+    {
+        let mut s = b.bind_value(&h, ()).unwrap();
+        let err = s.get().unwrap_err();
+        assert!(matches!(err, Error::NoCurrentKey { .. }), "{err}");
+        s.set_current_key(1).unwrap();
+        assert_eq!(s.get().unwrap(), None);
+        s.update("a".into()).unwrap();
+        assert_eq!(s.get().unwrap().as_deref(), Some("a"));
+        s.set_current_key(2).unwrap();
+        assert_eq!(s.get().unwrap(), None, "keys are isolated");
+        s.update("b".into()).unwrap();
+        s.set_current_key(3).unwrap();
+        s.update("c".into()).unwrap();
+        s.clear().unwrap();
+        assert_eq!(s.get().unwrap(), None);
+        s.set_current_key(1).unwrap();
+    }
+    assert_eq!(b.current_key(), Some(&1), "the last key set stays current");
+    assert_eq!(b.value(&h).get().unwrap().as_deref(), Some("a"));
+    b.set_current_key(2).unwrap();
+    assert_eq!(b.value(&h).get().unwrap().as_deref(), Some("b"));
+    b.value(&h).update("B".into()).unwrap();
+    {
+        let mut s = b.bind_value(&h, ()).unwrap();
+        assert_eq!(
+            s.get().unwrap().as_deref(),
+            Some("B"),
+            "the backend's current key is the bound state's first"
+        );
+        drop(s);
+        let mut s = b.bind_value(&hd, ()).unwrap();
+        assert_eq!(s.get().unwrap(), Some(7), "the descriptor's default");
+        s.update(8).unwrap();
+        assert_eq!(s.get().unwrap(), Some(8));
+    }
+    assert_eq!(b.value(&hd).get().unwrap(), Some(8));
+
+    // Namespaces.
+    let hn = b
+        .register_value(ValueStateDescriptor::<u32, String>::new("windowed").unwrap())
+        .unwrap();
+    {
+        let mut s = b.bind_value(&hn, "w1".to_string()).unwrap();
+        s.update(1).unwrap();
+        s.set_namespace("w2".to_string());
+        assert_eq!(s.get().unwrap(), None);
+        s.update(2).unwrap();
+    }
+    assert_eq!(b.value_in(&hn, &"w1".to_string()).get().unwrap(), Some(1));
+    assert_eq!(b.value_in(&hn, &"w2".to_string()).get().unwrap(), Some(2));
+
+    // A handle the backend did not give fails (at bind, or at the first access).
+    let bogus =
+        ValueStateHandle::<String, ()>::new(StateId(9_999), StateName::new("nope").unwrap());
+    let res = b.bind_value(&bogus, ()).and_then(|mut s| s.get());
+    assert!(matches!(res, Err(Error::UnknownState { .. })), "{res:?}");
+
+    // TTL, and incremental cleanup of another state on every record.
+    let ttl = StateTtlConfig::new(Duration::from_millis(100));
+    let t = b
+        .register_value(
+            ValueStateDescriptor::<u64>::new("ttl")
+                .unwrap()
+                .with_ttl(ttl),
+        )
+        .unwrap();
+    let inc = b
+        .register_value(
+            ValueStateDescriptor::<u64>::new("inc")
+                .unwrap()
+                .with_ttl(ttl.cleanup_incrementally(5, true)),
+        )
+        .unwrap();
+    for k in 0..100 {
+        b.set_current_key(k).unwrap();
+        b.value(&inc).update(k).unwrap();
+    }
+    {
+        let mut s = b.bind_value(&t, ()).unwrap();
+        s.set_current_key(1).unwrap();
+        s.update(10).unwrap();
+        clock.advance(60);
+        assert_eq!(s.get().unwrap(), Some(10));
+        clock.advance(50);
+        assert_eq!(s.get().unwrap(), None, "expired value is not returned");
+        s.update(11).unwrap();
+        clock.advance(99);
+        assert_eq!(s.get().unwrap(), Some(11), "a write resets the clock");
+        clock.advance(1_000);
+        for k in 0..40 {
+            s.set_current_key(k).unwrap();
+        }
+    }
+    let left = b
+        .keys(&inc, &())
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap()
+        .len();
+    assert!(
+        left <= 1,
+        "setting keys on a bound state cleans up the other states ({left} left)"
+    );
+    for k in 0..100 {
+        b.set_current_key(k).unwrap();
+        b.value(&inc).update(k).unwrap();
+    }
+    clock.advance(1_000);
+    {
+        let mut s = b.bind_value(&inc, ()).unwrap();
+        for k in 0..40 {
+            s.set_current_key(k).unwrap();
+        }
+    }
+    let left = b
+        .keys(&inc, &())
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap()
+        .len();
+    assert!(left <= 1, "and the bound state itself ({left} left)");
+
+    // Out of range: an error, and no key is current any more.
+    let mut sub = f
+        .create::<u64>(BackendConfig::subtask(128, 2, 0, Arc::new(SystemClock)))
+        .unwrap();
+    let hs = sub
+        .register_value(ValueStateDescriptor::<u64>::new("v").unwrap())
+        .unwrap();
+    let outside = (0..1_000u64)
+        .find(|k| sub.set_current_key(*k).is_err())
+        .unwrap();
+    let inside = (0..1_000u64)
+        .find(|k| sub.set_current_key(*k).is_ok())
+        .unwrap();
+    {
+        let mut s = sub.bind_value(&hs, ()).unwrap();
+        s.update(inside).unwrap();
+        let err = s.set_current_key(outside).unwrap_err();
+        assert!(matches!(err, Error::KeyGroupOutOfRange { .. }), "{err}");
+        let err = s.get().unwrap_err();
+        assert!(matches!(err, Error::NoCurrentKey { .. }), "{err}");
+    }
+    assert_eq!(sub.current_key(), None);
+    sub.set_current_key(inside).unwrap();
+    assert_eq!(sub.value(&hs).get().unwrap(), Some(inside));
+
+    // What a bound state wrote is in snapshots.
+    let bytes = snapshot_bytes(&mut b);
+    let mut r = f.create::<u64>(BackendConfig::full(128)).unwrap();
+    restore_from(&mut r, &[&bytes]).unwrap();
+    let rh = r
+        .register_value(ValueStateDescriptor::<String>::new("v").unwrap())
+        .unwrap();
+    let mut s = r.bind_value(&rh, ()).unwrap();
+    s.set_current_key(1).unwrap();
+    assert_eq!(s.get().unwrap().as_deref(), Some("a"));
+    s.set_current_key(2).unwrap();
+    assert_eq!(s.get().unwrap().as_deref(), Some("B"));
+}
+
 /// List state: add, add_all, update (with `[]` clearing), clear.
 pub fn list_state_semantics<F: BackendFactory>(f: &F) {
     let mut b = f.create::<String>(BackendConfig::full(128)).unwrap();
@@ -1939,6 +2116,7 @@ macro_rules! conformance_tests {
     ($factory:expr) => {
         $crate::conformance_tests!(@cases $factory;
             value_state_semantics,
+            bound_value_state_semantics,
             list_state_semantics,
             map_state_semantics,
             reducing_and_aggregating_semantics,

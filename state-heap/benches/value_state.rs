@@ -5,7 +5,11 @@
 //! the key, hashing it into its key group) exactly as Flink's benchmark calls `setCurrentKey`.
 //! Criterion prints its statistics per case; a summary at the end prints ops/s of both sides
 //! measured in the same process and the ratio heap / hashbrown, next to the floor of the
-//! key-group design (stable hash + per-key-group table, no backend API).
+//! key-group design (stable hash + per-key-group table, no backend API) and the heap's share
+//! of it. `get` and `update` run twice on the heap: through `backend.value(&handle)` (the state
+//! found by its handle on every access) and through a state bound once with `bind_value` (as a
+//! Flink `ValueState` object holds its table). The summary's workloads take turns, round after
+//! round, so that a change in the machine's load moves all of them alike.
 
 #[path = "common/mod.rs"]
 mod common;
@@ -16,7 +20,7 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, BatchSize, Criterion, Throughput};
-use value::{heap_get, heap_setup, heap_update, Floor};
+use value::{bound_get, bound_update, heap_get, heap_setup, heap_update, Floor};
 
 const SETUP_KEYS: u64 = 500_000;
 const BATCH: u64 = 10_000;
@@ -59,6 +63,13 @@ fn bench(c: &mut Criterion) {
             BatchSize::SmallInput,
         )
     });
+    g.bench_function("heap/bound_get", |bn| {
+        bn.iter_batched(
+            &mut next_batch,
+            |keys| black_box(bound_get(&mut b, &h, &keys)),
+            BatchSize::SmallInput,
+        )
+    });
     g.bench_function("hashbrown/get", |bn| {
         bn.iter_batched(
             &mut next_batch,
@@ -70,6 +81,13 @@ fn bench(c: &mut Criterion) {
         bn.iter_batched(
             &mut next_batch,
             |keys| heap_update(&mut b, &h, &keys),
+            BatchSize::SmallInput,
+        )
+    });
+    g.bench_function("heap/bound_update", |bn| {
+        bn.iter_batched(
+            &mut next_batch,
+            |keys| bound_update(&mut b, &h, &keys),
             BatchSize::SmallInput,
         )
     });
@@ -103,71 +121,77 @@ fn bench(c: &mut Criterion) {
     g.finish();
 }
 
-/// Median ops/s of `runs` timed passes of `op` over `n` operations.
-fn ops_per_sec(runs: usize, n: usize, mut op: impl FnMut()) -> f64 {
-    let mut rates: Vec<f64> = (0..runs)
-        .map(|_| {
-            let t = Instant::now();
-            op();
-            n as f64 / t.elapsed().as_secs_f64()
-        })
-        .collect();
-    rates.sort_by(f64::total_cmp);
-    rates[runs / 2]
+/// Ops/s of one timed pass of `op` over `n` operations.
+fn rate(n: usize, op: impl FnOnce()) -> f64 {
+    let t = Instant::now();
+    op();
+    n as f64 / t.elapsed().as_secs_f64()
 }
 
-/// The same three workloads, timed side by side, with ratios.
+/// The median of `rates`.
+fn median(mut rates: Vec<f64>) -> f64 {
+    rates.sort_by(f64::total_cmp);
+    rates[rates.len() / 2]
+}
+
+/// Rounds of the summary: each runs every workload once.
+const ROUNDS: usize = 9;
+
+/// The same workloads, timed in turns, with ratios.
 fn summary() {
     let order = key_order();
     let n = order.len();
     let (mut b, h) = heap_setup(SETUP_KEYS);
     let mut m = map_setup();
-    let heap_get_rate = ops_per_sec(5, n, || {
-        black_box(heap_get(&mut b, &h, &order));
-    });
-    let map_get_rate = ops_per_sec(5, n, || {
-        black_box(map_get(&m, &order));
-    });
-    let heap_upd_rate = ops_per_sec(5, n, || heap_update(&mut b, &h, &order));
-    let map_upd_rate = ops_per_sec(5, n, || map_update(&mut m, &order));
     let mut floor = Floor::new(SETUP_KEYS);
-    let floor_get_rate = ops_per_sec(5, n, || {
-        black_box(floor.get(&order));
-    });
-    let floor_upd_rate = ops_per_sec(5, n, || floor.update(&order));
-    // Add: a fresh pre-filled structure per run, then 500,000 keys it has never seen.
+    // Add: 500,000 keys never seen before, into a fresh pre-filled structure each round.
     let new_keys: Vec<u64> = order.iter().map(|k| k + SETUP_KEYS).collect();
-    let mut heap_add = Vec::new();
-    let mut map_add = Vec::new();
-    for _ in 0..3 {
-        let (mut b, h) = heap_setup(SETUP_KEYS);
-        let t = Instant::now();
-        heap_update(&mut b, &h, &new_keys);
-        heap_add.push(n as f64 / t.elapsed().as_secs_f64());
-        let mut m = map_setup();
-        let t = Instant::now();
-        map_update(&mut m, &new_keys);
-        map_add.push(n as f64 / t.elapsed().as_secs_f64());
+    let mut r: [Vec<f64>; 10] = Default::default();
+    for _ in 0..ROUNDS {
+        r[0].push(rate(n, || {
+            black_box(heap_get(&mut b, &h, &order));
+        }));
+        r[1].push(rate(n, || {
+            black_box(bound_get(&mut b, &h, &order));
+        }));
+        r[2].push(rate(n, || {
+            black_box(map_get(&m, &order));
+        }));
+        r[3].push(rate(n, || {
+            black_box(floor.get(&order));
+        }));
+        r[4].push(rate(n, || heap_update(&mut b, &h, &order)));
+        r[5].push(rate(n, || bound_update(&mut b, &h, &order)));
+        r[6].push(rate(n, || map_update(&mut m, &order)));
+        r[7].push(rate(n, || floor.update(&order)));
+        let (mut fresh, fh) = heap_setup(SETUP_KEYS);
+        r[8].push(rate(n, || heap_update(&mut fresh, &fh, &new_keys)));
+        let mut fresh_map = map_setup();
+        r[9].push(rate(n, || map_update(&mut fresh_map, &new_keys)));
     }
-    heap_add.sort_by(f64::total_cmp);
-    map_add.sort_by(f64::total_cmp);
+    let [heap_g, bound_g, map_g, floor_g, heap_u, bound_u, map_u, floor_u, heap_a, map_a] =
+        r.map(median);
     println!();
-    println!("ValueState, 500,000 keys (median ops/s, same process)");
     println!(
-        "{:<10} {:>14} {:>14} {:>8} {:>16} {:>8}",
-        "workload", "heap backend", "hashbrown", "ratio", "floor (no API)", "ratio"
+        "ValueState, 500,000 keys (median ops/s of {ROUNDS} rounds, workloads in turns, same process)"
+    );
+    println!(
+        "{:<16} {:>14} {:>14} {:>8} {:>16} {:>10}",
+        "workload", "heap backend", "hashbrown", "ratio", "floor (no API)", "of floor"
     );
     for (name, heap, map, floor) in [
-        ("get", heap_get_rate, map_get_rate, Some(floor_get_rate)),
-        ("update", heap_upd_rate, map_upd_rate, Some(floor_upd_rate)),
-        ("add", heap_add[1], map_add[1], None),
+        ("get", heap_g, map_g, Some(floor_g)),
+        ("get (bound)", bound_g, map_g, Some(floor_g)),
+        ("update", heap_u, map_u, Some(floor_u)),
+        ("update (bound)", bound_u, map_u, Some(floor_u)),
+        ("add", heap_a, map_a, None),
     ] {
         let floor = floor.map_or_else(
-            || format!("{:>16} {:>8}", "-", "-"),
-            |f| format!("{:>15.2}M {:>7.2}x", f / 1e6, f / map),
+            || format!("{:>16} {:>10}", "-", "-"),
+            |f| format!("{:>15.2}M {:>9.2}x", f / 1e6, heap / f),
         );
         println!(
-            "{name:<10} {:>12.2}M {:>12.2}M {:>7.2}x {floor}",
+            "{name:<16} {:>12.2}M {:>12.2}M {:>7.2}x {floor}",
             heap / 1e6,
             map / 1e6,
             heap / map
@@ -175,7 +199,7 @@ fn summary() {
     }
     println!(
         "floor: XXH3 of the key bytes + lookup in one of 128 key-group tables, i.e. what the \
-         key-group design costs before any backend API"
+         key-group design costs before any backend API; (bound): through `bind_value`"
     );
 }
 

@@ -5,7 +5,8 @@
 //! disturbs; this prints ops/s per wall second and per second of the thread's CPU time.
 //!
 //! `cargo run --profile bench -p state-heap --example value_ops -- <workload> [passes]`, workload
-//! one of `none`, `heap-get`, `heap-update`, `heap-add`, `floor-get`, `floor-update`; a pass is
+//! one of `none`, `heap-get`, `heap-update`, `heap-add`, `bound-get`, `bound-update` (through a bound value state),
+//! `floor-get`, `floor-update`; a pass is
 //! 500,000 operations over the shuffled key order (`heap-add`: keys never seen before).
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
@@ -17,7 +18,7 @@ mod value;
 use std::hint::black_box;
 use std::time::Instant;
 
-use value::{heap_get, heap_setup, heap_update, Floor};
+use value::{bound_get, bound_update, heap_get, heap_setup, heap_update, Floor};
 
 const KEYS: u64 = 500_000;
 
@@ -48,10 +49,12 @@ fn main() {
                 let fresh: Vec<u64> = order.iter().map(|k| k + KEYS * (pass + 1)).collect();
                 heap_update(&mut b, &h, &fresh);
             }
+            "bound-get" => sum += bound_get(&mut b, &h, &order),
+            "bound-update" => bound_update(&mut b, &h, &order),
             "floor-get" => sum += floor.get(&order),
             "floor-update" => floor.update(&order),
             other => {
-                eprintln!("unknown workload {other}: none, heap-get, heap-update, heap-add, floor-get or floor-update");
+                eprintln!("unknown workload {other}: none, heap-get, heap-update, heap-add, bound-get, bound-update, floor-get or floor-update");
                 std::process::exit(2);
             }
         }

@@ -37,12 +37,14 @@
 
 #![warn(missing_docs)]
 
+mod bound;
 mod changelog;
 mod checkpointing;
 mod restore;
 mod table;
 mod timers;
 
+pub use bound::HeapBoundValue;
 pub use changelog::{HeapChanges, HeapDeltaSnapshot};
 
 use std::any::Any;
@@ -122,19 +124,24 @@ impl<K: StateKey> HeapBackendBuilder<K> {
         Ok(HeapKeyedStateBackend {
             max_parallelism: self.max_parallelism,
             range,
-            kg_mask: self
-                .max_parallelism
-                .is_power_of_two()
-                .then(|| self.max_parallelism - 1),
-            int_mask: self
-                .max_parallelism
-                .is_power_of_two()
-                .then(|| self.max_parallelism - 1)
-                .filter(|_| {
-                    is_int_key::<K>() && is_fixed_width_for::<K>(&self.key_serializer.snapshot())
-                }),
-            part_base: range.start(),
-            parts: range.len(),
+            locator: Locator {
+                max_parallelism: self.max_parallelism,
+                range,
+                kg_mask: self
+                    .max_parallelism
+                    .is_power_of_two()
+                    .then(|| self.max_parallelism - 1),
+                int_mask: self
+                    .max_parallelism
+                    .is_power_of_two()
+                    .then(|| self.max_parallelism - 1)
+                    .filter(|_| {
+                        is_int_key::<K>()
+                            && is_fixed_width_for::<K>(&self.key_serializer.snapshot())
+                    }),
+                part_base: range.start(),
+                parts: range.len(),
+            },
             key_serializer: self.key_serializer,
             clock: self.clock,
             restore_threads: self.restore_threads,
@@ -160,16 +167,8 @@ pub struct HeapKeyedStateBackend<K> {
     key_serializer: Arc<dyn StateSerializer<K>>,
     /// Threads decoding restored records.
     restore_threads: usize,
-    /// `max_parallelism - 1` when it is a power of two: the key group is then a mask away.
-    kg_mask: Option<u32>,
-    /// `max_parallelism - 1` when keys are primitive integers written by
-    /// [`FixedWidthSerializer`] and the key groups a power of two: their hash and key group are
-    /// computed inline, without calling the serializer.
-    int_mask: Option<u32>,
-    /// The first key group of the range (the partition of key group `kg` is `kg - part_base`).
-    part_base: u32,
-    /// The number of key groups in the range.
-    parts: u32,
+    /// Where keys go: their hash and partition.
+    locator: Locator,
     clock: Arc<dyn Clock>,
     /// The current key's serialized bytes (empty on the integer fast path: see `key_bytes`).
     key_buf: Vec<u8>,
@@ -210,6 +209,80 @@ impl<K: StateKey + Serialize + DeserializeOwned> HeapKeyedStateBackend<K> {
             restore_threads: std::thread::available_parallelism()
                 .map_or(1, |n| n.get())
                 .clamp(1, 4),
+        }
+    }
+}
+
+/// Where keys go in a backend: their stable hash and partition (key group minus the range's
+/// first). Copied into bound states, which set the current key without the backend.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Locator {
+    max_parallelism: u32,
+    range: KeyGroupRange,
+    /// `max_parallelism - 1` when it is a power of two: the key group is then a mask away.
+    kg_mask: Option<u32>,
+    /// `max_parallelism - 1` when keys are primitive integers written by
+    /// [`FixedWidthSerializer`] and the key groups a power of two: their hash and key group are
+    /// computed inline, without calling the serializer.
+    int_mask: Option<u32>,
+    /// The first key group of the range (the partition of key group `kg` is `kg - part_base`).
+    part_base: u32,
+    /// The number of key groups in the range.
+    parts: u32,
+}
+
+impl Locator {
+    /// The stable hash and key group of `key`: inline for integer keys, otherwise through the
+    /// serializer. (Callers check the key group against the range themselves: the backend
+    /// against its range, a bound state against its table's partitions, so that the range check
+    /// is also the bounds check of the access that follows.)
+    #[inline(always)]
+    fn hash_and_group_of<K: StateKey>(
+        &self,
+        key: &K,
+        ser: &Arc<dyn StateSerializer<K>>,
+        key_buf: &mut Vec<u8>,
+    ) -> Result<(u64, u32)> {
+        let fast = self
+            .int_mask
+            .and_then(|mask| int_key_hash(key).map(|hash| (hash, mask)));
+        match fast {
+            Some((hash, mask)) => Ok((hash, (hash >> 32) as u32 & mask)),
+            None => self.hash_and_group(key, ser, key_buf),
+        }
+    }
+
+    /// The stable hash and key group of a key off the integer fast path: serialized into
+    /// `key_buf`, hashed, and the key group taken from the hash.
+    #[inline(never)]
+    fn hash_and_group<K: StateKey>(
+        &self,
+        key: &K,
+        ser: &Arc<dyn StateSerializer<K>>,
+        key_buf: &mut Vec<u8>,
+    ) -> Result<(u64, u32)> {
+        key_buf.clear();
+        ser.serialize(key, key_buf).map_err(|e| Error::Serialize {
+            state: "<current key>".into(),
+            what: "key",
+            reason: e.0,
+        })?;
+        let hash = stable_key_hash(key_buf);
+        let kg = match self.kg_mask {
+            Some(mask) => (hash >> 32) as u32 & mask,
+            None => key_group_for_hash(hash, self.max_parallelism),
+        };
+        Ok((hash, kg))
+    }
+
+    /// A key outside the range: no key is current any more.
+    #[cold]
+    #[inline(never)]
+    fn out_of_range<K>(&self, key_group: u32, current: &mut Option<CurrentKey<K>>) -> Error {
+        *current = None;
+        Error::KeyGroupOutOfRange {
+            key_group,
+            range: self.range,
         }
     }
 }
@@ -732,42 +805,6 @@ impl<K: StateKey> HeapKeyedStateBackend<K> {
         Ok(id)
     }
 
-    /// The stable hash and key group of a key off the integer fast path: serialized into
-    /// `key_buf`, hashed, and the key group taken from the hash.
-    #[inline(never)]
-    fn hash_and_group(&mut self, key: &K) -> Result<(u64, u32)> {
-        let hash = self.serialize_key(key)?;
-        let kg = match self.kg_mask {
-            Some(mask) => (hash >> 32) as u32 & mask,
-            None => key_group_for_hash(hash, self.max_parallelism),
-        };
-        Ok((hash, kg))
-    }
-
-    /// Serializes a key into `key_buf`; returns its stable hash.
-    fn serialize_key(&mut self, key: &K) -> Result<u64> {
-        self.key_buf.clear();
-        self.key_serializer
-            .serialize(key, &mut self.key_buf)
-            .map_err(|e| Error::Serialize {
-                state: "<current key>".into(),
-                what: "key",
-                reason: e.0,
-            })?;
-        Ok(stable_key_hash(&self.key_buf))
-    }
-
-    /// A key outside the backend's range: no key is current any more.
-    #[cold]
-    #[inline(never)]
-    fn out_of_range(&mut self, key_group: u32) -> Error {
-        self.current = None;
-        Error::KeyGroupOutOfRange {
-            key_group,
-            range: self.range,
-        }
-    }
-
     /// Incremental TTL cleanup of the states that run it on every record.
     #[inline(never)]
     fn cleanup_per_record(&mut self) {
@@ -1009,16 +1046,12 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
     fn set_current_key(&mut self, key: K) -> Result<()> {
         // The hot path stays small (a few dozen instructions for integer keys), so that the
         // CPU overlaps the memory accesses of consecutive records; the rest is out of line.
-        let fast = self
-            .int_mask
-            .and_then(|mask| int_key_hash(&key).map(|hash| (hash, mask)));
-        let (hash, kg) = match fast {
-            Some((hash, mask)) => (hash, (hash >> 32) as u32 & mask),
-            None => self.hash_and_group(&key)?,
-        };
-        let part = kg.wrapping_sub(self.part_base);
-        if part >= self.parts {
-            return Err(self.out_of_range(kg));
+        let (hash, kg) =
+            self.locator
+                .hash_and_group_of(&key, &self.key_serializer, &mut self.key_buf)?;
+        let part = kg.wrapping_sub(self.locator.part_base);
+        if part >= self.locator.parts {
+            return Err(self.locator.out_of_range(kg, &mut self.current));
         }
         if !self.per_record_cleanup.is_empty() {
             self.cleanup_per_record();
@@ -1120,6 +1153,19 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
         };
         let id = self.register(&name, kind, d.ttl().copied(), d.namespace_serializer())?;
         Ok(AggregatingStateHandle::new(id, name))
+    }
+
+    type BoundValue<'a, V: StateType, N: Namespace>
+        = HeapBoundValue<'a, K, V, N>
+    where
+        Self: 'a;
+
+    fn bind_value<V: StateType, N: Namespace>(
+        &mut self,
+        h: &ValueStateHandle<V, N>,
+        ns: N,
+    ) -> Result<HeapBoundValue<'_, K, V, N>> {
+        HeapBoundValue::bind(self, h, ns)
     }
 
     #[inline(always)]

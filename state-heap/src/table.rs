@@ -842,6 +842,12 @@ impl<K: StateKey, N: Namespace, KD: Kind, T: Stamp> Table<K, N, KD, T> {
         m
     }
 
+    /// The number of key groups (partitions) of the table: the backend's range.
+    #[inline]
+    pub fn parts_len(&self) -> usize {
+        self.parts.len()
+    }
+
     #[inline]
     pub fn find(&self, cur: &CurrentKey<K>, ns: &N) -> Option<&Entry<K, N, KD::Stored, T>> {
         let h = table_hash(cur.hash, ns_hash(ns));

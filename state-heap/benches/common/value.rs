@@ -3,8 +3,8 @@
 //! compared with.
 
 use state_api::{
-    FixedWidthSerializer, KeyedStateBackend, KeyedStateBackendExt, ValueStateDescriptor,
-    ValueStateHandle,
+    BoundValueState, FixedWidthSerializer, KeyedStateBackend, KeyedStateBackendExt,
+    ValueStateDescriptor, ValueStateHandle,
 };
 use state_heap::HeapKeyedStateBackend;
 
@@ -47,6 +47,29 @@ pub fn heap_update(b: &mut Heap, h: &Handle, keys: &[u64]) {
     for &k in keys {
         b.set_current_key(k).expect("key");
         b.value(h).update(k + 1).expect("update");
+    }
+}
+
+/// The heap get loop through a bound value state (the state found once, as a Flink
+/// `ValueState` object holds its table).
+#[inline(never)]
+pub fn bound_get(b: &mut Heap, h: &Handle, keys: &[u64]) -> u64 {
+    let mut state = b.bind_value(h, ()).expect("bind");
+    let mut sum = 0;
+    for &k in keys {
+        state.set_current_key(k).expect("key");
+        sum += state.get().expect("get").unwrap_or(0);
+    }
+    sum
+}
+
+/// The heap update loop through a bound value state.
+#[inline(never)]
+pub fn bound_update(b: &mut Heap, h: &Handle, keys: &[u64]) {
+    let mut state = b.bind_value(h, ()).expect("bind");
+    for &k in keys {
+        state.set_current_key(k).expect("key");
+        state.update(k + 1).expect("update");
     }
 }
 
