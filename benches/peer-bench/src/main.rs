@@ -259,24 +259,29 @@ fn run_backend<B: KeyedStateBackend<Key = u64>>(
         }
         Ok(())
     })?;
+    // The value workloads go through a state bound once (`bind_value`), as flink-benchmarks'
+    // ValueState benchmarks call `value()`/`update()` on a state object obtained in setup.
     figs.time("value get", n, || {
+        let mut s = b.bind_value(&v, ())?;
         for &k in &order {
-            b.set_current_key(k)?;
-            std::hint::black_box(b.value(&v).get()?);
+            s.set_current_key(k)?;
+            std::hint::black_box(s.get()?);
         }
         Ok(())
     })?;
     figs.time("value update", n, || {
+        let mut s = b.bind_value(&v, ())?;
         for &k in &order {
-            b.set_current_key(k)?;
-            b.value(&v).update(k + 1)?;
+            s.set_current_key(k)?;
+            s.update(k + 1)?;
         }
         Ok(())
     })?;
     figs.time("value add", n, || {
+        let mut s = b.bind_value(&v, ())?;
         for &k in &order {
-            b.set_current_key(k + n)?;
-            b.value(&v).update(k)?;
+            s.set_current_key(k + n)?;
+            s.update(k)?;
         }
         Ok(())
     })?;
