@@ -8,7 +8,10 @@
 //! A restore decodes on several threads, each owning a share of the key groups
 //! ([`HeapBackendBuilder::restore_threads`]), into registered states as the streams are read;
 //! the data of states registered later waits as the blocks read and is decoded (in parallel as
-//! well) when they are registered. A state without TTL stores no timestamps.
+//! well) when they are registered. A state without TTL stores no timestamps. A value state
+//! bound for a run of records ([`KeyedStateBackend::bind_value`], a [`HeapBoundValue`]) holds
+//! its typed table and the current key, so that its accesses cost what the key-group design
+//! itself costs.
 //!
 //! ```
 //! use state_api::{KeyedStateBackend, KeyedStateBackendExt, KeyedStateSnapshot, ValueStateDescriptor};
