@@ -44,6 +44,7 @@ mod bound;
 mod changelog;
 mod checkpointing;
 mod restore;
+mod small_map;
 mod table;
 mod timers;
 

@@ -588,7 +588,7 @@ impl<T: StateType, S: Stamp> Kind for ListKind<T, S> {
 }
 
 /// A map state's entries: user key to user value and stamp (`i64` TTL timestamp or nothing).
-pub(crate) type MapStore<UK, UV, S = NoTtl> = hashbrown::HashMap<UK, (UV, S)>;
+pub(crate) type MapStore<UK, UV, S = NoTtl> = crate::small_map::SmallMap<UK, (UV, S)>;
 
 /// Map state, entries stamped `S` as list elements are (see [`ListKind`]).
 pub(crate) struct MapKind<UK, UV, S = NoTtl> {
