@@ -269,18 +269,7 @@ impl KeyedStateBackend for KgFileBackend {
         self.inner.register_aggregating(descriptor)
     }
 
-    type BoundValue<'a, V: StateType, N: Namespace>
-        = GenericBoundValue<'a, Self, V, N>
-    where
-        Self: 'a;
-
-    fn bind_value<V: StateType, N: Namespace>(
-        &mut self,
-        h: &ValueStateHandle<V, N>,
-        ns: N,
-    ) -> Result<Self::BoundValue<'_, V, N>> {
-        Ok(GenericBoundValue::new(self, h, ns))
-    }
+    state_api::generic_bound_value!();
 
     fn value_get<V: StateType, N: Namespace>(
         &mut self,

@@ -188,7 +188,7 @@ pub trait KeyedStateBackend: Send {
     /// is bound to its state table: the state is found once here, not on every access. Its
     /// [`BoundValueState::set_current_key`] sets the backend's current key, as
     /// [`KeyedStateBackend::set_current_key`] does. Backends without a faster path return
-    /// [`GenericBoundValue`].
+    /// [`GenericBoundValue`] (with [`generic_bound_value!`](crate::generic_bound_value)).
     type BoundValue<'a, V: StateType, N: Namespace>: BoundValueState<Self::Key, V, N>
     where
         Self: 'a;
@@ -647,6 +647,28 @@ impl<B: KeyedStateBackend, V: StateType, N: Namespace> BoundValueState<B::Key, V
     fn clear(&mut self) -> Result<()> {
         self.b.clear(&self.h, &self.ns)
     }
+}
+
+/// Implements [`KeyedStateBackend::BoundValue`] and [`KeyedStateBackend::bind_value`] with
+/// [`GenericBoundValue`]: write `state_api::generic_bound_value!();` inside the
+/// `impl KeyedStateBackend for ...` block of a backend without a faster path of its own (stable
+/// Rust has no defaults for associated types yet).
+#[macro_export]
+macro_rules! generic_bound_value {
+    () => {
+        type BoundValue<'a, V: $crate::StateType, N: $crate::Namespace>
+            = $crate::GenericBoundValue<'a, Self, V, N>
+        where
+            Self: 'a;
+
+        fn bind_value<V: $crate::StateType, N: $crate::Namespace>(
+            &mut self,
+            h: &$crate::ValueStateHandle<V, N>,
+            ns: N,
+        ) -> $crate::Result<Self::BoundValue<'_, V, N>> {
+            Ok($crate::GenericBoundValue::new(self, h, ns))
+        }
+    };
 }
 
 /// List state of the current key in one namespace.

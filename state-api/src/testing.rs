@@ -87,6 +87,15 @@ fn restore_from<B: KeyedStateBackend>(b: &mut B, snapshots: &[&Vec<u8>]) -> Resu
     )
 }
 
+/// The number of keys with state in `h` in the default namespace (each read without error).
+fn key_count<B: KeyedStateBackend>(b: &mut B, h: &dyn StateHandle<()>) -> usize {
+    b.keys(h, &())
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap()
+        .len()
+}
+
 /// Value state: absent reads, update, clear, defaults, namespaces, `keys`.
 pub fn value_state_semantics<F: BackendFactory>(f: &F) {
     let mut b = f.create::<u64>(BackendConfig::full(128)).unwrap();
@@ -247,12 +256,7 @@ pub fn bound_value_state_semantics<F: BackendFactory>(f: &F) {
             s.set_current_key(k).unwrap();
         }
     }
-    let left = b
-        .keys(&inc, &())
-        .unwrap()
-        .collect::<Result<Vec<_>, _>>()
-        .unwrap()
-        .len();
+    let left = key_count(&mut b, &inc);
     assert!(
         left <= 1,
         "setting keys on a bound state cleans up the other states ({left} left)"
@@ -268,12 +272,7 @@ pub fn bound_value_state_semantics<F: BackendFactory>(f: &F) {
             s.set_current_key(k).unwrap();
         }
     }
-    let left = b
-        .keys(&inc, &())
-        .unwrap()
-        .collect::<Result<Vec<_>, _>>()
-        .unwrap()
-        .len();
+    let left = key_count(&mut b, &inc);
     assert!(left <= 1, "and the bound state itself ({left} left)");
 
     // Out of range: an error, and no key is current any more.
@@ -1077,44 +1076,24 @@ pub fn ttl_cleanup_on_snapshot_and_incrementally<F: BackendFactory>(f: &F) {
         "full-snapshot cleanup dropped expired entries"
     );
     assert_eq!(
-        r.keys(&rn, &())
-            .unwrap()
-            .collect::<Result<Vec<_>, _>>()
-            .unwrap()
-            .len(),
+        key_count(&mut r, &rn),
         100,
         "without cleanup they survive the snapshot"
     );
 
     // Incremental cleanup: accessing one key checks 10 other entries each time.
     b.set_current_key(0).unwrap();
-    assert_eq!(
-        b.keys(&inc, &())
-            .unwrap()
-            .collect::<Result<Vec<_>, _>>()
-            .unwrap()
-            .len(),
-        100
-    );
+    assert_eq!(key_count(&mut b, &inc), 100);
     for _ in 0..30 {
         b.value(&inc).update(1).unwrap();
     }
-    let left = b
-        .keys(&inc, &())
-        .unwrap()
-        .collect::<Result<Vec<_>, _>>()
-        .unwrap()
-        .len();
+    let left = key_count(&mut b, &inc);
     assert!(
         left <= 1,
         "incremental cleanup removed expired entries ({left} left)"
     );
     assert_eq!(
-        b.keys(&none, &())
-            .unwrap()
-            .collect::<Result<Vec<_>, _>>()
-            .unwrap()
-            .len(),
+        key_count(&mut b, &none),
         100,
         "states without it keep theirs"
     );
