@@ -629,6 +629,14 @@ impl<'a, B, V, N> GenericBoundValue<'a, B, V, N> {
     }
 }
 
+impl<B, V, N> fmt::Debug for GenericBoundValue<'_, B, V, N> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GenericBoundValue")
+            .field("state", &self.h)
+            .finish_non_exhaustive()
+    }
+}
+
 impl<B: KeyedStateBackend, V: StateType, N: Namespace> BoundValueState<B::Key, V, N>
     for GenericBoundValue<'_, B, V, N>
 {

@@ -194,6 +194,19 @@ impl<K: StateKey, V: StateType, N: Namespace> BoundValueState<K, V, N>
     }
 }
 
+impl<K: StateKey, V: StateType, N: Namespace> std::fmt::Debug for HeapBoundValue<'_, K, V, N> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let name = match &self.table {
+            Stamped::Plain(t) => &t.name,
+            Stamped::Stamped(t) => &t.name,
+        };
+        f.debug_struct("HeapBoundValue")
+            .field("state", name)
+            .field("has_current_key", &self.cur.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
 impl<K: StateKey, V: StateType, N: Namespace> Drop for HeapBoundValue<'_, K, V, N> {
     fn drop(&mut self) {
         *self.current = self.cur.take();
