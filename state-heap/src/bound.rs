@@ -3,13 +3,12 @@
 //! number and a type check. Each access is then the key's hash, its key group's table and one
 //! probe, as a Flink `ValueState` object reads the state table it holds.
 
-use std::any::Any;
 use std::sync::Arc;
 
 use state_api::*;
 
 use crate::table::{read_single, write_ts, CurrentKey, ErasedTable, NoTtl, Table, ValueKind};
-use crate::{no_current_key, unknown, HeapKeyedStateBackend, Locator, Stamped};
+use crate::{no_current_key, stamped, unknown, HeapKeyedStateBackend, Locator, Stamped};
 
 /// A value state's table without TTL stamps, and with them.
 type Plain<K, N, V> = Table<K, N, ValueKind<V>, NoTtl>;
@@ -66,13 +65,7 @@ impl<'a, K: StateKey, V: StateType, N: Namespace> HeapBoundValue<'a, K, V, N> {
         }
         let (before, rest) = tables.split_at_mut(at);
         let (mine, after) = rest.split_first_mut().ok_or_else(|| unknown(h.name()))?;
-        let any: &mut dyn Any = &mut **mine;
-        let table = if any.is::<Plain<K, N, V>>() {
-            any.downcast_mut::<Plain<K, N, V>>().map(Stamped::Plain)
-        } else {
-            any.downcast_mut::<WithTtl<K, N, V>>().map(Stamped::Stamped)
-        };
-        let table = table.ok_or_else(|| unknown(h.name()))?;
+        let table = stamped(&mut **mine).ok_or_else(|| unknown(h.name()))?;
         Ok(HeapBoundValue {
             table,
             locator: *locator,

@@ -407,7 +407,7 @@ impl<K: StateKey> crate::HeapKeyedStateBackend<K> {
         if self.changes.is_on() {
             return;
         }
-        let parts = self.range.len() as usize;
+        let parts = self.locator.range.len() as usize;
         self.changes.turn_on(parts);
         for t in &mut self.tables {
             t.track_changes();
@@ -425,7 +425,7 @@ impl<K: StateKey> crate::HeapKeyedStateBackend<K> {
         HeapChanges {
             tables: self.tables.iter_mut().map(|t| t.take_changes()).collect(),
             timers: self.changes.take_timers(),
-            range: self.range,
+            range: self.locator.range,
         }
     }
 
@@ -434,7 +434,7 @@ impl<K: StateKey> crate::HeapKeyedStateBackend<K> {
     /// [`Self::snapshot_heap`].
     pub fn snapshot_delta(&mut self, changes: Vec<Arc<HeapChanges>>) -> HeapDeltaSnapshot<K> {
         let view = self.snapshot_heap();
-        let parts = self.range.len() as usize;
+        let parts = self.locator.range.len() as usize;
         let mut changed = vec![false; parts];
         let mut replaced = vec![false; parts];
         for c in &changes {

@@ -126,8 +126,6 @@ impl<K: StateKey> HeapBackendBuilder<K> {
             });
         }
         Ok(HeapKeyedStateBackend {
-            max_parallelism: self.max_parallelism,
-            range,
             locator: Locator {
                 max_parallelism: self.max_parallelism,
                 range,
@@ -166,8 +164,6 @@ impl<K: StateKey> HeapBackendBuilder<K> {
 
 /// Keyed state in memory for one subtask. See the [crate docs](crate).
 pub struct HeapKeyedStateBackend<K> {
-    max_parallelism: u32,
-    range: KeyGroupRange,
     key_serializer: Arc<dyn StateSerializer<K>>,
     /// Threads decoding restored records.
     restore_threads: usize,
@@ -195,8 +191,8 @@ pub struct HeapKeyedStateBackend<K> {
 impl<K> fmt::Debug for HeapKeyedStateBackend<K> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("HeapKeyedStateBackend")
-            .field("max_parallelism", &self.max_parallelism)
-            .field("range", &self.range)
+            .field("max_parallelism", &self.locator.max_parallelism)
+            .field("range", &self.locator.range)
             .field("states", &self.ids.keys().collect::<Vec<_>>())
             .finish()
     }
@@ -218,7 +214,8 @@ impl<K: StateKey + Serialize + DeserializeOwned> HeapKeyedStateBackend<K> {
 }
 
 /// Where keys go in a backend: their stable hash and partition (key group minus the range's
-/// first). Copied into bound states, which set the current key without the backend.
+/// first); also the backend's key groups (its max parallelism and range). Copied into bound
+/// states, which set the current key without the backend.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Locator {
     max_parallelism: u32,
@@ -395,13 +392,19 @@ fn access_stamped<'a, K: StateKey, P: 'static, S: 'static>(
 ) -> Result<(&'a CurrentKey<K>, Stamped<'a, P, S>)> {
     let cur = current.as_ref().ok_or_else(|| no_current_key(name))?;
     let table = tables.get_mut(id.0 as usize).ok_or_else(|| unknown(name))?;
-    let any: &mut dyn Any = &mut **table;
-    let table = if any.is::<P>() {
+    Ok((cur, stamped(&mut **table).ok_or_else(|| unknown(name))?))
+}
+
+/// A type-erased table as `P` (no TTL stamps) or `S` (stamped); `None` when it is neither.
+fn stamped<'a, K: StateKey, P: 'static, S: 'static>(
+    table: &'a mut dyn ErasedTable<K>,
+) -> Option<Stamped<'a, P, S>> {
+    let any: &mut dyn Any = table;
+    if any.is::<P>() {
         any.downcast_mut::<P>().map(Stamped::Plain)
     } else {
         any.downcast_mut::<S>().map(Stamped::Stamped)
-    };
-    Ok((cur, table.ok_or_else(|| unknown(name))?))
+    }
 }
 
 /// A list's elements with TTL semantics (expired elements dropped, read refreshing the rest
@@ -603,7 +606,7 @@ impl<K: StateKey> HeapKeyedStateBackend<K> {
     /// The key groups written since the previous call, over all states, in key-group order
     /// (used for incremental checkpoints).
     pub fn take_changed_key_groups(&mut self) -> Vec<u32> {
-        let n = self.range.len() as usize;
+        let n = self.locator.range.len() as usize;
         let mut changed = std::mem::replace(&mut self.timers_dirty, vec![false; n]);
         for t in &mut self.tables {
             for (i, d) in t.take_dirty().into_iter().enumerate() {
@@ -614,7 +617,7 @@ impl<K: StateKey> HeapKeyedStateBackend<K> {
             .into_iter()
             .enumerate()
             .filter(|(_, c)| *c)
-            .map(|(i, _)| self.range.start() + i as u32)
+            .map(|(i, _)| self.locator.range.start() + i as u32)
             .collect()
     }
 
@@ -707,7 +710,7 @@ impl<K: StateKey> HeapKeyedStateBackend<K> {
         ttl: Option<StateTtlConfig>,
         ns_ser: &Arc<dyn StateSerializer<N>>,
     ) -> Result<StateId> {
-        let parts = self.range.len() as usize;
+        let parts = self.locator.range.len() as usize;
         let kind = Arc::new(kind);
         let key_ser = &self.key_serializer;
         let make = || {
@@ -793,7 +796,7 @@ impl<K: StateKey> HeapKeyedStateBackend<K> {
                     &mut table,
                     chunk,
                     &self.key_serializer,
-                    self.range,
+                    self.locator.range,
                     now,
                     self.restore_threads,
                 )?;
@@ -858,7 +861,7 @@ impl<K: StateKey> HeapKeyedStateBackend<K> {
                 what: "namespace",
                 reason: e.0,
             })?;
-        let kg = self.range.start() + cur.part as u32;
+        let kg = self.locator.range.start() + cur.part as u32;
         Ok((kg, (timestamp, self.key_bytes(&cur.key)?, ns_bytes)))
     }
 
@@ -1016,8 +1019,8 @@ impl<K: StateKey> HeapKeyedStateBackend<K> {
             .collect();
         HeapSnapshot {
             header: SnapshotHeader {
-                max_parallelism: self.max_parallelism,
-                key_group_range: self.range,
+                max_parallelism: self.locator.max_parallelism,
+                key_group_range: self.locator.range,
                 key_serializer: self.key_serializer.snapshot(),
                 states,
             },
@@ -1039,11 +1042,11 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
     type Key = K;
 
     fn max_parallelism(&self) -> u32 {
-        self.max_parallelism
+        self.locator.max_parallelism
     }
 
     fn key_group_range(&self) -> KeyGroupRange {
-        self.range
+        self.locator.range
     }
 
     #[inline(always)]
@@ -1077,7 +1080,7 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
     fn current_key_group(&self) -> Option<u32> {
         self.current
             .as_ref()
-            .map(|c| self.range.start() + c.part as u32)
+            .map(|c| self.locator.range.start() + c.part as u32)
     }
 
     fn register_value<V: StateType, N: Namespace>(
@@ -1506,7 +1509,7 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
             }
             return Ok(TimerServiceHandle::new(StateId(i as u32), name));
         }
-        let mut service = TimerService::new(&d, self.range);
+        let mut service = TimerService::new(&d, self.locator.range);
         if let Some(chunks) = self.pending.get(&name) {
             for chunk in chunks {
                 if chunk.meta.kind != StateKind::Timers {
@@ -1542,7 +1545,7 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
     ) -> Result<()> {
         let (kg, timer) = self.timer_for(h, ns, timestamp)?;
         let service = &mut self.timer_services[h.id().0 as usize];
-        let part = (kg - self.range.start()) as usize;
+        let part = (kg - self.locator.range.start()) as usize;
         self.changes.timer(
             h.id().0 as usize,
             part,
@@ -1551,7 +1554,7 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
             || service.timers.timers_of(part).count(),
         );
         if service.timers.register(domain, kg, timer)? {
-            self.timers_dirty[(kg - self.range.start()) as usize] = true;
+            self.timers_dirty[(kg - self.locator.range.start()) as usize] = true;
         }
         Ok(())
     }
@@ -1565,7 +1568,7 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
     ) -> Result<()> {
         let (kg, timer) = self.timer_for(h, ns, timestamp)?;
         let service = &mut self.timer_services[h.id().0 as usize];
-        let part = (kg - self.range.start()) as usize;
+        let part = (kg - self.locator.range.start()) as usize;
         self.changes.timer(
             h.id().0 as usize,
             part,
@@ -1574,7 +1577,7 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
             || service.timers.timers_of(part).count(),
         );
         if service.timers.delete(domain, kg, &timer)? {
-            self.timers_dirty[(kg - self.range.start()) as usize] = true;
+            self.timers_dirty[(kg - self.locator.range.start()) as usize] = true;
         }
         Ok(())
     }
@@ -1594,8 +1597,8 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
         }
         let mut fired = Vec::with_capacity(due.len());
         for (timestamp, key, ns) in due {
-            let kg = assign_to_key_group(&key, self.max_parallelism);
-            let part = kg.wrapping_sub(self.range.start()) as usize;
+            let kg = assign_to_key_group(&key, self.locator.max_parallelism);
+            let part = kg.wrapping_sub(self.locator.range.start()) as usize;
             if let Some(d) = self.timers_dirty.get_mut(part) {
                 *d = true;
             }
@@ -1682,8 +1685,13 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
         let now = self.clock.now_millis();
         let collect = if self.tables.is_empty() {
             // Nothing registered: every block waits for its state's registration.
-            let mut collect = restore::Collect::new(self.range);
-            restore_streams(streams, self.max_parallelism, self.range, &mut collect)?;
+            let mut collect = restore::Collect::new(self.locator.range);
+            restore_streams(
+                streams,
+                self.locator.max_parallelism,
+                self.locator.range,
+                &mut collect,
+            )?;
             collect.finish_stream();
             collect
         } else {
@@ -1694,8 +1702,8 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
                 &self.ids,
                 &self.timer_ids,
                 &self.key_serializer,
-                self.max_parallelism,
-                self.range,
+                self.locator.max_parallelism,
+                self.locator.range,
                 now,
             )?
         };
@@ -1709,7 +1717,7 @@ impl<K: StateKey> KeyedStateBackend for HeapKeyedStateBackend<K> {
                     &mut *self.tables[id.0 as usize],
                     &chunk,
                     &self.key_serializer,
-                    self.range,
+                    self.locator.range,
                     now,
                     self.restore_threads,
                 )?,
