@@ -4,8 +4,9 @@
 //! # Truncation underneath a mapping
 //!
 //! Reading a mapped page whose file offset lies beyond the file's current end raises `SIGBUS`
-//! and kills the process. Sorted-run files are written completely, `fsync`ed and renamed into
-//! place *before* they are mapped, and this crate never writes, truncates or reopens a
+//! and kills the process. Sorted-run files are written completely, closed and renamed into
+//! place *before* they are mapped (their `fsync` may come later: it only matters to a crash of
+//! the machine, not to the mapping), and this crate never writes, truncates or reopens a
 //! published file for writing: it only maps it read-only and eventually unlinks it (unlinking
 //! keeps the mapping valid until it is dropped). So truncation cannot happen through this crate's
 //! API. Another process truncating or rewriting a file in the database directory can crash this
@@ -39,7 +40,7 @@ impl MappedFile {
                 path: path.to_path_buf(),
             });
         }
-        // SAFETY: the file is an immutable, fully written and fsynced sorted run that this crate
+        // SAFETY: the file is an immutable, fully written and closed sorted run that this crate
         // never modifies or truncates while it is mapped (see the module docs); the map is
         // read-only, so no `&mut` alias to its bytes can exist.
         let map = unsafe { memmap2::MmapOptions::new().map(&file) }

@@ -235,8 +235,9 @@ fn kg_of(key: &[u8]) -> u32 {
 
 impl<K: StateKey> MmapKeyedStateBackend<K> {
     /// Flushes the write buffer and returns the live immutable files and the metadata of a
-    /// native checkpoint. The synchronous part is the flush (one sorted-run write and fsync);
-    /// the files can then be uploaded on another thread while processing continues.
+    /// native checkpoint. The synchronous part is the flush (one sorted-run write, then the fsync
+    /// of the new files and the manifest); the files can then be uploaded on another thread
+    /// while processing continues.
     pub fn checkpoint(&mut self) -> Result<NativeCheckpoint> {
         self.save_registry();
         self.db.flush()?;

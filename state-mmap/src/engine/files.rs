@@ -79,9 +79,12 @@ impl Db {
         }
     }
 
-    /// Makes `files` durable before the manifests stored after this call: on the manifest
-    /// thread (in order with the manifests), or here without one.
-    fn sync_before_manifest(&mut self, files: Vec<std::path::PathBuf>) -> Result<()> {
+    /// Makes `files` (and their names in the directory) durable before the manifests stored
+    /// after this call: on the manifest thread (in order with the manifests), or here without
+    /// one. Flushes, compactions and ingests write their files without waiting for the disk;
+    /// a crash before the fsync loses nothing a durable manifest names (files no manifest
+    /// names are deleted on open).
+    pub(super) fn sync_before_manifest(&mut self, files: Vec<std::path::PathBuf>) -> Result<()> {
         match &self.manifest {
             Some(q) => match q.send(Garbage::Sync(
                 files,

@@ -7,7 +7,6 @@ use std::sync::Arc;
 
 use crate::environment::Lane;
 use crate::error::{Error, Result};
-use crate::manifest::sync_dir;
 use crate::memtable::{Memtable, OpKind};
 use crate::run::{RunFile, RunWriter};
 
@@ -57,7 +56,7 @@ impl WorkerCtx {
             RunFile::open(
                 path,
                 number,
-                false, // just written and fsynced by us
+                false, // just written by us
                 self.opts.verify_blocks_on_read,
             )?
             .with_origin(shared_name(self.db_id, number), None),
@@ -174,7 +173,10 @@ impl<'a> RunOutput<'a> {
 
     fn finish_file(&mut self) -> Result<()> {
         if let Some((w, n)) = self.writer.take() {
-            if let Some(p) = w.finish()? {
+            // Not fsynced here: the manifest thread fsyncs the files before the manifest that
+            // names them (see `Db::sync_before_manifest`), off the path of a writer waiting for
+            // this flush.
+            if let Some(p) = w.finish_with(false)? {
                 let file = if self.pinned {
                     self.ctx.open_run(&p, n)?
                 } else {
@@ -186,13 +188,11 @@ impl<'a> RunOutput<'a> {
         Ok(())
     }
 
-    /// Finishes the last file and makes the directory entries durable; returns the files in
-    /// key order.
+    /// Finishes the last file; returns the files in key order. They are complete but not yet
+    /// durable: installing them queues their fsync (and the directory's) before the manifest
+    /// that names them.
     pub(super) fn finish(mut self) -> Result<Vec<Arc<RunFile>>> {
         self.finish_file()?;
-        if !self.files.is_empty() {
-            sync_dir(&self.ctx.dir)?;
-        }
         Ok(self.files)
     }
 }
@@ -362,6 +362,7 @@ impl Db {
                 }
                 if !files.is_empty() {
                     self.flushed_bytes += files.iter().map(|f| f.size()).sum::<u64>();
+                    self.sync_before_manifest(files.iter().map(|f| f.path().into()).collect())?;
                     self.runs.insert(0, Arc::new(files));
                 }
                 self.flushes += 1;
@@ -392,6 +393,9 @@ impl Db {
                     .ok_or_else(|| Error::Worker {
                         reason: "compaction inputs are no longer live".into(),
                     })?;
+                if !files.is_empty() {
+                    self.sync_before_manifest(files.iter().map(|f| f.path().into()).collect())?;
+                }
                 let pin = files.clone();
                 let output: Vec<SortedRun> = if files.is_empty() {
                     Vec::new()

@@ -29,8 +29,9 @@ pub(crate) enum Garbage {
     /// in the engine's flag.
     Manifest(Box<Manifest>, PathBuf, Arc<OnceLock<String>>),
     /// Files to fsync, then their directory, before the manifests sent after (to the manifest
-    /// thread): ingested checkpoint files, which a restore copied without waiting for the
-    /// disk. A failure is set in the engine's flag, so no manifest names them.
+    /// thread): the files of a flush or compaction, written without waiting for the disk, and
+    /// ingested checkpoint files, which a restore copied likewise. A failure is set in the
+    /// engine's flag, so no manifest names them.
     Sync(Vec<PathBuf>, PathBuf, Arc<OnceLock<String>>),
     /// A compaction's outputs, sent after the [`Garbage::Retire`] of its inputs: their block
     /// indexes and bloom filters are loaded once the inputs' are freed.
@@ -121,7 +122,7 @@ pub(super) fn sync_files(files: &[PathBuf], dir: &std::path::Path) -> crate::err
     for f in files {
         std::fs::File::open(f)
             .and_then(|f| f.sync_all())
-            .map_err(|e| crate::error::Error::io("fsyncing an ingested file", f, e))?;
+            .map_err(|e| crate::error::Error::io("fsyncing a sorted run", f, e))?;
     }
     crate::manifest::sync_dir(dir)
 }
@@ -219,5 +220,68 @@ mod tests {
         // Only now does the unmap thread go on.
         stalled.recv().unwrap();
         db.drain().unwrap();
+    }
+
+    /// Files are made durable on the manifest thread before the manifest that names them: a
+    /// manifest sent after a file that cannot be fsynced is not written, and the engine's flag
+    /// says which file; one sent after files that could be is written.
+    #[test]
+    fn a_manifest_waits_for_the_fsync_of_the_files_sent_before_it() {
+        use crate::manifest::Manifest;
+        let dir = tempfile::tempdir().unwrap();
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let (unmap, _unmap_rx) = crossbeam_channel::unbounded();
+        let thread = std::thread::spawn(move || manifest_loop(rx, unmap));
+        let barrier = || {
+            let (done, wait) = crossbeam_channel::bounded(1);
+            tx.send(Garbage::Barrier(done)).unwrap();
+            wait.recv().unwrap();
+        };
+        let manifest = |next_file| Manifest {
+            next_file,
+            ..Manifest::default()
+        };
+        let ok = Arc::new(OnceLock::new());
+        let present = dir.path().join("000000000001.run");
+        std::fs::write(&present, b"run").unwrap();
+        tx.send(Garbage::Sync(
+            vec![present],
+            dir.path().into(),
+            Arc::clone(&ok),
+        ))
+        .unwrap();
+        tx.send(Garbage::Manifest(
+            Box::new(manifest(2)),
+            dir.path().into(),
+            Arc::clone(&ok),
+        ))
+        .unwrap();
+        barrier();
+        assert_eq!(ok.get(), None);
+        assert_eq!(Manifest::load(dir.path()).unwrap().unwrap().next_file, 2);
+
+        let failed = Arc::new(OnceLock::new());
+        let missing = dir.path().join("000000000002.run");
+        tx.send(Garbage::Sync(
+            vec![missing],
+            dir.path().into(),
+            Arc::clone(&failed),
+        ))
+        .unwrap();
+        tx.send(Garbage::Manifest(
+            Box::new(manifest(3)),
+            dir.path().into(),
+            Arc::clone(&failed),
+        ))
+        .unwrap();
+        barrier();
+        let why = failed.get().cloned().unwrap_or_default();
+        assert!(
+            why.contains("fsyncing a sorted run") && why.contains("000000000002.run"),
+            "{why}"
+        );
+        assert_eq!(Manifest::load(dir.path()).unwrap().unwrap().next_file, 2);
+        drop(tx);
+        thread.join().unwrap();
     }
 }
