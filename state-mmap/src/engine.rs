@@ -57,6 +57,8 @@ pub struct Db {
     opts: EngineOptions,
     mem: Arc<Memtable>,
     imm: Vec<Arc<Memtable>>,
+    /// The allocations of the last freed write buffer, for the next one.
+    recycler: Arc<crate::memtable::Recycler>,
     runs: Vec<SortedRun>,
     next_file: Arc<AtomicU64>,
     user_meta: Vec<u8>,

@@ -203,9 +203,9 @@ pub(crate) fn prefetch_ref<T>(value: &T) {
 
 /// Hands the allocator's free memory back to the OS (glibc's `malloc_trim`; nothing on other
 /// platforms). Called after a write buffer was freed: glibc keeps freed memory of its heaps
-/// for reuse, and the holes that millions of freed small write-buffer allocations leave would
-/// otherwise stay resident (at 50M keys and a 256 MiB budget, about a third of the process's
-/// anonymous memory).
+/// for reuse, and the holes that freed small write-buffer allocations leave (those not kept for
+/// the next buffer) would otherwise stay resident (before buffers were recycled, at 50M keys
+/// and a 256 MiB budget, about a third of the process's anonymous memory).
 pub(crate) fn release_free_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: `malloc_trim` takes no pointer and only returns pages of free chunks to the

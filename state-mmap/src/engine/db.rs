@@ -9,7 +9,7 @@ use std::sync::{Arc, OnceLock};
 use crate::environment::{EnvOptions, MmapEnvironment};
 use crate::error::{Error, Result};
 use crate::manifest::Manifest;
-use crate::memtable::{Memtable, Op, OpKind};
+use crate::memtable::{Memtable, Op, OpKind, Recycler};
 use crate::run::{Block, Probe, RunFile};
 
 use super::budget::write_buffer_bytes;
@@ -145,11 +145,13 @@ impl Db {
             opts: opts.clone(),
             boundary: None,
         });
+        let recycler = Arc::new(Recycler::default());
         Ok(Db {
             dir,
             db_id,
             opts,
-            mem: Arc::new(Memtable::new(prefix, buffer)),
+            mem: Arc::new(Memtable::recycled(prefix, buffer, &recycler)),
+            recycler,
             imm: Vec::new(),
             runs,
             next_file,

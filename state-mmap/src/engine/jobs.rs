@@ -276,7 +276,11 @@ impl Db {
             self.stalls.0 += 1;
             self.stalls.1 += t.elapsed();
         }
-        let fresh = Memtable::new(self.opts.prefix_extractor.clone(), self.buffer_bytes);
+        let fresh = Memtable::recycled(
+            self.opts.prefix_extractor.clone(),
+            self.buffer_bytes,
+            &self.recycler,
+        );
         let mem = std::mem::replace(&mut self.mem, Arc::new(fresh));
         self.imm.insert(0, Arc::clone(&mem));
         let number = self.next_file.fetch_add(1, Ordering::SeqCst);

@@ -12,9 +12,10 @@ pub struct EngineOptions {
     /// `target_file_bytes` for the file being written) first; of the rest, the active write
     /// buffer gets a third, one immutable write buffer waiting for its flush another third
     /// (writers wait while it is being flushed and the active one is full), and the rest is
-    /// headroom for the allocator, small buffers and the last flushed write buffer while a
-    /// thread of its own frees it (a flush waits for the one before it to be freed; a write
-    /// buffer never gets less than a twelfth of the budget). Data pages of sorted runs are
+    /// headroom for the allocator, small buffers and the last flushed write buffer, whose
+    /// allocations a thread of its own empties and keeps for the next buffer (a flush waits
+    /// for the one before it to be emptied; a write buffer never gets less than a twelfth of
+    /// the budget). Data pages of sorted runs are
     /// mapped and belong to the OS page cache, outside the budget (a container's memory limit
     /// counts them; the kernel evicts them within it); a lookup faults in the one page its
     /// block lies in (the mappings are advised random), scans and compactions ask for

@@ -16,7 +16,8 @@ use super::SortedRun;
 /// What the engine hands to the release threads of its environment (write buffers to one,
 /// replaced runs to another, manifests to a third).
 pub(crate) enum Garbage {
-    /// A flushed write buffer: millions of small allocations, freed off the writer's path.
+    /// A flushed write buffer: millions of small allocations, emptied off the writer's path
+    /// (and kept for the engine's next buffer, see [`crate::memtable::Recycler`]).
     Mem(Arc<Memtable>),
     /// The runs a compaction replaced (and its inputs): the last reference to a file unmaps
     /// and deletes it, which takes milliseconds for a large file (page tables, page cache)
@@ -40,9 +41,10 @@ pub(crate) enum Garbage {
     Barrier(Sender<()>),
 }
 
-/// Frees what it is sent. After freeing a write buffer it hands free heap memory back to the
-/// OS once nothing else is queued (see [`crate::mapped::release_free_memory`]): otherwise the
-/// allocator keeps the holes of its millions of small allocations, and the process's resident
+/// Frees what it is sent. After freeing a write buffer (whose allocations mostly go to the
+/// engine's next buffer, see [`crate::memtable::Recycler`]) it hands free heap memory back to
+/// the OS once nothing else is queued (see [`crate::mapped::release_free_memory`]): otherwise
+/// the allocator keeps the holes of the allocations not kept, and the process's resident
 /// memory exceeds the budget. Not after freeing replaced runs: a trim walks the whole heap
 /// under the allocator's lock and the pages it returns fault back in on reuse, which took
 /// list gets (an allocation each) from 0.96M/s to 0.65M/s while compactions of earlier writes
