@@ -234,50 +234,30 @@ mod tests {
         let (tx, rx) = crossbeam_channel::unbounded();
         let (unmap, _unmap_rx) = crossbeam_channel::unbounded();
         let thread = std::thread::spawn(move || manifest_loop(rx, unmap));
-        let barrier = || {
+        // Sends a sync of `file` and then a manifest with `next_file`; returns the engine's
+        // flag once the thread has handled both.
+        let sync_then_manifest = |file: &str, next_file| {
+            let flag = Arc::new(OnceLock::new());
+            let dir = dir.path().to_path_buf();
+            let file = dir.join(file);
+            let manifest = Manifest {
+                next_file,
+                ..Manifest::default()
+            };
+            let m = Box::new(manifest);
+            tx.send(Garbage::Sync(vec![file], dir.clone(), Arc::clone(&flag)))
+                .unwrap();
+            tx.send(Garbage::Manifest(m, dir, Arc::clone(&flag)))
+                .unwrap();
             let (done, wait) = crossbeam_channel::bounded(1);
             tx.send(Garbage::Barrier(done)).unwrap();
             wait.recv().unwrap();
+            flag.get().cloned()
         };
-        let manifest = |next_file| Manifest {
-            next_file,
-            ..Manifest::default()
-        };
-        let ok = Arc::new(OnceLock::new());
-        let present = dir.path().join("000000000001.run");
-        std::fs::write(&present, b"run").unwrap();
-        tx.send(Garbage::Sync(
-            vec![present],
-            dir.path().into(),
-            Arc::clone(&ok),
-        ))
-        .unwrap();
-        tx.send(Garbage::Manifest(
-            Box::new(manifest(2)),
-            dir.path().into(),
-            Arc::clone(&ok),
-        ))
-        .unwrap();
-        barrier();
-        assert_eq!(ok.get(), None);
+        std::fs::write(dir.path().join("000000000001.run"), b"run").unwrap();
+        assert_eq!(sync_then_manifest("000000000001.run", 2), None);
         assert_eq!(Manifest::load(dir.path()).unwrap().unwrap().next_file, 2);
-
-        let failed = Arc::new(OnceLock::new());
-        let missing = dir.path().join("000000000002.run");
-        tx.send(Garbage::Sync(
-            vec![missing],
-            dir.path().into(),
-            Arc::clone(&failed),
-        ))
-        .unwrap();
-        tx.send(Garbage::Manifest(
-            Box::new(manifest(3)),
-            dir.path().into(),
-            Arc::clone(&failed),
-        ))
-        .unwrap();
-        barrier();
-        let why = failed.get().cloned().unwrap_or_default();
+        let why = sync_then_manifest("000000000002.run", 3).unwrap_or_default();
         assert!(
             why.contains("fsyncing a sorted run") && why.contains("000000000002.run"),
             "{why}"
