@@ -49,7 +49,9 @@
 //! block of about 4 KiB and 10 bits per key), what running compactions reserve (their outputs' block indexes and the buffers of
 //! the file being written, charged from the start of the compaction), the write buffer and
 //! write buffers waiting for their flush (they get what the indexes and reservations leave).
-//! Freed write buffers are handed back to the OS (glibc `malloc_trim`).
+//! A flushed write buffer's allocations are kept for the engine's next buffer (at most one
+//! buffer's, in the budget's headroom), so new writes do not fault in new pages; what is not
+//! kept is handed back to the OS (glibc `malloc_trim`).
 //!
 //! Backends built from one [`MmapEnvironment`] ([`MmapBackendBuilder::environment`]) share its
 //! budget (each gets what its state charges plus an even part of the rest) and its background threads (a small pool for flushes and
