@@ -239,9 +239,9 @@ pub(crate) struct Memtable {
 /// takes them writes into memory the process already has instead of memory the allocator asks
 /// the OS for: each new page costs a page fault and, inside a container's memory limit, the
 /// reclaim of a page of the page cache on the writer's thread (about half the writer's time
-/// in a 512 MiB cgroup). Freeing the buffer and handing its memory back to the OS (see
-/// `mapped::release_free_memory`) is what kept the process within its budget before; reusing
-/// the same allocations keeps it there without the faults. At most one freed buffer is kept.
+/// in a 512 MiB cgroup). At most one freed buffer is kept, in the budget's headroom third: the
+/// process holds about one buffer more than when each was handed back to the OS at once (see
+/// `mapped::release_free_memory`), but reuses the same allocations instead of leaving holes.
 #[derive(Default)]
 pub(crate) struct Recycler {
     spare: Mutex<Option<Spare>>,
