@@ -425,13 +425,17 @@ impl Memtable {
         }
     }
 
-    /// `b` as stored bytes: inline up to 30 bytes, else in a spare heap vector if one is left.
+    /// `b` as stored bytes: inline up to 30 bytes, else in a spare heap vector if one is left
+    /// and not more than twice as large as needed (a larger one is freed: the budget charges a
+    /// value's length, not the capacity a longer value of the last buffer left).
     #[inline]
     fn stored(&mut self, b: &[u8]) -> SmallBytes {
         if b.len() > INLINE {
             if let Some(mut v) = self.spare.pop() {
-                v.extend_from_slice(b);
-                return SmallBytes::Heap(v);
+                if v.capacity() <= 2 * b.len().max(64) {
+                    v.extend_from_slice(b);
+                    return SmallBytes::Heap(v);
+                }
             }
         }
         SmallBytes::new(b)
@@ -769,6 +773,27 @@ mod tests {
         let c = Memtable::recycled(None, 1 << 10, &r);
         assert_eq!(c.spare.len(), 500);
         assert!(c.entries.capacity() < capacity);
+    }
+
+    /// A spare vector much larger than a new value is freed, not used for it: the memory a
+    /// buffer holds stays within twice what it is charged for its values.
+    #[test]
+    fn a_large_spare_vector_is_not_used_for_a_small_value() {
+        let r = Arc::new(Recycler::default());
+        let mut a = Memtable::recycled(None, 1 << 16, &r);
+        a.put(b"k", &[1; 1000]);
+        drop(a);
+        let mut b = Memtable::recycled(None, 1 << 16, &r);
+        assert_eq!(b.spare.len(), 1);
+        b.put(b"k", &[2; 40]);
+        assert!(b.spare.is_empty());
+        match b.entry_at(0) {
+            Some((_, Op::Put(SmallBytes::Heap(v)))) => {
+                assert_eq!(&v[..], &[2; 40]);
+                assert!(v.capacity() < 1000, "{}", v.capacity());
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     /// The ordered set is built by the first range scan and kept up to date by later writes.
