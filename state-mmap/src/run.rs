@@ -346,17 +346,11 @@ impl RunWriter {
         Ok((off, body.len() as u32))
     }
 
-    /// Writes index, bloom filter, properties and footer, fsyncs and renames the file into place.
-    /// Returns `None` (and removes the file) when no entry was added.
-    #[cfg(test)]
-    pub(crate) fn finish(self) -> Result<Option<PathBuf>> {
-        self.finish_with(true)
-    }
-
-    /// [`RunWriter::finish`], with the fsync left to the caller when `sync` is false: the file
-    /// is complete and readable (it is mapped from the page cache) but not durable until
-    /// someone fsyncs it, which the engine does before a manifest names it.
-    pub(crate) fn finish_with(mut self, sync: bool) -> Result<Option<PathBuf>> {
+    /// Writes index, bloom filter, properties and footer and renames the file into place.
+    /// Returns `None` (and removes the file) when no entry was added. The file is complete and
+    /// readable (it is mapped from the page cache) but not durable: the engine fsyncs it (on
+    /// its manifest thread) before a manifest names it.
+    pub(crate) fn finish(mut self) -> Result<Option<PathBuf>> {
         let Some(first_key) = self.first_key.take() else {
             drop(self.out);
             let _ = fs::remove_file(&self.tmp);
@@ -429,10 +423,6 @@ impl RunWriter {
             .out
             .into_inner()
             .map_err(|e| Error::io("writing a sorted run", &self.tmp, e.into_error()))?;
-        if sync {
-            file.sync_all()
-                .map_err(|e| Error::io("fsyncing a sorted run", &self.tmp, e))?;
-        }
         drop(file);
         fs::rename(&self.tmp, &self.path)
             .map_err(|e| Error::io("publishing a sorted run", &self.path, e))?;

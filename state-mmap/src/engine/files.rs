@@ -79,12 +79,20 @@ impl Db {
         }
     }
 
+    /// [`Db::sync_before_manifest`] for the files a flush or compaction wrote (none: nothing).
+    pub(super) fn sync_runs_before_manifest(&mut self, files: &[Arc<RunFile>]) -> Result<()> {
+        if files.is_empty() {
+            return Ok(());
+        }
+        self.sync_before_manifest(files.iter().map(|f| f.path().to_path_buf()).collect())
+    }
+
     /// Makes `files` (and their names in the directory) durable before the manifests stored
     /// after this call: on the manifest thread (in order with the manifests), or here without
     /// one. Flushes, compactions and ingests write their files without waiting for the disk;
     /// a crash before the fsync loses nothing a durable manifest names (files no manifest
     /// names are deleted on open).
-    pub(super) fn sync_before_manifest(&mut self, files: Vec<std::path::PathBuf>) -> Result<()> {
+    fn sync_before_manifest(&mut self, files: Vec<std::path::PathBuf>) -> Result<()> {
         match &self.manifest {
             Some(q) => match q.send(Garbage::Sync(
                 files,

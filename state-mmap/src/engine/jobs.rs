@@ -173,10 +173,10 @@ impl<'a> RunOutput<'a> {
 
     fn finish_file(&mut self) -> Result<()> {
         if let Some((w, n)) = self.writer.take() {
-            // Not fsynced here: the manifest thread fsyncs the files before the manifest that
-            // names them (see `Db::sync_before_manifest`), off the path of a writer waiting for
-            // this flush.
-            if let Some(p) = w.finish_with(false)? {
+            // Not fsynced here: installing the files queues their fsync on the manifest thread
+            // (see `Db::sync_runs_before_manifest`), off the path of a writer waiting for this
+            // flush.
+            if let Some(p) = w.finish()? {
                 let file = if self.pinned {
                     self.ctx.open_run(&p, n)?
                 } else {
@@ -364,9 +364,9 @@ impl Db {
                         let _ = r.send(Garbage::Mem(mem));
                     }
                 }
+                self.sync_runs_before_manifest(&files)?;
                 if !files.is_empty() {
                     self.flushed_bytes += files.iter().map(|f| f.size()).sum::<u64>();
-                    self.sync_before_manifest(files.iter().map(|f| f.path().into()).collect())?;
                     self.runs.insert(0, Arc::new(files));
                 }
                 self.flushes += 1;
@@ -397,9 +397,7 @@ impl Db {
                     .ok_or_else(|| Error::Worker {
                         reason: "compaction inputs are no longer live".into(),
                     })?;
-                if !files.is_empty() {
-                    self.sync_before_manifest(files.iter().map(|f| f.path().into()).collect())?;
-                }
+                self.sync_runs_before_manifest(&files)?;
                 let pin = files.clone();
                 let output: Vec<SortedRun> = if files.is_empty() {
                     Vec::new()
